@@ -1,0 +1,148 @@
+"""The student: Adventurer, a causal Mamba-2 vision model with a tail CLS (method.md §5).
+
+Tokens are `[p_1 … p_N, cls]`: the CLS token sits last so the causal scan has read every
+patch when it reaches it. Each block prepends the mean of its input tokens ("heading
+average") so even the first patch sees a global summary, and every other block reverses
+the patch order so information flows both ways through the depth.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from linearizer.models import common
+from linearizer.models.mamba2 import Mamba2
+
+# size -> (width, depth); SSM heads = 2·width / 64.
+WIDTHS = {"Ti": (256, 12), "S": (512, 12), "B": (768, 12), "L": (1024, 24)}
+
+# Which blocks reverse the patch order. The paper flips every other block; the released
+# code flips only blocks 2 and 3 (`i // 2 == 1`, a known bug), kept for loading its weights.
+FLIP_PATTERNS = {
+    "alternate": lambda i: i % 2 == 1,
+    "released": lambda i: i // 2 == 1,
+    "none": lambda i: False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdventurerConfig:
+  width: int
+  depth: int
+  patch: int
+  image_size: int = 224
+  num_classes: int = 0          # 0: no head, logits=None
+  drop_path: float = 0.0
+  flip_pattern: str = "alternate"
+  d_state: int = 64
+  headdim: int = 64
+  expand: int = 2
+  mlp_ratio: float = 2.5
+  chunk_size: int = 256
+  ssd_impl: str = "auto"
+  dtype: str = "float32"        # compute dtype of the matmuls; parameters stay float32
+  mean: tuple = (0.485, 0.456, 0.406)
+  std: tuple = (0.229, 0.224, 0.225)
+
+
+def adventurer_config(variant: str = "B/16", **overrides) -> AdventurerConfig:
+  (width, depth), patch = common.parse_variant(variant, WIDTHS)
+  cfg = AdventurerConfig(width=width, depth=depth, patch=patch, **overrides)
+  if cfg.flip_pattern not in FLIP_PATTERNS:
+    raise ValueError(f"Unknown flip_pattern {cfg.flip_pattern!r}; "
+                     f"expected one of {sorted(FLIP_PATTERNS)}.")
+  return cfg
+
+
+def flip_patches(t):
+  """Reverses the patch order of `[patches, cls]`; CLS stays last. Its own inverse."""
+  return jnp.concatenate([t[:, -2::-1], t[:, -1:]], axis=1)
+
+
+class SwiGLU(nnx.Module):
+  """w3(SiLU(w1 x) ⊙ w2 x), with biases."""
+
+  def __init__(self, dim: int, hidden: int, dtype, *, rngs: nnx.Rngs):
+    dense = dict(kernel_init=common.torch_linear_init, dtype=dtype, rngs=rngs)
+    self.w1 = nnx.Linear(dim, hidden, **dense)
+    self.w2 = nnx.Linear(dim, hidden, **dense)
+    self.w3 = nnx.Linear(hidden, dim, **dense)
+
+  def __call__(self, x):
+    return self.w3(jax.nn.silu(self.w1(x)) * self.w2(x))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: AdventurerConfig, drop_path: float, flip: bool, *, rngs: nnx.Rngs):
+    dtype = jnp.dtype(cfg.dtype)
+    self.flip = flip
+    self.norm = nnx.RMSNorm(cfg.width, epsilon=1e-5, rngs=rngs)
+    self.mixer = Mamba2(cfg.width, d_state=cfg.d_state, headdim=cfg.headdim, expand=cfg.expand,
+                        chunk_size=cfg.chunk_size, ssd_impl=cfg.ssd_impl,
+                        out_proj_scale=1 / math.sqrt(cfg.depth), dtype=cfg.dtype, rngs=rngs)
+    self.norm_mlp = nnx.RMSNorm(cfg.width, epsilon=1e-5, rngs=rngs)
+    self.mlp = SwiGLU(cfg.width, int(cfg.width * cfg.mlp_ratio), dtype, rngs=rngs)
+    self.drop_path = common.DropPath(drop_path, rngs=rngs)
+
+  def mixer_input(self, h):
+    """The sequence the mixer scans: heading average, then the (maybe flipped) tokens."""
+    t = self.norm(h)
+    t = flip_patches(t) if self.flip else t
+    return jnp.concatenate([jnp.mean(t, axis=1, keepdims=True), t], axis=1)
+
+  def __call__(self, h, *, train: bool):
+    t = self.mixer(self.mixer_input(h))[:, 1:]  # drop the heading token's output
+    t = flip_patches(t) if self.flip else t
+    h = h + self.drop_path(t, train=train)
+    return h + self.drop_path(self.mlp(self.norm_mlp(h)), train=train)
+
+
+class Adventurer(nnx.Module):
+  def __init__(self, cfg: AdventurerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, p = cfg.width, cfg.patch
+    self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID",
+                                kernel_init=nnx.initializers.lecun_normal(),
+                                dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+    n = (cfg.image_size // p) ** 2
+    self.cls_token = nnx.Param(common.trunc_normal_02(rngs.params(), (1, 1, d)))
+    self.mask_token = nnx.Param(common.trunc_normal_02(rngs.params(), (1, 1, d)))
+    self.pos_embed = nnx.Param(common.trunc_normal_02(rngs.params(), (1, n + 1, d)))
+    # Adventurer's stochastic-depth rule: block i gets ([0] + linspace(0, rate, depth))[i].
+    rates = [0.0] + np.linspace(0, cfg.drop_path, cfg.depth).tolist()
+    flip = FLIP_PATTERNS[cfg.flip_pattern]
+    self.layers = nnx.List([Block(cfg, rates[i], flip(i), rngs=rngs) for i in range(cfg.depth)])
+    self.norm_f = nnx.RMSNorm(d, epsilon=1e-5, rngs=rngs)
+    self.head = (nnx.Linear(d, cfg.num_classes, kernel_init=common.trunc_normal_02, rngs=rngs)
+                 if cfg.num_classes else None)
+
+  @property
+  def grid(self):
+    return common.patch_grid((self.cfg.image_size, self.cfg.image_size), self.cfg.patch)
+
+  def embed(self, images, mask=None):
+    """`[p_1 … p_N, cls]` + position embedding; masked patches become the mask token first."""
+    common.check_images(images, 3, self.cfg.patch)
+    x = self.patch_embed(images)
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    if mask is not None:
+      if mask.shape != (b, h * w):
+        raise ValueError(f"mask must be (batch, patches) = {(b, h * w)}, got {mask.shape}.")
+      x = jnp.where(mask[..., None], self.mask_token[...].astype(x.dtype), x)
+    cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
+    pos = common.resample_pos_embed(self.pos_embed[...], self.grid, (h, w), cls_at="last")
+    return jnp.concatenate([x, cls], axis=1) + pos.astype(x.dtype)
+
+  def __call__(self, images, *, mask=None, train: bool = False) -> common.ModelOutput:
+    x = self.embed(images, mask)
+    blocks = []
+    for layer in self.layers:
+      x = layer(x, train=train)
+      blocks.append(x)
+    tokens = self.norm_f(x)
+    logits = self.head(tokens[:, -1]) if self.head is not None else None
+    return common.ModelOutput(logits=logits, tokens=tokens, blocks=tuple(blocks))

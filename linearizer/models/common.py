@@ -1,0 +1,103 @@
+"""Pieces both models share: the output contract, position-embedding resampling, drop path."""
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class ModelOutput(NamedTuple):
+  """The output contract of every model (design.md).
+
+  logits: (B, classes) or None when the model has no head.
+  tokens: (B, T, D) final-norm tokens in the model's own order.
+  blocks: the residual stream after every block, each (B, T, D).
+  """
+  logits: Optional[jax.Array]
+  tokens: jax.Array
+  blocks: tuple
+
+
+def parse_variant(variant: str, widths: dict) -> tuple:
+  """'B/16' -> (widths['B'], 16). Raises one clear error for an unknown size."""
+  name, _, patch = variant.partition("/")
+  if name not in widths or not patch.isdigit():
+    raise ValueError(f"Unknown variant {variant!r}: expected '<size>/<patch>' with size "
+                     f"in {sorted(widths)} and an integer patch, e.g. 'B/16'.")
+  return widths[name], int(patch)
+
+
+@functools.lru_cache(maxsize=None)
+def _cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+  """(n_out, n_in) weights of 1-D bicubic resampling as torch's F.interpolate computes it.
+
+  Keys' cubic with a=-0.75, half-pixel centres (align_corners=False), border indices clamped,
+  no antialiasing: the rule `transformers` and timm use to resample position embeddings.
+  """
+  def kernel(t):
+    t = np.abs(t)
+    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+
+  src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+  base = np.floor(src).astype(int)
+  frac = src - base
+  weights = np.zeros((n_out, n_in))
+  for tap in range(-1, 3):
+    idx = np.clip(base + tap, 0, n_in - 1)
+    np.add.at(weights, (np.arange(n_out), idx), kernel(frac - tap))
+  return weights
+
+
+def resample_grid(tokens: jax.Array, old_grid: tuple, new_grid: tuple) -> jax.Array:
+  """Bicubic resampling of (..., h*w, D) grid tokens in raster order to a new (h', w') grid."""
+  if tuple(old_grid) == tuple(new_grid):
+    return tokens
+  (h, w), (nh, nw) = old_grid, new_grid
+  grid = tokens.reshape(*tokens.shape[:-2], h, w, tokens.shape[-1])
+  wy = jnp.asarray(_cubic_matrix(h, nh), jnp.float32)
+  wx = jnp.asarray(_cubic_matrix(w, nw), jnp.float32)
+  out = jnp.einsum("yh,...hwd,xw->...yxd", wy, grid.astype(jnp.float32), wx,
+                   precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(*tokens.shape[:-2], nh * nw, tokens.shape[-1]).astype(tokens.dtype)
+
+
+def resample_pos_embed(pos: jax.Array, old_grid: tuple, new_grid: tuple, cls_at: str) -> jax.Array:
+  """Resamples a (1, N+1, D) position embedding; the CLS slot (`first` or `last`) is kept."""
+  if cls_at == "first":
+    return jnp.concatenate([pos[:, :1], resample_grid(pos[:, 1:], old_grid, new_grid)], axis=1)
+  if cls_at == "last":
+    return jnp.concatenate([resample_grid(pos[:, :-1], old_grid, new_grid), pos[:, -1:]], axis=1)
+  raise ValueError(f"cls_at must be 'first' or 'last', got {cls_at!r}")
+
+
+def patch_grid(image_hw: tuple, patch: int) -> tuple:
+  return (image_hw[0] // patch, image_hw[1] // patch)
+
+
+def check_images(images: jax.Array, channels: int, patch: int) -> None:
+  """One clear message for images a model cannot take (checked at trace time)."""
+  if images.ndim != 4 or images.shape[-1] != channels:
+    raise ValueError(f"Expected NHWC images with {channels} channels, got shape {images.shape}.")
+  if images.shape[1] < patch or images.shape[2] < patch:
+    raise ValueError(f"Images of size {images.shape[1:3]} are smaller than one {patch}px patch.")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"Expected normalised float images, got dtype {images.dtype}.")
+
+
+class DropPath(nnx.Module):
+  """Stochastic depth: drops a whole residual branch per sample, scales the rest by 1/keep."""
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs):
+    self.rate = rate
+    self.dropout = nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs) if rate > 0 else None
+
+  def __call__(self, x, *, train: bool):
+    return self.dropout(x, deterministic=not train) if self.dropout is not None else x
+
+
+# torch.nn.Linear's default init, U(±1/sqrt(fan_in)): what Adventurer keeps for its linears.
+torch_linear_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+trunc_normal_02 = nnx.initializers.truncated_normal(0.02)

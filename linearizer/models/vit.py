@@ -1,0 +1,157 @@
+"""The teacher: a pre-norm Vision Transformer with CLS first (method.md §4).
+
+One module covers the checkpoints people hold: `style="timm"` (timm / DeiT / AugReg /
+big_vision / HF ViTModel: GELU, LayerNorm eps 1e-6) and `style="clip"` (OpenAI CLIP image
+tower / HF CLIPVisionModel: `ln_pre`, bias-free patch conv, QuickGELU, eps 1e-5).
+"""
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from linearizer.models import common
+
+# size -> (width, depth, heads, mlp); patch comes from the variant string, e.g. 'L/14'.
+WIDTHS = {
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "M": (512, 12, 8, 2048),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+    "g": (1408, 40, 16, 6144),
+}
+
+STYLES = {
+    # style: (activation, layer-norm eps, ln_pre, patch-conv bias, mean, std)
+    "timm": ("gelu", 1e-6, False, True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip": ("quick_gelu", 1e-5, True, False,
+             (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch: int
+  image_size: int = 224
+  num_classes: int = 0          # 0: no head, logits=None
+  style: str = "timm"
+  drop_path: float = 0.0
+  head_bias: bool = True
+  attention_impl: Optional[str] = None  # None lets JAX choose; 'xla' or 'cudnn' to force one
+  dtype: str = "float32"        # compute dtype of the matmuls; parameters stay float32
+
+  @property
+  def mean(self):
+    return STYLES[self.style][4]
+
+  @property
+  def std(self):
+    return STYLES[self.style][5]
+
+
+def vit_config(variant: str = "B/16", **overrides) -> ViTConfig:
+  (width, depth, heads, mlp), patch = common.parse_variant(variant, WIDTHS)
+  cfg = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch=patch)
+  cfg.update(overrides)
+  if cfg.get("style", "timm") not in STYLES:
+    raise ValueError(f"Unknown ViT style {cfg['style']!r}; expected one of {sorted(STYLES)}.")
+  return ViTConfig(**cfg)
+
+
+def _activation(name):
+  if name == "quick_gelu":  # OpenAI CLIP: x * sigmoid(1.702 x)
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  return lambda x: jax.nn.gelu(x, approximate=False)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection (timm layout)."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    dense = dict(dtype=jnp.dtype(cfg.dtype), kernel_init=nnx.initializers.xavier_uniform(),
+                 rngs=rngs)
+    self.num_heads = cfg.num_heads
+    self.impl = cfg.attention_impl
+    self.qkv = nnx.Linear(cfg.width, 3 * cfg.width, **dense)
+    self.proj = nnx.Linear(cfg.width, cfg.width, **dense)
+
+  def __call__(self, x):
+    b, t, d = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.num_heads, d // self.num_heads), 3, 2)
+    # One call for every backend: XLA on CPU/TPU, cuDNN flash attention on GPU when asked.
+    y = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+    return self.proj(y.reshape(b, t, d))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ViTConfig, drop_path: float, *, rngs: nnx.Rngs):
+    act, eps, *_ = STYLES[cfg.style]
+    dense = dict(dtype=jnp.dtype(cfg.dtype), kernel_init=nnx.initializers.xavier_uniform(),
+                 bias_init=nnx.initializers.normal(1e-6), rngs=rngs)
+    self.norm1 = nnx.LayerNorm(cfg.width, epsilon=eps, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(cfg.width, epsilon=eps, rngs=rngs)
+    self.fc1 = nnx.Linear(cfg.width, cfg.mlp_dim, **dense)
+    self.fc2 = nnx.Linear(cfg.mlp_dim, cfg.width, **dense)
+    self.act = _activation(act)
+    self.drop_path = common.DropPath(drop_path, rngs=rngs)
+
+  def __call__(self, x, *, train: bool):
+    x = x + self.drop_path(self.attn(self.norm1(x)), train=train)
+    return x + self.drop_path(self.fc2(self.act(self.fc1(self.norm2(x)))), train=train)
+
+
+class ViT(nnx.Module):
+  """Pre-norm ViT: tokens `[cls, p_1 … p_N]`, learned absolute position embeddings."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    _, eps, ln_pre, conv_bias, *_ = STYLES[cfg.style]
+    self.cfg = cfg
+    d, p = cfg.width, cfg.patch
+    self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", use_bias=conv_bias,
+                                kernel_init=nnx.initializers.lecun_normal(),
+                                dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+    n = (cfg.image_size // p) ** 2
+    self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
+    self.pos_embed = nnx.Param(common.trunc_normal_02(rngs.params(), (1, n + 1, d)))
+    self.ln_pre = nnx.LayerNorm(d, epsilon=eps, rngs=rngs) if ln_pre else None
+    rates = np.linspace(0, cfg.drop_path, cfg.depth).tolist()
+    self.blocks = nnx.List([Block(cfg, r, rngs=rngs) for r in rates])
+    self.norm = nnx.LayerNorm(d, epsilon=eps, rngs=rngs)
+    self.head = (nnx.Linear(d, cfg.num_classes, use_bias=cfg.head_bias,
+                            kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+                 if cfg.num_classes else None)
+
+  @property
+  def grid(self):
+    return common.patch_grid((self.cfg.image_size, self.cfg.image_size), self.cfg.patch)
+
+  def embed(self, images):
+    common.check_images(images, 3, self.cfg.patch)
+    x = self.patch_embed(images)
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    pos = common.resample_pos_embed(self.pos_embed[...], self.grid, (h, w), cls_at="first")
+    cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    return self.ln_pre(x) if self.ln_pre is not None else x
+
+  def __call__(self, images, *, mask=None, train: bool = False) -> common.ModelOutput:
+    if mask is not None:
+      raise ValueError("The ViT teacher always sees the whole image; mask must be None.")
+    x = self.embed(images)
+    blocks = []
+    for block in self.blocks:
+      x = block(x, train=train)
+      blocks.append(x)
+    tokens = self.norm(x)
+    logits = self.head(tokens[:, 0]) if self.head is not None else None
+    return common.ModelOutput(logits=logits, tokens=tokens, blocks=tuple(blocks))
