@@ -1,0 +1,71 @@
+"""The SSD (Mamba-2 selective scan) op, method.md §6 step 4.
+
+`ssd` is the only entry the models use; `impl` picks the implementation:
+  reference   sequential lax.scan over tokens, float32 (the test oracle)
+  xla         chunked matmul ("SSD") form in plain XLA ops
+  pallas_tpu  Pallas TPU kernel (not implemented yet)
+  pallas_gpu  Pallas GPU kernel (not implemented yet)
+  auto        the best available for the backend
+Every impl is differentiable.
+"""
+import numbers
+
+from kernels.reference import ssd_reference
+from kernels.xla import ssd_xla
+
+__all__ = ["ssd", "IMPLS"]
+
+
+def _not_implemented(name):
+    def impl(*args, **kwargs):
+        raise NotImplementedError(
+            f"ssd: impl={name!r} is not implemented yet; use impl='xla' or 'reference'")
+    return impl
+
+
+# impl name -> fn(x, dt, A, B, C, D, *, chunk_size, interpret)
+IMPLS = {
+    "reference": ssd_reference,
+    "xla": ssd_xla,
+    "pallas_tpu": _not_implemented("pallas_tpu"),
+    "pallas_gpu": _not_implemented("pallas_gpu"),
+}
+
+
+def _check_shapes(x, dt, A, B, C, D, chunk_size):
+    """One clear ValueError naming the argument, the shape received and the one expected."""
+    def bad(name, got, want):
+        raise ValueError(f"ssd: {name} has shape {tuple(got)}, expected {want}")
+
+    if len(x.shape) != 4 or x.shape[1] < 1:
+        bad("x", x.shape, "(batch, L, H, P) with L >= 1")
+    batch, L, H, P = x.shape
+    if tuple(dt.shape) != (batch, L, H):
+        bad("dt", dt.shape, f"(batch, L, H) = {(batch, L, H)}")
+    if tuple(A.shape) != (H,):
+        bad("A", A.shape, f"(H,) = {(H,)}")
+    if len(B.shape) != 4 or tuple(B.shape[:2]) != (batch, L) or B.shape[2] < 1 or H % B.shape[2]:
+        bad("B", B.shape, f"(batch, L, G, S) = ({batch}, {L}, G, S) with H = {H} divisible by G")
+    if tuple(C.shape) != tuple(B.shape):
+        bad("C", C.shape, f"the shape of B, {tuple(B.shape)}")
+    if D is not None and tuple(D.shape) != (H,):
+        bad("D", D.shape, f"(H,) = {(H,)} or None")
+    if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= 1):
+        raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def ssd(x, dt, A, B, C, D=None, *, chunk_size=256, impl="auto", interpret=False):
+    """y_t = sum_{s<=t} (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s x_s + D x_t.
+
+    x: (batch, L, H, P)   dt: (batch, L, H) positive step sizes (already softplus'ed)
+    A: (H,) negative      B, C: (batch, L, G, S) with H % G == 0 (head h uses group h // (H//G))
+    D: (H,) or None.  Returns y (batch, L, H, P) in x.dtype.
+    chunk_size: tokens per chunk of the chunked impls (L need not be a multiple).
+    interpret: run Pallas kernels in interpret mode (for CPU tests); others ignore it.
+    """
+    if impl == "auto":
+        impl = "xla"  # will pick the Pallas kernel on TPU / GPU once one exists
+    if impl not in IMPLS:
+        raise ValueError(f"ssd: unknown impl={impl!r}; choose one of {sorted([*IMPLS, 'auto'])}")
+    _check_shapes(x, dt, A, B, C, D, chunk_size)
+    return IMPLS[impl](x, dt, A, B, C, D, chunk_size=chunk_size, interpret=interpret)
