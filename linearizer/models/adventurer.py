@@ -50,7 +50,8 @@ class AdventurerConfig:
 
 def adventurer_config(variant: str = "B/16", **overrides) -> AdventurerConfig:
   (width, depth), patch = common.parse_variant(variant, WIDTHS)
-  cfg = AdventurerConfig(width=width, depth=depth, patch=patch, **overrides)
+  # Overrides may replace any field, width and depth included (as vit_config allows).
+  cfg = AdventurerConfig(**{**dict(width=width, depth=depth, patch=patch), **overrides})
   if cfg.flip_pattern not in FLIP_PATTERNS:
     raise ValueError(f"Unknown flip_pattern {cfg.flip_pattern!r}; "
                      f"expected one of {sorted(FLIP_PATTERNS)}.")

@@ -44,9 +44,14 @@ class ViTConfig:
   num_classes: int = 0          # 0: no head, logits=None
   style: str = "timm"
   drop_path: float = 0.0
+  layer_norm_eps: Optional[float] = None  # None: the style's default (HF ViTModel uses 1e-12)
   head_bias: bool = True
   attention_impl: Optional[str] = None  # None lets JAX choose; 'xla' or 'cudnn' to force one
   dtype: str = "float32"        # compute dtype of the matmuls; parameters stay float32
+
+  @property
+  def eps(self):
+    return STYLES[self.style][1] if self.layer_norm_eps is None else self.layer_norm_eps
 
   @property
   def mean(self):
@@ -93,7 +98,8 @@ class Attention(nnx.Module):
 
 class Block(nnx.Module):
   def __init__(self, cfg: ViTConfig, drop_path: float, *, rngs: nnx.Rngs):
-    act, eps, *_ = STYLES[cfg.style]
+    act = STYLES[cfg.style][0]
+    eps = cfg.eps
     dense = dict(dtype=jnp.dtype(cfg.dtype), kernel_init=nnx.initializers.xavier_uniform(),
                  bias_init=nnx.initializers.normal(1e-6), rngs=rngs)
     self.norm1 = nnx.LayerNorm(cfg.width, epsilon=eps, rngs=rngs)
@@ -113,7 +119,8 @@ class ViT(nnx.Module):
   """Pre-norm ViT: tokens `[cls, p_1 … p_N]`, learned absolute position embeddings."""
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-    _, eps, ln_pre, conv_bias, *_ = STYLES[cfg.style]
+    _, _, ln_pre, conv_bias, *_ = STYLES[cfg.style]
+    eps = cfg.eps
     self.cfg = cfg
     d, p = cfg.width, cfg.patch
     self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", use_bias=conv_bias,

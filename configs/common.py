@@ -1,0 +1,157 @@
+"""Config pieces every experiment shares: optimiser, distillation, supervised training, mesh.
+
+Defaults follow method.md §8 (distillation) and Adventurer's fine-tuning recipe.
+"""
+import ml_collections
+
+
+def optim(**overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(dict(
+      lr=1.5e-4,            # peak; the paper's rule is 1.5e-4 × batch / 256
+      min_lr=1e-6,
+      warmup_steps=0,
+      total_steps=1,
+      weight_decay=0.05,
+      b1=0.9,
+      b2=0.999,
+      clip_norm=1.0,        # 0 disables gradient clipping
+      ema_decay=0.0,        # 0 disables the EMA of the student
+      grad_accum=1,         # micro-batches per step (memory only; same global batch)
+      # No weight decay on these (regex on parameter paths; method.md §6).
+      no_decay=(r"bias$", r"A_log$", r"/D$", r"norm", r"scale$", r"pos_embed$",
+                r"cls_token$", r"mask_token$"),
+  ))
+  c.update(overrides)
+  return c
+
+
+def distill_loss(**overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(dict(
+      w_am=1.0,             # weight of activation matching
+      w_mp=1.0,             # weight of masked prediction (λ)
+      mask_ratio=0.75,
+      num_stages=4,
+      scope="visible",      # AM tokens: visible | cls | all
+      beta=1.0,             # Smooth-L1 β
+  ))
+  c.update(overrides)
+  return c
+
+
+def supervised_loss(**overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(dict(
+      label_smoothing=0.1,
+      mixup_alpha=0.8,
+      cutmix_alpha=1.0,
+      switch_prob=0.5,      # chance of CutMix rather than Mixup when both are on
+  ))
+  c.update(overrides)
+  return c
+
+
+def mesh(**overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(dict(
+      data=-1,              # -1: all remaining devices
+      fsdp=1,
+      fsdp_min_size=2 ** 18,  # arrays at least this large are split over `fsdp`
+      rules=(),             # (regex, PartitionSpec tuple) pairs tried first
+  ))
+  c.update(overrides)
+  return c
+
+
+def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
+  """big_vision-style config args: 'smoke,variant=B/16' -> {smoke: True, variant: 'B/16'}.
+
+  Every key must be one of `defaults`; values take the type of their default.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config arg {key!r}; expected some of {sorted(defaults)}.")
+    default = defaults[key]
+    if not sep:
+      value = True
+    elif isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes")
+    elif default is not None:
+      value = type(default)(value)
+    out[key] = value
+  return out
+
+
+def stage(*, steps, batch_size, lr, loss, warmup_steps=0, drop_path=0.0, ema_decay=0.0,
+          augment=None, **optim_overrides) -> ml_collections.ConfigDict:
+  """One training stage: its length, batch, optimiser, loss settings and augmentation."""
+  return ml_collections.ConfigDict(dict(
+      steps=steps, batch_size=batch_size, drop_path=drop_path,
+      optim=optim(lr=lr, warmup_steps=warmup_steps, total_steps=steps, ema_decay=ema_decay,
+                  **optim_overrides),
+      loss=loss,
+      augment=augment or {},
+  ))
+
+
+def data(source, image_size, **overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(dict(
+      source=source,
+      eval_source="",       # '' = the test split of a built-in source / tfds 'validation'
+      data_dir="",          # tfds data_dir
+      num_classes=0,        # 0 = from the data
+      image_size=image_size,
+      crop_scale=(0.2, 1.0),
+      crop_fraction=0.875,  # eval: resize to size / crop_fraction, then center crop
+      flip=True,
+      randaugment=False,
+      workers=0,            # grain worker processes (0 = in the main process)
+      eval_limit=0,         # evaluate on at most this many images (0 = all)
+  ))
+  c.update(overrides)
+  return c
+
+
+def base(**overrides) -> ml_collections.ConfigDict:
+  """The fields every experiment config has, with their defaults."""
+  c = ml_collections.ConfigDict(dict(
+      seed=0,
+      stages=("distill", "finetune", "eval"),
+      teacher=dict(variant="B/16", init="", overrides={}),
+      student=dict(variant="B/16", init="", overrides={}),
+      mesh=mesh(),
+      checkpoint=dict(every_steps=1000, keep=2),
+      log_every=50,
+      eval=dict(batch_size=256, resolutions=(), speed_resolutions=(), speed_batch=32,
+                models={}),
+  ))
+  c.update(overrides)
+  return c
+
+
+def smoke(c):
+  """Shrinks any experiment to seconds on a CPU: tiny models, `digits`, a few steps.
+
+  Every stage and code path is kept; a tiny teacher is trained first when the config
+  would otherwise load one.
+  """
+  c.data = data("digits", 16, crop_scale=(0.6, 1.0), flip=False, crop_fraction=1.0)
+  if not c.teacher.init or "train_teacher" in c.stages:
+    c.teacher.init = ""
+    c.stages = tuple(dict.fromkeys(("train_teacher",) + tuple(c.stages)))
+  c.teacher.variant, c.student.variant = "Ti/4", "Ti/4"
+  c.teacher.overrides = dict(width=32, depth=2, num_heads=2, mlp_dim=64)
+  c.student.overrides = dict(width=32, depth=2, headdim=16, d_state=16, chunk_size=16)
+  for name in ("train_teacher", "distill", "finetune", "train_student"):
+    if name not in c:
+      c[name] = stage(steps=4, batch_size=16, lr=1e-3,
+                      loss=distill_loss() if name == "distill" else supervised_loss())
+    c[name].steps = c[name].optim.total_steps = 4
+    c[name].optim.warmup_steps = 1
+    c[name].batch_size = 16
+  c.distill.loss.num_stages = 2
+  c.checkpoint.every_steps = 2
+  c.log_every = 2
+  c.eval.batch_size = 64
+  c.eval.resolutions = ()
+  c.eval.speed_resolutions = (16, 32)
+  c.eval.speed_batch = 8

