@@ -1,0 +1,133 @@
+"""A model on disk: an Orbax checkpoint of its parameters plus `model.json` with its config.
+
+Layout of a saved directory:
+  model.json   {"kind": "vit" | "adventurer", "config": dataclasses.asdict(cfg)}
+  params/      Orbax (StandardCheckpointer) checkpoint of the nnx.Param state as a pure dict
+
+This is what `python -m linearizer.convert` writes and what a config names as teacher or
+student init. Only parameters are stored: RNG state and the like are rebuilt from the config.
+Single-host: write it from one process.
+"""
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from linearizer import models
+
+CONFIGS = {"vit": models.ViTConfig, "adventurer": models.AdventurerConfig}
+
+
+def kind_of(model) -> str:
+  return "vit" if isinstance(model, models.ViT) else "adventurer"
+
+
+def check_writable(directory, overwrite: bool = False) -> pathlib.Path:
+  """The absolute path, or FileExistsError if it holds something and not `overwrite`."""
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
+    raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to "
+                          "replace it.")
+  return directory
+
+
+def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
+  """Writes `model` to `directory`; refuses a non-empty one unless `overwrite`.
+
+  Everything is written to a temporary sibling first and moved into place at the end, so a
+  failure half-way never damages what was there.
+  """
+  directory = check_writable(directory, overwrite)
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  try:
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp / "params", params)
+    checkpointer.wait_until_finished()
+    meta = {"kind": kind_of(model), "config": dataclasses.asdict(model.cfg)}
+    (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if directory.exists():
+      shutil.rmtree(directory) if directory.is_dir() else directory.unlink()
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def load_config(directory):
+  """(kind, config dataclass) from `directory/model.json`."""
+  path = pathlib.Path(directory) / "model.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: {directory} is not a directory written by "
+                            "linearizer.models.saved.save.")
+  meta = json.loads(path.read_text())
+  if meta.get("kind") not in CONFIGS:
+    raise ValueError(f"{path}: unknown model kind {meta.get('kind')!r}; expected one of "
+                     f"{sorted(CONFIGS)}.")
+  return meta["kind"], config_from_dict(meta["kind"], meta["config"])
+
+
+def config_from_dict(kind: str, fields: dict):
+  """The config dataclass from its JSON form (JSON turned its tuples into lists)."""
+  cls = CONFIGS[kind]
+  hints = typing.get_type_hints(cls)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"Unknown {cls.__name__} fields {unknown}; known: {sorted(known)}.")
+  return cls(**{k: tuple(v) if hints[k] is tuple and isinstance(v, list) else v
+                for k, v in fields.items()})
+
+
+def read_params(directory) -> dict:
+  """The saved parameters as {dotted path: numpy array}, e.g. 'blocks.0.attn.qkv.kernel'."""
+  tree = ocp.StandardCheckpointer().restore(pathlib.Path(directory).absolute() / "params")
+  flat = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    flat[".".join(str(getattr(k, "key", k)) for k in path)] = np.asarray(value)
+  return flat
+
+
+def from_params(cfg, params: dict):
+  """The module of `cfg` with `params` ({path tuple: array}) as its parameters.
+
+  Random init runs only when something is left to initialise (RNG state when drop_path > 0,
+  a parameter absent from `params`): on CPU it compiles one program per initializer, which
+  costs seconds even for a tiny model.
+  """
+  model = nnx.eval_shape(lambda: models.from_config(cfg))
+  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest) or set(dict(nnx.to_flat_state(state))) - set(params):
+    graphdef, state, rest = nnx.split(models.from_config(cfg), nnx.Param, ...)
+  pure = state.to_pure_dict()
+  for key, array in params.items():
+    node = pure
+    for k in key[:-1]:
+      node = node[k]
+    if tuple(node[key[-1]].shape) != tuple(np.shape(array)):
+      raise ValueError(f"Parameter {'.'.join(map(str, key))}: expected shape "
+                       f"{tuple(node[key[-1]].shape)}, got {tuple(np.shape(array))}.")
+    node[key[-1]] = jnp.asarray(array, node[key[-1]].dtype)
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state, rest)
+
+
+def restore(directory):
+  """Rebuilds the module from model.json and restores its parameters (shapes are checked)."""
+  _, cfg = load_config(directory)
+  abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param).to_pure_dict()
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+  restored = ocp.StandardCheckpointer().restore(
+      pathlib.Path(directory).absolute() / "params", target)
+  return from_params(cfg, nnx.traversals.flatten_mapping(restored))

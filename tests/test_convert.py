@@ -1,0 +1,452 @@
+"""Tests of weight import (linearizer.convert) and saved models (linearizer.models.saved).
+
+Tiny random models, float32. References: `transformers` CLIPVisionModel / CLIPModel / ViTModel
+/ ViTForImageClassification run in torch. The other formats are written from the same
+weights by renaming functions below (the naming of OpenAI CLIP, timm, big_vision and
+Adventurer), so each must load to the same model as the hf one.
+
+Tolerances:
+  ours vs transformers:       max |ours - ref| <= 1e-4 * max |ref|, every block and final tokens
+  same weights, other format: max |a - b| <= 1e-6 * max |b| (same computation, same params)
+"""
+import argparse
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from linearizer import convert, models  # noqa: E402
+from linearizer.models import saved  # noqa: E402
+
+RTOL, SAME_RTOL = 1e-4, 1e-6
+WIDTH, DEPTH, HEADS, MLP, PATCH, SIZE = 64, 2, 4, 128, 8, 32
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def rel_err(ours, ref):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  return np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+
+
+# One compiled program per architecture: much faster on CPU than op-by-op execution.
+forward = nnx.jit(lambda model, images: model(images))
+
+
+def assert_same_outputs(a, b, images, rtol=SAME_RTOL, logits=True):
+  out_a, out_b = forward(a, images), forward(b, images)
+  for x, y in zip(out_a.blocks + (out_a.tokens,), out_b.blocks + (out_b.tokens,)):
+    assert rel_err(x, y) <= rtol
+  if not logits:
+    return
+  assert (out_a.logits is None) == (out_b.logits is None)
+  if out_a.logits is not None:
+    assert rel_err(out_a.logits, out_b.logits) <= rtol
+
+
+def perturb_(torch_model, seed=0):
+  """Random weights everywhere, LayerNorms included (their init of 1/0 hides mapping bugs)."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in torch_model.parameters():
+      p.add_(0.1 * torch.randn(p.shape, generator=gen))
+  return torch_model.eval()
+
+
+def images_at(size, seed=0):
+  return np.random.default_rng(seed).standard_normal((2, size, size, 3)).astype(np.float32)
+
+
+def torch_run(hf, images, **kwargs):
+  with torch.no_grad():
+    return hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+              output_hidden_states=True, **kwargs)
+
+
+def final_tokens(kind, hf, out):
+  """transformers' final-norm tokens at every position (CLIP itself norms only the CLS)."""
+  if kind == "vit":
+    return out.last_hidden_state.numpy()
+  norm = {"clip_vision": lambda: hf.post_layernorm, "clip": lambda: hf.vision_model.post_layernorm,
+          "vit_cls": lambda: hf.vit.layernorm}[kind]()
+  with torch.no_grad():
+    return norm(out.hidden_states[-1]).numpy()
+
+
+def build_hf(kind):
+  common = dict(hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=DEPTH,
+                num_attention_heads=HEADS, image_size=SIZE, patch_size=PATCH)
+  if kind == "clip_vision":
+    return perturb_(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common)))
+  if kind == "clip":
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    cfg = transformers.CLIPConfig(vision_config=common, text_config=text, projection_dim=16)
+    return perturb_(transformers.CLIPModel(cfg))
+  cfg = transformers.ViTConfig(**common, num_labels=5)
+  if kind == "vit":
+    return perturb_(transformers.ViTModel(cfg, add_pooling_layer=False))
+  return perturb_(transformers.ViTForImageClassification(cfg))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+  """{kind: (torch model, saved transformers folder)}."""
+  root = tmp_path_factory.mktemp("hf")
+  out = {}
+  for kind in ("clip_vision", "clip", "vit", "vit_cls"):
+    hf = build_hf(kind)
+    hf.save_pretrained(root / kind)
+    out[kind] = hf, root / kind
+  return out
+
+
+def hf_state(hf_dirs, kind):
+  """The tensors as saved (transformers 5 renames some in memory but saves the Hub names)."""
+  return load_file(hf_dirs[kind][1] / "model.safetensors")
+
+
+# ------------------------------------------------------------------------------ hf parity
+@pytest.mark.parametrize("kind", ["clip_vision", "clip", "vit", "vit_cls"])
+def test_hf_matches_transformers(hf_dirs, kind):
+  hf, folder = hf_dirs[kind]
+  model = convert.load(folder, "hf")
+  images = images_at(SIZE)
+  ref = torch_run(hf.vision_model if kind == "clip" else hf, images)
+  ours = forward(model, images)
+  assert len(ours.blocks) == DEPTH
+  for i, block in enumerate(ours.blocks):
+    assert rel_err(block, ref.hidden_states[i + 1].numpy()) <= RTOL, f"block {i}"
+  assert rel_err(ours.tokens, final_tokens(kind, hf, ref)) <= RTOL
+  if kind == "clip":  # CLIP's image embedding is our bias-free head on the final-norm CLS
+    with torch.no_grad():
+      embeds = hf.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    embeds = getattr(embeds, "pooler_output", embeds)  # a tensor or an output, by version
+    assert model.cfg.num_classes == 16 and not model.cfg.head_bias
+    assert rel_err(ours.logits, embeds.numpy()) <= RTOL
+  elif kind == "vit_cls":
+    assert rel_err(ours.logits, ref.logits.numpy()) <= RTOL
+  else:
+    assert ours.logits is None
+  if kind.startswith("vit"):
+    assert model.cfg.layer_norm_eps == 1e-12  # transformers' ViT eps, not timm's 1e-6
+
+
+@pytest.mark.parametrize("kind", ["clip_vision", "vit"])
+def test_resampled_position_embedding_matches_transformers(hf_dirs, kind):
+  hf, folder = hf_dirs[kind]
+  model = convert.load(folder, "hf")  # built at 32, run at 48: resampled at run time
+  images = images_at(48, seed=1)
+  ref = torch_run(hf, images, interpolate_pos_encoding=True)
+  ours = forward(model, images)
+  for i, block in enumerate(ours.blocks):
+    assert rel_err(block, ref.hidden_states[i + 1].numpy()) <= RTOL, f"block {i}"
+  resized = convert.load(folder, "hf", image_size=48)  # resampled once, at load time
+  assert resized.pos_embed[...].shape == (1, 37, WIDTH)
+  assert_same_outputs(resized, model, images)
+
+
+def test_hf_bare_bfloat16_safetensors(hf_dirs, tmp_path):
+  """A bare weights file, no config.json: heads come from the override; bf16 is widened."""
+  state = {k: v.astype(np.float32) for k, v in hf_state(hf_dirs, "clip_vision").items()}
+  import ml_dtypes
+  save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()},
+            tmp_path / "w.safetensors")
+  model = convert.load(tmp_path / "w.safetensors", "hf", num_heads=HEADS)
+  assert model.cfg.num_heads == HEADS and model.cfg.style == "clip"
+  got = np.asarray(model.blocks[0].fc1.kernel[...])
+  want = state["encoder.layers.0.mlp.fc1.weight"].astype(ml_dtypes.bfloat16).astype(np.float32).T
+  np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------- other formats, same weights
+def hf_clip_to_openai(sd, proj):
+  """transformers CLIPVisionModel names -> OpenAI CLIP's `visual.*` (plus a text-tower key)."""
+  out = {"visual.conv1.weight": sd["embeddings.patch_embedding.weight"],
+         "visual.class_embedding": sd["embeddings.class_embedding"],
+         "visual.positional_embedding": sd["embeddings.position_embedding.weight"],
+         "visual.proj": proj, "token_embedding.weight": np.zeros((10, 8), np.float32),
+         "logit_scale": np.float32(4.6)}
+  for theirs, ours in [("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")]:
+    for x in ("weight", "bias"):
+      out[f"visual.{theirs}.{x}"] = sd[f"{ours}.{x}"]
+  for i in range(DEPTH):
+    h, o = f"encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
+    for x in ("weight", "bias"):
+      out[o + f"attn.in_proj_{x}"] = np.concatenate([sd[h + f"self_attn.{p}_proj.{x}"]
+                                                     for p in "qkv"])
+      for theirs, ours in [("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                           ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                           ("mlp.c_proj", "mlp.fc2")]:
+        out[o + f"{theirs}.{x}"] = sd[h + f"{ours}.{x}"]
+  return out
+
+
+def hf_to_timm(sd, clip):
+  """transformers CLIPVisionModel / ViTModel names -> timm's VisionTransformer names."""
+  e = "embeddings."
+  if clip:  # timm's CLIP towers: norm_pre, no patch bias
+    out = {"patch_embed.proj.weight": sd[e + "patch_embedding.weight"],
+           "cls_token": sd[e + "class_embedding"][None, None],
+           "pos_embed": sd[e + "position_embedding.weight"][None]}
+    layer, qkv = "encoder.layers.{i}.", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    names = [("norm_pre", "pre_layrnorm"), ("norm", "post_layernorm"),
+             ("blocks.{i}.norm1", layer + "layer_norm1"),
+             ("blocks.{i}.attn.proj", layer + "self_attn.out_proj"),
+             ("blocks.{i}.norm2", layer + "layer_norm2"),
+             ("blocks.{i}.mlp.fc1", layer + "mlp.fc1"), ("blocks.{i}.mlp.fc2", layer + "mlp.fc2")]
+  else:
+    out = {"patch_embed.proj.weight": sd[e + "patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": sd[e + "patch_embeddings.projection.bias"],
+           "cls_token": sd[e + "cls_token"], "pos_embed": sd[e + "position_embeddings"]}
+    layer = "encoder.layer.{i}."
+    qkv = tuple(f"attention.attention.{p}" for p in ("query", "key", "value"))
+    names = [("norm", "layernorm"), ("blocks.{i}.norm1", layer + "layernorm_before"),
+             ("blocks.{i}.attn.proj", layer + "attention.output.dense"),
+             ("blocks.{i}.norm2", layer + "layernorm_after"),
+             ("blocks.{i}.mlp.fc1", layer + "intermediate.dense"),
+             ("blocks.{i}.mlp.fc2", layer + "output.dense")]
+  for i in range(DEPTH):
+    for x in ("weight", "bias"):
+      out[f"blocks.{i}.attn.qkv.{x}"] = np.concatenate(
+          [sd[layer.format(i=i) + f"{p}.{x}"] for p in qkv])
+      for theirs, ours in names:
+        out[f"{theirs}.{x}".format(i=i)] = sd[f"{ours}.{x}".format(i=i)]
+  return out
+
+
+def hf_vit_to_big_vision(sd, numbering, scanned, cls_pos=True):
+  """transformers ViTModel names -> big_vision / original-ViT `.npz` names (flax layouts)."""
+  attn, ln2, mlp = (("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+                    if numbering == "original"
+                    else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"))
+  hd = WIDTH // HEADS
+  e = "embeddings."
+  pos = sd[e + "position_embeddings"]
+  out = {"embedding/kernel": sd[e + "patch_embeddings.projection.weight"].transpose(2, 3, 1, 0),
+         "embedding/bias": sd[e + "patch_embeddings.projection.bias"], "cls": sd[e + "cls_token"],
+         "Transformer/encoder_norm/scale": sd["layernorm.weight"],
+         "Transformer/encoder_norm/bias": sd["layernorm.bias"]}
+  if cls_pos:
+    out["Transformer/posembed_input/pos_embedding"] = pos
+  else:  # big_vision proper: no position for CLS
+    out["pos_embedding"] = pos[:, 1:]
+  blocks = []
+  for i in range(DEPTH):
+    h = f"encoder.layer.{i}."
+    b = {"LayerNorm_0/scale": sd[h + "layernorm_before.weight"],
+         "LayerNorm_0/bias": sd[h + "layernorm_before.bias"],
+         f"{ln2}/scale": sd[h + "layernorm_after.weight"],
+         f"{ln2}/bias": sd[h + "layernorm_after.bias"],
+         f"{attn}/out/kernel": sd[h + "attention.output.dense.weight"].T.reshape(HEADS, hd, WIDTH),
+         f"{attn}/out/bias": sd[h + "attention.output.dense.bias"],
+         f"{mlp}/Dense_0/kernel": sd[h + "intermediate.dense.weight"].T,
+         f"{mlp}/Dense_0/bias": sd[h + "intermediate.dense.bias"],
+         f"{mlp}/Dense_1/kernel": sd[h + "output.dense.weight"].T,
+         f"{mlp}/Dense_1/bias": sd[h + "output.dense.bias"]}
+    for p in ("query", "key", "value"):
+      w = sd[h + f"attention.attention.{p}.weight"]
+      b[f"{attn}/{p}/kernel"] = w.T.reshape(WIDTH, HEADS, hd)
+      b[f"{attn}/{p}/bias"] = sd[h + f"attention.attention.{p}.bias"].reshape(HEADS, hd)
+    blocks.append(b)
+  if scanned:
+    for k in blocks[0]:
+      out[f"Transformer/encoderblock/{k}"] = np.stack([b[k] for b in blocks])
+  else:
+    for i, b in enumerate(blocks):
+      out.update({f"Transformer/encoderblock_{i}/{k}": v for k, v in b.items()})
+  return out
+
+
+def test_openai_clip(hf_dirs, tmp_path):
+  ref = convert.load(hf_dirs["clip_vision"][1], "hf")
+  proj = np.random.default_rng(0).standard_normal((WIDTH, 16)).astype(np.float32)
+  sd = hf_clip_to_openai(hf_state(hf_dirs, "clip_vision"), proj)
+  torch.save({k: torch.tensor(v) for k, v in sd.items()}, tmp_path / "ViT-T-8.pt")
+  model = convert.load(tmp_path / "ViT-T-8.pt", "openai_clip", num_heads=HEADS)
+  images = images_at(SIZE)
+  out = forward(model, images)
+  assert_same_outputs(model, ref, images, logits=False)
+  assert not model.cfg.head_bias  # CLIP's image embedding = final-norm CLS @ proj
+  np.testing.assert_allclose(out.logits, np.asarray(out.tokens[:, 0]) @ proj, rtol=1e-5, atol=1e-5)
+  dropped = convert.load(tmp_path / "ViT-T-8.pt", "openai_clip", num_heads=HEADS, num_classes=0)
+  assert dropped.head is None
+
+
+@pytest.mark.parametrize("kind,suffix", [("clip_vision", ".safetensors"), ("vit", ".pth")])
+def test_timm(hf_dirs, tmp_path, kind, suffix):
+  ref = convert.load(hf_dirs[kind][1], "hf")
+  sd = hf_to_timm(hf_state(hf_dirs, kind), clip=kind == "clip_vision")
+  path = tmp_path / f"vit{suffix}"
+  if suffix == ".safetensors":
+    save_file(sd, path)
+  else:  # timm training checkpoints wrap the weights in `state_dict` beside their args
+    torch.save({"state_dict": {k: torch.tensor(v) for k, v in sd.items()}, "epoch": 3,
+                "args": argparse.Namespace(model="vit")}, path)
+  eps = {} if kind == "clip_vision" else {"layer_norm_eps": 1e-12}  # HF ViT's, not timm's
+  model = convert.load(path, "timm", num_heads=HEADS, **eps)
+  assert model.cfg.style == ("clip" if kind == "clip_vision" else "timm")
+  assert_same_outputs(model, ref, images_at(SIZE))
+
+
+@pytest.mark.parametrize("numbering", ["original", "big_vision"])
+@pytest.mark.parametrize("scanned", [False, True])
+def test_big_vision(hf_dirs, tmp_path, numbering, scanned):
+  ref = convert.load(hf_dirs["vit"][1], "hf")
+  sd = hf_state(hf_dirs, "vit")
+  np.savez(tmp_path / "vit.npz", **hf_vit_to_big_vision(sd, numbering, scanned))
+  model = convert.load(tmp_path / "vit.npz", "big_vision", layer_norm_eps=1e-12)
+  assert model.cfg.num_heads == HEADS  # read off the q kernel
+  assert_same_outputs(model, ref, images_at(SIZE))
+  if numbering == "original" and not scanned:
+    via_timm = convert.load(tmp_path / "vit.npz", "timm", layer_norm_eps=1e-12)  # timm's npz
+    assert_same_outputs(via_timm, ref, images_at(SIZE))
+    np.savez(tmp_path / "nocls.npz", **hf_vit_to_big_vision(sd, numbering, scanned, cls_pos=False))
+    pos = convert.load(tmp_path / "nocls.npz", "big_vision").pos_embed[...]
+    np.testing.assert_array_equal(pos[0, 0], 0)  # CLS gets no position in big_vision
+    np.testing.assert_array_equal(pos[0, 1:], sd["embeddings.position_embeddings"][0, 1:])
+
+
+# -------------------------------------------------------------------------------- adventurer
+ADV = dict(width=64, depth=4, patch=PATCH, image_size=SIZE, num_classes=5,
+           flip_pattern="released")
+
+
+def random_adventurer(seed):
+  """One of our Adventurers with random values in every parameter, norms and D included.
+
+  Filled from numpy rather than by the model's init, which compiles for tens of seconds on
+  a small CPU.
+  """
+  cfg = models.AdventurerConfig(**ADV)
+  rng = np.random.default_rng(seed)
+
+  def value(key, shape):
+    if key[-1] == "A_log":
+      return np.log(rng.uniform(1, 16, shape))
+    if key[-1] == "dt_bias":  # softplus -> steps of about 0.01-0.1, as in training
+      return rng.uniform(-4.5, -2.3, shape)
+    if key[-1] in ("scale", "norm_weight", "D"):
+      return 1 + 0.1 * rng.standard_normal(shape)
+    if key[-1] == "kernel":
+      return rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+    return 0.3 * rng.standard_normal(shape)
+
+  abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param)
+  return saved.from_params(cfg, {k: value(k, v.get_value().shape)
+                                 for k, v in nnx.to_flat_state(abstract)})
+
+
+def adventurer_to_torch(model):
+  """Our Adventurer -> its released torch state-dict names (method.md §5), without mask_token."""
+  p = {".".join(map(str, k)): np.asarray(v.get_value())
+       for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  sd = {"patch_embed.proj.weight": p["patch_embed.kernel"].transpose(3, 2, 0, 1),
+        "patch_embed.proj.bias": p["patch_embed.bias"], "cls_token": p["cls_token"],
+        "pos_embed": p["pos_embed"], "norm_f.weight": p["norm_f.scale"],
+        "head.weight": p["head.kernel"].T, "head.bias": p["head.bias"]}
+  for i in range(model.cfg.depth):
+    o, m = f"layers.{i}.", f"layers.{i}.mixer."
+    sd.update({o + "norm.weight": p[o + "norm.scale"],
+               o + "norm_mlp.weight": p[o + "norm_mlp.scale"],
+               m + "in_proj.weight": p[m + "in_proj.kernel"].T,
+               m + "conv1d.weight": p[m + "conv_weight"].T[:, None, :],
+               m + "conv1d.bias": p[m + "conv_bias"], m + "dt_bias": p[m + "dt_bias"],
+               m + "A_log": p[m + "A_log"], m + "D": p[m + "D"],
+               m + "norm.weight": p[m + "norm_weight"],
+               m + "out_proj.weight": p[m + "out_proj.kernel"].T})
+    for w in ("w1", "w2", "w3"):
+      sd[o + f"mlp.{w}.weight"] = p[o + f"mlp.{w}.kernel"].T
+      sd[o + f"mlp.{w}.bias"] = p[o + f"mlp.{w}.bias"]
+  return {k: torch.tensor(v) for k, v in sd.items()}
+
+
+def test_adventurer(tmp_path):
+  model, ema = random_adventurer(0), random_adventurer(1)
+  torch.save({"model": adventurer_to_torch(model), "model_ema": adventurer_to_torch(ema),
+              "epoch": 299, "args": argparse.Namespace(model="adventurer_tiny")},
+             tmp_path / "ckpt.pth")
+  torch.save(adventurer_to_torch(model), tmp_path / "bare.pth")
+  images = images_at(SIZE)
+  loaded = convert.load(tmp_path / "ckpt.pth", "adventurer")
+  assert loaded.cfg == model.cfg  # width, depth, grid, classes, d_state, headdim, mlp_ratio, flip
+  assert_same_outputs(loaded, model, images)
+  assert_same_outputs(convert.load(tmp_path / "ckpt.pth", "adventurer", use_ema=True), ema, images)
+  assert_same_outputs(convert.load(tmp_path / "bare.pth", "adventurer"), model, images)
+  assert convert.load(tmp_path / "bare.pth", "adventurer",
+                      flip_pattern="alternate").cfg.flip_pattern == "alternate"
+  with pytest.raises(ValueError, match="model_ema"):
+    convert.load(tmp_path / "bare.pth", "adventurer", use_ema=True)
+  # A new image size resamples the patch slots of the position embedding; CLS (last) is kept.
+  pos = convert.load(tmp_path / "bare.pth", "adventurer", image_size=48).pos_embed[...]
+  want = models.resample_pos_embed(model.pos_embed[...], (4, 4), (6, 6), cls_at="last")
+  np.testing.assert_allclose(pos, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(pos[:, -1], model.pos_embed[...][:, -1])
+
+
+# -------------------------------------------------------------------------------- errors
+def test_mismatched_file_raises_one_error(hf_dirs, tmp_path):
+  sd = hf_state(hf_dirs, "clip_vision")
+  del sd["encoder.layers.1.mlp.fc2.bias"]
+  sd["encoder.layers.0.bogus.weight"] = np.zeros((3, 5), np.float32)
+  sd["encoder.layers.1.mlp.fc1.weight"] = sd["encoder.layers.1.mlp.fc1.weight"].reshape(WIDTH, MLP)
+  save_file(sd, tmp_path / "model.safetensors")
+  shutil.copy(hf_dirs["clip_vision"][1] / "config.json", tmp_path)
+  model = None
+  with pytest.raises(convert.CheckpointMismatch) as err:
+    model = convert.load(tmp_path, "hf")
+  message = str(err.value)
+  assert model is None and isinstance(err.value, ValueError)
+  assert str(tmp_path) in message and "'hf'" in message
+  assert "1 missing: encoder.layers.1.mlp.fc2.bias (64)" in message
+  assert "1 unexpected: encoder.layers.0.bogus.weight (3, 5)" in message
+  assert "encoder.layers.1.mlp.fc1.weight: expected (128, 64), found (64, 128)" in message
+
+
+def test_bad_format_path_and_override(hf_dirs, tmp_path):
+  with pytest.raises(ValueError, match="big_vision"):
+    convert.load(hf_dirs["vit"][1], "keras")
+  with pytest.raises(FileNotFoundError, match="nope"):
+    convert.load(tmp_path / "nope", "hf")
+  with pytest.raises(ValueError, match="num_head"):
+    convert.load(hf_dirs["vit"][1], "hf", num_head=3)
+
+
+# -------------------------------------------------------------------------------- saved / CLI
+def test_cli_round_trip(hf_dirs, tmp_path, capsys):
+  folder, out = hf_dirs["clip"][1], tmp_path / "teacher"
+  cmd = [sys.executable, "-m", "linearizer.convert", "--format", "hf", "--input", str(folder),
+         "--output", str(out)]
+  run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert run.returncode == 0, run.stderr
+  assert "vit" in run.stdout and str(out) in run.stdout and "parameters" in run.stdout
+  assert json.loads((out / "model.json").read_text())["kind"] == "vit"
+  ref = convert.load(folder, "hf")
+  images = images_at(SIZE)
+  assert_same_outputs(convert.load(out, "orbax"), ref, images, rtol=0)
+  assert_same_outputs(saved.restore(out), ref, images, rtol=0)
+  # A second run (in-process, to save a start-up) must not overwrite: it exits non-zero and
+  # leaves the first intact.
+  with pytest.raises(SystemExit) as exit_:
+    convert.main(cmd[3:])
+  assert exit_.value.code != 0 and "not empty" in capsys.readouterr().err
+  assert_same_outputs(saved.restore(out), ref, images, rtol=0)
+
+
+def test_save_refuses_non_empty_directory(hf_dirs, tmp_path):
+  model = convert.load(hf_dirs["vit"][1], "hf")
+  (tmp_path / "keep.txt").write_text("x")
+  with pytest.raises(FileExistsError):
+    saved.save(model, tmp_path)
+  assert (tmp_path / "keep.txt").exists()
+  saved.save(model, tmp_path, overwrite=True)
+  assert not (tmp_path / "keep.txt").exists()
+  assert_same_outputs(saved.restore(tmp_path), model, images_at(SIZE), rtol=0)
