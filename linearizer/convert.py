@@ -259,11 +259,13 @@ def _find_prefix(tensors, suffix):
 
 
 def _vit_fields(style, width, depth, heads, mlp, patch, image_size, classes, head_bias=True,
-                eps=None):
-  # The style's own eps stays None so configs read "style default" (HF ViT: 1e-12 differs).
+                eps=None, activation=None):
+  # The style's own eps/activation stay None so configs read "style default".
   eps = None if eps is None or eps == vit_lib.STYLES[style][1] else eps
+  activation = None if activation == vit_lib.STYLES[style][0] else activation
   return dict(style=style, width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch=patch,
-              image_size=image_size, num_classes=classes, head_bias=head_bias, layer_norm_eps=eps)
+              image_size=image_size, num_classes=classes, head_bias=head_bias, layer_norm_eps=eps,
+              activation=activation)
 
 
 def _hf(path):
@@ -297,9 +299,9 @@ def _hf(path):
   # transformers' defaults when the file comes without config.json
   act = config.get("hidden_act", "quick_gelu" if clip else "gelu")
   style = "clip" if clip else "timm"
-  if act != vit_lib.STYLES[style][0]:
-    raise ValueError(f"{folder}: hidden_act {act!r} is not what ViT style {style!r} computes "
-                     f"({vit_lib.STYLES[style][0]!r}); ViTConfig has no activation field.")
+  if act not in vit_lib.ACTIVATIONS:
+    raise ValueError(f"{folder}: hidden_act {act!r} is not supported; expected one of "
+                     f"{sorted(vit_lib.ACTIVATIONS)}.")
   e, L = p + "embeddings.", p + ("encoder.layers.{i}." if clip else "encoder.layer.{i}.")
   if clip:
     patch_w = t[e + "patch_embedding.weight"]
@@ -435,7 +437,8 @@ def _big_vision(path):
       "timm", width, _depth(t, re.escape(p) + r"Transformer/encoderblock_(\d+)/.*"), q.shape[1],
       _need(t, B.format(i=0) + mlp + "/Dense_0/kernel", "the MLP width").shape[1], patch,
       _grid_size(pos.shape[1] - (pos_name == cls_pos), patch, pos_name),
-      0 if head is None else head.shape[1], head_bias=p + "head/bias" in t)
+      0 if head is None else head.shape[1], head_bias=p + "head/bias" in t,
+      activation="gelu_tanh")  # flax's nn.gelu, which big_vision's MLP uses, is tanh-approximate
   heads = fields["num_heads"]
   table = {"patch_embed.kernel": ((p + "embedding/kernel",), SAME),
            "patch_embed.bias": ((p + "embedding/bias",), SAME),
@@ -588,6 +591,7 @@ def load(path, fmt: str, **overrides):
     raise FileNotFoundError(f"Checkpoint {path} (format {fmt!r}) does not exist.")
   if fmt == "timm" and path.name.endswith(".npz"):  # timm's npz export is big_vision's layout
     fmt = "big_vision"
+    overrides.setdefault("activation", "gelu")  # ... but timm runs it with exact GELU
   options = {k: overrides.pop(k) for k in OPTIONS.get(fmt, ()) if k in overrides}
   where = f"{path} (format {fmt!r})"
   try:

@@ -303,11 +303,15 @@ def test_big_vision(hf_dirs, tmp_path, numbering, scanned):
   ref = convert.load(hf_dirs["vit"][1], "hf")
   sd = hf_state(hf_dirs, "vit")
   np.savez(tmp_path / "vit.npz", **hf_vit_to_big_vision(sd, numbering, scanned))
-  model = convert.load(tmp_path / "vit.npz", "big_vision", layer_norm_eps=1e-12)
+  # big_vision's MLP runs flax's tanh-approximate GELU; the HF reference runs the exact one.
+  assert convert.load(tmp_path / "vit.npz", "big_vision").cfg.activation == "gelu_tanh"
+  model = convert.load(tmp_path / "vit.npz", "big_vision", layer_norm_eps=1e-12,
+                       activation="gelu")
   assert model.cfg.num_heads == HEADS  # read off the q kernel
   assert_same_outputs(model, ref, images_at(SIZE))
   if numbering == "original" and not scanned:
     via_timm = convert.load(tmp_path / "vit.npz", "timm", layer_norm_eps=1e-12)  # timm's npz
+    assert via_timm.cfg.activation == "gelu"  # timm runs these weights with exact GELU
     assert_same_outputs(via_timm, ref, images_at(SIZE))
     np.savez(tmp_path / "nocls.npz", **hf_vit_to_big_vision(sd, numbering, scanned, cls_pos=False))
     pos = convert.load(tmp_path / "nocls.npz", "big_vision").pos_embed[...]

@@ -127,7 +127,7 @@ class Adventurer(nnx.Module):
   def embed(self, images, mask=None):
     """`[p_1 … p_N, cls]` + position embedding; masked patches become the mask token first."""
     common.check_images(images, 3, self.cfg.patch)
-    x = self.patch_embed(images)
+    x = self.patch_embed(images).astype(jnp.float32)  # the residual stream stays float32
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     if mask is not None:

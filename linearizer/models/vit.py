@@ -33,6 +33,13 @@ STYLES = {
 }
 
 
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),          # timm, HF
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),      # flax's nn.gelu default
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),        # OpenAI CLIP
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   width: int
@@ -45,6 +52,7 @@ class ViTConfig:
   style: str = "timm"
   drop_path: float = 0.0
   layer_norm_eps: Optional[float] = None  # None: the style's default (HF ViTModel uses 1e-12)
+  activation: Optional[str] = None  # None: the style's; or gelu | gelu_tanh | quick_gelu
   head_bias: bool = True
   attention_impl: Optional[str] = None  # None lets JAX choose; 'xla' or 'cudnn' to force one
   dtype: str = "float32"        # compute dtype of the matmuls; parameters stay float32
@@ -68,13 +76,11 @@ def vit_config(variant: str = "B/16", **overrides) -> ViTConfig:
   cfg.update(overrides)
   if cfg.get("style", "timm") not in STYLES:
     raise ValueError(f"Unknown ViT style {cfg['style']!r}; expected one of {sorted(STYLES)}.")
+  if cfg.get("activation") not in (None, *ACTIVATIONS):
+    raise ValueError(f"Unknown activation {cfg['activation']!r}; expected one of "
+                     f"{sorted(ACTIVATIONS)}.")
   return ViTConfig(**cfg)
 
-
-def _activation(name):
-  if name == "quick_gelu":  # OpenAI CLIP: x * sigmoid(1.702 x)
-    return lambda x: x * jax.nn.sigmoid(1.702 * x)
-  return lambda x: jax.nn.gelu(x, approximate=False)
 
 
 class Attention(nnx.Module):
@@ -98,7 +104,7 @@ class Attention(nnx.Module):
 
 class Block(nnx.Module):
   def __init__(self, cfg: ViTConfig, drop_path: float, *, rngs: nnx.Rngs):
-    act = STYLES[cfg.style][0]
+    act = cfg.activation or STYLES[cfg.style][0]
     eps = cfg.eps
     dense = dict(dtype=jnp.dtype(cfg.dtype), kernel_init=nnx.initializers.xavier_uniform(),
                  bias_init=nnx.initializers.normal(1e-6), rngs=rngs)
@@ -107,7 +113,7 @@ class Block(nnx.Module):
     self.norm2 = nnx.LayerNorm(cfg.width, epsilon=eps, rngs=rngs)
     self.fc1 = nnx.Linear(cfg.width, cfg.mlp_dim, **dense)
     self.fc2 = nnx.Linear(cfg.mlp_dim, cfg.width, **dense)
-    self.act = _activation(act)
+    self.act = ACTIVATIONS[act]
     self.drop_path = common.DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x, *, train: bool):
@@ -143,7 +149,7 @@ class ViT(nnx.Module):
 
   def embed(self, images):
     common.check_images(images, 3, self.cfg.patch)
-    x = self.patch_embed(images)
+    x = self.patch_embed(images).astype(jnp.float32)  # the residual stream stays float32
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     pos = common.resample_pos_embed(self.pos_embed[...], self.grid, (h, w), cls_at="first")
