@@ -24,6 +24,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   n = len(devices)
   if data == -1 and fsdp == -1:
     raise ValueError("At most one of mesh.data and mesh.fsdp may be -1.")
+  if not all(s == -1 or s > 0 for s in (data, fsdp)):
+    raise ValueError(f"Mesh sizes must be positive or -1, got data={data}, fsdp={fsdp}.")
   data = n // fsdp if data == -1 else data
   fsdp = n // data if fsdp == -1 else fsdp
   if data * fsdp != n:
