@@ -121,8 +121,7 @@ def base(**overrides) -> ml_collections.ConfigDict:
       mesh=mesh(),
       checkpoint=dict(every_steps=1000, keep=2),
       log_every=50,
-      eval=dict(batch_size=256, resolutions=(), speed_resolutions=(), speed_batch=32,
-                models={}),
+      eval=dict(batch_size=256, resolutions=(), speed_resolutions=(), speed_batch=32),
   ))
   c.update(overrides)
   return c

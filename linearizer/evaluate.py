@@ -64,7 +64,7 @@ def num_params(model):
 
 
 def models_to_evaluate(config, workdir):
-  """{name: model} from this run's stages and from eval.models ('fmt:path' or a directory)."""
+  """{name: model}: what this run's stages produced, else teacher.init / student.init."""
   from linearizer import stages  # pylint: disable=import-outside-toplevel
   found = {}
   for name, stage in (("teacher", "train_teacher"), ("student (distilled)", "finetune"),
@@ -73,8 +73,8 @@ def models_to_evaluate(config, workdir):
       found[name] = saved.restore(stages.model_dir(workdir, stage))
   if "teacher" not in found and config.teacher.init:
     found["teacher"] = stages.load_model(config.teacher.init)
-  for name, spec in dict(config.eval.models).items():
-    found[name] = stages.load_model(spec)
+  if "student (distilled)" not in found and config.student.init:
+    found["student"] = stages.load_model(config.student.init)
   for name in [n for n, m in found.items() if m.head is None]:
     print(f"[eval] skipping {name}: it has no classification head.", flush=True)
     del found[name]
@@ -85,7 +85,8 @@ def run_eval(config, workdir, source, num_classes):
   """Evaluates every model found; writes eval/results.json and prints a table."""
   found = models_to_evaluate(config, workdir)
   if not found:
-    raise ValueError("Nothing to evaluate: no finished stage in the workdir and no eval.models.")
+    raise ValueError("Nothing to evaluate: no finished stage in the workdir, and neither "
+                     "teacher.init nor student.init names a model with a head.")
   sizes = [config.data.image_size] + [s for s in config.eval.resolutions
                                       if s != config.data.image_size]
   speed_sizes = list(config.eval.speed_resolutions) or [config.data.image_size]
