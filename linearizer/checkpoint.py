@@ -6,6 +6,7 @@ directory and renames it), so a crash mid-save leaves the previous checkpoints i
 a checkpoint that still fails to restore is reported and the one before it is used.
 """
 import logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -13,6 +14,9 @@ import orbax.checkpoint as ocp
 
 class Checkpointer:
   def __init__(self, directory, *, keep: int = 2, async_save: bool = True):
+    directory = str(directory)
+    if "://" not in directory:  # Orbax saves only to absolute paths (gs://… are left alone)
+      directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
@@ -35,6 +39,7 @@ class Checkpointer:
     """
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           self._saved_part(state))
+    unreadable = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -42,7 +47,14 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         logging.error("Checkpoint at step %d could not be restored (%s: %s); trying the one "
                       "before it.", step, type(e).__name__, e)
+        unreadable.append(step)
         continue
+      # Newer unreadable checkpoints would make Orbax skip every save up to their step and
+      # refuse to save at it: the resumed run replaces them.
+      for bad in unreadable:
+        logging.error("Deleting the unreadable checkpoint at step %d (resuming from %d).",
+                      bad, step)
+        self.manager.delete(bad)
       return restored.state.replace(rest=state.rest), restored.data
     return None, None
 

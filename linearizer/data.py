@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import grain
 import numpy as np
+from absl import flags
 from PIL import Image, ImageEnhance, ImageOps
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -130,7 +131,14 @@ def get_source(name: str, split: str = "train", data_dir=None):
   if kind == "npz":
     if not os.path.isfile(arg):
       raise ValueError(f"npz dataset {arg!r} does not exist.")
-    with np.load(arg) as f:
+    try:
+      f = np.load(arg)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"npz dataset {arg!r} is not a readable .npz file: {e}") from e
+    if not hasattr(f, "files"):
+      raise ValueError(f"npz dataset {arg!r} holds a single array, not an .npz archive of "
+                       "'images' and 'labels' (numpy.savez).")
+    with f:
       missing = {"images", "labels"} - set(f.files)
       if missing:
         raise ValueError(f"npz dataset {arg!r} lacks {sorted(missing)}; it has {f.files}.")
@@ -177,7 +185,7 @@ def _shear(img, v, axis):
 
 
 def _translate(img, v, axis):
-  dx = v * img.size[0]
+  dx = v * img.size[axis]
   m = (1, 0, dx, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, dx)
   return img.transform(img.size, Image.AFFINE, m, fillcolor=(128,) * 3)
 
@@ -289,6 +297,10 @@ def train_batches(source, cfg, *, global_batch, seed, mean, std, start_step=0,
   ds = grain.MapDataset.range(start_step * local, 2 ** 62).map(fn).batch(local, batch_fn=_stack)
   it = ds.to_iter_dataset()
   if cfg.get("workers", 0):
+    # grain's workers read its absl flags, which raises outside absl.app (a notebook, a
+    # test) unless they are marked parsed (google/grain#1355); the defaults are kept.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=cfg.workers))
   return iter(it)
 

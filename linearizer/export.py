@@ -17,7 +17,6 @@ def export_student(model, directory, *, image_size=None, overwrite=True):
   The serialised function maps float32 NHWC images (normalised with `model.cfg.mean/std`,
   any batch size) to logits, or to final tokens for a model without a head.
   """
-  saved.save(model, directory, overwrite=overwrite)
   size = image_size or model.cfg.image_size
   graphdef, state = nnx.split(model)
 
@@ -28,8 +27,13 @@ def export_student(model, directory, *, image_size=None, overwrite=True):
   batch, = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
   exported = jax.export.export(jax.jit(serve))(spec)
-  with open(os.path.join(directory, SERVE_FILE), "wb") as f:
+  # Exported before anything is written, and the file is renamed into place complete: a
+  # failure leaves no half export (a present serve file means the export is finished).
+  saved.save(model, directory, overwrite=overwrite)
+  path = os.path.join(directory, SERVE_FILE)
+  with open(path + ".tmp", "wb") as f:
     f.write(exported.serialize())
+  os.replace(path + ".tmp", path)
   return directory
 
 
