@@ -51,6 +51,23 @@ class ArraySource:
     return self.images[i], int(self.labels[i])
 
 
+class Subset:
+  """The first `n` examples of a fixed random permutation: a smaller labelled set."""
+
+  def __init__(self, source, n, seed=0):
+    if not 0 < n <= len(source):
+      raise ValueError(f"Cannot take {n} labelled examples from {source.name}, which has "
+                       f"{len(source)}.")
+    self.source, self.name, self.num_classes = source, f"{source.name}[:{n}]", source.num_classes
+    self.index = np.random.default_rng(seed).permutation(len(source))[:n]
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, i):
+    return self.source[int(self.index[i])]
+
+
 class FolderSource:
   """`root/<class>/<image>`; classes sorted by name. A file that fails to decode is
   reported with its path and replaced by the next readable one, so batches keep shape."""

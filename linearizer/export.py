@@ -9,13 +9,15 @@ from flax import nnx
 from linearizer.models import saved
 
 SERVE_FILE = "serve.jaxexport"
+PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def export_student(model, directory, *, image_size=None, overwrite=True):
   """Writes `directory/` (params + model.json, see models.saved) and `serve.jaxexport`.
 
   The serialised function maps float32 NHWC images (normalised with `model.cfg.mean/std`,
-  any batch size) to logits, or to final tokens for a model without a head.
+  any batch size) to logits, or to final tokens for a model without a head, on CPU, GPU
+  or TPU.
   """
   size = image_size or model.cfg.image_size
   graphdef, state = nnx.split(model)
@@ -26,7 +28,8 @@ def export_student(model, directory, *, image_size=None, overwrite=True):
 
   batch, = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-  exported = jax.export.export(jax.jit(serve))(spec)
+  # Lowered for every platform, so a student exported on a CPU serves on a GPU or TPU.
+  exported = jax.export.export(jax.jit(serve), platforms=PLATFORMS)(spec)
   # Exported before anything is written, and the file is renamed into place complete: a
   # failure leaves no half export (a present serve file means the export is finished).
   saved.save(model, directory, overwrite=overwrite)

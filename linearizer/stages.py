@@ -98,6 +98,8 @@ def fit(stage, config, workdir, module, make_step, extra=(), *, norm, source):
   state and the batch (the frozen teacher's parameters), placed on the mesh here.
   """
   scfg = config[stage]
+  if scfg.num_labels:
+    source = data.Subset(source, scfg.num_labels, seed=config.seed)
   optim = scfg.optim
   optim.total_steps = scfg.steps
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
