@@ -25,7 +25,8 @@ def write_config(config, workdir):
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # library INFO chatter off; progress prints
-  from linearizer import sharding, stages  # pylint: disable=import-outside-toplevel
+  from linearizer import preemption, sharding, stages  # pylint: disable=import-outside-toplevel
+  preemption.install()
   sharding.initialize_distributed()
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   write_config(config, workdir)

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from linearizer import checkpoint, convert, data, evaluate, export, metrics, models, plots
-from linearizer import sharding, train
+from linearizer import preemption, sharding, train
 from linearizer.models import saved
 
 TRAIN_STAGES = ("train_teacher", "distill", "finetune", "train_student")
@@ -139,6 +139,12 @@ def fit(stage, config, workdir, module, make_step, extra=(), *, norm, source):
             f"{k}={v:.4g}" for k, v in values.items()))
     if done % config.checkpoint.every_steps == 0 and done < scfg.steps:
       ckpt.save(done, state, {"step": done})
+    # Multi-host runs ask every process only at log steps (a collective); one process, always.
+    check = jax.process_count() == 1 or done % config.log_every == 0
+    if check and done < scfg.steps and preemption.requested():
+      ckpt.save(done, state, {"step": done}, force=True)
+      ckpt.wait()
+      raise preemption.Stopped(f"[{stage}] at step {done}, checkpoint saved")
   ckpt.save(scfg.steps, state, {"step": scfg.steps}, force=True)
   ckpt.wait()
   ckpt.close()
@@ -208,6 +214,8 @@ def run(config, workdir):
       logging.info("[%s] already finished in %s: reusing it.", stage, model_dir(workdir, stage))
       print(f"[{stage}] already finished: reusing {model_dir(workdir, stage)}", flush=True)
       continue
+    if preemption.requested():
+      raise preemption.Stopped(f"before [{stage}]")
     print(f"[{stage}] starting in {stage_dir(workdir, stage)}", flush=True)
     if stage == "train_teacher":
       run_supervised(stage, config, workdir, teacher(config, workdir, classes), train_src)
