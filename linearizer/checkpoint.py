@@ -26,7 +26,13 @@ class Checkpointer:
     return state.replace(rest=None)  # RNG streams are reseeded every step: nothing to keep
 
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
-    """Starts an (async) save of `state` and the data position at `step`."""
+    """Starts an (async) save of `state` and the data position at `step`.
+
+    A step that is already saved (a stop right after a periodic save, or a resume of a
+    finished stage) is left as it is.
+    """
+    if step in self.manager.all_steps():
+      return False
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(self._saved_part(state)),
         data=ocp.args.JsonSave(data_state)), force=force)

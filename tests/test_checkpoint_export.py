@@ -308,3 +308,16 @@ def test_metric_writer_appends(tmp_path, capsys):
   capsys.readouterr()
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert records == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+
+
+def test_saving_a_step_twice_keeps_the_first(tmp_path, base_state):
+  """A stop right after a periodic save, or a resumed finished stage, saves the step again."""
+  state = base_state
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
+  assert ckpt.save(2, state, {"step": 2}, force=True)
+  ckpt.wait()
+  assert not ckpt.save(2, state, {"step": 99}, force=True)
+  ckpt.wait()
+  _, data_state = ckpt.restore_latest(state)
+  assert data_state == {"step": 2}
+  ckpt.close()
