@@ -116,7 +116,7 @@ def fit(stage, config, workdir, module, make_step, extra=(), *, norm, source):
   restored, _ = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
-    logging.info("[%s] resumed from step %d", stage, int(state.step))
+    print(f"[{stage}] resumed from the checkpoint of step {int(state.step)}", flush=True)
   start = int(state.step)
   batches = data.train_batches(
       source, data.override(config.data, **scfg.augment),
