@@ -21,7 +21,7 @@ from linearizer import preemption, sharding, train
 from linearizer.models import saved
 
 TRAIN_STAGES = ("train_teacher", "distill", "finetune", "train_student")
-STAGES = TRAIN_STAGES + ("eval",)
+STAGES = TRAIN_STAGES + ("eval", "bench")
 
 
 def stage_dir(workdir, stage):
@@ -206,8 +206,9 @@ def run(config, workdir):
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise ValueError(f"Unknown stages {unknown}; expected some of {STAGES}.")
-  train_src, eval_src = sources(config)
-  classes = num_classes(config, train_src)
+  if "data" in config:
+    train_src, eval_src = sources(config)
+    classes = num_classes(config, train_src)
   results = None
   for stage in config.stages:
     if stage in TRAIN_STAGES and finished(workdir, stage):
@@ -231,6 +232,9 @@ def run(config, workdir):
       run_supervised(stage, config, workdir, model, train_src)
     elif stage == "eval":
       results = evaluate.run_eval(config, workdir, eval_src, classes)
+    elif stage == "bench":
+      from linearizer import bench  # pylint: disable=import-outside-toplevel
+      results = bench.run(config, workdir)
   exported = export_final_student(workdir)
   if jax.process_index() == 0:
     summary(workdir, config, exported)
