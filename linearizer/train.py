@@ -51,21 +51,20 @@ def decay_mask(params, no_decay: tuple):
       lambda p, _: not any(re.search(r, path_str(p)) for r in no_decay), params)
 
 
-def make_optimizer(optim) -> optax.GradientTransformation:
-  """Clipping + AdamW with warm-up and cosine decay; decay exclusions by regex (§6)."""
-  schedule = optax.warmup_cosine_decay_schedule(
+def schedule(optim) -> optax.Schedule:
+  """Linear warm-up from 0 to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+  return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim.lr, warmup_steps=optim.warmup_steps,
       decay_steps=max(optim.total_steps, optim.warmup_steps + 1), end_value=optim.min_lr)
-  adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
+
+
+def make_optimizer(optim) -> optax.GradientTransformation:
+  """Clipping + AdamW with the schedule above; decay exclusions by regex (§6)."""
+  adamw = optax.adamw(schedule(optim), b1=optim.b1, b2=optim.b2,
+                      weight_decay=optim.weight_decay,
                       mask=lambda p: decay_mask(p, tuple(optim.no_decay)))
   chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm else []
   return optax.chain(*chain, adamw)
-
-
-def learning_rate(optim, step):
-  return optax.warmup_cosine_decay_schedule(
-      0.0, optim.lr, optim.warmup_steps, max(optim.total_steps, optim.warmup_steps + 1),
-      optim.min_lr)(step)
 
 
 def init_state(module: nnx.Module, tx, ema: bool) -> tuple:
@@ -182,7 +181,7 @@ def make_distill_step(distiller: Distiller, teacher, tx, config):
 
     batch = {"image": images, "teacher": teacher}
     (_, metrics), grads = accumulate(loss_fn, state.params, batch, rng, optim.grad_accum)
-    metrics.update(grad_norm=optax.global_norm(grads), lr=learning_rate(optim, state.step))
+    metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(optim)(state.step))
     return apply_update(state, grads, tx, optim), metrics
 
   return step
@@ -252,7 +251,7 @@ def make_supervised_step(model, tx, config):
 
     (_, metrics), grads = accumulate(loss_fn, state.params, batch, rng, optim.grad_accum)
     new_state = apply_update(state, grads, tx, optim)
-    metrics.update(grad_norm=optax.global_norm(grads), lr=learning_rate(optim, state.step))
+    metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(optim)(state.step))
     return new_state, metrics
 
   return step

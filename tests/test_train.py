@@ -175,8 +175,8 @@ def test_distill_learning_rate_schedule(distill):
   final = flat(distill.state.params)
   assert any(not np.array_equal(final[p], distill.params_before[p]) for p in final)
   for s in (0, 1, WARMUP, 6, TOTAL):
-    np.testing.assert_allclose(float(train.learning_rate(common.optim(
-        lr=PEAK_LR, warmup_steps=WARMUP, total_steps=TOTAL, min_lr=MIN_LR), s)), want[s],
+    np.testing.assert_allclose(float(train.schedule(common.optim(
+        lr=PEAK_LR, warmup_steps=WARMUP, total_steps=TOTAL, min_lr=MIN_LR))(s)), want[s],
         rtol=REL, atol=1e-10)
 
 
