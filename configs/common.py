@@ -124,6 +124,7 @@ def base(**overrides) -> ml_collections.ConfigDict:
       mesh=mesh(),
       checkpoint=dict(every_steps=1000, keep=2),
       log_every=50,
+      nan_policy="stop",    # a non-finite loss or gradient: 'stop' the run, or 'skip' the step
       eval=dict(batch_size=256, resolutions=(), speed_resolutions=(), speed_batch=32),
   ))
   c.update(overrides)

@@ -3,13 +3,20 @@
 A checkpoint holds the trained state (step, parameters, optimizer, EMA) and the data
 position; never the frozen teacher. Saves commit atomically (Orbax writes to a temporary
 directory and renames it), so a crash mid-save leaves the previous checkpoints intact;
-a checkpoint that still fails to restore is reported and the one before it is used.
+a checkpoint that still fails to restore is reported, moved aside to `<step>.unreadable`
+(never deleted) and the one before it is used. A save that fails (disk full, no
+permission) raises SaveError; the checkpoints already written stay as they are.
 """
 import logging
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class SaveError(OSError):
+  """A checkpoint could not be written."""
 
 
 class Checkpointer:
@@ -17,6 +24,8 @@ class Checkpointer:
     directory = str(directory)
     if "://" not in directory:  # Orbax saves only to absolute paths (gs://… are left alone)
       directory = os.path.abspath(directory)
+    self.directory = directory
+    self._pending = None  # the step of the save that may still be under way
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
@@ -33,9 +42,18 @@ class Checkpointer:
     """
     if step in self.manager.all_steps():
       return False
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(self._saved_part(state)),
-        data=ocp.args.JsonSave(data_state)), force=force)
+    try:
+      self.manager.check_for_errors()  # a previous async save that failed
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(self._pending, e) from e
+    try:
+      started = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(self._saved_part(state)),
+          data=ocp.args.JsonSave(data_state)), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(step, e) from e
+    self._pending = step if started else self._pending
+    return started
 
   def restore_latest(self, state):
     """(state, data_state) from the newest checkpoint that restores, or (None, None).
@@ -56,11 +74,16 @@ class Checkpointer:
         unreadable.append(step)
         continue
       # Newer unreadable checkpoints would make Orbax skip every save up to their step and
-      # refuse to save at it: the resumed run replaces them.
+      # refuse to save at it: they are moved aside (kept for inspection), and the resumed
+      # run writes those steps again.
       for bad in unreadable:
-        logging.error("Deleting the unreadable checkpoint at step %d (resuming from %d).",
-                      bad, step)
-        self.manager.delete(bad)
+        aside = os.path.join(self.directory, f"{bad}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+          os.rename(os.path.join(self.directory, str(bad)), aside)
+        logging.error("Moved the unreadable checkpoint of step %d to %s; resuming from step %d.",
+                      bad, aside, step)
+      if unreadable:
+        self.manager.reload()
       return restored.state.replace(rest=state.rest), restored.data
     return None, None
 
@@ -68,7 +91,21 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(self._pending, e) from e
+
+  def _failed(self, step, error) -> SaveError:
+    try:  # saves still under way complete (or fail) before the process exits
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    good = [s for s in self.manager.all_steps() if s != step]
+    last = f"the last good checkpoint is step {max(good)}" if good else "no checkpoint was kept"
+    return SaveError(f"Could not save the checkpoint of step {step} in {self.directory} "
+                     f"({type(error).__name__}: {error}); {last}. Free disk space or fix the "
+                     "permissions, then run the same command again to resume from it.")
 
   def close(self):
     self.manager.close()

@@ -13,7 +13,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from linearizer import checkpoint, convert, data, evaluate, export, metrics, models, plots
@@ -91,6 +90,56 @@ def pretrained_student(config, workdir, classes):
 # ---------------------------------------------------------------------------------------
 # The training loop shared by every training stage.
 # ---------------------------------------------------------------------------------------
+MAX_SKIPPED = 10  # nan_policy='skip' still stops after this many faulty steps in a row
+
+
+def nan_policy(config) -> str:
+  policy = config.get("nan_policy", "stop")
+  if policy not in ("stop", "skip"):
+    raise ValueError(f"nan_policy={policy!r}; expected 'stop' or 'skip'.")
+  return policy
+
+
+def guard_step(step_fn, *, skip: bool):
+  """`step_fn` that also reports metrics['finite']: whether the loss and gradient norm are.
+
+  With `skip`, a non-finite step leaves the parameters, optimizer and EMA as they were
+  (the step counter still advances, as the data does).
+  """
+  def step(state, *args):
+    new, step_metrics = step_fn(state, *args)
+    finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(step_metrics["grad_norm"])
+    if skip:
+      kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                          (new.params, new.opt_state, new.ema),
+                          (state.params, state.opt_state, state.ema))
+      new = new.replace(params=kept[0], opt_state=kept[1], ema=kept[2])
+    return new, dict(step_metrics, finite=finite)
+  return step
+
+
+def numerical_fault(stage, config, step, step_metrics, skipped, ckpt, writer):
+  """A step with a non-finite loss or gradient: skip it or stop (config.nan_policy).
+
+  Returns the number of consecutive skipped steps; raises FloatingPointError to stop.
+  """
+  terms = ", ".join(f"{k}={float(v):.4g}" for k, v in step_metrics.items() if k != "lr")
+  skipped += 1
+  if nan_policy(config) == "skip" and skipped <= MAX_SKIPPED:
+    print(f"[{stage}] step {step}: non-finite loss or gradient ({terms}); update skipped",
+          flush=True)
+    return skipped
+  ckpt.wait()  # saves already under way complete: the last good checkpoint stays
+  writer.close()
+  last = ckpt.latest_step()
+  why = (f"{skipped} steps in a row were skipped" if nan_policy(config) == "skip"
+         else "nan_policy='stop'")
+  raise FloatingPointError(
+      f"[{stage}] non-finite loss or gradient at step {step}: {terms} ({why}). "
+      + (f"The last good checkpoint (step {last}) is kept; " if last else "")
+      + "lower the learning rate, or set --config.nan_policy=skip to skip such steps.")
+
+
 def fit(stage, config, workdir, module, make_step, extra=(), *, norm, source):
   """Trains `module` for `config.<stage>.steps` steps; returns it with the final weights.
 
@@ -123,20 +172,22 @@ def fit(stage, config, workdir, module, make_step, extra=(), *, norm, source):
       global_batch=scfg.batch_size, seed=config.seed,
       mean=norm[0], std=norm[1], start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count())
-  step_fn = sharding.jit_step(make_step(tx), mesh, state_sh, extra_sh)
+  step_fn = sharding.jit_step(guard_step(make_step(tx), skip=nan_policy(config) == "skip"),
+                              mesh, state_sh, extra_sh)
   writer = metrics.MetricWriter(stage_dir(workdir, stage), stage=stage, total_steps=scfg.steps,
                                 batch_size=scfg.batch_size)
   rng = jax.random.key(config.seed)
+  skipped = 0  # consecutive steps whose update was skipped (nan_policy='skip')
   for step in range(start, scfg.steps):
     batch = next(batches)
     batch = sharding.global_batch({"image": batch.image, "label": batch.label}, mesh)
     state, step_metrics = step_fn(state, *extra, batch, rng)
     done = step + 1
-    if done % config.log_every == 0 or done == scfg.steps:
-      values = writer.write(done, step_metrics)
-      if not np.isfinite(values["loss"]):
-        raise FloatingPointError(f"[{stage}] non-finite loss at step {done}: " + ", ".join(
-            f"{k}={v:.4g}" for k, v in values.items()))
+    finite = bool(step_metrics.pop("finite"))  # one scalar a step: faults are caught at once
+    skipped = 0 if finite else numerical_fault(stage, config, done, step_metrics, skipped,
+                                               ckpt, writer)
+    if finite and (done % config.log_every == 0 or done == scfg.steps):
+      writer.write(done, step_metrics)
     if done % config.checkpoint.every_steps == 0 and done < scfg.steps:
       ckpt.save(done, state, {"step": done})
     # Multi-host runs ask every process only at log steps (a collective); one process, always.
@@ -252,6 +303,8 @@ def summary(workdir, config, exported):
       print(f"  {stage:<16} {stage_dir(workdir, stage)}/{{ckpt,model,metrics.jsonl,tb}}")
   if "eval" in config.stages:
     print(f"  eval             {os.path.join(workdir, 'eval', 'results.json')}")
+  if "bench" in config.stages:
+    print(f"  bench            {os.path.join(workdir, 'bench')}/{{bench.json,bench.png}}")
   if curves:
     print(f"  plots            {curves}")
   if exported:
