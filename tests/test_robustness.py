@@ -251,3 +251,13 @@ def test_failed_save_stops_cleanly_and_keeps_the_last_good_checkpoint(reference,
   out = run_main(tmp_path).stdout
   assert "resumed from the checkpoint of step 3" in out
   assert_same_run(tmp_path, reference)
+
+
+def test_teacher_and_student_that_cannot_be_paired(reference, tmp_path):
+  """More AM stages than the (2-block) teacher has blocks: one message, nothing trained."""
+  proc = run_main(tmp_path / "workdir", "--config.stages=('distill',)",
+                  f"--config.teacher.init={reference / 'train_teacher' / 'model'}",
+                  "--config.distill.loss.num_stages=5", code=2)
+  assert_clean_error(proc, "num_stages=5", "depth 2")
+  assert not (tmp_path / "workdir" / "distill" / "ckpt").exists() or not os.listdir(
+      tmp_path / "workdir" / "distill" / "ckpt")
