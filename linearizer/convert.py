@@ -172,8 +172,7 @@ def _read_safetensors(path):
 
 def _numpy(value):
   """A tensor/array as numpy; low-precision floats widened (numpy lacks bfloat16)."""
-  if hasattr(value, "detach"):  # torch
-    import torch
+  if hasattr(value, "detach"):  # a torch tensor (torch itself was imported by _torch_load)
     value = value.detach().cpu()
     return (value.float() if value.is_floating_point() else value).numpy()
   return np.asarray(value)

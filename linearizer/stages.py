@@ -7,8 +7,6 @@ teacher checkpoint → distill → finetune. A stage interrupted half-way resume
 last checkpoint.
 """
 import dataclasses
-import json
-import logging
 import os
 
 import jax
@@ -263,7 +261,6 @@ def run(config, workdir):
   results = None
   for stage in config.stages:
     if stage in TRAIN_STAGES and finished(workdir, stage):
-      logging.info("[%s] already finished in %s: reusing it.", stage, model_dir(workdir, stage))
       print(f"[{stage}] already finished: reusing {model_dir(workdir, stage)}", flush=True)
       continue
     if preemption.requested():

@@ -24,7 +24,7 @@ from flax import nnx
 
 import kernels  # noqa: F401  (the models need the SSD op; fail loudly here if it is missing)
 from linearizer.models import build, common
-from linearizer.models.adventurer import Adventurer, AdventurerConfig, Block, adventurer_config
+from linearizer.models.adventurer import AdventurerConfig, Block, adventurer_config
 from linearizer.models.mamba2 import Mamba2
 
 RTOL = 1e-4

@@ -5,6 +5,9 @@ from linearizer.models.adventurer import Adventurer, AdventurerConfig, adventure
 from linearizer.models.common import ModelOutput, resample_pos_embed
 from linearizer.models.vit import ViT, ViTConfig, vit_config
 
+__all__ = ["Adventurer", "AdventurerConfig", "adventurer_config", "ModelOutput",
+           "resample_pos_embed", "ViT", "ViTConfig", "vit_config", "build", "from_config"]
+
 
 def build(kind: str, variant: str, *, seed: int = 0, **overrides):
   """`build('vit', 'B/16', num_classes=1000)` or `build('adventurer', 'Ti/16')`."""
