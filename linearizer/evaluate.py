@@ -1,8 +1,6 @@
 """Evaluation: top-1/top-5 of every model, student–teacher agreement, speed, a table."""
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -48,15 +46,9 @@ def accuracy(config, model, source, *, image_size, teacher_logits=None):
 
 def throughput(model, image_size, batch_size, repeats=5):
   """Images per second of the jitted forward (median of `repeats`, after a warm-up)."""
-  predict = predict_fn(model)
+  from linearizer import bench  # pylint: disable=import-outside-toplevel
   images = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
-  jax.block_until_ready(predict(images))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(predict(images))
-    times.append(time.perf_counter() - start)
-  return batch_size / statistics.median(times)
+  return batch_size / bench.time_compiled(predict_fn(model), (images,), repeats)
 
 
 def num_params(model):
