@@ -3,33 +3,44 @@
 `ssd` is the only entry the models use; `impl` picks the implementation:
   reference   sequential lax.scan over tokens, float32 (the test oracle)
   xla         chunked matmul ("SSD") form in plain XLA ops
-  pallas_tpu  Pallas TPU kernel (not implemented yet)
-  pallas_gpu  Pallas GPU kernel (not implemented yet)
-  auto        the best available for the backend
-Every impl is differentiable.
+  pallas_tpu  Pallas TPU (Mosaic) kernel, forward and backward (kernels/pallas_tpu.py)
+  pallas_gpu  Pallas GPU (Triton) kernel, forward and backward (kernels/pallas_gpu.py)
+  auto        the Pallas kernel of the backend (TPU, GPU) when it supports the shapes,
+              else xla
+Every impl is differentiable. The Pallas ones run on a CPU with interpret=True (tests).
 """
 import numbers
 
+import jax
+
+from kernels import pallas_gpu, pallas_tpu
 from kernels.reference import ssd_reference
 from kernels.xla import ssd_xla
 
-__all__ = ["ssd", "IMPLS"]
-
-
-def _not_implemented(name):
-    def impl(*args, **kwargs):
-        raise NotImplementedError(
-            f"ssd: impl={name!r} is not implemented yet; use impl='xla' or 'reference'")
-    return impl
-
+__all__ = ["ssd", "IMPLS", "pick_impl"]
 
 # impl name -> fn(x, dt, A, B, C, D, *, chunk_size, interpret)
 IMPLS = {
     "reference": ssd_reference,
     "xla": ssd_xla,
-    "pallas_tpu": _not_implemented("pallas_tpu"),
-    "pallas_gpu": _not_implemented("pallas_gpu"),
+    "pallas_tpu": pallas_tpu.ssd_pallas_tpu,
+    "pallas_gpu": pallas_gpu.ssd_pallas_gpu,
 }
+# backend -> (its Pallas impl, that module's unsupported_reason)
+_PALLAS = {"tpu": ("pallas_tpu", pallas_tpu.unsupported_reason),
+           "gpu": ("pallas_gpu", pallas_gpu.unsupported_reason)}
+
+
+def pick_impl(x, B, chunk_size, backend=None):
+    """What impl='auto' runs: the backend's Pallas kernel if it takes these shapes, else xla."""
+    backend = backend or jax.default_backend()
+    if backend == "cuda":
+        backend = "gpu"
+    if backend in _PALLAS:
+        name, unsupported = _PALLAS[backend]
+        if unsupported(x.shape, B.shape, chunk_size, x.dtype) is None:
+            return name
+    return "xla"
 
 
 def _check_shapes(x, dt, A, B, C, D, chunk_size):
@@ -63,9 +74,9 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size=256, impl="auto", interpret=False)
     chunk_size: tokens per chunk of the chunked impls (L need not be a multiple).
     interpret: run Pallas kernels in interpret mode (for CPU tests); others ignore it.
     """
-    if impl == "auto":
-        impl = "xla"  # will pick the Pallas kernel on TPU / GPU once one exists
-    if impl not in IMPLS:
+    if impl not in IMPLS and impl != "auto":
         raise ValueError(f"ssd: unknown impl={impl!r}; choose one of {sorted([*IMPLS, 'auto'])}")
     _check_shapes(x, dt, A, B, C, D, chunk_size)
+    if impl == "auto":
+        impl = pick_impl(x, B, chunk_size)
     return IMPLS[impl](x, dt, A, B, C, D, chunk_size=chunk_size, interpret=interpret)

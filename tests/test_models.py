@@ -531,3 +531,30 @@ def test_bfloat16_student_close_to_float32():
   assert np.all(np.isfinite(np.asarray(out.logits, np.float32)))
   assert rel_err(np.asarray(out.logits, np.float32), ref.logits) <= BF16_RTOL
   assert rel_err(np.asarray(out.tokens, np.float32), ref.tokens) <= BF16_RTOL
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_student_with_pallas_kernel_matches_xla(impl):
+  """The whole student with a Pallas SSD kernel (interpret mode on CPU) gives the outputs
+  and parameter gradients of the xla impl: same weights, 4 heads of headdim 16, d_state 16,
+  18 scanned tokens in chunks of 16 (so state crosses a chunk boundary)."""
+  fields = dict(width=32, depth=2, headdim=16, d_state=16, chunk_size=16, image_size=16,
+                num_classes=3)
+  ref = build("adventurer", "Ti/4", seed=0, ssd_impl="xla", **fields)
+  fast = build("adventurer", "Ti/4", seed=0, ssd_impl=impl, ssd_interpret=True, **fields)
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+
+  def loss_and_grads(model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    def loss(p):
+      out = nnx.merge(graphdef, p, rest)(images)
+      return jnp.sum(out.logits ** 2) + jnp.sum(out.tokens ** 2), out
+    (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, jax.tree.leaves(grads)
+
+  (out_ref, g_ref), (out_fast, g_fast) = loss_and_grads(ref), loss_and_grads(fast)
+  for a, b in [(out_ref.logits, out_fast.logits), (out_ref.tokens, out_fast.tokens),
+               *zip(out_ref.blocks, out_fast.blocks)]:
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(a))))
+  for a, b in zip(g_ref, g_fast):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(a))) + 1e-7)

@@ -176,3 +176,31 @@ def test_errors():
             ssd(**{**inp, name: value})
     with pytest.raises(ValueError, match="chunk_size"):
         ssd(**inp, chunk_size=0)
+
+
+def test_auto_picks_the_backends_pallas_kernel_when_it_takes_the_shapes():
+  """impl='auto': the Pallas kernel of the backend for supported shapes, else xla."""
+  from kernels import pick_impl  # pylint: disable=import-outside-toplevel
+  x = jnp.zeros((2, 100, 24, 64), jnp.bfloat16)
+  B = jnp.zeros((2, 100, 1, 64), jnp.bfloat16)
+  assert pick_impl(x, B, 256, backend="tpu") == "pallas_tpu"
+  assert pick_impl(x, B, 256, backend="gpu") == "pallas_gpu"
+  assert pick_impl(x, B, 256, backend="cuda") == "pallas_gpu"
+  assert pick_impl(x, B, 256, backend="cpu") == "xla"
+  odd = jnp.zeros((2, 100, 24, 12), jnp.float32)  # headdim 12: neither kernel takes it
+  assert pick_impl(odd, B, 256, backend="tpu") == "xla"
+  assert pick_impl(odd, B, 256, backend="gpu") == "xla"
+  assert pick_impl(x, B, 500, backend="tpu") == "xla"  # chunk above the TPU kernel's cap
+  assert pick_impl(x.astype(jnp.float16), B, 64, backend="gpu") == "xla"
+  # On this CPU, auto is xla: exactly its output.
+  inputs = make_inputs(63, 1)
+  np.testing.assert_array_equal(ssd(**inputs, chunk_size=16),
+                                ssd(**inputs, chunk_size=16, impl="xla"))
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_impl_refuses_unsupported_shapes_by_name(impl):
+  inputs = make_inputs(20, 1)
+  inputs["x"] = np.zeros((BATCH, 20, H, 12), np.float32)  # headdim 12
+  with pytest.raises(ValueError, match="headdim"):
+    ssd(**inputs, chunk_size=16, impl=impl, interpret=True)

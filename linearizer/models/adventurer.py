@@ -43,6 +43,7 @@ class AdventurerConfig:
   mlp_ratio: float = 2.5
   chunk_size: int = 256
   ssd_impl: str = "auto"
+  ssd_interpret: bool = False   # run a Pallas ssd_impl in interpret mode (CPU tests, debugging)
   dtype: str = "float32"        # compute dtype of the matmuls; parameters stay float32
   mean: tuple = (0.485, 0.456, 0.406)
   std: tuple = (0.229, 0.224, 0.225)
@@ -83,6 +84,7 @@ class Block(nnx.Module):
     self.norm = nnx.RMSNorm(cfg.width, epsilon=1e-5, rngs=rngs)
     self.mixer = Mamba2(cfg.width, d_state=cfg.d_state, headdim=cfg.headdim, expand=cfg.expand,
                         chunk_size=cfg.chunk_size, ssd_impl=cfg.ssd_impl,
+                        ssd_interpret=cfg.ssd_interpret,
                         out_proj_scale=1 / math.sqrt(cfg.depth), dtype=cfg.dtype, rngs=rngs)
     self.norm_mlp = nnx.RMSNorm(cfg.width, epsilon=1e-5, rngs=rngs)
     self.mlp = SwiGLU(cfg.width, int(cfg.width * cfg.mlp_ratio), dtype, rngs=rngs)

@@ -31,13 +31,14 @@ class Mamba2(nnx.Module):
 
   def __init__(self, d_model: int, *, d_state: int = 64, headdim: int = 64, expand: int = 2,
                ngroups: int = 1, d_conv: int = 4, chunk_size: int = 256, ssd_impl: str = "auto",
-               out_proj_scale: float = 1.0, dtype: str = "float32", rngs: nnx.Rngs):
+               ssd_interpret: bool = False, out_proj_scale: float = 1.0, dtype: str = "float32",
+               rngs: nnx.Rngs):
     inner = expand * d_model
     if inner % headdim:
       raise ValueError(f"expand*d_model={inner} is not a multiple of headdim={headdim}.")
     self.inner, self.d_state, self.headdim, self.ngroups = inner, d_state, headdim, ngroups
     self.num_heads = inner // headdim
-    self.chunk_size, self.ssd_impl = chunk_size, ssd_impl
+    self.chunk_size, self.ssd_impl, self.ssd_interpret = chunk_size, ssd_impl, ssd_interpret
     conv_dim = inner + 2 * ngroups * d_state
     dense = dict(use_bias=False, dtype=jnp.dtype(dtype), rngs=rngs)
     # Projection order [z, x, B, C, dt], as in mamba-ssm.
@@ -84,6 +85,6 @@ class Mamba2(nnx.Module):
   def __call__(self, u):
     inputs, z = self.ssd_inputs(u)
     y = kernels.ssd(**inputs, D=self.D[...].astype(jnp.float32), chunk_size=self.chunk_size,
-                    impl=self.ssd_impl)
+                    impl=self.ssd_impl, interpret=self.ssd_interpret)
     y = self.gated_norm(y.reshape(z.shape), z).astype(u.dtype)
     return self.out_proj(y)
