@@ -82,13 +82,17 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
 
 
 def stage(*, steps, batch_size, lr, loss, warmup_steps=0, drop_path=0.0, ema_decay=0.0,
-          augment=None, num_labels=0, **optim_overrides) -> ml_collections.ConfigDict:
+          augment=None, num_labels=0, visualize_every=0,
+          **optim_overrides) -> ml_collections.ConfigDict:
   """One training stage: its length, batch, optimiser, loss settings and augmentation.
 
   num_labels: train on a fixed random subset of this many examples (0 = all of them).
+  visualize_every: (distill) also draw the teacher/student maps every this many steps;
+    they are always drawn at the end, into <workdir>/distill/maps/.
   """
   return ml_collections.ConfigDict(dict(
       steps=steps, batch_size=batch_size, drop_path=drop_path, num_labels=num_labels,
+      visualize_every=visualize_every,
       optim=optim(lr=lr, warmup_steps=warmup_steps, total_steps=steps, ema_decay=ema_decay,
                   **optim_overrides),
       loss=loss,

@@ -31,7 +31,7 @@ def get_config(arg=None):
   c.train_teacher = common.stage(steps=1000, batch_size=64, lr=2e-3, warmup_steps=50,
                                  loss=supervised())
   c.distill = common.stage(steps=250, batch_size=64, lr=2e-3, warmup_steps=25,
-                           loss=common.distill_loss())
+                           loss=common.distill_loss(), visualize_every=50)
   c.finetune = common.stage(steps=300, batch_size=64, lr=2e-3, warmup_steps=30,
                             num_labels=500, loss=supervised())
   # The baseline: the same student, labels and number of steps as distill + finetune.

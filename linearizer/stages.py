@@ -18,7 +18,7 @@ from linearizer import preemption, sharding, train
 from linearizer.models import saved
 
 TRAIN_STAGES = ("train_teacher", "distill", "finetune", "train_student")
-STAGES = TRAIN_STAGES + ("eval", "bench")
+STAGES = TRAIN_STAGES + ("ablation", "eval", "bench", "visualize")
 
 
 def stage_dir(workdir, stage):
@@ -138,11 +138,13 @@ def numerical_fault(stage, config, step, step_metrics, skipped, ckpt, writer):
       + "lower the learning rate, or set --config.nan_policy=skip to skip such steps.")
 
 
-def fit(stage, config, workdir, module, make_step, extra=(), *, norm, source):
+def fit(stage, config, workdir, module, make_step, extra=(), *, norm, source, every=None):
   """Trains `module` for `config.<stage>.steps` steps; returns it with the final weights.
 
   make_step(tx) returns the step function; `extra` are the arguments it takes between the
   state and the batch (the frozen teacher's parameters), placed on the mesh here.
+  every: (n, fn) calls fn(step, module with the current weights) every n steps before the
+  last (e.g. to draw the distillation's maps as they converge).
   """
   scfg = config[stage]
   if scfg.num_labels:
@@ -188,6 +190,9 @@ def fit(stage, config, workdir, module, make_step, extra=(), *, norm, source):
       writer.write(done, step_metrics)
     if done % config.checkpoint.every_steps == 0 and done < scfg.steps:
       ckpt.save(done, state, {"step": done})
+    if every and every[0] and done % every[0] == 0 and done < scfg.steps:
+      every[1](done, nnx.merge(graphdef, jax.device_get(state.params),
+                               jax.device_get(state.rest)))
     # Multi-host runs ask every process only at log steps (a collective); one process, always.
     check = jax.process_count() == 1 or done % config.log_every == 0
     if check and done < scfg.steps and preemption.requested():
@@ -236,18 +241,42 @@ def run_supervised(stage, config, workdir, model, source):
   return model
 
 
-def run_distill(config, workdir, teacher_model, source):
+def run_distill(config, workdir, teacher_model, source, eval_source=None):
+  """The distillation stage. With `eval_source`, it also draws teacher vs student maps for
+  its first image into distill/maps/ at the end (and every `distill.visualize_every`)."""
   student = new_student(config, 0, (teacher_model.cfg.mean, teacher_model.cfg.std),
                         drop_path=config.distill.drop_path)
   distiller = train.Distiller(student, teacher_model.cfg.width, rngs=nnx.Rngs(config.seed + 2))
   teacher_params = nnx.state(teacher_model, nnx.Param)
+  draw = None
+  if eval_source is not None and jax.process_index() == 0:
+    draw = maps_drawer(config, teacher_model, student.cfg, eval_source,
+                       os.path.join(stage_dir(workdir, "distill"), "maps"))
   distiller = fit("distill", config, workdir, distiller,
                   lambda tx: train.make_distill_step(distiller, teacher_model, tx,
                                                      config.distill),
                   extra=(teacher_params,), norm=(student.cfg.mean, student.cfg.std),
-                  source=source)
+                  source=source,
+                  every=(config.distill.get("visualize_every", 0), draw) if draw else None)
   save_stage_model(workdir, "distill", distiller.student)
+  if draw:
+    draw(config.distill.steps, distiller)
   return distiller.student
+
+
+def maps_drawer(config, teacher_model, student_cfg, eval_source, directory):
+  """fn(step, distiller) drawing teacher vs student maps for one fixed validation image."""
+  from linearizer import visualize  # pylint: disable=import-outside-toplevel
+  batch = next(data.eval_batches(eval_source, config.data, batch_size=1, mean=student_cfg.mean,
+                                 std=student_cfg.std))
+  num_stages = config.distill.loss.num_stages
+
+  def draw(step, distiller):
+    paths, am = visualize.figures(teacher_model, {"student": distiller.student}, batch["image"],
+                                  directory, num_stages=num_stages, prefix=f"step_{step:06d}")
+    print(f"[distill] maps at step {step}: {paths[0]} (AM distance per stage "
+          + " ".join(f"{v:.3f}" for v in am["student"]) + ")", flush=True)
+  return draw
 
 
 def run(config, workdir):
@@ -269,7 +298,7 @@ def run(config, workdir):
     if stage == "train_teacher":
       run_supervised(stage, config, workdir, teacher(config, workdir, classes), train_src)
     elif stage == "distill":
-      run_distill(config, workdir, teacher(config, workdir, classes), train_src)
+      run_distill(config, workdir, teacher(config, workdir, classes), train_src, eval_src)
     elif stage == "finetune":
       run_supervised(stage, config, workdir, pretrained_student(config, workdir, classes),
                      train_src)
@@ -278,11 +307,17 @@ def run(config, workdir):
       model = new_student(config, classes, (t.cfg.mean, t.cfg.std),
                           drop_path=config.train_student.drop_path)
       run_supervised(stage, config, workdir, model, train_src)
+    elif stage == "ablation":
+      from linearizer import ablation  # pylint: disable=import-outside-toplevel
+      results = ablation.run(config, workdir, train_src, eval_src, classes)
     elif stage == "eval":
       results = evaluate.run_eval(config, workdir, eval_src, classes)
     elif stage == "bench":
       from linearizer import bench  # pylint: disable=import-outside-toplevel
       results = bench.run(config, workdir)
+    elif stage == "visualize":
+      from linearizer import visualize  # pylint: disable=import-outside-toplevel
+      results = visualize.run(config, workdir)
   exported = export_final_student(workdir)
   if jax.process_index() == 0:
     summary(workdir, config, exported)
@@ -302,6 +337,10 @@ def summary(workdir, config, exported):
     print(f"  eval             {os.path.join(workdir, 'eval', 'results.json')}")
   if "bench" in config.stages:
     print(f"  bench            {os.path.join(workdir, 'bench')}/{{bench.json,bench.png}}")
+  if "visualize" in config.stages:
+    print(f"  visualize        {os.path.join(workdir, 'visualize')}/maps_*.png")
+  if "ablation" in config.stages:
+    print(f"  ablation         {os.path.join(workdir, 'ablation')}/{{ablation.json,.md,.png}}")
   if curves:
     print(f"  plots            {curves}")
   if exported:

@@ -53,6 +53,7 @@ def test_every_stage_writes_its_files(demo_run):
     assert row["img_per_s@16"] > 0 and row["img_per_s@32"] > 0
   assert (workdir / "export" / "serve.jaxexport").is_file()
   assert (workdir / "plots" / "training.png").is_file()
+  assert (workdir / "distill" / "maps" / "step_000004_0.png").is_file()  # maps at the end
   assert "top-1" in out and "Outputs:" in out
 
 

@@ -1,0 +1,276 @@
+"""What the student learned, as pictures: similarity maps, attention, SSD mixing matrices.
+
+For a few images and each of K stages (method.md §2) it draws the teacher's and each
+student's cosine-similarity maps — for one query patch as a heat map over the image, and
+whole, with the AM distance between teacher and student. For one layer it draws the
+teacher's attention (averaged over heads) next to each student's implicit SSD mixing
+matrix (method.md §6): y_t = Σ_{s≤t} M_ts x_s + D x_t with
+
+  M_ts = (C_t · B_s) · exp(A Σ_{r=s+1..t} Δ_r) · Δ_s,
+
+the attention-like form of the Mamba-2 scan. Both are shown patch-to-patch in raster
+order: the student's flipped layers read the patches backwards, which is undone here (a
+flipped layer's matrix is then upper-triangular).
+"""
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from linearizer import data, losses, plots
+
+plt = plots.plt
+
+
+# ---------------------------------------------------------------------------------------
+# The matrices.
+# ---------------------------------------------------------------------------------------
+def ssd_mixing_matrix(dt, A, B, C):
+  """(b, H, L, L) float32 M with y = M x + D x for `kernels.ssd`'s arguments (§6 step 4).
+
+  Zero above the diagonal; the decay mask goes in before exp, as in kernels/xla.py.
+  """
+  H = dt.shape[-1]
+  per_group = H // B.shape[2]
+  Bh = jnp.repeat(B.astype(jnp.float32), per_group, axis=2)  # (b, L, H, S)
+  Ch = jnp.repeat(C.astype(jnp.float32), per_group, axis=2)
+  cb = jnp.einsum("bthn,bshn->bhts", Ch, Bh, precision=jax.lax.Precision.HIGHEST)
+  cum = jnp.moveaxis(jnp.cumsum(dt.astype(jnp.float32) * A, axis=1), 1, -1)  # (b, H, L)
+  seg = cum[..., :, None] - cum[..., None, :]  # Σ_{r=s+1..t} A Δ_r
+  causal = jnp.tril(jnp.ones(seg.shape[-2:], bool))
+  decay = jnp.exp(jnp.where(causal, seg, -jnp.inf))
+  return cb * decay * jnp.moveaxis(dt.astype(jnp.float32), 1, -1)[..., None, :]
+
+
+def _layer_inputs(model, images, layer):
+  """The residual stream entering block `layer`."""
+  x = model.embed(images)
+  return x if layer == 0 else model(images).blocks[layer - 1]
+
+
+def student_mixing(student, images, layer):
+  """Head-averaged |M| of student layer `layer`, patch-to-patch in raster order: (b, N, N).
+
+  The scanned sequence is [heading mean, patches (reversed in a flipped layer), cls].
+  """
+  block = student.layers[layer]
+  inputs, _ = block.mixer.ssd_inputs(block.mixer_input(_layer_inputs(student, images, layer)))
+  m = jnp.mean(jnp.abs(ssd_mixing_matrix(inputs["dt"], inputs["A"], inputs["B"],
+                                         inputs["C"])), axis=1)
+  n = m.shape[-1] - 2
+  order = np.arange(n)[::-1] + 1 if block.flip else np.arange(n) + 1  # raster -> position
+  return m[:, order][:, :, order]
+
+
+def teacher_attention(teacher, images, layer):
+  """Head-averaged softmax attention of ViT block `layer`, patches only: (b, N, N)."""
+  block = teacher.blocks[layer]
+  x = block.norm1(_layer_inputs(teacher, images, layer))
+  b, t, d = x.shape
+  heads = block.attn.num_heads
+  q, k, _ = jnp.split(block.attn.qkv(x).reshape(b, t, 3 * heads, d // heads), 3, 2)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(d // heads)
+  return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)[:, 1:, 1:]
+
+
+def cosine_map(tokens):
+  """(b, n, d) -> (b, n, n) cosine similarities."""
+  f = tokens.astype(jnp.float32)
+  f = f * jax.lax.rsqrt(jnp.sum(f * f, axis=-1, keepdims=True) + 1e-12)
+  return jnp.einsum("bid,bjd->bij", f, f)
+
+
+def stage_tokens(teacher, student, t_images, s_images, num_stages):
+  """Per stage, (teacher, student) tokens as [cls, patches in raster order] on the
+  student's grid, exactly as activation matching sees them (scope 'all')."""
+  t_blocks, s_blocks = teacher(t_images).blocks, student(s_images).blocks
+  t_ends = losses.stage_ends(len(t_blocks), num_stages)
+  s_ends = losses.stage_ends(len(s_blocks), num_stages)
+  return [losses.align(t_blocks[i], s_blocks[j], teacher.grid, student.grid, "all")
+          for i, j in zip(t_ends, s_ends)]
+
+
+def analyse(teacher, students, images, *, num_stages=4, layer=-1):
+  """Everything the figures draw, as NumPy arrays, for `images` normalised for the first
+  student (re-normalised here for the teacher when its statistics differ).
+
+  students: {name: Adventurer}. Returns dict(grid, maps={name: [(b, n, n)] per stage},
+  am={name: [(b,)] per stage}, mixing={name: (b, N, N)}, layer=(teacher, student) indices).
+  """
+  first = next(iter(students.values()))
+  t_images = renormalise(images, first.cfg, teacher.cfg)
+  depth = len(first.layers)
+  s_layer = layer % depth
+  t_layer = round((s_layer + 1) * len(teacher.blocks) / depth) - 1  # same relative depth
+  out = dict(grid=first.grid, maps={}, am={}, mixing={}, layer=(t_layer, s_layer),
+             mixing_grid={"teacher": teacher.grid})
+  out["mixing"]["teacher"] = np.asarray(teacher_attention(teacher, t_images, t_layer))
+  for name, student in students.items():
+    pairs = stage_tokens(teacher, student, t_images, images, num_stages)
+    out["maps"].setdefault("teacher", [np.asarray(cosine_map(t)) for t, _ in pairs])
+    out["maps"][name] = [np.asarray(cosine_map(s)) for _, s in pairs]
+    out["am"][name] = [np.asarray(jax.vmap(lambda a, b: losses.activation_matching(
+      [a[None]], [b[None]])[0])(t, s)) for t, s in pairs]
+    out["mixing"][name] = np.asarray(student_mixing(student, images, s_layer))
+    out["mixing_grid"][name] = student.grid
+  return out
+
+
+def renormalise(images, from_cfg, to_cfg):
+  mean0, std0 = np.asarray(from_cfg.mean), np.asarray(from_cfg.std)
+  mean1, std1 = np.asarray(to_cfg.mean), np.asarray(to_cfg.std)
+  if np.array_equal(mean0, mean1) and np.array_equal(std0, std1):
+    return images
+  return ((images * std0 + mean0) - mean1) / std1
+
+
+# ---------------------------------------------------------------------------------------
+# The figures.
+# ---------------------------------------------------------------------------------------
+def _heat(ax, pixels, row, grid, title):
+  """A map row over the patch grid, upsampled onto the image."""
+  ax.imshow(pixels)
+  heat = np.kron(row.reshape(grid), np.ones((pixels.shape[0] // grid[0],
+                                             pixels.shape[1] // grid[1])))
+  ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=-1, vmax=1,
+            extent=(0, pixels.shape[1], pixels.shape[0], 0))
+  ax.set_title(title, fontsize=8)
+
+
+def _matrix(ax, m, title, **kw):
+  ax.imshow(m, cmap="viridis", **kw)
+  ax.set_title(title, fontsize=8)
+
+
+def draw(result, pixels, index, query, path):
+  """One PNG for image `index`: a row per stage (query heat maps, then whole maps), then a
+  row with the teacher's attention and the students' mixing matrices for one layer."""
+  names = list(result["maps"])  # teacher first
+  grid = result["grid"]
+  q = 1 + query[0] * grid[1] + query[1]  # the query patch's row in [cls, patches]
+  k = len(result["maps"]["teacher"])
+  cols = 1 + 2 * len(names)
+  fig, axes = plt.subplots(k + 1, cols, figsize=(1.9 * cols, 1.9 * (k + 1)), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for s in range(k):
+    axes[s, 0].imshow(pixels)
+    axes[s, 0].scatter([(query[1] + 0.5) * pixels.shape[1] / grid[1]],
+                       [(query[0] + 0.5) * pixels.shape[0] / grid[0]], c="cyan", s=25,
+                       marker="x")
+    axes[s, 0].set_title(f"stage {s + 1}: query", fontsize=8)
+    for i, name in enumerate(names):
+      m = result["maps"][name][s][index]
+      am = "" if name == "teacher" else f"\nAM {result['am'][name][s][index]:.3f}"
+      _heat(axes[s, 1 + i], pixels, m[q, 1:], grid, f"{name}{am}")
+      _matrix(axes[s, 1 + len(names) + i], m, f"{name} map{am}", vmin=-1, vmax=1)
+  t_layer, s_layer = result["layer"]
+  for i, name in enumerate(names):
+    m, g = result["mixing"][name][index], result["mixing_grid"][name]
+    row = m[int((query[0] + 0.5) * g[0] / grid[0]) * g[1] + int((query[1] + 0.5) * g[1] / grid[1])]
+    what = (f"teacher attention\nlayer {t_layer + 1}" if name == "teacher"
+            else f"{name} |M|\nlayer {s_layer + 1}")
+    _heat(axes[k, 1 + i], pixels, row / max(row.max(), 1e-12), g, what)
+    _matrix(axes[k, 1 + len(names) + i], np.log10(m + 1e-6), what + " (log10)")
+  axes[k, 0].imshow(pixels)
+  axes[k, 0].set_title("query row", fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def to_pixels(images, cfg):
+  """Normalised NHWC images -> displayable [0, 1] HWC arrays."""
+  x = np.asarray(images) * np.asarray(cfg.std) + np.asarray(cfg.mean)
+  return np.clip(x, 0, 1)
+
+
+def figures(teacher, students, images, directory, *, num_stages=4, layer=-1, query=None,
+            prefix="maps"):
+  """Draws one PNG per image into `directory`; returns (paths, AM distances per student).
+
+  query: (row, col) of the query patch on the student grid; None = the centre patch.
+  """
+  grid = next(iter(students.values())).grid
+  query = tuple(query) if query is not None and min(query) >= 0 else (grid[0] // 2,
+                                                                      grid[1] // 2)
+  if not (query[0] < grid[0] and query[1] < grid[1]):
+    raise ValueError(f"visualize.query={query} is outside the {grid} patch grid.")
+  result = analyse(teacher, students, images, num_stages=num_stages, layer=layer)
+  pixels = to_pixels(images, next(iter(students.values())).cfg)
+  paths = [draw(result, pixels[i], i, query, os.path.join(directory, f"{prefix}_{i}.png"))
+           for i in range(len(images))]
+  am = {name: [float(np.mean(a)) for a in per_stage] for name, per_stage in result["am"].items()}
+  return paths, am
+
+
+# ---------------------------------------------------------------------------------------
+# The `visualize` stage: the models of a finished run, on a few images.
+# ---------------------------------------------------------------------------------------
+def load_images(spec, num, cfg, run_config):
+  """`num` images normalised for `cfg` (a student config): image files (comma-separated
+  paths, globs or folders), a data source (mnist, digits, npz:, folder:, tfds:), or '' for
+  the run's own evaluation data."""
+  dcfg = data.override(run_config.data, image_size=cfg.image_size)
+  kind = spec.partition(":")[0]
+  if not spec or kind in ("mnist", "digits", "npz", "folder", "tfds"):
+    source = data.get_source(spec or run_config.data.source, "test")
+    batch = next(data.eval_batches(source, dcfg, batch_size=num, mean=cfg.mean, std=cfg.std))
+    return np.asarray(batch["image"][:min(num, len(source))])
+  files = []
+  for part in spec.split(","):
+    found = (sorted(glob.glob(os.path.join(part, "*"))) if os.path.isdir(part)
+             else sorted(glob.glob(part)))
+    if not found:
+      raise ValueError(f"visualize: images={part!r} is no image file, folder or glob, nor "
+                       "a data source (mnist, digits, npz:, folder:, tfds:).")
+    files += found
+  transform = data.Transform(dcfg, train=False, mean=cfg.mean, std=cfg.std)
+  return np.stack([transform(np.asarray(Image.open(f).convert("RGB")), None)
+                   for f in files[:num]])
+
+
+def run(config, workdir):
+  """Draws the teacher and students of the run in `config.checkpoint` into workdir/visualize."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from linearizer import stages  # pylint: disable=import-outside-toplevel
+  run_dir = config.checkpoint
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"visualize: checkpoint={run_dir!r} is not a run's workdir "
+                     f"(no config.json); expected the --workdir of a finished run.")
+  with open(path, encoding="utf-8") as f:
+    run_config = ml_collections.ConfigDict(json.load(f))
+  if config.teacher:
+    teacher = stages.load_model(config.teacher)
+  elif stages.finished(run_dir, "train_teacher"):
+    teacher = stages.load_model(stages.model_dir(run_dir, "train_teacher"))
+  elif run_config.teacher.init:
+    teacher = stages.load_model(run_config.teacher.init)
+  else:
+    raise ValueError(f"visualize: no teacher in {run_dir}; set --config.teacher.")
+  vcfg = config.visualize
+  students = {label: stages.load_model(stages.model_dir(run_dir, stage))
+              for stage, label in vcfg.students.items() if stages.finished(run_dir, stage)}
+  if not students:
+    raise ValueError(f"visualize: none of the stages {list(vcfg.students)} has finished in "
+                     f"{run_dir}; nothing to draw.")
+  images = load_images(config.images, vcfg.num_images, next(iter(students.values())).cfg,
+                       run_config)
+  out = os.path.join(workdir, "visualize")
+  paths, am = figures(teacher, students, images, out, num_stages=vcfg.num_stages,
+                      layer=vcfg.layer, query=vcfg.query)
+  with open(os.path.join(out, "am_distance.json"), "w", encoding="utf-8") as f:
+    json.dump(am, f, indent=2)
+  for name, per_stage in am.items():
+    print(f"[visualize] AM distance to the teacher, {name}: "
+          + " ".join(f"{v:.4f}" for v in per_stage), flush=True)
+  for p in paths:
+    print(f"[visualize] wrote {p}", flush=True)
+  return dict(paths=paths, am=am)
