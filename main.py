@@ -128,6 +128,15 @@ def ours(e: BaseException) -> bool:
       and "site-packages" not in tb[-1].filename
 
 
+def use_compilation_cache(workdir):
+  """Compiled steps are kept in workdir/jax_cache (unless JAX_COMPILATION_CACHE_DIR names
+  another place): a resumed run, and runs that repeat a step (the ablation's seeds), skip
+  the compile."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+
+
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # library INFO chatter off; progress prints
@@ -143,6 +152,7 @@ def main(argv):
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices("workdir checked")
     write_config(config, workdir)
+    use_compilation_cache(workdir)
     stages.run(config, workdir)
   except USER_ERRORS as e:
     if not ours(e):

@@ -1,0 +1,202 @@
+"""The paper's ablation (method.md §7) on your own data: which loss and which AM scope.
+
+One teacher is trained (or loaded); then, for the same student and the same budget, each
+variant is distilled and fine-tuned over several seeds:
+
+  supervised   the student trained from scratch on the labels (train_student stage)
+  mp           masked prediction only          (distill.loss.w_am = 0)
+  am           activation matching only        (distill.loss.w_mp = 0)
+  am_mp        both, AM over visible tokens    (the method; also the scope 'visible' row)
+  scope_cls    both, AM over the CLS row only
+  scope_all    both, AM over all tokens
+
+Every variant sees the same masked input (distill.loss.mask_ratio): only the loss differs.
+Each run works in `workdir/ablation/<variant>/seed<k>/` and writes `result.json` when done,
+so an interrupted ablation resumes where it stopped. The summary is `ablation.json`,
+`ablation.md` (a table in the paper's layout, mean ± std with the paper's numbers beside)
+and `ablation.png`, all in `workdir/ablation/`.
+"""
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from linearizer import evaluate, plots, stages
+
+# variant -> (row label, distill.loss overrides; None = supervised from scratch)
+VARIANTS = {
+    "supervised": ("supervised", None),
+    "mp": ("MP only", dict(w_am=0.0)),
+    "am": ("AM only", dict(w_mp=0.0)),
+    "am_mp": ("AM + MP", {}),
+    "scope_cls": ("CLS only", dict(scope="cls")),
+    "scope_all": ("all tokens", dict(scope="all")),
+}
+# The paper's two tables (ImageNet-1k top-1, CLIP ViT-B/16 → Adventurer-B): (row, variant, %)
+PAPER = {
+    "objective": [("supervised", "supervised", 82.6), ("MP only", "mp", 83.6),
+                  ("AM only", "am", 83.8), ("AM + MP", "am_mp", 84.3)],
+    "AM scope": [("CLS only", "scope_cls", 83.7), ("visible", "am_mp", 84.3),
+                 ("all tokens", "scope_all", 83.4)],
+}
+
+
+def out_dir(workdir):
+  return os.path.join(workdir, "ablation")
+
+
+def run_dir(workdir, variant, seed_index):
+  return os.path.join(out_dir(workdir), variant, f"seed{seed_index}")
+
+
+def run_config(config, variant, seed_index):
+  """The config of one run: the base one with this seed and this variant's loss."""
+  sub = ml_collections.ConfigDict(config.to_dict())
+  sub.seed = config.seed + seed_index
+  overrides = VARIANTS[variant][1]
+  if overrides is not None:
+    sub.distill.loss.update(overrides)
+  return sub
+
+
+def train_variant(config, variant, workdir, teacher, train_src, classes):
+  """Distill + fine-tune (or train from scratch) one student; returns it."""
+  norm = (teacher.cfg.mean, teacher.cfg.std)
+  if VARIANTS[variant][1] is None:
+    student = stages.new_student(config, classes, norm, drop_path=config.train_student.drop_path)
+    return stages.run_supervised("train_student", config, workdir, student, train_src)
+  if not stages.finished(workdir, "distill"):
+    stages.run_distill(config, workdir, teacher, train_src)
+  return stages.run_supervised("finetune", config, workdir,
+                               stages.pretrained_student(config, workdir, classes), train_src)
+
+
+def top1(config, model, eval_src):
+  return evaluate.accuracy(config, model, eval_src, image_size=config.data.image_size)[0]["top1"]
+
+
+def run(config, workdir, train_src, eval_src, classes):
+  """Trains every (variant, seed) not yet done, then writes the summary; returns it."""
+  teacher = stages.teacher(config, workdir, classes)
+  if "train_teacher" in config.stages and not stages.finished(workdir, "train_teacher"):
+    raise ValueError("ablation: the 'train_teacher' stage must come before 'ablation'.")
+  todo = [(v, k) for k in range(config.ablation.seeds) for v in config.ablation.variants]
+  unknown = sorted({v for v, _ in todo} - set(VARIANTS))
+  if unknown:
+    raise ValueError(f"ablation.variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
+  start = time.time()
+  for i, (variant, k) in enumerate(todo):
+    path = os.path.join(run_dir(workdir, variant, k), "result.json")
+    if os.path.isfile(path):
+      continue
+    sub = run_config(config, variant, k)
+    model = train_variant(sub, variant, run_dir(workdir, variant, k), teacher, train_src, classes)
+    acc = top1(sub, model, eval_src)
+    if jax.process_index() == 0:
+      with open(path, "w", encoding="utf-8") as f:
+        json.dump(dict(variant=variant, seed=sub.seed, top1=acc), f)
+    elapsed = time.time() - start
+    print(f"[ablation] run {i + 1}/{len(todo)}: {variant} seed {k}: top-1 {100 * acc:.2f}% "
+          f"({elapsed / 60:.1f} min so far)", flush=True)
+  summary = summarize(config, workdir, top1(config, teacher, eval_src))
+  if jax.process_index() == 0:
+    write_summary(summary, out_dir(workdir))
+    print(summary["table"], flush=True)
+  return summary
+
+
+# ---------------------------------------------------------------------------------------
+# The summary: numbers, a table in the paper's layout, a bar plot.
+# ---------------------------------------------------------------------------------------
+def summarize(config, workdir, teacher_top1):
+  """Per variant the top-1 of every seed, mean and std (in %), the checks, the table."""
+  variants = {}
+  for variant in config.ablation.variants:
+    accs = []
+    for k in range(config.ablation.seeds):
+      with open(os.path.join(run_dir(workdir, variant, k), "result.json"), encoding="utf-8") as f:
+        accs.append(100 * json.load(f)["top1"])
+    variants[variant] = dict(top1=accs, mean=float(np.mean(accs)),
+                             std=float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0)
+  out = dict(teacher_top1=100 * teacher_top1, seeds=config.ablation.seeds,
+             data=config.data.source, variants=variants, checks=checks(variants))
+  out["table"] = table(out)
+  return out
+
+
+def checks(variants):
+  """The issue's claims, as numbers: does AM+MP beat supervised by > 2 std, and do MP-only
+  and AM-only sit between them? 'std' is the larger of the two rows' seed std."""
+  if "supervised" not in variants or "am_mp" not in variants:
+    return {}
+  sup, both = variants["supervised"], variants["am_mp"]
+  spread = max(sup["std"], both["std"])
+  out = dict(gap=both["mean"] - sup["mean"], spread=spread,
+             am_mp_beats_supervised_by_2_std=both["mean"] - sup["mean"] > 2 * spread)
+  for v in ("mp", "am"):
+    if v in variants:
+      out[f"{v}_between"] = sup["mean"] <= variants[v]["mean"] <= both["mean"]
+  return out
+
+
+def table(summary):
+  """Markdown in the paper's layout: objective rows, then AM-scope rows."""
+  variants, n = summary["variants"], summary["seeds"]
+  lines = [f"| | top-1 (%), mean ± std over {n} seed{'s' * (n > 1)} | paper, ImageNet-1k |",
+           "|---|---|---|",
+           f"| teacher | {summary['teacher_top1']:.2f} | 84.7 (CLIP ViT-B/16) |"]
+  for section, rows in PAPER.items():
+    lines.append(f"| **{section}** | | |")
+    for label, variant, paper in rows:
+      if variant in variants:
+        v = variants[variant]
+        lines.append(f"| {label} | {v['mean']:.2f} ± {v['std']:.2f} | {paper} |")
+  c = summary["checks"]
+  if c:
+    lines.append("")
+    lines.append(f"AM + MP − supervised: {c['gap']:+.2f} points; larger seed std "
+                 f"{c['spread']:.2f}; > 2 std: {'yes' if c['am_mp_beats_supervised_by_2_std'] else 'no'}.")
+    for v, label in (("mp", "MP only"), ("am", "AM only")):
+      if f"{v}_between" in c:
+        lines.append(f"{label} between supervised and AM + MP: "
+                     f"{'yes' if c[f'{v}_between'] else 'no'}.")
+  return "\n".join(lines)
+
+
+def write_summary(summary, directory):
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "ablation.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  with open(os.path.join(directory, "ablation.md"), "w", encoding="utf-8") as f:
+    f.write(summary["table"] + "\n")
+  bar_plot(summary, os.path.join(directory, "ablation.png"))
+
+
+def bar_plot(summary, path):
+  """Two panels like the paper's tables: objectives, AM scope; error bars = seed std."""
+  plt = plots.plt
+  variants = summary["variants"]
+  panels = [(s, [r for r in rows if r[1] in variants]) for s, rows in PAPER.items()]
+  panels = [(s, rows) for s, rows in panels if rows]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 + 1.2 * max(len(r) for _, r in panels),
+                                                    3.6), squeeze=False)
+  for ax, (section, rows) in zip(axes[0], panels):
+    means = [variants[v]["mean"] for _, v, _ in rows]
+    stds = [variants[v]["std"] for _, v, _ in rows]
+    ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+    for i, (_, v, _) in enumerate(rows):  # every seed as a dot
+      ax.plot([i] * len(variants[v]["top1"]), variants[v]["top1"], "k.", ms=4)
+    ax.axhline(summary["teacher_top1"], color="tab:red", ls="--", label="teacher")
+    ax.set_xticks(range(len(rows)), [label for label, _, _ in rows])
+    low = min(min(variants[v]["top1"]) for _, v, _ in rows)
+    ax.set_ylim(max(0, low - 3), max(summary["teacher_top1"], max(means)) + 1.5)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(section)
+    ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
