@@ -80,13 +80,13 @@ def top1(config, model, eval_src):
 
 def run(config, workdir, train_src, eval_src, classes):
   """Trains every (variant, seed) not yet done, then writes the summary; returns it."""
-  teacher = stages.teacher(config, workdir, classes)
-  if "train_teacher" in config.stages and not stages.finished(workdir, "train_teacher"):
-    raise ValueError("ablation: the 'train_teacher' stage must come before 'ablation'.")
-  todo = [(v, k) for k in range(config.ablation.seeds) for v in config.ablation.variants]
-  unknown = sorted({v for v, _ in todo} - set(VARIANTS))
+  unknown = sorted(set(config.ablation.variants) - set(VARIANTS))
   if unknown:
     raise ValueError(f"ablation.variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
+  if "train_teacher" in config.stages and not stages.finished(workdir, "train_teacher"):
+    raise ValueError("ablation: the 'train_teacher' stage must come before 'ablation'.")
+  teacher = stages.teacher(config, workdir, classes)
+  todo = [(v, k) for k in range(config.ablation.seeds) for v in config.ablation.variants]
   start = time.time()
   for i, (variant, k) in enumerate(todo):
     path = os.path.join(run_dir(workdir, variant, k), "result.json")

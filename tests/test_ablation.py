@@ -1,0 +1,114 @@
+"""The ablation (configs/ablation.py, linearizer/ablation.py): variants, summary, table.
+
+The end-to-end test runs the real config on `digits` with one seed and a few steps through
+main.py; the others check the bookkeeping against hand-computed numbers.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import ablation as ablation_config
+from linearizer import ablation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tiny models compile faster than they run at full XLA optimisation (as tests/sharded_run.py).
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_use_fusion_emitters=false")
+
+
+def test_ablation_smoke_run_writes_the_table(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
+  proc = subprocess.run([sys.executable, "main.py", "--config", "configs/ablation.py:smoke,seeds=1",
+                         "--workdir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  out = tmp_path / "ablation"
+  summary = json.load(open(out / "ablation.json"))
+  assert summary["data"] == "digits" and summary["seeds"] == 1
+  assert list(summary["variants"]) == list(ablation.VARIANTS)
+  for variant, row in summary["variants"].items():
+    assert len(row["top1"]) == 1 and 0 <= row["top1"][0] <= 100, variant
+    assert row["mean"] == row["top1"][0] and row["std"] == 0.0
+    run = tmp_path / "ablation" / variant / "seed0"
+    stage = "train_student" if variant == "supervised" else "finetune"
+    assert (run / stage / "model" / "model.json").is_file(), variant
+    assert (run / "distill").is_dir() == (variant != "supervised"), variant
+  assert 0 <= summary["teacher_top1"] <= 100
+  assert {"gap", "spread", "am_mp_beats_supervised_by_2_std", "mp_between", "am_between"} \
+      <= set(summary["checks"])
+  table = (out / "ablation.md").read_text()
+  rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+  assert rows == ["", "teacher", "**objective**", "supervised", "MP only", "AM only", "AM + MP",
+                  "**AM scope**", "CLS only", "visible", "all tokens"]
+  assert "82.6" in table and "84.3" in table and "83.4" in table  # the paper's numbers
+  assert (out / "ablation.png").stat().st_size > 10_000
+  assert "[ablation] run 6/6" in proc.stdout
+  # A second run finds every result and only re-writes the summary.
+  again = subprocess.run([sys.executable, "main.py", "--config",
+                          "configs/ablation.py:smoke,seeds=1", "--workdir", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0 and "[ablation] run" not in again.stdout
+  assert json.load(open(out / "ablation.json"))["variants"] == summary["variants"]
+
+
+def test_each_variant_changes_only_its_loss():
+  config = ablation_config.get_config("smoke,seeds=3")
+  base = config.distill.loss
+  for variant, (_, overrides) in ablation.VARIANTS.items():
+    sub = ablation.run_config(config, variant, 2)
+    assert sub.seed == config.seed + 2
+    changed = {k for k in base if sub.distill.loss[k] != base[k]}
+    assert changed == set(overrides or {}), variant
+  assert ablation.run_config(config, "mp", 0).distill.loss.w_am == 0
+  assert ablation.run_config(config, "am", 0).distill.loss.w_mp == 0
+  assert ablation.run_config(config, "scope_cls", 0).distill.loss.scope == "cls"
+
+
+def write_results(workdir, accs):
+  for variant, values in accs.items():
+    for k, v in enumerate(values):
+      d = ablation.run_dir(str(workdir), variant, k)
+      os.makedirs(d)
+      json.dump(dict(variant=variant, seed=k, top1=v), open(os.path.join(d, "result.json"), "w"))
+
+
+def test_summary_statistics_and_checks_by_hand(tmp_path):
+  config = ablation_config.get_config("seeds=3")
+  accs = {"supervised": [0.80, 0.82, 0.81], "mp": [0.84, 0.85, 0.86], "am": [0.90, 0.91, 0.92],
+          "am_mp": [0.86, 0.87, 0.88], "scope_cls": [0.85] * 3, "scope_all": [0.83, 0.84, 0.85]}
+  write_results(tmp_path, accs)
+  s = ablation.summarize(config, str(tmp_path), 0.95)
+  sup = s["variants"]["supervised"]
+  assert sup["top1"] == pytest.approx([80, 82, 81])
+  assert sup["mean"] == pytest.approx(81) and sup["std"] == pytest.approx(1.0)  # ddof=1
+  c = s["checks"]
+  assert c["gap"] == pytest.approx(6) and c["spread"] == pytest.approx(1.0)
+  assert c["am_mp_beats_supervised_by_2_std"]  # 6 > 2 × 1
+  assert c["mp_between"] and not c["am_between"]  # AM only (91) is above AM + MP (87)
+  assert "| AM + MP | 87.00 ± 1.00 | 84.3 |" in s["table"]
+  assert "| visible | 87.00 ± 1.00 | 84.3 |" in s["table"]  # the same runs as AM + MP
+  assert "| teacher | 95.00 |" in s["table"]
+  assert "AM only between supervised and AM + MP: no." in s["table"]
+  ablation.write_summary(s, str(tmp_path / "out"))
+  assert json.load(open(tmp_path / "out" / "ablation.json"))["checks"] == json.loads(
+      json.dumps(c))
+  # A gap within 2 std is reported as such.
+  write_results(tmp_path / "close", dict(accs, am_mp=[0.79, 0.84, 0.81]))
+  assert not ablation.summarize(config, str(tmp_path / "close"), 0.95)["checks"][
+      "am_mp_beats_supervised_by_2_std"]
+  assert np.isclose(ablation.summarize(config, str(tmp_path / "close"), 0.95)["checks"]["gap"],
+                    0.333333, atol=1e-4)
+
+
+def test_unknown_variant_is_refused_by_name(tmp_path):
+  config = ablation_config.get_config("smoke,seeds=1")
+  with config.unlocked():
+    config.ablation.variants = ("supervised", "am_only")
+    config.stages = ("ablation",)
+    config.teacher.init = "/nonexistent"
+  with pytest.raises(ValueError, match="am_only"):
+    ablation.run(config, str(tmp_path), None, None, 10)
