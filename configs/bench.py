@@ -8,7 +8,8 @@ Empty / 0 settings mean "the default for this backend" (linearizer.bench.setting
 B/16 vs Adventurer-B/16, bf16, batch 32, resolutions up to 2048² on an accelerator;
 Ti/16 vs Adventurer-Ti/16, float32, batch 1, up to 1024² on CPU (about 5 minutes on 2 cores).
 Args: smoke, teacher, student, resolutions (joined by '+'), batch, dtype, chunk_size,
-ssd_lengths (joined by '+'), peak_flops. `:smoke` runs tiny models in seconds (tests).
+ssd_lengths (joined by '+'), peak_flops, parts (joined by '+': forward, train_step, ssd;
+`parts=ssd` times the SSD kernels alone). `:smoke` runs tiny models in seconds (tests).
 """
 import ml_collections
 
@@ -21,9 +22,11 @@ def sizes(text):
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, smoke=False, teacher="", student="", resolutions="", batch=0,
-                         dtype="", chunk_size=0, ssd_lengths="", peak_flops=0.0)
+                         dtype="", chunk_size=0, ssd_lengths="", peak_flops=0.0,
+                         parts="forward+train_step+ssd")
   c = ml_collections.ConfigDict(dict(seed=0, stages=("bench",)))
   c.bench = ml_collections.ConfigDict(dict(
+      parts=tuple(arg.parts.split("+")),  # forward, train_step, ssd (e.g. parts=ssd: kernels)
       teacher=arg.teacher,          # ViT variant; '' = B/16 on accelerators, Ti/16 on CPU
       student=arg.student,          # Adventurer variant; likewise
       teacher_overrides={},         # ViTConfig fields, e.g. style='clip'

@@ -204,12 +204,19 @@ def is_oom(err):
 # ---------------------------------------------------------------------------------------
 # The measurements.
 # ---------------------------------------------------------------------------------------
+PARTS = ("forward", "train_step", "ssd")  # what a run measures (config.bench.parts)
+
+
 def settings(config):
   """The bench settings with every 'auto' (empty/0) value resolved for this backend."""
   b = config.bench
   accel = jax.default_backend() != "cpu"
+  unknown = set(b.get("parts", PARTS)) - set(PARTS)
+  if unknown:
+    raise ValueError(f"bench.parts: unknown {sorted(unknown)}; expected some of {PARTS}.")
   s = dict(
       accel=accel,
+      parts=tuple(b.get("parts", PARTS)),
       teacher=b.teacher or ("B/16" if accel else "Ti/16"),
       student=b.student or ("B/16" if accel else "Ti/16"),
       resolutions=tuple(b.resolutions) or ((224, 448, 512, 768, 1024, 1536, 2048) if accel
@@ -372,45 +379,48 @@ def run(config, workdir):
   start = time.perf_counter()
   rows = []
 
-  for impl in s["attention"]:
-    teacher, student = build_pair(config, s, impl)
-    pairs = [(teacher, "teacher", f"ViT-{s['teacher']}", impl)]
-    if impl == s["attention"][0]:  # the student has no attention: measure it once
-      pairs.append((student, "student", f"Adventurer-{s['student']}", None))
-    for model, role, name, attn in pairs:
-      meta = dict(base, model=name, role=role, variant=name.split("-", 1)[1],
-                  attention_impl=attn)
-      for res in s["resolutions"]:
-        try:
-          row = measure_forward(model, res, s["batch"], s["repeats"], meta, peak)
-        except Exception as err:  # pylint: disable=broad-except
-          # A failure (e.g. cuDNN refusing a shape, or memory) is recorded, not fatal.
-          rows.append(dict(meta, kind="forward", resolution=res, batch=s["batch"],
-                           error=f"{type(err).__name__}: {str(err)[:300]}"))
-          print(f"[bench] {name} {attn or ''} @{res}: failed ({type(err).__name__})", flush=True)
-          continue
-        rows.append(row)
-        print(f"[bench] {name:<18} {attn or '':<6} @{res:<5} {row['img_per_s']:10.2f} img/s "
-              f"{row['latency_ms']:10.1f} ms  (compile {row['compile_s']:.1f} s)", flush=True)
-        if s["max_batch"]:
-          rows.append(dict(meta, kind="max_batch", resolution=res, batch=largest_batch(
-              model, res, s["batch"], s["max_batch_limit"])))
-  # XLA counts no FLOPs inside custom calls (cuDNN attention): every impl does the same
-  # math, so the teacher's FLOPs come from the first impl that reports them.
-  for res in s["resolutions"]:
-    same = [r for r in rows if r["kind"] == "forward" and r["role"] == "teacher"
-            and r["resolution"] == res and "img_per_s" in r]
-    flops = next((r["flops_per_image"] for r in same if r.get("flops_per_image")), None)
-    for r in same:
-      if r["flops_per_image"] is None and flops:
-        r["flops_per_image"], r["mfu"] = flops, mfu(flops, r["img_per_s"], peak)
-  attention_speedups(rows)
+  if "forward" in s["parts"]:
+    for impl in s["attention"]:
+      teacher, student = build_pair(config, s, impl)
+      pairs = [(teacher, "teacher", f"ViT-{s['teacher']}", impl)]
+      if impl == s["attention"][0]:  # the student has no attention: measure it once
+        pairs.append((student, "student", f"Adventurer-{s['student']}", None))
+      for model, role, name, attn in pairs:
+        meta = dict(base, model=name, role=role, variant=name.split("-", 1)[1],
+                    attention_impl=attn)
+        for res in s["resolutions"]:
+          try:
+            row = measure_forward(model, res, s["batch"], s["repeats"], meta, peak)
+          except Exception as err:  # pylint: disable=broad-except
+            # A failure (e.g. cuDNN refusing a shape, or memory) is recorded, not fatal.
+            rows.append(dict(meta, kind="forward", resolution=res, batch=s["batch"],
+                             error=f"{type(err).__name__}: {str(err)[:300]}"))
+            print(f"[bench] {name} {attn or ''} @{res}: failed ({type(err).__name__})", flush=True)
+            continue
+          rows.append(row)
+          print(f"[bench] {name:<18} {attn or '':<6} @{res:<5} {row['img_per_s']:10.2f} img/s "
+                f"{row['latency_ms']:10.1f} ms  (compile {row['compile_s']:.1f} s)", flush=True)
+          if s["max_batch"]:
+            rows.append(dict(meta, kind="max_batch", resolution=res, batch=largest_batch(
+                model, res, s["batch"], s["max_batch_limit"])))
+    # XLA counts no FLOPs inside custom calls (cuDNN attention): every impl does the same
+    # math, so the teacher's FLOPs come from the first impl that reports them.
+    for res in s["resolutions"]:
+      same = [r for r in rows if r["kind"] == "forward" and r["role"] == "teacher"
+              and r["resolution"] == res and "img_per_s" in r]
+      flops = next((r["flops_per_image"] for r in same if r.get("flops_per_image")), None)
+      for r in same:
+        if r["flops_per_image"] is None and flops:
+          r["flops_per_image"], r["mfu"] = flops, mfu(flops, r["img_per_s"], peak)
+    attention_speedups(rows)
 
-  rows.append(measure_train_step(config, s, base, peak))
-  r = rows[-1]
-  print(f"[bench] distill train step @{r['resolution']} batch {r['batch']}: "
-        f"{r['img_per_s']:.2f} img/s (compile {r['compile_s']:.1f} s)", flush=True)
-  rows.extend(measure_ssd(config, s, base, peak, bandwidth))
+  if "train_step" in s["parts"]:
+    rows.append(measure_train_step(config, s, base, peak))
+    r = rows[-1]
+    print(f"[bench] distill train step @{r['resolution']} batch {r['batch']}: "
+          f"{r['img_per_s']:.2f} img/s (compile {r['compile_s']:.1f} s)", flush=True)
+  if "ssd" in s["parts"]:
+    rows.extend(measure_ssd(config, s, base, peak, bandwidth))
 
   result = dict(meta=dict(base, peak_flops=peak, peak_bytes_per_s=bandwidth,
                           settings=s,

@@ -108,3 +108,14 @@ def test_smoke_run_writes_json_and_plot(tmp_path):
   for s in data["speedups"]:
     positive(s, "speedup", "flop_ratio")
   assert os.path.isfile(out / "bench.json")
+
+
+def test_parts_ssd_times_the_kernels_alone(tmp_path):
+  """`parts=ssd`: only SSD rows; on this CPU the Pallas impls are skipped with the reason."""
+  result = bench.run(bench_config.get_config("smoke,parts=ssd"), str(tmp_path))
+  kinds = {r["kind"] for r in result["rows"]}
+  assert kinds == {"ssd"} and result["speedups"] == []
+  skipped = {r["impl"]: r["skipped"] for r in result["rows"] if "skipped" in r}
+  assert skipped == {"pallas_tpu": "needs a TPU", "pallas_gpu": "needs a GPU"}
+  with pytest.raises(ValueError, match="kernels"):
+    bench.run(bench_config.get_config("smoke,parts=kernels"), str(tmp_path))
