@@ -23,7 +23,8 @@ def get_config(arg=None):
   c.teacher = ""          # '' = the run's teacher
   c.images = ""           # '' = the run's evaluation data
   c.visualize = dict(
-      num_images=2,
+      num_images=2,       # images drawn
+      am_images=0,        # measure the AM distance on this many images (0 = those drawn)
       num_stages=4,       # K stages of activation matching (method.md §2)
       layer=-1,           # student layer of the mixing matrix (teacher: same relative depth)
       query=(-1, -1),     # (row, col) of the query patch on the student grid; -1 = centre

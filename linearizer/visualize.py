@@ -236,6 +236,23 @@ def load_images(spec, num, cfg, run_config):
                    for f in files[:num]])
 
 
+def mean_am_distances(teacher, students, images, num_stages, batch_size=50):
+  """{name: [AM distance per stage]}: L_AM over all tokens (method.md §2), averaged over
+  `images` (normalised for the students)."""
+  first = next(iter(students.values()))
+  out = {}
+  for name, student in students.items():
+    total = np.zeros(num_stages)
+    for i in range(0, len(images), batch_size):
+      s_images = jnp.asarray(images[i:i + batch_size])
+      t_images = renormalise(s_images, first.cfg, teacher.cfg)
+      pairs = stage_tokens(teacher, student, t_images, s_images, num_stages)
+      total += len(s_images) * np.array(
+          [float(losses.activation_matching([t], [s])[0]) for t, s in pairs])
+    out[name] = (total / len(images)).tolist()
+  return out
+
+
 def run(config, workdir):
   """Draws the teacher and students of the run in `config.checkpoint` into workdir/visualize."""
   import ml_collections  # pylint: disable=import-outside-toplevel
@@ -266,8 +283,12 @@ def run(config, workdir):
   out = os.path.join(workdir, "visualize")
   paths, am = figures(teacher, students, images, out, num_stages=vcfg.num_stages,
                       layer=vcfg.layer, query=vcfg.query)
+  if vcfg.am_images:  # the AM distance measured on more images than are drawn
+    many = load_images(config.images, vcfg.am_images, next(iter(students.values())).cfg,
+                       run_config)
+    am = mean_am_distances(teacher, students, many, vcfg.num_stages)
   with open(os.path.join(out, "am_distance.json"), "w", encoding="utf-8") as f:
-    json.dump(am, f, indent=2)
+    json.dump(dict(am, images=len(many) if vcfg.am_images else len(images)), f, indent=2)
   for name, per_stage in am.items():
     print(f"[visualize] AM distance to the teacher, {name}: "
           + " ".join(f"{v:.4f}" for v in per_stage), flush=True)

@@ -124,7 +124,12 @@ def test_visualize_stage_on_a_run(run_dir, tmp_path):
   assert len(out["paths"]) == 2 and all(os.path.isfile(p) for p in out["paths"])
   assert set(out["am"]) == {"distilled"} and len(out["am"]["distilled"]) == 2
   saved_am = json.load(open(tmp_path / "visualize" / "am_distance.json"))
-  assert saved_am == out["am"]
+  assert saved_am == dict(out["am"], images=2)
+  with config.unlocked():
+    config.visualize.am_images = 3  # measured on 3 images, two of which are drawn
+  out3 = visualize.run(config, str(tmp_path / "three"))
+  assert json.load(open(tmp_path / "three" / "visualize" / "am_distance.json"))["images"] == 3
+  assert out3["am"]["distilled"] != out["am"]["distilled"]
 
 
 def test_images_from_files_and_clear_errors(run_dir, tmp_path, models):
