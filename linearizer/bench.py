@@ -487,9 +487,7 @@ def table(result):
 
 def plot(result, path):
   """Left: throughput vs resolution per model (log). Right: speedup, FLOP ratio, paper."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from linearizer.plots import plt  # pylint: disable=import-outside-toplevel
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
   fwd = [r for r in result["rows"] if r["kind"] == "forward" and "img_per_s" in r]

@@ -2,10 +2,9 @@
 import json
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+# No matplotlib.use(): without a display matplotlib picks its file-only Agg backend by
+# itself, and in a notebook the inline one stays, so the same figures show there too.
+import matplotlib.pyplot as plt
 
 
 def read_metrics(path):
