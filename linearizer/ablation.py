@@ -11,12 +11,15 @@ variant is distilled and fine-tuned over several seeds:
   scope_all    both, AM over all tokens
 
 Every variant sees the same masked input (distill.loss.mask_ratio): only the loss differs.
+Seeds change the student's initialisation, data order and masks; every seed fine-tunes on
+the same labelled subset (`label_seed`), so the spread measures training noise.
 Each run works in `workdir/ablation/<variant>/seed<k>/` and writes `result.json` when done,
 so an interrupted ablation resumes where it stopped. The summary is `ablation.json`,
 `ablation.md` (a table in the paper's layout, mean ± std with the paper's numbers beside)
 and `ablation.png`, all in `workdir/ablation/`.
 """
 import json
+import multiprocessing
 import os
 import time
 
@@ -56,6 +59,7 @@ def run_config(config, variant, seed_index):
   """The config of one run: the base one with this seed and this variant's loss."""
   sub = ml_collections.ConfigDict(config.to_dict())
   sub.seed = config.seed + seed_index
+  sub.label_seed = config.seed  # every seed fine-tunes on the same labelled images
   overrides = VARIANTS[variant][1]
   if overrides is not None:
     sub.distill.loss.update(overrides)
@@ -78,29 +82,64 @@ def top1(config, model, eval_src):
   return evaluate.accuracy(config, model, eval_src, image_size=config.data.image_size)[0]["top1"]
 
 
+def run_one(config, workdir, variant, k, teacher, train_src, eval_src, classes):
+  """One (variant, seed) run; writes its result.json and returns its top-1."""
+  sub = run_config(config, variant, k)
+  model = train_variant(sub, variant, run_dir(workdir, variant, k), teacher, train_src, classes)
+  acc = top1(sub, model, eval_src)
+  if jax.process_index() == 0:
+    with open(os.path.join(run_dir(workdir, variant, k), "result.json"), "w",
+              encoding="utf-8") as f:
+      json.dump(dict(variant=variant, seed=sub.seed, top1=acc), f)
+  return acc
+
+
+def _worker(args):
+  """A run in a fresh worker process: everything from the config and the workdir."""
+  config_json, workdir, variant, k, cache_dir = args
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  train_src, eval_src = stages.sources(config)
+  classes = stages.num_classes(config, train_src)
+  teacher = stages.teacher(config, workdir, classes)
+  return variant, k, run_one(config, workdir, variant, k, teacher, train_src, eval_src, classes)
+
+
 def run(config, workdir, train_src, eval_src, classes):
-  """Trains every (variant, seed) not yet done, then writes the summary; returns it."""
+  """Trains every (variant, seed) not yet done, then writes the summary; returns it.
+
+  With ablation.workers > 1 (one process), that many runs go at once, each in its own
+  process: small models keep about one CPU core busy each.
+  """
   unknown = sorted(set(config.ablation.variants) - set(VARIANTS))
   if unknown:
     raise ValueError(f"ablation.variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
   if "train_teacher" in config.stages and not stages.finished(workdir, "train_teacher"):
     raise ValueError("ablation: the 'train_teacher' stage must come before 'ablation'.")
   teacher = stages.teacher(config, workdir, classes)
-  todo = [(v, k) for k in range(config.ablation.seeds) for v in config.ablation.variants]
-  start = time.time()
-  for i, (variant, k) in enumerate(todo):
-    path = os.path.join(run_dir(workdir, variant, k), "result.json")
-    if os.path.isfile(path):
-      continue
-    sub = run_config(config, variant, k)
-    model = train_variant(sub, variant, run_dir(workdir, variant, k), teacher, train_src, classes)
-    acc = top1(sub, model, eval_src)
-    if jax.process_index() == 0:
-      with open(path, "w", encoding="utf-8") as f:
-        json.dump(dict(variant=variant, seed=sub.seed, top1=acc), f)
-    elapsed = time.time() - start
-    print(f"[ablation] run {i + 1}/{len(todo)}: {variant} seed {k}: top-1 {100 * acc:.2f}% "
-          f"({elapsed / 60:.1f} min so far)", flush=True)
+  todo = [(v, k) for k in range(config.ablation.seeds) for v in config.ablation.variants
+          if not os.path.isfile(os.path.join(run_dir(workdir, v, k), "result.json"))]
+  start, done = time.time(), 0
+
+  def report(variant, k, acc):
+    print(f"[ablation] {variant} seed {k}: top-1 {100 * acc:.2f}% ({done}/{len(todo)} runs, "
+          f"{(time.time() - start) / 60:.1f} min)", flush=True)
+
+  workers = config.ablation.get("workers", 1)
+  if workers > 1 and len(todo) > 1 and jax.process_count() == 1:
+    jobs = [(config.to_json(), workdir, v, k, jax.config.jax_compilation_cache_dir)
+            for v, k in todo]
+    context = multiprocessing.get_context("spawn")  # a fresh JAX in every worker
+    with context.Pool(min(workers, len(todo))) as pool:
+      for variant, k, acc in pool.imap_unordered(_worker, jobs):
+        done += 1
+        report(variant, k, acc)
+  else:
+    for variant, k in todo:
+      acc = run_one(config, workdir, variant, k, teacher, train_src, eval_src, classes)
+      done += 1
+      report(variant, k, acc)
   summary = summarize(config, workdir, top1(config, teacher, eval_src))
   if jax.process_index() == 0:
     write_summary(summary, out_dir(workdir))

@@ -148,7 +148,7 @@ def fit(stage, config, workdir, module, make_step, extra=(), *, norm, source, ev
   """
   scfg = config[stage]
   if scfg.num_labels:
-    source = data.Subset(source, scfg.num_labels, seed=config.seed)
+    source = data.Subset(source, scfg.num_labels, seed=config.get("label_seed", config.seed))
   optim = scfg.optim
   optim.total_steps = scfg.steps
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
