@@ -7,7 +7,7 @@ Args: `data` (any source `linearizer.data` reads: mnist, digits, npz:, folder:, 
 `size` (image side), `teacher_patch` and `student_patch` (each must divide `size`),
 `seeds`, `labels` (the fine-tuning label budget), `workers` (runs at once), `smoke`.
 
-Why these defaults (MNIST 28², 500 labels, 3 seeds, ≈ 45 minutes on a 2-core CPU):
+Why these defaults (MNIST 28², 500 labels, 3 seeds, 49 minutes on a 2-core CPU):
 - The demo's setting (configs/demo.py), where distillation is known to pay off: the
   teacher (ViT w96/d4, 7² patches) learns from all 4000 labelled training images; the
   students (Adventurer w64/d4, 4² patches: 49 tokens, enough for the similarity maps to
