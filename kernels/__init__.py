@@ -31,11 +31,14 @@ _PALLAS = {"tpu": ("pallas_tpu", pallas_tpu.unsupported_reason),
            "gpu": ("pallas_gpu", pallas_gpu.unsupported_reason)}
 
 
+def _backend(name=None):
+    name = name or jax.default_backend()
+    return "gpu" if name in ("cuda", "rocm") else name
+
+
 def pick_impl(x, B, chunk_size, backend=None):
     """What impl='auto' runs: the backend's Pallas kernel if it takes these shapes, else xla."""
-    backend = backend or jax.default_backend()
-    if backend == "cuda":
-        backend = "gpu"
+    backend = _backend(backend)
     if backend in _PALLAS:
         name, unsupported = _PALLAS[backend]
         if unsupported(x.shape, B.shape, chunk_size, x.dtype) is None:
@@ -79,4 +82,9 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size=256, impl="auto", interpret=False)
     _check_shapes(x, dt, A, B, C, D, chunk_size)
     if impl == "auto":
         impl = pick_impl(x, B, chunk_size)
+    platform = impl.partition("_")[2]  # 'tpu' / 'gpu' for the Pallas impls
+    if platform and not interpret and _backend() != platform:
+        raise ValueError(f"ssd: impl={impl!r} compiles for a {platform.upper()} only (the backend "
+                         f"is {jax.default_backend()}); pass interpret=True to run it here, "
+                         "or use impl='xla'")
     return IMPLS[impl](x, dt, A, B, C, D, chunk_size=chunk_size, interpret=interpret)

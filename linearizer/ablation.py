@@ -196,8 +196,9 @@ def table(summary):
   c = summary["checks"]
   if c:
     lines.append("")
+    beats = "yes" if c["am_mp_beats_supervised_by_2_std"] else "no"
     lines.append(f"AM + MP − supervised: {c['gap']:+.2f} points; larger seed std "
-                 f"{c['spread']:.2f}; > 2 std: {'yes' if c['am_mp_beats_supervised_by_2_std'] else 'no'}.")
+                 f"{c['spread']:.2f}; > 2 std: {beats}.")
     for v, label in (("mp", "MP only"), ("am", "AM only")):
       if f"{v}_between" in c:
         lines.append(f"{label} between supervised and AM + MP: "
