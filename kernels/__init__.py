@@ -17,7 +17,7 @@ from kernels import pallas_gpu, pallas_tpu
 from kernels.reference import ssd_reference
 from kernels.xla import ssd_xla
 
-__all__ = ["ssd", "IMPLS", "pick_impl"]
+__all__ = ["ssd", "IMPLS", "pick_impl", "platform_name"]
 
 # impl name -> fn(x, dt, A, B, C, D, *, chunk_size, interpret)
 IMPLS = {
@@ -31,14 +31,15 @@ _PALLAS = {"tpu": ("pallas_tpu", pallas_tpu.unsupported_reason),
            "gpu": ("pallas_gpu", pallas_gpu.unsupported_reason)}
 
 
-def _backend(name=None):
+def platform_name(name=None):
+    """The backend as the Pallas impls name it: 'tpu', 'gpu' (CUDA or ROCm), 'cpu'."""
     name = name or jax.default_backend()
     return "gpu" if name in ("cuda", "rocm") else name
 
 
 def pick_impl(x, B, chunk_size, backend=None):
     """What impl='auto' runs: the backend's Pallas kernel if it takes these shapes, else xla."""
-    backend = _backend(backend)
+    backend = platform_name(backend)
     if backend in _PALLAS:
         name, unsupported = _PALLAS[backend]
         if unsupported(x.shape, B.shape, chunk_size, x.dtype) is None:
@@ -83,7 +84,7 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size=256, impl="auto", interpret=False)
     if impl == "auto":
         impl = pick_impl(x, B, chunk_size)
     platform = impl.partition("_")[2]  # 'tpu' / 'gpu' for the Pallas impls
-    if platform and not interpret and _backend() != platform:
+    if platform and not interpret and platform_name() != platform:
         raise ValueError(f"ssd: impl={impl!r} compiles for a {platform.upper()} only (the backend "
                          f"is {jax.default_backend()}); pass interpret=True to run it here, "
                          "or use impl='xla'")

@@ -18,6 +18,7 @@ so an interrupted ablation resumes where it stopped. The summary is `ablation.js
 `ablation.md` (a table in the paper's layout, mean ± std with the paper's numbers beside)
 and `ablation.png`, all in `workdir/ablation/`.
 """
+import contextlib
 import json
 import multiprocessing
 import os
@@ -120,26 +121,22 @@ def run(config, workdir, train_src, eval_src, classes):
   teacher = stages.teacher(config, workdir, classes)
   todo = [(v, k) for k in range(config.ablation.seeds) for v in config.ablation.variants
           if not os.path.isfile(os.path.join(run_dir(workdir, v, k), "result.json"))]
-  start, done = time.time(), 0
-
-  def report(variant, k, acc):
-    print(f"[ablation] {variant} seed {k}: top-1 {100 * acc:.2f}% ({done}/{len(todo)} runs, "
-          f"{(time.time() - start) / 60:.1f} min)", flush=True)
-
-  workers = config.ablation.get("workers", 1)
-  if workers > 1 and len(todo) > 1 and jax.process_count() == 1:
-    jobs = [(config.to_json(), workdir, v, k, jax.config.jax_compilation_cache_dir)
-            for v, k in todo]
-    context = multiprocessing.get_context("spawn")  # a fresh JAX in every worker
-    with context.Pool(min(workers, len(todo))) as pool:
-      for variant, k, acc in pool.imap_unordered(_worker, jobs):
-        done += 1
-        report(variant, k, acc)
-  else:
-    for variant, k in todo:
-      acc = run_one(config, workdir, variant, k, teacher, train_src, eval_src, classes)
-      done += 1
-      report(variant, k, acc)
+  start = time.time()
+  workers = min(config.ablation.get("workers", 1), len(todo))
+  pool = None
+  if workers > 1 and jax.process_count() == 1:  # a fresh JAX in every worker
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+  with pool or contextlib.nullcontext():
+    if pool:
+      cache = jax.config.jax_compilation_cache_dir
+      results = pool.imap_unordered(_worker, [(config.to_json(), workdir, v, k, cache)
+                                              for v, k in todo])
+    else:
+      results = ((v, k, run_one(config, workdir, v, k, teacher, train_src, eval_src, classes))
+                 for v, k in todo)
+    for done, (variant, k, acc) in enumerate(results, 1):
+      print(f"[ablation] {variant} seed {k}: top-1 {100 * acc:.2f}% ({done}/{len(todo)} runs, "
+            f"{(time.time() - start) / 60:.1f} min)", flush=True)
   summary = summarize(config, workdir, top1(config, teacher, eval_src))
   if jax.process_index() == 0:
     write_summary(summary, out_dir(workdir))

@@ -343,9 +343,8 @@ def measure_ssd(config, s, meta, peak, bandwidth):
   """Forward and forward+backward of every kernels.ssd impl at each sequence length."""
   c = config.bench.ssd
   rows = []
-  backend = "gpu" if jax.default_backend() in ("gpu", "cuda") else jax.default_backend()
   for impl in kernels.IMPLS:
-    if impl.startswith("pallas_") and impl != f"pallas_{backend}":
+    if impl.startswith("pallas_") and impl != f"pallas_{kernels.platform_name()}":
       rows.append(dict(meta, kind="ssd", impl=impl, skipped=f"needs a {impl[7:].upper()}"))
       continue
     try:

@@ -16,11 +16,16 @@ SCOPES = ("visible", "cls", "all")
 # ---------------------------------------------------------------------------------------
 # Losses.
 # ---------------------------------------------------------------------------------------
-def similarity_map(f):
-  """(B, n, d) -> (B, n, n): cosine similarities, then every row ℓ2-normalised (§2)."""
+def cosine_similarities(f):
+  """(B, n, d) -> (B, n, n) cosine similarities between the n tokens."""
   f = f.astype(jnp.float32)
   f = f * jax.lax.rsqrt(jnp.sum(f * f, axis=-1, keepdims=True) + 1e-12)
-  a = jnp.einsum("bid,bjd->bij", f, f)
+  return jnp.einsum("bid,bjd->bij", f, f)
+
+
+def similarity_map(f):
+  """(B, n, d) -> (B, n, n): cosine similarities, then every row ℓ2-normalised (§2)."""
+  a = cosine_similarities(f)
   return a * jax.lax.rsqrt(jnp.sum(a * a, axis=-1, keepdims=True) + 1e-12)
 
 

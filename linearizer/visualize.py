@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from linearizer import data, losses, plots
+from linearizer import data, losses, plots, train
 
 plt = plots.plt
 
@@ -46,19 +46,21 @@ def ssd_mixing_matrix(dt, A, B, C):
   return cb * decay * jnp.moveaxis(dt.astype(jnp.float32), 1, -1)[..., None, :]
 
 
-def _layer_inputs(model, images, layer):
-  """The residual stream entering block `layer`."""
-  x = model.embed(images)
-  return x if layer == 0 else model(images).blocks[layer - 1]
+def _layer_inputs(model, images, layer, blocks=None):
+  """The residual stream entering block `layer` (`blocks`: the model's own, if at hand)."""
+  if layer == 0:
+    return model.embed(images)
+  return (model(images).blocks if blocks is None else blocks)[layer - 1]
 
 
-def student_mixing(student, images, layer):
+def student_mixing(student, images, layer, blocks=None):
   """Head-averaged |M| of student layer `layer`, patch-to-patch in raster order: (b, N, N).
 
   The scanned sequence is [heading mean, patches (reversed in a flipped layer), cls].
   """
   block = student.layers[layer]
-  inputs, _ = block.mixer.ssd_inputs(block.mixer_input(_layer_inputs(student, images, layer)))
+  h = _layer_inputs(student, images, layer, blocks)
+  inputs, _ = block.mixer.ssd_inputs(block.mixer_input(h))
   m = jnp.mean(jnp.abs(ssd_mixing_matrix(inputs["dt"], inputs["A"], inputs["B"],
                                          inputs["C"])), axis=1)
   n = m.shape[-1] - 2
@@ -66,10 +68,10 @@ def student_mixing(student, images, layer):
   return m[:, order][:, :, order]
 
 
-def teacher_attention(teacher, images, layer):
+def teacher_attention(teacher, images, layer, blocks=None):
   """Head-averaged softmax attention of ViT block `layer`, patches only: (b, N, N)."""
   block = teacher.blocks[layer]
-  x = block.norm1(_layer_inputs(teacher, images, layer))
+  x = block.norm1(_layer_inputs(teacher, images, layer, blocks))
   b, t, d = x.shape
   heads = block.attn.num_heads
   q, k, _ = jnp.split(block.attn.qkv(x).reshape(b, t, 3 * heads, d // heads), 3, 2)
@@ -77,20 +79,18 @@ def teacher_attention(teacher, images, layer):
   return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)[:, 1:, 1:]
 
 
-def cosine_map(tokens):
-  """(b, n, d) -> (b, n, n) cosine similarities."""
-  f = tokens.astype(jnp.float32)
-  f = f * jax.lax.rsqrt(jnp.sum(f * f, axis=-1, keepdims=True) + 1e-12)
-  return jnp.einsum("bid,bjd->bij", f, f)
-
-
 def stage_tokens(teacher, student, t_images, s_images, num_stages):
   """Per stage, (teacher, student) tokens as [cls, patches in raster order] on the
   student's grid, exactly as activation matching sees them (scope 'all')."""
-  t_blocks, s_blocks = teacher(t_images).blocks, student(s_images).blocks
+  return stage_pairs(teacher(t_images).blocks, student(s_images).blocks, teacher.grid,
+                     student.grid, num_stages)
+
+
+def stage_pairs(t_blocks, s_blocks, t_grid, s_grid, num_stages):
+  """stage_tokens from the two models' block outputs."""
   t_ends = losses.stage_ends(len(t_blocks), num_stages)
   s_ends = losses.stage_ends(len(s_blocks), num_stages)
-  return [losses.align(t_blocks[i], s_blocks[j], teacher.grid, student.grid, "all")
+  return [losses.align(t_blocks[i], s_blocks[j], t_grid, s_grid, "all")
           for i, j in zip(t_ends, s_ends)]
 
 
@@ -102,30 +102,31 @@ def analyse(teacher, students, images, *, num_stages=4, layer=-1):
   am={name: [(b,)] per stage}, mixing={name: (b, N, N)}, layer=(teacher, student) indices).
   """
   first = next(iter(students.values()))
-  t_images = renormalise(images, first.cfg, teacher.cfg)
+  t_images = teacher_images(images, first.cfg, teacher.cfg)
+  t_blocks = teacher(t_images).blocks  # once, for every student
   depth = len(first.layers)
   s_layer = layer % depth
   t_layer = round((s_layer + 1) * len(teacher.blocks) / depth) - 1  # same relative depth
   out = dict(grid=first.grid, maps={}, am={}, mixing={}, layer=(t_layer, s_layer),
              mixing_grid={"teacher": teacher.grid})
-  out["mixing"]["teacher"] = np.asarray(teacher_attention(teacher, t_images, t_layer))
+  out["mixing"]["teacher"] = np.asarray(teacher_attention(teacher, t_images, t_layer, t_blocks))
   for name, student in students.items():
-    pairs = stage_tokens(teacher, student, t_images, images, num_stages)
-    out["maps"].setdefault("teacher", [np.asarray(cosine_map(t)) for t, _ in pairs])
-    out["maps"][name] = [np.asarray(cosine_map(s)) for _, s in pairs]
+    s_blocks = student(images).blocks
+    pairs = stage_pairs(t_blocks, s_blocks, teacher.grid, student.grid, num_stages)
+    out["maps"].setdefault("teacher", [np.asarray(losses.cosine_similarities(t))
+                                       for t, _ in pairs])
+    out["maps"][name] = [np.asarray(losses.cosine_similarities(s)) for _, s in pairs]
     out["am"][name] = [np.asarray(jax.vmap(lambda a, b: losses.activation_matching(
       [a[None]], [b[None]])[0])(t, s)) for t, s in pairs]
-    out["mixing"][name] = np.asarray(student_mixing(student, images, s_layer))
+    out["mixing"][name] = np.asarray(student_mixing(student, images, s_layer, s_blocks))
     out["mixing_grid"][name] = student.grid
   return out
 
 
-def renormalise(images, from_cfg, to_cfg):
-  mean0, std0 = np.asarray(from_cfg.mean), np.asarray(from_cfg.std)
-  mean1, std1 = np.asarray(to_cfg.mean), np.asarray(to_cfg.std)
-  if np.array_equal(mean0, mean1) and np.array_equal(std0, std1):
-    return images
-  return ((images * std0 + mean0) - mean1) / std1
+def teacher_images(images, student_cfg, teacher_cfg):
+  """Images normalised for the student, re-expressed with the teacher's statistics."""
+  return train.renormalise(jnp.asarray(images), (student_cfg.mean, student_cfg.std),
+                           (teacher_cfg.mean, teacher_cfg.std))
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,17 +241,16 @@ def mean_am_distances(teacher, students, images, num_stages, batch_size=50):
   """{name: [AM distance per stage]}: L_AM over all tokens (method.md §2), averaged over
   `images` (normalised for the students)."""
   first = next(iter(students.values()))
-  out = {}
-  for name, student in students.items():
-    total = np.zeros(num_stages)
-    for i in range(0, len(images), batch_size):
-      s_images = jnp.asarray(images[i:i + batch_size])
-      t_images = renormalise(s_images, first.cfg, teacher.cfg)
-      pairs = stage_tokens(teacher, student, t_images, s_images, num_stages)
-      total += len(s_images) * np.array(
+  totals = {name: np.zeros(num_stages) for name in students}
+  for i in range(0, len(images), batch_size):
+    s_images = jnp.asarray(images[i:i + batch_size])
+    t_blocks = teacher(teacher_images(s_images, first.cfg, teacher.cfg)).blocks
+    for name, student in students.items():
+      pairs = stage_pairs(t_blocks, student(s_images).blocks, teacher.grid, student.grid,
+                          num_stages)
+      totals[name] += len(s_images) * np.array(
           [float(losses.activation_matching([t], [s])[0]) for t, s in pairs])
-    out[name] = (total / len(images)).tolist()
-  return out
+  return {name: (total / len(images)).tolist() for name, total in totals.items()}
 
 
 def run(config, workdir):
