@@ -114,3 +114,14 @@ def test_unknown_variant_is_refused_by_name(tmp_path):
     config.teacher.init = "/nonexistent"
   with pytest.raises(ValueError, match="am_only"):
     ablation.run(config, str(tmp_path), None, None, 10)
+
+
+def test_every_student_gets_the_same_step_budget():
+  config = ablation_config.get_config("distill_steps=300,mask_ratio=0.75,labels=50")
+  assert config.distill.steps + config.finetune.steps == config.train_student.steps == 550
+  assert (config.distill.steps, config.finetune.steps) == (300, 250)
+  assert config.distill.optim.total_steps == 300 and config.finetune.optim.total_steps == 250
+  assert config.distill.loss.mask_ratio == 0.75
+  assert config.finetune.num_labels == config.train_student.num_labels == 50
+  with pytest.raises(ValueError, match="distill_steps=550"):
+    ablation_config.get_config("distill_steps=550")
