@@ -95,16 +95,25 @@ def run_one(config, workdir, variant, k, teacher, train_src, eval_src, classes):
   return acc
 
 
-def _worker(args):
-  """A run in a fresh worker process: everything from the config and the workdir."""
-  config_json, workdir, variant, k, cache_dir = args
+_WORKER = {}  # in a worker process: what every run shares, loaded once by _start_worker
+
+
+def _start_worker(config_json, workdir, cache_dir):
+  """A fresh worker process: the config, data and teacher, once for all its runs."""
   if cache_dir:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
   config = ml_collections.ConfigDict(json.loads(config_json))
   train_src, eval_src = stages.sources(config)
   classes = stages.num_classes(config, train_src)
-  teacher = stages.teacher(config, workdir, classes)
-  return variant, k, run_one(config, workdir, variant, k, teacher, train_src, eval_src, classes)
+  _WORKER.update(config=config, workdir=workdir, train_src=train_src, eval_src=eval_src,
+                 classes=classes, teacher=stages.teacher(config, workdir, classes))
+
+
+def _worker(task):
+  variant, k = task
+  w = _WORKER
+  return variant, k, run_one(w["config"], w["workdir"], variant, k, w["teacher"],
+                             w["train_src"], w["eval_src"], w["classes"])
 
 
 def run(config, workdir, train_src, eval_src, classes):
@@ -125,12 +134,11 @@ def run(config, workdir, train_src, eval_src, classes):
   workers = min(config.ablation.get("workers", 1), len(todo))
   pool = None
   if workers > 1 and jax.process_count() == 1:  # a fresh JAX in every worker
-    pool = multiprocessing.get_context("spawn").Pool(workers)
+    pool = multiprocessing.get_context("spawn").Pool(
+        workers, _start_worker, (config.to_json(), workdir, jax.config.jax_compilation_cache_dir))
   with pool or contextlib.nullcontext():
     if pool:
-      cache = jax.config.jax_compilation_cache_dir
-      results = pool.imap_unordered(_worker, [(config.to_json(), workdir, v, k, cache)
-                                              for v, k in todo])
+      results = pool.imap_unordered(_worker, todo)
     else:
       results = ((v, k, run_one(config, workdir, v, k, teacher, train_src, eval_src, classes))
                  for v, k in todo)

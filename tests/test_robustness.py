@@ -7,8 +7,8 @@ the smoke default so that there is time to interrupt it.
 """
 import json
 import os
-import re
 import random
+import re
 import shutil
 import signal
 import subprocess
