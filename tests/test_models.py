@@ -296,6 +296,17 @@ def test_teacher_output_contract():
     forward(model, images(2), jnp.zeros((2, 16), bool))
 
 
+def test_teacher_gap_pool_reads_the_mean_patch_token():
+  model = build("vit", "Ti/8", image_size=32, depth=2, num_classes=5, pool="gap")
+  set_param(model.head.kernel, np.random.default_rng(0).normal(size=model.head.kernel.shape))
+  out = forward(model, images(2))
+  np.testing.assert_allclose(out.logits, model.head(out.tokens[:, 1:].mean(1)), rtol=1e-5,
+                             atol=1e-5)
+  assert not np.allclose(out.logits, model.head(out.tokens[:, 0]), atol=1e-3)
+  with pytest.raises(ValueError, match="pool 'mean'"):
+    build("vit", "Ti/8", pool="mean")
+
+
 # ------------------------------------------------------------------------------------------
 # 4. Masking
 # ------------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ class ViTConfig:
   layer_norm_eps: Optional[float] = None  # None: the style's default (HF ViTModel uses 1e-12)
   activation: Optional[str] = None  # None: the style's; or gelu | gelu_tanh | quick_gelu
   head_bias: bool = True
+  pool: str = "cls"             # what the head reads: the 'cls' token, or 'gap', the mean patch
+                                # token (timm global_pool='avg', big_vision pool_type='gap')
   attention_impl: Optional[str] = None  # None lets JAX choose; 'xla' or 'cudnn' to force one
   dtype: str = "float32"        # compute dtype of the matmuls; parameters stay float32
 
@@ -79,6 +81,8 @@ def vit_config(variant: str = "B/16", **overrides) -> ViTConfig:
   if cfg.get("activation") not in (None, *ACTIVATIONS):
     raise ValueError(f"Unknown activation {cfg['activation']!r}; expected one of "
                      f"{sorted(ACTIVATIONS)}.")
+  if cfg.get("pool", "cls") not in ("cls", "gap"):
+    raise ValueError(f"Unknown ViT pool {cfg['pool']!r}; expected 'cls' or 'gap'.")
   return ViTConfig(**cfg)
 
 
@@ -166,5 +170,6 @@ class ViT(nnx.Module):
       x = block(x, train=train)
       blocks.append(x)
     tokens = self.norm(x)
-    logits = self.head(tokens[:, 0]) if self.head is not None else None
+    pooled = tokens[:, 0] if self.cfg.pool == "cls" else tokens[:, 1:].mean(axis=1)
+    logits = self.head(pooled) if self.head is not None else None
     return common.ModelOutput(logits=logits, tokens=tokens, blocks=tuple(blocks))
