@@ -118,10 +118,17 @@ def test_unknown_variant_is_refused_by_name(tmp_path):
 
 def test_every_student_gets_the_same_step_budget():
   config = ablation_config.get_config("distill_steps=300,mask_ratio=0.75,labels=50")
-  assert config.distill.steps + config.finetune.steps == config.train_student.steps == 550
-  assert (config.distill.steps, config.finetune.steps) == (300, 250)
-  assert config.distill.optim.total_steps == 300 and config.finetune.optim.total_steps == 250
+  assert config.distill.steps + config.finetune.steps == config.train_student.steps == 750
+  assert (config.distill.steps, config.finetune.steps) == (300, 450)
+  assert config.distill.optim.total_steps == 300 and config.finetune.optim.total_steps == 450
+  assert config.train_student.optim.total_steps == 750
   assert config.distill.loss.mask_ratio == 0.75
   assert config.finetune.num_labels == config.train_student.num_labels == 50
-  with pytest.raises(ValueError, match="distill_steps=550"):
-    ablation_config.get_config("distill_steps=550")
+  config = ablation_config.get_config("steps=600,distill_steps=400,teacher_steps=200,"
+                                      "teacher_pool=cls")
+  assert (config.distill.steps, config.finetune.steps, config.train_student.steps) == (
+      400, 200, 600)
+  assert config.train_teacher.optim.total_steps == 200
+  assert config.teacher.overrides.pool == "cls"
+  with pytest.raises(ValueError, match="distill_steps=750"):
+    ablation_config.get_config("distill_steps=750")
