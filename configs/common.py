@@ -16,6 +16,7 @@ def optim(**overrides) -> ml_collections.ConfigDict:
       b2=0.999,
       clip_norm=1.0,        # 0 disables gradient clipping
       ema_decay=0.0,        # 0 disables the EMA of the student
+      layer_decay=1.0,      # layer-wise lr decay for fine-tuning (BEiT); 1 disables it
       grad_accum=1,         # micro-batches per step (memory only; same global batch)
       # No weight decay on these (regex on parameter paths; method.md §6).
       no_decay=(r"bias$", r"A_log$", r"/D$", r"norm", r"scale$", r"pos_embed$",

@@ -58,13 +58,48 @@ def schedule(optim) -> optax.Schedule:
       decay_steps=max(optim.total_steps, optim.warmup_steps + 1), end_value=optim.min_lr)
 
 
+_BLOCK = re.compile(r"(?:^|/)(?:layers|blocks)/(\d+)/")
+_EMBEDDING = re.compile(r"(?:^|/)(?:patch_embed|pos_embed|cls_token|mask_token|ln_pre)(?:/|$)")
+
+
+def layer_scales(params, decay: float):
+  """Layer-wise lr decay (BEiT §2.4; MAE's and Adventurer's fine-tuning option): the update
+  of a parameter at depth i is scaled by decay ** (L + 1 − i), where embeddings and ln_pre
+  are depth 0, block b is b + 1 and the head and final norm L + 1: pretrained early layers
+  move least."""
+  paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  blocks = [int(m.group(1)) for m in map(_BLOCK.search, paths) if m]
+  top = max(blocks, default=-1) + 2  # L + 1
+
+  def depth(path):
+    block = _BLOCK.search(path)
+    return int(block.group(1)) + 1 if block else 0 if _EMBEDDING.search(path) else top
+
+  return jax.tree_util.tree_map_with_path(lambda p, _: decay ** (top - depth(path_str(p))),
+                                          params)
+
+
+def scale_by_layer(decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by its `layer_scales` factor (stateless)."""
+  def update(updates, state, params=None):
+    del params
+    scales = layer_scales(updates, decay)
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(optim) -> optax.GradientTransformation:
-  """Clipping + AdamW with the schedule above; decay exclusions by regex (§6)."""
+  """Clipping + AdamW with the schedule above; decay exclusions by regex (§6); layer-wise
+  lr decay when `layer_decay` < 1."""
   adamw = optax.adamw(schedule(optim), b1=optim.b1, b2=optim.b2,
                       weight_decay=optim.weight_decay,
                       mask=lambda p: decay_mask(p, tuple(optim.no_decay)))
   chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm else []
-  return optax.chain(*chain, adamw)
+  layer_decay = optim.layer_decay
+  if not 0 < layer_decay <= 1:
+    raise ValueError(f"optim.layer_decay={layer_decay}; expected a number in (0, 1] "
+                     f"(1 turns layer-wise lr decay off).")
+  return optax.chain(*chain, adamw, *([scale_by_layer(layer_decay)] if layer_decay < 1 else []))
 
 
 def init_state(module: nnx.Module, tx, ema: bool) -> tuple:

@@ -276,6 +276,37 @@ def test_optimizer_decays_exactly_the_kernels():
       assert not np.any(u), path
 
 
+@pytest.mark.parametrize("kind", ["adventurer", "vit"])
+def test_layer_decay_scales_each_depth_by_its_power(kind):
+  """layer_decay d: the update of depth i is d ** (L + 1 − i) times the undecayed one, with
+  embeddings at 0, block b at b + 1 and head / final norm at L + 1 (BEiT's rule, L = 2)."""
+  d, lr = 0.5, 0.1
+  model = (models.build("adventurer", "Ti/8", seed=0, num_classes=3, **STUDENT) if
+           kind == "adventurer" else
+           models.build("vit", "Ti/8", seed=0, num_classes=3, **{**TEACHER, "depth": 2}))
+  params = nnx.state(model, nnx.Param)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
+
+  def update(decay):
+    tx = train.make_optimizer(common.optim(lr=lr, min_lr=lr, clip_norm=0.0, layer_decay=decay))
+    return flat(tx.update(grads, tx.init(params), params)[0])
+
+  plain, decayed = update(1.0), update(d)
+  blocks = "layers" if kind == "adventurer" else "blocks"
+  expected_power = lambda path: (3 if path.split("/")[0] in ("patch_embed", "pos_embed",
+                                                             "cls_token", "mask_token")
+                                 else 2 if path.startswith(f"{blocks}/0/")
+                                 else 1 if path.startswith(f"{blocks}/1/") else 0)
+  powers = set()
+  for path, u in plain.items():
+    powers.add(expected_power(path))
+    np.testing.assert_allclose(decayed[path], u * d ** expected_power(path), rtol=REL,
+                               err_msg=path)
+  assert powers == {0, 1, 2, 3}  # every depth was present and checked
+  with pytest.raises(ValueError, match="layer_decay=0.0"):
+    train.make_optimizer(common.optim(layer_decay=0.0))
+
+
 # ---------------------------------------------------------------------------------------
 # Supervised step.
 # ---------------------------------------------------------------------------------------
