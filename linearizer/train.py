@@ -94,12 +94,14 @@ def make_optimizer(optim) -> optax.GradientTransformation:
   adamw = optax.adamw(schedule(optim), b1=optim.b1, b2=optim.b2,
                       weight_decay=optim.weight_decay,
                       mask=lambda p: decay_mask(p, tuple(optim.no_decay)))
-  chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm else []
-  layer_decay = optim.layer_decay
-  if not 0 < layer_decay <= 1:
-    raise ValueError(f"optim.layer_decay={layer_decay}; expected a number in (0, 1] "
+  if not 0 < optim.layer_decay <= 1:
+    raise ValueError(f"optim.layer_decay={optim.layer_decay}; expected a number in (0, 1] "
                      f"(1 turns layer-wise lr decay off).")
-  return optax.chain(*chain, adamw, *([scale_by_layer(layer_decay)] if layer_decay < 1 else []))
+  chain = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm else []
+  chain.append(adamw)
+  if optim.layer_decay < 1:
+    chain.append(scale_by_layer(optim.layer_decay))
+  return optax.chain(*chain)
 
 
 def init_state(module: nnx.Module, tx, ema: bool) -> tuple:
