@@ -28,13 +28,17 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
                         capture_output=True, text=True, timeout=900)  # two worker processes
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   out = tmp_path / "ablation"
+  config = ablation_config.get_config("smoke,seeds=1")
   summary = json.load(open(out / "ablation.json"))
   assert summary["data"] == "digits" and summary["seeds"] == 1
   assert list(summary["variants"]) == list(ablation.VARIANTS)
+  assert summary["scope"] == "all"  # AM + MP's own scope: its runs are the 'all tokens' row
+  assert summary["variants"]["scope_all"] == summary["variants"]["am_mp"]
+  assert not (out / "scope_all").exists()
   for variant, row in summary["variants"].items():
     assert len(row["top1"]) == 1 and 0 <= row["top1"][0] <= 100, variant
     assert row["mean"] == row["top1"][0] and row["std"] == 0.0
-    run = tmp_path / "ablation" / variant / "seed0"
+    run = out / ablation.runs_of(config, variant) / "seed0"
     stage = "train_student" if variant == "supervised" else "finetune"
     assert (run / stage / "model" / "model.json").is_file(), variant
     assert (run / "distill").is_dir() == (variant != "supervised"), variant
@@ -44,7 +48,7 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
   table = (out / "ablation.md").read_text()
   rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
   assert rows == ["", "teacher", "**objective**", "supervised", "MP only", "AM only", "AM + MP",
-                  "**AM scope**", "CLS only", "visible", "all tokens"]
+                  "**AM scope**", "CLS only", "visible", "all tokens (= AM + MP)"]
   assert "82.6" in table and "84.3" in table and "83.4" in table  # the paper's numbers
   assert (out / "ablation.png").stat().st_size > 10_000
   assert "(6/6 runs" in proc.stdout
@@ -58,16 +62,29 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
 
 
 def test_each_variant_changes_only_its_loss():
-  config = ablation_config.get_config("smoke,seeds=3")
-  base = config.distill.loss
+  config = ablation_config.get_config("smoke,seeds=3,am_scope=visible")
+  base = config.distill.loss.to_dict()
   for variant, (_, overrides) in ablation.VARIANTS.items():
     sub = ablation.run_config(config, variant, 2)
     assert sub.seed == config.seed + 2 and sub.label_seed == config.ablation.label_seed == 0
-    changed = {k for k in base if sub.distill.loss[k] != base[k]}
-    assert changed == set(overrides or {}), variant
+    assert sub.distill.loss.to_dict() == dict(base, **(overrides or {})), variant
   assert ablation.run_config(config, "mp", 0).distill.loss.w_am == 0
   assert ablation.run_config(config, "am", 0).distill.loss.w_mp == 0
+  assert ablation.run_config(config, "am", 0).distill.loss.scope == "visible"
   assert ablation.run_config(config, "scope_cls", 0).distill.loss.scope == "cls"
+  assert ablation.run_config(config, "scope_all", 0).distill.loss.scope == "all"
+
+
+def test_am_scope_picks_which_scope_row_is_the_am_mp_runs():
+  assert ablation_config.get_config().distill.loss.scope == "all"  # the default, see docstring
+  for scope in ("all", "visible", "cls"):
+    config = ablation_config.get_config(f"am_scope={scope}")
+    assert config.distill.loss.scope == scope
+    rows = {v: ablation.runs_of(config, v) for v in config.ablation.variants}
+    assert rows[f"scope_{scope}"] == "am_mp"
+    assert {v for v, r in rows.items() if r != v} == {f"scope_{scope}"}
+  with pytest.raises(ValueError, match="am_scope='tokens'"):
+    ablation_config.get_config("am_scope=tokens")
 
 
 def write_results(workdir, accs):
@@ -81,7 +98,8 @@ def write_results(workdir, accs):
 def test_summary_statistics_and_checks_by_hand(tmp_path):
   config = ablation_config.get_config("seeds=3")
   accs = {"supervised": [0.80, 0.82, 0.81], "mp": [0.84, 0.85, 0.86], "am": [0.90, 0.91, 0.92],
-          "am_mp": [0.86, 0.87, 0.88], "scope_cls": [0.85] * 3, "scope_all": [0.83, 0.84, 0.85]}
+          "am_mp": [0.86, 0.87, 0.88], "scope_cls": [0.85] * 3,
+          "scope_visible": [0.83, 0.84, 0.85]}  # the 'all' row is AM + MP's runs
   write_results(tmp_path, accs)
   s = ablation.summarize(config, str(tmp_path), 0.95)
   sup = s["variants"]["supervised"]
@@ -92,7 +110,8 @@ def test_summary_statistics_and_checks_by_hand(tmp_path):
   assert c["am_mp_beats_supervised_by_2_std"]  # 6 > 2 × 1
   assert c["mp_between"] and not c["am_between"]  # AM only (91) is above AM + MP (87)
   assert "| AM + MP | 87.00 ± 1.00 | 84.3 |" in s["table"]
-  assert "| visible | 87.00 ± 1.00 | 84.3 |" in s["table"]  # the same runs as AM + MP
+  assert "| all tokens (= AM + MP) | 87.00 ± 1.00 | 83.4 |" in s["table"]  # AM + MP's runs
+  assert "| visible | 84.00 ± 1.00 | 84.3 |" in s["table"]
   assert "| teacher | 95.00 |" in s["table"]
   assert "AM only between supervised and AM + MP: no." in s["table"]
   ablation.write_summary(s, str(tmp_path / "out"))
