@@ -52,9 +52,14 @@ PAPER = {
 }
 
 
+def scope_row(scope):
+  """The scope row of AM + MP's own AM scope: the AM + MP runs themselves."""
+  return f"scope_{scope}"
+
+
 def runs_of(config, variant):
   """The variant whose runs give this row: the config's own scope row is AM + MP's."""
-  return "am_mp" if variant == f"scope_{config.distill.loss.scope}" else variant
+  return "am_mp" if variant == scope_row(config.distill.loss.scope) else variant
 
 
 def out_dir(workdir):
@@ -209,8 +214,7 @@ def table(summary):
     for label, variant, paper in rows:
       if variant in variants:
         v = variants[variant]
-        same = variant == f"scope_{summary['scope']}"  # the AM + MP runs themselves
-        label += " (= AM + MP)" * same
+        label += " (= AM + MP)" * (variant == scope_row(summary["scope"]))
         lines.append(f"| {label} | {v['mean']:.2f} ± {v['std']:.2f} | {paper} |")
   c = summary["checks"]
   if c:
