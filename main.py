@@ -161,4 +161,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from linearizer import cpu_malloc  # pylint: disable=import-outside-toplevel
+  cpu_malloc.reexec()  # on the CPU: XLA's scratch memory reused between steps (see there)
   app.run(main, flags_parser=parse_flags)
