@@ -15,13 +15,10 @@ from configs import ablation as ablation_config
 from linearizer import ablation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Tiny models compile faster than they run at full XLA optimisation (as tests/sharded_run.py).
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
 
 
 def test_ablation_smoke_run_writes_the_table(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")  # conftest.py's XLA_FLAGS too
   command = [sys.executable, "main.py", "--config", "configs/ablation.py:smoke,seeds=1",
              "--workdir", str(tmp_path)]
   proc = subprocess.run(command + ["--config.ablation.workers=2"], cwd=ROOT, env=env,

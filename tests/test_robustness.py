@@ -22,9 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
 FLAGS = ("--config.stages=('train_teacher',)", f"--config.train_teacher.steps={STEPS}",
          "--config.checkpoint.every_steps=3", "--config.log_every=1")
-# Compiles ~5x faster on CPU; the same flags for every run, so results stay comparable.
-XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-             "--xla_cpu_use_fusion_emitters=false")
 
 
 def command(workdir, *flags, python=("main.py",)):
@@ -33,7 +30,7 @@ def command(workdir, *flags, python=("main.py",)):
 
 
 def env():
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS)
+  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")  # with conftest.py's XLA_FLAGS
 
 
 def run_main(workdir, *flags, code=0, python=("main.py",)):
