@@ -4,14 +4,17 @@ XLA:CPU allocates each step's temporary buffer (231 MB for the demo student's ba
 step) with posix_memalign from a worker thread. glibc serves an allocation that large with a
 fresh mmap and unmaps it on free, so every step the kernel faults in and zeroes every page
 again: 56k page faults a step, a third of the CPU time spent in the kernel on 2 cores.
-These glibc tunables (one arena, no mmap for large blocks, freed memory kept up to 1 GiB)
-let the next step reuse the same pages: that train step goes from ~240 to ~155 ms, with
-bit-identical results. glibc reads tunables only at start-up, so main.py re-executes itself
-with them, once, before JAX is imported.
+The tunables below let the next step reuse the same pages: that train step goes from about
+245 to 156 ms, with bit-identical results, for a peak RSS of 906 MB instead of 739
+(docs/benchmarks.md). All three are needed: one arena (the main one, which grows with
+brk), as a worker thread's own arena maps any block larger than its 64 MB heaps; no mmap
+for large blocks; and freed memory kept (up to 1 GiB) instead of trimmed. glibc reads
+tunables only at start-up, so main.py re-executes itself with them, once, before JAX is
+imported.
 
-Not applied where JAX will use an accelerator (a PJRT plugin or libtpu is installed and
-JAX_PLATFORMS does not say cpu), nor when GLIBC_TUNABLES is already set: set it (even to
-nothing) to opt out.
+Applied only where JAX will run on the CPU (JAX_PLATFORMS names cpu first, or no
+accelerator plugin and no libtpu is installed), when main.py was started as a script, and
+when GLIBC_TUNABLES is unset: set it (even to nothing) to opt out.
 """
 import importlib.metadata
 import importlib.util
@@ -24,12 +27,14 @@ TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
 
 
 def runs_on_cpu(environ) -> bool:
-  """Whether JAX will pick the CPU: JAX_PLATFORMS says so, or nothing else is installed."""
+  """Whether JAX will pick the CPU: JAX_PLATFORMS says so, or nothing else is installed
+  (JAX finds PJRT plugins by entry point and in the `jax_plugins` namespace package)."""
   platforms = environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  plugins = importlib.metadata.entry_points(group="jax_plugins")
-  return not plugins and importlib.util.find_spec("libtpu") is None
+  return (not importlib.metadata.entry_points(group="jax_plugins")
+          and importlib.util.find_spec("jax_plugins") is None
+          and importlib.util.find_spec("libtpu") is None)
 
 
 def environment(environ=None):
@@ -42,11 +47,19 @@ def environment(environ=None):
   return dict(environ, GLIBC_TUNABLES=TUNABLES)
 
 
+def started_as_script() -> bool:
+  """Whether re-running the command line runs this script again: not under IPython's
+  %run or a debugger (the command line is theirs), nor from stdin (read once)."""
+  argv, orig = sys.argv, sys.orig_argv
+  return (os.path.isfile(argv[0]) and orig[len(orig) - len(argv):] == argv
+          and "IPython" not in sys.modules)
+
+
 def reexec():
   """Replaces this process with itself under the tunables (same pid, argv, interpreter
   options); returns only where nothing is to be done."""
   env = environment()
-  if env is not None:
+  if env is not None and started_as_script():
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

@@ -4,15 +4,19 @@ Most of the suite's time is XLA:CPU compiling tiny programs, not running them. T
 compile about five times faster (little LLVM optimisation, no new fusion emitters); they
 change how the code is optimised, not the program. The processes the tests start inherit
 them through the environment (main.py runs, ablation workers, the notebook's kernel, the
-multi-process runs). Flags the caller already set are kept.
+multi-process runs). Flags the caller already set are kept. Only for the CPU: an
+accelerator run (-m accelerator) compiles as users' runs do.
 """
 import os
+
+from linearizer import cpu_malloc
 
 FAST_COMPILE = {"--xla_backend_optimization_level": "0",
                 "--xla_llvm_disable_expensive_passes": "true",
                 "--xla_cpu_use_fusion_emitters": "false"}
 
-_given = os.environ.get("XLA_FLAGS", "").split()
-os.environ["XLA_FLAGS"] = " ".join(
-    _given + [f"{k}={v}" for k, v in FAST_COMPILE.items()
-              if not any(f.split("=")[0] == k for f in _given)])
+if cpu_malloc.runs_on_cpu(os.environ):
+  _given = os.environ.get("XLA_FLAGS", "").split()
+  os.environ["XLA_FLAGS"] = " ".join(
+      _given + [f"{k}={v}" for k, v in FAST_COMPILE.items()
+                if not any(f.split("=")[0] == k for f in _given)])
