@@ -17,6 +17,6 @@ FAST_COMPILE = {"--xla_backend_optimization_level": "0",
 
 if cpu_malloc.runs_on_cpu(os.environ):
   _given = os.environ.get("XLA_FLAGS", "").split()
+  _named = {f.split("=")[0] for f in _given}
   os.environ["XLA_FLAGS"] = " ".join(
-      _given + [f"{k}={v}" for k, v in FAST_COMPILE.items()
-                if not any(f.split("=")[0] == k for f in _given)])
+      _given + [f"{k}={v}" for k, v in FAST_COMPILE.items() if k not in _named])

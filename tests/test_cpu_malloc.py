@@ -56,15 +56,16 @@ def test_reexec_runs_the_same_script_once_more_under_the_tunables(tmp_path):
   script = tmp_path / "script.py"
   script.write_text(REEXEC.format(root=ROOT))
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-  out = subprocess.run([sys.executable, "-u", str(script), "a", "--b=1"], env=dict(
-      env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=60, check=True)
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run([sys.executable, "-u", str(script), "a", "--b=1"], env=env,
+                       capture_output=True, text=True, timeout=60, check=True)
   first, second = out.stdout.splitlines()  # once more, not twice
   assert first.split(" ", 1)[0] == second.split(" ", 1)[0]  # the same process
   assert first.endswith(" None ['a', '--b=1']")
   assert second.endswith(f" {cpu_malloc.TUNABLES} ['a', '--b=1']")
   # From stdin the script cannot be read again: it runs once, untouched.
-  out = subprocess.run([sys.executable, "-", "a"], input=REEXEC.format(root=ROOT), env=dict(
-      env, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=60, check=True)
+  out = subprocess.run([sys.executable, "-", "a"], input=REEXEC.format(root=ROOT), env=env,
+                       capture_output=True, text=True, timeout=60, check=True)
   assert len(out.stdout.splitlines()) == 1
   # main.py does it first thing.
   assert "cpu_malloc.reexec()" in open(os.path.join(ROOT, "main.py")).read()
