@@ -8,84 +8,136 @@
   auto        the Pallas kernel of the backend (TPU, GPU) when it supports the shapes,
               else xla
 Every impl is differentiable. The Pallas ones run on a CPU with interpret=True (tests).
+
+Beside them, two forms for checking and for pictures (kernels/reference.py):
+`ssd_quadratic`, the same map as one L x L masked matmul (a second oracle, O(L^2)), and
+`ssd_matrix`, that (batch, H, L, L) mixing matrix itself.
 """
+
 import numbers
+from collections.abc import Callable
+from typing import Literal
 
 import jax
+import numpy as np
 
 from kernels import pallas_gpu, pallas_tpu
-from kernels.reference import ssd_reference
+from kernels.reference import ssd_matrix, ssd_quadratic, ssd_reference
 from kernels.xla import ssd_xla
 
-__all__ = ["ssd", "IMPLS", "pick_impl", "platform_name"]
+__all__ = [
+  "ssd",
+  "ssd_matrix",
+  "ssd_quadratic",
+  "ssd_reference",
+  "IMPLS",
+  "Implementation",
+  "pick_impl",
+  "platform_name",
+]
+
+# An array argument: a jax.Array or a NumPy array (anything with .shape and .dtype).
+Array = jax.Array | np.ndarray
+
+# What `impl` may be: a key of IMPLS, or "auto" (the backend's Pallas kernel, else xla).
+Implementation = Literal["reference", "xla", "pallas_tpu", "pallas_gpu", "auto"]
 
 # impl name -> fn(x, dt, A, B, C, D, *, chunk_size, interpret)
-IMPLS = {
-    "reference": ssd_reference,
-    "xla": ssd_xla,
-    "pallas_tpu": pallas_tpu.ssd_pallas_tpu,
-    "pallas_gpu": pallas_gpu.ssd_pallas_gpu,
+IMPLS: dict[str, Callable[..., jax.Array]] = {
+  "reference": ssd_reference,
+  "xla": ssd_xla,
+  "pallas_tpu": pallas_tpu.ssd_pallas_tpu,
+  "pallas_gpu": pallas_gpu.ssd_pallas_gpu,
 }
 # backend -> (its Pallas impl, that module's unsupported_reason)
-_PALLAS = {"tpu": ("pallas_tpu", pallas_tpu.unsupported_reason),
-           "gpu": ("pallas_gpu", pallas_gpu.unsupported_reason)}
+_PALLAS = {
+  "tpu": ("pallas_tpu", pallas_tpu.unsupported_reason),
+  "gpu": ("pallas_gpu", pallas_gpu.unsupported_reason),
+}
 
 
-def platform_name(name=None):
-    """The backend as the Pallas impls name it: 'tpu', 'gpu' (CUDA or ROCm), 'cpu'."""
-    name = name or jax.default_backend()
-    return "gpu" if name in ("cuda", "rocm") else name
+def platform_name(name: str | None = None) -> str:
+  """The backend as the Pallas impls name it: 'tpu', 'gpu' (CUDA or ROCm), 'cpu'."""
+  name = name or jax.default_backend()
+  return "gpu" if name in ("cuda", "rocm") else name
 
 
-def pick_impl(x, B, chunk_size, backend=None):
-    """What impl='auto' runs: the backend's Pallas kernel if it takes these shapes, else xla."""
-    backend = platform_name(backend)
-    if backend in _PALLAS:
-        name, unsupported = _PALLAS[backend]
-        if unsupported(x.shape, B.shape, chunk_size, x.dtype) is None:
-            return name
-    return "xla"
+def pick_impl(x: Array, B: Array, chunk_size: int, backend: str | None = None) -> Implementation:
+  """What impl='auto' runs: the backend's Pallas kernel if it takes these shapes, else xla."""
+  backend = platform_name(backend)
+  if backend in _PALLAS:
+    name, unsupported = _PALLAS[backend]
+    if unsupported(x.shape, B.shape, chunk_size, x.dtype) is None:
+      return name
+  return "xla"
 
 
 def _check_shapes(x, dt, A, B, C, D, chunk_size):
-    """One clear ValueError naming the argument, the shape received and the one expected."""
-    def bad(name, got, want):
-        raise ValueError(f"ssd: {name} has shape {tuple(got)}, expected {want}")
+  """One clear ValueError naming the argument, the shape received and the one expected."""
 
-    if len(x.shape) != 4 or x.shape[1] < 1:
-        bad("x", x.shape, "(batch, L, H, P) with L >= 1")
-    batch, L, H, P = x.shape
-    if tuple(dt.shape) != (batch, L, H):
-        bad("dt", dt.shape, f"(batch, L, H) = {(batch, L, H)}")
-    if tuple(A.shape) != (H,):
-        bad("A", A.shape, f"(H,) = {(H,)}")
-    if len(B.shape) != 4 or tuple(B.shape[:2]) != (batch, L) or B.shape[2] < 1 or H % B.shape[2]:
-        bad("B", B.shape, f"(batch, L, G, S) = ({batch}, {L}, G, S) with H = {H} divisible by G")
-    if tuple(C.shape) != tuple(B.shape):
-        bad("C", C.shape, f"the shape of B, {tuple(B.shape)}")
-    if D is not None and tuple(D.shape) != (H,):
-        bad("D", D.shape, f"(H,) = {(H,)} or None")
-    if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= 1):
-        raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
+  def bad(name, got, want):
+    raise ValueError(f"ssd: {name} has shape {tuple(got)}, expected {want}")
+
+  if len(x.shape) != 4 or x.shape[1] < 1:
+    bad("x", x.shape, "(batch, L, H, P) with L >= 1")
+  batch, L, H, P = x.shape
+  if tuple(dt.shape) != (batch, L, H):
+    bad("dt", dt.shape, f"(batch, L, H) = {(batch, L, H)}")
+  if tuple(A.shape) != (H,):
+    bad("A", A.shape, f"(H,) = {(H,)}")
+  if len(B.shape) != 4 or tuple(B.shape[:2]) != (batch, L) or B.shape[2] < 1 or H % B.shape[2]:
+    bad("B", B.shape, f"(batch, L, G, S) = ({batch}, {L}, G, S) with H = {H} divisible by G")
+  if tuple(C.shape) != tuple(B.shape):
+    bad("C", C.shape, f"the shape of B, {tuple(B.shape)}")
+  if D is not None and tuple(D.shape) != (H,):
+    bad("D", D.shape, f"(H,) = {(H,)} or None")
+  if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= 1):
+    raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
 
 
-def ssd(x, dt, A, B, C, D=None, *, chunk_size=256, impl="auto", interpret=False):
-    """y_t = sum_{s<=t} (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s x_s + D x_t.
+def ssd(
+  x: Array,
+  dt: Array,
+  A: Array,
+  B: Array,
+  C: Array,
+  D: Array | None = None,
+  *,
+  chunk_size: int = 256,
+  impl: Implementation = "auto",
+  interpret: bool = False,
+) -> jax.Array:
+  """The Mamba-2 SSD: y_t = sum_{s<=t} (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s x_s + D x_t.
 
-    x: (batch, L, H, P)   dt: (batch, L, H) positive step sizes (already softplus'ed)
-    A: (H,) negative      B, C: (batch, L, G, S) with H % G == 0 (head h uses group h // (H//G))
-    D: (H,) or None.  Returns y (batch, L, H, P) in x.dtype.
+  Args:
+    x: (batch, L, H, P) inputs, L >= 1.
+    dt: (batch, L, H) positive step sizes (already softplus'ed).
+    A: (H,) negative decay rates.
+    B, C: (batch, L, G, S) with H % G == 0 (head h uses group h // (H // G)).
+    D: (H,) skip weights, or None for no skip term.
     chunk_size: tokens per chunk of the chunked impls (L need not be a multiple).
+    impl: which implementation runs (see the module docstring); "auto" picks the
+      backend's Pallas kernel when it takes these shapes, else "xla".
     interpret: run Pallas kernels in interpret mode (for CPU tests); others ignore it.
-    """
-    if impl not in IMPLS and impl != "auto":
-        raise ValueError(f"ssd: unknown impl={impl!r}; choose one of {sorted([*IMPLS, 'auto'])}")
-    _check_shapes(x, dt, A, B, C, D, chunk_size)
-    if impl == "auto":
-        impl = pick_impl(x, B, chunk_size)
-    platform = impl.partition("_")[2]  # 'tpu' / 'gpu' for the Pallas impls
-    if platform and not interpret and platform_name() != platform:
-        raise ValueError(f"ssd: impl={impl!r} compiles for a {platform.upper()} only (the backend "
-                         f"is {jax.default_backend()}); pass interpret=True to run it here, "
-                         "or use impl='xla'")
-    return IMPLS[impl](x, dt, A, B, C, D, chunk_size=chunk_size, interpret=interpret)
+
+  Returns:
+    y: (batch, L, H, P) in x.dtype.
+
+  Raises:
+    ValueError: an unknown impl, a shape that does not fit the others, a chunk_size
+      that is not a positive int, or a Pallas impl asked for on another backend without
+      interpret=True.
+  """
+  if impl not in IMPLS and impl != "auto":
+    raise ValueError(f"ssd: unknown impl={impl!r}; choose one of {sorted([*IMPLS, 'auto'])}")
+  _check_shapes(x, dt, A, B, C, D, chunk_size)
+  if impl == "auto":
+    impl = pick_impl(x, B, chunk_size)
+  platform = impl.partition("_")[2]  # 'tpu' / 'gpu' for the Pallas impls
+  if platform and not interpret and platform_name() != platform:
+    raise ValueError(
+      f"ssd: impl={impl!r} compiles for a {platform.upper()} only (the backend "
+      f"is {jax.default_backend()}); pass interpret=True to run it here, "
+      "or use impl='xla'"
+    )
+  return IMPLS[impl](x, dt, A, B, C, D, chunk_size=chunk_size, interpret=interpret)

@@ -68,6 +68,7 @@ buffers before the group sum; float32 inputs use IEEE (CUDA-core) dots.
 Tuning knobs (untuned; to measure on an H100): FWD_PARAMS / BWD_PARAMS
 (num_warps, num_stages) and MAX_CHUNK below.
 """
+
 import functools
 import numbers
 
@@ -88,246 +89,295 @@ _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def _pow2(n):
-    return n >= 1 and n & (n - 1) == 0
+  return n >= 1 and n & (n - 1) == 0
 
 
 def unsupported_reason(x_shape, B_shape, chunk_size, dtype):
-    """None if the kernel supports these shapes, else a one-line reason."""
-    if len(x_shape) != 4 or len(B_shape) != 4:
-        return f"x and B must be 4-d, got x {tuple(x_shape)} and B {tuple(B_shape)}"
-    P, S = x_shape[3], B_shape[3]
-    try:
-        dtype = jnp.dtype(dtype)
-    except TypeError:
-        return f"dtype {dtype!r} is not a numeric dtype"
-    if dtype not in _DTYPES:
-        return f"dtype {dtype.name} is not supported (float32 or bfloat16)"
-    for name, n in (("headdim P", P), ("d_state S", S)):
-        if not (_pow2(n) and MIN_DIM <= n <= MAX_DIM):
-            return (f"{name} = {n} must be a power of two in [{MIN_DIM}, {MAX_DIM}] "
-                    "(Triton tiles are powers of two, dot dims >= 16)")
-    if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= MIN_DIM):
-        return f"chunk_size = {chunk_size!r} must be an int >= {MIN_DIM} (Triton dot dims)"
-    return None
+  """None if the kernel supports these shapes, else a one-line reason."""
+  if len(x_shape) != 4 or len(B_shape) != 4:
+    return f"x and B must be 4-d, got x {tuple(x_shape)} and B {tuple(B_shape)}"
+  P, S = x_shape[3], B_shape[3]
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    return f"dtype {dtype!r} is not a numeric dtype"
+  if dtype not in _DTYPES:
+    return f"dtype {dtype.name} is not supported (float32 or bfloat16)"
+  for name, n in (("headdim P", P), ("d_state S", S)):
+    if not (_pow2(n) and MIN_DIM <= n <= MAX_DIM):
+      return (
+        f"{name} = {n} must be a power of two in [{MIN_DIM}, {MAX_DIM}] "
+        "(Triton tiles are powers of two, dot dims >= 16)"
+      )
+  if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= MIN_DIM):
+    return f"chunk_size = {chunk_size!r} must be an int >= {MIN_DIM} (Triton dot dims)"
+  return None
 
 
 def _chunk_len(chunk_size, L):
-    """Largest power of two <= min(chunk_size, MAX_CHUNK), and no longer than needed."""
-    q = 1 << (min(int(chunk_size), MAX_CHUNK).bit_length() - 1)
-    need = max(MIN_DIM, 1 << max(L - 1, 0).bit_length())  # next power of two >= L
-    return min(q, need)
+  """Largest power of two <= min(chunk_size, MAX_CHUNK), and no longer than needed."""
+  q = 1 << (min(int(chunk_size), MAX_CHUNK).bit_length() - 1)
+  need = max(MIN_DIM, 1 << max(L - 1, 0).bit_length())  # next power of two >= L
+  return min(q, need)
 
 
 # ------------------------------------------------------------------ in-kernel helpers
 
+
 def _mm(a, b, ca, cb, cdt):
-    """a . b contracting a's axis ca with b's axis cb; operands in cdt, float32 acc."""
-    prec = lax.Precision.HIGHEST if cdt == _f32 else None  # f32: IEEE, not TF32
-    return lax.dot_general(a.astype(cdt), b.astype(cdt), (((ca,), (cb,)), ((), ())),
-                           precision=prec, preferred_element_type=_f32)
+  """a . b contracting a's axis ca with b's axis cb; operands in cdt, float32 acc."""
+  prec = lax.Precision.HIGHEST if cdt == _f32 else None  # f32: IEEE, not TF32
+  return lax.dot_general(
+    a.astype(cdt),
+    b.astype(cdt),
+    (((ca,), (cb,)), ((), ())),
+    precision=prec,
+    preferred_element_type=_f32,
+  )
 
 
 def _rowsum(v):
-    return jnp.sum(v, axis=1)
+  return jnp.sum(v, axis=1)
 
 
 def _chunk_decays(a, causal):
-    """a (Q,) = A dt (<= 0) -> cum (Q,), tot (), decay (Q, Q), all float32.
+  """a (Q,) = A dt (<= 0) -> cum (Q,), tot (), decay (Q, Q), all float32.
 
-    cum is a masked sum (no scan primitive needed); the mask goes in before exp."""
-    cum = _rowsum(jnp.where(causal, a[None, :], 0.0))  # cum_t = sum_{r<=t} a_r
-    tot = jnp.sum(a)
-    decay = jnp.exp(jnp.where(causal, cum[:, None] - cum[None, :], -jnp.inf))
-    return cum, tot, decay
+  cum is a masked sum (no scan primitive needed); the mask goes in before exp."""
+  cum = _rowsum(jnp.where(causal, a[None, :], 0.0))  # cum_t = sum_{r<=t} a_r
+  tot = jnp.sum(a)
+  decay = jnp.exp(jnp.where(causal, cum[:, None] - cum[None, :], -jnp.inf))
+  return cum, tot, decay
 
 
 def _causal_mask(q, transposed=False):
-    """[t, s] = s <= t (or, transposed, [r, t] = t >= r), from iotas."""
-    row = lax.broadcasted_iota(jnp.int32, (q, q), 0)
-    col = lax.broadcasted_iota(jnp.int32, (q, q), 1)
-    return row <= col if transposed else row >= col
+  """[t, s] = s <= t (or, transposed, [r, t] = t >= r), from iotas."""
+  row = lax.broadcasted_iota(jnp.int32, (q, q), 0)
+  col = lax.broadcasted_iota(jnp.int32, (q, q), 1)
+  return row <= col if transposed else row >= col
 
 
 # ------------------------------------------------------------------ forward kernel
 
-def _fwd_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, *maybe_states,
-                Q, nc, cdt):
-    P, S = x_ref.shape[-1], B_ref.shape[-1]
-    A, D = A_ref[...], D_ref[...]
-    causal = _causal_mask(Q)
 
-    def chunk(c, s0):  # s0: state entering chunk c, (P, S) float32
-        rows = pl.ds(c * Q, Q)
-        x, dt = x_ref[rows, :], dt_ref[rows]
-        Bm, Cm = B_ref[rows, :], C_ref[rows, :]
-        cum, tot, decay = _chunk_decays(dt * A, causal)
-        xdt = x.astype(_f32) * dt[:, None]
-        W = _mm(Cm, Bm, 1, 1, cdt) * decay  # (C B^T) * decay, (Q, Q)
-        y = _mm(W, xdt, 1, 0, cdt)
-        y += _mm(Cm, s0, 1, 1, cdt) * jnp.exp(cum)[:, None]  # C s0^T
-        y += D * x.astype(_f32)
-        y_ref[rows, :] = y.astype(y_ref.dtype)
-        if maybe_states:
-            maybe_states[0][pl.ds(c * P, P), :] = s0
-        g = jnp.exp(tot - cum)[:, None]
-        return jnp.exp(tot) * s0 + _mm(xdt * g, Bm, 0, 0, cdt)
+def _fwd_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, *maybe_states, Q, nc, cdt):
+  P, S = x_ref.shape[-1], B_ref.shape[-1]
+  A, D = A_ref[...], D_ref[...]
+  causal = _causal_mask(Q)
 
-    lax.fori_loop(0, nc, chunk, jnp.zeros((P, S), _f32))
+  def chunk(c, s0):  # s0: state entering chunk c, (P, S) float32
+    rows = pl.ds(c * Q, Q)
+    x, dt = x_ref[rows, :], dt_ref[rows]
+    Bm, Cm = B_ref[rows, :], C_ref[rows, :]
+    cum, tot, decay = _chunk_decays(dt * A, causal)
+    xdt = x.astype(_f32) * dt[:, None]
+    W = _mm(Cm, Bm, 1, 1, cdt) * decay  # (C B^T) * decay, (Q, Q)
+    y = _mm(W, xdt, 1, 0, cdt)
+    y += _mm(Cm, s0, 1, 1, cdt) * jnp.exp(cum)[:, None]  # C s0^T
+    y += D * x.astype(_f32)
+    y_ref[rows, :] = y.astype(y_ref.dtype)
+    if maybe_states:
+      maybe_states[0][pl.ds(c * P, P), :] = s0
+    g = jnp.exp(tot - cum)[:, None]
+    return jnp.exp(tot) * s0 + _mm(xdt * g, Bm, 0, 0, cdt)
+
+  lax.fori_loop(0, nc, chunk, jnp.zeros((P, S), _f32))
 
 
 # ------------------------------------------------------------------ backward kernel
 
-def _bwd_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, st_ref, dy_ref,
-                dx_ref, ddt_ref, dA_ref, dD_ref, dB_ref, dC_ref, *, Q, nc, cdt):
-    P, S = x_ref.shape[-1], B_ref.shape[-1]
-    A, D = A_ref[...], D_ref[...]
-    causal = _causal_mask(Q)
-    later = _causal_mask(Q, transposed=True)  # [r, t] = t >= r
 
-    def chunk(i, dS):  # dS: dL/d(state leaving chunk c), (P, S) float32
-        c = nc - 1 - i
-        rows = pl.ds(c * Q, Q)
-        x, dt = x_ref[rows, :].astype(_f32), dt_ref[rows]
-        Bm, Cm = B_ref[rows, :], C_ref[rows, :]
-        dy = dy_ref[rows, :].astype(_f32)
-        s0 = st_ref[pl.ds(c * P, P), :]
-        cum, tot, decay = _chunk_decays(dt * A, causal)
-        e, g = jnp.exp(cum)[:, None], jnp.exp(tot - cum)[:, None]
-        xdt = x * dt[:, None]
+def _bwd_kernel(
+  x_ref,
+  dt_ref,
+  A_ref,
+  B_ref,
+  C_ref,
+  D_ref,
+  st_ref,
+  dy_ref,
+  dx_ref,
+  ddt_ref,
+  dA_ref,
+  dD_ref,
+  dB_ref,
+  dC_ref,
+  *,
+  Q,
+  nc,
+  cdt,
+):
+  P, S = x_ref.shape[-1], B_ref.shape[-1]
+  A, D = A_ref[...], D_ref[...]
+  causal = _causal_mask(Q)
+  later = _causal_mask(Q, transposed=True)  # [r, t] = t >= r
 
-        # Within the chunk: y = W xdt, W = (C B^T) * decay.
-        W = _mm(Cm, Bm, 1, 1, cdt) * decay
-        dW = _mm(dy, xdt, 1, 1, cdt)  # dY xdt^T (zero-weighted above the diagonal)
-        dxdt = _mm(W, dy, 0, 0, cdt)  # W^T dY
-        dCB = dW * decay
-        dC = _mm(dCB, Bm, 1, 0, cdt)
-        dB = _mm(dCB, Cm, 0, 0, cdt)
-        dseg = dW * W
-        dcum = _rowsum(dseg) - jnp.sum(dseg, axis=0)
+  def chunk(i, dS):  # dS: dL/d(state leaving chunk c), (P, S) float32
+    c = nc - 1 - i
+    rows = pl.ds(c * Q, Q)
+    x, dt = x_ref[rows, :].astype(_f32), dt_ref[rows]
+    Bm, Cm = B_ref[rows, :], C_ref[rows, :]
+    dy = dy_ref[rows, :].astype(_f32)
+    s0 = st_ref[pl.ds(c * P, P), :]
+    cum, tot, decay = _chunk_decays(dt * A, causal)
+    e, g = jnp.exp(cum)[:, None], jnp.exp(tot - cum)[:, None]
+    xdt = x * dt[:, None]
 
-        # State entering the chunk: y += e * (C s0^T).
-        dys0 = _mm(dy, s0, 1, 0, cdt) * e  # (Q, S)
-        dC += dys0
-        dcum += _rowsum(Cm.astype(_f32) * dys0)
-        ds0 = jnp.exp(tot) * dS + _mm(dy * e, Cm, 0, 0, cdt)
+    # Within the chunk: y = W xdt, W = (C B^T) * decay.
+    W = _mm(Cm, Bm, 1, 1, cdt) * decay
+    dW = _mm(dy, xdt, 1, 1, cdt)  # dY xdt^T (zero-weighted above the diagonal)
+    dxdt = _mm(W, dy, 0, 0, cdt)  # W^T dY
+    dCB = dW * decay
+    dC = _mm(dCB, Bm, 1, 0, cdt)
+    dB = _mm(dCB, Cm, 0, 0, cdt)
+    dseg = dW * W
+    dcum = _rowsum(dseg) - jnp.sum(dseg, axis=0)
 
-        # State leaving the chunk: s_end = exp(tot) s0 + (xdt * g)^T B.
-        dxdt_end = _mm(Bm, dS, 1, 1, cdt) * g  # (B dS^T) * g, (Q, P)
-        dxdt += dxdt_end
-        dB += _mm(xdt * g, dS, 1, 0, cdt)
-        through_g = _rowsum(xdt * dxdt_end)  # dL/dg_s * g_s
-        dcum -= through_g
-        dtot = jnp.exp(tot) * jnp.sum(_rowsum(dS * s0)) + jnp.sum(through_g)
+    # State entering the chunk: y += e * (C s0^T).
+    dys0 = _mm(dy, s0, 1, 0, cdt) * e  # (Q, S)
+    dC += dys0
+    dcum += _rowsum(Cm.astype(_f32) * dys0)
+    ds0 = jnp.exp(tot) * dS + _mm(dy * e, Cm, 0, 0, cdt)
 
-        da = _rowsum(jnp.where(later, dcum[None, :], 0.0)) + dtot  # sum_{t>=r} dcum_t
-        dx_ref[rows, :] = (dxdt * dt[:, None] + D * dy).astype(dx_ref.dtype)
-        ddt_ref[rows] = _rowsum(x * dxdt) + A * da
-        dA_ref[rows] = dt * da
-        dD_ref[rows] = _rowsum(dy * x)
-        dB_ref[rows, :] = dB
-        dC_ref[rows, :] = dC
-        return ds0
+    # State leaving the chunk: s_end = exp(tot) s0 + (xdt * g)^T B.
+    dxdt_end = _mm(Bm, dS, 1, 1, cdt) * g  # (B dS^T) * g, (Q, P)
+    dxdt += dxdt_end
+    dB += _mm(xdt * g, dS, 1, 0, cdt)
+    through_g = _rowsum(xdt * dxdt_end)  # dL/dg_s * g_s
+    dcum -= through_g
+    dtot = jnp.exp(tot) * jnp.sum(_rowsum(dS * s0)) + jnp.sum(through_g)
 
-    lax.fori_loop(0, nc, chunk, jnp.zeros((P, S), _f32))
+    da = _rowsum(jnp.where(later, dcum[None, :], 0.0)) + dtot  # sum_{t>=r} dcum_t
+    dx_ref[rows, :] = (dxdt * dt[:, None] + D * dy).astype(dx_ref.dtype)
+    ddt_ref[rows] = _rowsum(x * dxdt) + A * da
+    dA_ref[rows] = dt * da
+    dD_ref[rows] = _rowsum(dy * x)
+    dB_ref[rows, :] = dB
+    dC_ref[rows, :] = dC
+    return ds0
+
+  lax.fori_loop(0, nc, chunk, jnp.zeros((P, S), _f32))
 
 
 # ------------------------------------------------------------------ pallas_call wrappers
 
+
 def _specs(batch, Lp, H, G, P, S):
-    hpg = H // G
-    seq = lambda d: pl.BlockSpec((None, Lp, None, d), lambda b, h: (b, 0, h, 0))
-    grp = pl.BlockSpec((None, Lp, None, S), lambda b, h: (b, 0, h // hpg, 0))
-    vec = pl.BlockSpec((None, Lp, None), lambda b, h: (b, 0, h))
-    head = pl.BlockSpec((None,), lambda b, h: (h,))
-    return seq, grp, vec, head
+  hpg = H // G
+
+  def seq(d):
+    return pl.BlockSpec((None, Lp, None, d), lambda b, h: (b, 0, h, 0))
+
+  grp = pl.BlockSpec((None, Lp, None, S), lambda b, h: (b, 0, h // hpg, 0))
+  vec = pl.BlockSpec((None, Lp, None), lambda b, h: (b, 0, h))
+  head = pl.BlockSpec((None,), lambda b, h: (h,))
+  return seq, grp, vec, head
 
 
 def _padded(Q, x, dt, A, B, C, D):
-    L = x.shape[1]
-    pad = -L % Q
-    padL = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2)) if pad else v
-    return (padL(x), padL(dt.astype(_f32)), A.astype(_f32), padL(B), padL(C),
-            D.astype(_f32))
+  L = x.shape[1]
+  pad = -L % Q
+
+  def padL(v):
+    return jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2)) if pad else v
+
+  return (padL(x), padL(dt.astype(_f32)), A.astype(_f32), padL(B), padL(C), D.astype(_f32))
 
 
 def _forward(Q, interpret, x, dt, A, B, C, D, *, save_states):
-    batch, L, H, P = x.shape
-    G, S = B.shape[2:]
-    xp, dtp, Af, Bp, Cp, Df = _padded(Q, x, dt, A, B, C, D)
-    Lp = xp.shape[1]
-    nc = Lp // Q
-    seq, grp, vec, head = _specs(batch, Lp, H, G, P, S)
-    out_shape = [jax.ShapeDtypeStruct(xp.shape, x.dtype)]
-    out_specs = [seq(P)]
-    if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((batch, H, nc * P, S), _f32))
-        out_specs.append(pl.BlockSpec((None, None, nc * P, S), lambda b, h: (b, h, 0, 0)))
-    out = pl.pallas_call(
-        functools.partial(_fwd_kernel, Q=Q, nc=nc, cdt=x.dtype),
-        grid=(batch, H),
-        in_specs=[seq(P), vec, head, grp, grp, head],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(**FWD_PARAMS),
-        interpret=interpret,
-        name="ssd_gpu_fwd",
-    )(xp, dtp, Af, Bp, Cp, Df)
-    y = out[0][:, :L]
-    return (y, out[1]) if save_states else y
+  batch, L, H, P = x.shape
+  G, S = B.shape[2:]
+  xp, dtp, Af, Bp, Cp, Df = _padded(Q, x, dt, A, B, C, D)
+  Lp = xp.shape[1]
+  nc = Lp // Q
+  seq, grp, vec, head = _specs(batch, Lp, H, G, P, S)
+  out_shape = [jax.ShapeDtypeStruct(xp.shape, x.dtype)]
+  out_specs = [seq(P)]
+  if save_states:
+    out_shape.append(jax.ShapeDtypeStruct((batch, H, nc * P, S), _f32))
+    out_specs.append(pl.BlockSpec((None, None, nc * P, S), lambda b, h: (b, h, 0, 0)))
+  out = pl.pallas_call(
+    functools.partial(_fwd_kernel, Q=Q, nc=nc, cdt=x.dtype),
+    grid=(batch, H),
+    in_specs=[seq(P), vec, head, grp, grp, head],
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=plgpu.CompilerParams(**FWD_PARAMS),
+    interpret=interpret,
+    name="ssd_gpu_fwd",
+  )(xp, dtp, Af, Bp, Cp, Df)
+  y = out[0][:, :L]
+  return (y, out[1]) if save_states else y
 
 
 def _backward(Q, interpret, res, dy):
-    x, dt, A, B, C, D, states = res
-    batch, L, H, P = x.shape
-    G, S = B.shape[2:]
-    xp, dtp, Af, Bp, Cp, Df = _padded(Q, x, dt, A, B, C, D)
-    Lp = xp.shape[1]
-    nc = Lp // Q
-    dyp = jnp.pad(dy, [(0, 0), (0, Lp - L), (0, 0), (0, 0)])
-    seq, grp, vec, head = _specs(batch, Lp, H, G, P, S)
-    per_head = pl.BlockSpec((None, Lp, None, S), lambda b, h: (b, 0, h, 0))
-    tok = jax.ShapeDtypeStruct((batch, Lp, H), _f32)
-    bc = jax.ShapeDtypeStruct((batch, Lp, H, S), _f32)
-    dx, ddt, dA_tok, dD_tok, dB_h, dC_h = pl.pallas_call(
-        functools.partial(_bwd_kernel, Q=Q, nc=nc, cdt=x.dtype),
-        grid=(batch, H),
-        in_specs=[seq(P), vec, head, grp, grp, head,
-                  pl.BlockSpec((None, None, nc * P, S), lambda b, h: (b, h, 0, 0)), seq(P)],
-        out_specs=[seq(P), vec, vec, vec, per_head, per_head],
-        out_shape=[jax.ShapeDtypeStruct(xp.shape, x.dtype), tok, tok, tok, bc, bc],
-        compiler_params=plgpu.CompilerParams(**BWD_PARAMS),
-        interpret=interpret,
-        name="ssd_gpu_bwd",
-    )(xp, dtp, Af, Bp, Cp, Df, states, dyp)
-    group_sum = lambda v: v[:, :L].reshape(batch, L, G, H // G, S).sum(3)
-    return (dx[:, :L], ddt[:, :L].astype(dt.dtype), dA_tok.sum((0, 1)).astype(A.dtype),
-            group_sum(dB_h).astype(B.dtype), group_sum(dC_h).astype(C.dtype),
-            dD_tok.sum((0, 1)).astype(D.dtype))
+  x, dt, A, B, C, D, states = res
+  batch, L, H, P = x.shape
+  G, S = B.shape[2:]
+  xp, dtp, Af, Bp, Cp, Df = _padded(Q, x, dt, A, B, C, D)
+  Lp = xp.shape[1]
+  nc = Lp // Q
+  dyp = jnp.pad(dy, [(0, 0), (0, Lp - L), (0, 0), (0, 0)])
+  seq, grp, vec, head = _specs(batch, Lp, H, G, P, S)
+  per_head = pl.BlockSpec((None, Lp, None, S), lambda b, h: (b, 0, h, 0))
+  tok = jax.ShapeDtypeStruct((batch, Lp, H), _f32)
+  bc = jax.ShapeDtypeStruct((batch, Lp, H, S), _f32)
+  dx, ddt, dA_tok, dD_tok, dB_h, dC_h = pl.pallas_call(
+    functools.partial(_bwd_kernel, Q=Q, nc=nc, cdt=x.dtype),
+    grid=(batch, H),
+    in_specs=[
+      seq(P),
+      vec,
+      head,
+      grp,
+      grp,
+      head,
+      pl.BlockSpec((None, None, nc * P, S), lambda b, h: (b, h, 0, 0)),
+      seq(P),
+    ],
+    out_specs=[seq(P), vec, vec, vec, per_head, per_head],
+    out_shape=[jax.ShapeDtypeStruct(xp.shape, x.dtype), tok, tok, tok, bc, bc],
+    compiler_params=plgpu.CompilerParams(**BWD_PARAMS),
+    interpret=interpret,
+    name="ssd_gpu_bwd",
+  )(xp, dtp, Af, Bp, Cp, Df, states, dyp)
+
+  def group_sum(v):
+    return v[:, :L].reshape(batch, L, G, H // G, S).sum(3)
+
+  return (
+    dx[:, :L],
+    ddt[:, :L].astype(dt.dtype),
+    dA_tok.sum((0, 1)).astype(A.dtype),
+    group_sum(dB_h).astype(B.dtype),
+    group_sum(dC_h).astype(C.dtype),
+    dD_tok.sum((0, 1)).astype(D.dtype),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ssd(Q, interpret, x, dt, A, B, C, D):
-    return _forward(Q, interpret, x, dt, A, B, C, D, save_states=False)
+  return _forward(Q, interpret, x, dt, A, B, C, D, save_states=False)
 
 
 def _ssd_fwd(Q, interpret, x, dt, A, B, C, D):
-    y, states = _forward(Q, interpret, x, dt, A, B, C, D, save_states=True)
-    return y, (x, dt, A, B, C, D, states)
+  y, states = _forward(Q, interpret, x, dt, A, B, C, D, save_states=True)
+  return y, (x, dt, A, B, C, D, states)
 
 
 _ssd.defvjp(_ssd_fwd, _backward)
 
 
 def ssd_pallas_gpu(x, dt, A, B, C, D=None, *, chunk_size=64, interpret=False):
-    """Same contract as `kernels.ssd` (shapes validated there); returns y in x.dtype.
+  """Same contract as `kernels.ssd` (shapes validated there); returns y in x.dtype.
 
-    Raises ValueError (at trace time) with `unsupported_reason` for shapes or dtypes
-    the kernel does not handle. interpret=True runs the kernel in the Pallas
-    interpreter (any backend, e.g. the CPU tests)."""
-    reason = unsupported_reason(x.shape, B.shape, chunk_size, x.dtype)
-    if reason is not None:
-        raise ValueError(f"ssd: impl='pallas_gpu' does not support this call: {reason}")
-    Q = _chunk_len(chunk_size, x.shape[1])
-    if D is None:
-        D = jnp.zeros(x.shape[2], _f32)  # D x = 0; its gradient goes nowhere
-    return _ssd(Q, bool(interpret), x, dt, A, B, C, D)
+  Raises ValueError (at trace time) with `unsupported_reason` for shapes or dtypes
+  the kernel does not handle. interpret=True runs the kernel in the Pallas
+  interpreter (any backend, e.g. the CPU tests)."""
+  reason = unsupported_reason(x.shape, B.shape, chunk_size, x.dtype)
+  if reason is not None:
+    raise ValueError(f"ssd: impl='pallas_gpu' does not support this call: {reason}")
+  Q = _chunk_len(chunk_size, x.shape[1])
+  if D is None:
+    D = jnp.zeros(x.shape[2], _f32)  # D x = 0; its gradient goes nowhere
+  return _ssd(Q, bool(interpret), x, dt, A, B, C, D)

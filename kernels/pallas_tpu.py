@@ -52,6 +52,7 @@ accumulation are float32. Matmul operands keep the input dtype (bf16 stays
 bf16) except those meeting the f32 state, as in `ssd_xla`; f32 x f32 matmuls
 ask for Precision.HIGHEST (Mosaic's fp32 contract precision).
 """
+
 import functools
 import numbers
 from typing import NamedTuple
@@ -72,326 +73,361 @@ _SQUEEZED = getattr(pl, "squeezed", None)  # `None` in older jax
 
 
 def _sublanes(dtype):
-    """Rows of a native TPU tile: 8 for 32-bit, 16 for 16-bit dtypes."""
-    return 8 * (4 // jnp.dtype(dtype).itemsize)
+  """Rows of a native TPU tile: 8 for 32-bit, 16 for 16-bit dtypes."""
+  return 8 * (4 // jnp.dtype(dtype).itemsize)
 
 
 def unsupported_reason(x_shape, B_shape, chunk_size, dtype):
-    """None if the kernel takes these shapes, else a one-line reason."""
-    if len(x_shape) != 4 or len(B_shape) != 4:
-        return f"pallas_tpu: x and B must be 4-d, got {tuple(x_shape)} and {tuple(B_shape)}"
-    _, _, H, P = x_shape
-    G, S = B_shape[2], B_shape[3]
-    if G < 1 or H % G:
-        return f"pallas_tpu: H = {H} heads must be divisible by G = {G} groups"
-    try:
-        dtype = jnp.dtype(dtype)
-    except TypeError:
-        return f"pallas_tpu: unknown dtype {dtype!r}"
-    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        return f"pallas_tpu: dtype {dtype.name} unsupported, expected float32 or bfloat16"
-    m = _sublanes(dtype)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) \
-            or chunk_size < 1:
-        return f"pallas_tpu: chunk_size must be a positive int, got {chunk_size!r}"
-    if chunk_size % m or chunk_size > MAX_CHUNK:
-        return (f"pallas_tpu: chunk_size {chunk_size} must be a multiple of {m} "
-                f"(for {dtype.name}) and at most {MAX_CHUNK}")
-    for name, n in (("headdim P", P), ("d_state S", S)):
-        if n % 8 or n > MAX_DIM:
-            return f"pallas_tpu: {name} = {n} must be a multiple of 8 and at most {MAX_DIM}"
-    return None
+  """None if the kernel takes these shapes, else a one-line reason."""
+  if len(x_shape) != 4 or len(B_shape) != 4:
+    return f"pallas_tpu: x and B must be 4-d, got {tuple(x_shape)} and {tuple(B_shape)}"
+  _, _, H, P = x_shape
+  G, S = B_shape[2], B_shape[3]
+  if G < 1 or H % G:
+    return f"pallas_tpu: H = {H} heads must be divisible by G = {G} groups"
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    return f"pallas_tpu: unknown dtype {dtype!r}"
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    return f"pallas_tpu: dtype {dtype.name} unsupported, expected float32 or bfloat16"
+  m = _sublanes(dtype)
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+    return f"pallas_tpu: chunk_size must be a positive int, got {chunk_size!r}"
+  if chunk_size % m or chunk_size > MAX_CHUNK:
+    return (
+      f"pallas_tpu: chunk_size {chunk_size} must be a multiple of {m} "
+      f"(for {dtype.name}) and at most {MAX_CHUNK}"
+    )
+  for name, n in (("headdim P", P), ("d_state S", S)):
+    if n % 8 or n > MAX_DIM:
+      return f"pallas_tpu: {name} = {n} must be a multiple of 8 and at most {MAX_DIM}"
+  return None
 
 
 # ---------------------------------------------------------------- in-kernel helpers
 
+
 class _Masks(NamedTuple):
-    causal: jax.Array  # (Q, Q) bool, row >= col
-    eye: jax.Array  # (Q, Q) bool
-    last: jax.Array  # (Q, 1) bool, the chunk's last token
+  causal: jax.Array  # (Q, Q) bool, row >= col
+  eye: jax.Array  # (Q, Q) bool
+  last: jax.Array  # (Q, 1) bool, the chunk's last token
 
 
 def _masks(Q):
-    row = lax.broadcasted_iota(jnp.int32, (Q, Q), 0)
-    col = lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
-    last = lax.broadcasted_iota(jnp.int32, (Q, 1), 0) == Q - 1
-    return _Masks(row >= col, row == col, last)
+  row = lax.broadcasted_iota(jnp.int32, (Q, Q), 0)
+  col = lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
+  last = lax.broadcasted_iota(jnp.int32, (Q, 1), 0) == Q - 1
+  return _Masks(row >= col, row == col, last)
 
 
 def _col(row, m):
-    """(1, Q) -> (Q, 1), exactly (a diagonal mask and a lane reduction)."""
-    return jnp.sum(jnp.where(m.eye, row, 0.0), axis=1, keepdims=True)
+  """(1, Q) -> (Q, 1), exactly (a diagonal mask and a lane reduction)."""
+  return jnp.sum(jnp.where(m.eye, row, 0.0), axis=1, keepdims=True)
 
 
 def _row(col, m):
-    """(Q, 1) -> (1, Q), exactly (a diagonal mask and a sublane reduction)."""
-    return jnp.sum(jnp.where(m.eye, col, 0.0), axis=0, keepdims=True)
+  """(Q, 1) -> (1, Q), exactly (a diagonal mask and a sublane reduction)."""
+  return jnp.sum(jnp.where(m.eye, col, 0.0), axis=0, keepdims=True)
 
 
 def _total(v):
-    """Sum of a 2-d array as a (1, 1) array."""
-    return jnp.sum(jnp.sum(v, axis=1, keepdims=True), axis=0, keepdims=True)
+  """Sum of a 2-d array as a (1, 1) array."""
+  return jnp.sum(jnp.sum(v, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
 def _dot(a, b, tb=False):
-    """a @ b (or a @ b^T), f32 accumulation; HIGHEST for f32 x f32."""
-    dims = (((1,), (1 if tb else 0,)), ((), ()))
-    exact = a.dtype == _f32 and b.dtype == _f32
-    return lax.dot_general(a, b, dims, preferred_element_type=_f32,
-                           precision=lax.Precision.HIGHEST if exact else None)
+  """a @ b (or a @ b^T), f32 accumulation; HIGHEST for f32 x f32."""
+  dims = (((1,), (1 if tb else 0,)), ((), ()))
+  exact = a.dtype == _f32 and b.dtype == _f32
+  return lax.dot_general(
+    a, b, dims, preferred_element_type=_f32, precision=lax.Precision.HIGHEST if exact else None
+  )
 
 
 def _dot_tn(a, b):
-    """a^T @ b for an f32 `a` cast to b's dtype: an explicit f32 2-d transpose
-    (the well-trodden Mosaic path), then a plain matmul."""
-    return _dot(a.T.astype(b.dtype), b)
+  """a^T @ b for an f32 `a` cast to b's dtype: an explicit f32 2-d transpose
+  (the well-trodden Mosaic path), then a plain matmul."""
+  return _dot(a.T.astype(b.dtype), b)
 
 
 class _Chunk(NamedTuple):
-    """Within-chunk quantities of one head (see the module docstring)."""
-    dt_col: jax.Array  # (Q, 1)
-    cum_col: jax.Array  # (Q, 1)
-    e_col: jax.Array  # (Q, 1)  exp(cum_l)
-    f_col: jax.Array  # (Q, 1)  exp(cum_end - cum_s)
-    E: jax.Array  # (1, 1)  exp(cum_end)
-    L: jax.Array  # (Q, Q)  causal decays
-    xd: jax.Array  # (Q, P) f32, dt_s x_s
+  """Within-chunk quantities of one head (see the module docstring)."""
+
+  dt_col: jax.Array  # (Q, 1)
+  cum_col: jax.Array  # (Q, 1)
+  e_col: jax.Array  # (Q, 1)  exp(cum_l)
+  f_col: jax.Array  # (Q, 1)  exp(cum_end - cum_s)
+  E: jax.Array  # (1, 1)  exp(cum_end)
+  L: jax.Array  # (Q, Q)  causal decays
+  xd: jax.Array  # (Q, P) f32, dt_s x_s
 
 
 def _chunk(dt_row, A, x, m):
-    a_row = dt_row * A  # (1, Q) log-decays <= 0
-    cum_col = jnp.sum(jnp.where(m.causal, a_row, 0.0), axis=1, keepdims=True)
-    cum_row = _row(cum_col, m)  # bitwise the same numbers: the diagonal is exactly 0
-    cum_end = jnp.sum(jnp.where(m.last, cum_col, 0.0), axis=0, keepdims=True)  # (1, 1)
-    L = jnp.exp(jnp.where(m.causal, cum_col - cum_row, -jnp.inf))
-    dt_col = _col(dt_row, m)
-    return _Chunk(dt_col, cum_col, jnp.exp(cum_col), jnp.exp(cum_end - cum_col),
-                  jnp.exp(cum_end), L, x.astype(_f32) * dt_col)
+  a_row = dt_row * A  # (1, Q) log-decays <= 0
+  cum_col = jnp.sum(jnp.where(m.causal, a_row, 0.0), axis=1, keepdims=True)
+  cum_row = _row(cum_col, m)  # bitwise the same numbers: the diagonal is exactly 0
+  cum_end = jnp.sum(jnp.where(m.last, cum_col, 0.0), axis=0, keepdims=True)  # (1, 1)
+  L = jnp.exp(jnp.where(m.causal, cum_col - cum_row, -jnp.inf))
+  dt_col = _col(dt_row, m)
+  return _Chunk(
+    dt_col,
+    cum_col,
+    jnp.exp(cum_col),
+    jnp.exp(cum_end - cum_col),
+    jnp.exp(cum_end),
+    L,
+    x.astype(_f32) * dt_col,
+  )
 
 
 # ---------------------------------------------------------------- kernels
 
+
 def _fwd_kernel(A_ref, D_ref, x_ref, dt_ref, B_ref, C_ref, y_ref, *rest, hb, save):
+  if save:
+    h0_ref, state_ref = rest
+  else:
+    (state_ref,) = rest
+  j, c = pl.program_id(1), pl.program_id(2)
+
+  @pl.when(c == 0)
+  def _():
+    state_ref[...] = jnp.zeros(state_ref.shape, _f32)
+
+  Bm, Cm = B_ref[...], C_ref[...]  # (Q, S), input dtype
+  cd = Bm.dtype
+  m = _masks(Bm.shape[0])
+  CB = _dot(Cm, Bm, tb=True)  # (Q, Q) f32, shared by the hb heads of this group
+  Cf = Cm.astype(_f32)
+  for i in range(hb):
+    h = j * hb + i
+    x = x_ref[i]  # (Q, P)
+    k = _chunk(dt_ref[i], A_ref[h], x, m)
+    h_in = state_ref[i]  # (P, S) f32
     if save:
-        h0_ref, state_ref = rest
-    else:
-        (state_ref,) = rest
-    j, c = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(c == 0)
-    def _():
-        state_ref[...] = jnp.zeros(state_ref.shape, _f32)
-
-    Bm, Cm = B_ref[...], C_ref[...]  # (Q, S), input dtype
-    cd = Bm.dtype
-    m = _masks(Bm.shape[0])
-    CB = _dot(Cm, Bm, tb=True)  # (Q, Q) f32, shared by the hb heads of this group
-    Cf = Cm.astype(_f32)
-    for i in range(hb):
-        h = j * hb + i
-        x = x_ref[i]  # (Q, P)
-        k = _chunk(dt_ref[i], A_ref[h], x, m)
-        h_in = state_ref[i]  # (P, S) f32
-        if save:
-            h0_ref[i] = h_in
-        W = (CB * k.L).astype(cd)
-        y = (_dot(W, k.xd.astype(cd)) + k.e_col * _dot(Cf, h_in, tb=True)
-             + D_ref[h] * x.astype(_f32))
-        y_ref[i] = y.astype(y_ref.dtype)
-        state_ref[i] = k.E * h_in + _dot_tn(k.xd * k.f_col, Bm)
+      h0_ref[i] = h_in
+    W = (CB * k.L).astype(cd)
+    y = _dot(W, k.xd.astype(cd)) + k.e_col * _dot(Cf, h_in, tb=True) + D_ref[h] * x.astype(_f32)
+    y_ref[i] = y.astype(y_ref.dtype)
+    state_ref[i] = k.E * h_in + _dot_tn(k.xd * k.f_col, Bm)
 
 
-def _bwd_kernel(A_ref, D_ref, x_ref, dt_ref, B_ref, C_ref, dy_ref, h0_ref,
-                dx_ref, ddt_ref, dB_ref, dC_ref, dA_ref, dD_ref, dh_ref, *, hb):
-    j, c = pl.program_id(1), pl.program_id(2)  # c counts chunks from the end
+def _bwd_kernel(
+  A_ref,
+  D_ref,
+  x_ref,
+  dt_ref,
+  B_ref,
+  C_ref,
+  dy_ref,
+  h0_ref,
+  dx_ref,
+  ddt_ref,
+  dB_ref,
+  dC_ref,
+  dA_ref,
+  dD_ref,
+  dh_ref,
+  *,
+  hb,
+):
+  j, c = pl.program_id(1), pl.program_id(2)  # c counts chunks from the end
 
-    @pl.when(c == 0)
-    def _():
-        dh_ref[...] = jnp.zeros(dh_ref.shape, _f32)
+  @pl.when(c == 0)
+  def _():
+    dh_ref[...] = jnp.zeros(dh_ref.shape, _f32)
 
-    Bm, Cm = B_ref[...], C_ref[...]
-    cd = Bm.dtype
-    m = _masks(Bm.shape[0])
-    CB = _dot(Cm, Bm, tb=True)
-    Bf, Cf = Bm.astype(_f32), Cm.astype(_f32)
-    dB = jnp.zeros(Bm.shape, _f32)
-    dC = jnp.zeros(Cm.shape, _f32)
-    for i in range(hb):
-        h = j * hb + i
-        A, D = A_ref[h], D_ref[h]
-        x = x_ref[i]
-        xf = x.astype(_f32)
-        dt_row = dt_ref[i]
-        k = _chunk(dt_row, A, xf, m)
-        h_in, dh = h0_ref[i], dh_ref[i]  # (P, S) f32
-        dy = dy_ref[i]  # (Q, P) input dtype
-        dyf = dy.astype(_f32)
-        xdc = k.xd.astype(cd)
+  Bm, Cm = B_ref[...], C_ref[...]
+  cd = Bm.dtype
+  m = _masks(Bm.shape[0])
+  CB = _dot(Cm, Bm, tb=True)
+  Bf, Cf = Bm.astype(_f32), Cm.astype(_f32)
+  dB = jnp.zeros(Bm.shape, _f32)
+  dC = jnp.zeros(Cm.shape, _f32)
+  for i in range(hb):
+    h = j * hb + i
+    A, D = A_ref[h], D_ref[h]
+    x = x_ref[i]
+    xf = x.astype(_f32)
+    dt_row = dt_ref[i]
+    k = _chunk(dt_row, A, xf, m)
+    h_in, dh = h0_ref[i], dh_ref[i]  # (P, S) f32
+    dy = dy_ref[i]  # (Q, P) input dtype
+    dyf = dy.astype(_f32)
+    xdc = k.xd.astype(cd)
 
-        Z = _dot(Bf, dh, tb=True)  # (Q, P)
-        dxd = _dot_tn(CB * k.L, dy) + k.f_col * Z  # W^T dy + f * Z
-        GL = _dot(dy, xdc, tb=True) * k.L  # (Q, Q)
-        M = GL * CB
-        dC = dC + _dot(GL.astype(cd), Bm) + k.e_col * _dot(dyf, h_in)
-        dB = dB + _dot_tn(GL, Cm) + k.f_col * _dot(k.xd, dh)
-        dh_ref[i] = k.E * dh + _dot_tn(k.e_col * dyf, Cf)
+    Z = _dot(Bf, dh, tb=True)  # (Q, P)
+    dxd = _dot_tn(CB * k.L, dy) + k.f_col * Z  # W^T dy + f * Z
+    GL = _dot(dy, xdc, tb=True) * k.L  # (Q, Q)
+    M = GL * CB
+    dC = dC + _dot(GL.astype(cd), Bm) + k.e_col * _dot(dyf, h_in)
+    dB = dB + _dot_tn(GL, Cm) + k.f_col * _dot(k.xd, dh)
+    dh_ref[i] = k.E * dh + _dot_tn(k.e_col * dyf, Cf)
 
-        y_off = k.e_col * _dot(Cf, h_in, tb=True)
-        phi = k.f_col * jnp.sum(k.xd * Z, axis=1, keepdims=True)  # (Q, 1)
-        end = k.E * _total(dh * h_in) + _total(phi)  # (1, 1)
-        dcum = (jnp.sum(M, axis=1, keepdims=True) - _col(jnp.sum(M, axis=0, keepdims=True), m)
-                + jnp.sum(dyf * y_off, axis=1, keepdims=True) - phi
-                + jnp.where(m.last, end, 0.0))  # (Q, 1)
-        da = jnp.sum(jnp.where(m.causal, dcum, 0.0), axis=0, keepdims=True)  # (1, Q)
+    y_off = k.e_col * _dot(Cf, h_in, tb=True)
+    phi = k.f_col * jnp.sum(k.xd * Z, axis=1, keepdims=True)  # (Q, 1)
+    end = k.E * _total(dh * h_in) + _total(phi)  # (1, 1)
+    dcum = (
+      jnp.sum(M, axis=1, keepdims=True)
+      - _col(jnp.sum(M, axis=0, keepdims=True), m)
+      + jnp.sum(dyf * y_off, axis=1, keepdims=True)
+      - phi
+      + jnp.where(m.last, end, 0.0)
+    )  # (Q, 1)
+    da = jnp.sum(jnp.where(m.causal, dcum, 0.0), axis=0, keepdims=True)  # (1, Q)
 
-        dx_ref[i] = (k.dt_col * dxd + D * dyf).astype(dx_ref.dtype)
-        ddt_ref[i] = _row(jnp.sum(xf * dxd, axis=1, keepdims=True), m) + A * da
-        dA_ref[i] = dt_row * da
-        dD_ref[i] = _row(jnp.sum(xf * dyf, axis=1, keepdims=True), m)
-    dB_ref[...] = dB
-    dC_ref[...] = dC
+    dx_ref[i] = (k.dt_col * dxd + D * dyf).astype(dx_ref.dtype)
+    ddt_ref[i] = _row(jnp.sum(xf * dxd, axis=1, keepdims=True), m) + A * da
+    dA_ref[i] = dt_row * da
+    dD_ref[i] = _row(jnp.sum(xf * dyf, axis=1, keepdims=True), m)
+  dB_ref[...] = dB
+  dC_ref[...] = dC
 
 
 # ---------------------------------------------------------------- pallas_call wrappers
 
+
 class _Cfg(NamedTuple):
-    Q: int  # chunk length
-    hb: int  # heads per grid step
-    interpret: object  # False, True or a pltpu.InterpretParams
+  Q: int  # chunk length
+  hb: int  # heads per grid step
+  interpret: object  # False, True or a pltpu.InterpretParams
 
 
 def _compiler_params():
-    cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-    return cls(dimension_semantics=("parallel", "parallel", "arbitrary"))
+  cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+  return cls(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 def _interpret(flag):
-    if flag is True:
-        return pltpu.InterpretParams()  # models VMEM scratch and the sequential grid
-    return flag
+  if flag is True:
+    return pltpu.InterpretParams()  # models VMEM scratch and the sequential grid
+  return flag
 
 
 def _specs(cfg, H, G, P, S, nc, reverse):
-    """Block specs of (x-like, dt-like, B/C, per-group-block, state) arrays."""
-    hb, Q = cfg.hb, cfg.Q
-    blocks_per_group = H // G // hb
-    ch = (lambda c: nc - 1 - c) if reverse else (lambda c: c)
-    sq = _SQUEEZED
-    x = pl.BlockSpec((sq, hb, Q, P), lambda b, j, c: (b, j, ch(c), 0))
-    dt = pl.BlockSpec((sq, hb, sq, 1, Q), lambda b, j, c: (b, j, ch(c), 0, 0))
-    # Head block j reads group j // blocks_per_group (lax.div: j >= 0, and Mosaic
-    # lowers no floor division in index maps).
-    bc = pl.BlockSpec((sq, sq, Q, S),
-                      lambda b, j, c: (b, lax.div(j, blocks_per_group), ch(c), 0))
-    per_block = pl.BlockSpec((sq, sq, Q, S), lambda b, j, c: (b, j, ch(c), 0))
-    state = pl.BlockSpec((sq, sq, hb, P, S), lambda b, j, c: (b, ch(c), j, 0, 0))
-    smem = pl.BlockSpec(memory_space=pltpu.SMEM)
-    return smem, x, dt, bc, per_block, state
+  """Block specs of (x-like, dt-like, B/C, per-group-block, state) arrays."""
+  hb, Q = cfg.hb, cfg.Q
+  blocks_per_group = H // G // hb
+  ch = (lambda c: nc - 1 - c) if reverse else (lambda c: c)
+  sq = _SQUEEZED
+  x = pl.BlockSpec((sq, hb, Q, P), lambda b, j, c: (b, j, ch(c), 0))
+  dt = pl.BlockSpec((sq, hb, sq, 1, Q), lambda b, j, c: (b, j, ch(c), 0, 0))
+  # Head block j reads group j // blocks_per_group (lax.div: j >= 0, and Mosaic
+  # lowers no floor division in index maps).
+  bc = pl.BlockSpec((sq, sq, Q, S), lambda b, j, c: (b, lax.div(j, blocks_per_group), ch(c), 0))
+  per_block = pl.BlockSpec((sq, sq, Q, S), lambda b, j, c: (b, j, ch(c), 0))
+  state = pl.BlockSpec((sq, sq, hb, P, S), lambda b, j, c: (b, ch(c), j, 0, 0))
+  smem = pl.BlockSpec(memory_space=pltpu.SMEM)
+  return smem, x, dt, bc, per_block, state
 
 
 def _forward(cfg, xt, dtt, A, Bt, Ct, D, save):
-    batch, H, Lp, P = xt.shape
-    G, S = Bt.shape[1], Bt.shape[3]
-    nc = Lp // cfg.Q
-    smem, x, dt, bc, _, state = _specs(cfg, H, G, P, S, nc, reverse=False)
-    out_shape = [jax.ShapeDtypeStruct(xt.shape, xt.dtype)]
-    out_specs = [x]
-    if save:
-        out_shape.append(jax.ShapeDtypeStruct((batch, nc, H, P, S), _f32))
-        out_specs.append(state)
-    out = pl.pallas_call(
-        functools.partial(_fwd_kernel, hb=cfg.hb, save=save),
-        out_shape=out_shape,
-        grid=(batch, H // cfg.hb, nc),
-        in_specs=[smem, smem, x, dt, bc, bc],
-        out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM((cfg.hb, P, S), _f32)],
-        compiler_params=_compiler_params(),
-        interpret=_interpret(cfg.interpret),
-        name="ssd_tpu_fwd",
-    )(A, D, xt, dtt, Bt, Ct)
-    return out if save else (out[0], None)
+  batch, H, Lp, P = xt.shape
+  G, S = Bt.shape[1], Bt.shape[3]
+  nc = Lp // cfg.Q
+  smem, x, dt, bc, _, state = _specs(cfg, H, G, P, S, nc, reverse=False)
+  out_shape = [jax.ShapeDtypeStruct(xt.shape, xt.dtype)]
+  out_specs = [x]
+  if save:
+    out_shape.append(jax.ShapeDtypeStruct((batch, nc, H, P, S), _f32))
+    out_specs.append(state)
+  out = pl.pallas_call(
+    functools.partial(_fwd_kernel, hb=cfg.hb, save=save),
+    out_shape=out_shape,
+    grid=(batch, H // cfg.hb, nc),
+    in_specs=[smem, smem, x, dt, bc, bc],
+    out_specs=out_specs,
+    scratch_shapes=[pltpu.VMEM((cfg.hb, P, S), _f32)],
+    compiler_params=_compiler_params(),
+    interpret=_interpret(cfg.interpret),
+    name="ssd_tpu_fwd",
+  )(A, D, xt, dtt, Bt, Ct)
+  return out if save else (out[0], None)
 
 
 def _backward(cfg, xt, dtt, A, Bt, Ct, D, h0, dy):
-    batch, H, Lp, P = xt.shape
-    G, S = Bt.shape[1], Bt.shape[3]
-    nc = Lp // cfg.Q
-    smem, x, dt, bc, per_block, state = _specs(cfg, H, G, P, S, nc, reverse=True)
-    nb = H // cfg.hb
-    dx, ddt, dB, dC, dA, dD = pl.pallas_call(
-        functools.partial(_bwd_kernel, hb=cfg.hb),
-        out_shape=[
-            jax.ShapeDtypeStruct(xt.shape, xt.dtype),
-            jax.ShapeDtypeStruct(dtt.shape, _f32),
-            jax.ShapeDtypeStruct((batch, nb, Lp, S), _f32),
-            jax.ShapeDtypeStruct((batch, nb, Lp, S), _f32),
-            jax.ShapeDtypeStruct(dtt.shape, _f32),
-            jax.ShapeDtypeStruct(dtt.shape, _f32),
-        ],
-        grid=(batch, nb, nc),
-        in_specs=[smem, smem, x, dt, bc, bc, x, state],
-        out_specs=[x, dt, per_block, per_block, dt, dt],
-        scratch_shapes=[pltpu.VMEM((cfg.hb, P, S), _f32)],
-        compiler_params=_compiler_params(),
-        interpret=_interpret(cfg.interpret),
-        name="ssd_tpu_bwd",
-    )(A, D, xt, dtt, Bt, Ct, dy, h0)
-    # Sum the head blocks of each group, and dA, dD over batch and tokens.
-    group_sum = lambda g: g.reshape(batch, G, nb // G, Lp, S).sum(2).astype(Bt.dtype)
-    return (dx, ddt, dA.sum((0, 2, 3, 4)), group_sum(dB), group_sum(dC), dD.sum((0, 2, 3, 4)))
+  batch, H, Lp, P = xt.shape
+  G, S = Bt.shape[1], Bt.shape[3]
+  nc = Lp // cfg.Q
+  smem, x, dt, bc, per_block, state = _specs(cfg, H, G, P, S, nc, reverse=True)
+  nb = H // cfg.hb
+  dx, ddt, dB, dC, dA, dD = pl.pallas_call(
+    functools.partial(_bwd_kernel, hb=cfg.hb),
+    out_shape=[
+      jax.ShapeDtypeStruct(xt.shape, xt.dtype),
+      jax.ShapeDtypeStruct(dtt.shape, _f32),
+      jax.ShapeDtypeStruct((batch, nb, Lp, S), _f32),
+      jax.ShapeDtypeStruct((batch, nb, Lp, S), _f32),
+      jax.ShapeDtypeStruct(dtt.shape, _f32),
+      jax.ShapeDtypeStruct(dtt.shape, _f32),
+    ],
+    grid=(batch, nb, nc),
+    in_specs=[smem, smem, x, dt, bc, bc, x, state],
+    out_specs=[x, dt, per_block, per_block, dt, dt],
+    scratch_shapes=[pltpu.VMEM((cfg.hb, P, S), _f32)],
+    compiler_params=_compiler_params(),
+    interpret=_interpret(cfg.interpret),
+    name="ssd_tpu_bwd",
+  )(A, D, xt, dtt, Bt, Ct, dy, h0)
+
+  # Sum the head blocks of each group, and dA, dD over batch and tokens.
+  def group_sum(g):
+    return g.reshape(batch, G, nb // G, Lp, S).sum(2).astype(Bt.dtype)
+
+  return (dx, ddt, dA.sum((0, 2, 3, 4)), group_sum(dB), group_sum(dC), dD.sum((0, 2, 3, 4)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ssd_core(cfg, xt, dtt, A, Bt, Ct, D):
-    return _forward(cfg, xt, dtt, A, Bt, Ct, D, save=False)[0]
+  return _forward(cfg, xt, dtt, A, Bt, Ct, D, save=False)[0]
 
 
 def _ssd_core_fwd(cfg, xt, dtt, A, Bt, Ct, D):
-    y, h0 = _forward(cfg, xt, dtt, A, Bt, Ct, D, save=True)
-    return y, (xt, dtt, A, Bt, Ct, D, h0)
+  y, h0 = _forward(cfg, xt, dtt, A, Bt, Ct, D, save=True)
+  return y, (xt, dtt, A, Bt, Ct, D, h0)
 
 
 def _ssd_core_bwd(cfg, res, dy):
-    xt, dtt, A, Bt, Ct, D, h0 = res
-    dx, ddt, dA, dB, dC, dD = _backward(cfg, xt, dtt, A, Bt, Ct, D, h0, dy)
-    return dx, ddt, dA, dB, dC, dD
+  xt, dtt, A, Bt, Ct, D, h0 = res
+  dx, ddt, dA, dB, dC, dD = _backward(cfg, xt, dtt, A, Bt, Ct, D, h0, dy)
+  return dx, ddt, dA, dB, dC, dD
 
 
 _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
 
 
 def _heads_per_step(H, G):
-    per_group = H // G
-    return max(d for d in range(1, min(per_group, _HEADS_PER_STEP) + 1) if per_group % d == 0)
+  per_group = H // G
+  return max(d for d in range(1, min(per_group, _HEADS_PER_STEP) + 1) if per_group % d == 0)
 
 
 def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
-    """Chunked SSD as a Pallas TPU kernel; same contract as `kernels.ssd`.
+  """Chunked SSD as a Pallas TPU kernel; same contract as `kernels.ssd`.
 
-    interpret: False (compile with Mosaic for TPU), True (TPU interpret mode,
-    runs anywhere, e.g. CPU tests) or a `pltpu.InterpretParams`.
-    Raises ValueError (at trace time) with `unsupported_reason` for shapes the
-    kernel does not take.
-    """
-    reason = unsupported_reason(x.shape, B.shape, chunk_size, x.dtype)
-    if reason:
-        raise ValueError(reason)
-    batch, L, H, P = x.shape
-    G, S = B.shape[2:]
-    m = _sublanes(x.dtype)
-    Q = min(int(chunk_size), -(-L // m) * m)  # a short sequence is one (padded) chunk
-    pad = -L % Q
-    nc = (L + pad) // Q
-    cfg = _Cfg(Q, _heads_per_step(H, G), interpret)
+  interpret: False (compile with Mosaic for TPU), True (TPU interpret mode,
+  runs anywhere, e.g. CPU tests) or a `pltpu.InterpretParams`.
+  Raises ValueError (at trace time) with `unsupported_reason` for shapes the
+  kernel does not take.
+  """
+  reason = unsupported_reason(x.shape, B.shape, chunk_size, x.dtype)
+  if reason:
+    raise ValueError(reason)
+  batch, L, H, P = x.shape
+  G, S = B.shape[2:]
+  m = _sublanes(x.dtype)
+  Q = min(int(chunk_size), -(-L // m) * m)  # a short sequence is one (padded) chunk
+  pad = -L % Q
+  nc = (L + pad) // Q
+  cfg = _Cfg(Q, _heads_per_step(H, G), interpret)
 
-    def padded(v):  # pad the token axis (1) with zeros: dt = 0 changes nothing
-        return jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
+  def padded(v):  # pad the token axis (1) with zeros: dt = 0 changes nothing
+    return jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
 
-    xt = padded(x).transpose(0, 2, 1, 3)  # (batch, H, Lp, P)
-    dtt = padded(dt.astype(_f32)).transpose(0, 2, 1).reshape(batch, H, nc, 1, Q)
-    Bt = padded(B.astype(x.dtype)).transpose(0, 2, 1, 3)  # (batch, G, Lp, S)
-    Ct = padded(C.astype(x.dtype)).transpose(0, 2, 1, 3)
-    Dv = jnp.zeros((H,), _f32) if D is None else D.astype(_f32)
-    yt = _ssd_core(cfg, xt, dtt, A.astype(_f32), Bt, Ct, Dv)
-    return yt.transpose(0, 2, 1, 3)[:, :L].astype(x.dtype)
+  xt = padded(x).transpose(0, 2, 1, 3)  # (batch, H, Lp, P)
+  dtt = padded(dt.astype(_f32)).transpose(0, 2, 1).reshape(batch, H, nc, 1, Q)
+  Bt = padded(B.astype(x.dtype)).transpose(0, 2, 1, 3)  # (batch, G, Lp, S)
+  Ct = padded(C.astype(x.dtype)).transpose(0, 2, 1, 3)
+  Dv = jnp.zeros((H,), _f32) if D is None else D.astype(_f32)
+  yt = _ssd_core(cfg, xt, dtt, A.astype(_f32), Bt, Ct, Dv)
+  return yt.transpose(0, 2, 1, 3)[:, :L].astype(x.dtype)

@@ -1,11 +1,14 @@
-"""Tests of kernels.ssd (method.md §6 step 4) against an independent float64 NumPy loop.
+"""Tests of kernels.ssd (method.md §6 step 4) against an independent float64 NumPy loop,
+and against the second oracle, the L x L form `ssd_quadratic` (kernels/reference.py).
 
 Tolerances (stated once, used below):
   float32 impls vs float64:     max |y - y64| <= 1e-4 * max |y64|
+  ssd_quadratic in float64 vs the float64 loop: <= 1e-12 (the same map, exactly)
   float32 grads vs finite diffs: relative 1e-4 on directional derivatives
   xla vs reference grads:        max |g_xla - g_ref| <= 1e-4 * max |g_ref| per input
   bf16 inputs vs float32:        max |y_bf16 - y_f32| <= 2e-2 * max |y_f32|
 """
+
 import functools
 
 import jax
@@ -13,75 +16,140 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import ssd
+from kernels import IMPLS, Implementation, ssd, ssd_matrix, ssd_quadratic, ssd_reference
 
 RTOL = 1e-4
+RTOL64 = 1e-12
 BF16_RTOL = 2e-2
 BATCH, H, P, S = 2, 4, 8, 16
 
 
 def ssd_loop64(x, dt, A, B, C, D):
-    """method.md §6 step 4 as written, token by token, in float64 (the oracle)."""
-    x, dt, A, B, C = (np.asarray(v, np.float64) for v in (x, dt, A, B, C))
-    batch, L, nh, hp = x.shape
-    per_group = nh // B.shape[2]
-    s = np.zeros((batch, nh, hp, B.shape[3]))
-    y = np.empty_like(x)
-    for t in range(L):
-        B_t = np.repeat(B[:, t], per_group, axis=1)  # head h uses group h // per_group
-        C_t = np.repeat(C[:, t], per_group, axis=1)
-        s = (np.exp(dt[:, t] * A)[:, :, None, None] * s
-             + (dt[:, t, :, None] * x[:, t])[..., None] * B_t[:, :, None, :])
-        y[:, t] = np.einsum("bhpn,bhn->bhp", s, C_t)
-        if D is not None:
-            y[:, t] += np.asarray(D, np.float64)[:, None] * x[:, t]
-    return y
+  """method.md §6 step 4 as written, token by token, in float64 (the oracle)."""
+  x, dt, A, B, C = (np.asarray(v, np.float64) for v in (x, dt, A, B, C))
+  batch, L, nh, hp = x.shape
+  per_group = nh // B.shape[2]
+  s = np.zeros((batch, nh, hp, B.shape[3]))
+  y = np.empty_like(x)
+  for t in range(L):
+    B_t = np.repeat(B[:, t], per_group, axis=1)  # head h uses group h // per_group
+    C_t = np.repeat(C[:, t], per_group, axis=1)
+    s = (
+      np.exp(dt[:, t] * A)[:, :, None, None] * s
+      + (dt[:, t, :, None] * x[:, t])[..., None] * B_t[:, :, None, :]
+    )
+    y[:, t] = np.einsum("bhpn,bhn->bhp", s, C_t)
+    if D is not None:
+      y[:, t] += np.asarray(D, np.float64)[:, None] * x[:, t]
+  return y
 
 
 def make_inputs(L, G, seed=0, nh=H):
-    """dt = softplus(normal - 2), A = -exp(U[-3, 1]): some heads decay slowly, so
-    state really crosses chunk boundaries; others decay fast."""
-    r = np.random.default_rng(seed)
-    f = lambda *shape: r.normal(size=shape).astype(np.float32)
-    dt = np.log1p(np.exp(f(BATCH, L, nh) - 2)).astype(np.float32)
-    A = -np.exp(r.uniform(-3, 1, nh)).astype(np.float32)
-    return dict(x=f(BATCH, L, nh, P), dt=dt, A=A, B=f(BATCH, L, G, S), C=f(BATCH, L, G, S), D=f(nh))
+  """dt = softplus(normal - 2), A = -exp(U[-3, 1]): some heads decay slowly, so
+  state really crosses chunk boundaries; others decay fast."""
+  r = np.random.default_rng(seed)
+
+  def f(*shape):
+    return r.normal(size=shape).astype(np.float32)
+
+  dt = np.log1p(np.exp(f(BATCH, L, nh) - 2)).astype(np.float32)
+  A = -np.exp(r.uniform(-3, 1, nh)).astype(np.float32)
+  return dict(x=f(BATCH, L, nh, P), dt=dt, A=A, B=f(BATCH, L, G, S), C=f(BATCH, L, G, S), D=f(nh))
 
 
 @functools.lru_cache(maxsize=None)
 def oracle(L, G):
-    return ssd_loop64(**make_inputs(L, G))
+  return ssd_loop64(**make_inputs(L, G))
 
 
 @functools.lru_cache(maxsize=None)
 def jitted(impl, chunk_size):
-    return jax.jit(functools.partial(ssd, impl=impl, chunk_size=chunk_size))
+  return jax.jit(functools.partial(ssd, impl=impl, chunk_size=chunk_size))
 
 
 def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.abs(a - b).max() / np.abs(b).max()
 
 
 # ---------------------------------------------------------------- values
+
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 @pytest.mark.parametrize("G", [1, 2])
 @pytest.mark.parametrize("L", [1, 63, 198, 785])
 @pytest.mark.parametrize("chunk_size", [64, 256])
 def test_matches_float64_loop(impl, G, L, chunk_size):
-    y = jitted(impl, chunk_size)(**make_inputs(L, G))
-    assert y.shape == (BATCH, L, H, P) and y.dtype == jnp.float32
-    assert rel_err(y, oracle(L, G)) <= RTOL
+  y = jitted(impl, chunk_size)(**make_inputs(L, G))
+  assert y.shape == (BATCH, L, H, P) and y.dtype == jnp.float32
+  assert rel_err(y, oracle(L, G)) <= RTOL
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_without_D_and_auto(impl):
-    inp = make_inputs(100, 2, seed=1)
-    want = ssd_loop64(**{**inp, "D": None})
-    assert rel_err(ssd(**{**inp, "D": None}, impl=impl, chunk_size=32), want) <= RTOL
-    np.testing.assert_array_equal(ssd(**inp, impl="auto", chunk_size=32),
-                                  ssd(**inp, impl="xla", chunk_size=32))
+  inp = make_inputs(100, 2, seed=1)
+  want = ssd_loop64(**{**inp, "D": None})
+  assert rel_err(ssd(**{**inp, "D": None}, impl=impl, chunk_size=32), want) <= RTOL
+  np.testing.assert_array_equal(
+    ssd(**inp, impl="auto", chunk_size=32), ssd(**inp, impl="xla", chunk_size=32)
+  )
+
+
+# ---------------------------------------------------------------- the quadratic form
+
+quadratic = jax.jit(ssd_quadratic)
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("L", [1, 63, 198])
+@pytest.mark.parametrize("with_D", [True, False])
+def test_quadratic_in_float64_is_the_float64_loop(G, L, with_D):
+  """M[t, s] = (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s is the scan's discretisation."""
+  inp = make_inputs(L, G, seed=8)
+  if not with_D:
+    inp["D"] = None
+  with jax.enable_x64(True):
+    y = quadratic(**{k: None if v is None else v.astype(np.float64) for k, v in inp.items()})
+    assert y.dtype == jnp.float64
+  assert rel_err(y, ssd_loop64(**inp)) <= RTOL64
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("L", [1, 63, 198, 785])
+def test_quadratic_matches_reference_and_xla(G, L):
+  inp = make_inputs(L, G, seed=9)
+  y = quadratic(**inp)
+  assert y.shape == (BATCH, L, H, P) and y.dtype == jnp.float32
+  assert rel_err(y, jax.jit(ssd_reference)(**inp)) <= RTOL
+  assert rel_err(jitted("xla", 64)(**inp), y) <= RTOL
+
+
+def test_matrix_is_lower_triangular_and_shared_within_a_group():
+  L, G = 30, 2
+  inp = make_inputs(L, G, seed=10)
+  M = np.asarray(ssd_matrix(inp["dt"], inp["A"], inp["B"], inp["C"]))
+  assert M.shape == (BATCH, H, L, L) and M.dtype == np.float32
+  assert np.all(M[..., ~np.tril(np.ones((L, L), bool))] == 0)  # exactly 0 above
+  # On the diagonal nothing has decayed yet: (C_t . B_t) dt_t, with head h on group h // 2.
+  cb = np.einsum("btgn,btgn->bgt", inp["C"], inp["B"]).repeat(H // G, axis=1)
+  want = cb * np.moveaxis(inp["dt"], 1, -1)
+  np.testing.assert_allclose(np.diagonal(M, axis1=-2, axis2=-1), want, rtol=1e-5, atol=1e-6)
+
+
+def test_quadratic_grads_finite_with_extreme_decays():
+  # exp(-inf) above the diagonal, underflowing and ~1 decays below: no inf * 0 = NaN.
+  inp = make_inputs(40, 1, seed=6)
+  inp["dt"][:, :, 0] = 50.0
+  inp["dt"][:, :, 1] = 1e-6
+  inp["A"][0] = -100.0
+  args = [inp[k] for k in ARGS]
+  g = jax.jit(jax.grad(lambda *a: jnp.sum(ssd_quadratic(*a)), argnums=tuple(range(6))))(*args)
+  for k, v in zip(ARGS, g):
+    assert np.all(np.isfinite(v)), k
+
+
+def test_implementation_literal_names_every_impl():
+  assert set(Implementation.__args__) == {*IMPLS, "auto"}
 
 
 # ---------------------------------------------------------------- gradients
@@ -90,97 +158,105 @@ ARGS = ("x", "dt", "A", "B", "C", "D")
 
 
 def grads(impl, chunk_size, inp, w):
-    """d/d(every input) of the linear functional sum(w * y)."""
-    def f(*args):
-        return jnp.sum(w * ssd(*args, impl=impl, chunk_size=chunk_size))
-    return jax.jit(jax.grad(f, argnums=tuple(range(6))))(*(inp[k] for k in ARGS))
+  """d/d(every input) of the linear functional sum(w * y)."""
+
+  def f(*args):
+    return jnp.sum(w * ssd(*args, impl=impl, chunk_size=chunk_size))
+
+  return jax.jit(jax.grad(f, argnums=tuple(range(6))))(*(inp[k] for k in ARGS))
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_grads_match_finite_differences_of_float64_loop(impl):
-    # L = 63 with chunk 16: 4 chunks, the last one padded by one token.
-    L, G = 63, 2
-    inp = make_inputs(L, G, seed=2, nh=2)
-    r = np.random.default_rng(3)
-    w = r.normal(size=(BATCH, L, 2, P))
-    g = dict(zip(ARGS, grads(impl, 16, inp, jnp.asarray(w, jnp.float32))))
-    loss64 = lambda d: np.sum(w * ssd_loop64(**d))
-    eps = 1e-6
-    for k in ARGS:
-        v = r.normal(size=inp[k].shape)  # directional derivative along v
-        plus = {**inp, k: inp[k] + eps * v}
-        minus = {**inp, k: inp[k] - eps * v}
-        fd = (loss64(plus) - loss64(minus)) / (2 * eps)
-        ad = np.sum(np.asarray(g[k], np.float64) * v)
-        assert np.all(np.isfinite(g[k])), k
-        assert abs(ad - fd) <= RTOL * max(abs(fd), 1.0), (k, ad, fd)
+  # L = 63 with chunk 16: 4 chunks, the last one padded by one token.
+  L, G = 63, 2
+  inp = make_inputs(L, G, seed=2, nh=2)
+  r = np.random.default_rng(3)
+  w = r.normal(size=(BATCH, L, 2, P))
+  g = dict(zip(ARGS, grads(impl, 16, inp, jnp.asarray(w, jnp.float32))))
+
+  def loss64(d):
+    return np.sum(w * ssd_loop64(**d))
+
+  eps = 1e-6
+  for k in ARGS:
+    v = r.normal(size=inp[k].shape)  # directional derivative along v
+    plus = {**inp, k: inp[k] + eps * v}
+    minus = {**inp, k: inp[k] - eps * v}
+    fd = (loss64(plus) - loss64(minus)) / (2 * eps)
+    ad = np.sum(np.asarray(g[k], np.float64) * v)
+    assert np.all(np.isfinite(g[k])), k
+    assert abs(ad - fd) <= RTOL * max(abs(fd), 1.0), (k, ad, fd)
 
 
 @pytest.mark.parametrize("L", [198, 785])
 def test_xla_grads_match_reference(L):
-    inp = make_inputs(L, 2, seed=4)
-    w = jnp.asarray(np.random.default_rng(5).normal(size=(BATCH, L, H, P)), jnp.float32)
-    g_ref = grads("reference", 64, inp, w)
-    g_xla = grads("xla", 64, inp, w)
-    for k, a, b in zip(ARGS, g_xla, g_ref):
-        assert np.all(np.isfinite(a)), k
-        assert rel_err(a, b) <= RTOL, (k, rel_err(a, b))
+  inp = make_inputs(L, 2, seed=4)
+  w = jnp.asarray(np.random.default_rng(5).normal(size=(BATCH, L, H, P)), jnp.float32)
+  g_ref = grads("reference", 64, inp, w)
+  g_xla = grads("xla", 64, inp, w)
+  for k, a, b in zip(ARGS, g_xla, g_ref):
+    assert np.all(np.isfinite(a)), k
+    assert rel_err(a, b) <= RTOL, (k, rel_err(a, b))
 
 
 def test_xla_grads_finite_with_extreme_decays():
-    # Huge dt * |A| (decays underflow to 0) and tiny dt (decays ~1), with padding:
-    # the masked segment sums must not leak inf * 0 = NaN into gradients.
-    inp = make_inputs(70, 1, seed=6)
-    inp["dt"][:, :, 0] = 50.0
-    inp["dt"][:, :, 1] = 1e-6
-    inp["A"][0] = -100.0
-    w = jnp.ones((BATCH, 70, H, P), jnp.float32)
-    for k, g in zip(ARGS, grads("xla", 32, inp, w)):
-        assert np.all(np.isfinite(g)), k
-    assert np.all(np.isfinite(ssd(**inp, impl="xla", chunk_size=32)))
+  # Huge dt * |A| (decays underflow to 0) and tiny dt (decays ~1), with padding:
+  # the masked segment sums must not leak inf * 0 = NaN into gradients.
+  inp = make_inputs(70, 1, seed=6)
+  inp["dt"][:, :, 0] = 50.0
+  inp["dt"][:, :, 1] = 1e-6
+  inp["A"][0] = -100.0
+  w = jnp.ones((BATCH, 70, H, P), jnp.float32)
+  for k, g in zip(ARGS, grads("xla", 32, inp, w)):
+    assert np.all(np.isfinite(g)), k
+  assert np.all(np.isfinite(ssd(**inp, impl="xla", chunk_size=32)))
 
 
 # ---------------------------------------------------------------- bf16
 
+
 def test_xla_bf16_close_to_f32():
-    inp = make_inputs(198, 2, seed=7)
-    bf = {k: jnp.asarray(v, jnp.bfloat16) for k, v in inp.items()}
-    y = jitted("xla", 64)(**bf)
-    assert y.dtype == jnp.bfloat16 and y.shape == (BATCH, 198, H, P)
-    # Same (bf16-rounded) inputs in float32: measures the op's bf16 error only.
-    want = jitted("xla", 64)(**{k: v.astype(jnp.float32) for k, v in bf.items()})
-    assert rel_err(y.astype(jnp.float32), want) <= BF16_RTOL
+  inp = make_inputs(198, 2, seed=7)
+  bf = {k: jnp.asarray(v, jnp.bfloat16) for k, v in inp.items()}
+  y = jitted("xla", 64)(**bf)
+  assert y.dtype == jnp.bfloat16 and y.shape == (BATCH, 198, H, P)
+  # Same (bf16-rounded) inputs in float32: measures the op's bf16 error only.
+  want = jitted("xla", 64)(**{k: v.astype(jnp.float32) for k, v in bf.items()})
+  assert rel_err(y.astype(jnp.float32), want) <= BF16_RTOL
 
 
 # ---------------------------------------------------------------- errors
 
+
 def test_errors():
-    inp = make_inputs(10, 2)
-    choices = "'auto', 'pallas_gpu', 'pallas_tpu', 'reference', 'xla'"
-    with pytest.raises(ValueError, match=rf"impl='fast'.*{choices}"):
-        ssd(**inp, impl="fast")
-    for impl in ("pallas_tpu", "pallas_gpu"):  # on this CPU, only in interpret mode
-        with pytest.raises(ValueError, match=rf"impl='{impl}' compiles for a .PU.*interpret=True"):
-            ssd(**inp, impl=impl)
-    bad = {
-        "x": np.zeros((BATCH, 10, H)),
-        "dt": np.zeros((BATCH, 11, H)),
-        "A": np.zeros((H + 1,)),
-        "B": np.zeros((BATCH, 10, 3, S)),  # H = 4 not divisible by G = 3
-        "C": np.zeros((BATCH, 10, 2, S + 1)),
-        "D": np.zeros((1,)),
-    }
-    for name, value in bad.items():
-        shape = str(value.shape).replace("(", r"\(").replace(")", r"\)")
-        with pytest.raises(ValueError, match=rf"ssd: {name} has shape {shape}, expected"):
-            ssd(**{**inp, name: value})
-    with pytest.raises(ValueError, match="chunk_size"):
-        ssd(**inp, chunk_size=0)
+  inp = make_inputs(10, 2)
+  choices = "'auto', 'pallas_gpu', 'pallas_tpu', 'reference', 'xla'"
+  with pytest.raises(ValueError, match=rf"impl='fast'.*{choices}"):
+    ssd(**inp, impl="fast")
+  for impl in ("pallas_tpu", "pallas_gpu"):  # on this CPU, only in interpret mode
+    with pytest.raises(ValueError, match=rf"impl='{impl}' compiles for a .PU.*interpret=True"):
+      ssd(**inp, impl=impl)
+  bad = {
+    "x": np.zeros((BATCH, 10, H)),
+    "dt": np.zeros((BATCH, 11, H)),
+    "A": np.zeros((H + 1,)),
+    "B": np.zeros((BATCH, 10, 3, S)),  # H = 4 not divisible by G = 3
+    "C": np.zeros((BATCH, 10, 2, S + 1)),
+    "D": np.zeros((1,)),
+  }
+  for name, value in bad.items():
+    shape = str(value.shape).replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(ValueError, match=rf"ssd: {name} has shape {shape}, expected"):
+      ssd(**{**inp, name: value})
+  with pytest.raises(ValueError, match="chunk_size"):
+    ssd(**inp, chunk_size=0)
 
 
 def test_auto_picks_the_backends_pallas_kernel_when_it_takes_the_shapes():
   """impl='auto': the Pallas kernel of the backend for supported shapes, else xla."""
-  from kernels import pick_impl  # pylint: disable=import-outside-toplevel
+  from kernels import pick_impl
+
   x = jnp.zeros((2, 100, 24, 64), jnp.bfloat16)
   B = jnp.zeros((2, 100, 1, 64), jnp.bfloat16)
   assert pick_impl(x, B, 256, backend="tpu") == "pallas_tpu"
@@ -194,8 +270,9 @@ def test_auto_picks_the_backends_pallas_kernel_when_it_takes_the_shapes():
   assert pick_impl(x.astype(jnp.float16), B, 64, backend="gpu") == "xla"
   # On this CPU, auto is xla: exactly its output.
   inputs = make_inputs(63, 1)
-  np.testing.assert_array_equal(ssd(**inputs, chunk_size=16),
-                                ssd(**inputs, chunk_size=16, impl="xla"))
+  np.testing.assert_array_equal(
+    ssd(**inputs, chunk_size=16), ssd(**inputs, chunk_size=16, impl="xla")
+  )
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
