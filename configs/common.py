@@ -1,62 +1,82 @@
-"""Config pieces every experiment shares: optimiser, distillation, supervised training, mesh.
+"""Config pieces every experiment shares, and every field a stage reads, declared once.
 
-Defaults follow method.md §8 (distillation) and Adventurer's fine-tuning recipe.
+Defaults follow method.md §8 (distillation) and Adventurer's fine-tuning recipe. Configs
+import only this module (and each other), never the library; the library reads these
+fields and never writes into a config.
 """
+
 import ml_collections
+
+AM_SCOPES = ("visible", "cls", "all")  # distill_loss.scope: the tokens AM compares
 
 
 def optim(**overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(dict(
-      lr=1.5e-4,            # peak; the paper's rule is 1.5e-4 × batch / 256
+  c = ml_collections.ConfigDict(
+    dict(
+      lr=1.5e-4,  # peak; the paper's rule is 1.5e-4 × batch / 256
       min_lr=1e-6,
-      warmup_steps=0,
-      total_steps=1,
+      warmup_steps=0,  # the cosine schedule then ends at the stage's `steps`
       weight_decay=0.05,
       b1=0.9,
       b2=0.999,
-      clip_norm=1.0,        # 0 disables gradient clipping
-      ema_decay=0.0,        # 0 disables the EMA of the student
-      layer_decay=1.0,      # layer-wise lr decay for fine-tuning (BEiT); 1 disables it
-      grad_accum=1,         # micro-batches per step (memory only; same global batch)
+      clip_norm=1.0,  # 0 disables gradient clipping
+      ema_decay=0.0,  # 0 disables the EMA of the student
+      layer_decay=1.0,  # layer-wise lr decay for fine-tuning (BEiT); 1 disables it
+      grad_accum=1,  # micro-batches per step (memory only; same global batch)
       # No weight decay on these (regex on parameter paths; method.md §6).
-      no_decay=(r"bias$", r"A_log$", r"/D$", r"norm", r"scale$", r"pos_embed$",
-                r"cls_token$", r"mask_token$"),
-  ))
+      no_decay=(
+        r"bias$",
+        r"A_log$",
+        r"/D$",
+        r"norm",
+        r"scale$",
+        r"pos_embed$",
+        r"cls_token$",
+        r"mask_token$",
+      ),
+    )
+  )
   c.update(overrides)
   return c
 
 
 def distill_loss(**overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(dict(
-      w_am=1.0,             # weight of activation matching
-      w_mp=1.0,             # weight of masked prediction (λ)
+  c = ml_collections.ConfigDict(
+    dict(
+      w_am=1.0,  # weight of activation matching
+      w_mp=1.0,  # weight of masked prediction (λ)
       mask_ratio=0.75,
-      num_stages=4,
-      scope="visible",      # AM tokens: visible | cls | all
-      beta=1.0,             # Smooth-L1 β
-  ))
+      num_stages=4,  # K: AM's depth levels (the paper's "stages")
+      scope="visible",  # AM tokens: visible | cls | all (AM_SCOPES)
+      beta=1.0,  # Smooth-L1 β
+    )
+  )
   c.update(overrides)
   return c
 
 
 def supervised_loss(**overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(dict(
+  c = ml_collections.ConfigDict(
+    dict(
       label_smoothing=0.1,
       mixup_alpha=0.8,
       cutmix_alpha=1.0,
-      switch_prob=0.5,      # chance of CutMix rather than Mixup when both are on
-  ))
+      switch_prob=0.5,  # chance of CutMix rather than Mixup when both are on
+    )
+  )
   c.update(overrides)
   return c
 
 
 def mesh(**overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(dict(
-      data=-1,              # -1: all remaining devices
+  c = ml_collections.ConfigDict(
+    dict(
+      data=-1,  # -1: all remaining devices
       fsdp=1,
-      fsdp_min_size=2 ** 18,  # arrays at least this large are split over `fsdp`
-      rules=(),             # (regex, PartitionSpec tuple) pairs tried first
-  ))
+      fsdp_min_size=2**18,  # arrays at least this large are split over `fsdp`
+      rules=(),  # (regex, PartitionSpec tuple) pairs tried first
+    )
+  )
   c.update(overrides)
   return c
 
@@ -82,56 +102,86 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
-def stage(*, steps, batch_size, lr, loss, warmup_steps=0, drop_path=0.0, ema_decay=0.0,
-          augment=None, num_labels=0, visualize_every=0,
-          **optim_overrides) -> ml_collections.ConfigDict:
+def stage(
+  *,
+  steps,
+  batch_size,
+  lr,
+  loss,
+  warmup_steps=0,
+  drop_path=0.0,
+  ema_decay=0.0,
+  augment=None,
+  num_labels=0,
+  visualize_every=0,
+  **optim_overrides,
+) -> ml_collections.ConfigDict:
   """One training stage: its length, batch, optimiser, loss settings and augmentation.
 
   num_labels: train on a fixed random subset of this many examples (0 = all of them).
   visualize_every: (distill) also draw the teacher/student maps every this many steps;
     they are always drawn at the end, into <workdir>/distill/maps/.
   """
-  return ml_collections.ConfigDict(dict(
-      steps=steps, batch_size=batch_size, drop_path=drop_path, num_labels=num_labels,
+  return ml_collections.ConfigDict(
+    dict(
+      steps=steps,  # the stage's length; the lr schedule ends here
+      batch_size=batch_size,  # global batch, split over every device and process
+      drop_path=drop_path,  # stochastic depth of the trained model
+      num_labels=num_labels,
       visualize_every=visualize_every,
-      optim=optim(lr=lr, warmup_steps=warmup_steps, total_steps=steps, ema_decay=ema_decay,
-                  **optim_overrides),
+      optim=optim(lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, **optim_overrides),
       loss=loss,
-      augment=augment or {},
-  ))
+      augment=augment or {},  # data fields this stage trains with (e.g. randaugment=True)
+    )
+  )
 
 
 def data(source, image_size, **overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(dict(
+  c = ml_collections.ConfigDict(
+    dict(
       source=source,
-      eval_source="",       # '' = the test split of a built-in source / tfds 'validation'
-      data_dir="",          # tfds data_dir
-      num_classes=0,        # 0 = from the data
+      eval_source="",  # '' = the test split of a built-in source / tfds 'validation'
+      data_dir="",  # tfds data_dir
+      num_classes=0,  # 0 = from the data
       image_size=image_size,
       crop_scale=(0.2, 1.0),
       crop_fraction=0.875,  # eval: resize to size / crop_fraction, then center crop
       flip=True,
       randaugment=False,
-      workers=0,            # grain worker processes (0 = in the main process)
-      eval_limit=0,         # evaluate on at most this many images (0 = all)
-  ))
+      workers=0,  # grain worker processes (0 = in the main process)
+      eval_limit=0,  # evaluate on at most this many images (0 = all)
+    )
+  )
   c.update(overrides)
   return c
 
 
 def base(**overrides) -> ml_collections.ConfigDict:
   """The fields every experiment config has, with their defaults."""
-  c = ml_collections.ConfigDict(dict(
-      seed=0,
+  c = ml_collections.ConfigDict(
+    dict(
+      seed=0,  # model init (teacher seed, student seed + 1, ...), data order, masks
+      label_seed=-1,  # which `num_labels` examples a stage trains on; -1 = `seed`
       stages=("distill", "finetune", "eval"),
-      teacher=dict(variant="B/16", init="", overrides={}),
-      student=dict(variant="B/16", init="", overrides={}),
+      # kind: an architecture of linearizer.models (the model table); variant: '<size>/<patch>';
+      # init: 'fmt:path' (linearizer.convert) or a model directory; overrides: config fields.
+      teacher=dict(kind="vit", variant="B/16", init="", overrides={}),
+      student=dict(kind="adventurer", variant="B/16", init="", overrides={}),
       mesh=mesh(),
-      checkpoint=dict(every_steps=1000, keep=2),
-      log_every=50,
-      nan_policy="stop",    # a non-finite loss or gradient: 'stop' the run, or 'skip' the step
-      eval=dict(batch_size=256, resolutions=(), speed_resolutions=(), speed_batch=32),
-  ))
+      checkpoint=dict(
+        every_steps=1000,  # train-state checkpoints this often (and at a stop)
+        keep=2,
+      ),  # the newest ones kept
+      log_every=50,  # metrics.jsonl / TensorBoard / progress line every this many steps
+      nan_policy="stop",  # a non-finite loss or gradient: 'stop' the run, or 'skip' the step
+      eval=dict(
+        batch_size=256,
+        resolutions=(),  # extra eval resolutions beside data.image_size
+        speed_resolutions=(),  # img/s measured here; () = data.image_size
+        speed_batch=32,
+      ),
+    )
+  )
   c.update(overrides)
   return c
 
@@ -151,9 +201,13 @@ def smoke(c):
   c.student.overrides = dict(width=32, depth=2, headdim=16, d_state=16, chunk_size=16)
   for name in ("train_teacher", "distill", "finetune", "train_student"):
     if name not in c:
-      c[name] = stage(steps=4, batch_size=16, lr=1e-3,
-                      loss=distill_loss() if name == "distill" else supervised_loss())
-    c[name].steps = c[name].optim.total_steps = 4
+      c[name] = stage(
+        steps=4,
+        batch_size=16,
+        lr=1e-3,
+        loss=distill_loss() if name == "distill" else supervised_loss(),
+      )
+    c[name].steps = 4
     c[name].optim.warmup_steps = 1
     c[name].batch_size = 16
   c.distill.loss.num_stages = 2
@@ -163,3 +217,71 @@ def smoke(c):
   c.eval.resolutions = ()
   c.eval.speed_resolutions = (16, 32)
   c.eval.speed_batch = 8
+
+
+def ablation(**overrides) -> ml_collections.ConfigDict:
+  """The `ablation` stage (linearizer/ablation.py)."""
+  c = ml_collections.ConfigDict(
+    dict(
+      seeds=3,  # runs per variant: seed, seed + 1, ...
+      variants=("supervised", "mp", "am", "am_mp", "scope_cls", "scope_visible", "scope_all"),
+      label_seed=0,  # which `num_labels` images every seed fine-tunes on
+      workers=1,  # runs at once, one process each (single-host only)
+    )
+  )
+  c.update(overrides)
+  return c
+
+
+def bench(**overrides) -> ml_collections.ConfigDict:
+  """The `bench` stage (linearizer/bench.py). Empty / 0 = the default for this backend."""
+  c = ml_collections.ConfigDict(
+    dict(
+      parts=("forward", "train_step", "ssd"),  # what to measure
+      teacher_kind="vit",  # architectures of linearizer.models
+      student_kind="adventurer",
+      teacher="",  # teacher variant; '' = B/16 on accelerators, Ti/16 on CPU
+      student="",  # student variant; likewise
+      teacher_overrides={},  # teacher config fields, e.g. style='clip'
+      student_overrides={},  # student config fields
+      resolutions=(),  # () = 224…1024 (…2048 on accelerators)
+      batch=0,  # forward batch; 0 = 32 on accelerators, 1 on CPU
+      dtype="",  # '' = bfloat16 on accelerators, float32 on CPU
+      repeats=0,  # timed calls per measurement (median); 0 = 10; 5 on CPU
+      chunk_size=0,  # student SSD chunk; 0 = 256 on accelerators, 64 on CPU
+      attention_impls=(),  # ViT attention impls; () = xla (+ cudnn on GPU)
+      train_resolution=224,  # the distillation train step's resolution
+      train_batch=0,  # 0 = 64 on accelerators, 2 on CPU
+      max_batch=None,  # search the largest batch that fits; None = accelerators only
+      max_batch_limit=4096,
+      peak_flops=0.0,  # FLOP/s for MFU; 0 = the table in linearizer/bench.py
+      ssd=dict(
+        batch=0,
+        heads=24,
+        headdim=64,
+        d_state=64,  # batch 0 = 8, 1 on CPU
+        lengths=(),
+      ),  # () = 198…16386 (≤ 4098 on CPU)
+      # The distillation settings the train step runs with (its schedule length too).
+      distill=dict(steps=1000, optim=optim(lr=1e-4), loss=distill_loss()),
+    )
+  )
+  c.update(overrides)
+  return c
+
+
+def visualize(**overrides) -> ml_collections.ConfigDict:
+  """The `visualize` stage (linearizer/visualize.py)."""
+  c = ml_collections.ConfigDict(
+    dict(
+      num_images=2,  # images drawn
+      am_images=0,  # measure the AM distance on this many images (0 = those drawn)
+      num_stages=4,  # K levels of activation matching (method.md §2)
+      layer=-1,  # student layer of the mixing matrix (teacher: same relative depth)
+      query=(-1, -1),  # (row, col) of the query patch on the student grid; -1 = centre
+      # stage -> label: the students drawn, where the run has them
+      students={"distill": "distilled", "finetune": "fine-tuned", "train_student": "from scratch"},
+    )
+  )
+  c.update(overrides)
+  return c

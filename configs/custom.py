@@ -10,31 +10,56 @@ big_vision, adventurer). data: a folder with one sub-folder per class (JPEG/PNG)
 The student is fine-tuned on the labels of `data`; drop 'finetune' from the stages for
 distillation alone.
 """
+
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, teacher="", data="", eval_data="", student="S/16", size=224,
-                         batch=128, distill_steps=20000, finetune_steps=5000, smoke=False)
+  arg = common.parse_arg(
+    arg,
+    teacher="",
+    data="",
+    eval_data="",
+    student="S/16",
+    size=224,
+    batch=128,
+    distill_steps=20000,
+    finetune_steps=5000,
+    smoke=False,
+  )
   if not arg.smoke and not (arg.teacher and arg.data):
-    raise ValueError("configs/custom.py needs both args: "
-                     "configs/custom.py:teacher=<checkpoint>,data=<image folder>")
+    raise ValueError(
+      "configs/custom.py needs both args: "
+      "configs/custom.py:teacher=<checkpoint>,data=<image folder>"
+    )
   c = common.base()
   c.stages = ("distill", "finetune", "eval")
   source = arg.data if ":" in arg.data else f"folder:{arg.data}"
-  eval_source = arg.eval_data if ":" in arg.eval_data or not arg.eval_data else (
-      f"folder:{arg.eval_data}")
+  eval_source = (
+    arg.eval_data if ":" in arg.eval_data or not arg.eval_data else (f"folder:{arg.eval_data}")
+  )
   c.data = common.data(source, arg.size, eval_source=eval_source or source)
   c.teacher.init = arg.teacher
   c.student.variant = arg.student
   b = arg.batch
-  c.distill = common.stage(steps=arg.distill_steps, batch_size=b, lr=1.5e-4 * b / 256,
-                           warmup_steps=arg.distill_steps // 20, drop_path=0.1,
-                           loss=common.distill_loss())
-  c.finetune = common.stage(steps=arg.finetune_steps, batch_size=b, lr=5e-4 * b / 512,
-                            warmup_steps=arg.finetune_steps // 20, min_lr=1e-5,
-                            drop_path=0.1, loss=common.supervised_loss(),
-                            augment=dict(crop_scale=(0.08, 1.0), randaugment=True))
+  c.distill = common.stage(
+    steps=arg.distill_steps,
+    batch_size=b,
+    lr=1.5e-4 * b / 256,
+    warmup_steps=arg.distill_steps // 20,
+    drop_path=0.1,
+    loss=common.distill_loss(),
+  )
+  c.finetune = common.stage(
+    steps=arg.finetune_steps,
+    batch_size=b,
+    lr=5e-4 * b / 512,
+    warmup_steps=arg.finetune_steps // 20,
+    min_lr=1e-5,
+    drop_path=0.1,
+    loss=common.supervised_loss(),
+    augment=dict(crop_scale=(0.08, 1.0), randaugment=True),
+  )
   if arg.smoke:
     common.smoke(c)
   return c.lock()

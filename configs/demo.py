@@ -14,6 +14,7 @@ teacher and a patch-16 student).
 
 `:smoke` shrinks it to seconds on `digits` for tests.
 """
+
 from configs import common
 
 
@@ -26,17 +27,27 @@ def get_config(arg=None):
   c.teacher.overrides = dict(width=96, depth=4, num_heads=4, mlp_dim=192)
   c.student.variant = "Ti/4"
   c.student.overrides = dict(width=64, depth=4, headdim=32, d_state=32, chunk_size=64)
-  supervised = lambda: common.supervised_loss(label_smoothing=0.1, mixup_alpha=0.0,
-                                              cutmix_alpha=0.0)
-  c.train_teacher = common.stage(steps=1000, batch_size=64, lr=2e-3, warmup_steps=50,
-                                 loss=supervised())
-  c.distill = common.stage(steps=250, batch_size=64, lr=2e-3, warmup_steps=25,
-                           loss=common.distill_loss(), visualize_every=50)
-  c.finetune = common.stage(steps=300, batch_size=64, lr=2e-3, warmup_steps=30,
-                            num_labels=500, loss=supervised())
+  supervised = lambda: common.supervised_loss(
+    label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0
+  )
+  c.train_teacher = common.stage(
+    steps=1000, batch_size=64, lr=2e-3, warmup_steps=50, loss=supervised()
+  )
+  c.distill = common.stage(
+    steps=250,
+    batch_size=64,
+    lr=2e-3,
+    warmup_steps=25,
+    loss=common.distill_loss(),
+    visualize_every=50,
+  )
+  c.finetune = common.stage(
+    steps=300, batch_size=64, lr=2e-3, warmup_steps=30, num_labels=500, loss=supervised()
+  )
   # The baseline: the same student, labels and number of steps as distill + finetune.
-  c.train_student = common.stage(steps=550, batch_size=64, lr=2e-3, warmup_steps=40,
-                                 num_labels=500, loss=supervised())
+  c.train_student = common.stage(
+    steps=550, batch_size=64, lr=2e-3, warmup_steps=40, num_labels=500, loss=supervised()
+  )
   c.eval.batch_size = 250
   c.eval.speed_resolutions = (28, 112)
   c.eval.speed_batch = 64

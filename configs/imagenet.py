@@ -13,15 +13,16 @@ The paper gives no recipe; these are method.md §8's defaults: distillation Adam
 matmuls; fine-tuning Adventurer's recipe (lr 5e-4 × batch/512, RandAugment m9-mstd0.5,
 mixup 0.8, cutmix 1.0, label smoothing 0.1, min lr 1e-5, 5 warm-up epochs).
 """
+
 from configs import common
 
 IMAGENET_TRAIN = 1_281_167
 SETUPS = {
-    # name: (teacher variant, teacher style, student variant, fine-tune drop path)
-    "clip_b16_to_B": ("B/16", "clip", "B/16", 0.2),
-    "b16_to_S": ("B/16", "timm", "S/16", 0.1),
-    "b16_to_L": ("B/16", "timm", "L/16", 0.4),
-    "l14_to_L": ("L/14", "clip", "L/16", 0.4),
+  # name: (teacher variant, teacher style, student variant, fine-tune drop path)
+  "clip_b16_to_B": ("B/16", "clip", "B/16", 0.2),
+  "b16_to_S": ("B/16", "timm", "S/16", 0.1),
+  "b16_to_L": ("B/16", "timm", "L/16", 0.4),
+  "l14_to_L": ("L/14", "clip", "L/16", 0.4),
 }
 
 
@@ -30,8 +31,15 @@ def epochs(n, batch):
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, setup="clip_b16_to_B", data_dir="", batch=1024,
-                         distill_epochs=300, finetune_epochs=100, smoke=False)
+  arg = common.parse_arg(
+    arg,
+    setup="clip_b16_to_B",
+    data_dir="",
+    batch=1024,
+    distill_epochs=300,
+    finetune_epochs=100,
+    smoke=False,
+  )
   if arg.setup not in SETUPS:
     raise ValueError(f"Unknown setup {arg.setup!r}; expected one of {sorted(SETUPS)}.")
   t_variant, t_style, s_variant, ft_drop = SETUPS[arg.setup]
@@ -43,13 +51,24 @@ def get_config(arg=None):
   c.student.variant = s_variant
   c.student.overrides = dict(dtype="bfloat16")
   b = arg.batch
-  c.distill = common.stage(steps=epochs(arg.distill_epochs, b), batch_size=b,
-                           lr=1.5e-4 * b / 256, warmup_steps=epochs(10, b),
-                           drop_path=0.1, loss=common.distill_loss())
-  c.finetune = common.stage(steps=epochs(arg.finetune_epochs, b), batch_size=b,
-                            lr=5e-4 * b / 512, warmup_steps=epochs(5, b), min_lr=1e-5,
-                            drop_path=ft_drop, loss=common.supervised_loss(),
-                            augment=dict(crop_scale=(0.08, 1.0), randaugment=True))
+  c.distill = common.stage(
+    steps=epochs(arg.distill_epochs, b),
+    batch_size=b,
+    lr=1.5e-4 * b / 256,
+    warmup_steps=epochs(10, b),
+    drop_path=0.1,
+    loss=common.distill_loss(),
+  )
+  c.finetune = common.stage(
+    steps=epochs(arg.finetune_epochs, b),
+    batch_size=b,
+    lr=5e-4 * b / 512,
+    warmup_steps=epochs(5, b),
+    min_lr=1e-5,
+    drop_path=ft_drop,
+    loss=common.supervised_loss(),
+    augment=dict(crop_scale=(0.08, 1.0), randaugment=True),
+  )
   c.eval.resolutions = (224, 448)
   c.eval.speed_resolutions = (224, 448)
   c.checkpoint.every_steps = 2000

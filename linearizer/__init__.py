@@ -1,7 +1,16 @@
-"""linearizer: distill a frozen ViT teacher into a linear-time Adventurer (Mamba-2) student."""
+"""linearizer: distill a frozen ViT teacher into a linear-time Adventurer (Mamba-2) student.
+
+`linearizer.load_student(dir)` is the one-line entry for notebooks. It is resolved on first
+use (PEP 562), so that importing `linearizer.cpu_malloc` (which main.py runs before JAX is
+loaded) or `linearizer.errors` does not load JAX and the whole library first.
+"""
+
+import importlib
+
+__all__ = ["load_student"]
 
 
-def load_student(directory):
-  """One line for notebooks: the exported student as an nnx module."""
-  from linearizer import export  # pylint: disable=import-outside-toplevel
-  return export.load_student(directory)
+def __getattr__(name):
+  if name == "load_student":
+    return importlib.import_module("linearizer.export").load_student
+  raise AttributeError(f"module 'linearizer' has no attribute {name!r}")

@@ -21,6 +21,7 @@ so an interrupted ablation resumes where it stopped. The summary is `ablation.js
 `ablation.md` (a table in the paper's layout, mean ± std with the paper's numbers beside)
 and `ablation.png`, all in `workdir/ablation/`.
 """
+
 import contextlib
 import json
 import multiprocessing
@@ -31,24 +32,32 @@ import jax
 import ml_collections
 import numpy as np
 
-from linearizer import evaluate, plots, stages
+from linearizer import data, distill, evaluate, plots, supervised, workdir
+from linearizer.errors import UserError, log, main_process
 
 # variant -> (row label, distill.loss overrides; None = supervised from scratch)
 VARIANTS = {
-    "supervised": ("supervised", None),
-    "mp": ("MP only", dict(w_am=0.0)),
-    "am": ("AM only", dict(w_mp=0.0)),
-    "am_mp": ("AM + MP", {}),
-    "scope_cls": ("CLS only", dict(scope="cls")),
-    "scope_visible": ("visible", dict(scope="visible")),
-    "scope_all": ("all tokens", dict(scope="all")),
+  "supervised": ("supervised", None),
+  "mp": ("MP only", dict(w_am=0.0)),
+  "am": ("AM only", dict(w_mp=0.0)),
+  "am_mp": ("AM + MP", {}),
+  "scope_cls": ("CLS only", dict(scope="cls")),
+  "scope_visible": ("visible", dict(scope="visible")),
+  "scope_all": ("all tokens", dict(scope="all")),
 }
 # The paper's two tables (ImageNet-1k top-1, CLIP ViT-B/16 → Adventurer-B): (row, variant, %)
 PAPER = {
-    "objective": [("supervised", "supervised", 82.6), ("MP only", "mp", 83.6),
-                  ("AM only", "am", 83.8), ("AM + MP", "am_mp", 84.3)],
-    "AM scope": [("CLS only", "scope_cls", 83.7), ("visible", "scope_visible", 84.3),
-                 ("all tokens", "scope_all", 83.4)],
+  "objective": [
+    ("supervised", "supervised", 82.6),
+    ("MP only", "mp", 83.6),
+    ("AM only", "am", 83.8),
+    ("AM + MP", "am_mp", 84.3),
+  ],
+  "AM scope": [
+    ("CLS only", "scope_cls", 83.7),
+    ("visible", "scope_visible", 84.3),
+    ("all tokens", "scope_all", 83.4),
+  ],
 }
 
 
@@ -62,12 +71,12 @@ def runs_of(config, variant):
   return "am_mp" if variant == scope_row(config.distill.loss.scope) else variant
 
 
-def out_dir(workdir):
-  return os.path.join(workdir, "ablation")
+def out_dir(root):
+  return os.path.join(root, "ablation")
 
 
-def run_dir(workdir, variant, seed_index):
-  return os.path.join(out_dir(workdir), variant, f"seed{seed_index}")
+def variant_dir(root, variant, seed_index):
+  return os.path.join(out_dir(root), variant, f"seed{seed_index}")
 
 
 def run_config(config, variant, seed_index):
@@ -81,30 +90,32 @@ def run_config(config, variant, seed_index):
   return sub
 
 
-def train_variant(config, variant, workdir, teacher, train_src, classes):
+def train_variant(config, variant, run_dir, teacher, train_src, classes):
   """Distill + fine-tune (or train from scratch) one student; returns it."""
   norm = (teacher.cfg.mean, teacher.cfg.std)
   if VARIANTS[variant][1] is None:
-    student = stages.new_student(config, classes, norm, drop_path=config.train_student.drop_path)
-    return stages.run_supervised("train_student", config, workdir, student, train_src)
-  if not stages.finished(workdir, "distill"):
-    stages.run_distill(config, workdir, teacher, train_src)
-  return stages.run_supervised("finetune", config, workdir,
-                               stages.pretrained_student(config, workdir, classes), train_src)
+    student = workdir.new_student(config, classes, norm, drop_path=config.train_student.drop_path)
+    return supervised.run_supervised("train_student", config, run_dir, student, train_src)
+  if not workdir.finished(run_dir, "distill"):
+    distill.run_distill(config, run_dir, teacher, train_src)
+  return supervised.run_supervised(
+    "finetune", config, run_dir, workdir.pretrained_student(config, run_dir, classes), train_src
+  )
 
 
 def top1(config, model, eval_src):
   return evaluate.accuracy(config, model, eval_src, image_size=config.data.image_size)[0]["top1"]
 
 
-def run_one(config, workdir, variant, k, teacher, train_src, eval_src, classes):
+def run_one(config, root, variant, k, teacher, train_src, eval_src, classes):
   """One (variant, seed) run; writes its result.json and returns its top-1."""
   sub = run_config(config, variant, k)
-  model = train_variant(sub, variant, run_dir(workdir, variant, k), teacher, train_src, classes)
+  model = train_variant(sub, variant, variant_dir(root, variant, k), teacher, train_src, classes)
   acc = top1(sub, model, eval_src)
-  if jax.process_index() == 0:
-    with open(os.path.join(run_dir(workdir, variant, k), "result.json"), "w",
-              encoding="utf-8") as f:
+  if main_process():
+    with open(
+      os.path.join(variant_dir(root, variant, k), "result.json"), "w", encoding="utf-8"
+    ) as f:
       json.dump(dict(variant=variant, seed=sub.seed, top1=acc), f)
   return acc
 
@@ -112,25 +123,36 @@ def run_one(config, workdir, variant, k, teacher, train_src, eval_src, classes):
 _WORKER = {}  # in a worker process: what every run shares, loaded once by _start_worker
 
 
-def _start_worker(config_json, workdir, cache_dir):
+def _start_worker(config_json, root, cache_dir):
   """A fresh worker process: the config, data and teacher, once for all its runs."""
   if cache_dir:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
   config = ml_collections.ConfigDict(json.loads(config_json))
-  train_src, eval_src = stages.sources(config)
-  classes = stages.num_classes(config, train_src)
-  _WORKER.update(config=config, workdir=workdir, train_src=train_src, eval_src=eval_src,
-                 classes=classes, teacher=stages.teacher(config, workdir, classes))
+  train_src, eval_src = data.sources(config.data)
+  classes = data.num_classes(config.data, train_src)
+  _WORKER.update(
+    config=config,
+    root=root,
+    train_src=train_src,
+    eval_src=eval_src,
+    classes=classes,
+    teacher=workdir.teacher(config, root, classes),
+  )
 
 
 def _worker(task):
   variant, k = task
   w = _WORKER
-  return variant, k, run_one(w["config"], w["workdir"], variant, k, w["teacher"],
-                             w["train_src"], w["eval_src"], w["classes"])
+  return (
+    variant,
+    k,
+    run_one(
+      w["config"], w["root"], variant, k, w["teacher"], w["train_src"], w["eval_src"], w["classes"]
+    ),
+  )
 
 
-def run(config, workdir, train_src, eval_src, classes):
+def run(config, root, train_src, eval_src, classes):
   """Trains every (variant, seed) not yet done, then writes the summary; returns it.
 
   With ablation.workers > 1 (one process), that many runs go at once, each in its own
@@ -138,52 +160,68 @@ def run(config, workdir, train_src, eval_src, classes):
   """
   unknown = sorted(set(config.ablation.variants) - set(VARIANTS))
   if unknown:
-    raise ValueError(f"ablation.variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
-  if "train_teacher" in config.stages and not stages.finished(workdir, "train_teacher"):
-    raise ValueError("ablation: the 'train_teacher' stage must come before 'ablation'.")
-  teacher = stages.teacher(config, workdir, classes)
+    raise UserError(f"ablation.variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
+  if "train_teacher" in config.stages and not workdir.finished(root, "train_teacher"):
+    raise UserError("ablation: the 'train_teacher' stage must come before 'ablation'.")
+  teacher = workdir.teacher(config, root, classes)
   variants = list(dict.fromkeys(runs_of(config, v) for v in config.ablation.variants))
-  todo = [(v, k) for k in range(config.ablation.seeds) for v in variants
-          if not os.path.isfile(os.path.join(run_dir(workdir, v, k), "result.json"))]
+  todo = [
+    (v, k)
+    for k in range(config.ablation.seeds)
+    for v in variants
+    if not os.path.isfile(os.path.join(variant_dir(root, v, k), "result.json"))
+  ]
   start = time.time()
-  workers = min(config.ablation.get("workers", 1), len(todo))
+  workers = min(config.ablation.workers, len(todo))
   pool = None
   if workers > 1 and jax.process_count() == 1:  # a fresh JAX in every worker
     pool = multiprocessing.get_context("spawn").Pool(
-        workers, _start_worker, (config.to_json(), workdir, jax.config.jax_compilation_cache_dir))
+      workers, _start_worker, (config.to_json(), root, jax.config.jax_compilation_cache_dir)
+    )
   with pool or contextlib.nullcontext():
     if pool:
       results = pool.imap_unordered(_worker, todo)
     else:
-      results = ((v, k, run_one(config, workdir, v, k, teacher, train_src, eval_src, classes))
-                 for v, k in todo)
+      results = (
+        (v, k, run_one(config, root, v, k, teacher, train_src, eval_src, classes)) for v, k in todo
+      )
     for done, (variant, k, acc) in enumerate(results, 1):
-      print(f"[ablation] {variant} seed {k}: top-1 {100 * acc:.2f}% ({done}/{len(todo)} runs, "
-            f"{(time.time() - start) / 60:.1f} min)", flush=True)
-  summary = summarize(config, workdir, top1(config, teacher, eval_src))
-  if jax.process_index() == 0:
-    write_summary(summary, out_dir(workdir))
-    print(summary["table"], flush=True)
+      log(
+        f"[ablation] {variant} seed {k}: top-1 {100 * acc:.2f}% ({done}/{len(todo)} runs, "
+        f"{(time.time() - start) / 60:.1f} min)"
+      )
+  summary = summarize(config, root, top1(config, teacher, eval_src))
+  if main_process():
+    write_summary(summary, out_dir(root))
+    log(summary["table"])
   return summary
 
 
 # ---------------------------------------------------------------------------------------
 # The summary: numbers, a table in the paper's layout, a bar plot.
 # ---------------------------------------------------------------------------------------
-def summarize(config, workdir, teacher_top1):
+def summarize(config, root, teacher_top1):
   """Per variant the top-1 of every seed, mean and std (in %), the checks, the table."""
   variants = {}
   for variant in config.ablation.variants:
     accs = []
     for k in range(config.ablation.seeds):
-      path = os.path.join(run_dir(workdir, runs_of(config, variant), k), "result.json")
+      path = os.path.join(variant_dir(root, runs_of(config, variant), k), "result.json")
       with open(path, encoding="utf-8") as f:
         accs.append(100 * json.load(f)["top1"])
-    variants[variant] = dict(top1=accs, mean=float(np.mean(accs)),
-                             std=float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0)
-  out = dict(teacher_top1=100 * teacher_top1, seeds=config.ablation.seeds,
-             data=config.data.source, scope=config.distill.loss.scope, variants=variants,
-             checks=checks(variants))
+    variants[variant] = dict(
+      top1=accs,
+      mean=float(np.mean(accs)),
+      std=float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+    )
+  out = dict(
+    teacher_top1=100 * teacher_top1,
+    seeds=config.ablation.seeds,
+    data=config.data.source,
+    scope=config.distill.loss.scope,
+    variants=variants,
+    checks=checks(variants),
+  )
   out["table"] = table(out)
   return out
 
@@ -195,8 +233,11 @@ def checks(variants):
     return {}
   sup, both = variants["supervised"], variants["am_mp"]
   spread = max(sup["std"], both["std"])
-  out = dict(gap=both["mean"] - sup["mean"], spread=spread,
-             am_mp_beats_supervised_by_2_std=both["mean"] - sup["mean"] > 2 * spread)
+  out = dict(
+    gap=both["mean"] - sup["mean"],
+    spread=spread,
+    am_mp_beats_supervised_by_2_std=both["mean"] - sup["mean"] > 2 * spread,
+  )
   for v in ("mp", "am"):
     if v in variants:
       out[f"{v}_between"] = sup["mean"] <= variants[v]["mean"] <= both["mean"]
@@ -206,9 +247,11 @@ def checks(variants):
 def table(summary):
   """Markdown in the paper's layout: objective rows, then AM-scope rows."""
   variants, n = summary["variants"], summary["seeds"]
-  lines = [f"| | top-1 (%), mean ± std over {n} seed{'s' * (n > 1)} | paper, ImageNet-1k |",
-           "|---|---|---|",
-           f"| teacher | {summary['teacher_top1']:.2f} | 84.7 (CLIP ViT-B/16) |"]
+  lines = [
+    f"| | top-1 (%), mean ± std over {n} seed{'s' * (n > 1)} | paper, ImageNet-1k |",
+    "|---|---|---|",
+    f"| teacher | {summary['teacher_top1']:.2f} | 84.7 (CLIP ViT-B/16) |",
+  ]
   for section, rows in PAPER.items():
     lines.append(f"| **{section}** | | |")
     for label, variant, paper in rows:
@@ -220,12 +263,15 @@ def table(summary):
   if c:
     lines.append("")
     beats = "yes" if c["am_mp_beats_supervised_by_2_std"] else "no"
-    lines.append(f"AM + MP − supervised: {c['gap']:+.2f} points; larger seed std "
-                 f"{c['spread']:.2f}; > 2 std: {beats}.")
+    lines.append(
+      f"AM + MP − supervised: {c['gap']:+.2f} points; larger seed std "
+      f"{c['spread']:.2f}; > 2 std: {beats}."
+    )
     for v, label in (("mp", "MP only"), ("am", "AM only")):
       if f"{v}_between" in c:
-        lines.append(f"{label} between supervised and AM + MP: "
-                     f"{'yes' if c[f'{v}_between'] else 'no'}.")
+        lines.append(
+          f"{label} between supervised and AM + MP: {'yes' if c[f'{v}_between'] else 'no'}."
+        )
   return "\n".join(lines)
 
 
@@ -244,8 +290,9 @@ def bar_plot(summary, path):
   variants = summary["variants"]
   panels = [(s, [r for r in rows if r[1] in variants]) for s, rows in PAPER.items()]
   panels = [(s, rows) for s, rows in panels if rows]
-  fig, axes = plt.subplots(1, len(panels), figsize=(4 + 1.2 * max(len(r) for _, r in panels),
-                                                    3.6), squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(panels), figsize=(4 + 1.2 * max(len(r) for _, r in panels), 3.6), squeeze=False
+  )
   for ax, (section, rows) in zip(axes[0], panels):
     means = [variants[v]["mean"] for _, v, _ in rows]
     stds = [variants[v]["std"] for _, v, _ in rows]

@@ -7,6 +7,7 @@ a checkpoint that still fails to restore is reported, moved aside to `<step>.unr
 (never deleted) and the one before it is used. A save that fails (disk full, no
 permission) raises SaveError; the checkpoints already written stay as they are.
 """
+
 import logging
 import os
 import time
@@ -14,9 +15,11 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from linearizer.errors import UserError, main_process
 
-class SaveError(OSError):
-  """A checkpoint could not be written."""
+
+class SaveError(UserError, OSError):
+  """A checkpoint could not be written (the CLIs report it in one line, exit 2)."""
 
 
 class Checkpointer:
@@ -27,8 +30,11 @@ class Checkpointer:
     self.directory = directory
     self._pending = None  # the step of the save that may still be under way
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+      directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+      ),
+    )
 
   @staticmethod
   def _saved_part(state):
@@ -44,13 +50,17 @@ class Checkpointer:
       return False
     try:
       self.manager.check_for_errors()  # a previous async save that failed
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise self._failed(self._pending, e) from e
     try:
-      started = self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(self._saved_part(state)),
-          data=ocp.args.JsonSave(data_state)), force=force)
-    except Exception as e:  # pylint: disable=broad-except
+      started = self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(self._saved_part(state)), data=ocp.args.JsonSave(data_state)
+        ),
+        force=force,
+      )
+    except Exception as e:
       raise self._failed(step, e) from e
     self._pending = step if started else self._pending
     return started
@@ -61,16 +71,25 @@ class Checkpointer:
     `state` is a freshly initialised state of the same structure and shardings: it gives
     the target shapes and the parts that are not saved.
     """
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          self._saved_part(state))
+    target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._saved_part(state)
+    )
     unreadable = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-      except Exception as e:  # pylint: disable=broad-except
-        logging.error("Checkpoint at step %d could not be restored (%s: %s); trying the one "
-                      "before it.", step, type(e).__name__, e)
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+          ),
+        )
+      except Exception as e:
+        logging.error(
+          "Checkpoint at step %d could not be restored (%s: %s); trying the one before it.",
+          step,
+          type(e).__name__,
+          e,
+        )
         unreadable.append(step)
         continue
       # Newer unreadable checkpoints would make Orbax skip every save up to their step and
@@ -78,10 +97,14 @@ class Checkpointer:
       # run writes those steps again.
       for bad in unreadable:
         aside = os.path.join(self.directory, f"{bad}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-        if jax.process_index() == 0:
+        if main_process():
           os.rename(os.path.join(self.directory, str(bad)), aside)
-        logging.error("Moved the unreadable checkpoint of step %d to %s; resuming from step %d.",
-                      bad, aside, step)
+        logging.error(
+          "Moved the unreadable checkpoint of step %d to %s; resuming from step %d.",
+          bad,
+          aside,
+          step,
+        )
       if unreadable:
         self.manager.reload()
       return restored.state.replace(rest=state.rest), restored.data
@@ -93,19 +116,21 @@ class Checkpointer:
   def wait(self):
     try:
       self.manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise self._failed(self._pending, e) from e
 
   def _failed(self, step, error) -> SaveError:
     try:  # saves still under way complete (or fail) before the process exits
       self.manager.wait_until_finished()
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       pass
     good = [s for s in self.manager.all_steps() if s != step]
     last = f"the last good checkpoint is step {max(good)}" if good else "no checkpoint was kept"
-    return SaveError(f"Could not save the checkpoint of step {step} in {self.directory} "
-                     f"({type(error).__name__}: {error}); {last}. Free disk space or fix the "
-                     "permissions, then run the same command again to resume from it.")
+    return SaveError(
+      f"Could not save the checkpoint of step {step} in {self.directory} "
+      f"({type(error).__name__}: {error}); {last}. Free disk space or fix the "
+      "permissions, then run the same command again to resume from it."
+    )
 
   def close(self):
     self.manager.close()

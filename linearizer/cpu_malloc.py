@@ -16,14 +16,14 @@ Applied only where JAX will run on the CPU (JAX_PLATFORMS names cpu first, or no
 accelerator plugin and no libtpu is installed), when main.py was started as a script, and
 when GLIBC_TUNABLES is unset: set it (even to nothing) to opt out.
 """
+
 import importlib.metadata
 import importlib.util
 import os
 import platform
 import sys
 
-TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-            "glibc.malloc.trim_threshold=1073741824")
+TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"
 
 
 def runs_on_cpu(environ) -> bool:
@@ -32,9 +32,11 @@ def runs_on_cpu(environ) -> bool:
   platforms = environ.get("JAX_PLATFORMS", "")
   if platforms:
     return platforms.split(",")[0].strip() == "cpu"
-  return (not importlib.metadata.entry_points(group="jax_plugins")
-          and importlib.util.find_spec("jax_plugins") is None
-          and importlib.util.find_spec("libtpu") is None)
+  return (
+    not importlib.metadata.entry_points(group="jax_plugins")
+    and importlib.util.find_spec("jax_plugins") is None
+    and importlib.util.find_spec("libtpu") is None
+  )
 
 
 def environment(environ=None):
@@ -51,8 +53,11 @@ def started_as_script() -> bool:
   """Whether re-running the command line runs this script again: not under IPython's
   %run or a debugger (the command line is theirs), nor from stdin (read once)."""
   argv, orig = sys.argv, sys.orig_argv
-  return (os.path.isfile(argv[0]) and orig[len(orig) - len(argv):] == argv
-          and "IPython" not in sys.modules)
+  return (
+    os.path.isfile(argv[0])
+    and orig[len(orig) - len(argv) :] == argv
+    and "IPython" not in sys.modules
+  )
 
 
 def reexec():

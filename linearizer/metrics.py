@@ -1,11 +1,16 @@
-"""What a run reports: `metrics.jsonl`, TensorBoard events and a progress line on stdout."""
+"""What a run reports: `metrics.jsonl`, TensorBoard events and a progress line on stdout;
+and how a compiled function is timed (evaluation's img/s and the benchmark share it)."""
+
 import json
 import logging
 import os
+import statistics
 import time
 
 import jax
 import numpy as np
+
+from linearizer.errors import log, main_process
 
 
 def _scalars(metrics: dict) -> dict:
@@ -20,13 +25,14 @@ class MetricWriter:
 
   def __init__(self, directory: str, *, stage: str, total_steps: int, batch_size: int):
     self.stage, self.total, self.batch_size = stage, total_steps, batch_size
-    self.active = jax.process_index() == 0
+    self.active = main_process()
     self.jsonl, self.tb = None, None
     if self.active:
       os.makedirs(directory, exist_ok=True)
       self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8")
       try:  # TensorBoard event files without TensorFlow
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+        from tensorboardX import SummaryWriter  # optional: no TensorBoard events without it
+
         self.tb = SummaryWriter(os.path.join(directory, "tb"))
       except ImportError:
         logging.warning("tensorboardX is not installed: no TensorBoard events.")
@@ -45,12 +51,13 @@ class MetricWriter:
       if self.tb is not None:
         for k, v in values.items():
           self.tb.add_scalar(f"{self.stage}/{k}", v, step)
-      print(self.progress_line(step, values), flush=True)
+      log(self.progress_line(step, values))
     return values
 
   def progress_line(self, step: int, values: dict) -> str:
-    terms = " ".join(f"{k}={v:.4g}" for k, v in values.items()
-                     if k not in ("img_per_s", "lr", "step"))
+    terms = " ".join(
+      f"{k}={v:.4g}" for k, v in values.items() if k not in ("img_per_s", "lr", "step")
+    )
     speed = values.get("img_per_s")
     eta = ""
     if speed:
@@ -63,3 +70,20 @@ class MetricWriter:
       self.jsonl.close()
     if self.tb:
       self.tb.close()
+
+
+def time_compiled(compiled, args, repeats: int, carry=None) -> float:
+  """Median seconds of `compiled(*args)` after one warm-up call, each call ended by
+  `jax.block_until_ready`.
+
+  carry(args, out) -> next args, for steps that donate their state.
+  """
+  out = jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    if carry is not None:
+      args = carry(args, out)
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)

@@ -1,4 +1,5 @@
 """Pictures of a run: the training curves of every stage, from its metrics.jsonl."""
+
 import json
 import os
 

@@ -4,25 +4,34 @@ The handler only records the request; the training loop checks it after each ste
 a checkpoint of that step and exits, so a run never loses more than the step in flight
 and the same command resumes it. A second Ctrl-C stops at once.
 """
+
 import os
 import signal
 import threading
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from linearizer.errors import log
 
 _requested = None  # the signal number, once one arrived
 
 
-def _handle(signum, frame):  # pylint: disable=unused-argument
+def _handle(signum, frame):
+  del frame
   global _requested
   if _requested is not None:  # asked twice: stop now, with the signal's default action
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     return
   _requested = signum
-  print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, "
-        "then stopping (send it again to stop at once).", flush=True)
+  # Every process says what it received (a plain print: this runs in a signal handler).
+  print(
+    f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, "
+    "then stopping (send it again to stop at once).",
+    flush=True,
+  )
 
 
 def install():
@@ -37,7 +46,6 @@ def requested() -> bool:
   local = _requested is not None
   if jax.process_count() == 1:
     return local
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
 
 
@@ -46,5 +54,5 @@ class Stopped(SystemExit):
 
   def __init__(self, where: str):
     signum = _requested or signal.SIGTERM
-    print(f"Stopped {where}. Run the same command again to resume.", flush=True)
+    log(f"Stopped {where}. Run the same command again to resume.")
     super().__init__(128 + int(signum))

@@ -5,14 +5,17 @@ The mesh has two axes: `data` (pure data parallelism: parameters replicated) and
 batch is split over both. One rule function serves the whole train state, so optimizer
 moments are sharded exactly like the parameters they follow.
 """
+
 import os
 import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from linearizer.train import path_str
+from linearizer.errors import UserError
+from linearizer.optim import path_str
 
 AXES = ("data", "fsdp")
 BATCH = P(AXES)
@@ -23,13 +26,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if data == -1 and fsdp == -1:
-    raise ValueError("At most one of mesh.data and mesh.fsdp may be -1.")
+    raise UserError("At most one of mesh.data and mesh.fsdp may be -1.")
   if not all(s == -1 or s > 0 for s in (data, fsdp)):
-    raise ValueError(f"Mesh sizes must be positive or -1, got data={data}, fsdp={fsdp}.")
+    raise UserError(f"Mesh sizes must be positive or -1, got data={data}, fsdp={fsdp}.")
   data = n // fsdp if data == -1 else data
   fsdp = n // data if fsdp == -1 else fsdp
   if data * fsdp != n:
-    raise ValueError(f"Mesh data={data} × fsdp={fsdp} does not cover the {n} devices.")
+    raise UserError(f"Mesh data={data} × fsdp={fsdp} does not cover the {n} devices.")
   # Auto axes: the step's shardings come from jit_step and XLA propagates the rest
   # (jax.make_mesh would default to Explicit axes, which put shardings into the types).
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
@@ -38,7 +41,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(data, fsdp), AXES, axis_types=auto)
 
 
-def spec_for(path: str, shape: tuple, mesh: Mesh, rules=(), fsdp_min_size: int = 2 ** 18):
+def spec_for(path: str, shape: tuple, mesh: Mesh, rules=(), fsdp_min_size: int = 2**18):
   """PartitionSpec of one array: the first matching rule, else FSDP for large arrays.
 
   rules: (regex, spec tuple) pairs matched against the array's path. Without a match, an
@@ -56,18 +59,27 @@ def spec_for(path: str, shape: tuple, mesh: Mesh, rules=(), fsdp_min_size: int =
   return P()
 
 
-def tree_shardings(tree, mesh: Mesh, rules=(), fsdp_min_size: int = 2 ** 18):
+def tree_shardings(tree, mesh: Mesh, rules=(), fsdp_min_size: int = 2**18):
   """NamedShardings for every array of a pytree (e.g. a whole TrainState)."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: NamedSharding(mesh, spec_for(path_str(p), np.shape(x), mesh, rules,
-                                                fsdp_min_size)), tree)
+    lambda p, x: NamedSharding(
+      mesh, spec_for(path_str(p), np.shape(x), mesh, rules, fsdp_min_size)
+    ),
+    tree,
+  )
 
 
 def put(tree, shardings):
   """Places a pytree that every process holds in full onto the mesh."""
-  return jax.tree.map(lambda x, s: jax.make_array_from_callback(
-      np.shape(x), s, lambda idx: x[idx]) if not jax.dtypes.issubdtype(
-          x.dtype, jax.dtypes.prng_key) else jax.device_put(x, s), tree, shardings)
+  return jax.tree.map(
+    lambda x, s: (
+      jax.make_array_from_callback(np.shape(x), s, lambda idx: x[idx])
+      if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+      else jax.device_put(x, s)
+    ),
+    tree,
+    shardings,
+  )
 
 
 def global_batch(local_batch, mesh: Mesh):
@@ -84,8 +96,12 @@ def jit_step(step, mesh: Mesh, state_shardings, extra_shardings=()):
   """
   replicated = NamedSharding(mesh, P())
   batch = NamedSharding(mesh, BATCH)
-  return jax.jit(step, in_shardings=(state_shardings, *extra_shardings, batch, replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return jax.jit(
+    step,
+    in_shardings=(state_shardings, *extra_shardings, batch, replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
@@ -98,12 +114,21 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
   coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   num_processes = int(num_processes or os.environ.get("JAX_NUM_PROCESSES", 0)) or None
   process_id = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
-  auto = any(k in os.environ for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_ID",
-                                       "MEGASCALE_COORDINATOR_ADDRESS"))
+  auto = any(
+    k in os.environ
+    for k in (
+      "SLURM_NTASKS",
+      "OMPI_COMM_WORLD_SIZE",
+      "TPU_WORKER_ID",
+      "MEGASCALE_COORDINATOR_ADDRESS",
+    )
+  )
   if not (coordinator_address or auto) or (num_processes or 2) < 2:
     return False
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
-      coordinator_address=coordinator_address, num_processes=num_processes,
-      process_id=int(process_id) if process_id is not None else None)
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=int(process_id) if process_id is not None else None,
+  )
   return True

@@ -1,6 +1,6 @@
 """What the student learned, as pictures: similarity maps, attention, SSD mixing matrices.
 
-For a few images and each of K stages (method.md §2) it draws the teacher's and each
+For a few images and each of K levels (method.md §2; the paper's "stages") it draws the teacher's and each
 student's cosine-similarity maps — for one query patch as a heat map over the image, and
 whole, with the AM distance between teacher and student. For one layer it draws the
 teacher's attention (averaged over heads) next to each student's implicit SSD mixing
@@ -12,16 +12,21 @@ the attention-like form of the Mamba-2 scan. Both are shown patch-to-patch in ra
 order: the student's flipped layers read the patches backwards, which is undone here (a
 flipped layer's matrix is then upper-triangular).
 """
+
 import glob
 import json
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
 
-from linearizer import data, losses, plots, train
+import kernels
+from linearizer import data, distill, losses, plots, workdir
+from linearizer.errors import UserError, log
+from linearizer.models import common
 
 plt = plots.plt
 
@@ -29,21 +34,15 @@ plt = plots.plt
 # ---------------------------------------------------------------------------------------
 # The matrices.
 # ---------------------------------------------------------------------------------------
-def ssd_mixing_matrix(dt, A, B, C):
-  """(b, H, L, L) float32 M with y = M x + D x for `kernels.ssd`'s arguments (§6 step 4).
+def grid_of(model) -> tuple:
+  """The model's patch grid at its configured image size."""
+  return common.patch_grid((model.cfg.image_size, model.cfg.image_size), model.cfg.patch)
 
-  Zero above the diagonal; the decay mask goes in before exp, as in kernels/xla.py.
-  """
-  H = dt.shape[-1]
-  per_group = H // B.shape[2]
-  Bh = jnp.repeat(B.astype(jnp.float32), per_group, axis=2)  # (b, L, H, S)
-  Ch = jnp.repeat(C.astype(jnp.float32), per_group, axis=2)
-  cb = jnp.einsum("bthn,bshn->bhts", Ch, Bh, precision=jax.lax.Precision.HIGHEST)
-  cum = jnp.moveaxis(jnp.cumsum(dt.astype(jnp.float32) * A, axis=1), 1, -1)  # (b, H, L)
-  seg = cum[..., :, None] - cum[..., None, :]  # Σ_{r=s+1..t} A Δ_r
-  causal = jnp.tril(jnp.ones(seg.shape[-2:], bool))
-  decay = jnp.exp(jnp.where(causal, seg, -jnp.inf))
-  return cb * decay * jnp.moveaxis(dt.astype(jnp.float32), 1, -1)[..., None, :]
+
+def has_scan(model) -> bool:
+  """Whether the model's blocks are Mamba-2 mixers (whose SSD matrix can be drawn)."""
+  layers = getattr(model, "layers", None)
+  return bool(layers) and hasattr(layers[0], "mixer")
 
 
 def _layer_inputs(model, images, layer, blocks=None):
@@ -61,8 +60,9 @@ def student_mixing(student, images, layer, blocks=None):
   block = student.layers[layer]
   h = _layer_inputs(student, images, layer, blocks)
   inputs, _ = block.mixer.ssd_inputs(block.mixer_input(h))
-  m = jnp.mean(jnp.abs(ssd_mixing_matrix(inputs["dt"], inputs["A"], inputs["B"],
-                                         inputs["C"])), axis=1)
+  m = jnp.mean(
+    jnp.abs(kernels.ssd_matrix(inputs["dt"], inputs["A"], inputs["B"], inputs["C"])), axis=1
+  )
   n = m.shape[-1] - 2
   order = np.arange(n)[::-1] + 1 if block.flip else np.arange(n) + 1  # raster -> position
   return m[:, order][:, :, order]
@@ -76,22 +76,31 @@ def teacher_attention(teacher, images, layer, blocks=None):
   heads = block.attn.num_heads
   q, k, _ = jnp.split(block.attn.qkv(x).reshape(b, t, 3 * heads, d // heads), 3, 2)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(d // heads)
-  return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)[:, 1:, 1:]
+  patches = slice(*teacher.roles.patches)
+  return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)[:, patches, patches]
 
 
-def stage_tokens(teacher, student, t_images, s_images, num_stages):
-  """Per stage, (teacher, student) tokens as [cls, patches in raster order] on the
+def level_tokens(teacher, student, t_images, s_images, num_levels):
+  """Per level, (teacher, student) tokens as [cls, patches in raster order] on the
   student's grid, exactly as activation matching sees them (scope 'all')."""
-  return stage_pairs(teacher(t_images).blocks, student(s_images).blocks, teacher.grid,
-                     student.grid, num_stages)
+  return level_pairs_of(
+    teacher(t_images), student(s_images), grid_of(teacher), grid_of(student), num_levels
+  )
 
 
-def stage_pairs(t_blocks, s_blocks, t_grid, s_grid, num_stages):
-  """stage_tokens from the two models' block outputs."""
-  t_ends = losses.stage_ends(len(t_blocks), num_stages)
-  s_ends = losses.stage_ends(len(s_blocks), num_stages)
-  return [losses.align(t_blocks[i], s_blocks[j], t_grid, s_grid, "all")
-          for i, j in zip(t_ends, s_ends)]
+def level_pairs_of(t_out, s_out, t_grid, s_grid, num_levels):
+  """level_tokens from the two models' outputs (`ModelOutput`s)."""
+  pairs = losses.level_pairs(len(t_out.blocks), len(s_out.blocks), num_levels)
+  return [
+    losses.align(
+      losses.split_roles(t_out.blocks[i], t_out.roles),
+      losses.split_roles(s_out.blocks[j], s_out.roles),
+      t_grid,
+      s_grid,
+      "all",
+    )
+    for i, j in pairs
+  ]
 
 
 def analyse(teacher, students, images, *, num_stages=4, layer=-1):
@@ -103,30 +112,41 @@ def analyse(teacher, students, images, *, num_stages=4, layer=-1):
   """
   first = next(iter(students.values()))
   t_images = teacher_images(images, first.cfg, teacher.cfg)
-  t_blocks = teacher(t_images).blocks  # once, for every student
-  depth = len(first.layers)
+  t_out = teacher(t_images)  # once, for every student
+  t_blocks = t_out.blocks
+  depth = first.cfg.depth
   s_layer = layer % depth
   t_layer = round((s_layer + 1) * len(teacher.blocks) / depth) - 1  # same relative depth
-  out = dict(grid=first.grid, maps={}, am={}, mixing={}, layer=(t_layer, s_layer),
-             mixing_grid={"teacher": teacher.grid})
+  out = dict(
+    grid=grid_of(first),
+    maps={},
+    am={},
+    mixing={},
+    layer=(t_layer, s_layer),
+    mixing_grid={"teacher": grid_of(teacher)},
+  )
   out["mixing"]["teacher"] = np.asarray(teacher_attention(teacher, t_images, t_layer, t_blocks))
   for name, student in students.items():
-    s_blocks = student(images).blocks
-    pairs = stage_pairs(t_blocks, s_blocks, teacher.grid, student.grid, num_stages)
-    out["maps"].setdefault("teacher", [np.asarray(losses.cosine_similarities(t))
-                                       for t, _ in pairs])
+    s_out = student(images)
+    s_blocks = s_out.blocks
+    pairs = level_pairs_of(t_out, s_out, grid_of(teacher), grid_of(student), num_stages)
+    out["maps"].setdefault("teacher", [np.asarray(losses.cosine_similarities(t)) for t, _ in pairs])
     out["maps"][name] = [np.asarray(losses.cosine_similarities(s)) for _, s in pairs]
-    out["am"][name] = [np.asarray(jax.vmap(lambda a, b: losses.activation_matching(
-      [a[None]], [b[None]])[0])(t, s)) for t, s in pairs]
-    out["mixing"][name] = np.asarray(student_mixing(student, images, s_layer, s_blocks))
-    out["mixing_grid"][name] = student.grid
+    out["am"][name] = [
+      np.asarray(jax.vmap(lambda a, b: losses.activation_matching([a[None]], [b[None]])[0])(t, s))
+      for t, s in pairs
+    ]
+    if has_scan(student):  # other architectures: similarity maps only
+      out["mixing"][name] = np.asarray(student_mixing(student, images, s_layer, s_blocks))
+      out["mixing_grid"][name] = grid_of(student)
   return out
 
 
 def teacher_images(images, student_cfg, teacher_cfg):
   """Images normalised for the student, re-expressed with the teacher's statistics."""
-  return train.renormalise(jnp.asarray(images), (student_cfg.mean, student_cfg.std),
-                           (teacher_cfg.mean, teacher_cfg.std))
+  return distill.renormalise(
+    jnp.asarray(images), (student_cfg.mean, student_cfg.std), (teacher_cfg.mean, teacher_cfg.std)
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,10 +155,17 @@ def teacher_images(images, student_cfg, teacher_cfg):
 def _heat(ax, pixels, row, grid, title):
   """A map row over the patch grid, upsampled onto the image."""
   ax.imshow(pixels)
-  heat = np.kron(row.reshape(grid), np.ones((pixels.shape[0] // grid[0],
-                                             pixels.shape[1] // grid[1])))
-  ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=-1, vmax=1,
-            extent=(0, pixels.shape[1], pixels.shape[0], 0))
+  heat = np.kron(
+    row.reshape(grid), np.ones((pixels.shape[0] // grid[0], pixels.shape[1] // grid[1]))
+  )
+  ax.imshow(
+    heat,
+    cmap="inferno",
+    alpha=0.6,
+    vmin=-1,
+    vmax=1,
+    extent=(0, pixels.shape[1], pixels.shape[0], 0),
+  )
   ax.set_title(title, fontsize=8)
 
 
@@ -160,9 +187,13 @@ def draw(result, pixels, index, query, path):
     ax.axis("off")
   for s in range(k):
     axes[s, 0].imshow(pixels)
-    axes[s, 0].scatter([(query[1] + 0.5) * pixels.shape[1] / grid[1]],
-                       [(query[0] + 0.5) * pixels.shape[0] / grid[0]], c="cyan", s=25,
-                       marker="x")
+    axes[s, 0].scatter(
+      [(query[1] + 0.5) * pixels.shape[1] / grid[1]],
+      [(query[0] + 0.5) * pixels.shape[0] / grid[0]],
+      c="cyan",
+      s=25,
+      marker="x",
+    )
     axes[s, 0].set_title(f"stage {s + 1}: query", fontsize=8)
     for i, name in enumerate(names):
       m = result["maps"][name][s][index]
@@ -171,10 +202,15 @@ def draw(result, pixels, index, query, path):
       _matrix(axes[s, 1 + len(names) + i], m, f"{name} map{am}", vmin=-1, vmax=1)
   t_layer, s_layer = result["layer"]
   for i, name in enumerate(names):
+    if name not in result["mixing"]:  # a student without an SSD scan
+      continue
     m, g = result["mixing"][name][index], result["mixing_grid"][name]
     row = m[int((query[0] + 0.5) * g[0] / grid[0]) * g[1] + int((query[1] + 0.5) * g[1] / grid[1])]
-    what = (f"teacher attention\nlayer {t_layer + 1}" if name == "teacher"
-            else f"{name} |M|\nlayer {s_layer + 1}")
+    what = (
+      f"teacher attention\nlayer {t_layer + 1}"
+      if name == "teacher"
+      else f"{name} |M|\nlayer {s_layer + 1}"
+    )
     _heat(axes[k, 1 + i], pixels, row / max(row.max(), 1e-12), g, what)
     _matrix(axes[k, 1 + len(names) + i], np.log10(m + 1e-6), what + " (log10)")
   axes[k, 0].imshow(pixels)
@@ -192,21 +228,23 @@ def to_pixels(images, cfg):
   return np.clip(x, 0, 1)
 
 
-def figures(teacher, students, images, directory, *, num_stages=4, layer=-1, query=None,
-            prefix="maps"):
+def figures(
+  teacher, students, images, directory, *, num_stages=4, layer=-1, query=None, prefix="maps"
+):
   """Draws one PNG per image into `directory`; returns (paths, AM distances per student).
 
   query: (row, col) of the query patch on the student grid; None = the centre patch.
   """
-  grid = next(iter(students.values())).grid
-  query = tuple(query) if query is not None and min(query) >= 0 else (grid[0] // 2,
-                                                                      grid[1] // 2)
+  grid = grid_of(next(iter(students.values())))
+  query = tuple(query) if query is not None and min(query) >= 0 else (grid[0] // 2, grid[1] // 2)
   if not (query[0] < grid[0] and query[1] < grid[1]):
-    raise ValueError(f"visualize.query={query} is outside the {grid} patch grid.")
+    raise UserError(f"visualize.query={query} is outside the {grid} patch grid.")
   result = analyse(teacher, students, images, num_stages=num_stages, layer=layer)
   pixels = to_pixels(images, next(iter(students.values())).cfg)
-  paths = [draw(result, pixels[i], i, query, os.path.join(directory, f"{prefix}_{i}.png"))
-           for i in range(len(images))]
+  paths = [
+    draw(result, pixels[i], i, query, os.path.join(directory, f"{prefix}_{i}.png"))
+    for i in range(len(images))
+  ]
   am = {name: [float(np.mean(a)) for a in per_stage] for name, per_stage in result["am"].items()}
   return paths, am
 
@@ -223,18 +261,20 @@ def load_images(spec, num, cfg, run_config):
   if not spec or kind in ("mnist", "digits", "npz", "folder", "tfds"):
     source = data.get_source(spec or run_config.data.source, "test")
     batch = next(data.eval_batches(source, dcfg, batch_size=num, mean=cfg.mean, std=cfg.std))
-    return np.asarray(batch["image"][:min(num, len(source))])
+    return np.asarray(batch.image[: min(num, len(source))])
   files = []
   for part in spec.split(","):
-    found = (sorted(glob.glob(os.path.join(part, "*"))) if os.path.isdir(part)
-             else sorted(glob.glob(part)))
+    found = (
+      sorted(glob.glob(os.path.join(part, "*"))) if os.path.isdir(part) else sorted(glob.glob(part))
+    )
     if not found:
-      raise ValueError(f"visualize: images={part!r} is no image file, folder or glob, nor "
-                       "a data source (mnist, digits, npz:, folder:, tfds:).")
+      raise UserError(
+        f"visualize: images={part!r} is no image file, folder or glob, nor "
+        "a data source (mnist, digits, npz:, folder:, tfds:)."
+      )
     files += found
   transform = data.Transform(dcfg, train=False, mean=cfg.mean, std=cfg.std)
-  return np.stack([transform(np.asarray(Image.open(f).convert("RGB")), None)
-                   for f in files[:num]])
+  return np.stack([transform(np.asarray(Image.open(f).convert("RGB")), None) for f in files[:num]])
 
 
 def mean_am_distances(teacher, students, images, num_stages, batch_size=50):
@@ -243,55 +283,100 @@ def mean_am_distances(teacher, students, images, num_stages, batch_size=50):
   first = next(iter(students.values()))
   totals = {name: np.zeros(num_stages) for name in students}
   for i in range(0, len(images), batch_size):
-    s_images = jnp.asarray(images[i:i + batch_size])
-    t_blocks = teacher(teacher_images(s_images, first.cfg, teacher.cfg)).blocks
+    s_images = jnp.asarray(images[i : i + batch_size])
+    t_out = teacher(teacher_images(s_images, first.cfg, teacher.cfg))
     for name, student in students.items():
-      pairs = stage_pairs(t_blocks, student(s_images).blocks, teacher.grid, student.grid,
-                          num_stages)
+      pairs = level_pairs_of(
+        t_out, student(s_images), grid_of(teacher), grid_of(student), num_stages
+      )
       totals[name] += len(s_images) * np.array(
-          [float(losses.activation_matching([t], [s])[0]) for t, s in pairs])
+        [float(losses.activation_matching([t], [s])[0]) for t, s in pairs]
+      )
   return {name: (total / len(images)).tolist() for name, total in totals.items()}
 
 
-def run(config, workdir):
-  """Draws the teacher and students of the run in `config.checkpoint` into workdir/visualize."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from linearizer import stages  # pylint: disable=import-outside-toplevel
-  run_dir = config.checkpoint
+def check_config(config) -> None:
+  """The keys this config had before: `checkpoint` is now `run_dir`, `teacher` is
+  `teacher_init` (one message naming the new key)."""
+  for old, new in (("checkpoint", "run_dir"), ("teacher", "teacher_init")):
+    if isinstance(config.get(old), str):
+      raise UserError(f"visualize: `{old}` is now `{new}`: set --config.{new}=... instead.")
+  if not config.get("run_dir"):
+    raise UserError("visualize: set --config.run_dir to the --workdir of a finished run.")
+
+
+def maps_hook(config, teacher, eval_source, directory):
+  """`hook(step, distiller)` drawing teacher vs student maps of one fixed validation image
+  into `directory` (distillation's `fit` calls it as the maps converge)."""
+  num_levels = config.distill.loss.num_stages
+  norm = (teacher.cfg.mean, teacher.cfg.std)  # the student reads the teacher's statistics
+  batch = next(data.eval_batches(eval_source, config.data, batch_size=1, mean=norm[0], std=norm[1]))
+
+  def draw(step, distiller):
+    paths, am = figures(
+      teacher,
+      {"student": distiller.student},
+      batch.image,
+      directory,
+      num_stages=num_levels,
+      prefix=f"step_{step:06d}",
+    )
+    log(
+      f"[distill] maps at step {step}: {paths[0]} (AM distance per stage "
+      + " ".join(f"{v:.3f}" for v in am["student"])
+      + ")"
+    )
+
+  return draw
+
+
+def run(config, out_dir):
+  """Draws the teacher and students of the run in `config.run_dir` into out_dir/visualize."""
+  check_config(config)
+  run_dir = config.run_dir
   path = os.path.join(run_dir, "config.json")
   if not os.path.isfile(path):
-    raise ValueError(f"visualize: checkpoint={run_dir!r} is not a run's workdir "
-                     f"(no config.json); expected the --workdir of a finished run.")
+    raise UserError(
+      f"visualize: run_dir={run_dir!r} is not a run's workdir "
+      f"(no config.json); expected the --workdir of a finished run."
+    )
   with open(path, encoding="utf-8") as f:
     run_config = ml_collections.ConfigDict(json.load(f))
-  if config.teacher:
-    teacher = stages.load_model(config.teacher)
-  elif stages.finished(run_dir, "train_teacher"):
-    teacher = stages.load_model(stages.model_dir(run_dir, "train_teacher"))
+  if config.teacher_init:
+    teacher = workdir.load_model(config.teacher_init)
+  elif workdir.finished(run_dir, "train_teacher"):
+    teacher = workdir.load_model(workdir.model_dir(run_dir, "train_teacher"))
   elif run_config.teacher.init:
-    teacher = stages.load_model(run_config.teacher.init)
+    teacher = workdir.load_model(run_config.teacher.init)
   else:
-    raise ValueError(f"visualize: no teacher in {run_dir}; set --config.teacher.")
+    raise UserError(f"visualize: no teacher in {run_dir}; set --config.teacher_init.")
   vcfg = config.visualize
-  students = {label: stages.load_model(stages.model_dir(run_dir, stage))
-              for stage, label in vcfg.students.items() if stages.finished(run_dir, stage)}
+  students = {
+    label: workdir.load_model(workdir.model_dir(run_dir, stage))
+    for stage, label in vcfg.students.items()
+    if workdir.finished(run_dir, stage)
+  }
   if not students:
-    raise ValueError(f"visualize: none of the stages {list(vcfg.students)} has finished in "
-                     f"{run_dir}; nothing to draw.")
-  images = load_images(config.images, vcfg.num_images, next(iter(students.values())).cfg,
-                       run_config)
-  out = os.path.join(workdir, "visualize")
-  paths, am = figures(teacher, students, images, out, num_stages=vcfg.num_stages,
-                      layer=vcfg.layer, query=vcfg.query)
+    raise UserError(
+      f"visualize: none of the stages {list(vcfg.students)} has finished in "
+      f"{run_dir}; nothing to draw."
+    )
+  images = load_images(
+    config.images, vcfg.num_images, next(iter(students.values())).cfg, run_config
+  )
+  out = os.path.join(out_dir, "visualize")
+  paths, am = figures(
+    teacher, students, images, out, num_stages=vcfg.num_stages, layer=vcfg.layer, query=vcfg.query
+  )
   if vcfg.am_images:  # the AM distance measured on more images than are drawn
-    many = load_images(config.images, vcfg.am_images, next(iter(students.values())).cfg,
-                       run_config)
+    many = load_images(config.images, vcfg.am_images, next(iter(students.values())).cfg, run_config)
     am = mean_am_distances(teacher, students, many, vcfg.num_stages)
   with open(os.path.join(out, "am_distance.json"), "w", encoding="utf-8") as f:
     json.dump(dict(am, images=len(many) if vcfg.am_images else len(images)), f, indent=2)
   for name, per_stage in am.items():
-    print(f"[visualize] AM distance to the teacher, {name}: "
-          + " ".join(f"{v:.4f}" for v in per_stage), flush=True)
+    log(
+      f"[visualize] AM distance to the teacher, {name}: " + " ".join(f"{v:.4f}" for v in per_stage)
+    )
   for p in paths:
-    print(f"[visualize] wrote {p}", flush=True)
+    log(f"[visualize] wrote {p}")
   return dict(paths=paths, am=am)

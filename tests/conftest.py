@@ -7,16 +7,20 @@ them through the environment (main.py runs, ablation workers, the notebook's ker
 multi-process runs). Flags the caller already set are kept. Only for the CPU: an
 accelerator run (-m accelerator) compiles as users' runs do.
 """
+
 import os
 
 from linearizer import cpu_malloc
 
-FAST_COMPILE = {"--xla_backend_optimization_level": "0",
-                "--xla_llvm_disable_expensive_passes": "true",
-                "--xla_cpu_use_fusion_emitters": "false"}
+FAST_COMPILE = {
+  "--xla_backend_optimization_level": "0",
+  "--xla_llvm_disable_expensive_passes": "true",
+  "--xla_cpu_use_fusion_emitters": "false",
+}
 
 if cpu_malloc.runs_on_cpu(os.environ):
   _given = os.environ.get("XLA_FLAGS", "").split()
   _named = {f.split("=")[0] for f in _given}
   os.environ["XLA_FLAGS"] = " ".join(
-      _given + [f"{k}={v}" for k, v in FAST_COMPILE.items() if k not in _named])
+    _given + [f"{k}={v}" for k, v in FAST_COMPILE.items() if k not in _named]
+  )

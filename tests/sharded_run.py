@@ -14,6 +14,7 @@ shape) and, per step kind (`distill`, `supervised`): `<mesh>/<kind>/loss` (one v
 step) and `<mesh>/<kind>/{params,opt_state,ema}/<path>` (the trained parameters, optimizer
 state and EMA after the last step). Process 0 writes the file.
 """
+
 import argparse
 import os
 import sys
@@ -23,9 +24,13 @@ import time
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--devices", type=int, default=8, help="simulated CPU devices per process")
-  p.add_argument("--mesh", action="append", required=True,
-                 help="DATAxFSDP[:KIND,...], e.g. 8x1, 2x4:distill or 1x-1 (-1: all the "
-                      "remaining devices); 1x1 runs on one device; repeatable")
+  p.add_argument(
+    "--mesh",
+    action="append",
+    required=True,
+    help="DATAxFSDP[:KIND,...], e.g. 8x1, 2x4:distill or 1x-1 (-1: all the "
+    "remaining devices); 1x1 runs on one device; repeatable",
+  )
   p.add_argument("--out", required=True, help=".npz written by process 0")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--batch", type=int, default=16, help="global batch size")
@@ -43,8 +48,9 @@ ARGS = parse_args()
 # compiles under the same flags, so comparisons stay fair.)
 FLAGS = {"--xla_force_host_platform_device_count": str(ARGS.devices)}
 os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] not in FLAGS]
-    + [f"{k}={v}" for k, v in FLAGS.items()])
+  [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] not in FLAGS]
+  + [f"{k}={v}" for k, v in FLAGS.items()]
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,32 +60,38 @@ from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from configs import common  # noqa: E402
-from linearizer import models, sharding, train  # noqa: E402
+from linearizer import data, distill, models, optim, sharding, supervised, train  # noqa: E402
 
 TEACHER = dict(image_size=32, width=48, depth=2, num_heads=3, mlp_dim=96)
-STUDENT = dict(image_size=32, width=64, depth=2, headdim=16, chunk_size=16, drop_path=0.1,
-               num_classes=10)
+STUDENT = dict(
+  image_size=32, width=64, depth=2, headdim=16, chunk_size=16, drop_path=0.1, num_classes=10
+)
 
 
 def make_config(kind, steps, batch):
   """One stage's settings; a large lr so three steps move parameters beyond rounding noise."""
   loss = common.distill_loss(num_stages=2) if kind == "distill" else common.supervised_loss()
-  return common.stage(steps=steps, batch_size=batch, lr=1e-3, loss=loss, warmup_steps=0,
-                      ema_decay=0.9)
+  return common.stage(
+    steps=steps, batch_size=batch, lr=1e-3, loss=loss, warmup_steps=0, ema_decay=0.9
+  )
 
 
 def make_batch(size):
   rng = np.random.default_rng(1234)
-  return {"image": rng.standard_normal((size, 32, 32, 3)).astype(np.float32),
-          "label": rng.integers(0, 10, size).astype(np.int32)}
+  return data.Batch(
+    rng.standard_normal((size, 32, 32, 3)).astype(np.float32),
+    rng.integers(0, 10, size).astype(np.int32),
+  )
 
 
 def to_numpy(tree):
   """Host copies of (possibly multi-process) global arrays, whole on every process."""
+
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
   return jax.tree.map(get, tree)
 
 
@@ -91,25 +103,28 @@ def run(kind, mesh, batch, args):
   """`args.steps` steps of `kind` on `mesh`; (losses, final state as {path: array})."""
   config = make_config(kind, args.steps, args.batch)
   student = models.build("adventurer", "Ti/8", seed=1, **STUDENT)
-  tx = train.make_optimizer(config.optim)
+  tx = optim.make_optimizer(config.optim, config.steps)
   shard = lambda tree: sharding.tree_shardings(tree, mesh, fsdp_min_size=args.fsdp_min_size)
   if kind == "distill":
     teacher = models.build("vit", "Ti/8", seed=2, **TEACHER)
-    module = train.Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(3))
-    step = train.make_distill_step(module, teacher, tx, config)
+    module = distill.Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(3))
+    step = distill.make_distill_step(module, teacher, tx, config, config.steps)
     teacher_params = nnx.state(teacher)
     teacher_shardings = shard(teacher_params)
     teacher_params = sharding.put(teacher_params, teacher_shardings)
     extra, extra_shardings = (teacher_params,), (teacher_shardings,)
   else:
     module = student
-    step = train.make_supervised_step(module, tx, config)
+    step = supervised.make_supervised_step(module, tx, config, config.steps)
     extra, extra_shardings = (), ()
   _, state = train.init_state(module, tx, ema=bool(config.optim.ema_decay))
   state_shardings = shard(state)
   if mesh.shape["fsdp"] > 1:  # FSDP must really split parameters and their moments
-    split = [train.path_str(p) for p, s in jax.tree_util.tree_leaves_with_path(
-        state_shardings) if is_sharded(s)]
+    split = [
+      optim.path_str(p)
+      for p, s in jax.tree_util.tree_leaves_with_path(state_shardings)
+      if is_sharded(s)
+    ]
     assert any(p.startswith("params/") for p in split), split
     assert any(p.startswith("opt_state/") for p in split), split
   state = sharding.put(state, state_shardings)
@@ -117,9 +132,8 @@ def run(kind, mesh, batch, args):
 
   p, i = jax.process_count(), jax.process_index()
   rows = args.batch // p
-  local = {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
-  if kind == "distill":
-    local = {"image": local["image"]}
+  mine = slice(i * rows, (i + 1) * rows)  # this process's rows (distillation ignores labels)
+  local = data.Batch(batch.image[mine], batch.label[mine])
   global_ = sharding.global_batch(local, mesh)
   rng = jax.random.key(7)
   losses, t0 = [], time.perf_counter()
@@ -129,19 +143,20 @@ def run(kind, mesh, batch, args):
     losses.append(float(to_numpy(metrics["loss"])))
     assert np.isfinite(losses[-1]), (kind, losses)
     compile_s = compile_s or time.perf_counter() - t0
-  assert jax.tree.all(jax.tree.map(  # the step kept the state's shardings
-      lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, state_shardings))
-  print(f"  {kind}: first step {compile_s:.1f}s, all {time.perf_counter() - t0:.1f}s",
-        flush=True)
+  assert jax.tree.all(
+    jax.tree.map(  # the step kept the state's shardings
+      lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, state_shardings
+    )
+  )
+  print(f"  {kind}: first step {compile_s:.1f}s, all {time.perf_counter() - t0:.1f}s", flush=True)
   params = to_numpy({"params": state.params, "opt_state": state.opt_state, "ema": state.ema})
-  flat = {train.path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  flat = {optim.path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
   return np.asarray(losses), flat
 
 
 def main(args):
   if args.coordinator:
-    assert sharding.initialize_distributed(args.coordinator, args.num_processes,
-                                           args.process_id)
+    assert sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     assert jax.process_count() == args.num_processes, jax.process_count()
   if args.batch % jax.process_count():
     raise ValueError(f"--batch {args.batch} is not divisible by {jax.process_count()} processes")
@@ -157,8 +172,7 @@ def main(args):
       losses, params = run(kind, mesh, batch, args)
       results[f"{spec}/{kind}/loss"] = losses
       results.update({f"{spec}/{kind}/{k}": v for k, v in params.items()})
-      print(f"process {jax.process_index()} mesh {spec} {kind}: loss {losses.tolist()}",
-            flush=True)
+      print(f"process {jax.process_index()} mesh {spec} {kind}: loss {losses.tolist()}", flush=True)
   if jax.process_index() == 0:
     tmp = args.out + ".tmp.npz"
     np.savez(tmp, **results)

@@ -15,6 +15,7 @@ Tolerances: checkpoint and load_student round trips are exact; the serialised fu
 against the model: <= 1e-5 absolute (float32 logits of size ~0.1; a different compilation
 may reorder float reductions).
 """
+
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ import pytest
 from flax import nnx
 
 from configs import common
-from linearizer import checkpoint, export, metrics, models, train
+from linearizer import checkpoint, export, metrics, models, optim, train
+from linearizer.errors import UserError
 from linearizer.models import saved
 
 SERVE_TOL = 1e-5
@@ -38,8 +40,10 @@ def tiny_student(num_classes=NUM_CLASSES, seed=0):
   cfg = models.adventurer_config("Ti/8", num_classes=num_classes, **TINY)
   abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param)
   rng = np.random.default_rng(seed)
-  params = {path: (0.1 * rng.normal(size=v.shape)).astype(v.dtype)
-            for path, v in nnx.to_flat_state(abstract)}
+  params = {
+    path: (0.1 * rng.normal(size=v.shape)).astype(v.dtype)
+    for path, v in nnx.to_flat_state(abstract)
+  }
   return saved.from_params(cfg, params)
 
 
@@ -61,15 +65,18 @@ def images(batch, seed=0):
 # checkpoint.Checkpointer
 # ---------------------------------------------------------------------------------------
 def fresh_state(module):
-  tx = train.make_optimizer(common.optim(total_steps=10))
+  tx = optim.make_optimizer(common.optim(), 10)
   return train.init_state(module, tx, ema=True)[1]
 
 
 def state_at(state, step):
   """A state distinguishable per step: step counter and every parameter shifted by step."""
   shift = lambda x: x + jnp.asarray(step, x.dtype)
-  return state.replace(step=jnp.asarray(step, jnp.int32), params=jax.tree.map(shift, state.params),
-                       ema=jax.tree.map(lambda x: shift(shift(x)), state.ema))
+  return state.replace(
+    step=jnp.asarray(step, jnp.int32),
+    params=jax.tree.map(shift, state.params),
+    ema=jax.tree.map(lambda x: shift(shift(x)), state.ema),
+  )
 
 
 def assert_trees_equal(a, b):
@@ -236,8 +243,10 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, student, monkeypa
   assert {p: (out / p).read_bytes() for p in before} == before
   # The parameters on disk are still the first student's.
   params = saved.read_params(out)
-  first = {".".join(map(str, k)): np.asarray(v)
-           for k, v in nnx.to_flat_state(nnx.state(student, nnx.Param))}
+  first = {
+    ".".join(map(str, k)): np.asarray(v)
+    for k, v in nnx.to_flat_state(nnx.state(student, nnx.Param))
+  }
   assert params.keys() == first.keys()
   for k in params:
     np.testing.assert_array_equal(params[k], first[k])
@@ -248,8 +257,9 @@ def test_saved_refuses_non_empty_dir(tmp_path, student):
   target = tmp_path / "model"
   target.mkdir()
   (target / "precious.txt").write_text("keep me")
-  with pytest.raises(FileExistsError, match="not empty"):
+  with pytest.raises(FileExistsError, match="not empty") as e:
     saved.save(student, target)
+  assert isinstance(e.value, UserError)  # the CLIs report it in one line
   assert (target / "precious.txt").read_text() == "keep me"
   assert sorted(os.listdir(target)) == ["precious.txt"]
   # An empty directory is fine, and overwrite=True replaces a non-empty one.
@@ -268,14 +278,17 @@ def test_saved_refuses_non_empty_dir(tmp_path, student):
 # metrics.MetricWriter
 # ---------------------------------------------------------------------------------------
 def test_metric_writer(tmp_path, capsys):
-  writer = metrics.MetricWriter(str(tmp_path / "run"), stage="distill", total_steps=100,
-                                batch_size=32)
+  writer = metrics.MetricWriter(
+    str(tmp_path / "run"), stage="distill", total_steps=100, batch_size=32
+  )
   first = writer.write(10, {"loss": np.float32(1.5), "lr": jnp.asarray(1e-3)})
   second = writer.write(20, {"loss": jnp.asarray(0.75, jnp.bfloat16), "lr": 2e-3})
   writer.close()
   lines = capsys.readouterr().out.strip().splitlines()
 
-  records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  records = [
+    json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  ]
   assert [r["step"] for r in records] == [10, 20]
   assert records[0]["loss"] == 1.5 and records[1]["loss"] == 0.75
   assert records[0]["lr"] == pytest.approx(1e-3) and records[1]["lr"] == pytest.approx(2e-3)
@@ -306,7 +319,7 @@ def test_metric_writer_appends(tmp_path, capsys):
     w.write(step, {"loss": float(step)})
     w.close()
   capsys.readouterr()
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert records == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
 
 

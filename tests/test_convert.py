@@ -9,6 +9,7 @@ Tolerances:
   ours vs transformers:       max |ours - ref| <= 1e-4 * max |ref|, every block and final tokens
   same weights, other format: max |a - b| <= 1e-6 * max |b| (same computation, same params)
 """
+
 import argparse
 import json
 import pathlib
@@ -24,7 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from linearizer import convert, models  # noqa: E402
+from linearizer import convert, errors, models  # noqa: E402
 from linearizer.models import saved  # noqa: E402
 
 RTOL, SAME_RTOL = 1e-4, 1e-6
@@ -68,23 +69,35 @@ def images_at(size, seed=0):
 
 def torch_run(hf, images, **kwargs):
   with torch.no_grad():
-    return hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
-              output_hidden_states=True, **kwargs)
+    return hf(
+      pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+      output_hidden_states=True,
+      **kwargs,
+    )
 
 
 def final_tokens(kind, hf, out):
   """transformers' final-norm tokens at every position (CLIP itself norms only the CLS)."""
   if kind == "vit":
     return out.last_hidden_state.numpy()
-  norm = {"clip_vision": lambda: hf.post_layernorm, "clip": lambda: hf.vision_model.post_layernorm,
-          "vit_cls": lambda: hf.vit.layernorm}[kind]()
+  norm = {
+    "clip_vision": lambda: hf.post_layernorm,
+    "clip": lambda: hf.vision_model.post_layernorm,
+    "vit_cls": lambda: hf.vit.layernorm,
+  }[kind]()
   with torch.no_grad():
     return norm(out.hidden_states[-1]).numpy()
 
 
 def build_hf(kind):
-  common = dict(hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=DEPTH,
-                num_attention_heads=HEADS, image_size=SIZE, patch_size=PATCH)
+  common = dict(
+    hidden_size=WIDTH,
+    intermediate_size=MLP,
+    num_hidden_layers=DEPTH,
+    num_attention_heads=HEADS,
+    image_size=SIZE,
+    patch_size=PATCH,
+  )
   if kind == "clip_vision":
     return perturb_(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common)))
   if kind == "clip":
@@ -158,8 +171,8 @@ def test_hf_bare_bfloat16_safetensors(hf_dirs, tmp_path):
   """A bare weights file, no config.json: heads come from the override; bf16 is widened."""
   state = {k: v.astype(np.float32) for k, v in hf_state(hf_dirs, "clip_vision").items()}
   import ml_dtypes
-  save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()},
-            tmp_path / "w.safetensors")
+
+  save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}, tmp_path / "w.safetensors")
   model = convert.load(tmp_path / "w.safetensors", "hf", num_heads=HEADS)
   assert model.cfg.num_heads == HEADS and model.cfg.style == "clip"
   got = np.asarray(model.blocks[0].fc1.kernel[...])
@@ -170,22 +183,30 @@ def test_hf_bare_bfloat16_safetensors(hf_dirs, tmp_path):
 # ------------------------------------------------------------- other formats, same weights
 def hf_clip_to_openai(sd, proj):
   """transformers CLIPVisionModel names -> OpenAI CLIP's `visual.*` (plus a text-tower key)."""
-  out = {"visual.conv1.weight": sd["embeddings.patch_embedding.weight"],
-         "visual.class_embedding": sd["embeddings.class_embedding"],
-         "visual.positional_embedding": sd["embeddings.position_embedding.weight"],
-         "visual.proj": proj, "token_embedding.weight": np.zeros((10, 8), np.float32),
-         "logit_scale": np.float32(4.6)}
+  out = {
+    "visual.conv1.weight": sd["embeddings.patch_embedding.weight"],
+    "visual.class_embedding": sd["embeddings.class_embedding"],
+    "visual.positional_embedding": sd["embeddings.position_embedding.weight"],
+    "visual.proj": proj,
+    "token_embedding.weight": np.zeros((10, 8), np.float32),
+    "logit_scale": np.float32(4.6),
+  }
   for theirs, ours in [("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")]:
     for x in ("weight", "bias"):
       out[f"visual.{theirs}.{x}"] = sd[f"{ours}.{x}"]
   for i in range(DEPTH):
     h, o = f"encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
     for x in ("weight", "bias"):
-      out[o + f"attn.in_proj_{x}"] = np.concatenate([sd[h + f"self_attn.{p}_proj.{x}"]
-                                                     for p in "qkv"])
-      for theirs, ours in [("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
-                           ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
-                           ("mlp.c_proj", "mlp.fc2")]:
+      out[o + f"attn.in_proj_{x}"] = np.concatenate(
+        [sd[h + f"self_attn.{p}_proj.{x}"] for p in "qkv"]
+      )
+      for theirs, ours in [
+        ("attn.out_proj", "self_attn.out_proj"),
+        ("ln_1", "layer_norm1"),
+        ("ln_2", "layer_norm2"),
+        ("mlp.c_fc", "mlp.fc1"),
+        ("mlp.c_proj", "mlp.fc2"),
+      ]:
         out[o + f"{theirs}.{x}"] = sd[h + f"{ours}.{x}"]
   return out
 
@@ -194,30 +215,43 @@ def hf_to_timm(sd, clip):
   """transformers CLIPVisionModel / ViTModel names -> timm's VisionTransformer names."""
   e = "embeddings."
   if clip:  # timm's CLIP towers: norm_pre, no patch bias
-    out = {"patch_embed.proj.weight": sd[e + "patch_embedding.weight"],
-           "cls_token": sd[e + "class_embedding"][None, None],
-           "pos_embed": sd[e + "position_embedding.weight"][None]}
+    out = {
+      "patch_embed.proj.weight": sd[e + "patch_embedding.weight"],
+      "cls_token": sd[e + "class_embedding"][None, None],
+      "pos_embed": sd[e + "position_embedding.weight"][None],
+    }
     layer, qkv = "encoder.layers.{i}.", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    names = [("norm_pre", "pre_layrnorm"), ("norm", "post_layernorm"),
-             ("blocks.{i}.norm1", layer + "layer_norm1"),
-             ("blocks.{i}.attn.proj", layer + "self_attn.out_proj"),
-             ("blocks.{i}.norm2", layer + "layer_norm2"),
-             ("blocks.{i}.mlp.fc1", layer + "mlp.fc1"), ("blocks.{i}.mlp.fc2", layer + "mlp.fc2")]
+    names = [
+      ("norm_pre", "pre_layrnorm"),
+      ("norm", "post_layernorm"),
+      ("blocks.{i}.norm1", layer + "layer_norm1"),
+      ("blocks.{i}.attn.proj", layer + "self_attn.out_proj"),
+      ("blocks.{i}.norm2", layer + "layer_norm2"),
+      ("blocks.{i}.mlp.fc1", layer + "mlp.fc1"),
+      ("blocks.{i}.mlp.fc2", layer + "mlp.fc2"),
+    ]
   else:
-    out = {"patch_embed.proj.weight": sd[e + "patch_embeddings.projection.weight"],
-           "patch_embed.proj.bias": sd[e + "patch_embeddings.projection.bias"],
-           "cls_token": sd[e + "cls_token"], "pos_embed": sd[e + "position_embeddings"]}
+    out = {
+      "patch_embed.proj.weight": sd[e + "patch_embeddings.projection.weight"],
+      "patch_embed.proj.bias": sd[e + "patch_embeddings.projection.bias"],
+      "cls_token": sd[e + "cls_token"],
+      "pos_embed": sd[e + "position_embeddings"],
+    }
     layer = "encoder.layer.{i}."
     qkv = tuple(f"attention.attention.{p}" for p in ("query", "key", "value"))
-    names = [("norm", "layernorm"), ("blocks.{i}.norm1", layer + "layernorm_before"),
-             ("blocks.{i}.attn.proj", layer + "attention.output.dense"),
-             ("blocks.{i}.norm2", layer + "layernorm_after"),
-             ("blocks.{i}.mlp.fc1", layer + "intermediate.dense"),
-             ("blocks.{i}.mlp.fc2", layer + "output.dense")]
+    names = [
+      ("norm", "layernorm"),
+      ("blocks.{i}.norm1", layer + "layernorm_before"),
+      ("blocks.{i}.attn.proj", layer + "attention.output.dense"),
+      ("blocks.{i}.norm2", layer + "layernorm_after"),
+      ("blocks.{i}.mlp.fc1", layer + "intermediate.dense"),
+      ("blocks.{i}.mlp.fc2", layer + "output.dense"),
+    ]
   for i in range(DEPTH):
     for x in ("weight", "bias"):
       out[f"blocks.{i}.attn.qkv.{x}"] = np.concatenate(
-          [sd[layer.format(i=i) + f"{p}.{x}"] for p in qkv])
+        [sd[layer.format(i=i) + f"{p}.{x}"] for p in qkv]
+      )
       for theirs, ours in names:
         out[f"{theirs}.{x}".format(i=i)] = sd[f"{ours}.{x}".format(i=i)]
   return out
@@ -225,16 +259,21 @@ def hf_to_timm(sd, clip):
 
 def hf_vit_to_big_vision(sd, numbering, scanned, cls_pos=True):
   """transformers ViTModel names -> big_vision / original-ViT `.npz` names (flax layouts)."""
-  attn, ln2, mlp = (("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
-                    if numbering == "original"
-                    else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"))
+  attn, ln2, mlp = (
+    ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+    if numbering == "original"
+    else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+  )
   hd = WIDTH // HEADS
   e = "embeddings."
   pos = sd[e + "position_embeddings"]
-  out = {"embedding/kernel": sd[e + "patch_embeddings.projection.weight"].transpose(2, 3, 1, 0),
-         "embedding/bias": sd[e + "patch_embeddings.projection.bias"], "cls": sd[e + "cls_token"],
-         "Transformer/encoder_norm/scale": sd["layernorm.weight"],
-         "Transformer/encoder_norm/bias": sd["layernorm.bias"]}
+  out = {
+    "embedding/kernel": sd[e + "patch_embeddings.projection.weight"].transpose(2, 3, 1, 0),
+    "embedding/bias": sd[e + "patch_embeddings.projection.bias"],
+    "cls": sd[e + "cls_token"],
+    "Transformer/encoder_norm/scale": sd["layernorm.weight"],
+    "Transformer/encoder_norm/bias": sd["layernorm.bias"],
+  }
   if cls_pos:
     out["Transformer/posembed_input/pos_embedding"] = pos
   else:  # big_vision proper: no position for CLS
@@ -242,16 +281,18 @@ def hf_vit_to_big_vision(sd, numbering, scanned, cls_pos=True):
   blocks = []
   for i in range(DEPTH):
     h = f"encoder.layer.{i}."
-    b = {"LayerNorm_0/scale": sd[h + "layernorm_before.weight"],
-         "LayerNorm_0/bias": sd[h + "layernorm_before.bias"],
-         f"{ln2}/scale": sd[h + "layernorm_after.weight"],
-         f"{ln2}/bias": sd[h + "layernorm_after.bias"],
-         f"{attn}/out/kernel": sd[h + "attention.output.dense.weight"].T.reshape(HEADS, hd, WIDTH),
-         f"{attn}/out/bias": sd[h + "attention.output.dense.bias"],
-         f"{mlp}/Dense_0/kernel": sd[h + "intermediate.dense.weight"].T,
-         f"{mlp}/Dense_0/bias": sd[h + "intermediate.dense.bias"],
-         f"{mlp}/Dense_1/kernel": sd[h + "output.dense.weight"].T,
-         f"{mlp}/Dense_1/bias": sd[h + "output.dense.bias"]}
+    b = {
+      "LayerNorm_0/scale": sd[h + "layernorm_before.weight"],
+      "LayerNorm_0/bias": sd[h + "layernorm_before.bias"],
+      f"{ln2}/scale": sd[h + "layernorm_after.weight"],
+      f"{ln2}/bias": sd[h + "layernorm_after.bias"],
+      f"{attn}/out/kernel": sd[h + "attention.output.dense.weight"].T.reshape(HEADS, hd, WIDTH),
+      f"{attn}/out/bias": sd[h + "attention.output.dense.bias"],
+      f"{mlp}/Dense_0/kernel": sd[h + "intermediate.dense.weight"].T,
+      f"{mlp}/Dense_0/bias": sd[h + "intermediate.dense.bias"],
+      f"{mlp}/Dense_1/kernel": sd[h + "output.dense.weight"].T,
+      f"{mlp}/Dense_1/bias": sd[h + "output.dense.bias"],
+    }
     for p in ("query", "key", "value"):
       w = sd[h + f"attention.attention.{p}.weight"]
       b[f"{attn}/{p}/kernel"] = w.T.reshape(WIDTH, HEADS, hd)
@@ -289,8 +330,14 @@ def test_timm(hf_dirs, tmp_path, kind, suffix):
   if suffix == ".safetensors":
     save_file(sd, path)
   else:  # timm training checkpoints wrap the weights in `state_dict` beside their args
-    torch.save({"state_dict": {k: torch.tensor(v) for k, v in sd.items()}, "epoch": 3,
-                "args": argparse.Namespace(model="vit")}, path)
+    torch.save(
+      {
+        "state_dict": {k: torch.tensor(v) for k, v in sd.items()},
+        "epoch": 3,
+        "args": argparse.Namespace(model="vit"),
+      },
+      path,
+    )
   eps = {} if kind == "clip_vision" else {"layer_norm_eps": 1e-12}  # HF ViT's, not timm's
   model = convert.load(path, "timm", num_heads=HEADS, **eps)
   assert model.cfg.style == ("clip" if kind == "clip_vision" else "timm")
@@ -305,8 +352,7 @@ def test_big_vision(hf_dirs, tmp_path, numbering, scanned):
   np.savez(tmp_path / "vit.npz", **hf_vit_to_big_vision(sd, numbering, scanned))
   # big_vision's MLP runs flax's tanh-approximate GELU; the HF reference runs the exact one.
   assert convert.load(tmp_path / "vit.npz", "big_vision").cfg.activation == "gelu_tanh"
-  model = convert.load(tmp_path / "vit.npz", "big_vision", layer_norm_eps=1e-12,
-                       activation="gelu")
+  model = convert.load(tmp_path / "vit.npz", "big_vision", layer_norm_eps=1e-12, activation="gelu")
   assert model.cfg.num_heads == HEADS  # read off the q kernel
   assert_same_outputs(model, ref, images_at(SIZE))
   if numbering == "original" and not scanned:
@@ -320,8 +366,7 @@ def test_big_vision(hf_dirs, tmp_path, numbering, scanned):
 
 
 # -------------------------------------------------------------------------------- adventurer
-ADV = dict(width=64, depth=4, patch=PATCH, image_size=SIZE, num_classes=5,
-           flip_pattern="released")
+ADV = dict(width=64, depth=4, patch=PATCH, image_size=SIZE, num_classes=5, flip_pattern="released")
 
 
 def random_adventurer(seed):
@@ -345,28 +390,42 @@ def random_adventurer(seed):
     return 0.3 * rng.standard_normal(shape)
 
   abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param)
-  return saved.from_params(cfg, {k: value(k, v.get_value().shape)
-                                 for k, v in nnx.to_flat_state(abstract)})
+  return saved.from_params(
+    cfg, {k: value(k, v.get_value().shape) for k, v in nnx.to_flat_state(abstract)}
+  )
 
 
 def adventurer_to_torch(model):
   """Our Adventurer -> its released torch state-dict names (method.md §5), without mask_token."""
-  p = {".".join(map(str, k)): np.asarray(v.get_value())
-       for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  sd = {"patch_embed.proj.weight": p["patch_embed.kernel"].transpose(3, 2, 0, 1),
-        "patch_embed.proj.bias": p["patch_embed.bias"], "cls_token": p["cls_token"],
-        "pos_embed": p["pos_embed"], "norm_f.weight": p["norm_f.scale"],
-        "head.weight": p["head.kernel"].T, "head.bias": p["head.bias"]}
+  p = {
+    ".".join(map(str, k)): np.asarray(v.get_value())
+    for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
+  sd = {
+    "patch_embed.proj.weight": p["patch_embed.kernel"].transpose(3, 2, 0, 1),
+    "patch_embed.proj.bias": p["patch_embed.bias"],
+    "cls_token": p["cls_token"],
+    "pos_embed": p["pos_embed"],
+    "norm_f.weight": p["norm_f.scale"],
+    "head.weight": p["head.kernel"].T,
+    "head.bias": p["head.bias"],
+  }
   for i in range(model.cfg.depth):
     o, m = f"layers.{i}.", f"layers.{i}.mixer."
-    sd.update({o + "norm.weight": p[o + "norm.scale"],
-               o + "norm_mlp.weight": p[o + "norm_mlp.scale"],
-               m + "in_proj.weight": p[m + "in_proj.kernel"].T,
-               m + "conv1d.weight": p[m + "conv_weight"].T[:, None, :],
-               m + "conv1d.bias": p[m + "conv_bias"], m + "dt_bias": p[m + "dt_bias"],
-               m + "A_log": p[m + "A_log"], m + "D": p[m + "D"],
-               m + "norm.weight": p[m + "norm_weight"],
-               m + "out_proj.weight": p[m + "out_proj.kernel"].T})
+    sd.update(
+      {
+        o + "norm.weight": p[o + "norm.scale"],
+        o + "norm_mlp.weight": p[o + "norm_mlp.scale"],
+        m + "in_proj.weight": p[m + "in_proj.kernel"].T,
+        m + "conv1d.weight": p[m + "conv_weight"].T[:, None, :],
+        m + "conv1d.bias": p[m + "conv_bias"],
+        m + "dt_bias": p[m + "dt_bias"],
+        m + "A_log": p[m + "A_log"],
+        m + "D": p[m + "D"],
+        m + "norm.weight": p[m + "norm_weight"],
+        m + "out_proj.weight": p[m + "out_proj.kernel"].T,
+      }
+    )
     for w in ("w1", "w2", "w3"):
       sd[o + f"mlp.{w}.weight"] = p[o + f"mlp.{w}.kernel"].T
       sd[o + f"mlp.{w}.bias"] = p[o + f"mlp.{w}.bias"]
@@ -375,9 +434,15 @@ def adventurer_to_torch(model):
 
 def test_adventurer(tmp_path):
   model, ema = random_adventurer(0), random_adventurer(1)
-  torch.save({"model": adventurer_to_torch(model), "model_ema": adventurer_to_torch(ema),
-              "epoch": 299, "args": argparse.Namespace(model="adventurer_tiny")},
-             tmp_path / "ckpt.pth")
+  torch.save(
+    {
+      "model": adventurer_to_torch(model),
+      "model_ema": adventurer_to_torch(ema),
+      "epoch": 299,
+      "args": argparse.Namespace(model="adventurer_tiny"),
+    },
+    tmp_path / "ckpt.pth",
+  )
   torch.save(adventurer_to_torch(model), tmp_path / "bare.pth")
   images = images_at(SIZE)
   loaded = convert.load(tmp_path / "ckpt.pth", "adventurer")
@@ -385,8 +450,10 @@ def test_adventurer(tmp_path):
   assert_same_outputs(loaded, model, images)
   assert_same_outputs(convert.load(tmp_path / "ckpt.pth", "adventurer", use_ema=True), ema, images)
   assert_same_outputs(convert.load(tmp_path / "bare.pth", "adventurer"), model, images)
-  assert convert.load(tmp_path / "bare.pth", "adventurer",
-                      flip_pattern="alternate").cfg.flip_pattern == "alternate"
+  assert (
+    convert.load(tmp_path / "bare.pth", "adventurer", flip_pattern="alternate").cfg.flip_pattern
+    == "alternate"
+  )
   with pytest.raises(ValueError, match="model_ema"):
     convert.load(tmp_path / "bare.pth", "adventurer", use_ema=True)
   # A new image size resamples the patch slots of the position embedding; CLS (last) is kept.
@@ -424,11 +491,35 @@ def test_bad_format_path_and_override(hf_dirs, tmp_path):
     convert.load(hf_dirs["vit"][1], "hf", num_head=3)
 
 
+def test_readers_are_the_single_registry(tmp_path, capsys):
+  """FORMATS, load and the CLI's --format all come from the one READERS table."""
+  assert convert.FORMATS == tuple(convert.READERS)
+  assert set(convert.OPTIONS) <= set(convert.READERS)
+  for fmt in convert.FORMATS:
+    assert callable(convert.READERS[fmt]), fmt
+  with pytest.raises(errors.UserError) as err:
+    convert.load(tmp_path, "keras")
+  assert "keras" in str(err.value)
+  assert all(repr(fmt) in str(err.value) for fmt in convert.FORMATS)
+  with pytest.raises(SystemExit) as exit_:  # argparse's own usage error: also 2
+    convert.main(["--format", "keras", "--input", str(tmp_path), "--output", str(tmp_path)])
+  assert exit_.value.code == 2 and "keras" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------------- saved / CLI
 def test_cli_round_trip(hf_dirs, tmp_path, capsys):
   folder, out = hf_dirs["clip"][1], tmp_path / "teacher"
-  cmd = [sys.executable, "-m", "linearizer.convert", "--format", "hf", "--input", str(folder),
-         "--output", str(out)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "linearizer.convert",
+    "--format",
+    "hf",
+    "--input",
+    str(folder),
+    "--output",
+    str(out),
+  ]
   run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert run.returncode == 0, run.stderr
   assert "vit" in run.stdout and str(out) in run.stdout and "parameters" in run.stdout
@@ -441,7 +532,7 @@ def test_cli_round_trip(hf_dirs, tmp_path, capsys):
   # leaves the first intact.
   with pytest.raises(SystemExit) as exit_:
     convert.main(cmd[3:])
-  assert exit_.value.code != 0 and "not empty" in capsys.readouterr().err
+  assert exit_.value.code == 2 and "not empty" in capsys.readouterr().err  # a UserError: 2
   assert_same_outputs(saved.restore(out), ref, images, rtol=0)
 
 

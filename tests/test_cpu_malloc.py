@@ -1,5 +1,6 @@
 """linearizer.cpu_malloc: when main.py re-executes under the glibc tunables, and that they
 stop XLA:CPU's per-step scratch memory from being faulted in afresh every step."""
+
 import importlib.metadata
 import importlib.util
 import os
@@ -14,7 +15,8 @@ from linearizer import cpu_malloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 glibc_linux = pytest.mark.skipif(
-    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc tunables")
+  sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc tunables"
+)
 
 
 @glibc_linux
@@ -57,15 +59,28 @@ def test_reexec_runs_the_same_script_once_more_under_the_tunables(tmp_path):
   script.write_text(REEXEC.format(root=ROOT))
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([sys.executable, "-u", str(script), "a", "--b=1"], env=env,
-                       capture_output=True, text=True, timeout=60, check=True)
+  out = subprocess.run(
+    [sys.executable, "-u", str(script), "a", "--b=1"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=True,
+  )
   first, second = out.stdout.splitlines()  # once more, not twice
   assert first.split(" ", 1)[0] == second.split(" ", 1)[0]  # the same process
   assert first.endswith(" None ['a', '--b=1']")
   assert second.endswith(f" {cpu_malloc.TUNABLES} ['a', '--b=1']")
   # From stdin the script cannot be read again: it runs once, untouched.
-  out = subprocess.run([sys.executable, "-", "a"], input=REEXEC.format(root=ROOT), env=env,
-                       capture_output=True, text=True, timeout=60, check=True)
+  out = subprocess.run(
+    [sys.executable, "-", "a"],
+    input=REEXEC.format(root=ROOT),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=True,
+  )
   assert len(out.stdout.splitlines()) == 1
   # main.py does it first thing.
   assert "cpu_malloc.reexec()" in open(os.path.join(ROOT, "main.py")).read()
@@ -91,8 +106,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
 
 def page_faults_per_step(tunables):
   env = dict(os.environ, JAX_PLATFORMS="cpu", GLIBC_TUNABLES=tunables)
-  proc = subprocess.run([sys.executable, "-c", STEP], env=env, capture_output=True, text=True,
-                        timeout=300, check=True)
+  proc = subprocess.run(
+    [sys.executable, "-c", STEP], env=env, capture_output=True, text=True, timeout=300, check=True
+  )
   return int(proc.stdout.split()[-1])
 
 
@@ -102,8 +118,10 @@ def transparent_huge_pages_always():
 
 
 @glibc_linux
-@pytest.mark.skipif(resource.getpagesize() != 4096 or transparent_huge_pages_always(),
-                    reason="the fault counts below are for 4 KiB pages")
+@pytest.mark.skipif(
+  resource.getpagesize() != 4096 or transparent_huge_pages_always(),
+  reason="the fault counts below are for 4 KiB pages",
+)
 def test_tunables_stop_the_scratch_memory_being_faulted_in_every_step():
   default, tuned = page_faults_per_step(""), page_faults_per_step(cpu_malloc.TUNABLES)
   assert default > 10_000, default  # each step maps ~100 MB of scratch afresh: 4 KiB pages

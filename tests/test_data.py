@@ -6,6 +6,7 @@ checked against each other: an uninterrupted iterator is the reference for resum
 multi-process ones, and the in-process pipeline for the multi-worker one. Epoch coverage
 and eval coverage are read off unique labels (label i ⇔ example i).
 """
+
 import logging
 import os
 
@@ -47,21 +48,24 @@ def train_kw(**kw):
 # Sources.
 # ---------------------------------------------------------------------------------------
 def test_digits_split_is_disjoint_and_complete():
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  from sklearn.datasets import load_digits
+
   train, test = data.get_source("digits", "train"), data.get_source("digits", "test")
   assert len(train) + len(test) == 1797
   assert len(test) == int(0.2 * 1797)
   assert train.num_classes == 10
 
   def rows(images, labels):
-    flat = np.concatenate([images.reshape(len(images), -1).astype(np.int64),
-                           np.asarray(labels, np.int64)[:, None]], 1)
+    flat = np.concatenate(
+      [images.reshape(len(images), -1).astype(np.int64), np.asarray(labels, np.int64)[:, None]], 1
+    )
     return flat[np.lexsort(flat.T[::-1])]
 
   d = load_digits()
   reference = rows(np.round(d.images * 255 / 16), d.target)
-  both = rows(np.concatenate([train.images, test.images]),
-              np.concatenate([train.labels, test.labels]))
+  both = rows(
+    np.concatenate([train.images, test.images]), np.concatenate([train.labels, test.labels])
+  )
   # Same multiset of (image, label) rows: together they cover all 1797 exactly once.
   np.testing.assert_array_equal(both, reference)
   image, label = train[0]
@@ -95,19 +99,19 @@ def write_npz(path, **arrays):
   return f"npz:{path}"
 
 
-@pytest.mark.parametrize("case, arrays, words", [
+@pytest.mark.parametrize(
+  "case, arrays, words",
+  [
     ("float", dict(images=np.zeros((3, 8, 8, 3), np.float32), labels=np.arange(3)), "uint8"),
-    ("2 channels", dict(images=np.zeros((3, 8, 8, 2), np.uint8), labels=np.arange(3)),
-     "channels"),
-    ("4 channels", dict(images=np.zeros((3, 8, 8, 4), np.uint8), labels=np.arange(3)),
-     "channels"),
+    ("2 channels", dict(images=np.zeros((3, 8, 8, 2), np.uint8), labels=np.arange(3)), "channels"),
+    ("4 channels", dict(images=np.zeros((3, 8, 8, 4), np.uint8), labels=np.arange(3)), "channels"),
     ("5-d", dict(images=np.zeros((3, 2, 8, 8, 3), np.uint8), labels=np.arange(3)), "NHWC"),
     ("labels", dict(images=np.zeros((3, 8, 8, 3), np.uint8), labels=np.arange(4)), "labels"),
     ("empty", dict(images=np.zeros((0, 8, 8, 3), np.uint8), labels=np.arange(0)), "0 images"),
     ("no labels", dict(images=np.zeros((3, 8, 8, 3), np.uint8)), "labels"),
-    ("no images", dict(pixels=np.zeros((3, 8, 8, 3), np.uint8), labels=np.arange(3)),
-     "images"),
-])
+    ("no images", dict(pixels=np.zeros((3, 8, 8, 3), np.uint8), labels=np.arange(3)), "images"),
+  ],
+)
 def test_npz_bad_input(tmp_path, case, arrays, words):
   del case
   path = tmp_path / "bad.npz"
@@ -144,8 +148,11 @@ def folder(tmp_path):
   root = tmp_path / "imgs"
   rng = np.random.default_rng(0)
   written = {}
-  for cls, names in [("zebra", ["b.png", "a.jpg"]), ("ant", ["x.png"]),
-                     ("mole", ["m1.jpeg", "m2.PNG", "notes.txt"])]:
+  for cls, names in [
+    ("zebra", ["b.png", "a.jpg"]),
+    ("ant", ["x.png"]),
+    ("mole", ["m1.jpeg", "m2.PNG", "notes.txt"]),
+  ]:
     (root / cls).mkdir(parents=True)
     for name in names:
       path = root / cls / name
@@ -165,8 +172,13 @@ def test_folder_source(folder):
   assert src.num_classes == 3
   files = [(os.path.relpath(p, root), k) for p, k in src.files]
   # Sorted classes, sorted files, non-images ignored; label = index of the class.
-  assert files == [("ant/x.png", 0), ("mole/m1.jpeg", 1), ("mole/m2.PNG", 1),
-                   ("zebra/a.jpg", 2), ("zebra/b.png", 2)]
+  assert files == [
+    ("ant/x.png", 0),
+    ("mole/m1.jpeg", 1),
+    ("mole/m2.PNG", 1),
+    ("zebra/a.jpg", 2),
+    ("zebra/b.png", 2),
+  ]
   for i, (path, label) in enumerate(src.files):
     image, got_label = src[i]
     assert got_label == label
@@ -193,8 +205,9 @@ def test_folder_corrupted_file_is_skipped(folder, caplog):
   i = [p for p, _ in src.files].index(str(bad))
   with caplog.at_level(logging.WARNING):
     image, label = src[i]
-  assert any(str(bad) in r.getMessage() and r.levelno == logging.WARNING
-             for r in caplog.records), [r.getMessage() for r in caplog.records]
+  assert any(str(bad) in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records), [
+    r.getMessage() for r in caplog.records
+  ]
   # Replaced by the next readable file: same shape of output, a real image.
   next_path, next_label = src.files[i + 1]
   assert label == next_label
@@ -205,8 +218,8 @@ def test_folder_corrupted_file_is_skipped(folder, caplog):
   # The pipeline keeps going through it: every eval batch is full-shaped.
   cfg = common.data(f"folder:{root}", SIZE, crop_fraction=1.0)
   batches = list(data.eval_batches(src, cfg, batch_size=4, mean=MEAN, std=STD))
-  assert sum(b["valid"].sum() for b in batches) == len(src)
-  assert all(b["image"].shape == (4, SIZE, SIZE, 3) for b in batches)
+  assert sum(b.valid.sum() for b in batches) == len(src)
+  assert all(b.image.shape == (4, SIZE, SIZE, 3) for b in batches)
 
 
 def test_folder_errors(tmp_path):
@@ -259,6 +272,7 @@ def test_train_batches_shape_and_determinism(digits, cfg):
   batch = a[0]
   assert batch.image.shape == (8, SIZE, SIZE, 3) and batch.image.dtype == np.float32
   assert batch.label.shape == (8,) and batch.label.dtype == np.int32
+  assert isinstance(batch, data.Batch) and batch.valid is None  # training: every row real
   assert np.isfinite(batch.image).all()
   # Grayscale input: the three channels are one image (up to the per-channel normalisation).
   raw = batch.image * np.asarray(STD) + np.asarray(MEAN)
@@ -285,11 +299,12 @@ def test_train_batches_process_split(digits, cfg):
     part = take(data.train_batches(digits, cfg, **train_kw(process_index=p, process_count=2)), 3)
     for w, q in zip(whole, part):
       assert q.image.shape == (4, SIZE, SIZE, 3)
-      np.testing.assert_array_equal(q.image, w.image[p * 4:(p + 1) * 4])
-      np.testing.assert_array_equal(q.label, w.label[p * 4:(p + 1) * 4])
+      np.testing.assert_array_equal(q.image, w.image[p * 4 : (p + 1) * 4])
+      np.testing.assert_array_equal(q.label, w.label[p * 4 : (p + 1) * 4])
   # Resumed and split at once.
-  part = take(data.train_batches(digits, cfg, **train_kw(process_index=1, process_count=2,
-                                                        start_step=2)), 1)[0]
+  part = take(
+    data.train_batches(digits, cfg, **train_kw(process_index=1, process_count=2, start_step=2)), 1
+  )[0]
   np.testing.assert_array_equal(part.image, whole[2].image[4:])
 
 
@@ -304,11 +319,11 @@ def test_train_batches_epochs(tmp_path, cfg):
   src = data.get_source(f"npz:{tmp_path / 'u.npz'}")
   batches = take(data.train_batches(src, cfg, **train_kw(global_batch=batch)), 3 * n // batch + 1)
   stream = np.concatenate([b.label for b in batches])
-  epochs = [stream[e * n:(e + 1) * n] for e in range(3)]
+  epochs = [stream[e * n : (e + 1) * n] for e in range(3)]
   for order in epochs:  # every example exactly once per epoch, across batch boundaries
     assert sorted(order.tolist()) == list(range(n))
   assert not np.array_equal(epochs[0], np.arange(n))  # shuffled
-  assert not np.array_equal(epochs[0], epochs[1])     # reshuffled each epoch
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
 
 
 def test_train_transform_per_example_rng(tmp_path, cfg):
@@ -334,8 +349,11 @@ def test_train_batches_workers_match_in_process(digits, cfg):
 # ---------------------------------------------------------------------------------------
 def test_eval_normalisation_of_constant_image(cfg):
   transform = data.Transform(cfg, False, MEAN, STD)
-  for image in (np.full((8, 8), 128, np.uint8), np.full((12, 9, 1), 128, np.uint8),
-                np.full((20, 20, 3), 128, np.uint8)):
+  for image in (
+    np.full((8, 8), 128, np.uint8),
+    np.full((12, 9, 1), 128, np.uint8),
+    np.full((20, 20, 3), 128, np.uint8),
+  ):
     out = transform(image, None)
     assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.float32
     expected = (128 / 255 - np.asarray(MEAN)) / np.asarray(STD)
@@ -364,36 +382,41 @@ def test_eval_batches_single_process(tmp_path, cfg):
   batches = list(data.eval_batches(src, cfg, batch_size=4, mean=MEAN, std=STD))
   assert len(batches) == 3
   for b in batches:
-    assert b["image"].shape == (4, SIZE, SIZE, 3) and b["image"].dtype == np.float32
-  labels = np.concatenate([b["label"][b["valid"]] for b in batches])
+    assert isinstance(b, data.Batch)
+    assert b.image.shape == (4, SIZE, SIZE, 3) and b.image.dtype == np.float32
+  labels = np.concatenate([b.label[b.valid] for b in batches])
   np.testing.assert_array_equal(labels, np.arange(11))  # in order, each once
   last = batches[-1]
-  np.testing.assert_array_equal(last["valid"], [True, True, True, False])
-  assert not last["image"][3].any() and last["label"][3] == 0
+  np.testing.assert_array_equal(last.valid, [True, True, True, False])
+  assert not last.image[3].any() and last.label[3] == 0
   # The rows are the eval transform of the source images.
   transform = data.Transform(cfg, False, MEAN, STD)
-  np.testing.assert_array_equal(batches[2]["image"][1], transform(src[9][0], None))
+  np.testing.assert_array_equal(batches[2].image[1], transform(src[9][0], None))
   # limit: only the first examples.
   limited = list(data.eval_batches(src, cfg, batch_size=4, mean=MEAN, std=STD, limit=5))
   assert len(limited) == 2
-  np.testing.assert_array_equal(np.concatenate([b["label"][b["valid"]] for b in limited]),
-                                np.arange(5))
+  np.testing.assert_array_equal(np.concatenate([b.label[b.valid] for b in limited]), np.arange(5))
 
 
 @pytest.mark.parametrize("n, processes, batch", [(11, 2, 3), (10, 3, 2), (7, 4, 4), (2, 3, 1)])
 def test_eval_batches_process_split(tmp_path, cfg, n, processes, batch):
   src = eval_source(tmp_path, n)
-  per_process = [list(data.eval_batches(src, cfg, batch_size=batch, mean=MEAN, std=STD,
-                                        process_index=p, process_count=processes))
-                 for p in range(processes)]
+  per_process = [
+    list(
+      data.eval_batches(
+        src, cfg, batch_size=batch, mean=MEAN, std=STD, process_index=p, process_count=processes
+      )
+    )
+    for p in range(processes)
+  ]
   counts = {len(b) for b in per_process}
   assert len(counts) == 1 and counts.pop() >= 1  # same number of steps on every process
   seen = []
   for batches in per_process:
     for b in batches:
-      assert b["image"].shape == (batch, SIZE, SIZE, 3)
-      seen.extend(b["label"][b["valid"]].tolist())
-      assert not b["image"][~b["valid"]].any()
+      assert b.image.shape == (batch, SIZE, SIZE, 3)
+      seen.extend(b.label[b.valid].tolist())
+      assert not b.image[~b.valid].any()
   assert sorted(seen) == list(range(n))  # everything, once
 
 
@@ -458,11 +481,11 @@ def test_translate_is_relative_to_its_own_axis(axis):
   out = np.asarray(op(Image.fromarray(a), 1.0))
   shift = round(0.45 * (20, 40)[axis])  # 9 columns or 18 rows; content moves left / up
   if axis == 0:
-    np.testing.assert_array_equal(out[:, :20 - shift], a[:, shift:])
-    assert (out[:, 20 - shift:] == 128).all()
+    np.testing.assert_array_equal(out[:, : 20 - shift], a[:, shift:])
+    assert (out[:, 20 - shift :] == 128).all()
   else:
-    np.testing.assert_array_equal(out[:40 - shift], a[shift:])
-    assert (out[40 - shift:] == 128).all()
+    np.testing.assert_array_equal(out[: 40 - shift], a[shift:])
+    assert (out[40 - shift :] == 128).all()
 
 
 def test_rand_augment_and_train_transform(cfg):

@@ -12,12 +12,14 @@ Tolerances (stated once, used below):
   "does not change":                      <= 1e-7 absolute (same tokens reach the maths)
   "does change":                          >= 1e-3 absolute
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linearizer import losses
+from linearizer import losses, models
+from linearizer.errors import UserError
 
 MATCH_TOL = 1e-6
 HAND_TOL = 1e-5
@@ -28,11 +30,13 @@ CHANGE_MIN = 1e-3
 def np_am(teacher, student, rows=None):
   """L_AM of one stage, float64, from method.md §2: cosine map, rows ℓ2-normalised, then the
   mean over rows (and batch) of 1 − the row cosine. teacher (B, n, dt), student (B, n, ds)."""
+
   def rownorm_map(f):
     f = np.asarray(f, np.float64)
     f = f / np.linalg.norm(f, axis=-1, keepdims=True)
     a = f @ np.swapaxes(f, -1, -2)
     return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
   cos = np.sum(rownorm_map(teacher) * rownorm_map(student), axis=-1)  # (B, n)
   if rows is not None:
     cos = cos[:, rows]
@@ -51,8 +55,8 @@ def orthonormal_columns(seed, rows, cols):
 
 def am(teacher_stages, student_stages, rows=None):
   loss, per_stage = losses.activation_matching(
-      [jnp.asarray(t) for t in teacher_stages], [jnp.asarray(s) for s in student_stages],
-      rows=rows)
+    [jnp.asarray(t) for t in teacher_stages], [jnp.asarray(s) for s in student_stages], rows=rows
+  )
   return float(loss), np.asarray(per_stage)
 
 
@@ -67,10 +71,10 @@ def test_am_zero_for_scaled_and_rotated_tokens(student_width):
   for k in range(3):
     t = rand(10 + k, b, n, d)
     scale = np.random.default_rng(20 + k).uniform(0.1, 10.0, (b, n, 1))
-    q = orthonormal_columns(30 + k, student_width, d)   # (student_width, d), QᵀQ = I
+    q = orthonormal_columns(30 + k, student_width, d)  # (student_width, d), QᵀQ = I
     np.testing.assert_allclose(q.T @ q, np.eye(d), atol=1e-12)
     teacher_stages.append(t)
-    student_stages.append((scale * t) @ q.T)             # (b, n, student_width)
+    student_stages.append((scale * t) @ q.T)  # (b, n, student_width)
   loss, per_stage = am(teacher_stages, student_stages)
   assert per_stage.shape == (3,)
   assert 0.0 <= loss <= MATCH_TOL and np.all(np.abs(per_stage) <= MATCH_TOL), per_stage
@@ -94,8 +98,12 @@ def test_am_in_zero_two():
   for seed in range(12):
     t = rand(100 + seed, 2, 9, 6)
     # Unrelated, anti-correlated (sign flips of tokens) and shifted students.
-    for s in (rand(200 + seed, 2, 9, 5), -t * np.sign(rand(300 + seed, 2, 9, 1)),
-              t + 3.0 * rand(400 + seed, 2, 9, 6), np.abs(t) + 2.0):
+    for s in (
+      rand(200 + seed, 2, 9, 5),
+      -t * np.sign(rand(300 + seed, 2, 9, 1)),
+      t + 3.0 * rand(400 + seed, 2, 9, 6),
+      np.abs(t) + 2.0,
+    ):
       loss, per_stage = am([t], [s])
       values += [loss, *per_stage]
   values = np.asarray(values)
@@ -160,8 +168,9 @@ def test_mp_hand_computed():
   ln = np.asarray(losses.layer_norm(jnp.asarray(target)))
   np.testing.assert_allclose(ln, np.tile([-1.0, 1.0], (1, 3, 1)), atol=HAND_TOL)
   for beta, expected in ((1.0, 0.53125), (2.0, 0.390625)):
-    got = losses.masked_prediction(jnp.asarray(prediction), jnp.asarray(target),
-                                   jnp.asarray(mask), beta=beta)
+    got = losses.masked_prediction(
+      jnp.asarray(prediction), jnp.asarray(target), jnp.asarray(mask), beta=beta
+    )
     np.testing.assert_allclose(float(got), expected, atol=HAND_TOL)
 
 
@@ -173,24 +182,44 @@ def test_mp_only_masked_positions_count():
   mp = lambda p, t: float(losses.masked_prediction(jnp.asarray(p), jnp.asarray(t), mask))
   base = mp(pred, target)
   noise = 5.0 * rand(3, b, n, d)
-  assert abs(mp(np.where(m, pred, noise), target) - base) <= SAME_TOL   # visible preds changed
-  assert abs(mp(pred, np.where(m, target, noise)) - base) <= SAME_TOL   # visible targets changed
+  assert abs(mp(np.where(m, pred, noise), target) - base) <= SAME_TOL  # visible preds changed
+  assert abs(mp(pred, np.where(m, target, noise)) - base) <= SAME_TOL  # visible targets changed
   assert abs(mp(np.where(m, noise, pred), target) - base) >= CHANGE_MIN  # masked preds changed
 
 
-def test_mp_loss_uses_teacher_patches_only():
-  """mp_loss drops the teacher's CLS (index 0) and compares its patches in raster order."""
+def test_mp_loss_targets_the_given_patches_in_raster_order():
+  """mp_loss compares the teacher's patch tokens it is given position by position (raster
+  order); the ViT's roles hand it the patches without the CLS (index 0), so the CLS never
+  enters MP's target."""
   b, grid, d = 2, (4, 4), 8
-  teacher = rand(1, b, 17, d)
+  teacher = rand(1, b, 17, d)  # a ViT block's tokens: [cls, patches]
   pred = rand(2, b, 16, d)
   mask, _ = losses.random_mask(jax.random.key(1), b, 16, 0.75)
-  got = float(losses.mp_loss(jnp.asarray(pred), jnp.asarray(teacher), grid, grid, mask))
+  patches = models.ViT.roles.patches_of(jnp.asarray(teacher))
+  np.testing.assert_array_equal(np.asarray(patches), teacher[:, 1:])  # index 0 dropped
+  got = float(losses.mp_loss(jnp.asarray(pred), patches, grid, grid, mask))
   want = float(losses.masked_prediction(jnp.asarray(pred), jnp.asarray(teacher[:, 1:]), mask))
   np.testing.assert_allclose(got, want, atol=SAME_TOL)
+  # Position by position: predicting LN(patch i) at every position i gives 0, the same
+  # predictions against the patches in another order do not (LN written out here).
+  t = teacher[:, 1:].astype(np.float64)
+  ln = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + 1e-6)
+  exact = jnp.asarray(ln, jnp.float32)
+  assert float(losses.mp_loss(exact, patches, grid, grid, mask)) <= SAME_TOL
+  shuffled = patches[:, np.random.default_rng(0).permutation(16)]
+  assert float(losses.mp_loss(exact, shuffled, grid, grid, mask)) >= CHANGE_MIN
+  # Whatever the teacher's CLS holds, MP's target is the same.
   teacher_other_cls = teacher.copy()
   teacher_other_cls[:, 0] = 100.0
-  got2 = float(losses.mp_loss(jnp.asarray(pred), jnp.asarray(teacher_other_cls), grid, grid,
-                              mask))
+  got2 = float(
+    losses.mp_loss(
+      jnp.asarray(pred),
+      models.ViT.roles.patches_of(jnp.asarray(teacher_other_cls)),
+      grid,
+      grid,
+      mask,
+    )
+  )
   assert abs(got2 - got) <= SAME_TOL
 
 
@@ -203,9 +232,20 @@ def _tokens(seed, b=3, grid=(4, 4), dt=12, ds=20):
   return rand(seed, b, n + 1, dt), rand(seed + 1, b, n + 1, ds)
 
 
+def _teacher(t):
+  """(cls, patches) of teacher tokens [cls, patches], sliced by hand."""
+  t = jnp.asarray(t)
+  return t[:, :1], t[:, 1:]
+
+
+def _student(s):
+  """(cls, patches) of student tokens [patches, cls], sliced by hand."""
+  s = jnp.asarray(s)
+  return s[:, -1:], s[:, :-1]
+
+
 def _am_loss(t, s, grid, scope, visible):
-  loss, _ = losses.am_loss([jnp.asarray(t)], [jnp.asarray(s)], grid, grid, scope=scope,
-                           visible=visible)
+  loss, _ = losses.am_loss([_teacher(t)], [_student(s)], grid, grid, scope=scope, visible=visible)
   return float(loss)
 
 
@@ -217,9 +257,9 @@ def test_visible_scope_ignores_masked_positions(side):
   m = np.asarray(mask)[..., None]
   noise_t, noise_s = 10.0 * rand(7, *t.shape), 10.0 * rand(8, *s.shape)
   t2, s2 = t.copy(), s.copy()
-  if side == "student":   # student patches are s[:, :-1]
+  if side == "student":  # student patches are s[:, :-1]
     s2[:, :-1] = np.where(m, noise_s[:, :-1], s[:, :-1])
-  else:                   # teacher patches are t[:, 1:]
+  else:  # teacher patches are t[:, 1:]
     t2[:, 1:] = np.where(m, noise_t[:, 1:], t[:, 1:])
   for scope in ("visible", "cls"):
     base = _am_loss(t, s, grid, scope, visible)
@@ -238,14 +278,17 @@ def test_visible_scope_value_matches_numpy_on_gathered_tokens():
   t_sel = np.stack([np.concatenate([t[i, :1], t[i, 1:][vis[i]]]) for i in range(b)])
   s_sel = np.stack([np.concatenate([s[i, -1:], s[i, :-1][vis[i]]]) for i in range(b)])
   assert t_sel.shape[1] == 1 + 4
-  np.testing.assert_allclose(_am_loss(t, s, grid, "visible", visible), np_am(t_sel, s_sel),
-                             atol=HAND_TOL)
-  np.testing.assert_allclose(_am_loss(t, s, grid, "cls", visible),
-                             np_am(t_sel, s_sel, rows=slice(0, 1)), atol=HAND_TOL)
+  np.testing.assert_allclose(
+    _am_loss(t, s, grid, "visible", visible), np_am(t_sel, s_sel), atol=HAND_TOL
+  )
+  np.testing.assert_allclose(
+    _am_loss(t, s, grid, "cls", visible), np_am(t_sel, s_sel, rows=slice(0, 1)), atol=HAND_TOL
+  )
   t_all = np.concatenate([t[:, :1], t[:, 1:]], 1)
   s_all = np.concatenate([s[:, -1:], s[:, :-1]], 1)
-  np.testing.assert_allclose(_am_loss(t, s, grid, "all", visible), np_am(t_all, s_all),
-                             atol=HAND_TOL)
+  np.testing.assert_allclose(
+    _am_loss(t, s, grid, "all", visible), np_am(t_all, s_all), atol=HAND_TOL
+  )
 
 
 def test_cls_scope_uses_only_the_cls_row():
@@ -254,7 +297,7 @@ def test_cls_scope_uses_only_the_cls_row():
   teacher: cls (1,0), p1 (1,1), p2 (1,−1): cos(cls, p) = 1/√2 each, cos(p1, p2) = 0.
   student: cls (1,0,0), p1 = p2 = (1,1,0): cos(cls, p) = 1/√2 each, cos(p1, p2) = 1.
   """
-  teacher = np.array([[[1, 0], [1, 1], [1, -1]]], np.float32)          # [cls, p1, p2]
+  teacher = np.array([[[1, 0], [1, 1], [1, -1]]], np.float32)  # [cls, p1, p2]
   student = np.array([[[1, 1, 0], [1, 1, 0], [1, 0, 0]]], np.float32)  # [p1, p2, cls]
   grid = (1, 2)
   assert _am_loss(teacher, student, grid, "cls", None) <= MATCH_TOL
@@ -264,41 +307,69 @@ def test_cls_scope_uses_only_the_cls_row():
 
 def test_align_orders_and_shapes():
   b, dt, ds = 2, 12, 20
-  t = rand(1, b, 1 + 36, dt)   # teacher on a 6×6 grid, CLS first
-  s = rand(2, b, 16 + 1, ds)   # student on a 4×4 grid, CLS last
+  t = rand(1, b, 1 + 36, dt)  # teacher on a 6×6 grid, CLS first
+  s = rand(2, b, 16 + 1, ds)  # student on a 4×4 grid, CLS last
   _, visible = losses.random_mask(jax.random.key(0), b, 16, 0.5)
-  for scope, visible_, n in (("all", None, 17), ("all", visible, 17), ("visible", visible, 9),
-                             ("cls", visible, 9), ("visible", None, 17)):
-    ta, sa = losses.align(jnp.asarray(t), jnp.asarray(s), (6, 6), (4, 4), scope, visible_)
+  for scope, visible_, n in (
+    ("all", None, 17),
+    ("all", visible, 17),
+    ("visible", visible, 9),
+    ("cls", visible, 9),
+    ("visible", None, 17),
+  ):
+    ta, sa = losses.align(_teacher(t), _student(s), (6, 6), (4, 4), scope, visible_)
     assert ta.shape == (b, n, dt) and sa.shape == (b, n, ds), (scope, ta.shape, sa.shape)
-    np.testing.assert_array_equal(np.asarray(ta[:, 0]), t[:, 0])    # teacher CLS first
-    np.testing.assert_array_equal(np.asarray(sa[:, 0]), s[:, -1])   # student CLS moved first
+    np.testing.assert_array_equal(np.asarray(ta[:, 0]), t[:, 0])  # teacher CLS first
+    np.testing.assert_array_equal(np.asarray(sa[:, 0]), s[:, -1])  # student CLS moved first
   # Resampling keeps a constant field constant (bicubic weights sum to one).
   const = np.concatenate([rand(3, b, 1, dt), np.broadcast_to(rand(4, b, 1, dt), (b, 36, dt))], 1)
-  ta, _ = losses.align(jnp.asarray(const), jnp.asarray(s), (6, 6), (4, 4), "all")
-  np.testing.assert_allclose(np.asarray(ta[:, 1:]), np.broadcast_to(const[:, 1:2], (b, 16, dt)),
-                             atol=1e-5)
+  ta, _ = losses.align(_teacher(const), _student(s), (6, 6), (4, 4), "all")
+  np.testing.assert_allclose(
+    np.asarray(ta[:, 1:]), np.broadcast_to(const[:, 1:2], (b, 16, dt)), atol=1e-5
+  )
   # Equal grids: no resampling; patches keep raster order; visible picks exactly those.
   t4 = rand(5, b, 17, dt)
-  ta, sa = losses.align(jnp.asarray(t4), jnp.asarray(s), (4, 4), (4, 4), "all")
+  ta, sa = losses.align(_teacher(t4), _student(s), (4, 4), (4, 4), "all")
   np.testing.assert_array_equal(np.asarray(ta[:, 1:]), t4[:, 1:])
   np.testing.assert_array_equal(np.asarray(sa[:, 1:]), s[:, :-1])
-  ta, sa = losses.align(jnp.asarray(t4), jnp.asarray(s), (4, 4), (4, 4), "visible", visible)
+  ta, sa = losses.align(_teacher(t4), _student(s), (4, 4), (4, 4), "visible", visible)
   vis = np.asarray(visible)
   for i in range(b):
     np.testing.assert_array_equal(np.asarray(ta[i, 1:]), t4[i, 1:][vis[i]])
     np.testing.assert_array_equal(np.asarray(sa[i, 1:]), s[i, :-1][vis[i]])
   with pytest.raises(ValueError):
-    losses.align(jnp.asarray(t4), jnp.asarray(s), (4, 4), (4, 4), "nope")
+    losses.align(_teacher(t4), _student(s), (4, 4), (4, 4), "nope")
   with pytest.raises(ValueError):  # teacher grid resampled to 3×3 ≠ the student's 16 patches
-    losses.align(jnp.asarray(t), jnp.asarray(s), (6, 6), (3, 3), "all")
+    losses.align(_teacher(t), _student(s), (6, 6), (3, 3), "all")
+
+
+def test_align_without_a_cls_matches_patches_only():
+  """A model without CLS (cls None): CLS is matched only where both have one; 'cls' refuses."""
+  b, dt, ds = 2, 12, 20
+  t, s = rand(1, b, 17, dt), rand(2, b, 17, ds)
+  _, visible = losses.random_mask(jax.random.key(0), b, 16, 0.5)
+  vis = np.asarray(visible)
+  for teacher, student in (
+    ((None, _teacher(t)[1]), _student(s)),
+    (_teacher(t), (None, _student(s)[1])),
+  ):
+    ta, sa = losses.align(teacher, student, (4, 4), (4, 4), "all")
+    np.testing.assert_array_equal(np.asarray(ta), t[:, 1:])
+    np.testing.assert_array_equal(np.asarray(sa), s[:, :-1])
+    ta, sa = losses.align(teacher, student, (4, 4), (4, 4), "visible", visible)
+    for i in range(b):
+      np.testing.assert_array_equal(np.asarray(ta[i]), t[i, 1:][vis[i]])
+      np.testing.assert_array_equal(np.asarray(sa[i]), s[i, :-1][vis[i]])
+    with pytest.raises(UserError, match="cls"):
+      losses.align(teacher, student, (4, 4), (4, 4), "cls", visible)
 
 
 # ---------------------------------------------------------------------------------------
 # Masks and stages.
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n,ratio,masked", [(16, 0.5, 8), (196, 0.75, 147), (16, 0.0, 0),
-                                            (10, 0.25, 2)])  # round(2.5) -> 2 (banker's)
+@pytest.mark.parametrize(
+  "n,ratio,masked", [(16, 0.5, 8), (196, 0.75, 147), (16, 0.0, 0), (10, 0.25, 2)]
+)  # round(2.5) -> 2 (banker's)
 def test_random_mask_counts_and_visible(n, ratio, masked):
   b = 8
   mask, visible = losses.random_mask(jax.random.key(0), b, n, ratio)
@@ -309,7 +380,7 @@ def test_random_mask_counts_and_visible(n, ratio, masked):
   for i in range(b):
     np.testing.assert_array_equal(visible[i], np.where(~mask[i])[0])  # sorted, the unmasked
   if 0 < masked < n:
-    assert len({row.tobytes() for row in mask}) > 1   # different per image
+    assert len({row.tobytes() for row in mask}) > 1  # different per image
 
 
 def test_random_mask_deterministic_and_uniform():
@@ -323,23 +394,34 @@ def test_random_mask_deterministic_and_uniform():
   np.testing.assert_allclose(many.mean(0), 0.25, atol=0.03)
 
 
-@pytest.mark.parametrize("depth,k,want", [(12, 4, [2, 5, 8, 11]), (24, 4, [5, 11, 17, 23]),
-                                          (4, 4, [0, 1, 2, 3]), (12, 1, [11])])
-def test_stage_ends_exact(depth, k, want):
-  assert losses.stage_ends(depth, k) == want
+@pytest.mark.parametrize(
+  "depth,k,want",
+  [(12, 4, [2, 5, 8, 11]), (24, 4, [5, 11, 17, 23]), (4, 4, [0, 1, 2, 3]), (12, 1, [11])],
+)
+def test_level_ends_exact(depth, k, want):
+  assert losses.level_ends(depth, k) == want
 
 
 @pytest.mark.parametrize("depth,k", [(6, 4), (5, 4), (7, 3), (10, 4), (13, 4), (3, 2)])
-def test_stage_ends_uneven(depth, k):
-  ends = losses.stage_ends(depth, k)
+def test_level_ends_uneven(depth, k):
+  ends = losses.level_ends(depth, k)
   assert len(ends) == k and ends[-1] == depth - 1 and ends[0] >= 0
   lengths = np.diff([-1] + list(ends))
-  assert np.all(lengths >= 1), ends                                  # strictly increasing
+  assert np.all(lengths >= 1), ends  # strictly increasing
   assert lengths.min() >= depth // k and lengths.max() <= -(-depth // k), ends  # near-equal
 
 
-def test_stage_ends_errors():
-  with pytest.raises(ValueError):
-    losses.stage_ends(3, 4)
-  with pytest.raises(ValueError):
-    losses.stage_ends(12, 0)
+def test_level_ends_errors():
+  with pytest.raises(UserError):
+    losses.level_ends(3, 4)
+  with pytest.raises(UserError):
+    losses.level_ends(12, 0)
+
+
+def test_level_pairs_pair_the_ends_of_each_level():
+  """K = 4 levels of a 12-block teacher and a 24-block student: the last block of each."""
+  assert losses.level_pairs(12, 24, 4) == [(2, 5), (5, 11), (8, 17), (11, 23)]
+  assert losses.level_pairs(4, 2, 2) == [(1, 0), (3, 1)]
+  assert losses.level_pairs(12, 12, 1) == [(11, 11)]
+  with pytest.raises(UserError):  # K deeper than the student
+    losses.level_pairs(12, 2, 4)

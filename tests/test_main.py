@@ -1,4 +1,5 @@
 """main.py end to end on the smoke config: every stage, the files it writes, reuse, resume."""
+
 import json
 import os
 import shutil
@@ -14,16 +15,31 @@ STAGES = ("train_teacher", "distill", "finetune", "train_student")
 
 def run_main(workdir, *flags):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.py:smoke",
-                         "--workdir", str(workdir), *flags], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "main.py",
+      "--config",
+      "configs/demo.py:smoke",
+      "--workdir",
+      str(workdir),
+      *flags,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   return proc.stdout
 
 
 def params(directory):
-  from linearizer.models import saved  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
+
+  from linearizer.models import saved
+
   return jax.tree.leaves(saved.read_params(directory))
 
 
@@ -39,11 +55,11 @@ def test_every_stage_writes_its_files(demo_run):
   for stage in STAGES:
     d = workdir / stage
     assert (d / "model" / "model.json").is_file(), stage
-    rows = [json.loads(l) for l in open(d / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
     assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["loss"]), stage
     assert any(f.startswith("events") for f in os.listdir(d / "tb")), stage
     assert sorted(os.listdir(d / "ckpt")) == ["2", "4"], stage  # keep=2, every 2 steps
-  distill_rows = [json.loads(l) for l in open(workdir / "distill" / "metrics.jsonl")]
+  distill_rows = [json.loads(line) for line in open(workdir / "distill" / "metrics.jsonl")]
   assert {"am", "mp", "am_stage0", "am_stage1", "grad_norm", "lr"} <= set(distill_rows[-1])
   results = json.load(open(workdir / "eval" / "results.json"))
   assert set(results) == {"teacher", "student (distilled)", "student (from scratch)"}
@@ -73,7 +89,7 @@ def test_interrupted_stage_resumes_to_the_same_weights(demo_run, tmp_path):
   workdir, _ = demo_run
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
-  shutil.rmtree(copy / "distill" / "model")     # the stage never finished ...
+  shutil.rmtree(copy / "distill" / "model")  # the stage never finished ...
   shutil.rmtree(copy / "distill" / "ckpt" / "4")  # ... and its last save never happened
   out = run_main(copy, "--config.stages=('train_teacher','distill')")
   assert "[distill] step 4/4" in out and "[distill] step 2/4" not in out  # resumed at 2
@@ -83,9 +99,12 @@ def test_interrupted_stage_resumes_to_the_same_weights(demo_run, tmp_path):
 
 def test_eval_only_on_exported_student_and_converted_teacher(demo_run, tmp_path):
   workdir, _ = demo_run
-  out = run_main(tmp_path / "eval_only", "--config.stages=('eval',)",
-                 f"--config.teacher.init={workdir / 'train_teacher' / 'model'}",
-                 f"--config.student.init={workdir / 'export'}")
+  out = run_main(
+    tmp_path / "eval_only",
+    "--config.stages=('eval',)",
+    f"--config.teacher.init={workdir / 'train_teacher' / 'model'}",
+    f"--config.student.init={workdir / 'export'}",
+  )
   results = json.load(open(tmp_path / "eval_only" / "eval" / "results.json"))
   reference = json.load(open(workdir / "eval" / "results.json"))
   assert results["teacher"]["@16"] == reference["teacher"]["@16"]

@@ -12,8 +12,10 @@ Tolerances (stated once, used below; "relative" means max|ours - ref| / max|ref|
   parameter counts vs method.md §5:         within ±0.5 %
   bfloat16 student vs float32 student:      relative <= 5e-2 on logits and final tokens
 """
+
 import dataclasses
 import functools
+import json
 import math
 
 import jax
@@ -23,9 +25,12 @@ import pytest
 from flax import nnx
 
 import kernels  # noqa: F401  (the models need the SSD op; fail loudly here if it is missing)
+from linearizer import models
+from linearizer.errors import UserError
 from linearizer.models import build, common
 from linearizer.models.adventurer import AdventurerConfig, Block, adventurer_config
 from linearizer.models.mamba2 import Mamba2
+from linearizer.models.vit import ViTConfig, vit_config
 
 RTOL = 1e-4
 RESAMPLE_ATOL = 1e-5
@@ -77,8 +82,17 @@ def np64(param):
 # ------------------------------------------------------------------------------------------
 # 1. Mamba-2 mixer parity with transformers' Mamba2Mixer
 # ------------------------------------------------------------------------------------------
-HF = dict(hidden_size=128, state_size=64, head_dim=64, expand=2, n_groups=1, conv_kernel=4,
-          use_bias=False, use_conv_bias=True, chunk_size=16)
+HF = dict(
+  hidden_size=128,
+  state_size=64,
+  head_dim=64,
+  expand=2,
+  n_groups=1,
+  conv_kernel=4,
+  use_bias=False,
+  use_conv_bias=True,
+  chunk_size=16,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +116,38 @@ def hf_mixer():
     mixer.norm.weight.copy_(1 + 0.3 * torch.randn_like(mixer.norm.weight))
     mixer.conv1d.weight.copy_(0.5 * torch.randn_like(mixer.conv1d.weight))
     mixer.conv1d.bias.copy_(0.2 * torch.randn_like(mixer.conv1d.bias))
-    mixer.in_proj.weight.copy_(torch.randn_like(mixer.in_proj.weight) / math.sqrt(HF["hidden_size"]))
+    mixer.in_proj.weight.copy_(
+      torch.randn_like(mixer.in_proj.weight) / math.sqrt(HF["hidden_size"])
+    )
   return mixer
 
 
 def mixer_from_hf(mixer, impl):
   """Our Mamba2 with the HF mixer's weights, mapped name by name."""
-  ours = Mamba2(HF["hidden_size"], d_state=HF["state_size"], headdim=HF["head_dim"],
-                expand=HF["expand"], ngroups=HF["n_groups"], d_conv=HF["conv_kernel"],
-                chunk_size=HF["chunk_size"], ssd_impl=impl, rngs=nnx.Rngs(1))
+  ours = Mamba2(
+    HF["hidden_size"],
+    d_state=HF["state_size"],
+    headdim=HF["head_dim"],
+    expand=HF["expand"],
+    ngroups=HF["n_groups"],
+    d_conv=HF["conv_kernel"],
+    chunk_size=HF["chunk_size"],
+    ssd_impl=impl,
+    rngs=nnx.Rngs(1),
+  )
   sd = {k: v.detach().numpy() for k, v in mixer.state_dict().items()}
-  assert set(sd) == {"in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D",
-                     "norm.weight", "out_proj.weight"}
-  set_param(ours.in_proj.kernel, sd["in_proj.weight"].T)         # torch (out, in) -> (in, out)
-  set_param(ours.conv_weight, sd["conv1d.weight"][:, 0, :].T)    # (C, 1, K) -> (K, C)
+  assert set(sd) == {
+    "in_proj.weight",
+    "conv1d.weight",
+    "conv1d.bias",
+    "dt_bias",
+    "A_log",
+    "D",
+    "norm.weight",
+    "out_proj.weight",
+  }
+  set_param(ours.in_proj.kernel, sd["in_proj.weight"].T)  # torch (out, in) -> (in, out)
+  set_param(ours.conv_weight, sd["conv1d.weight"][:, 0, :].T)  # (C, 1, K) -> (K, C)
   set_param(ours.conv_bias, sd["conv1d.bias"])
   set_param(ours.dt_bias, sd["dt_bias"])
   set_param(ours.A_log, sd["A_log"])
@@ -129,6 +161,7 @@ def mixer_from_hf(mixer, impl):
 @pytest.mark.parametrize("length", [37, 65])
 def test_mamba2_matches_transformers(hf_mixer, impl, length):
   import torch
+
   u = np.random.default_rng(length).normal(size=(2, length, HF["hidden_size"])).astype(np.float32)
   with torch.no_grad():
     ref = hf_mixer(torch.from_numpy(u)).numpy()
@@ -163,7 +196,7 @@ def mixer64(u, p, d_state, headdim):
   inner = p["norm_weight"].shape[0]
   heads = inner // headdim
   proj = u @ p["in_proj"]
-  z, xbc, dt = proj[..., :inner], proj[..., inner:2 * inner + 2 * d_state], proj[..., -heads:]
+  z, xbc, dt = proj[..., :inner], proj[..., inner : 2 * inner + 2 * d_state], proj[..., -heads:]
   # Causal depthwise conv, width K: out_t = b + Σ_k w[k] · xbc_{t-K+1+k} (zeros before t=0).
   w = p["conv_weight"]
   k_width = w.shape[0]
@@ -177,7 +210,7 @@ def mixer64(u, p, d_state, headdim):
     conv[:, t] = acc
   xbc = silu(conv)
   x = xbc[..., :inner].reshape(batch, length, heads, headdim)
-  B, C = xbc[..., inner:inner + d_state], xbc[..., inner + d_state:]
+  B, C = xbc[..., inner : inner + d_state], xbc[..., inner + d_state :]
   delta = softplus(dt + p["dt_bias"])
   A = -np.exp(p["A_log"])
   y = np.empty_like(x)
@@ -223,16 +256,29 @@ def randomize_block(block, seed):
 
 def block_params64(block):
   mx, mlp = block.mixer, block.mlp
-  return dict(norm=np64(block.norm.scale), norm_mlp=np64(block.norm_mlp.scale),
-              in_proj=np64(mx.in_proj.kernel), conv_weight=np64(mx.conv_weight),
-              conv_bias=np64(mx.conv_bias), dt_bias=np64(mx.dt_bias), A_log=np64(mx.A_log),
-              D=np64(mx.D), norm_weight=np64(mx.norm_weight), out_proj=np64(mx.out_proj.kernel),
-              w1=np64(mlp.w1.kernel), b1=np64(mlp.w1.bias), w2=np64(mlp.w2.kernel),
-              b2=np64(mlp.w2.bias), w3=np64(mlp.w3.kernel), b3=np64(mlp.w3.bias))
+  return dict(
+    norm=np64(block.norm.scale),
+    norm_mlp=np64(block.norm_mlp.scale),
+    in_proj=np64(mx.in_proj.kernel),
+    conv_weight=np64(mx.conv_weight),
+    conv_bias=np64(mx.conv_bias),
+    dt_bias=np64(mx.dt_bias),
+    A_log=np64(mx.A_log),
+    D=np64(mx.D),
+    norm_weight=np64(mx.norm_weight),
+    out_proj=np64(mx.out_proj.kernel),
+    w1=np64(mlp.w1.kernel),
+    b1=np64(mlp.w1.bias),
+    w2=np64(mlp.w2.kernel),
+    b2=np64(mlp.w2.bias),
+    w3=np64(mlp.w3.kernel),
+    b3=np64(mlp.w3.bias),
+  )
 
 
-BLOCK_CFG = AdventurerConfig(width=32, depth=2, patch=8, image_size=32, d_state=16, headdim=16,
-                             chunk_size=8)
+BLOCK_CFG = AdventurerConfig(
+  width=32, depth=2, patch=8, image_size=32, d_state=16, headdim=16, chunk_size=8
+)
 
 
 @pytest.mark.parametrize("impl", ["xla", "reference"])
@@ -271,8 +317,12 @@ def test_student_output_contract():
   np.testing.assert_allclose(out.logits, model.head(out.tokens[:, -1]), rtol=1e-6, atol=1e-6)
   # and the embedding puts CLS (+ the last pos-embed slot) last.
   emb = model.embed(images(2))
-  np.testing.assert_allclose(emb[:, -1], jnp.broadcast_to(
-      model.cls_token[...][0, 0] + model.pos_embed[...][0, -1], (2, 32)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    emb[:, -1],
+    jnp.broadcast_to(model.cls_token[...][0, 0] + model.pos_embed[...][0, -1], (2, 32)),
+    rtol=1e-6,
+    atol=1e-6,
+  )
   out = output_shapes(tiny_student(depth=3, num_classes=0), images(2))
   assert out.logits is None and out.tokens.shape == (2, 17, 32) and len(out.blocks) == 3
 
@@ -300,11 +350,53 @@ def test_teacher_gap_pool_reads_the_mean_patch_token():
   model = build("vit", "Ti/8", image_size=32, depth=2, num_classes=5, pool="gap")
   set_param(model.head.kernel, np.random.default_rng(0).normal(size=model.head.kernel.shape))
   out = forward(model, images(2))
-  np.testing.assert_allclose(out.logits, model.head(out.tokens[:, 1:].mean(1)), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    out.logits, model.head(out.tokens[:, 1:].mean(1)), rtol=1e-5, atol=1e-5
+  )
   assert not np.allclose(out.logits, model.head(out.tokens[:, 0]), atol=1e-3)
   with pytest.raises(ValueError, match="pool 'mean'"):
     build("vit", "Ti/8", pool="mean")
+
+
+def test_token_roles_are_the_hand_slices():
+  """`out.cls` / `out.patches` (and `roles.cls_of` / `patches_of` on every block) are the
+  slices the tests above take by hand: ViT [cls, patches], Adventurer [patches, cls]; the
+  logits read `out.cls` (ViT pool 'cls')."""
+  student = tiny_student()
+  out = forward(student, images(2))
+  assert out.roles == student.roles == models.Adventurer.roles
+  assert models.Adventurer.roles == common.TokenRoles(cls=-1, patches=(0, -1))
+  assert out.cls.shape == (2, 1, 32) and out.patches.shape == (2, 16, 32)
+  np.testing.assert_array_equal(out.cls, out.tokens[:, -1:])
+  np.testing.assert_array_equal(out.patches, out.tokens[:, :-1])
+  for block in out.blocks:
+    np.testing.assert_array_equal(out.roles.cls_of(block), block[:, -1:])
+    np.testing.assert_array_equal(out.roles.patches_of(block), block[:, :-1])
+  np.testing.assert_allclose(out.logits, student.head(out.cls[:, 0]), rtol=1e-6, atol=1e-6)
+
+  teacher = build("vit", "Ti/8", image_size=32, depth=2, num_classes=5)
+  r = np.random.default_rng(0)  # the head is zero-initialised; make it informative
+  set_param(teacher.head.kernel, r.normal(size=teacher.head.kernel.shape))
+  set_param(teacher.head.bias, r.normal(size=teacher.head.bias.shape))
+  assert teacher.cfg.pool == "cls"
+  out = forward(teacher, images(2))
+  assert out.roles == teacher.roles == models.ViT.roles
+  assert models.ViT.roles == common.TokenRoles(cls=0, patches=(1, None))
+  assert out.cls.shape == (2, 1, 192) and out.patches.shape == (2, 16, 192)
+  np.testing.assert_array_equal(out.cls, out.tokens[:, :1])
+  np.testing.assert_array_equal(out.patches, out.tokens[:, 1:])
+  for block in out.blocks:
+    np.testing.assert_array_equal(out.roles.cls_of(block), block[:, :1])
+    np.testing.assert_array_equal(out.roles.patches_of(block), block[:, 1:])
+  np.testing.assert_allclose(out.logits, teacher.head(out.cls[:, 0]), rtol=1e-5, atol=1e-5)
+
+  # A model without CLS: `cls` is None, the patches are what the roles say.
+  tokens = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
+  no_cls = common.ModelOutput(
+    logits=None, tokens=tokens, blocks=(), roles=common.TokenRoles(cls=None, patches=(0, 4))
+  )
+  assert no_cls.cls is None
+  np.testing.assert_array_equal(no_cls.patches, tokens[:, :4])
 
 
 # ------------------------------------------------------------------------------------------
@@ -355,14 +447,24 @@ def torch_bicubic(tokens, old_grid, new_grid):
   t = np.array(tokens, np.float32)  # a writable copy for torch.from_numpy
   lead, d = t.shape[:-2], t.shape[-1]
   grid = torch.from_numpy(t.reshape(-1, *old_grid, d)).permute(0, 3, 1, 2)
-  out = torch.nn.functional.interpolate(grid, size=tuple(new_grid), mode="bicubic",
-                                        align_corners=False)
+  out = torch.nn.functional.interpolate(
+    grid, size=tuple(new_grid), mode="bicubic", align_corners=False
+  )
   return out.permute(0, 2, 3, 1).reshape(*lead, new_grid[0] * new_grid[1], d).numpy()
 
 
-@pytest.mark.parametrize("old,new", [((4, 4), (7, 7)), ((7, 7), (4, 4)), ((3, 5), (6, 4)),
-                                     ((6, 4), (3, 5)), ((5, 5), (2, 3)), ((14, 14), (16, 16)),
-                                     ((2, 2), (1, 1))])
+@pytest.mark.parametrize(
+  "old,new",
+  [
+    ((4, 4), (7, 7)),
+    ((7, 7), (4, 4)),
+    ((3, 5), (6, 4)),
+    ((6, 4), (3, 5)),
+    ((5, 5), (2, 3)),
+    ((14, 14), (16, 16)),
+    ((2, 2), (1, 1)),
+  ],
+)
 def test_resample_grid_matches_torch_bicubic(old, new):
   tokens = np.random.default_rng(0).normal(size=(2, old[0] * old[1], 6)).astype(np.float32)
   ours = common.resample_grid(jnp.asarray(tokens), old, new)
@@ -378,19 +480,21 @@ def test_resample_pos_embed_keeps_cls_slot():
   out = common.resample_pos_embed(pos, (4, 6), (5, 3), cls_at="last")
   assert out.shape == (1, 16, 8)
   np.testing.assert_array_equal(out[:, -1], pos[:, -1])
-  np.testing.assert_allclose(out[:, :-1], torch_bicubic(pos[:, :-1], (4, 6), (5, 3)),
-                             atol=RESAMPLE_ATOL, rtol=0)
+  np.testing.assert_allclose(
+    out[:, :-1], torch_bicubic(pos[:, :-1], (4, 6), (5, 3)), atol=RESAMPLE_ATOL, rtol=0
+  )
   out = common.resample_pos_embed(pos, (4, 6), (5, 3), cls_at="first")
   np.testing.assert_array_equal(out[:, 0], pos[:, 0])
-  np.testing.assert_allclose(out[:, 1:], torch_bicubic(pos[:, 1:], (4, 6), (5, 3)),
-                             atol=RESAMPLE_ATOL, rtol=0)
+  np.testing.assert_allclose(
+    out[:, 1:], torch_bicubic(pos[:, 1:], (4, 6), (5, 3)), atol=RESAMPLE_ATOL, rtol=0
+  )
   with pytest.raises(ValueError):
     common.resample_pos_embed(pos, (4, 6), (5, 3), cls_at="middle")
 
 
 def test_student_runs_at_new_resolution_like_a_resampled_model():
-  model = tiny_student()       # trained at 32x32: 4x4 grid
-  x = images(2, 48, 48)         # 6x6 grid
+  model = tiny_student()  # trained at 32x32: 4x4 grid
+  x = images(2, 48, 48)  # 6x6 grid
   out = forward(model, x)
   assert out.tokens.shape == (2, 37, 32) and out.logits.shape == (2, 3)
 
@@ -399,8 +503,10 @@ def test_student_runs_at_new_resolution_like_a_resampled_model():
   ahead = tiny_student(image_size=48)
   nnx.update(ahead, nnx.state(model))
   pos = np.asarray(model.pos_embed[...])
-  set_param(ahead.pos_embed, np.concatenate([torch_bicubic(pos[:, :-1], (4, 4), (6, 6)),
-                                             pos[:, -1:]], axis=1))
+  set_param(
+    ahead.pos_embed,
+    np.concatenate([torch_bicubic(pos[:, :-1], (4, 4), (6, 6)), pos[:, -1:]], axis=1),
+  )
   assert ahead.pos_embed.shape == (1, 37, 32)
   out_ahead = forward(ahead, x)
   assert rel_err(out.tokens, out_ahead.tokens) <= 1e-5
@@ -417,8 +523,9 @@ def count_params(model):
   return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-@pytest.mark.parametrize("variant,millions", [("Ti/16", 11.6), ("S/16", 44.5), ("B/16", 98.7),
-                                              ("L/16", 346.0)])
+@pytest.mark.parametrize(
+  "variant,millions", [("Ti/16", 11.6), ("S/16", 44.5), ("B/16", 98.7), ("L/16", 346.0)]
+)
 def test_parameter_counts(variant, millions):
   model = nnx.eval_shape(lambda: build("adventurer", variant, num_classes=1000))
   n = count_params(model)
@@ -435,8 +542,10 @@ def test_b8_builds():
 # 7. Flip patterns and drop path
 # ------------------------------------------------------------------------------------------
 def test_flip_patterns():
-  flips = lambda pattern: [l.flip for l in nnx.eval_shape(
-      lambda: tiny_student(depth=7, flip_pattern=pattern)).layers]
+  flips = lambda pattern: [
+    layer.flip
+    for layer in nnx.eval_shape(lambda: tiny_student(depth=7, flip_pattern=pattern)).layers
+  ]
   assert flips("alternate") == [i % 2 == 1 for i in range(7)]
   assert [i for i, f in enumerate(flips("alternate")) if f] == [1, 3, 5]
   assert [i for i, f in enumerate(flips("released")) if f] == [2, 3]
@@ -450,7 +559,9 @@ def test_drop_path_rates():
   depth, rate = 6, 0.3
   model = nnx.eval_shape(lambda: tiny_student(depth=depth, drop_path=rate))
   want = ([0.0] + np.linspace(0, rate, depth).tolist())[:depth]
-  np.testing.assert_allclose([l.drop_path.rate for l in model.layers], want, rtol=0, atol=1e-12)
+  np.testing.assert_allclose(
+    [layer.drop_path.rate for layer in model.layers], want, rtol=0, atol=1e-12
+  )
 
 
 def test_drop_path_is_per_sample():
@@ -458,8 +569,8 @@ def test_drop_path_is_per_sample():
   x = jnp.ones((64, 5, 3))
   y = np.asarray(dp(x, train=True))
   per_sample = y.reshape(64, -1)
-  assert np.all(per_sample == per_sample[:, :1])          # whole sample kept or dropped
-  assert set(np.unique(per_sample)) == {0.0, 2.0}         # kept ones scaled by 1/keep
+  assert np.all(per_sample == per_sample[:, :1])  # whole sample kept or dropped
+  assert set(np.unique(per_sample)) == {0.0, 2.0}  # kept ones scaled by 1/keep
   np.testing.assert_array_equal(dp(x, train=False), x)
 
 
@@ -468,7 +579,7 @@ def test_drop_path_train_vs_eval():
   x = jnp.broadcast_to(images(1), (8, 32, 32, 3))  # 8 identical samples
   t1 = np.asarray(forward(model, x, train=True).tokens)
   t2 = np.asarray(forward(model, x, train=True).tokens)
-  assert not np.allclose(t1, t2)                               # stochastic across calls
+  assert not np.allclose(t1, t2)  # stochastic across calls
   assert any(not np.allclose(t1[0], t1[i]) for i in range(1, 8))  # and per sample
   e1 = np.asarray(forward(model, x).tokens)
   e2 = np.asarray(forward(model, x).tokens)
@@ -482,7 +593,7 @@ def test_drop_path_train_vs_eval():
 def test_init_properties():
   width, depth = 32, 8
   model = tiny_student(depth=depth)  # 4 heads per block, 32 in all
-  mixers = [l.mixer for l in model.layers]
+  mixers = [layer.mixer for layer in model.layers]
   a_log = np.concatenate([np64(m.A_log) for m in mixers])
   assert np.all(a_log >= 0) and np.all(a_log <= math.log(16) + 1e-6)
   assert a_log.min() < math.log(4) and a_log.max() > math.log(8)  # spread over [1, 16]
@@ -492,9 +603,9 @@ def test_init_properties():
   for m in mixers:
     np.testing.assert_array_equal(m.D[...], 1.0)
     np.testing.assert_array_equal(m.norm_weight[...], 1.0)
-  for l in model.layers:
-    np.testing.assert_array_equal(l.norm.scale[...], 1.0)
-    np.testing.assert_array_equal(l.norm_mlp.scale[...], 1.0)
+  for layer in model.layers:
+    np.testing.assert_array_equal(layer.norm.scale[...], 1.0)
+    np.testing.assert_array_equal(layer.norm_mlp.scale[...], 1.0)
   np.testing.assert_array_equal(model.norm_f.scale[...], 1.0)
 
   # torch.nn.Linear default U(±1/sqrt(fan_in)) => std 1/sqrt(3 fan_in); out_proj also / sqrt(depth).
@@ -505,14 +616,15 @@ def test_init_properties():
   assert out_std == pytest.approx(1 / math.sqrt(3 * inner * depth), rel=0.05)
   # The same ratio, fan-in corrected: out_proj is 1/sqrt(depth) of an in_proj-like init.
   assert (out_std * math.sqrt(inner)) / (in_std * math.sqrt(width)) == pytest.approx(
-      1 / math.sqrt(depth), rel=0.05)
+    1 / math.sqrt(depth), rel=0.05
+  )
   assert np.abs(np64(mixers[0].out_proj.kernel)).max() <= 1 / math.sqrt(inner * depth) + 1e-7
   for m in mixers:
     assert m.in_proj.bias is None and m.out_proj.bias is None  # no projection biases
 
   # Linear biases zero: SwiGLU, head, patch embedding.
-  for l in model.layers:
-    for lin in (l.mlp.w1, l.mlp.w2, l.mlp.w3):
+  for layer in model.layers:
+    for lin in (layer.mlp.w1, layer.mlp.w2, layer.mlp.w3):
       np.testing.assert_array_equal(lin.bias[...], 0.0)
   np.testing.assert_array_equal(model.head.bias[...], 0.0)
   np.testing.assert_array_equal(model.patch_embed.bias[...], 0.0)
@@ -530,8 +642,9 @@ def test_init_properties():
 def test_bfloat16_student_close_to_float32():
   f32 = tiny_student()
   bf16 = tiny_student(dtype="bfloat16")
-  for a, b in zip(jax.tree.leaves(nnx.state(f32, nnx.Param)),
-                  jax.tree.leaves(nnx.state(bf16, nnx.Param))):
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(f32, nnx.Param)), jax.tree.leaves(nnx.state(bf16, nnx.Param))
+  ):
     assert b.dtype == jnp.float32  # parameters stay float32
     np.testing.assert_array_equal(a, b)
   r = np.random.default_rng(0)
@@ -552,23 +665,119 @@ def test_student_with_pallas_kernel_matches_xla(impl):
   5e-4 of each leaf's max: each scan matches a float64 loop to ~2e-7 at the op
   (tests/test_ssd.py), but float32 rounding in a different order, carried through two
   blocks' backward, moved whole-model gradient leaves by up to 2.4e-4 between impls."""
-  fields = dict(width=32, depth=2, headdim=16, d_state=16, chunk_size=16, image_size=16,
-                num_classes=3)
+  fields = dict(
+    width=32, depth=2, headdim=16, d_state=16, chunk_size=16, image_size=16, num_classes=3
+  )
   ref = build("adventurer", "Ti/4", seed=0, ssd_impl="xla", **fields)
   fast = build("adventurer", "Ti/4", seed=0, ssd_impl=impl, ssd_interpret=True, **fields)
   images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
 
   def loss_and_grads(model):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
     def loss(p):
       out = nnx.merge(graphdef, p, rest)(images)
-      return jnp.sum(out.logits ** 2) + jnp.sum(out.tokens ** 2), out
+      return jnp.sum(out.logits**2) + jnp.sum(out.tokens**2), out
+
     (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return out, jax.tree.leaves(grads)
 
   (out_ref, g_ref), (out_fast, g_fast) = loss_and_grads(ref), loss_and_grads(fast)
-  for a, b in [(out_ref.logits, out_fast.logits), (out_ref.tokens, out_fast.tokens),
-               *zip(out_ref.blocks, out_fast.blocks)]:
+  for a, b in [
+    (out_ref.logits, out_fast.logits),
+    (out_ref.tokens, out_fast.tokens),
+    *zip(out_ref.blocks, out_fast.blocks),
+  ]:
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(a))))
   for a, b in zip(g_ref, g_fast):
     np.testing.assert_allclose(b, a, rtol=0, atol=5e-4 * float(jnp.max(jnp.abs(a))) + 1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# 10. The model table and config validation
+# ------------------------------------------------------------------------------------------
+TINY_CONFIGS = {
+  "adventurer": lambda: adventurer_config(
+    "Ti/8", width=32, depth=2, image_size=32, d_state=16, headdim=16, chunk_size=8, num_classes=3
+  ),
+  "vit": lambda: vit_config("Ti/8", image_size=32, depth=2, num_classes=5),
+}
+
+
+def abstract_params(model):
+  """{path: (shape, dtype)} of a model's parameters."""
+  return {k: (v.shape, v.dtype) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize("kind", ["adventurer", "vit"])
+def test_model_table_round_trips(kind):
+  cfg = TINY_CONFIGS[kind]()
+  assert kind in models.ARCHITECTURES
+  assert isinstance(cfg, models.ARCHITECTURES[kind].config)
+  assert models.kind_of(cfg) == kind
+  model = nnx.eval_shape(lambda: models.from_config(cfg))  # shapes only: nothing compiled
+  assert isinstance(model, models.ARCHITECTURES[kind].module)
+  assert models.kind_of(model) == kind and model.cfg == cfg
+  # from_config builds what build() builds from the variant string and the same fields.
+  overrides = {
+    f.name: getattr(cfg, f.name)
+    for f in dataclasses.fields(cfg)
+    if f.name not in ("width", "depth", "patch")
+  }
+  built = nnx.eval_shape(lambda: build(kind, "Ti/8", width=cfg.width, depth=cfg.depth, **overrides))
+  assert built.cfg == cfg and abstract_params(built) == abstract_params(model)
+  # The config's JSON form (model.json: tuples become lists) comes back as the same config.
+  fields = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  assert models.config_from_dict(kind, fields) == cfg
+  with pytest.raises(UserError, match="bogus"):
+    models.config_from_dict(kind, {**fields, "bogus": 1})
+
+
+def test_model_table_unknown_kind_names_the_known_ones(monkeypatch):
+  for call in (lambda: build("mamba", "Ti/8"), lambda: models.config_from_dict("mamba", {})):
+    with pytest.raises(UserError, match="mamba") as e:
+      call()
+    assert "'adventurer'" in str(e.value) and "'vit'" in str(e.value)
+  with pytest.raises(UserError) as e:
+    models.kind_of(object())
+  assert "'adventurer'" in str(e.value) and "'vit'" in str(e.value)
+  # A registered kind is built through the table and named in the errors.
+  monkeypatch.setattr(models, "ARCHITECTURES", dict(models.ARCHITECTURES))
+  models.register("vit_too", ViTConfig, models.ViT, vit_config)
+  model = nnx.eval_shape(lambda: build("vit_too", "Ti/8", image_size=32, depth=1))
+  assert isinstance(model, models.ViT) and model.cfg == vit_config("Ti/8", image_size=32, depth=1)
+  with pytest.raises(UserError, match="vit_too"):
+    build("mamba", "Ti/8")
+
+
+ADVENTURER_FIELDS = dict(width=32, depth=2, patch=8, d_state=16, headdim=16, chunk_size=8)
+VIT_FIELDS = dict(width=192, depth=2, num_heads=3, mlp_dim=768, patch=8)
+
+
+@pytest.mark.parametrize(
+  "config,fields,bad,names",
+  [
+    (AdventurerConfig, ADVENTURER_FIELDS, dict(ssd_impl="nope"), ("ssd_impl",)),
+    (AdventurerConfig, ADVENTURER_FIELDS, dict(chunk_size=0), ("chunk_size",)),
+    (AdventurerConfig, ADVENTURER_FIELDS, dict(chunk_size=-16), ("chunk_size",)),
+    (ViTConfig, VIT_FIELDS, dict(style="nope"), ("style",)),
+    (ViTConfig, VIT_FIELDS, dict(num_heads=5), ("num_heads", "width")),  # 192 % 5 = 2
+  ],
+)
+def test_config_validation(config, fields, bad, names):
+  """A bad field fails when the config is made, however it is made: directly, through
+  `dataclasses.replace` (how a user override reaches a loaded config), from model.json."""
+  good = config(**fields)
+  assert dataclasses.replace(good, **{k: getattr(good, k) for k in bad}) == good
+  kind = models.kind_of(good)
+  for make in (
+    lambda: config(**{**fields, **bad}),
+    lambda: dataclasses.replace(good, **bad),
+    lambda: models.config_from_dict(kind, {**dataclasses.asdict(good), **bad}),
+  ):
+    with pytest.raises(UserError) as e:
+      make()
+    assert all(name in str(e.value) for name in names), str(e.value)
+  # Good values of the same fields pass.
+  ok = {"ssd_impl": "reference", "chunk_size": 16, "style": "clip", "num_heads": 6}
+  assert dataclasses.replace(good, **{k: ok[k] for k in bad}) != good

@@ -5,6 +5,7 @@ directory is notebooks/, nothing added to its import path (the notebook finds th
 itself). The kernel is this interpreter (a kernelspec written here, so no `ipykernel
 install` and no user-level kernelspec is needed or used), on the CPU.
 """
+
 import json
 import os
 import pathlib
@@ -15,8 +16,8 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
-from jupyter_client.kernelspec import KernelSpecManager  # pylint: disable=wrong-import-position
-from jupyter_client.manager import AsyncKernelManager  # pylint: disable=wrong-import-position
+from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402 (after the skips)
+from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
 
@@ -26,10 +27,16 @@ def kernel_manager(tmp_path):
   temporary files (the notebook's workdir) under tmp_path."""
   spec_dir = tmp_path / "kernels" / "python3"
   spec_dir.mkdir(parents=True)
-  (spec_dir / "kernel.json").write_text(json.dumps(dict(
-      argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      display_name="Python 3", language="python",
-      env=dict(JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path)))))
+  (spec_dir / "kernel.json").write_text(
+    json.dumps(
+      dict(
+        argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        display_name="Python 3",
+        language="python",
+        env=dict(JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path)),
+      )
+    )
+  )
   specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
   return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
 
@@ -48,11 +55,18 @@ def text_of(cell):
 def test_quickstart_notebook_runs(tmp_path):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # Stored without outputs, so the repository stays small.
-  assert all(not c.get("outputs") and c.get("execution_count") is None
-             for c in nb.cells if c.cell_type == "code")
+  assert all(
+    not c.get("outputs") and c.get("execution_count") is None
+    for c in nb.cells
+    if c.cell_type == "code"
+  )
   client = nbclient.NotebookClient(
-      nb, km=kernel_manager(tmp_path), kernel_name="python3", timeout=600,
-      resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    nb,
+    km=kernel_manager(tmp_path),
+    kernel_name="python3",
+    timeout=600,
+    resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+  )
   client.execute()  # raises CellExecutionError naming the cell on any error
 
   code = [c for c in nb.cells if c.cell_type == "code"]
@@ -76,8 +90,9 @@ def test_quickstart_notebook_runs(tmp_path):
   assert images >= 4, images
 
   # The run learned something: well above chance (10%) on held-out digits.
-  workdir = next(line.split("workdir:", 1)[1].strip() for line in out.splitlines()
-                 if line.startswith("workdir:"))
+  workdir = next(
+    line.split("workdir:", 1)[1].strip() for line in out.splitlines() if line.startswith("workdir:")
+  )
   assert pathlib.Path(workdir).is_relative_to(tmp_path)
   results = json.loads((pathlib.Path(workdir) / "eval" / "results.json").read_text())
   size = next(k for k in results["teacher"] if k.startswith("@"))

@@ -5,6 +5,7 @@ or a clear one-line error and the workdir's checkpoints untouched.
 Runs the smoke config's train_teacher stage only (the loop every stage shares), longer than
 the smoke default so that there is time to interrupt it.
 """
+
 import json
 import os
 import random
@@ -20,13 +21,25 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
-FLAGS = ("--config.stages=('train_teacher',)", f"--config.train_teacher.steps={STEPS}",
-         "--config.checkpoint.every_steps=3", "--config.log_every=1")
+FLAGS = (
+  "--config.stages=('train_teacher',)",
+  f"--config.train_teacher.steps={STEPS}",
+  "--config.checkpoint.every_steps=3",
+  "--config.log_every=1",
+)
 
 
 def command(workdir, *flags, python=("main.py",)):
-  return [sys.executable, *python, "--config", "configs/demo.py:smoke", "--workdir",
-          str(workdir), *FLAGS, *flags]
+  return [
+    sys.executable,
+    *python,
+    "--config",
+    "configs/demo.py:smoke",
+    "--workdir",
+    str(workdir),
+    *FLAGS,
+    *flags,
+  ]
 
 
 def env():
@@ -34,16 +47,23 @@ def env():
 
 
 def run_main(workdir, *flags, code=0, python=("main.py",)):
-  proc = subprocess.run(command(workdir, *flags, python=python), cwd=ROOT, env=env(),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    command(workdir, *flags, python=python),
+    cwd=ROOT,
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
   return proc
 
 
 def start_and_interrupt(workdir, at_step, sig, delay=0.0):
   """Starts main.py, sends `sig` once step `at_step` is logged (after `delay` s); its output."""
-  proc = subprocess.Popen(command(workdir), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    command(workdir), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   lines = []
   for line in proc.stdout:
     lines.append(line)
@@ -60,8 +80,10 @@ def steps_saved(workdir):
 
 
 def params(workdir):
-  import jax  # pylint: disable=import-outside-toplevel
-  from linearizer.models import saved  # pylint: disable=import-outside-toplevel
+  import jax
+
+  from linearizer.models import saved
+
   return jax.tree.leaves(saved.read_params(workdir / "train_teacher" / "model"))
 
 
@@ -80,7 +102,7 @@ def assert_same_run(workdir, reference):
 def assert_clean_error(proc, *phrases):
   # Our message is the first line that is not a library's absl log line (Orbax may log a
   # timing warning first on a busy machine).
-  ours = [l for l in proc.stderr.splitlines() if not re.match(r"[IWEF]\d{4} ", l)]
+  ours = [line for line in proc.stderr.splitlines() if not re.match(r"[IWEF]\d{4} ", line)]
   assert ours and ours[0].startswith("error: "), proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   for phrase in phrases:
@@ -95,8 +117,13 @@ def reference(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM,  # SIGINT takes the same path: slow only
-                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "sig",
+  [
+    signal.SIGTERM,  # SIGINT takes the same path: slow only
+    pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+  ],
+)
 def test_signal_saves_the_current_step_and_resume_finishes_identically(reference, tmp_path, sig):
   code, out, _ = start_and_interrupt(tmp_path, 4, sig)
   assert code == 128 + sig, out
@@ -126,8 +153,9 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(reference, tmp_path):
 @pytest.mark.parametrize("trial", range(4))
 def test_kill_9_at_random_moments(reference, tmp_path, trial):
   rng = random.Random(trial)
-  kill_and_resume(reference, tmp_path, at_step=rng.randrange(1, STEPS - 2),
-                  delay=rng.uniform(0, 0.3))
+  kill_and_resume(
+    reference, tmp_path, at_step=rng.randrange(1, STEPS - 2), delay=rng.uniform(0, 0.3)
+  )
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
@@ -149,8 +177,9 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(reference, t
 
 def test_nan_loss_stops_with_the_step_and_terms_named(tmp_path):
   proc = run_main(tmp_path, "--config.train_teacher.optim.lr=1e30", code=2)
-  assert_clean_error(proc, "non-finite loss or gradient at step", "loss=", "grad_norm=",
-                     "nan_policy")
+  assert_clean_error(
+    proc, "non-finite loss or gradient at step", "loss=", "grad_norm=", "nan_policy"
+  )
   step = int(proc.stderr.split("at step ")[1].split(":")[0])
   assert all(s < step for s in steps_saved(tmp_path))  # only good states were saved
   assert not os.path.exists(tmp_path / "train_teacher" / "model")
@@ -158,18 +187,23 @@ def test_nan_loss_stops_with_the_step_and_terms_named(tmp_path):
 
 def test_skip_policy_leaves_the_state_as_it_was():
   """guard_step(skip=True): a non-finite step keeps params, optimizer and EMA; step advances."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from linearizer import stages, train  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
+
+  from linearizer import train
 
   def bad_step(state, batch, rng):
     del rng
-    new = state.replace(step=state.step + 1, params={"w": state.params["w"] + batch},
-                        opt_state=(state.opt_state[0] + 1,))
+    new = state.replace(
+      step=state.step + 1,
+      params={"w": state.params["w"] + batch},
+      opt_state=(state.opt_state[0] + 1,),
+    )
     return new, {"loss": jnp.sum(new.params["w"]), "grad_norm": jnp.float32(1.0)}
 
-  state = train.TrainState(step=jnp.int32(0), params={"w": jnp.ones(3)},
-                           opt_state=(jnp.int32(0),), ema=None, rest=None)
-  step = stages.guard_step(bad_step, skip=True)
+  state = train.TrainState(
+    step=jnp.int32(0), params={"w": jnp.ones(3)}, opt_state=(jnp.int32(0),), ema=None, rest=None
+  )
+  step = train.guard_step(bad_step, skip=True)
   good, m = step(state, jnp.ones(3), None)
   assert bool(m["finite"]) and float(good.params["w"][0]) == 2 and int(good.opt_state[0]) == 1
   kept, m = step(good, jnp.array([jnp.nan, 0.0, 0.0]), None)
@@ -179,24 +213,32 @@ def test_skip_policy_leaves_the_state_as_it_was():
 
 
 def test_skip_policy_gives_up_after_many_faulty_steps(tmp_path):
-  proc = run_main(tmp_path, "--config.train_teacher.optim.lr=1e30", "--config.nan_policy=skip",
-                  code=2)
+  proc = run_main(
+    tmp_path, "--config.train_teacher.optim.lr=1e30", "--config.nan_policy=skip", code=2
+  )
   assert "update skipped" in proc.stdout
   assert_clean_error(proc, "steps in a row were skipped")
 
 
 BAD_INPUT = {  # name: (extra flags, phrases the message must hold)
-    "mistyped key": (["--config.train_teacher.stepz=3"], ["stepz", "did you mean 'steps'"]),
-    "teacher path missing": (["--config.stages=('distill',)", "--config.teacher.init=/no/such"],
-                             ["/no/such"]),
-    "teacher of the wrong format": (["--config.stages=('distill',)",
-                                     "--config.teacher.init=big_vision:{tmp}/random.npz"],
-                                    ["random.npz"]),
-    "data folder missing": (["--config.data.source=folder:/no/such/dir"], ["/no/such/dir"]),
-    "data folder empty": (["--config.data.source=folder:{tmp}/empty"], ["has no images"]),
-    "two-channel images": (["--config.data.source=npz:{tmp}/gray2.npz"], ["gray2.npz",
-                                                                          "channels"]),
-    "float images": (["--config.data.source=npz:{tmp}/float.npz"], ["float.npz", "uint8"]),
+  "mistyped key": (["--config.train_teacher.stepz=3"], ["stepz", "did you mean 'steps'"]),
+  "teacher path missing": (
+    ["--config.stages=('distill',)", "--config.teacher.init=/no/such"],
+    ["/no/such"],
+  ),
+  "teacher of the wrong format": (
+    ["--config.stages=('distill',)", "--config.teacher.init=big_vision:{tmp}/random.npz"],
+    ["random.npz"],
+  ),
+  "data folder missing": (["--config.data.source=folder:/no/such/dir"], ["/no/such/dir"]),
+  "data folder empty": (["--config.data.source=folder:{tmp}/empty"], ["has no images"]),
+  "two-channel images": (["--config.data.source=npz:{tmp}/gray2.npz"], ["gray2.npz", "channels"]),
+  "float images": (["--config.data.source=npz:{tmp}/float.npz"], ["float.npz", "uint8"]),
+  "removed optim.total_steps": (
+    ["--config.train_teacher.optim.total_steps=5"],
+    ["--config.train_teacher.optim.total_steps", "`steps`"],
+  ),
+  "unknown architecture": (["--config.teacher.kind=nope"], ["'nope'", "adventurer", "vit"]),
 }
 
 
@@ -212,14 +254,48 @@ def test_bad_input_gets_one_clear_message(tmp_path, case):
   assert_clean_error(proc, *phrases)
 
 
+def test_visualize_keys_renamed_name_their_successors(tmp_path):
+  """The visualize config's `checkpoint` / `teacher` are now `run_dir` / `teacher_init`."""
+  for old, new in (("checkpoint", "run_dir"), ("teacher", "teacher_init")):
+    proc = subprocess.run(
+      [
+        sys.executable,
+        "main.py",
+        "--config",
+        "configs/visualize.py:smoke",
+        "--workdir",
+        str(tmp_path / "vis"),
+        f"--config.{old}=/tmp/x",
+      ],
+      cwd=ROOT,
+      env=env(),
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert_clean_error(proc, f"--config.{old}", new)
+  assert not (tmp_path / "vis").exists()  # refused before anything is written
+
+
 def test_workdir_of_another_config_is_refused_unless_restart(reference, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
   before = {d: sorted(os.listdir(workdir / d)) for d in ("train_teacher", "train_teacher/ckpt")}
-  proc = run_main(workdir, "--config.seed=1", "--config.train_teacher.batch_size=8",
-                  "--config.log_every=2", code=2)  # log_every may change: not listed
-  assert_clean_error(proc, "holds a run of a different config", "seed: 0 -> 1",
-                     "train_teacher.batch_size: 16 -> 8", "--restart")
+  proc = run_main(
+    workdir,
+    "--config.seed=1",
+    "--config.train_teacher.batch_size=8",
+    "--config.log_every=2",
+    code=2,
+  )  # log_every may change: not listed
+  assert_clean_error(
+    proc,
+    "holds a run of a different config",
+    "seed: 0 -> 1",
+    "train_teacher.batch_size: 16 -> 8",
+    "--restart",
+  )
   assert "log_every" not in proc.stderr
   assert {d: sorted(os.listdir(workdir / d)) for d in before} == before
   assert json.load(open(workdir / "config.json"))["seed"] == 0
@@ -246,8 +322,12 @@ runpy.run_path("main.py", run_name="__main__")
 
 def test_failed_save_stops_cleanly_and_keeps_the_last_good_checkpoint(reference, tmp_path):
   proc = run_main(tmp_path, code=2, python=("-c", FAILING_SAVE, "main.py"))
-  assert_clean_error(proc, "Could not save the checkpoint of step 6", "No space left",
-                     "the last good checkpoint is step 3")
+  assert_clean_error(
+    proc,
+    "Could not save the checkpoint of step 6",
+    "No space left",
+    "the last good checkpoint is step 3",
+  )
   assert steps_saved(tmp_path) == [3]
   out = run_main(tmp_path).stdout
   assert "resumed from the checkpoint of step 3" in out
@@ -256,9 +336,14 @@ def test_failed_save_stops_cleanly_and_keeps_the_last_good_checkpoint(reference,
 
 def test_teacher_and_student_that_cannot_be_paired(reference, tmp_path):
   """More AM stages than the (2-block) teacher has blocks: one message, nothing trained."""
-  proc = run_main(tmp_path / "workdir", "--config.stages=('distill',)",
-                  f"--config.teacher.init={reference / 'train_teacher' / 'model'}",
-                  "--config.distill.loss.num_stages=5", code=2)
+  proc = run_main(
+    tmp_path / "workdir",
+    "--config.stages=('distill',)",
+    f"--config.teacher.init={reference / 'train_teacher' / 'model'}",
+    "--config.distill.loss.num_stages=5",
+    code=2,
+  )
   assert_clean_error(proc, "num_stages=5", "depth 2")
   assert not (tmp_path / "workdir" / "distill" / "ckpt").exists() or not os.listdir(
-      tmp_path / "workdir" / "distill" / "ckpt")
+    tmp_path / "workdir" / "distill" / "ckpt"
+  )

@@ -19,6 +19,7 @@ this reaches ~1e-4 of the leaf's norm while the whole parameter set agrees to ~1
 sharding bug (a gradient not reduced over an axis, rows or random keys mixed up) moves a
 leaf by O(1) and the losses by far more than 1e-5.
 """
+
 import os
 import socket
 import subprocess
@@ -29,10 +30,11 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from configs import common
-from linearizer import sharding, train
+from linearizer import optim, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "sharded_run.py")
@@ -54,8 +56,9 @@ def _env():
 
 
 def _launch(args, log):
-  return subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, env=_env(),
-                          stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.Popen(
+    [sys.executable, SCRIPT, *args], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
+  )
 
 
 def _run(tmp_path, name, meshes, devices, num_processes=1):
@@ -85,8 +88,10 @@ def _run(tmp_path, name, meshes, devices, num_processes=1):
         p.kill()
         p.wait()
   if any(p.returncode for p in procs):  # killed ones too (negative)
-    tails = "\n".join(f"--- process {i} (rc {p.returncode}):\n" + log.read_text()[-4000:]
-                      for i, (p, log) in enumerate(zip(procs, logs)))
+    tails = "\n".join(
+      f"--- process {i} (rc {p.returncode}):\n" + log.read_text()[-4000:]
+      for i, (p, log) in enumerate(zip(procs, logs))
+    )
     pytest.fail(f"sharded_run.py failed (or ran past {TIMEOUT_S}s):\n{tails}")
   with np.load(out) as f:
     return dict(f)
@@ -105,8 +110,13 @@ def two_hosts(tmp_path_factory):
   1x-1 resolves to fsdp=8, so FSDP gathers and gradient reductions cross the processes;
   2x4 puts the data axis across them.
   """
-  return _run(tmp_path_factory.mktemp("two_hosts"), "two_hosts",
-              ["1x-1:distill", "2x4:supervised"], 4, num_processes=2)
+  return _run(
+    tmp_path_factory.mktemp("two_hosts"),
+    "two_hosts",
+    ["1x-1:distill", "2x4:supervised"],
+    4,
+    num_processes=2,
+  )
 
 
 def _group(leaf):
@@ -122,11 +132,12 @@ def assert_same_run(results, mesh, ref, ref_mesh, kind):
   """Losses per step and every saved leaf of `mesh` match those of `ref_mesh`."""
   loss, ref_loss = results[f"{mesh}/{kind}/loss"], ref[f"{ref_mesh}/{kind}/loss"]
   assert loss.shape == ref_loss.shape == (3,)
-  np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, atol=0,
-                             err_msg=f"{kind} loss per step, {mesh} vs {ref_mesh}")
+  np.testing.assert_allclose(
+    loss, ref_loss, rtol=RTOL, atol=0, err_msg=f"{kind} loss per step, {mesh} vs {ref_mesh}"
+  )
   prefix, ref_prefix = f"{mesh}/{kind}/", f"{ref_mesh}/{kind}/"
-  leaves = {k[len(prefix):] for k in results if k.startswith(prefix)} - {"loss"}
-  ref_leaves = {k[len(ref_prefix):] for k in ref if k.startswith(ref_prefix)} - {"loss"}
+  leaves = {k[len(prefix) :] for k in results if k.startswith(prefix)} - {"loss"}
+  ref_leaves = {k[len(ref_prefix) :] for k in ref if k.startswith(ref_prefix)} - {"loss"}
   assert leaves == ref_leaves
   diff2, norm2, leaf_err = {}, {}, {}
   for k in sorted(leaves):
@@ -136,7 +147,7 @@ def assert_same_run(results, mesh, ref, ref_mesh, kind):
       np.testing.assert_array_equal(a, b, err_msg=k)
       continue
     a, b = a.astype(np.float64), b.astype(np.float64)
-    d2, n2 = np.sum((a - b) ** 2), np.sum(b ** 2)
+    d2, n2 = np.sum((a - b) ** 2), np.sum(b**2)
     g = _group(k)
     diff2[g], norm2[g] = diff2.get(g, 0.0) + d2, norm2.get(g, 0.0) + n2
     leaf_err[k] = np.sqrt(d2 / max(n2, 1e-300))
@@ -146,7 +157,8 @@ def assert_same_run(results, mesh, ref, ref_mesh, kind):
     assert err <= RTOL, f"{kind}, {mesh} vs {ref_mesh}: {g} differ by {err:.2e} relative"
   worst = max(leaf_err, key=leaf_err.get)
   assert leaf_err[worst] <= LEAF_RTOL, (
-      f"{kind}, {mesh} vs {ref_mesh}: {worst} differs by {leaf_err[worst]:.2e} relative")
+    f"{kind}, {mesh} vs {ref_mesh}: {worst} differs by {leaf_err[worst]:.2e} relative"
+  )
   # The steps really trained: the loss moved and the first moments are non-zero.
   assert ref_loss[0] != ref_loss[-1]
   assert np.sqrt(norm2["mu"]) > 0
@@ -183,10 +195,9 @@ def test_rules_take_precedence_first_match_wins():
   # A matching rule decides, even for arrays FSDP would split another way or not at all.
   assert sharding.spec_for("patch_embed/kernel", big, MESH, rules) == P(None, "fsdp")
   assert sharding.spec_for("layers/0/mlp/kernel", big, MESH, rules) == P()
-  assert sharding.spec_for("head/bias", (8,), MESH, rules, fsdp_min_size=2 ** 30) == P("data")
+  assert sharding.spec_for("head/bias", (8,), MESH, rules, fsdp_min_size=2**30) == P("data")
   # Rules are regexes searched in the path: anywhere unless anchored.
-  assert sharding.spec_for("layers/0/mlp/w1/kernel", big, MESH, [(r"mlp", ("fsdp",))]) == P(
-      "fsdp")
+  assert sharding.spec_for("layers/0/mlp/w1/kernel", big, MESH, [(r"mlp", ("fsdp",))]) == P("fsdp")
   assert sharding.spec_for("x/kernel/scale", big, MESH, rules) == P(None, "fsdp")  # no match
 
 
@@ -195,12 +206,12 @@ def test_large_arrays_split_over_fsdp_on_largest_divisible_dim():
   assert spec((64, 392)) == P(None, "fsdp")
   assert spec((392, 64)) == P("fsdp", None)
   assert spec((3, 64, 392, 5)) == P(None, None, "fsdp", None)
-  assert spec((390, 64)) == P(None, "fsdp")      # largest (390) not divisible by 4
-  assert spec((64, 64)) == P("fsdp", None)       # ties: the first such dimension
+  assert spec((390, 64)) == P(None, "fsdp")  # largest (390) not divisible by 4
+  assert spec((64, 64)) == P("fsdp", None)  # ties: the first such dimension
   assert spec((4096,)) == P("fsdp")
-  assert spec((33, 35)) == P()                   # nothing divisible: replicated
-  assert spec((32, 32)) == P("fsdp", None)       # exactly fsdp_min_size elements
-  assert spec((31, 32)) == P()                   # below fsdp_min_size
+  assert spec((33, 35)) == P()  # nothing divisible: replicated
+  assert spec((32, 32)) == P("fsdp", None)  # exactly fsdp_min_size elements
+  assert spec((31, 32)) == P()  # below fsdp_min_size
 
 
 def test_small_arrays_scalars_and_no_fsdp_axis_replicated():
@@ -212,24 +223,27 @@ def test_small_arrays_scalars_and_no_fsdp_axis_replicated():
 
 class _Tiny(nnx.Module):
   def __init__(self, rngs):
-    self.dense = nnx.Linear(64, 128, rngs=rngs)   # kernel 8192 elements: split
-    self.out = nnx.Linear(128, 8, rngs=rngs)      # kernel 1024: split; biases small
+    self.dense = nnx.Linear(64, 128, rngs=rngs)  # kernel 8192 elements: split
+    self.out = nnx.Linear(128, 8, rngs=rngs)  # kernel 1024: split; biases small
     self.norm = nnx.LayerNorm(128, rngs=rngs)
     self.drop = nnx.Dropout(0.1, rngs=rngs)
 
 
 def test_tree_shardings_moments_follow_their_params():
-  tx = train.make_optimizer(common.optim(ema_decay=0.9))
+  tx = optim.make_optimizer(common.optim(ema_decay=0.9), 1)
   _, state = train.init_state(_Tiny(nnx.Rngs(0)), tx, ema=True)
   shardings = sharding.tree_shardings(state, MESH, fsdp_min_size=1024)
-  assert all(isinstance(s, NamedSharding) and s.mesh == MESH
-             for s in jax.tree.leaves(shardings))
-  specs = {train.path_str(p): s.spec
-           for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
-  params = {k[len("params/"):]: v for k, v in specs.items() if k.startswith("params/")}
-  assert params == {"dense/kernel": P(None, "fsdp"), "dense/bias": P(),
-                    "out/kernel": P("fsdp", None), "out/bias": P(),
-                    "norm/scale": P(), "norm/bias": P()}
+  assert all(isinstance(s, NamedSharding) and s.mesh == MESH for s in jax.tree.leaves(shardings))
+  specs = {optim.path_str(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+  params = {k[len("params/") :]: v for k, v in specs.items() if k.startswith("params/")}
+  assert params == {
+    "dense/kernel": P(None, "fsdp"),
+    "dense/bias": P(),
+    "out/kernel": P("fsdp", None),
+    "out/bias": P(),
+    "norm/scale": P(),
+    "norm/bias": P(),
+  }
   moments = 0
   for k, spec in specs.items():
     if k.startswith("opt_state/"):
@@ -239,7 +253,7 @@ def test_tree_shardings_moments_follow_their_params():
       else:  # counts
         assert spec == P(), k
     if k.startswith("ema/"):
-      assert spec == params[k[len("ema/"):]], k
+      assert spec == params[k[len("ema/") :]], k
   assert moments == 2 * len(params)
   assert specs["step"] == P()
   assert all(v == P() for k, v in specs.items() if k.startswith("rest/"))
@@ -263,15 +277,22 @@ def test_make_mesh_sizes_and_errors():
   with pytest.raises(ValueError, match="does not cover the 1 devices"):
     sharding.make_mesh(1, 2, devices=one)
   with pytest.raises(ValueError, match="does not cover"):
-    sharding.make_mesh(2, -1, devices=one)   # -1 resolves to 0
+    sharding.make_mesh(2, -1, devices=one)  # -1 resolves to 0
   for bad in ((0, 1), (1, 0), (-1, 0), (0, -1), (-2, 1)):
     with pytest.raises(ValueError, match="positive"):
       sharding.make_mesh(*bad, devices=one)
 
 
 def test_initialize_distributed_is_a_noop_for_one_process(monkeypatch):
-  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
-              "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_ID", "MEGASCALE_COORDINATOR_ADDRESS"):
+  for key in (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_ID",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+  ):
     monkeypatch.delenv(key, raising=False)
   assert sharding.initialize_distributed() is False
   assert sharding.initialize_distributed("localhost:1234", 1, 0) is False

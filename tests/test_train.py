@@ -1,5 +1,7 @@
-"""Tests of linearizer.train: the distillation and supervised steps, the optimiser and its
-weight-decay exclusions (method.md §1–3, §6, §8), mixup/cutmix, EMA, accumulation.
+"""Tests of the training steps and what they share: the distillation step (linearizer.distill),
+the supervised step and mixup/cutmix (linearizer.supervised), the optimiser and its
+weight-decay exclusions (linearizer.optim), EMA and accumulation (linearizer.train)
+(method.md §1–3, §6, §8).
 
 Oracles: what the definitions imply (gradients reach every trained parameter and the teacher
 never changes; AdamW with a zero gradient moves exactly the decayed parameters by −lr·wd·p;
@@ -15,6 +17,7 @@ Tolerances (stated once, used below):
   EMA formula, LR schedule, decay updates:        <= 1e-6 relative / absolute
   reproducibility:                                bitwise
 """
+
 import types
 
 import jax
@@ -26,12 +29,15 @@ import pytest
 from flax import nnx
 
 from configs import common
-from linearizer import losses, models, sharding, train
+from linearizer import data, losses, models, optim, sharding, train
+from linearizer.distill import Distiller, distill_losses, make_distill_step
+from linearizer.errors import UserError
+from linearizer.supervised import make_supervised_step, mixup_cutmix
 
 REL = 1e-6
 ACCUM_TOL = 1e-5
 
-# 32×32 images, patch 8: a 4×4 grid (16 patches) on both sides. Depths differ (stage ends:
+# 32×32 images, patch 8: a 4×4 grid (16 patches) on both sides. Depths differ (level ends:
 # student [0, 1], teacher [1, 3]); CPU compile time grows with the student's depth.
 STUDENT = dict(image_size=32, width=32, depth=2, headdim=16, d_state=16, chunk_size=16)
 TEACHER = dict(image_size=32, width=48, depth=4, num_heads=3, mlp_dim=96)
@@ -41,22 +47,28 @@ DISTILL_STEPS = 11
 PEAK_LR, MIN_LR, WARMUP, TOTAL = 3e-3, 1e-5, 2, 10
 
 
-def make_config(optim, loss):
-  return ml_collections.ConfigDict(dict(optim=optim, loss=loss))
+def make_config(ocfg, loss):
+  return ml_collections.ConfigDict(dict(optim=ocfg, loss=loss))
 
 
 def keep_grads() -> optax.GradientTransformation:
   """Passes updates through unchanged; its state is the last gradient it was given."""
   return optax.GradientTransformation(
-      init=lambda params: jax.tree.map(jnp.zeros_like, params),
-      update=lambda updates, state, params=None: (updates, updates))
+    init=lambda params: jax.tree.map(jnp.zeros_like, params),
+    update=lambda updates, state, params=None: (updates, updates),
+  )
 
 
 def flat(tree) -> dict:
   """{path: numpy copy} of a pytree of arrays (nnx.State included; RNG keys as key data)."""
-  as_np = lambda x: np.array(jax.random.key_data(x) if jax.dtypes.issubdtype(
-      np.result_type(x) if not hasattr(x, "dtype") else x.dtype, jax.dtypes.prng_key) else x)
-  return {train.path_str(p): as_np(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  as_np = lambda x: np.array(
+    jax.random.key_data(x)
+    if jax.dtypes.issubdtype(
+      np.result_type(x) if not hasattr(x, "dtype") else x.dtype, jax.dtypes.prng_key
+    )
+    else x
+  )
+  return {optim.path_str(p): as_np(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def images(seed, batch, size=32):
@@ -65,7 +77,7 @@ def images(seed, batch, size=32):
 
 def new_distiller(seed=0):
   student = models.build("adventurer", "Ti/8", seed=seed, drop_path=0.1, **STUDENT)
-  return train.Distiller(student, TEACHER["width"], rngs=nnx.Rngs(seed + 100))
+  return Distiller(student, TEACHER["width"], rngs=nnx.Rngs(seed + 100))
 
 
 def new_teacher():
@@ -81,21 +93,23 @@ def distill():
   distiller, teacher = new_distiller(), new_teacher()
   param_paths = sorted(flat(nnx.state(distiller, nnx.Param)))
   teacher_paths = sorted(flat(nnx.state(teacher, nnx.Param)))
-  optim = common.optim(lr=PEAK_LR, warmup_steps=WARMUP, total_steps=TOTAL, min_lr=MIN_LR)
-  config = make_config(optim, common.distill_loss(mask_ratio=0.5, w_am=1.0, w_mp=1.0,
-                                                      num_stages=NUM_STAGES))
-  tx = optax.chain(keep_grads(), train.make_optimizer(optim))
+  ocfg = common.optim(lr=PEAK_LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+  config = make_config(
+    ocfg, common.distill_loss(mask_ratio=0.5, w_am=1.0, w_mp=1.0, num_stages=NUM_STAGES)
+  )
+  tx = optax.chain(keep_grads(), optim.make_optimizer(ocfg, TOTAL))
   _, state = train.init_state(distiller, tx, ema=False)
   teacher_params = nnx.state(teacher, nnx.Param)
   mesh = sharding.make_mesh()
   state_sh = sharding.tree_shardings(state, mesh)
   teacher_sh = sharding.tree_shardings(teacher_params, mesh)
-  step = sharding.jit_step(train.make_distill_step(distiller, teacher, tx, config), mesh,
-                           state_sh, (teacher_sh,))
+  step = sharding.jit_step(
+    make_distill_step(distiller, teacher, tx, config, TOTAL), mesh, state_sh, (teacher_sh,)
+  )
   state = sharding.put(state, state_sh)
   teacher_params = sharding.put(teacher_params, teacher_sh)
   teacher_before = flat(teacher_params)
-  batch = {"image": images(0, 4)}
+  batch = data.Batch(images(0, 4), jnp.arange(4, dtype=jnp.int32))  # labels unused
   rng = jax.random.key(0)
 
   def fresh_state(seed=0):
@@ -112,10 +126,19 @@ def distill():
       params_after_first = flat(state.params)
       grads_first = flat(state.opt_state[0])
   return types.SimpleNamespace(
-      step=step, state=state, teacher_params=teacher_params, teacher_before=teacher_before,
-      param_paths=param_paths, teacher_paths=teacher_paths, history=history, batch=batch,
-      params_before=params_before, params_after_first=params_after_first,
-      grads_first=grads_first, fresh_state=fresh_state)
+    step=step,
+    state=state,
+    teacher_params=teacher_params,
+    teacher_before=teacher_before,
+    param_paths=param_paths,
+    teacher_paths=teacher_paths,
+    history=history,
+    batch=batch,
+    params_before=params_before,
+    params_after_first=params_after_first,
+    grads_first=grads_first,
+    fresh_state=fresh_state,
+  )
 
 
 def test_distill_step_loss_goes_down(distill):
@@ -125,7 +148,8 @@ def test_distill_step_loss_goes_down(distill):
   for h in distill.history:
     assert {"loss", "am", "mp", "grad_norm", "lr"} <= set(h)
     assert sorted(k for k in h if k.startswith("am_stage")) == [
-        f"am_stage{k}" for k in range(NUM_STAGES)]
+      f"am_stage{k}" for k in range(NUM_STAGES)
+    ]
     np.testing.assert_allclose(h["loss"], h["am"] + h["mp"], rtol=REL)
     stages = [h[f"am_stage{k}"] for k in range(NUM_STAGES)]
     np.testing.assert_allclose(h["am"], np.mean(stages), rtol=REL)
@@ -136,16 +160,23 @@ def test_gradients_reach_every_student_param(distill):
   """Step 0's gradient (w_am = w_mp = 1, mask ratio 0.5): non-zero on every Distiller Param."""
   grads = distill.grads_first
   assert sorted(grads) == distill.param_paths
-  for must in ("student/mask_token", "student/cls_token", "student/pos_embed",
-               "predictor/kernel", "student/norm_f/scale", "student/layers/1/mlp/w3/bias",
-               "student/layers/0/mixer/A_log", "student/layers/0/mixer/dt_bias"):
+  for must in (
+    "student/mask_token",
+    "student/cls_token",
+    "student/pos_embed",
+    "predictor/kernel",
+    "student/norm_f/scale",
+    "student/layers/1/mlp/w3/bias",
+    "student/layers/0/mixer/A_log",
+    "student/layers/0/mixer/dt_bias",
+  ):
     assert must in grads
   zero = [p for p, g in grads.items() if not np.any(g != 0) or not np.all(np.isfinite(g))]
   assert not zero, f"no gradient reaches {zero}"
 
 
 def test_teacher_frozen_and_outside_the_state(distill):
-  after = flat(distill.teacher_params)   # still valid: only the state is donated
+  after = flat(distill.teacher_params)  # still valid: only the state is donated
   assert sorted(after) == sorted(distill.teacher_before) == distill.teacher_paths
   for path, before in distill.teacher_before.items():
     np.testing.assert_array_equal(after[path], before, err_msg=path)
@@ -162,30 +193,37 @@ def test_teacher_frozen_and_outside_the_state(distill):
 
 def test_distill_learning_rate_schedule(distill):
   lr = np.array([h["lr"] for h in distill.history])
-  cosine = lambda s: MIN_LR + (PEAK_LR - MIN_LR) * 0.5 * (
-      1 + np.cos(np.pi * (s - WARMUP) / (TOTAL - WARMUP)))
-  want = [PEAK_LR * s / WARMUP for s in range(WARMUP)] + [cosine(s) for s in
-                                                          range(WARMUP, DISTILL_STEPS)]
+  cosine = lambda s: (
+    MIN_LR + (PEAK_LR - MIN_LR) * 0.5 * (1 + np.cos(np.pi * (s - WARMUP) / (TOTAL - WARMUP)))
+  )
+  want = [PEAK_LR * s / WARMUP for s in range(WARMUP)] + [
+    cosine(s) for s in range(WARMUP, DISTILL_STEPS)
+  ]
   np.testing.assert_allclose(lr, want, rtol=REL, atol=1e-10)
-  assert lr[0] == 0.0 and lr[WARMUP] == pytest.approx(PEAK_LR) and lr[TOTAL] == pytest.approx(
-      MIN_LR)
+  assert (
+    lr[0] == 0.0 and lr[WARMUP] == pytest.approx(PEAK_LR) and lr[TOTAL] == pytest.approx(MIN_LR)
+  )
   # The optimiser uses that rate: at step 0 (lr 0) nothing moves, weight decay included.
   for path, before in distill.params_before.items():
     np.testing.assert_array_equal(distill.params_after_first[path], before, err_msg=path)
   final = flat(distill.state.params)
   assert any(not np.array_equal(final[p], distill.params_before[p]) for p in final)
   for s in (0, 1, WARMUP, 6, TOTAL):
-    np.testing.assert_allclose(float(train.schedule(common.optim(
-        lr=PEAK_LR, warmup_steps=WARMUP, total_steps=TOTAL, min_lr=MIN_LR))(s)), want[s],
-        rtol=REL, atol=1e-10)
+    np.testing.assert_allclose(
+      float(optim.schedule(common.optim(lr=PEAK_LR, warmup_steps=WARMUP, min_lr=MIN_LR), TOTAL)(s)),
+      want[s],
+      rtol=REL,
+      atol=1e-10,
+    )
 
 
 def test_distill_step_is_deterministic(distill):
   def run(rng_seed, student_seed=0):
     state = distill.fresh_state(student_seed)
     for _ in range(2):
-      state, _ = distill.step(state, distill.teacher_params, distill.batch,
-                              jax.random.key(rng_seed))
+      state, _ = distill.step(
+        state, distill.teacher_params, distill.batch, jax.random.key(rng_seed)
+      )
     return flat(state.params)
 
   a, b, c = run(5), run(5), run(6)
@@ -201,22 +239,29 @@ def test_loss_weights_select_terms(distill):
   distiller, teacher = new_distiller(), new_teacher()
   graphdef, params, rest = nnx.split(distiller, nnx.Param, ...)
   t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
-  weights = {"both": (1.0, 1.0), "am_only": (1.0, 0.0), "mp_only": (0.0, 1.0),
-             "weighted": (0.5, 2.0)}
-  cfgs = {k: common.distill_loss(mask_ratio=0.5, w_am=a, w_mp=m, num_stages=NUM_STAGES)
-          for k, (a, m) in weights.items()}
+  weights = {
+    "both": (1.0, 1.0),
+    "am_only": (1.0, 0.0),
+    "mp_only": (0.0, 1.0),
+    "weighted": (0.5, 2.0),
+  }
+  cfgs = {
+    k: common.distill_loss(mask_ratio=0.5, w_am=a, w_mp=m, num_stages=NUM_STAGES)
+    for k, (a, m) in weights.items()
+  }
   x = images(1, 4)
+  levels = losses.level_pairs(TEACHER["depth"], STUDENT["depth"], NUM_STAGES)
 
   @jax.jit
   def all_metrics(params, rest, t_params, t_rest, rng):
     mask, visible = losses.random_mask(rng, 4, N_PATCHES, 0.5)
     t_out = nnx.merge(t_graphdef, t_params, t_rest)(x)
-    stages = [t_out.blocks[i] for i in losses.stage_ends(TEACHER["depth"], NUM_STAGES)]
+    stages = [losses.split_roles(t_out.blocks[i], t_out.roles) for i, _ in levels]
+    final = t_out.roles.patches_of(t_out.blocks[-1])
     out = {}
     for name, cfg in cfgs.items():
       d = train.merge(graphdef, params, rest, rng)
-      out[name] = train.distill_losses(d, stages, t_out.blocks[-1], x, mask, visible, cfg,
-                                       (4, 4))[1]
+      out[name] = distill_losses(d, stages, final, x, mask, visible, cfg, (4, 4), levels)[1]
     return out
 
   m = jax.tree.map(float, all_metrics(params, rest, t_params, t_rest, jax.random.key(3)))
@@ -227,8 +272,7 @@ def test_loss_weights_select_terms(distill):
   np.testing.assert_allclose(m["am_only"]["loss"], both["am"], rtol=REL)
   assert not any(k.startswith("am") for k in m["mp_only"]) and "mp" in m["mp_only"]
   np.testing.assert_allclose(m["mp_only"]["loss"], both["mp"], rtol=REL)
-  np.testing.assert_allclose(m["weighted"]["loss"], 0.5 * both["am"] + 2.0 * both["mp"],
-                             rtol=REL)
+  np.testing.assert_allclose(m["weighted"]["loss"], 0.5 * both["am"] + 2.0 * both["mp"], rtol=REL)
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,31 +284,46 @@ DECAYED_NAMES = {"kernel", "conv_weight"}  # linear kernels, patch conv, mixer d
 def test_decay_mask_on_real_params():
   no_decay = tuple(common.optim().no_decay)
   params = nnx.state(new_distiller(), nnx.Param)
-  mask = flat(train.decay_mask(params, no_decay))
+  mask = flat(optim.decay_mask(params, no_decay))
   assert sorted(mask) == sorted(flat(params))
   wrong = {p: bool(m) for p, m in mask.items() if bool(m) != (p.split("/")[-1] in DECAYED_NAMES)}
   assert not wrong, wrong
   decayed = {p for p, m in mask.items() if m}
-  for p in ("student/patch_embed/kernel", "student/layers/0/mixer/conv_weight",
-            "student/layers/0/mixer/in_proj/kernel", "student/layers/1/mixer/out_proj/kernel",
-            "student/layers/1/mlp/w1/kernel", "predictor/kernel"):
+  for p in (
+    "student/patch_embed/kernel",
+    "student/layers/0/mixer/conv_weight",
+    "student/layers/0/mixer/in_proj/kernel",
+    "student/layers/1/mixer/out_proj/kernel",
+    "student/layers/1/mlp/w1/kernel",
+    "predictor/kernel",
+  ):
     assert p in decayed
-  for p in ("student/layers/0/mixer/A_log", "student/layers/0/mixer/dt_bias",
-            "student/layers/0/mixer/D", "student/layers/0/mixer/norm_weight",
-            "student/layers/0/mixer/conv_bias", "student/layers/0/norm/scale",
-            "student/layers/0/norm_mlp/scale", "student/norm_f/scale", "student/pos_embed",
-            "student/cls_token", "student/mask_token", "student/patch_embed/bias",
-            "student/layers/0/mlp/w1/bias", "predictor/bias"):
+  for p in (
+    "student/layers/0/mixer/A_log",
+    "student/layers/0/mixer/dt_bias",
+    "student/layers/0/mixer/D",
+    "student/layers/0/mixer/norm_weight",
+    "student/layers/0/mixer/conv_bias",
+    "student/layers/0/norm/scale",
+    "student/layers/0/norm_mlp/scale",
+    "student/norm_f/scale",
+    "student/pos_embed",
+    "student/cls_token",
+    "student/mask_token",
+    "student/patch_embed/bias",
+    "student/layers/0/mlp/w1/bias",
+    "predictor/bias",
+  ):
     assert p in mask and p not in decayed
   # The ViT (trained by the supervised teacher stage): again exactly the kernels.
-  vit_mask = flat(train.decay_mask(nnx.state(new_teacher(), nnx.Param), no_decay))
+  vit_mask = flat(optim.decay_mask(nnx.state(new_teacher(), nnx.Param), no_decay))
   assert {p for p, m in vit_mask.items() if m} == {p for p in vit_mask if p.endswith("/kernel")}
 
 
 def test_optimizer_decays_exactly_the_kernels():
   """AdamW with a zero gradient: update = −lr·wd·p on decayed params, exactly 0 elsewhere."""
   lr, wd = 0.1, 0.5
-  tx = train.make_optimizer(common.optim(lr=lr, weight_decay=wd, clip_norm=0.0, min_lr=lr))
+  tx = optim.make_optimizer(common.optim(lr=lr, weight_decay=wd, clip_norm=0.0, min_lr=lr), 1)
   params = nnx.state(new_distiller(), nnx.Param)
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates = flat(jax.jit(lambda p: tx.update(zeros, tx.init(p), p)[0])(params))
@@ -281,30 +340,36 @@ def test_layer_decay_scales_each_depth_by_its_power(kind):
   """layer_decay d: the update of depth i is d ** (L + 1 − i) times the undecayed one, with
   embeddings at 0, block b at b + 1 and head / final norm at L + 1 (BEiT's rule, L = 2)."""
   d, lr = 0.5, 0.1
-  model = (models.build("adventurer", "Ti/8", seed=0, num_classes=3, **STUDENT) if
-           kind == "adventurer" else
-           models.build("vit", "Ti/8", seed=0, num_classes=3, **{**TEACHER, "depth": 2}))
+  model = (
+    models.build("adventurer", "Ti/8", seed=0, num_classes=3, **STUDENT)
+    if kind == "adventurer"
+    else models.build("vit", "Ti/8", seed=0, num_classes=3, **{**TEACHER, "depth": 2})
+  )
   params = nnx.state(model, nnx.Param)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
 
   def update(decay):
-    tx = train.make_optimizer(common.optim(lr=lr, min_lr=lr, clip_norm=0.0, layer_decay=decay))
+    tx = optim.make_optimizer(common.optim(lr=lr, min_lr=lr, clip_norm=0.0, layer_decay=decay), 1)
     return flat(tx.update(grads, tx.init(params), params)[0])
 
   plain, decayed = update(1.0), update(d)
   blocks = "layers" if kind == "adventurer" else "blocks"
-  expected_power = lambda path: (3 if path.split("/")[0] in ("patch_embed", "pos_embed",
-                                                             "cls_token", "mask_token")
-                                 else 2 if path.startswith(f"{blocks}/0/")
-                                 else 1 if path.startswith(f"{blocks}/1/") else 0)
+  expected_power = lambda path: (
+    3
+    if path.split("/")[0] in ("patch_embed", "pos_embed", "cls_token", "mask_token")
+    else 2
+    if path.startswith(f"{blocks}/0/")
+    else 1
+    if path.startswith(f"{blocks}/1/")
+    else 0
+  )
   powers = set()
   for path, u in plain.items():
     powers.add(expected_power(path))
-    np.testing.assert_allclose(decayed[path], u * d ** expected_power(path), rtol=REL,
-                               err_msg=path)
+    np.testing.assert_allclose(decayed[path], u * d ** expected_power(path), rtol=REL, err_msg=path)
   assert powers == {0, 1, 2, 3}  # every depth was present and checked
-  with pytest.raises(ValueError, match="layer_decay=0.0"):
-    train.make_optimizer(common.optim(layer_decay=0.0))
+  with pytest.raises(UserError, match="layer_decay=0.0"):
+    optim.make_optimizer(common.optim(layer_decay=0.0), 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,15 +383,19 @@ def supervised():
   """A 1-block student classifier and supervised steps with grad_accum 1 and 2 (no randomness:
   mixup/cutmix and label smoothing off, drop path 0), plain SGD so updates are linear in the
   gradient."""
-  model = models.build("adventurer", "Ti/8", seed=3, num_classes=5,
-                       **{**STUDENT, "depth": 1})
+  model = models.build("adventurer", "Ti/8", seed=3, num_classes=5, **{**STUDENT, "depth": 1})
   loss = common.supervised_loss(label_smoothing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)
   tx = optax.chain(keep_grads(), optax.sgd(SUP_LR))
-  steps = {k: jax.jit(train.make_supervised_step(
-      model, tx, make_config(common.optim(grad_accum=k, ema_decay=EMA_DECAY), loss)))
-      for k in (1, 2)}
+  steps = {
+    k: jax.jit(
+      make_supervised_step(
+        model, tx, make_config(common.optim(grad_accum=k, ema_decay=EMA_DECAY), loss), 1
+      )
+    )
+    for k in (1, 2)
+  }
   _, state = train.init_state(model, tx, ema=True)
-  batch = {"image": images(2, 4), "label": jnp.array([0, 1, 2, 3])}
+  batch = data.Batch(images(2, 4), jnp.array([0, 1, 2, 3]))
   return types.SimpleNamespace(steps=steps, state=state, batch=batch)
 
 
@@ -344,8 +413,9 @@ def test_grad_accumulation_matches_full_batch(supervised):
     assert np.abs(g2[path] - g1[path]).max() <= ACCUM_TOL * scale, path
     np.testing.assert_allclose(p1[path], p0[path] - SUP_LR * g1[path], rtol=1e-6, atol=1e-7)
     step_scale = np.abs(p1[path] - p0[path]).max()
-    np.testing.assert_allclose(p2[path], p1[path], rtol=1e-6, atol=ACCUM_TOL * step_scale,
-                               err_msg=path)
+    np.testing.assert_allclose(
+      p2[path], p1[path], rtol=1e-6, atol=ACCUM_TOL * step_scale, err_msg=path
+    )
 
 
 def test_ema_follows_decay(supervised):
@@ -357,8 +427,9 @@ def test_ema_follows_decay(supervised):
   for path in p0:
     want1 = EMA_DECAY * p0[path] + (1 - EMA_DECAY) * p1[path]
     np.testing.assert_allclose(e1[path], want1, rtol=REL, atol=1e-7, err_msg=path)
-    np.testing.assert_allclose(e2[path], EMA_DECAY * want1 + (1 - EMA_DECAY) * p2[path],
-                               rtol=REL, atol=1e-7, err_msg=path)
+    np.testing.assert_allclose(
+      e2[path], EMA_DECAY * want1 + (1 - EMA_DECAY) * p2[path], rtol=REL, atol=1e-7, err_msg=path
+    )
   assert any(not np.allclose(e1[p], p1[p]) for p in p0)
 
 
@@ -387,7 +458,7 @@ def _mix_inputs(b=4, size=8, classes=6):
 def _mixer(x, y, classes, **cfg):
   """mixup_cutmix jitted for one config: rng -> (images, targets) as numpy."""
   cfg = common.supervised_loss(**cfg)
-  fn = jax.jit(lambda rng: train.mixup_cutmix(rng, x, y, classes, cfg))
+  fn = jax.jit(lambda rng: mixup_cutmix(rng, x, y, classes, cfg))
   return lambda seed: tuple(np.asarray(v) for v in fn(jax.random.key(seed)))
 
 
@@ -425,14 +496,14 @@ def test_cutmix_target_weight_is_pasted_area():
   for seed in range(6):
     mixed, targets = mix(seed)
     np.testing.assert_allclose(targets.sum(1), 1.0, atol=1e-6)
-    pasted = np.all(mixed == np.asarray(x)[::-1], axis=-1)     # (B, H, W): from the partner
+    pasted = np.all(mixed == np.asarray(x)[::-1], axis=-1)  # (B, H, W): from the partner
     kept = np.all(mixed == np.asarray(x), axis=-1)
-    assert np.all(pasted ^ kept)                               # every pixel is one or the other
+    assert np.all(pasted ^ kept)  # every pixel is one or the other
     frac = pasted.mean(axis=(1, 2))
     np.testing.assert_allclose(1.0 - _lam(targets, y), frac, atol=1e-6)
     rows, cols = np.nonzero(pasted[0])
-    if rows.size:                                              # the pasted region is a box
-      assert pasted[0, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    if rows.size:  # the pasted region is a box
+      assert pasted[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
     fractions.append(frac[0])
   assert len(set(np.round(fractions, 6))) > 1
 

@@ -7,6 +7,7 @@ of flipped layers, and a NumPy re-computation of the AM distance from method.md 
 Tolerances: mixing matrix vs scan ≤ 1e-4 relative to max |y| (float32, the issue's bound);
 attention ≤ 1e-5 relative; AM distance vs NumPy ≤ 1e-5 absolute.
 """
+
 import json
 import os
 
@@ -27,10 +28,28 @@ IMAGE = 16
 
 @pytest.fixture(scope="module")
 def models():
-  teacher = build("vit", "Ti/4", seed=0, width=32, depth=2, num_heads=2, mlp_dim=64,
-                  image_size=IMAGE, num_classes=10)
-  student = build("adventurer", "Ti/4", seed=1, width=32, depth=2, headdim=16, d_state=16,
-                  chunk_size=8, image_size=IMAGE)  # 18 scanned tokens: 3 chunks of 8
+  teacher = build(
+    "vit",
+    "Ti/4",
+    seed=0,
+    width=32,
+    depth=2,
+    num_heads=2,
+    mlp_dim=64,
+    image_size=IMAGE,
+    num_classes=10,
+  )
+  student = build(
+    "adventurer",
+    "Ti/4",
+    seed=1,
+    width=32,
+    depth=2,
+    headdim=16,
+    d_state=16,
+    chunk_size=8,
+    image_size=IMAGE,
+  )  # 18 scanned tokens: 3 chunks of 8
   images = jax.random.normal(jax.random.key(2), (2, IMAGE, IMAGE, 3))
   return teacher, student, images
 
@@ -44,7 +63,7 @@ def test_mixing_matrix_times_values_is_the_scan(models, layer, impl):
   inputs, _ = block.mixer.ssd_inputs(block.mixer_input(h))
   D = block.mixer.D[...]
   y_scan = kernels.ssd(**inputs, D=D, chunk_size=8, impl=impl)
-  M = visualize.ssd_mixing_matrix(inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
+  M = kernels.ssd_matrix(inputs["dt"], inputs["A"], inputs["B"], inputs["C"])
   y = jnp.einsum("bhts,bshp->bthp", M, inputs["x"], precision="highest")
   y = y + D[:, None] * inputs["x"]
   err = float(jnp.max(jnp.abs(y - y_scan)) / jnp.max(jnp.abs(y_scan)))
@@ -82,21 +101,30 @@ def test_teacher_attention_is_the_blocks_attention(models):
 
 def am_distance_numpy(t, s):
   """method.md §2 in float64: cosine maps, rows ℓ2-normalised, 1 − mean row cosine."""
+
   def smap(f):
     f = np.asarray(f, np.float64)
     f = f / np.linalg.norm(f, axis=-1, keepdims=True)
     a = f @ f.T
     return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
   return 1 - np.mean(np.sum(smap(t) * smap(s), axis=-1))
 
 
 def test_figures_write_pngs_and_true_am_distances(models, tmp_path):
   teacher, student, images = models
-  paths, am = visualize.figures(teacher, {"a": student, "b": student}, images, str(tmp_path),
-                                num_stages=2, layer=-1, query=(1, 2))
+  paths, am = visualize.figures(
+    teacher,
+    {"a": student, "b": student},
+    images,
+    str(tmp_path),
+    num_stages=2,
+    layer=-1,
+    query=(1, 2),
+  )
   assert [os.path.basename(p) for p in paths] == ["maps_0.png", "maps_1.png"]
   assert all(Image.open(p).size[0] > 500 for p in paths)
-  pairs = visualize.stage_tokens(teacher, student, images, images, 2)
+  pairs = visualize.level_tokens(teacher, student, images, images, 2)
   want = [np.mean([am_distance_numpy(t[i], s[i]) for i in range(2)]) for t, s in pairs]
   np.testing.assert_allclose(am["a"], want, atol=1e-5)
   assert am["a"] == am["b"]
@@ -119,7 +147,7 @@ def run_dir(tmp_path_factory, models):
 def test_visualize_stage_on_a_run(run_dir, tmp_path):
   config = visualize_config.get_config("smoke")
   with config.unlocked():
-    config.checkpoint = str(run_dir)
+    config.run_dir = str(run_dir)
   out = visualize.run(config, str(tmp_path))
   assert len(out["paths"]) == 2 and all(os.path.isfile(p) for p in out["paths"])
   assert set(out["am"]) == {"distilled"} and len(out["am"]["distilled"]) == 2
@@ -146,6 +174,6 @@ def test_images_from_files_and_clear_errors(run_dir, tmp_path, models):
     visualize.load_images(str(tmp_path / "missing.png"), 2, student.cfg, run_config)
   config = visualize_config.get_config()
   with config.unlocked():
-    config.checkpoint = str(tmp_path)  # no config.json there
+    config.run_dir = str(tmp_path)  # no config.json there
   with pytest.raises(ValueError, match="not a run's workdir"):
     visualize.run(config, str(tmp_path / "out"))

@@ -5,26 +5,33 @@ patch when it reaches it. Each block prepends the mean of its input tokens ("hea
 average") so even the first patch sees a global summary, and every other block reverses
 the patch order so information flows both ways through the depth.
 """
+
 import dataclasses
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import kernels
+from linearizer.errors import UserError
 from linearizer.models import common
 from linearizer.models.mamba2 import Mamba2
+
+SSD_IMPLS = (*kernels.IMPLS, "auto")  # what `ssd_impl` may name (kernels.ssd's `impl`)
 
 # size -> (width, depth); SSM heads = 2·width / 64.
 WIDTHS = {"Ti": (256, 12), "S": (512, 12), "B": (768, 12), "L": (1024, 24)}
 
 # Which blocks reverse the patch order. The paper flips every other block; the released
 # code flips only blocks 2 and 3 (`i // 2 == 1`, a known bug), kept for loading its weights.
+FlipPattern = Literal["alternate", "released", "none"]
 FLIP_PATTERNS = {
-    "alternate": lambda i: i % 2 == 1,
-    "released": lambda i: i // 2 == 1,
-    "none": lambda i: False,
+  "alternate": lambda i: i % 2 == 1,
+  "released": lambda i: i // 2 == 1,
+  "none": lambda i: False,
 }
 
 
@@ -34,29 +41,40 @@ class AdventurerConfig:
   depth: int
   patch: int
   image_size: int = 224
-  num_classes: int = 0          # 0: no head, logits=None
+  num_classes: int = 0  # 0: no head, logits=None
   drop_path: float = 0.0
-  flip_pattern: str = "alternate"
+  flip_pattern: FlipPattern = "alternate"
   d_state: int = 64
   headdim: int = 64
   expand: int = 2
   mlp_ratio: float = 2.5
   chunk_size: int = 256
-  ssd_impl: str = "auto"
-  ssd_interpret: bool = False   # run a Pallas ssd_impl in interpret mode (CPU tests, debugging)
-  dtype: str = "float32"        # compute dtype of the matmuls; parameters stay float32
+  ssd_impl: kernels.Implementation = "auto"
+  ssd_interpret: bool = False  # run a Pallas ssd_impl in interpret mode (CPU tests, debugging)
+  dtype: str = "float32"  # compute dtype of the matmuls; parameters stay float32
   mean: tuple = (0.485, 0.456, 0.406)
   std: tuple = (0.229, 0.224, 0.225)
+
+  def __post_init__(self):
+    """Every field a user sets is checked here, once, before a kernel sees it."""
+    if self.flip_pattern not in FLIP_PATTERNS:
+      raise UserError(
+        f"Unknown flip_pattern {self.flip_pattern!r}; expected one of {sorted(FLIP_PATTERNS)}."
+      )
+    if self.ssd_impl not in SSD_IMPLS:
+      raise UserError(f"ssd_impl={self.ssd_impl!r}; expected one of {list(SSD_IMPLS)}.")
+    if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+      raise UserError(f"chunk_size={self.chunk_size!r}; expected a positive integer.")
+    if (self.expand * self.width) % self.headdim:
+      raise UserError(
+        f"expand*width={self.expand * self.width} is not a multiple of headdim={self.headdim}."
+      )
 
 
 def adventurer_config(variant: str = "B/16", **overrides) -> AdventurerConfig:
   (width, depth), patch = common.parse_variant(variant, WIDTHS)
   # Overrides may replace any field, width and depth included (as vit_config allows).
-  cfg = AdventurerConfig(**{**dict(width=width, depth=depth, patch=patch), **overrides})
-  if cfg.flip_pattern not in FLIP_PATTERNS:
-    raise ValueError(f"Unknown flip_pattern {cfg.flip_pattern!r}; "
-                     f"expected one of {sorted(FLIP_PATTERNS)}.")
-  return cfg
+  return AdventurerConfig(**{**dict(width=width, depth=depth, patch=patch), **overrides})
 
 
 def flip_patches(t):
@@ -82,10 +100,18 @@ class Block(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.flip = flip
     self.norm = nnx.RMSNorm(cfg.width, epsilon=1e-5, rngs=rngs)
-    self.mixer = Mamba2(cfg.width, d_state=cfg.d_state, headdim=cfg.headdim, expand=cfg.expand,
-                        chunk_size=cfg.chunk_size, ssd_impl=cfg.ssd_impl,
-                        ssd_interpret=cfg.ssd_interpret,
-                        out_proj_scale=1 / math.sqrt(cfg.depth), dtype=cfg.dtype, rngs=rngs)
+    self.mixer = Mamba2(
+      cfg.width,
+      d_state=cfg.d_state,
+      headdim=cfg.headdim,
+      expand=cfg.expand,
+      chunk_size=cfg.chunk_size,
+      ssd_impl=cfg.ssd_impl,
+      ssd_interpret=cfg.ssd_interpret,
+      out_proj_scale=1 / math.sqrt(cfg.depth),
+      dtype=cfg.dtype,
+      rngs=rngs,
+    )
     self.norm_mlp = nnx.RMSNorm(cfg.width, epsilon=1e-5, rngs=rngs)
     self.mlp = SwiGLU(cfg.width, int(cfg.width * cfg.mlp_ratio), dtype, rngs=rngs)
     self.drop_path = common.DropPath(drop_path, rngs=rngs)
@@ -104,12 +130,23 @@ class Block(nnx.Module):
 
 
 class Adventurer(nnx.Module):
+  """Patches first, CLS last: `[p_1 … p_N, cls]` (method.md §5)."""
+
+  roles = common.TokenRoles(cls=-1, patches=(0, -1))
+
   def __init__(self, cfg: AdventurerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, p = cfg.width, cfg.patch
-    self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID",
-                                kernel_init=nnx.initializers.lecun_normal(),
-                                dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+    self.patch_embed = nnx.Conv(
+      3,
+      d,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      kernel_init=nnx.initializers.lecun_normal(),
+      dtype=jnp.dtype(cfg.dtype),
+      rngs=rngs,
+    )
     n = (cfg.image_size // p) ** 2
     self.cls_token = nnx.Param(common.trunc_normal_02(rngs.params(), (1, 1, d)))
     self.mask_token = nnx.Param(common.trunc_normal_02(rngs.params(), (1, 1, d)))
@@ -119,8 +156,11 @@ class Adventurer(nnx.Module):
     flip = FLIP_PATTERNS[cfg.flip_pattern]
     self.layers = nnx.List([Block(cfg, rates[i], flip(i), rngs=rngs) for i in range(cfg.depth)])
     self.norm_f = nnx.RMSNorm(d, epsilon=1e-5, rngs=rngs)
-    self.head = (nnx.Linear(d, cfg.num_classes, kernel_init=common.trunc_normal_02, rngs=rngs)
-                 if cfg.num_classes else None)
+    self.head = (
+      nnx.Linear(d, cfg.num_classes, kernel_init=common.trunc_normal_02, rngs=rngs)
+      if cfg.num_classes
+      else None
+    )
 
   @property
   def grid(self):
@@ -134,7 +174,7 @@ class Adventurer(nnx.Module):
     x = x.reshape(b, h * w, d)
     if mask is not None:
       if mask.shape != (b, h * w):
-        raise ValueError(f"mask must be (batch, patches) = {(b, h * w)}, got {mask.shape}.")
+        raise UserError(f"mask must be (batch, patches) = {(b, h * w)}, got {mask.shape}.")
       x = jnp.where(mask[..., None], self.mask_token[...].astype(x.dtype), x)
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
     pos = common.resample_pos_embed(self.pos_embed[...], self.grid, (h, w), cls_at="last")
@@ -146,6 +186,7 @@ class Adventurer(nnx.Module):
     for layer in self.layers:
       x = layer(x, train=train)
       blocks.append(x)
-    tokens = self.norm_f(x)
-    logits = self.head(tokens[:, -1]) if self.head is not None else None
-    return common.ModelOutput(logits=logits, tokens=tokens, blocks=tuple(blocks))
+    out = common.ModelOutput(
+      logits=None, tokens=self.norm_f(x), blocks=tuple(blocks), roles=self.roles
+    )
+    return out.replace(logits=self.head(out.cls[:, 0])) if self.head is not None else out

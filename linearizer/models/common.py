@@ -1,31 +1,77 @@
 """Pieces both models share: the output contract, position-embedding resampling, drop path."""
-import functools
-from typing import NamedTuple, Optional
 
+import dataclasses
+import functools
+from typing import Optional
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from linearizer.errors import UserError
 
-class ModelOutput(NamedTuple):
+
+@dataclasses.dataclass(frozen=True)
+class TokenRoles:
+  """Where each kind of token sits in a model's sequence (negative indices count from the end).
+
+  cls: the index of the CLS token, or None for a model without one.
+  patches: (start, stop) of the patch tokens, in raster order; stop None = to the end.
+  registers: (start, stop) of register tokens (none by default), which no loss reads.
+  """
+
+  cls: Optional[int]
+  patches: tuple
+  registers: tuple = (0, 0)
+
+  def cls_of(self, x: jax.Array) -> Optional[jax.Array]:
+    """(B, T, D) -> (B, 1, D): the CLS token, or None."""
+    if self.cls is None:
+      return None
+    return x[:, self.cls : (self.cls + 1) or None]
+
+  def patches_of(self, x: jax.Array) -> jax.Array:
+    """(B, T, D) -> (B, N, D): the patch tokens in raster order."""
+    return x[:, slice(*self.patches)]
+
+
+@flax.struct.dataclass
+class ModelOutput:
   """The output contract of every model (design.md).
 
   logits: (B, classes) or None when the model has no head.
   tokens: (B, T, D) final-norm tokens in the model's own order.
   blocks: the residual stream after every block, each (B, T, D).
+  roles: where CLS, patches (and registers) sit in `tokens` and every block; consumers use
+    `.cls`, `.patches` or `roles.patches_of(block)`, never a position of their own.
   """
+
   logits: Optional[jax.Array]
   tokens: jax.Array
   blocks: tuple
+  roles: TokenRoles = flax.struct.field(pytree_node=False)
+
+  @property
+  def cls(self) -> Optional[jax.Array]:
+    """(B, 1, D) final-norm CLS token, or None."""
+    return self.roles.cls_of(self.tokens)
+
+  @property
+  def patches(self) -> jax.Array:
+    """(B, N, D) final-norm patch tokens in raster order."""
+    return self.roles.patches_of(self.tokens)
 
 
 def parse_variant(variant: str, widths: dict) -> tuple:
   """'B/16' -> (widths['B'], 16). Raises one clear error for an unknown size."""
   name, _, patch = variant.partition("/")
   if name not in widths or not patch.isdigit():
-    raise ValueError(f"Unknown variant {variant!r}: expected '<size>/<patch>' with size "
-                     f"in {sorted(widths)} and an integer patch, e.g. 'B/16'.")
+    raise UserError(
+      f"Unknown variant {variant!r}: expected '<size>/<patch>' with size "
+      f"in {sorted(widths)} and an integer patch, e.g. 'B/16'."
+    )
   return widths[name], int(patch)
 
 
@@ -36,10 +82,14 @@ def _cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
   Keys' cubic with a=-0.75, half-pixel centres (align_corners=False), border indices clamped,
   no antialiasing: the rule `transformers` and timm use to resample position embeddings.
   """
+
   def kernel(t):
     t = np.abs(t)
-    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+    return np.where(
+      t <= 1,
+      ((a + 2) * t - (a + 3)) * t * t + 1,
+      np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0),
+    )
 
   src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
   base = np.floor(src).astype(int)
@@ -59,8 +109,9 @@ def resample_grid(tokens: jax.Array, old_grid: tuple, new_grid: tuple) -> jax.Ar
   grid = tokens.reshape(*tokens.shape[:-2], h, w, tokens.shape[-1])
   wy = jnp.asarray(_cubic_matrix(h, nh), jnp.float32)
   wx = jnp.asarray(_cubic_matrix(w, nw), jnp.float32)
-  out = jnp.einsum("yh,...hwd,xw->...yxd", wy, grid.astype(jnp.float32), wx,
-                   precision=jax.lax.Precision.HIGHEST)
+  out = jnp.einsum(
+    "yh,...hwd,xw->...yxd", wy, grid.astype(jnp.float32), wx, precision=jax.lax.Precision.HIGHEST
+  )
   return out.reshape(*tokens.shape[:-2], nh * nw, tokens.shape[-1]).astype(tokens.dtype)
 
 
@@ -70,7 +121,7 @@ def resample_pos_embed(pos: jax.Array, old_grid: tuple, new_grid: tuple, cls_at:
     return jnp.concatenate([pos[:, :1], resample_grid(pos[:, 1:], old_grid, new_grid)], axis=1)
   if cls_at == "last":
     return jnp.concatenate([resample_grid(pos[:, :-1], old_grid, new_grid), pos[:, -1:]], axis=1)
-  raise ValueError(f"cls_at must be 'first' or 'last', got {cls_at!r}")
+  raise UserError(f"cls_at must be 'first' or 'last', got {cls_at!r}")
 
 
 def patch_grid(image_hw: tuple, patch: int) -> tuple:
@@ -80,11 +131,11 @@ def patch_grid(image_hw: tuple, patch: int) -> tuple:
 def check_images(images: jax.Array, channels: int, patch: int) -> None:
   """One clear message for images a model cannot take (checked at trace time)."""
   if images.ndim != 4 or images.shape[-1] != channels:
-    raise ValueError(f"Expected NHWC images with {channels} channels, got shape {images.shape}.")
+    raise UserError(f"Expected NHWC images with {channels} channels, got shape {images.shape}.")
   if images.shape[1] < patch or images.shape[2] < patch:
-    raise ValueError(f"Images of size {images.shape[1:3]} are smaller than one {patch}px patch.")
+    raise UserError(f"Images of size {images.shape[1:3]} are smaller than one {patch}px patch.")
   if not jnp.issubdtype(images.dtype, jnp.floating):
-    raise ValueError(f"Expected normalised float images, got dtype {images.dtype}.")
+    raise UserError(f"Expected normalised float images, got dtype {images.dtype}.")
 
 
 class DropPath(nnx.Module):

@@ -1,4 +1,5 @@
 """The Mamba-2 token mixer (method.md §6; mamba-ssm 2.0.4 `Mamba2`, as Adventurer uses it)."""
+
 import math
 
 import jax
@@ -6,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from linearizer.errors import UserError
 from linearizer.models import common
 
 
@@ -15,10 +17,12 @@ def _uniform(low, high):
 
 def _dt_bias_init(dt_min=1e-3, dt_max=0.1, floor=1e-4):
   """softplus⁻¹(Δ0) with Δ0 = exp(U[ln dt_min, ln dt_max]) clamped ≥ floor (§6 init)."""
+
   def init(key, shape, dtype=jnp.float32):
     log_dt = jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max))
     dt = jnp.maximum(jnp.exp(log_dt), floor)
     return dt + jnp.log(-jnp.expm1(-dt))
+
   return init
 
 
@@ -29,21 +33,37 @@ class Mamba2(nnx.Module):
   weight is stored as (width, channels).
   """
 
-  def __init__(self, d_model: int, *, d_state: int = 64, headdim: int = 64, expand: int = 2,
-               ngroups: int = 1, d_conv: int = 4, chunk_size: int = 256, ssd_impl: str = "auto",
-               ssd_interpret: bool = False, out_proj_scale: float = 1.0, dtype: str = "float32",
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    d_model: int,
+    *,
+    d_state: int = 64,
+    headdim: int = 64,
+    expand: int = 2,
+    ngroups: int = 1,
+    d_conv: int = 4,
+    chunk_size: int = 256,
+    ssd_impl: str = "auto",
+    ssd_interpret: bool = False,
+    out_proj_scale: float = 1.0,
+    dtype: str = "float32",
+    rngs: nnx.Rngs,
+  ):
     inner = expand * d_model
     if inner % headdim:
-      raise ValueError(f"expand*d_model={inner} is not a multiple of headdim={headdim}.")
+      raise UserError(f"expand*d_model={inner} is not a multiple of headdim={headdim}.")
     self.inner, self.d_state, self.headdim, self.ngroups = inner, d_state, headdim, ngroups
     self.num_heads = inner // headdim
     self.chunk_size, self.ssd_impl, self.ssd_interpret = chunk_size, ssd_impl, ssd_interpret
     conv_dim = inner + 2 * ngroups * d_state
     dense = dict(use_bias=False, dtype=jnp.dtype(dtype), rngs=rngs)
     # Projection order [z, x, B, C, dt], as in mamba-ssm.
-    self.in_proj = nnx.Linear(d_model, 2 * inner + 2 * ngroups * d_state + self.num_heads,
-                              kernel_init=common.torch_linear_init, **dense)
+    self.in_proj = nnx.Linear(
+      d_model,
+      2 * inner + 2 * ngroups * d_state + self.num_heads,
+      kernel_init=common.torch_linear_init,
+      **dense,
+    )
     bound = 1 / math.sqrt(d_conv)  # torch's Conv1d default, which Adventurer keeps
     self.conv_weight = nnx.Param(_uniform(-bound, bound)(rngs.params(), (d_conv, conv_dim)))
     self.conv_bias = nnx.Param(_uniform(-bound, bound)(rngs.params(), (conv_dim,)))
@@ -52,7 +72,7 @@ class Mamba2(nnx.Module):
     self.D = nnx.Param(jnp.ones((self.num_heads,)))
     self.norm_weight = nnx.Param(jnp.ones((inner,)))
     # torch default init shrunk by out_proj_scale (Adventurer: 1/sqrt(depth)).
-    scaled = nnx.initializers.variance_scaling(out_proj_scale ** 2 / 3, "fan_in", "uniform")
+    scaled = nnx.initializers.variance_scaling(out_proj_scale**2 / 3, "fan_in", "uniform")
     self.out_proj = nnx.Linear(inner, d_model, kernel_init=scaled, **dense)
 
   def causal_conv(self, xbc):
@@ -60,12 +80,12 @@ class Mamba2(nnx.Module):
     w = self.conv_weight[...].astype(xbc.dtype)
     k = w.shape[0]
     padded = jnp.pad(xbc, ((0, 0), (k - 1, 0), (0, 0)))
-    out = sum(padded[:, i:i + xbc.shape[1]] * w[i] for i in range(k))
+    out = sum(padded[:, i : i + xbc.shape[1]] * w[i] for i in range(k))
     return out + self.conv_bias[...].astype(xbc.dtype)
 
   def gated_norm(self, y, z):
     """RMSNorm(y ⊙ SiLU(z)) per group, in float32 (norm after gating, §6 step 5)."""
-    g = (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32)))
+    g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
     g = g.reshape(*g.shape[:-1], self.ngroups, -1)
     g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + 1e-5)
     return g.reshape(y.shape) * self.norm_weight[...]
@@ -79,12 +99,22 @@ class Mamba2(nnx.Module):
     x, B, C = jnp.split(xbc, [self.inner, self.inner + g * s], axis=-1)
     delta = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    return dict(x=x.reshape(b, length, self.num_heads, self.headdim), dt=delta, A=A,
-                B=B.reshape(b, length, g, s), C=C.reshape(b, length, g, s)), z
+    return dict(
+      x=x.reshape(b, length, self.num_heads, self.headdim),
+      dt=delta,
+      A=A,
+      B=B.reshape(b, length, g, s),
+      C=C.reshape(b, length, g, s),
+    ), z
 
   def __call__(self, u):
     inputs, z = self.ssd_inputs(u)
-    y = kernels.ssd(**inputs, D=self.D[...].astype(jnp.float32), chunk_size=self.chunk_size,
-                    impl=self.ssd_impl, interpret=self.ssd_interpret)
+    y = kernels.ssd(
+      **inputs,
+      D=self.D[...].astype(jnp.float32),
+      chunk_size=self.chunk_size,
+      impl=self.ssd_impl,
+      interpret=self.ssd_interpret,
+    )
     y = self.gated_norm(y.reshape(z.shape), z).astype(u.dtype)
     return self.out_proj(y)

@@ -1,20 +1,20 @@
 """A model on disk: an Orbax checkpoint of its parameters plus `model.json` with its config.
 
 Layout of a saved directory:
-  model.json   {"kind": "vit" | "adventurer", "config": dataclasses.asdict(cfg)}
+  model.json   {"kind": <an architecture of models.ARCHITECTURES>, "config": dataclasses.asdict(cfg)}
   params/      Orbax (StandardCheckpointer) checkpoint of the nnx.Param state as a pure dict
 
 This is what `python -m linearizer.convert` writes and what a config names as teacher or
 student init. Only parameters are stored: RNG state and the like are rebuilt from the config.
 Single-host: write it from one process.
 """
+
 import dataclasses
 import json
 import os
 import pathlib
 import shutil
 import tempfile
-import typing
 
 import jax
 import jax.numpy as jnp
@@ -23,20 +23,16 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from linearizer import models
-
-CONFIGS = {"vit": models.ViTConfig, "adventurer": models.AdventurerConfig}
-
-
-def kind_of(model) -> str:
-  return "vit" if isinstance(model, models.ViT) else "adventurer"
+from linearizer.errors import MissingPathError, PathExistsError, UserError
 
 
 def check_writable(directory, overwrite: bool = False) -> pathlib.Path:
   """The absolute path, or FileExistsError if it holds something and not `overwrite`."""
   directory = pathlib.Path(directory).absolute()
   if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
-    raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to "
-                          "replace it.")
+    raise PathExistsError(
+      f"{directory} exists and is not empty; pass overwrite=True to replace it."
+    )
   return directory
 
 
@@ -54,7 +50,7 @@ def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / "params", params)
     checkpointer.wait_until_finished()
-    meta = {"kind": kind_of(model), "config": dataclasses.asdict(model.cfg)}
+    meta = {"kind": models.kind_of(model), "config": dataclasses.asdict(model.cfg)}
     (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     if directory.exists():
       shutil.rmtree(directory) if directory.is_dir() else directory.unlink()
@@ -69,25 +65,16 @@ def load_config(directory):
   """(kind, config dataclass) from `directory/model.json`."""
   path = pathlib.Path(directory) / "model.json"
   if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: {directory} is not a directory written by "
-                            "linearizer.models.saved.save.")
+    raise MissingPathError(
+      f"{path} not found: {directory} is not a directory written by linearizer.models.saved.save."
+    )
   meta = json.loads(path.read_text())
-  if meta.get("kind") not in CONFIGS:
-    raise ValueError(f"{path}: unknown model kind {meta.get('kind')!r}; expected one of "
-                     f"{sorted(CONFIGS)}.")
-  return meta["kind"], config_from_dict(meta["kind"], meta["config"])
-
-
-def config_from_dict(kind: str, fields: dict):
-  """The config dataclass from its JSON form (JSON turned its tuples into lists)."""
-  cls = CONFIGS[kind]
-  hints = typing.get_type_hints(cls)
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ValueError(f"Unknown {cls.__name__} fields {unknown}; known: {sorted(known)}.")
-  return cls(**{k: tuple(v) if hints[k] is tuple and isinstance(v, list) else v
-                for k, v in fields.items()})
+  if meta.get("kind") not in models.ARCHITECTURES:
+    raise UserError(
+      f"{path}: unknown model kind {meta.get('kind')!r}; expected one of "
+      f"{sorted(models.ARCHITECTURES)}."
+    )
+  return meta["kind"], models.config_from_dict(meta["kind"], meta["config"])
 
 
 def read_params(directory) -> dict:
@@ -116,8 +103,10 @@ def from_params(cfg, params: dict):
     for k in key[:-1]:
       node = node[k]
     if tuple(node[key[-1]].shape) != tuple(np.shape(array)):
-      raise ValueError(f"Parameter {'.'.join(map(str, key))}: expected shape "
-                       f"{tuple(node[key[-1]].shape)}, got {tuple(np.shape(array))}.")
+      raise UserError(
+        f"Parameter {'.'.join(map(str, key))}: expected shape "
+        f"{tuple(node[key[-1]].shape)}, got {tuple(np.shape(array))}."
+      )
     node[key[-1]] = jnp.asarray(array, node[key[-1]].dtype)
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state, rest)
@@ -129,5 +118,6 @@ def restore(directory):
   abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param).to_pure_dict()
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
   restored = ocp.StandardCheckpointer().restore(
-      pathlib.Path(directory).absolute() / "params", target)
+    pathlib.Path(directory).absolute() / "params", target
+  )
   return from_params(cfg, nnx.traversals.flatten_mapping(restored))

@@ -4,39 +4,52 @@ One module covers the checkpoints people hold: `style="timm"` (timm / DeiT / Aug
 big_vision / HF ViTModel: GELU, LayerNorm eps 1e-6) and `style="clip"` (OpenAI CLIP image
 tower / HF CLIPVisionModel: `ln_pre`, bias-free patch conv, QuickGELU, eps 1e-5).
 """
+
 import dataclasses
-from typing import Optional
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from linearizer.errors import UserError
 from linearizer.models import common
 
 # size -> (width, depth, heads, mlp); patch comes from the variant string, e.g. 'L/14'.
 WIDTHS = {
-    "Ti": (192, 12, 3, 768),
-    "S": (384, 12, 6, 1536),
-    "M": (512, 12, 8, 2048),
-    "B": (768, 12, 12, 3072),
-    "L": (1024, 24, 16, 4096),
-    "H": (1280, 32, 16, 5120),
-    "g": (1408, 40, 16, 6144),
+  "Ti": (192, 12, 3, 768),
+  "S": (384, 12, 6, 1536),
+  "M": (512, 12, 8, 2048),
+  "B": (768, 12, 12, 3072),
+  "L": (1024, 24, 16, 4096),
+  "H": (1280, 32, 16, 5120),
+  "g": (1408, 40, 16, 6144),
 }
 
 STYLES = {
-    # style: (activation, layer-norm eps, ln_pre, patch-conv bias, mean, std)
-    "timm": ("gelu", 1e-6, False, True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "clip": ("quick_gelu", 1e-5, True, False,
-             (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+  # style: (activation, layer-norm eps, ln_pre, patch-conv bias, mean, std)
+  "timm": ("gelu", 1e-6, False, True, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+  "clip": (
+    "quick_gelu",
+    1e-5,
+    True,
+    False,
+    (0.48145466, 0.4578275, 0.40821073),
+    (0.26862954, 0.26130258, 0.27577711),
+  ),
 }
 
 
+Style = Literal["timm", "clip"]
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
+Pool = Literal["cls", "gap"]
+AttentionImpl = Literal["xla", "cudnn"]
+
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),          # timm, HF
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),      # flax's nn.gelu default
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),        # OpenAI CLIP
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # timm, HF
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # flax's nn.gelu default
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
 }
 
 
@@ -48,16 +61,33 @@ class ViTConfig:
   mlp_dim: int
   patch: int
   image_size: int = 224
-  num_classes: int = 0          # 0: no head, logits=None
-  style: str = "timm"
+  num_classes: int = 0  # 0: no head, logits=None
+  style: Style = "timm"
   drop_path: float = 0.0
   layer_norm_eps: Optional[float] = None  # None: the style's default (HF ViTModel uses 1e-12)
-  activation: Optional[str] = None  # None: the style's; or gelu | gelu_tanh | quick_gelu
+  activation: Optional[Activation] = None  # None: the style's; or gelu | gelu_tanh | quick_gelu
   head_bias: bool = True
-  pool: str = "cls"             # what the head reads: the 'cls' token, or 'gap', the mean patch
-                                # token (timm global_pool='avg', big_vision pool_type='gap')
-  attention_impl: Optional[str] = None  # None lets JAX choose; 'xla' or 'cudnn' to force one
-  dtype: str = "float32"        # compute dtype of the matmuls; parameters stay float32
+  pool: Pool = "cls"  # what the head reads: the 'cls' token, or 'gap', the mean patch
+  # token (timm global_pool='avg', big_vision pool_type='gap')
+  attention_impl: Optional[AttentionImpl] = (
+    None  # None lets JAX choose; 'xla' or 'cudnn' to force one
+  )
+  dtype: str = "float32"  # compute dtype of the matmuls; parameters stay float32
+
+  def __post_init__(self):
+    """Every field a user sets is checked here, once, whichever way the model is made."""
+    if self.style not in STYLES:
+      raise UserError(f"Unknown ViT style {self.style!r}; expected one of {sorted(STYLES)}.")
+    if self.activation not in (None, *ACTIVATIONS):
+      raise UserError(
+        f"Unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}."
+      )
+    if self.pool not in ("cls", "gap"):
+      raise UserError(f"Unknown ViT pool {self.pool!r}; expected 'cls' or 'gap'.")
+    if self.num_heads < 1 or self.width % self.num_heads:
+      raise UserError(f"num_heads={self.num_heads} does not divide width={self.width}.")
+    if self.attention_impl not in (None, "xla", "cudnn"):
+      raise UserError(f"attention_impl={self.attention_impl!r}; expected None, 'xla' or 'cudnn'.")
 
   @property
   def eps(self):
@@ -76,23 +106,16 @@ def vit_config(variant: str = "B/16", **overrides) -> ViTConfig:
   (width, depth, heads, mlp), patch = common.parse_variant(variant, WIDTHS)
   cfg = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch=patch)
   cfg.update(overrides)
-  if cfg.get("style", "timm") not in STYLES:
-    raise ValueError(f"Unknown ViT style {cfg['style']!r}; expected one of {sorted(STYLES)}.")
-  if cfg.get("activation") not in (None, *ACTIVATIONS):
-    raise ValueError(f"Unknown activation {cfg['activation']!r}; expected one of "
-                     f"{sorted(ACTIVATIONS)}.")
-  if cfg.get("pool", "cls") not in ("cls", "gap"):
-    raise ValueError(f"Unknown ViT pool {cfg['pool']!r}; expected 'cls' or 'gap'.")
   return ViTConfig(**cfg)
-
 
 
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout)."""
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-    dense = dict(dtype=jnp.dtype(cfg.dtype), kernel_init=nnx.initializers.xavier_uniform(),
-                 rngs=rngs)
+    dense = dict(
+      dtype=jnp.dtype(cfg.dtype), kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs
+    )
     self.num_heads = cfg.num_heads
     self.impl = cfg.attention_impl
     self.qkv = nnx.Linear(cfg.width, 3 * cfg.width, **dense)
@@ -110,8 +133,12 @@ class Block(nnx.Module):
   def __init__(self, cfg: ViTConfig, drop_path: float, *, rngs: nnx.Rngs):
     act = cfg.activation or STYLES[cfg.style][0]
     eps = cfg.eps
-    dense = dict(dtype=jnp.dtype(cfg.dtype), kernel_init=nnx.initializers.xavier_uniform(),
-                 bias_init=nnx.initializers.normal(1e-6), rngs=rngs)
+    dense = dict(
+      dtype=jnp.dtype(cfg.dtype),
+      kernel_init=nnx.initializers.xavier_uniform(),
+      bias_init=nnx.initializers.normal(1e-6),
+      rngs=rngs,
+    )
     self.norm1 = nnx.LayerNorm(cfg.width, epsilon=eps, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.norm2 = nnx.LayerNorm(cfg.width, epsilon=eps, rngs=rngs)
@@ -128,14 +155,24 @@ class Block(nnx.Module):
 class ViT(nnx.Module):
   """Pre-norm ViT: tokens `[cls, p_1 … p_N]`, learned absolute position embeddings."""
 
+  roles = common.TokenRoles(cls=0, patches=(1, None))
+
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     _, _, ln_pre, conv_bias, *_ = STYLES[cfg.style]
     eps = cfg.eps
     self.cfg = cfg
     d, p = cfg.width, cfg.patch
-    self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", use_bias=conv_bias,
-                                kernel_init=nnx.initializers.lecun_normal(),
-                                dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+    self.patch_embed = nnx.Conv(
+      3,
+      d,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      use_bias=conv_bias,
+      kernel_init=nnx.initializers.lecun_normal(),
+      dtype=jnp.dtype(cfg.dtype),
+      rngs=rngs,
+    )
     n = (cfg.image_size // p) ** 2
     self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
     self.pos_embed = nnx.Param(common.trunc_normal_02(rngs.params(), (1, n + 1, d)))
@@ -143,9 +180,17 @@ class ViT(nnx.Module):
     rates = np.linspace(0, cfg.drop_path, cfg.depth).tolist()
     self.blocks = nnx.List([Block(cfg, r, rngs=rngs) for r in rates])
     self.norm = nnx.LayerNorm(d, epsilon=eps, rngs=rngs)
-    self.head = (nnx.Linear(d, cfg.num_classes, use_bias=cfg.head_bias,
-                            kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
-                 if cfg.num_classes else None)
+    self.head = (
+      nnx.Linear(
+        d,
+        cfg.num_classes,
+        use_bias=cfg.head_bias,
+        kernel_init=nnx.initializers.zeros_init(),
+        rngs=rngs,
+      )
+      if cfg.num_classes
+      else None
+    )
 
   @property
   def grid(self):
@@ -163,13 +208,15 @@ class ViT(nnx.Module):
 
   def __call__(self, images, *, mask=None, train: bool = False) -> common.ModelOutput:
     if mask is not None:
-      raise ValueError("The ViT teacher always sees the whole image; mask must be None.")
+      raise UserError("The ViT teacher always sees the whole image; mask must be None.")
     x = self.embed(images)
     blocks = []
     for block in self.blocks:
       x = block(x, train=train)
       blocks.append(x)
     tokens = self.norm(x)
-    pooled = tokens[:, 0] if self.cfg.pool == "cls" else tokens[:, 1:].mean(axis=1)
-    logits = self.head(pooled) if self.head is not None else None
-    return common.ModelOutput(logits=logits, tokens=tokens, blocks=tuple(blocks))
+    out = common.ModelOutput(logits=None, tokens=tokens, blocks=tuple(blocks), roles=self.roles)
+    if self.head is None:
+      return out
+    pooled = out.cls[:, 0] if self.cfg.pool == "cls" else out.patches.mean(axis=1)
+    return out.replace(logits=self.head(pooled))

@@ -1,0 +1,279 @@
+"""The benchmark's arithmetic and its report: device peaks, FLOP and byte counts of the
+SSD, MFU, roofline fractions, speed-ups, the printed table and the figure.
+
+Pure functions of numbers and of bench.json's result dict (unit-tested without timing
+anything); `linearizer/bench.py` measures and calls them.
+"""
+
+import math
+
+from linearizer import plots
+
+# Dense bf16 peak FLOP/s and HBM bytes/s by device kind (substring of `device.device_kind`,
+# first match wins, so the more specific names come first). Vendor datasheet figures.
+PEAK_BF16 = [
+  ("H200", 989e12),
+  ("H100", 989e12),
+  ("A100", 312e12),
+  ("L4", 121e12),
+  ("TPU v6", 918e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5", 459e12),
+  ("TPU v4", 275e12),
+]
+PEAK_BYTES_PER_S = [
+  ("H200", 4.8e12),
+  ("H100", 3.35e12),
+  ("A100", 2.0e12),
+  ("L4", 0.3e12),
+  ("TPU v6", 1.64e12),
+  ("TPU v5 lite", 0.82e12),
+  ("TPU v5e", 0.82e12),
+  ("TPU v5p", 2.76e12),
+  ("TPU v5", 2.76e12),
+  ("TPU v4", 1.2e12),
+]
+
+# The paper's figures (method.md §7), drawn beside ours and kept in bench.json.
+PAPER_SPEEDUP = {448: 2.1}  # Adventurer-B vs CLIP ViT-B/16 at 448²: 199 vs 95 img/s
+PAPER_FLOP_RATIO = {224: 0.9, 512: 1.0, 1024: 1.6, 2048: 3.8}  # ViT-B / Adventurer-B FLOPs
+
+
+# ---------------------------------------------------------------------------------------
+# Pure helpers (unit-tested).
+# ---------------------------------------------------------------------------------------
+def lookup(table, device_kind):
+  """The value of the first entry whose name is part of `device_kind`, else None."""
+  for name, value in table:
+    if name.lower() in (device_kind or "").lower():
+      return value
+  return None
+
+
+def peak_flops(device_kind, dtype, override=0.0):
+  """Peak FLOP/s for MFU: the user's value, else the bf16 table (None for float32 or CPU)."""
+  if override:
+    return float(override)
+  return lookup(PEAK_BF16, device_kind) if dtype == "bfloat16" else None
+
+
+def mfu(flops_per_item, items_per_s, peak):
+  """Model FLOP utilisation in percent; None when a figure is unknown."""
+  if not (flops_per_item and items_per_s and peak):
+    return None
+  return 100.0 * flops_per_item * items_per_s / peak
+
+
+def flops_from_cost(cost):
+  """FLOPs of a compiled program; cost_analysis() is a dict in jax 0.10 (a list before)."""
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  value = (cost or {}).get("flops")
+  return float(value) if value is not None and value > 0 else None
+
+
+def ssd_flops(batch, length, heads, headdim, d_state, chunk, groups=1):
+  """Matmul FLOPs of the chunked SSD forward (kernels/xla.py), padded to whole chunks.
+
+  With Lp = ceil(L/Q)·Q tokens, per batch element:
+    C·Bᵀ within chunks            2·G·Lp·Q·N
+    (C·Bᵀ ⊙ decay) · (Δx)          2·H·Lp·Q·P
+    chunk end states Bᵀ·(Δx)       2·H·Lp·N·P
+    state read-out C·state         2·H·Lp·N·P
+  The elementwise work (decays, exps, D skip) is O(H·Lp·Q) and left out: it does not run
+  on the matrix units. The backward takes each matmul's two operand gradients, twice the
+  forward, so forward+backward is 3× the forward.
+  """
+  q = min(chunk, length)
+  lp = math.ceil(length / q) * q
+  per_seq = 2 * lp * (groups * q * d_state + heads * q * headdim + 2 * heads * d_state * headdim)
+  return float(batch * per_seq)
+
+
+def ssd_bytes(batch, length, heads, headdim, d_state, itemsize, groups=1, backward=False):
+  """The HBM traffic a fused SSD kernel cannot avoid: read its inputs once, write y once.
+
+  Inputs: x (b·L·H·P) and B, C (b·L·G·N each) in the compute dtype, Δ (b·L·H) in float32.
+  Output: y (b·L·H·P). The backward reads the inputs and dy again and writes one gradient
+  per input, so forward+backward moves 3× the inputs and 2× the output.
+  """
+  inputs = batch * length * ((heads * headdim + 2 * groups * d_state) * itemsize + 4 * heads)
+  output = batch * length * heads * headdim * itemsize
+  return float(3 * inputs + 2 * output if backward else inputs + output)
+
+
+def roofline_fraction(flops, nbytes, seconds, peak, bandwidth):
+  """Measured time against the roofline bound max(flops/peak, bytes/bandwidth), in percent."""
+  bounds = [f / p for f, p in ((flops, peak), (nbytes, bandwidth)) if f and p]
+  if not bounds or not seconds:
+    return None
+  return 100.0 * max(bounds) / seconds
+
+
+def speedups(rows):
+  """Per resolution: student vs the fastest teacher attention, and the teacher/student FLOP
+  ratio. `rows` are forward rows; returns a list sorted by resolution."""
+  fwd = [r for r in rows if r["kind"] == "forward" and r.get("img_per_s")]
+  out = []
+  for res in sorted({r["resolution"] for r in fwd}):
+    teachers = [r for r in fwd if r["resolution"] == res and r["role"] == "teacher"]
+    students = [r for r in fwd if r["resolution"] == res and r["role"] == "student"]
+    if not teachers or not students:
+      continue
+    best = max(teachers, key=lambda r: r["img_per_s"])
+    student = students[0]
+    t_flops = next((r["flops_per_image"] for r in teachers if r.get("flops_per_image")), None)
+    s_flops = student.get("flops_per_image")
+    out.append(
+      dict(
+        resolution=res,
+        teacher_img_per_s=best["img_per_s"],
+        teacher_attention=best["attention_impl"],
+        student_img_per_s=student["img_per_s"],
+        speedup=student["img_per_s"] / best["img_per_s"],
+        flop_ratio=t_flops / s_flops if t_flops and s_flops else None,
+        teacher_mfu=best.get("mfu"),
+        student_mfu=student.get("mfu"),
+        paper_speedup=PAPER_SPEEDUP.get(res),
+        paper_flop_ratio=PAPER_FLOP_RATIO.get(res),
+      )
+    )
+  return out
+
+
+def attention_speedups(rows):
+  """Per resolution and ViT attention impl: its time against the fastest impl's (≥ 1)."""
+  fwd = [
+    r for r in rows if r["kind"] == "forward" and r["role"] == "teacher" and r.get("img_per_s")
+  ]
+  for res in {r["resolution"] for r in fwd}:
+    same = [r for r in fwd if r["resolution"] == res]
+    best = max(r["img_per_s"] for r in same)
+    for r in same:
+      r["slowdown_vs_fastest_attention"] = best / r["img_per_s"]
+
+
+# ---------------------------------------------------------------------------------------
+# Output.
+# ---------------------------------------------------------------------------------------
+def fmt(value, spec):
+  """`value` formatted by `spec`, or a '-' of the same width when it is None."""
+  if value is None:
+    return format("-", spec.split(".")[0].rstrip("fegd"))
+  return format(value, spec)
+
+
+def table(result):
+  """The printed summary: forward rows, speedups, the train step and the SSD rows."""
+  rows = result["rows"]
+  lines = [
+    f"device {result['meta']['device_kind']} ({result['meta']['backend']}), "
+    f"{result['meta']['dtype']}, jax {result['meta']['jax_version']}",
+    "",
+  ]
+  head = (
+    f"{'model':<20} {'attn':<6} {'res':>5} {'batch':>5} {'img/s':>10} {'ms/batch':>10} "
+    f"{'GFLOP/img':>10} {'MFU%':>6} {'compile s':>9}"
+  )
+  lines += [head, "-" * len(head)]
+  for r in rows:
+    if r["kind"] == "forward" and "img_per_s" in r:
+      flops = r["flops_per_image"] / 1e9 if r["flops_per_image"] else None
+      lines.append(
+        f"{r['model']:<20} {r['attention_impl'] or '':<6} {r['resolution']:>5} "
+        f"{r['batch']:>5} {r['img_per_s']:>10.2f} {r['latency_ms']:>10.1f} "
+        f"{fmt(flops, '>10.4g')} {fmt(r['mfu'], '>6.1f')} {r['compile_s']:>9.1f}"
+      )
+  lines += [
+    "",
+    f"{'res':>5} {'speedup':>8} {'FLOP ratio':>10} {'paper speedup':>14} "
+    f"{'paper FLOP ratio':>17}   (speedup: student img/s over the fastest teacher's)",
+  ]
+  for sp in result["speedups"]:
+    lines.append(
+      f"{sp['resolution']:>5} {sp['speedup']:>7.2f}x {fmt(sp['flop_ratio'], '>10.2f')} "
+      f"{fmt(sp['paper_speedup'], '>14.1f')} {fmt(sp['paper_flop_ratio'], '>17.1f')}"
+    )
+  for r in rows:
+    if r["kind"] == "train_step":
+      lines += [
+        "",
+        f"distill train step ({r['model']}) @{r['resolution']}, batch {r['batch']}: "
+        f"{r['img_per_s']:.2f} img/s, {r['latency_ms']:.0f} ms/step, "
+        f"{fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.4g')} GFLOP/img, "
+        f"MFU {fmt(r['mfu'], '.1f')}",
+      ]
+  lines += [
+    "",
+    f"{'ssd impl':<11} {'mode':<8} {'L':>6} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'roofline%':>9}",
+  ]
+  for r in rows:
+    if r["kind"] == "ssd":
+      if "skipped" in r:
+        lines.append(f"{r['impl']:<11} skipped: {r['skipped']}")
+      else:
+        lines.append(
+          f"{r['impl']:<11} {r['mode']:<8} {r['length']:>6} {r['ms']:>10.2f} "
+          f"{r['tflop_per_s']:>8.3f} {r['gb_per_s']:>8.2f} "
+          f"{fmt(r['roofline_pct'], '>9.1f')}"
+        )
+  return "\n".join(lines)
+
+
+def plot(result, path):
+  """Left: throughput vs resolution per model (log). Right: speedup, FLOP ratio, paper."""
+  plt = plots.plt
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+  fwd = [r for r in result["rows"] if r["kind"] == "forward" and "img_per_s" in r]
+  for key in dict.fromkeys((r["model"], r["attention_impl"]) for r in fwd):
+    pts = sorted(
+      (r["resolution"], r["img_per_s"]) for r in fwd if (r["model"], r["attention_impl"]) == key
+    )
+    label = key[0] + (f" ({key[1]} attention)" if key[1] else "")
+    left.plot(*zip(*pts), marker="o", label=label)
+  left.set(
+    xlabel="resolution (px)",
+    ylabel="images / s",
+    yscale="log",
+    title=f"Inference throughput, {result['meta']['device_kind']}",
+  )
+  left.legend(fontsize=8)
+  left.grid(alpha=0.3)
+
+  sp = result["speedups"]
+  if sp:
+    right.plot(
+      [x["resolution"] for x in sp],
+      [x["speedup"] for x in sp],
+      marker="o",
+      label="measured speedup (student / fastest teacher)",
+    )
+    ratio = [(x["resolution"], x["flop_ratio"]) for x in sp if x["flop_ratio"]]
+    if ratio:
+      right.plot(*zip(*ratio), linestyle="--", label="measured FLOP ratio (teacher / student)")
+  right.scatter(
+    list(PAPER_FLOP_RATIO),
+    list(PAPER_FLOP_RATIO.values()),
+    marker="s",
+    color="gray",
+    label="paper: FLOP ratio ViT-B / Adventurer-B",
+  )
+  right.scatter(
+    list(PAPER_SPEEDUP),
+    list(PAPER_SPEEDUP.values()),
+    marker="*",
+    s=150,
+    color="red",
+    label="paper: 2.1× Adventurer-B vs CLIP ViT-B/16 @448²",
+  )
+  right.axhline(1.0, color="black", linewidth=0.5)
+  right.set(xlabel="resolution (px)", ylabel="× faster", title="Student / teacher")
+  right.legend(fontsize=8)
+  right.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

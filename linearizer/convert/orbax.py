@@ -1,0 +1,18 @@
+"""orbax: a directory written by `linearizer.models.saved.save` (or this package's CLI)."""
+
+import dataclasses
+import pathlib
+
+from flax import nnx
+
+from linearizer import models
+from linearizer.convert.match import Spec, _templates
+from linearizer.convert.tensors import SAME
+from linearizer.models import saved
+
+
+def read(path: pathlib.Path) -> Spec:
+  kind, cfg = saved.load_config(path)
+  abstract = nnx.eval_shape(lambda: models.from_config(cfg))
+  table = {t: ((t,), SAME) for t, _, _ in _templates(abstract)}
+  return Spec(kind, dataclasses.asdict(cfg), table, saved.read_params(path))

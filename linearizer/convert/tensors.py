@@ -1,0 +1,204 @@
+"""Reading weight files into {name: numpy array}, and the transforms their -> our layout.
+
+A transform (`Tx`) maps the file's tensor(s) to one of our arrays; its inverse is only
+traced (jax.eval_shape) to know the shapes to expect in the file, so errors speak in the
+file's own layout. The `_ln` / `_linear` / `_dense` helpers build mapping-table entries
+{our parameter path: (their tensor names, Tx)} for the common layers.
+"""
+
+import argparse
+import json
+import pathlib
+import zipfile
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from linearizer.errors import MissingPathError, UserError
+
+
+# ---------------------------------------------------------------------------------------
+# Transforms: their tensor(s) -> our array.
+# ---------------------------------------------------------------------------------------
+class Tx(NamedTuple):
+  fwd: Callable  # (*their numpy arrays) -> our array
+  inv: Callable  # our array -> tuple of their arrays (shape inference only)
+
+
+SAME = Tx(lambda a: a, lambda x: (x,))
+LINEAR = Tx(lambda w: w.T, lambda k: (k.T,))  # torch Linear (out, in) -> flax (in, out)
+CONV = Tx(lambda w: w.transpose(2, 3, 1, 0), lambda k: (k.transpose(3, 2, 0, 1),))  # OIHW->HWIO
+CONV1D = Tx(lambda w: w[:, 0].T, lambda k: (k.T[:, None],))  # depthwise (C, 1, K) -> (K, C)
+ROW = Tx(lambda a: a[None], lambda x: (x[0],))  # (N, D) -> (1, N, D)
+TOKEN = Tx(lambda a: a[None, None], lambda x: (x[0, 0],))  # (D,) -> (1, 1, D)
+# Separate q, k, v -> our fused qkv, q|k|v along the output features.
+QKV = Tx(lambda q, k, v: np.concatenate([q, k, v]).T, lambda w: tuple(jnp.split(w.T, 3)))
+QKV_BIAS = Tx(lambda q, k, v: np.concatenate([q, k, v]), lambda b: tuple(jnp.split(b, 3)))
+# big_vision's top-level `pos_embedding` has no CLS slot (CLS gets no position): a zero one.
+POS_NO_CLS = Tx(lambda a: np.concatenate([np.zeros_like(a[:, :1]), a], 1), lambda x: (x[:, 1:],))
+QUERY_KEY_VALUE = ("query", "key", "value")
+
+
+def _heads_qkv(heads):  # big_vision q/k/v kernels (D, heads, head_dim) -> (D, 3D)
+  return Tx(
+    lambda *a: np.concatenate([x.reshape(x.shape[0], -1) for x in a], 1),
+    lambda k: tuple(p.reshape(p.shape[0], heads, -1) for p in jnp.split(k, 3, 1)),
+  )
+
+
+def _heads_qkv_bias(heads):  # (heads, head_dim) x3 -> (3D,)
+  return Tx(
+    lambda *a: np.concatenate([x.reshape(-1) for x in a]),
+    lambda b: tuple(p.reshape(heads, -1) for p in jnp.split(b, 3)),
+  )
+
+
+def _heads_out(heads):  # (heads, head_dim, D) -> (D, D)
+  return Tx(lambda a: a.reshape(-1, a.shape[-1]), lambda k: (k.reshape(heads, -1, k.shape[-1]),))
+
+
+def _ln(ours, theirs, sep=".", scale="weight"):
+  """A LayerNorm: torch (weight, bias) or flax (scale, bias, sep='/')."""
+  return {
+    f"{ours}.scale": ((f"{theirs}{sep}{scale}",), SAME),
+    f"{ours}.bias": ((f"{theirs}{sep}bias",), SAME),
+  }
+
+
+def _linear(ours, theirs, kernel=LINEAR):
+  """A torch Linear (or, with kernel=CONV, Conv2d): weight -> kernel, bias -> bias."""
+  return {
+    f"{ours}.kernel": ((f"{theirs}.weight",), kernel),
+    f"{ours}.bias": ((f"{theirs}.bias",), SAME),
+  }
+
+
+def _each(template, parts):
+  """Names of separate q, k, v tensors, e.g. _each('attn.{}_proj.weight', 'qkv')."""
+  return tuple(template.replace("{}", x) for x in parts)
+
+
+def _dense(ours, theirs):
+  """A flax Dense saved by big_vision: '/'-separated, already (in, out)."""
+  return {
+    f"{ours}.kernel": ((f"{theirs}/kernel",), SAME),
+    f"{ours}.bias": ((f"{theirs}/bias",), SAME),
+  }
+
+
+# ---------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------
+def _torch_load(path):
+  try:
+    import torch  # optional dependency: only .pth/.pt/.bin need it
+  except ImportError as e:
+    raise UserError(
+      f"Reading {path} needs PyTorch (pip install torch), or re-save the "
+      "state dict as .safetensors."
+    ) from e
+  if _is_torchscript(path):  # OpenAI's released CLIP .pt files are TorchScript archives
+    return torch.jit.load(str(path), map_location="cpu").state_dict()
+  try:  # DeiT-style training checkpoints also pickle their argparse args: allow just that
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:
+    raise UserError(
+      f"Could not read {path} as a torch checkpoint of tensors (it is loaded "
+      f"with weights_only=True and never unpickles code): {e}"
+    ) from e
+
+
+def _is_torchscript(path):
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def _read_safetensors(path):
+  from safetensors.numpy import load_file  # optional dependency: only .safetensors need it
+
+  try:
+    return load_file(str(path))
+  except TypeError:  # numpy has no bfloat16: read the simple format ourselves with ml_dtypes
+    import ml_dtypes  # optional dependency: only bfloat16 files need it
+
+    types = {
+      "BF16": ml_dtypes.bfloat16,
+      "F16": np.float16,
+      "F32": np.float32,
+      "F64": np.float64,
+      "I64": np.int64,
+      "I32": np.int32,
+      "I16": np.int16,
+      "I8": np.int8,
+      "U8": np.uint8,
+      "BOOL": np.bool_,
+    }
+    with open(path, "rb") as f:
+      size = int.from_bytes(f.read(8), "little")
+      header = json.loads(f.read(size))
+    data = np.memmap(path, np.uint8, "r", offset=8 + size)
+    return {
+      k: np.asarray(
+        data[v["data_offsets"][0] : v["data_offsets"][1]]
+        .view(types[v["dtype"]])
+        .reshape(v["shape"])
+      )
+      for k, v in header.items()
+      if k != "__metadata__"
+    }
+
+
+def _numpy(value):
+  """A tensor/array as numpy; low-precision floats widened (numpy lacks bfloat16)."""
+  if hasattr(value, "detach"):  # a torch tensor (torch itself was imported by _torch_load)
+    value = value.detach().cpu()
+    return (value.float() if value.is_floating_point() else value).numpy()
+  return np.asarray(value)
+
+
+def _is_tensor(value):
+  return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _unwrap(obj, path, entries=("state_dict", "model"), bare=True):
+  """The tensor dict of a checkpoint: itself (if `bare`), or its first entry in `entries`."""
+  if bare and isinstance(obj, dict) and obj and all(_is_tensor(v) for v in obj.values()):
+    return obj
+  for entry in entries:
+    if isinstance(obj, dict) and isinstance(obj.get(entry), dict):
+      return obj[entry]
+  keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+  raise UserError(
+    f"{path}: expected {'a state dict or ' if bare else ''}one of the entries "
+    f"{list(entries)}; found {keys}."
+  )
+
+
+def read_tensors(path, entries=("state_dict", "model"), bare=True) -> dict:
+  """{name: numpy array} from .safetensors / .npz / torch files (and HF shard indexes).
+
+  A torch file may hold the state dict itself (if `bare`) or inside one of `entries`.
+  """
+  path = pathlib.Path(path)
+  name = path.name
+  if path.is_dir():
+    raise MissingPathError(f"{path} is a directory; this format reads a weight file.")
+  if name.endswith(".index.json"):  # sharded HF weights
+    shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    return {k: v for s in shards for k, v in read_tensors(path.parent / s).items()}
+  if name.endswith(".safetensors"):
+    tensors = _read_safetensors(path)
+  elif name.endswith(".npz"):
+    with np.load(path, allow_pickle=False) as z:
+      tensors = {k: z[k] for k in z.files}
+  elif name.endswith((".pth", ".pt", ".bin", ".ckpt")):
+    tensors = _unwrap(_torch_load(path), path, entries, bare)
+  else:
+    raise UserError(
+      f"{path}: unknown weight-file type; expected .safetensors, .npz, .pth, .pt, .bin or .ckpt."
+    )
+  return {k: _numpy(v) for k, v in tensors.items() if _is_tensor(v)}

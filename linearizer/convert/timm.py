@@ -1,0 +1,51 @@
+"""timm: a timm ViT `.pth` / `.safetensors`; a timm `.npz` is big_vision's layout.
+
+timm's CLIP towers are told by their `norm_pre` (style 'clip'); num_heads is not in the
+weights: width // 64 unless overridden (ViT-H needs 16).
+"""
+
+import pathlib
+
+from linearizer.convert import big_vision
+from linearizer.convert.match import Spec, _depth, _grid_size, _need, _vit_fields
+from linearizer.convert.tensors import CONV, SAME, _linear, _ln, read_tensors
+
+
+def read(path: pathlib.Path) -> Spec:
+  if path.name.endswith(".npz"):  # timm's npz export is big_vision's layout ...
+    spec = big_vision.read(path)
+    spec.fields["activation"] = "gelu"  # ... but timm runs it with exact GELU
+    return spec
+  t = read_tensors(path)
+  patch_w = _need(t, "patch_embed.proj.weight", "the width and patch")
+  pos = _need(t, "pos_embed", "the image size")
+  head = t.get("head.weight")
+  width, patch = patch_w.shape[0], patch_w.shape[-1]
+  style = "clip" if "norm_pre.weight" in t else "timm"  # timm's CLIP: norm_pre, no conv bias
+  fields = _vit_fields(
+    style,
+    width,
+    _depth(t, r"blocks\.(\d+)\..*"),
+    width // 64,
+    _need(t, "blocks.0.mlp.fc1.weight", "the MLP width").shape[0],
+    patch,
+    _grid_size(pos.shape[1] - 1, patch, "pos_embed"),
+    0 if head is None else head.shape[0],
+    head_bias="head.bias" in t,
+  )
+  b = "blocks.{i}."
+  table = {
+    **_linear("patch_embed", "patch_embed.proj", CONV),
+    "cls_token": (("cls_token",), SAME),
+    "pos_embed": (("pos_embed",), SAME),
+    **_ln("ln_pre", "norm_pre"),
+    **_ln(b + "norm1", b + "norm1"),
+    **_linear(b + "attn.qkv", b + "attn.qkv"),
+    **_linear(b + "attn.proj", b + "attn.proj"),
+    **_ln(b + "norm2", b + "norm2"),
+    **_linear(b + "fc1", b + "mlp.fc1"),
+    **_linear(b + "fc2", b + "mlp.fc2"),
+    **_ln("norm", "norm"),
+    **_linear("head", "head"),
+  }
+  return Spec("vit", fields, table, t)

@@ -1,0 +1,187 @@
+"""The method in one file (method.md §1–3): a frozen ViT teacher, an Adventurer student,
+activation matching + masked prediction, read top to bottom.
+
+  Distiller          what is trained: the student and MP's prediction head
+  distill_losses     L = w_am · L_AM + w_mp · L_MP for one micro-batch
+  make_distill_step  teacher forward (frozen, outside the gradient) → student forward and
+                     backward → update
+  run_distill        the stage: build the student, run `train.fit`, save the result
+
+As in big_vision's distillation trainer, the teacher is an argument of its own: its
+parameters are passed to the step beside the train state, never optimised and never
+checkpointed.
+"""
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from linearizer import data, losses, optim, train, workdir
+
+
+class Distiller(nnx.Module):
+  """What distillation trains: the student and the MP prediction head (student → teacher)."""
+
+  def __init__(self, student, teacher_width: int, *, rngs: nnx.Rngs):
+    self.student = student
+    self.predictor = nnx.Linear(student.cfg.width, teacher_width, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------
+# The losses of one micro-batch.
+# ---------------------------------------------------------------------------------------
+def distill_losses(
+  distiller, teacher_levels, teacher_final, images, mask, visible, cfg, teacher_grid, levels
+):
+  """L = w_am · L_AM + w_mp · L_MP and its terms, for one batch (the student trains).
+
+  teacher_levels: the teacher's (cls, patches) at the end of each AM level; teacher_final:
+  its final-block patch tokens (MP's target); levels: the (teacher, student) block pairs
+  of `losses.level_pairs`.
+  """
+  student = distiller.student
+  out = student(images, mask=mask, train=True)
+  grid = (images.shape[1] // student.cfg.patch, images.shape[2] // student.cfg.patch)
+  metrics, total = {}, 0.0
+  if cfg.w_am:  # §2: K levels of n × n similarity maps
+    student_levels = [losses.split_roles(out.blocks[j], out.roles) for _, j in levels]
+    am, per_level = losses.am_loss(
+      teacher_levels, student_levels, teacher_grid, grid, scope=cfg.scope, visible=visible
+    )
+    total += cfg.w_am * am
+    metrics.update(am=am, **{f"am_stage{k}": v for k, v in enumerate(per_level)})
+  if cfg.w_mp:  # §3: the masked patches' final teacher features, from the visible ones
+    prediction = distiller.predictor(out.patches)
+    mp = losses.mp_loss(prediction, teacher_final, teacher_grid, grid, mask, beta=cfg.beta)
+    total += cfg.w_mp * mp
+    metrics.update(mp=mp)
+  metrics["loss"] = total
+  return total, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# The step.
+# ---------------------------------------------------------------------------------------
+def renormalise(images, src, dst):
+  """Images normalised with src (mean, std) re-expressed with dst's statistics."""
+  (sm, ss), (dm, ds) = src, dst
+  sm, ss, dm, ds = (jnp.asarray(v, images.dtype) for v in (sm, ss, dm, ds))
+  return (images * ss + sm - dm) / ds
+
+
+def make_distill_step(
+  distiller: Distiller, teacher: nnx.Module, tx: optax.GradientTransformation, config, steps: int
+) -> Callable:
+  """The distillation step: teacher forward (frozen), student forward and backward, update.
+
+  Args:
+    distiller: the trained modules (its graph is used; the weights come with the state).
+    teacher: the frozen teacher (its graph; its nnx.Param state is the step's argument).
+    tx: the optimizer (`optim.make_optimizer`).
+    config: the stage's settings: `config.loss` (configs.common.distill_loss) and
+      `config.optim` (configs.common.optim).
+    steps: the stage's length (for the logged learning rate).
+  Returns:
+    `step(state, teacher_params, batch, rng) -> (state, metrics)`; `batch` a `data.Batch`
+    normalised with the student's statistics.
+  """
+  dcfg, ocfg = config.loss, config.optim
+  graphdef = nnx.graphdef(distiller)
+  # The teacher's non-Param state (drop-path RNG streams, unused in eval mode) is kept as a
+  # constant: callers pass only its nnx.Param state.
+  teacher_graphdef, _, teacher_rest = nnx.split(teacher, nnx.Param, ...)
+  s_cfg, t_cfg = distiller.student.cfg, teacher.cfg
+  levels = losses.level_pairs(t_cfg.depth, s_cfg.depth, dcfg.num_stages)
+  # Decided once: the teacher sees its own statistics, unless they are the student's.
+  same_norm = (tuple(s_cfg.mean), tuple(s_cfg.std)) == (tuple(t_cfg.mean), tuple(t_cfg.std))
+  lr = optim.schedule(ocfg, steps)
+
+  def step(state: train.TrainState, teacher_params, batch: data.Batch, rng):
+    images = batch.image
+    b, h, w, _ = images.shape
+    rng = jax.random.fold_in(rng, state.step)
+    # The teacher is frozen: its forward sits outside value_and_grad, under stop_gradient.
+    t_images = (
+      images if same_norm else renormalise(images, (s_cfg.mean, s_cfg.std), (t_cfg.mean, t_cfg.std))
+    )
+    t_out = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)(t_images)
+    t_levels = [losses.split_roles(t_out.blocks[i], t_out.roles) for i, _ in levels]
+    teacher_out = jax.lax.stop_gradient(
+      {"levels": t_levels, "final": t_out.roles.patches_of(t_out.blocks[-1])}
+    )
+    teacher_grid = (h // t_cfg.patch, w // t_cfg.patch)
+    n = (h // s_cfg.patch) * (w // s_cfg.patch)
+
+    def loss_fn(params, mb, rng):
+      m_rng, d_rng = jax.random.split(rng)
+      mb_size = mb["image"].shape[0]
+      if dcfg.mask_ratio > 0:
+        mask, visible = losses.random_mask(m_rng, mb_size, n, dcfg.mask_ratio)
+      else:
+        mask, visible = jnp.zeros((mb_size, n), bool), None
+      distiller = train.merge(graphdef, params, state.rest, d_rng)
+      return distill_losses(
+        distiller,
+        mb["teacher"]["levels"],
+        mb["teacher"]["final"],
+        mb["image"],
+        mask,
+        visible,
+        dcfg,
+        teacher_grid,
+        levels,
+      )
+
+    # The teacher ran once on the whole batch; its outputs are split into micro-batches
+    # with the images (train.accumulate).
+    micro = {"image": images, "teacher": teacher_out}
+    (_, metrics), grads = train.accumulate(loss_fn, state.params, micro, rng, ocfg.grad_accum)
+    metrics.update(grad_norm=optax.global_norm(grads), lr=lr(state.step))
+    return train.apply_update(state, grads, tx, ocfg.ema_decay), metrics
+
+  return step
+
+
+# ---------------------------------------------------------------------------------------
+# The stage.
+# ---------------------------------------------------------------------------------------
+def run_distill(
+  config, run_dir: str, teacher: nnx.Module, source, hook: Optional[Callable] = None
+) -> nnx.Module:
+  """The `distill` stage: a fresh student distilled from `teacher` on `source`'s images.
+
+  Args:
+    config: the experiment config (its `distill` block, `student`, `data`, `mesh`, ...).
+    run_dir: the run's workdir; the stage writes under `run_dir/distill/`.
+    teacher: the frozen teacher.
+    source: the training images (labels unused).
+    hook: `hook(step, distiller)` every `distill.visualize_every` steps before the last and
+      once at the end (the stage table passes the maps' drawer).
+  Returns:
+    The distilled student (also saved to `run_dir/distill/model`).
+  """
+  dcfg = config.distill
+  norm = (teacher.cfg.mean, teacher.cfg.std)
+  student = workdir.new_student(config, 0, norm, drop_path=dcfg.drop_path)
+  distiller = Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(config.seed + 2))
+  tx = optim.make_optimizer(dcfg.optim, dcfg.steps)
+  step = make_distill_step(distiller, teacher, tx, dcfg, dcfg.steps)
+  distiller = train.fit_stage(
+    config,
+    run_dir,
+    "distill",
+    distiller,
+    step,
+    tx,
+    norm=norm,
+    source=source,
+    frozen=(nnx.state(teacher, nnx.Param),),
+    hook=hook,
+  )
+  workdir.save_stage_model(run_dir, "distill", distiller.student)
+  if hook:
+    hook(dcfg.steps, distiller)
+  return distiller.student

@@ -1,0 +1,204 @@
+"""The workdir: where each stage writes, which stages are finished, the models a run
+resolves (teacher, students, converted checkpoints), and the guard that keeps one run's
+config per workdir.
+
+Layout (the README's table): `DIR/config.json`; `DIR/<stage>/{ckpt,model,metrics.jsonl,tb}`
+for the training stages; `DIR/<stage>/model` (see `models.saved`) marks a stage finished.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from linearizer import convert, models
+from linearizer.errors import UserError, log, main_process
+from linearizer.models import saved
+
+# The stages that train a model and end by writing DIR/<stage>/model.
+TRAIN_STAGES = ("train_teacher", "distill", "finetune", "train_student")
+
+# Config fields that may differ from those of the run already in a workdir: what to run,
+# evaluation, logging, checkpointing, sharding, data loading speed.
+SAFE_TO_CHANGE = (
+  "stages",
+  "eval",
+  "bench",
+  "log_every",
+  "checkpoint",
+  "mesh",
+  "nan_policy",
+  "data.workers",
+  "data.eval_source",
+  "data.eval_limit",
+  "data.data_dir",
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Where things go.
+# ---------------------------------------------------------------------------------------
+def stage_dir(run_dir: str, stage: str) -> str:
+  return os.path.join(run_dir, stage)
+
+
+def model_dir(run_dir: str, stage: str) -> str:
+  return os.path.join(run_dir, stage, "model")
+
+
+def finished(run_dir: str, stage: str) -> bool:
+  return os.path.isfile(os.path.join(model_dir(run_dir, stage), "model.json"))
+
+
+def save_stage_model(run_dir: str, stage: str, model: nnx.Module) -> None:
+  if main_process():
+    saved.save(model, model_dir(run_dir, stage), overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Models.
+# ---------------------------------------------------------------------------------------
+def load_model(spec: str) -> nnx.Module:
+  """A model from 'fmt:path' (fmt as in convert.load) or a directory written by saved.save."""
+  fmt, sep, path = spec.partition(":")
+  if sep and fmt in convert.FORMATS:
+    return convert.load(path, fmt)
+  return saved.restore(spec)
+
+
+def teacher(config, run_dir: str, num_classes: int) -> nnx.Module:
+  """The teacher: trained by this run's train_teacher stage, else loaded from teacher.init,
+  else (when train_teacher is to run) a fresh one of `teacher.kind` and `teacher.variant`."""
+  if finished(run_dir, "train_teacher"):
+    return saved.restore(model_dir(run_dir, "train_teacher"))
+  if config.teacher.init:
+    return load_model(config.teacher.init)
+  if "train_teacher" in config.stages:
+    return models.build(
+      config.teacher.kind,
+      config.teacher.variant,
+      seed=config.seed,
+      image_size=config.data.image_size,
+      num_classes=num_classes,
+      **config.teacher.overrides,
+    )
+  raise UserError(
+    "No teacher: set teacher.init to a checkpoint ('fmt:path' or a converted "
+    "directory) or add 'train_teacher' to the stages."
+  )
+
+
+def new_student(config, num_classes: int, norm, **extra) -> nnx.Module:
+  """A fresh student of `student.kind` / `student.variant`, normalised with `norm`."""
+  fields = dict(config.student.overrides)
+  fields.update(
+    image_size=config.data.image_size,
+    num_classes=num_classes,
+    mean=tuple(norm[0]),
+    std=tuple(norm[1]),
+    **extra,
+  )
+  return models.build(config.student.kind, config.student.variant, seed=config.seed + 1, **fields)
+
+
+def with_new_head(base: nnx.Module, num_classes: int, seed: int, **changes) -> nnx.Module:
+  """A copy of `base` with a fresh `num_classes` head (and other config changes)."""
+  model = models.from_config(
+    dataclasses.replace(base.cfg, num_classes=num_classes, **changes), seed=seed
+  )
+  params = nnx.state(base, nnx.Param).to_pure_dict()
+  params.pop("head", None)
+  nnx.update(model, nnx.State(params))
+  return model
+
+
+def pretrained_student(config, run_dir: str, num_classes: int) -> nnx.Module:
+  """The student to fine-tune: this run's distilled one, else student.init."""
+  init = model_dir(run_dir, "distill") if finished(run_dir, "distill") else config.student.init
+  if not init:
+    raise UserError(
+      "finetune needs a distilled student: run the 'distill' stage first or set student.init."
+    )
+  return with_new_head(
+    load_model(init), num_classes, config.seed + 3, drop_path=config.finetune.drop_path
+  )
+
+
+# ---------------------------------------------------------------------------------------
+# One run per workdir.
+# ---------------------------------------------------------------------------------------
+def flatten(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten(v, f"{prefix}{k}."))
+  return {k.rstrip("."): v for k, v in out.items()}
+
+
+def config_changes(old: dict, new: dict) -> list:
+  """Fields set differently in `old` and `new` (both as in config.json), but for safe ones.
+
+  Fields one of them lacks (added or removed by another version of the code) are not compared.
+  """
+  old, new = flatten(old), flatten(new)
+  safe = lambda k: any(k == s or k.startswith(s + ".") for s in SAFE_TO_CHANGE)
+  return [
+    f"{k}: {old[k]!r} -> {new[k]!r}"
+    for k in sorted(old.keys() & new.keys())
+    if old[k] != new[k] and not safe(k)
+  ]
+
+
+def has_run(run_dir: str) -> bool:
+  """Whether a training stage left checkpoints or a model in `run_dir`."""
+  for stage in TRAIN_STAGES:
+    ckpt = os.path.join(run_dir, stage, "ckpt")
+    if finished(run_dir, stage) or (os.path.isdir(ckpt) and os.listdir(ckpt)):
+      return True
+  return False
+
+
+def claim(config, run_dir: str, restart: bool = False) -> None:
+  """Makes `run_dir` this config's: refuses one holding a run of another config (the
+  differing fields listed); with `restart`, moves what is there to `<run_dir>.old-<time>`
+  first. Then writes `run_dir/config.json`. Process 0 decides; the others wait for it."""
+  if main_process():
+    _check_or_move(config, run_dir, restart)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("workdir checked")
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2) + "\n")
+
+
+def _check_or_move(config, run_dir: str, restart: bool) -> None:
+  if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+    return
+  if restart:
+    aside = f"{os.path.abspath(run_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(run_dir, aside)
+    log(f"--restart: moved the previous contents of {run_dir} to {aside}")
+    return
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(path) or not has_run(run_dir):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+  except ValueError as e:
+    raise UserError(
+      f"{path} is not readable JSON ({e}); pass --restart to start over in "
+      f"{run_dir}, or use another --workdir."
+    ) from None
+  changed = config_changes(old, json.loads(config.to_json_best_effort()))
+  if changed:
+    raise UserError(
+      f"{run_dir} holds a run of a different config ({path}); these fields "
+      "differ:\n  " + "\n  ".join(changed) + "\nUse another --workdir, or pass "
+      f"--restart to move the old run to {run_dir}.old-<time> and start over."
+    )
