@@ -388,7 +388,7 @@ def train_batches(
   )
   ds = grain.MapDataset.range(start_step * local, 2**62).map(fn).batch(local, batch_fn=_stack)
   it = ds.to_iter_dataset()
-  if cfg.get("workers", 0):
+  if cfg.workers:
     # grain's workers read its absl flags, which raises outside absl.app (a notebook, a
     # test) unless they are marked parsed (google/grain#1355); the defaults are kept.
     if not flags.FLAGS.is_parsed():
