@@ -47,7 +47,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict(demo.get_config("smoke" if arg.smoke else None).to_dict())
   c.stages = ("train_teacher", "ablation")
   # The am_scope row is am_mp's runs: 6 runs per seed.
-  c.ablation = common.ablation(seeds=arg.seeds, label_seed=arg.label_seed, workers=arg.workers)
+  c.ablation = common.ablation(seeds=arg.seeds, workers=arg.workers)
+  c.label_seed = arg.label_seed  # every seed fine-tunes on the same `labels` images
   c.distill.visualize_every = 0  # no pictures per run: 15 distillations
   c.distill.loss.mask_ratio = arg.mask_ratio
   if arg.am_scope not in common.AM_SCOPES:

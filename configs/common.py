@@ -14,10 +14,10 @@ def optim(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(
     dict(
       lr=1.5e-4,  # peak; the paper's rule is 1.5e-4 × batch / 256
-      min_lr=1e-6,
+      min_lr=1e-6,  # where the cosine schedule ends
       warmup_steps=0,  # the cosine schedule then ends at the stage's `steps`
-      weight_decay=0.05,
-      b1=0.9,
+      weight_decay=0.05,  # AdamW's decoupled weight decay
+      b1=0.9,  # AdamW's moment decays
       b2=0.999,
       clip_norm=1.0,  # 0 disables gradient clipping
       ema_decay=0.0,  # 0 disables the EMA of the student
@@ -45,7 +45,7 @@ def distill_loss(**overrides) -> ml_collections.ConfigDict:
     dict(
       w_am=1.0,  # weight of activation matching
       w_mp=1.0,  # weight of masked prediction (λ)
-      mask_ratio=0.75,
+      mask_ratio=0.75,  # fraction of the student's patches masked (MP; AM's visible scope)
       num_stages=4,  # K: AM's depth levels (the paper's "stages")
       scope="visible",  # AM tokens: visible | cls | all (AM_SCOPES)
       beta=1.0,  # Smooth-L1 β
@@ -59,8 +59,8 @@ def supervised_loss(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(
     dict(
       label_smoothing=0.1,
-      mixup_alpha=0.8,
-      cutmix_alpha=1.0,
+      mixup_alpha=0.8,  # Beta(α, α) of Mixup; 0 turns it off
+      cutmix_alpha=1.0,  # Beta(α, α) of CutMix; 0 turns it off
       switch_prob=0.5,  # chance of CutMix rather than Mixup when both are on
     )
   )
@@ -72,7 +72,7 @@ def mesh(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(
     dict(
       data=-1,  # -1: all remaining devices
-      fsdp=1,
+      fsdp=1,  # devices that split large parameters and optimizer moments
       fsdp_min_size=2**18,  # arrays at least this large are split over `fsdp`
       rules=(),  # (regex, PartitionSpec tuple) pairs tried first
     )
@@ -127,10 +127,10 @@ def stage(
       steps=steps,  # the stage's length; the lr schedule ends here
       batch_size=batch_size,  # global batch, split over every device and process
       drop_path=drop_path,  # stochastic depth of the trained model
-      num_labels=num_labels,
-      visualize_every=visualize_every,
+      num_labels=num_labels,  # train on this many labelled examples (0 = all)
+      visualize_every=visualize_every,  # distill: draw the maps every this many steps
       optim=optim(lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay, **optim_overrides),
-      loss=loss,
+      loss=loss,  # distill_loss() or supervised_loss()
       augment=augment or {},  # data fields this stage trains with (e.g. randaugment=True)
     )
   )
@@ -139,15 +139,15 @@ def stage(
 def data(source, image_size, **overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(
     dict(
-      source=source,
+      source=source,  # tfds:<name>, folder:<path>, npz:<path>, mnist or digits
       eval_source="",  # '' = the test split of a built-in source / tfds 'validation'
       data_dir="",  # tfds data_dir
       num_classes=0,  # 0 = from the data
-      image_size=image_size,
-      crop_scale=(0.2, 1.0),
+      image_size=image_size,  # the square side models train and evaluate at
+      crop_scale=(0.2, 1.0),  # random-resized-crop area range in training
       crop_fraction=0.875,  # eval: resize to size / crop_fraction, then center crop
-      flip=True,
-      randaugment=False,
+      flip=True,  # random horizontal flips in training
+      randaugment=False,  # RandAugment m9-mstd0.5 in training
       workers=0,  # grain worker processes (0 = in the main process)
       eval_limit=0,  # evaluate on at most this many images (0 = all)
     )
@@ -170,15 +170,15 @@ def base(**overrides) -> ml_collections.ConfigDict:
       mesh=mesh(),
       checkpoint=dict(
         every_steps=1000,  # train-state checkpoints this often (and at a stop)
-        keep=2,
-      ),  # the newest ones kept
+        keep=2,  # the newest ones kept
+      ),
       log_every=50,  # metrics.jsonl / TensorBoard / progress line every this many steps
       nan_policy="stop",  # a non-finite loss or gradient: 'stop' the run, or 'skip' the step
       eval=dict(
-        batch_size=256,
+        batch_size=256,  # eval batch (per process)
         resolutions=(),  # extra eval resolutions beside data.image_size
         speed_resolutions=(),  # img/s measured here; () = data.image_size
-        speed_batch=32,
+        speed_batch=32,  # the batch img/s is measured with
       ),
     )
   )
@@ -225,7 +225,6 @@ def ablation(**overrides) -> ml_collections.ConfigDict:
     dict(
       seeds=3,  # runs per variant: seed, seed + 1, ...
       variants=("supervised", "mp", "am", "am_mp", "scope_cls", "scope_visible", "scope_all"),
-      label_seed=0,  # which `num_labels` images every seed fine-tunes on
       workers=1,  # runs at once, one process each (single-host only)
     )
   )
@@ -253,15 +252,16 @@ def bench(**overrides) -> ml_collections.ConfigDict:
       train_resolution=224,  # the distillation train step's resolution
       train_batch=0,  # 0 = 64 on accelerators, 2 on CPU
       max_batch=None,  # search the largest batch that fits; None = accelerators only
-      max_batch_limit=4096,
-      peak_flops=0.0,  # FLOP/s for MFU; 0 = the table in linearizer/bench.py
+      max_batch_limit=4096,  # ... up to this batch
+      peak_flops=0.0,  # FLOP/s for MFU; 0 = the table in linearizer/bench_results.py
+      # The SSD kernels alone, at the student's scan shapes.
       ssd=dict(
-        batch=0,
+        batch=0,  # 0 = 8 on accelerators, 1 on CPU
         heads=24,
         headdim=64,
-        d_state=64,  # batch 0 = 8, 1 on CPU
-        lengths=(),
-      ),  # () = 198…16386 (≤ 4098 on CPU)
+        d_state=64,
+        lengths=(),  # () = 198…16386 (≤ 4098 on CPU)
+      ),
       # The distillation settings the train step runs with (its schedule length too).
       distill=dict(steps=1000, optim=optim(lr=1e-4), loss=distill_loss()),
     )
@@ -281,6 +281,25 @@ def visualize(**overrides) -> ml_collections.ConfigDict:
       query=(-1, -1),  # (row, col) of the query patch on the student grid; -1 = centre
       # stage -> label: the students drawn, where the run has them
       students={"distill": "distilled", "finetune": "fine-tuned", "train_student": "from scratch"},
+    )
+  )
+  c.update(overrides)
+  return c
+
+
+def visualize_run(**overrides) -> ml_collections.ConfigDict:
+  """A config that draws a finished run (configs/visualize.py): its own top-level fields."""
+  c = ml_collections.ConfigDict(
+    dict(
+      seed=0,
+      stages=("visualize",),
+      # the finished run's workdir (required)
+      run_dir="",
+      # '' = the run's teacher; or 'fmt:path' (linearizer.convert) / a model directory
+      teacher_init="",
+      # image files (comma-separated, globs, a folder), a data source, or '' = the run's eval data
+      images="",
+      visualize=visualize(),
     )
   )
   c.update(overrides)

@@ -11,20 +11,12 @@ the first images of the run's own evaluation data. PNGs and `am_distance.json` g
 `workdir/visualize/`. See linearizer/visualize.py for what is drawn.
 """
 
-import ml_collections
-
 from configs import common
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, smoke=False)
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.stages = ("visualize",)
-  c.run_dir = ""  # the finished run's workdir (required)
-  c.teacher_init = ""  # '' = the run's teacher; or 'fmt:path' / a model directory
-  c.images = ""  # '' = the run's evaluation data
-  c.visualize = common.visualize()
+  c = common.visualize_run()
   if arg.smoke:
     c.visualize.num_stages = 2
   return c.lock()

@@ -2,7 +2,8 @@
 
 `linearizer.load_student(dir)` is the one-line entry for notebooks. It is resolved on first
 use (PEP 562), so that importing `linearizer.cpu_malloc` (which main.py runs before JAX is
-loaded) or `linearizer.errors` does not load JAX and the whole library first.
+loaded) does not load JAX and the whole library first (tests/test_layout.py allows this one
+lazy import by name).
 """
 
 import importlib

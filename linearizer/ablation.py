@@ -83,7 +83,6 @@ def run_config(config, variant, seed_index):
   """The config of one run: the base one with this seed and this variant's loss."""
   sub = ml_collections.ConfigDict(config.to_dict())
   sub.seed = config.seed + seed_index
-  sub.label_seed = config.ablation.label_seed  # every seed fine-tunes on the same labels
   overrides = VARIANTS[variant][1]
   if overrides is not None:
     sub.distill.loss.update(overrides)

@@ -181,7 +181,7 @@ def measure_train_step(config, s, meta, peak):
   stage = ml_collections.ConfigDict(config.bench.distill.to_dict())
   stage.loss.num_stages = min(stage.loss.num_stages, teacher.cfg.depth, student.cfg.depth)
   tx = optim.make_optimizer(stage.optim, stage.steps)
-  step = distill.make_distill_step(distiller, teacher, tx, stage, stage.steps)
+  step = distill.make_distill_step(distiller, teacher, tx, stage)
   _, state = train.init_state(distiller, tx, ema=False)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   state_sh = sharding.tree_shardings(state, mesh)

@@ -112,7 +112,12 @@ class TfdsSource:
   """`tfds.data_source` (array_record files prepared under `data_dir`; no TensorFlow)."""
 
   def __init__(self, name, split, data_dir):
-    import tensorflow_datasets as tfds  # optional: only tfds: sources need it
+    try:
+      import tensorflow_datasets as tfds  # optional: only tfds: sources need it
+    except ImportError as e:
+      raise UserError(
+        f"data source tfds:{name} needs tensorflow-datasets (pinned in requirements.txt): {e}"
+      ) from e
 
     self.source = tfds.data_source(name, split=split, data_dir=data_dir)
     self.name = f"tfds:{name}:{split}"

@@ -72,8 +72,17 @@ def renormalise(images, src, dst):
   return (images * ss + sm - dm) / ds
 
 
+def teacher_view(images, student_cfg, teacher_cfg):
+  """The student's images as the teacher sees them: re-normalised with the teacher's
+  statistics, or as they are when both models share them (decided once, at trace time;
+  the identity round trip would only add rounding). Training and the maps both use it."""
+  s_norm = (tuple(student_cfg.mean), tuple(student_cfg.std))
+  t_norm = (tuple(teacher_cfg.mean), tuple(teacher_cfg.std))
+  return images if s_norm == t_norm else renormalise(images, s_norm, t_norm)
+
+
 def make_distill_step(
-  distiller: Distiller, teacher: nnx.Module, tx: optax.GradientTransformation, config, steps: int
+  distiller: Distiller, teacher: nnx.Module, tx: optax.GradientTransformation, config
 ) -> Callable:
   """The distillation step: teacher forward (frozen), student forward and backward, update.
 
@@ -81,9 +90,8 @@ def make_distill_step(
     distiller: the trained modules (its graph is used; the weights come with the state).
     teacher: the frozen teacher (its graph; its nnx.Param state is the step's argument).
     tx: the optimizer (`optim.make_optimizer`).
-    config: the stage's settings: `config.loss` (configs.common.distill_loss) and
-      `config.optim` (configs.common.optim).
-    steps: the stage's length (for the logged learning rate).
+    config: the stage's settings: `steps` (where the lr schedule ends), `loss`
+      (configs.common.distill_loss) and `optim` (configs.common.optim).
   Returns:
     `step(state, teacher_params, batch, rng) -> (state, metrics)`; `batch` a `data.Batch`
     normalised with the student's statistics.
@@ -95,18 +103,14 @@ def make_distill_step(
   teacher_graphdef, _, teacher_rest = nnx.split(teacher, nnx.Param, ...)
   s_cfg, t_cfg = distiller.student.cfg, teacher.cfg
   levels = losses.level_pairs(t_cfg.depth, s_cfg.depth, dcfg.num_stages)
-  # Decided once: the teacher sees its own statistics, unless they are the student's.
-  same_norm = (tuple(s_cfg.mean), tuple(s_cfg.std)) == (tuple(t_cfg.mean), tuple(t_cfg.std))
-  lr = optim.schedule(ocfg, steps)
+  lr = optim.schedule(ocfg, config.steps)
 
   def step(state: train.TrainState, teacher_params, batch: data.Batch, rng):
     images = batch.image
     b, h, w, _ = images.shape
     rng = jax.random.fold_in(rng, state.step)
     # The teacher is frozen: its forward sits outside value_and_grad, under stop_gradient.
-    t_images = (
-      images if same_norm else renormalise(images, (s_cfg.mean, s_cfg.std), (t_cfg.mean, t_cfg.std))
-    )
+    t_images = teacher_view(images, s_cfg, t_cfg)
     t_out = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)(t_images)
     t_levels = [losses.split_roles(t_out.blocks[i], t_out.roles) for i, _ in levels]
     teacher_out = jax.lax.stop_gradient(
@@ -168,7 +172,7 @@ def run_distill(
   student = workdir.new_student(config, 0, norm, drop_path=dcfg.drop_path)
   distiller = Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(config.seed + 2))
   tx = optim.make_optimizer(dcfg.optim, dcfg.steps)
-  step = make_distill_step(distiller, teacher, tx, dcfg, dcfg.steps)
+  step = make_distill_step(distiller, teacher, tx, dcfg)
   distiller = train.fit_stage(
     config,
     run_dir,

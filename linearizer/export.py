@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from linearizer.errors import UserError
 from linearizer.models import saved
 
 SERVE_FILE = "serve.jaxexport"
@@ -35,9 +36,12 @@ def export_student(model, directory, *, image_size=None, overwrite=True):
   # failure leaves no half export (a present serve file means the export is finished).
   saved.save(model, directory, overwrite=overwrite)
   path = os.path.join(directory, SERVE_FILE)
-  with open(path + ".tmp", "wb") as f:
-    f.write(exported.serialize())
-  os.replace(path + ".tmp", path)
+  try:
+    with open(path + ".tmp", "wb") as f:
+      f.write(exported.serialize())
+    os.replace(path + ".tmp", path)
+  except OSError as e:
+    raise UserError(f"Cannot write {path}: {e.strerror or e}.") from e
   return directory
 
 

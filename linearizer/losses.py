@@ -35,24 +35,24 @@ def similarity_map(f):
   return a * jax.lax.rsqrt(jnp.sum(a * a, axis=-1, keepdims=True) + 1e-12)
 
 
-def activation_matching(teacher_stages, student_stages, rows=None):
+def activation_matching(teacher_levels, student_levels, rows=None):
   """L_AM = mean over stages and map rows of (1 − ⟨Ā_teacher(i,:), Ā_student(i,:)⟩).
 
-  teacher_stages / student_stages: lists of (B, n, Dt) / (B, n, Ds), the same tokens in the
+  teacher_levels / student_levels: lists of (B, n, Dt) / (B, n, Ds), the same tokens in the
   same order; widths may differ since only n × n maps are compared. `rows` (a slice)
   restricts the mean to some rows, e.g. the CLS row. Returns (loss, per-stage losses).
   """
-  if len(teacher_stages) != len(student_stages):
-    raise UserError(f"{len(teacher_stages)} teacher levels vs {len(student_stages)} student.")
-  per_stage = []
-  for t, s in zip(teacher_stages, student_stages):
+  if len(teacher_levels) != len(student_levels):
+    raise UserError(f"{len(teacher_levels)} teacher levels vs {len(student_levels)} student.")
+  per_level = []
+  for t, s in zip(teacher_levels, student_levels):
     if t.shape[:2] != s.shape[:2]:
       raise UserError(f"Level token sets differ: teacher {t.shape} vs student {s.shape}.")
     cos = jnp.sum(similarity_map(t) * similarity_map(s), axis=-1)  # (B, n) row cosines
     cos = cos if rows is None else cos[:, rows]
-    per_stage.append(jnp.mean(1.0 - cos))
-  per_stage = jnp.stack(per_stage)
-  return jnp.mean(per_stage), per_stage
+    per_level.append(jnp.mean(1.0 - cos))
+  per_level = jnp.stack(per_level)
+  return jnp.mean(per_level), per_level
 
 
 def layer_norm(x, eps=1e-6):

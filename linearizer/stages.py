@@ -100,32 +100,43 @@ STAGES = {
   "distill": Stage(run_distill, f"distill/{TRAINED}"),
   "finetune": Stage(run_finetune, f"finetune/{TRAINED}"),
   "train_student": Stage(run_train_student, f"train_student/{TRAINED}"),
-  "ablation": Stage(
-    lambda r: ablation.run(r.config, r.dir, r.train_source, r.eval_source, r.classes),
-    "ablation/{ablation.json,.md,.png}",
-  ),
   "eval": Stage(
     lambda r: evaluate.run_eval(r.config, r.dir, r.eval_source, r.classes), "eval/results.json"
   ),
   "bench": Stage(lambda r: bench.run(r.config, r.dir), "bench/{bench.json,bench.png}"),
   "visualize": Stage(lambda r: visualize.run(r.config, r.dir), "visualize/maps_*.png"),
+  "ablation": Stage(
+    lambda r: ablation.run(r.config, r.dir, r.train_source, r.eval_source, r.classes),
+    "ablation/{ablation.json,.md,.png}",
+  ),
 }
 
 
 # ---------------------------------------------------------------------------------------
 # The dispatcher.
 # ---------------------------------------------------------------------------------------
+def removed_total_steps(tree, prefix: str = "") -> list:
+  """Every `<...>.optim.total_steps` a config still sets (the key this version removed)."""
+  found = []
+  for key, value in tree.items():
+    if hasattr(value, "items"):
+      if key == "optim" and "total_steps" in value:
+        found.append(f"{prefix}{key}.total_steps")
+      found += removed_total_steps(value, f"{prefix}{key}.")
+  return found
+
+
 def check_config(config) -> None:
   """Refuses, with one message each, the stage names and the keys this version removed."""
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise UserError(f"Unknown stages {unknown}; expected some of {tuple(STAGES)}.")
-  for stage in workdir.TRAIN_STAGES:
-    if stage in config and "total_steps" in config[stage].get("optim", {}):
-      raise UserError(
-        f"{stage}.optim.total_steps is no longer a config field: the schedule "
-        f"ends at the stage's own length; set {stage}.steps instead."
-      )
+  for path in removed_total_steps(config):
+    stage = path.rpartition(".optim")[0]
+    raise UserError(
+      f"{path} is no longer a config field: the schedule ends at the stage's own length; "
+      f"set {stage}.steps instead."
+    )
   if "visualize" in config.stages:
     visualize.check_config(config)
 
@@ -167,7 +178,7 @@ def summary(run_dir: str, config, exported: Optional[str]) -> None:
   )
   log("\nOutputs:")
   log(f"  {'config':<16} {os.path.join(run_dir, 'config.json')}")
-  for stage in config.stages:
+  for stage in (s for s in STAGES if s in config.stages):  # the table's order
     log(f"  {stage:<16} {os.path.join(run_dir, STAGES[stage].outputs)}")
   if curves:
     log(f"  {'plots':<16} {curves}")

@@ -52,23 +52,20 @@ def cross_entropy(logits, targets, label_smoothing=0.0):
   return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
-def make_supervised_step(
-  model: nnx.Module, tx: optax.GradientTransformation, config, steps: int
-) -> Callable:
+def make_supervised_step(model: nnx.Module, tx: optax.GradientTransformation, config) -> Callable:
   """Cross-entropy with label smoothing and mixup/cutmix, for any model with a head.
 
   Args:
     model: the trained model (its graph; the weights come with the state).
     tx: the optimizer (`optim.make_optimizer`).
-    config: the stage's settings: `config.loss` (configs.common.supervised_loss) and
-      `config.optim`.
-    steps: the stage's length (for the logged learning rate).
+    config: the stage's settings: `steps` (where the lr schedule ends), `loss`
+      (configs.common.supervised_loss) and `optim`.
   Returns:
     `step(state, batch, rng) -> (state, metrics)` on a `data.Batch`.
   """
   scfg, ocfg = config.loss, config.optim
   graphdef, num_classes = nnx.graphdef(model), model.cfg.num_classes
-  lr = optim.schedule(ocfg, steps)
+  lr = optim.schedule(ocfg, config.steps)
 
   def step(state: train.TrainState, batch: data.Batch, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -97,7 +94,7 @@ def run_supervised(stage: str, config, run_dir: str, model: nnx.Module, source) 
   """
   scfg = config[stage]
   tx = optim.make_optimizer(scfg.optim, scfg.steps)
-  step = make_supervised_step(model, tx, scfg, scfg.steps)
+  step = make_supervised_step(model, tx, scfg)
   model = train.fit_stage(
     config, run_dir, stage, model, step, tx, norm=(model.cfg.mean, model.cfg.std), source=source
   )

@@ -103,7 +103,7 @@ def level_pairs_of(t_out, s_out, t_grid, s_grid, num_levels):
   ]
 
 
-def analyse(teacher, students, images, *, num_stages=4, layer=-1):
+def analyse(teacher, students, images, *, num_levels=4, layer=-1):
   """Everything the figures draw, as NumPy arrays, for `images` normalised for the first
   student (re-normalised here for the teacher when its statistics differ).
 
@@ -129,7 +129,7 @@ def analyse(teacher, students, images, *, num_stages=4, layer=-1):
   for name, student in students.items():
     s_out = student(images)
     s_blocks = s_out.blocks
-    pairs = level_pairs_of(t_out, s_out, grid_of(teacher), grid_of(student), num_stages)
+    pairs = level_pairs_of(t_out, s_out, grid_of(teacher), grid_of(student), num_levels)
     out["maps"].setdefault("teacher", [np.asarray(losses.cosine_similarities(t)) for t, _ in pairs])
     out["maps"][name] = [np.asarray(losses.cosine_similarities(s)) for _, s in pairs]
     out["am"][name] = [
@@ -143,10 +143,8 @@ def analyse(teacher, students, images, *, num_stages=4, layer=-1):
 
 
 def teacher_images(images, student_cfg, teacher_cfg):
-  """Images normalised for the student, re-expressed with the teacher's statistics."""
-  return distill.renormalise(
-    jnp.asarray(images), (student_cfg.mean, student_cfg.std), (teacher_cfg.mean, teacher_cfg.std)
-  )
+  """Images normalised for the student, as the teacher sees them in training."""
+  return distill.teacher_view(jnp.asarray(images), student_cfg, teacher_cfg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,7 +227,7 @@ def to_pixels(images, cfg):
 
 
 def figures(
-  teacher, students, images, directory, *, num_stages=4, layer=-1, query=None, prefix="maps"
+  teacher, students, images, directory, *, num_levels=4, layer=-1, query=None, prefix="maps"
 ):
   """Draws one PNG per image into `directory`; returns (paths, AM distances per student).
 
@@ -239,13 +237,13 @@ def figures(
   query = tuple(query) if query is not None and min(query) >= 0 else (grid[0] // 2, grid[1] // 2)
   if not (query[0] < grid[0] and query[1] < grid[1]):
     raise UserError(f"visualize.query={query} is outside the {grid} patch grid.")
-  result = analyse(teacher, students, images, num_stages=num_stages, layer=layer)
+  result = analyse(teacher, students, images, num_levels=num_levels, layer=layer)
   pixels = to_pixels(images, next(iter(students.values())).cfg)
   paths = [
     draw(result, pixels[i], i, query, os.path.join(directory, f"{prefix}_{i}.png"))
     for i in range(len(images))
   ]
-  am = {name: [float(np.mean(a)) for a in per_stage] for name, per_stage in result["am"].items()}
+  am = {name: [float(np.mean(a)) for a in per_level] for name, per_level in result["am"].items()}
   return paths, am
 
 
@@ -259,7 +257,8 @@ def load_images(spec, num, cfg, run_config):
   dcfg = data.override(run_config.data, image_size=cfg.image_size)
   kind = spec.partition(":")[0]
   if not spec or kind in ("mnist", "digits", "npz", "folder", "tfds"):
-    source = data.get_source(spec or run_config.data.source, "test")
+    # '': the run's own evaluation source, as its eval stage reads it.
+    source = data.get_source(spec, "test") if spec else data.sources(run_config.data)[1]
     batch = next(data.eval_batches(source, dcfg, batch_size=num, mean=cfg.mean, std=cfg.std))
     return np.asarray(batch.image[: min(num, len(source))])
   files = []
@@ -277,17 +276,17 @@ def load_images(spec, num, cfg, run_config):
   return np.stack([transform(np.asarray(Image.open(f).convert("RGB")), None) for f in files[:num]])
 
 
-def mean_am_distances(teacher, students, images, num_stages, batch_size=50):
+def mean_am_distances(teacher, students, images, num_levels, batch_size=50):
   """{name: [AM distance per stage]}: L_AM over all tokens (method.md §2), averaged over
   `images` (normalised for the students)."""
   first = next(iter(students.values()))
-  totals = {name: np.zeros(num_stages) for name in students}
+  totals = {name: np.zeros(num_levels) for name in students}
   for i in range(0, len(images), batch_size):
     s_images = jnp.asarray(images[i : i + batch_size])
     t_out = teacher(teacher_images(s_images, first.cfg, teacher.cfg))
     for name, student in students.items():
       pairs = level_pairs_of(
-        t_out, student(s_images), grid_of(teacher), grid_of(student), num_stages
+        t_out, student(s_images), grid_of(teacher), grid_of(student), num_levels
       )
       totals[name] += len(s_images) * np.array(
         [float(losses.activation_matching([t], [s])[0]) for t, s in pairs]
@@ -318,7 +317,7 @@ def maps_hook(config, teacher, eval_source, directory):
       {"student": distiller.student},
       batch.image,
       directory,
-      num_stages=num_levels,
+      num_levels=num_levels,
       prefix=f"step_{step:06d}",
     )
     log(
@@ -366,16 +365,16 @@ def run(config, out_dir):
   )
   out = os.path.join(out_dir, "visualize")
   paths, am = figures(
-    teacher, students, images, out, num_stages=vcfg.num_stages, layer=vcfg.layer, query=vcfg.query
+    teacher, students, images, out, num_levels=vcfg.num_stages, layer=vcfg.layer, query=vcfg.query
   )
   if vcfg.am_images:  # the AM distance measured on more images than are drawn
     many = load_images(config.images, vcfg.am_images, next(iter(students.values())).cfg, run_config)
     am = mean_am_distances(teacher, students, many, vcfg.num_stages)
   with open(os.path.join(out, "am_distance.json"), "w", encoding="utf-8") as f:
     json.dump(dict(am, images=len(many) if vcfg.am_images else len(images)), f, indent=2)
-  for name, per_stage in am.items():
+  for name, per_level in am.items():
     log(
-      f"[visualize] AM distance to the teacher, {name}: " + " ".join(f"{v:.4f}" for v in per_stage)
+      f"[visualize] AM distance to the teacher, {name}: " + " ".join(f"{v:.4f}" for v in per_level)
     )
   for p in paths:
     log(f"[visualize] wrote {p}")

@@ -12,6 +12,7 @@ import os
 import time
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -55,8 +56,12 @@ def finished(run_dir: str, stage: str) -> bool:
 
 
 def save_stage_model(run_dir: str, stage: str, model: nnx.Module) -> None:
+  """Process 0 writes the stage's model; every process waits for it (the next stage reads
+  it through `finished`)."""
   if main_process():
     saved.save(model, model_dir(run_dir, stage), overwrite=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"{stage} model saved")
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,14 +171,26 @@ def has_run(run_dir: str) -> bool:
 def claim(config, run_dir: str, restart: bool = False) -> None:
   """Makes `run_dir` this config's: refuses one holding a run of another config (the
   differing fields listed); with `restart`, moves what is there to `<run_dir>.old-<time>`
-  first. Then writes `run_dir/config.json`. Process 0 decides; the others wait for it."""
+  first. Then writes `run_dir/config.json`. Process 0 decides and the others follow it:
+  when it refuses, every process raises."""
+  refused = None
   if main_process():
-    _check_or_move(config, run_dir, restart)
+    try:
+      _check_or_move(config, run_dir, restart)
+    except UserError as e:
+      refused = e
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("workdir checked")
-  os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2) + "\n")
+    flag = multihost_utils.broadcast_one_to_all(np.int32(refused is not None))
+    if int(flag) and refused is None:
+      refused = UserError(f"process 0 refused the workdir {run_dir} (its log says why).")
+  if refused is not None:
+    raise refused
+  try:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2) + "\n")
+  except OSError as e:
+    raise UserError(f"--workdir {run_dir} cannot be written: {e.strerror or e}.") from e
 
 
 def _check_or_move(config, run_dir: str, restart: bool) -> None:
@@ -181,7 +198,10 @@ def _check_or_move(config, run_dir: str, restart: bool) -> None:
     return
   if restart:
     aside = f"{os.path.abspath(run_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.rename(run_dir, aside)
+    try:
+      os.rename(run_dir, aside)
+    except OSError as e:
+      raise UserError(f"--restart could not move {run_dir} to {aside}: {e.strerror or e}.") from e
     log(f"--restart: moved the previous contents of {run_dir} to {aside}")
     return
   path = os.path.join(run_dir, "config.json")

@@ -108,14 +108,14 @@ def run(kind, mesh, batch, args):
   if kind == "distill":
     teacher = models.build("vit", "Ti/8", seed=2, **TEACHER)
     module = distill.Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(3))
-    step = distill.make_distill_step(module, teacher, tx, config, config.steps)
+    step = distill.make_distill_step(module, teacher, tx, config)
     teacher_params = nnx.state(teacher)
     teacher_shardings = shard(teacher_params)
     teacher_params = sharding.put(teacher_params, teacher_shardings)
     extra, extra_shardings = (teacher_params,), (teacher_shardings,)
   else:
     module = student
-    step = supervised.make_supervised_step(module, tx, config, config.steps)
+    step = supervised.make_supervised_step(module, tx, config)
     extra, extra_shardings = (), ()
   _, state = train.init_state(module, tx, ema=bool(config.optim.ema_decay))
   state_shardings = shard(state)

@@ -87,7 +87,7 @@ def test_each_variant_changes_only_its_loss():
   base = config.distill.loss.to_dict()
   for variant, (_, overrides) in ablation.VARIANTS.items():
     sub = ablation.run_config(config, variant, 2)
-    assert sub.seed == config.seed + 2 and sub.label_seed == config.ablation.label_seed == 0
+    assert sub.seed == config.seed + 2 and sub.label_seed == config.label_seed == 0
     assert sub.distill.loss.to_dict() == dict(base, **(overrides or {})), variant
   assert ablation.run_config(config, "mp", 0).distill.loss.w_am == 0
   assert ablation.run_config(config, "am", 0).distill.loss.w_mp == 0
@@ -181,7 +181,7 @@ def test_every_student_gets_the_same_step_budget():
   assert config.teacher.overrides.pool == "cls"
   # Layer-wise lr decay is a fine-tuning tool: the from-scratch baseline never gets it.
   config = ablation_config.get_config("layer_decay=0.7,label_seed=3")
-  assert config.finetune.optim.layer_decay == 0.7 and config.ablation.label_seed == 3
+  assert config.finetune.optim.layer_decay == 0.7 and config.label_seed == 3
   assert config.train_student.optim.layer_decay == config.distill.optim.layer_decay == 1.0
   with pytest.raises(ValueError, match="distill_steps=750"):
     ablation_config.get_config("distill_steps=750")

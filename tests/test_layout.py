@@ -19,7 +19,6 @@ TIERS = {
   "linearizer.evaluate": 2,
   "linearizer.bench": 2,
   "linearizer.visualize": 2,
-  "linearizer.segment": 2,
   "linearizer.distill": 3,
   "linearizer.supervised": 3,
   "linearizer.train": 4,
@@ -82,8 +81,17 @@ def imports(path: pathlib.Path):
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       names = [a.name for a in node.names]
-    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+    elif isinstance(node, ast.ImportFrom):
+      assert not node.level, f"{path}:{node.lineno}: relative import (write it absolute)"
       names = [f"{node.module}.{a.name}" for a in node.names]
+    elif (  # importlib.import_module("linearizer.x"): an import all the same
+      isinstance(node, ast.Call)
+      and isinstance(node.func, ast.Attribute)
+      and node.func.attr == "import_module"
+      and node.args
+      and isinstance(node.args[0], ast.Constant)
+    ):
+      names = [node.args[0].value]
     else:
       continue
     for name in names:
@@ -102,9 +110,16 @@ def test_every_library_module_has_a_tier():
       tier(module)
 
 
+# The one lazy import, and why: `linearizer.load_student` is resolved on first use (PEP 562)
+# so that `import linearizer.cpu_malloc`, which main.py runs before JAX loads, stays light.
+LAZY = {("linearizer", "linearizer.export")}
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_run_down(module):
   for target, line, at_top in GRAPH[module]:
+    if (module, target) in LAZY:
+      continue
     where = f"{MODULES[module].relative_to(ROOT)}:{line} imports {target}"
     assert at_top, f"{where} inside a function (imports between our modules are top-level)"
     if module.startswith("configs"):
@@ -136,7 +151,11 @@ def test_no_cycles():
 def test_the_walk_sees_a_violation(tmp_path):
   """The checks above can fail: a function-level import and an upward one are found."""
   bad = tmp_path / "bad.py"
-  bad.write_text("from linearizer import stages\n\ndef f():\n  from linearizer import data\n")
+  bad.write_text(
+    "import importlib\nfrom linearizer import stages\n\ndef f():\n  from linearizer import data\n"
+    "  return importlib.import_module('linearizer.train')\n"
+  )
   found = imports(bad)
-  assert ("linearizer.stages", 1, True) in found and ("linearizer.data", 4, False) in found
+  assert ("linearizer.stages", 2, True) in found and ("linearizer.data", 5, False) in found
+  assert ("linearizer.train", 6, False) in found
   assert tier("linearizer.stages") < tier("linearizer.distill")

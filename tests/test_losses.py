@@ -53,11 +53,11 @@ def orthonormal_columns(seed, rows, cols):
   return q
 
 
-def am(teacher_stages, student_stages, rows=None):
-  loss, per_stage = losses.activation_matching(
-    [jnp.asarray(t) for t in teacher_stages], [jnp.asarray(s) for s in student_stages], rows=rows
+def am(teacher_levels, student_levels, rows=None):
+  loss, per_level = losses.activation_matching(
+    [jnp.asarray(t) for t in teacher_levels], [jnp.asarray(s) for s in student_levels], rows=rows
   )
-  return float(loss), np.asarray(per_stage)
+  return float(loss), np.asarray(per_level)
 
 
 # ---------------------------------------------------------------------------------------
@@ -67,30 +67,30 @@ def am(teacher_stages, student_stages, rows=None):
 def test_am_zero_for_scaled_and_rotated_tokens(student_width):
   """Student = teacher · per-token positive scale · a map with orthonormal columns → L_AM 0."""
   b, n, d = 3, 17, 12
-  teacher_stages, student_stages = [], []
+  teacher_levels, student_levels = [], []
   for k in range(3):
     t = rand(10 + k, b, n, d)
     scale = np.random.default_rng(20 + k).uniform(0.1, 10.0, (b, n, 1))
     q = orthonormal_columns(30 + k, student_width, d)  # (student_width, d), QᵀQ = I
     np.testing.assert_allclose(q.T @ q, np.eye(d), atol=1e-12)
-    teacher_stages.append(t)
-    student_stages.append((scale * t) @ q.T)  # (b, n, student_width)
-  loss, per_stage = am(teacher_stages, student_stages)
-  assert per_stage.shape == (3,)
-  assert 0.0 <= loss <= MATCH_TOL and np.all(np.abs(per_stage) <= MATCH_TOL), per_stage
+    teacher_levels.append(t)
+    student_levels.append((scale * t) @ q.T)  # (b, n, student_width)
+  loss, per_level = am(teacher_levels, student_levels)
+  assert per_level.shape == (3,)
+  assert 0.0 <= loss <= MATCH_TOL and np.all(np.abs(per_level) <= MATCH_TOL), per_level
 
 
 def test_am_positive_for_unrelated_tokens_and_matches_numpy():
   b, n = 2, 17
   t, s = rand(1, b, n, 12), rand(2, b, n, 20)
-  loss, per_stage = am([t], [s])
+  loss, per_level = am([t], [s])
   assert loss > 0.05
   np.testing.assert_allclose(loss, np_am(t, s), atol=HAND_TOL)
   # Several stages: the loss is the mean of the per-stage values.
   t2, s2 = rand(3, b, n, 12), rand(4, b, n, 20)
-  loss, per_stage = am([t, t2], [s, s2])
-  np.testing.assert_allclose(per_stage, [np_am(t, s), np_am(t2, s2)], atol=HAND_TOL)
-  np.testing.assert_allclose(loss, np.mean(per_stage), atol=1e-7)
+  loss, per_level = am([t, t2], [s, s2])
+  np.testing.assert_allclose(per_level, [np_am(t, s), np_am(t2, s2)], atol=HAND_TOL)
+  np.testing.assert_allclose(loss, np.mean(per_level), atol=1e-7)
 
 
 def test_am_in_zero_two():
@@ -104,8 +104,8 @@ def test_am_in_zero_two():
       t + 3.0 * rand(400 + seed, 2, 9, 6),
       np.abs(t) + 2.0,
     ):
-      loss, per_stage = am([t], [s])
-      values += [loss, *per_stage]
+      loss, per_level = am([t], [s])
+      values += [loss, *per_level]
   values = np.asarray(values)
   assert np.all(values >= -MATCH_TOL) and np.all(values <= 2.0), values
   assert values.max() > 0.1  # not trivially zero

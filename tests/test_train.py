@@ -47,8 +47,8 @@ DISTILL_STEPS = 11
 PEAK_LR, MIN_LR, WARMUP, TOTAL = 3e-3, 1e-5, 2, 10
 
 
-def make_config(ocfg, loss):
-  return ml_collections.ConfigDict(dict(optim=ocfg, loss=loss))
+def make_config(ocfg, loss, steps=1):
+  return ml_collections.ConfigDict(dict(steps=steps, optim=ocfg, loss=loss))
 
 
 def keep_grads() -> optax.GradientTransformation:
@@ -95,7 +95,7 @@ def distill():
   teacher_paths = sorted(flat(nnx.state(teacher, nnx.Param)))
   ocfg = common.optim(lr=PEAK_LR, warmup_steps=WARMUP, min_lr=MIN_LR)
   config = make_config(
-    ocfg, common.distill_loss(mask_ratio=0.5, w_am=1.0, w_mp=1.0, num_stages=NUM_STAGES)
+    ocfg, common.distill_loss(mask_ratio=0.5, w_am=1.0, w_mp=1.0, num_stages=NUM_STAGES), TOTAL
   )
   tx = optax.chain(keep_grads(), optim.make_optimizer(ocfg, TOTAL))
   _, state = train.init_state(distiller, tx, ema=False)
@@ -104,7 +104,7 @@ def distill():
   state_sh = sharding.tree_shardings(state, mesh)
   teacher_sh = sharding.tree_shardings(teacher_params, mesh)
   step = sharding.jit_step(
-    make_distill_step(distiller, teacher, tx, config, TOTAL), mesh, state_sh, (teacher_sh,)
+    make_distill_step(distiller, teacher, tx, config), mesh, state_sh, (teacher_sh,)
   )
   state = sharding.put(state, state_sh)
   teacher_params = sharding.put(teacher_params, teacher_sh)
@@ -389,7 +389,7 @@ def supervised():
   steps = {
     k: jax.jit(
       make_supervised_step(
-        model, tx, make_config(common.optim(grad_accum=k, ema_decay=EMA_DECAY), loss), 1
+        model, tx, make_config(common.optim(grad_accum=k, ema_decay=EMA_DECAY), loss)
       )
     )
     for k in (1, 2)

@@ -118,7 +118,7 @@ def test_figures_write_pngs_and_true_am_distances(models, tmp_path):
     {"a": student, "b": student},
     images,
     str(tmp_path),
-    num_stages=2,
+    num_levels=2,
     layer=-1,
     query=(1, 2),
   )

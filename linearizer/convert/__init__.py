@@ -39,7 +39,9 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import pickle
 import typing
+import zipfile
 from typing import Optional, Sequence, Union
 
 import jax
@@ -77,6 +79,15 @@ READERS = {
 }
 # Reader options that are not config fields: {format: {option: CLI help}} (boolean flags).
 OPTIONS = {"adventurer": {"use_ema": "load model_ema"}}
+# What reading a damaged or unreadable file raises (torch: RuntimeError, pickle, zip, numpy).
+UNREADABLE = (
+  OSError,
+  ValueError,
+  RuntimeError,
+  EOFError,
+  zipfile.BadZipFile,
+  pickle.UnpicklingError,
+)
 FORMATS = tuple(READERS)
 
 
@@ -108,6 +119,10 @@ def load(path: Union[str, os.PathLike], fmt: str, **overrides) -> nnx.Module:
     spec = READERS[fmt](path, **options)
   except _Uninferable as e:
     raise CheckpointMismatch(f"{where}: {e}.") from None
+  except UserError:
+    raise
+  except UNREADABLE as e:  # a truncated, corrupt or unreadable file: the user's to fix
+    raise UserError(f"{where} could not be read: {type(e).__name__}: {e}") from e
   cfg = _config(spec.kind, spec.fields, overrides)
   native = dataclasses.replace(cfg, image_size=spec.fields["image_size"])
   arrays = _match(nnx.eval_shape(lambda: models.from_config(native)), spec, where)
@@ -116,7 +131,7 @@ def load(path: Union[str, os.PathLike], fmt: str, **overrides) -> nnx.Module:
       jnp.asarray(arrays[("pos_embed",)], jnp.float32),
       _grid(native),
       _grid(cfg),
-      cls_at="first" if spec.kind == "vit" else "last",
+      cls_at="first" if models.ARCHITECTURES[spec.kind].module.roles.cls == 0 else "last",
     )
   return saved.from_params(cfg, arrays)
 

@@ -57,6 +57,9 @@ class AdventurerConfig:
 
   def __post_init__(self):
     """Every field a user sets is checked here, once, before a kernel sees it."""
+    for field in ("width", "depth", "patch", "image_size"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+        raise UserError(f"{field}={getattr(self, field)!r}; expected a positive integer.")
     if self.flip_pattern not in FLIP_PATTERNS:
       raise UserError(
         f"Unknown flip_pattern {self.flip_pattern!r}; expected one of {sorted(FLIP_PATTERNS)}."

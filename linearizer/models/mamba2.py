@@ -109,12 +109,15 @@ class Mamba2(nnx.Module):
 
   def __call__(self, u):
     inputs, z = self.ssd_inputs(u)
-    y = kernels.ssd(
-      **inputs,
-      D=self.D[...].astype(jnp.float32),
-      chunk_size=self.chunk_size,
-      impl=self.ssd_impl,
-      interpret=self.ssd_interpret,
-    )
+    try:
+      y = kernels.ssd(
+        **inputs,
+        D=self.D[...].astype(jnp.float32),
+        chunk_size=self.chunk_size,
+        impl=self.ssd_impl,
+        interpret=self.ssd_interpret,
+      )
+    except ValueError as e:  # kernels/ is standalone; what it refuses here is the user's setting
+      raise UserError(f"ssd_impl={self.ssd_impl!r}, chunk_size={self.chunk_size}: {e}") from e
     y = self.gated_norm(y.reshape(z.shape), z).astype(u.dtype)
     return self.out_proj(y)

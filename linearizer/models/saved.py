@@ -43,8 +43,11 @@ def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
   failure half-way never damages what was there.
   """
   directory = check_writable(directory, overwrite)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  try:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  except OSError as e:  # a directory the user named that cannot be written
+    raise UserError(f"Cannot write a model to {directory}: {e.strerror or e}.") from e
   try:
     params = nnx.state(model, nnx.Param).to_pure_dict()
     checkpointer = ocp.StandardCheckpointer()
@@ -55,8 +58,10 @@ def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
     if directory.exists():
       shutil.rmtree(directory) if directory.is_dir() else directory.unlink()
     os.replace(tmp, directory)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):  # disk full, permissions: what was there is untouched
+      raise UserError(f"Cannot write a model to {directory}: {e.strerror or e}.") from e
     raise
   return directory
 

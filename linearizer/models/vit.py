@@ -76,6 +76,9 @@ class ViTConfig:
 
   def __post_init__(self):
     """Every field a user sets is checked here, once, whichever way the model is made."""
+    for field in ("width", "depth", "patch", "image_size"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+        raise UserError(f"{field}={getattr(self, field)!r}; expected a positive integer.")
     if self.style not in STYLES:
       raise UserError(f"Unknown ViT style {self.style!r}; expected one of {sorted(STYLES)}.")
     if self.activation not in (None, *ACTIVATIONS):
