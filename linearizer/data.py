@@ -192,17 +192,24 @@ def get_source(name: str, split: str = "train", data_dir=None):
   )
 
 
-def sources(cfg) -> tuple:
-  """(train source, eval source) named by a data config (configs/common.py `data`).
+def train_source(cfg):
+  """The training source a data config (configs/common.py `data`) names."""
+  return get_source(cfg.source, "train", cfg.data_dir or None)
 
-  The eval source is `eval_source` when set (its 'train' split: a folder or file of its
-  own), else the held-out split of the same source ('test'; tfds: 'validation').
-  """
-  train_src = get_source(cfg.source, "train", cfg.data_dir or None)
-  eval_name, eval_split = cfg.eval_source or cfg.source, "train" if cfg.eval_source else "test"
-  if cfg.source.startswith("tfds:") and not cfg.eval_source:
-    eval_split = "validation"
-  return train_src, get_source(eval_name, eval_split, cfg.data_dir or None)
+
+def eval_source(cfg):
+  """The evaluation source a data config (configs/common.py `data`) names: `eval_source`
+  when set (its 'train' split: a folder or file of its own), else the held-out split of the
+  training source ('test'; tfds: 'validation')."""
+  if cfg.eval_source:
+    return get_source(cfg.eval_source, "train", cfg.data_dir or None)
+  split = "validation" if cfg.source.startswith("tfds:") else "test"
+  return get_source(cfg.source, split, cfg.data_dir or None)
+
+
+def sources(cfg) -> tuple:
+  """(train source, eval source) named by a data config."""
+  return train_source(cfg), eval_source(cfg)
 
 
 def num_classes(cfg, source) -> int:

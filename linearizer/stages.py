@@ -34,19 +34,18 @@ class Run:
   def __init__(self, config, run_dir: str):
     self.config, self.dir = config, run_dir
 
-  @functools.cached_property
-  def sources(self) -> tuple:
+  def _data(self):
     if "data" not in self.config:
       raise UserError("This stage needs a `data` block in the config.")
-    return data.sources(self.config.data)
+    return self.config.data
 
-  @property
+  @functools.cached_property
   def train_source(self):
-    return self.sources[0]
+    return data.train_source(self._data())
 
-  @property
+  @functools.cached_property
   def eval_source(self):
-    return self.sources[1]
+    return data.eval_source(self._data())
 
   @functools.cached_property
   def classes(self) -> int:

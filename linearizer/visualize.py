@@ -258,7 +258,7 @@ def load_images(spec, num, cfg, run_config):
   kind = spec.partition(":")[0]
   if not spec or kind in ("mnist", "digits", "npz", "folder", "tfds"):
     # '': the run's own evaluation source, as its eval stage reads it.
-    source = data.get_source(spec, "test") if spec else data.sources(run_config.data)[1]
+    source = data.get_source(spec, "test") if spec else data.eval_source(run_config.data)
     batch = next(data.eval_batches(source, dcfg, batch_size=num, mean=cfg.mean, std=cfg.std))
     return np.asarray(batch.image[: min(num, len(source))])
   files = []
