@@ -246,46 +246,65 @@ def center_crop(img: Image.Image, size, crop_fraction=0.875):
   return img.crop((x, y, x + size, y + size))
 
 
-def _shear(img, v, axis):
-  m = (1, v, 0, 0, 1, 0) if axis == 0 else (1, 0, 0, v, 1, 0)
-  return img.transform(img.size, Image.AFFINE, m, Image.BILINEAR, fillcolor=(128,) * 3)
+# RandAugment as timm's `rand-m9-mstd0.5-inc1` (Adventurer's fine-tuning, timm
+# auto_augment.py): two ops drawn with replacement, each applied with probability 0.5, at a
+# magnitude ~ N(9, 0.5) clipped to [0, 10] and drawn per op; the `inc` ops grow stronger with
+# it. Geometric ops fill with the mean colour (timm's `img_mean`) and resample bicubically
+# (DeiT's / Adventurer's --train-interpolation).
+def _affine(img, matrix, fill):
+  return img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=fill)
 
 
-def _translate(img, v, axis):
+def _shear(img, v, axis, fill):
+  return _affine(img, (1, v, 0, 0, 1, 0) if axis == 0 else (1, 0, 0, v, 1, 0), fill)
+
+
+def _translate(img, v, axis, fill):
   dx = v * img.size[axis]
-  m = (1, 0, dx, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, dx)
-  return img.transform(img.size, Image.AFFINE, m, fillcolor=(128,) * 3)
+  return _affine(img, (1, 0, dx, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, dx), fill)
 
 
-# RandAugment: op(img, magnitude in [0, 1], signed) following timm's `rand-m9-mstd0.5` ranges.
+def _posterize(img, bits):
+  """Keeps the top `bits` bits; 0 bits (full magnitude) is black, as timm's op gave with the
+  Pillow of its time (Pillow now refuses bits < 1)."""
+  mask = (0xFF << (8 - bits)) & 0xFF
+  return Image.fromarray(np.asarray(img) & np.uint8(mask))
+
+
+def _solarize_add(img, add, threshold=128):
+  a = np.asarray(img)
+  return Image.fromarray(np.where(a < threshold, np.minimum(a + add, 255), a).astype(np.uint8))
+
+
+# op(img, m, fill): m is the magnitude / 10 in [0, 1], already given its random sign.
 RANDAUG_OPS = {
-  "AutoContrast": lambda im, m: ImageOps.autocontrast(im),
-  "Equalize": lambda im, m: ImageOps.equalize(im),
-  "Invert": lambda im, m: ImageOps.invert(im),
-  "Rotate": lambda im, m: im.rotate(30 * m, fillcolor=(128,) * 3),
-  "Posterize": lambda im, m: ImageOps.posterize(im, max(1, 8 - int(4 * abs(m)))),
-  "Solarize": lambda im, m: ImageOps.solarize(im, 256 - int(256 * abs(m))),
-  "SolarizeAdd": lambda im, m: Image.fromarray(
-    np.where(
-      np.asarray(im) < 128, np.minimum(np.asarray(im) + int(110 * abs(m)), 255), np.asarray(im)
-    ).astype(np.uint8)
-  ),
-  "Color": lambda im, m: ImageEnhance.Color(im).enhance(1 + 0.9 * m),
-  "Contrast": lambda im, m: ImageEnhance.Contrast(im).enhance(1 + 0.9 * m),
-  "Brightness": lambda im, m: ImageEnhance.Brightness(im).enhance(1 + 0.9 * m),
-  "Sharpness": lambda im, m: ImageEnhance.Sharpness(im).enhance(1 + 0.9 * m),
-  "ShearX": lambda im, m: _shear(im, 0.3 * m, 0),
-  "ShearY": lambda im, m: _shear(im, 0.3 * m, 1),
-  "TranslateX": lambda im, m: _translate(im, 0.45 * m, 0),
-  "TranslateY": lambda im, m: _translate(im, 0.45 * m, 1),
+  "AutoContrast": lambda im, m, fill: ImageOps.autocontrast(im),
+  "Equalize": lambda im, m, fill: ImageOps.equalize(im),
+  "Invert": lambda im, m, fill: ImageOps.invert(im),
+  "Rotate": lambda im, m, fill: im.rotate(30 * m, Image.BICUBIC, fillcolor=fill),
+  "Posterize": lambda im, m, fill: _posterize(im, 4 - int(4 * abs(m))),  # PosterizeIncreasing
+  "Solarize": lambda im, m, fill: ImageOps.solarize(im, 256 - int(256 * abs(m))),
+  "SolarizeAdd": lambda im, m, fill: _solarize_add(im, int(110 * abs(m))),
+  "Color": lambda im, m, fill: ImageEnhance.Color(im).enhance(1 + 0.9 * m),
+  "Contrast": lambda im, m, fill: ImageEnhance.Contrast(im).enhance(1 + 0.9 * m),
+  "Brightness": lambda im, m, fill: ImageEnhance.Brightness(im).enhance(1 + 0.9 * m),
+  "Sharpness": lambda im, m, fill: ImageEnhance.Sharpness(im).enhance(1 + 0.9 * m),
+  "ShearX": lambda im, m, fill: _shear(im, 0.3 * m, 0, fill),
+  "ShearY": lambda im, m, fill: _shear(im, 0.3 * m, 1, fill),
+  "TranslateX": lambda im, m, fill: _translate(im, 0.45 * m, 0, fill),
+  "TranslateY": lambda im, m, fill: _translate(im, 0.45 * m, 1, fill),
 }
 
 
-def rand_augment(img, rng, num_ops=2, magnitude=9, magnitude_std=0.5):
-  """Two random ops at magnitude ~ N(9, 0.5) out of 10, each with a random sign."""
+def rand_augment(
+  img, rng, fill=(128, 128, 128), num_ops=2, magnitude=9, magnitude_std=0.5, prob=0.5
+):
+  """timm's rand-m9-mstd0.5-inc1 on a PIL image (see above); `fill`: the mean colour, 0-255."""
   for name in rng.choice(sorted(RANDAUG_OPS), num_ops):
+    if rng.random() >= prob:
+      continue
     m = np.clip(rng.normal(magnitude, magnitude_std), 0, 10) / 10
-    img = RANDAUG_OPS[name](img, m * rng.choice((-1, 1)))
+    img = RANDAUG_OPS[name](img, m * rng.choice((-1, 1)), fill)
   return img
 
 
@@ -317,7 +336,7 @@ class Transform:
       if self.cfg.flip and rng.random() < 0.5:
         img = ImageOps.mirror(img)
       if self.cfg.randaugment:
-        img = rand_augment(img, rng)
+        img = rand_augment(img, rng, fill=tuple(min(255, round(v)) for v in self.mean))
     else:
       img = center_crop(img, size, self.cfg.crop_fraction)
     return (np.asarray(img, np.float32) - self.mean) / self.std

@@ -465,33 +465,70 @@ def test_center_crop_is_central():
   assert 6 <= len(set(ys)) <= 10
 
 
+FILL = (10, 200, 30)
+
+
 @pytest.mark.parametrize("op", sorted(data.RANDAUG_OPS))
 def test_rand_augment_ops(op):
   img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
   for m in (-0.9, 0.0, 0.5, 1.0):
-    out = data.RANDAUG_OPS[op](img, m)
+    out = data.RANDAUG_OPS[op](img, m, FILL)
     assert out.size == img.size and out.mode == "RGB"
 
 
 @pytest.mark.parametrize("axis", [0, 1])
 def test_translate_is_relative_to_its_own_axis(axis):
-  """TranslateX moves by 0.45·m·width columns, TranslateY by 0.45·m·height rows."""
+  """TranslateX moves by 0.45·m·width columns, TranslateY by 0.45·m·height rows, filling
+  with the given (mean) colour."""
   a = np.random.default_rng(0).integers(0, 256, (40, 20, 3), dtype=np.uint8)  # h=40, w=20
   op = data.RANDAUG_OPS["TranslateX" if axis == 0 else "TranslateY"]
-  out = np.asarray(op(Image.fromarray(a), 1.0))
+  out = np.asarray(op(Image.fromarray(a), 1.0, FILL))
   shift = round(0.45 * (20, 40)[axis])  # 9 columns or 18 rows; content moves left / up
   if axis == 0:
     np.testing.assert_array_equal(out[:, : 20 - shift], a[:, shift:])
-    assert (out[:, 20 - shift :] == 128).all()
+    assert (out[:, 20 - shift :] == FILL).all()
   else:
     np.testing.assert_array_equal(out[: 40 - shift], a[shift:])
-    assert (out[40 - shift :] == 128).all()
+    assert (out[40 - shift :] == FILL).all()
+
+
+def test_posterize_keeps_four_minus_int_4m_bits():
+  """timm's PosterizeIncreasing: 4 - int(4m) bits, so m9 (0.9) keeps 1 bit and m0 keeps 4."""
+  a = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+  for m, bits in ((0.0, 4), (0.3, 3), (0.9, 1), (1.0, 0)):
+    out = np.asarray(data.RANDAUG_OPS["Posterize"](Image.fromarray(a), m, FILL))
+    assert len(np.unique(out)) == 2**bits, (m, bits)
+    np.testing.assert_array_equal(out, a.astype(int) // 2 ** (8 - bits) * 2 ** (8 - bits))
+
+
+def test_rand_augment_applies_each_op_with_probability_half(monkeypatch):
+  """Two ops are drawn per image; each runs with p = 0.5 (timm's default prob)."""
+  calls = []
+  monkeypatch.setattr(
+    data, "RANDAUG_OPS", {n: (lambda im, m, fill, n=n: calls.append(n) or im) for n in "ab"}
+  )
+  rng, n = np.random.default_rng(0), 4000
+  for _ in range(n):
+    data.rand_augment(None, rng)
+  # 2n Bernoulli(0.5) trials: 2000 ± 32 (1 sigma); 5 sigma either side.
+  assert abs(len(calls) - n) < 5 * np.sqrt(2 * n * 0.25)
+  assert abs(calls.count("a") - calls.count("b")) < 5 * np.sqrt(2 * n * 0.25)
+
+
+def test_train_transform_fills_with_the_mean_colour(cfg, monkeypatch):
+  """RandAugment's fill is the normalisation mean in 0-255 (timm's img_mean)."""
+  seen = []
+  monkeypatch.setattr(data, "rand_augment", lambda img, rng, fill: seen.append(fill) or img)
+  aug = data.override(cfg, randaugment=True)
+  transform = data.Transform(aug, True, (0.5, 0.25, 1.0), STD)
+  transform(np.zeros((20, 20, 3), np.uint8), np.random.default_rng(0))
+  assert seen == [(128, 64, 255)]
 
 
 def test_rand_augment_and_train_transform(cfg):
   img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
   for seed in range(10):
-    out = data.rand_augment(img, np.random.default_rng(seed))
+    out = data.rand_augment(img, np.random.default_rng(seed), FILL)
     assert out.size == img.size and out.mode == "RGB"
   aug = data.override(cfg, randaugment=True, flip=True)
   transform = data.Transform(aug, True, MEAN, STD)
