@@ -13,7 +13,7 @@ AM_SCOPES = ("visible", "cls", "all")  # distill_loss.scope: the tokens AM compa
 def optim(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(
     dict(
-      lr=1.5e-4,  # peak; the paper's rule is 1.5e-4 × batch / 256
+      lr=1.5e-4,  # peak; method.md §8 scales it 1.5e-4 × batch / 256 (MAE; the paper gives none)
       min_lr=1e-6,  # where the cosine schedule ends
       warmup_steps=0,  # the cosine schedule then ends at the stage's `steps`
       weight_decay=0.05,  # AdamW's decoupled weight decay
@@ -49,6 +49,9 @@ def distill_loss(**overrides) -> ml_collections.ConfigDict:
       num_stages=4,  # K: AM's depth levels (the paper's "stages")
       scope="visible",  # AM tokens: visible | cls | all (AM_SCOPES)
       beta=1.0,  # Smooth-L1 β
+      # AM's tokens: 'raw' residual streams (the paper), 'centered' (each token set's mean
+      # subtracted), 'next_ln' (through the next block's pre-norm); both sides alike
+      am_features="raw",
     )
   )
   c.update(overrides)
@@ -136,6 +139,31 @@ def stage(
   )
 
 
+def distill_stage(
+  *, student_init="", teacher_input="resample", diagnose_images=8, **stage_args
+) -> ml_collections.ConfigDict:
+  """The `distill` stage: `stage(...)`, the student it starts from, what the teacher sees.
+
+  student_init: '' a fresh student of student.kind / student.variant (the paper); a
+    converted directory or 'fmt:path' (e.g. the public supervised Adventurer,
+    'adventurer:/ckpt/adventurer_base_patch16_224.pth'), loaded with student.overrides and
+    its head dropped; 'teacher' is reserved for a student built from the teacher's weights
+    (not available yet). Distinct from student.init, the student fine-tuning starts from.
+  teacher_input: when the teacher's patch grid differs from the student's (ViT-L/14 vs a
+    patch-16 student), 'resample' feeds the teacher the student's images and resamples its
+    tokens bicubically to the student's grid (method.md §4); 'resize' feeds it the images
+    resized to student grid × teacher patch (196² for L/14 at 224²), so each of its patches
+    covers one student patch (its position embeddings resampled to that size).
+  diagnose_images: at the start, log the teacher's off-diagonal token cosines per AM level
+    (mean ± std, each `am_features` mode) on this many training images; 0 skips it.
+  """
+  c = stage(**stage_args)
+  c.student_init = student_init
+  c.teacher_input = teacher_input
+  c.diagnose_images = diagnose_images
+  return c
+
+
 def data(source, image_size, **overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(
     dict(
@@ -147,9 +175,12 @@ def data(source, image_size, **overrides) -> ml_collections.ConfigDict:
       crop_scale=(0.2, 1.0),  # random-resized-crop area range in training
       crop_fraction=0.875,  # eval: resize to size / crop_fraction, then center crop
       flip=True,  # random horizontal flips in training
-      randaugment=False,  # RandAugment m9-mstd0.5 in training
+      randaugment=False,  # RandAugment in training, as timm's rand-m9-mstd0.5-inc1
       workers=0,  # grain worker processes (0 = in the main process)
       eval_limit=0,  # evaluate on at most this many images (0 = all)
+      # without an eval_source, this share of a source with no splits of its own (npz:,
+      # folder:, mnist, digits) is held out for eval and never trained on
+      test_fraction=0.2,
     )
   )
   c.update(overrides)
@@ -177,8 +208,14 @@ def base(**overrides) -> ml_collections.ConfigDict:
       eval=dict(
         batch_size=256,  # eval batch (per process)
         resolutions=(),  # extra eval resolutions beside data.image_size
+        # (size, fraction) pairs: the centre-crop fraction at those eval sizes; the others use
+        # data.crop_fraction (Adventurer evaluates above 224 with 1.0)
+        crop_fractions=(),
         speed_resolutions=(),  # img/s measured here; () = data.image_size
         speed_batch=32,  # the batch img/s is measured with
+        # more classifiers to evaluate beside the run's, each 'name=fmt:path' (or
+        # 'name=<model dir>'), e.g. a fine-tuned CLIP ViT-B/16 as the paper's baseline row
+        extra_models=(),
       ),
     )
   )
@@ -201,13 +238,16 @@ def smoke(c):
   c.student.overrides = dict(width=32, depth=2, headdim=16, d_state=16, chunk_size=16)
   for name in ("train_teacher", "distill", "finetune", "train_student"):
     if name not in c:
-      c[name] = stage(
+      make = distill_stage if name == "distill" else stage
+      c[name] = make(
         steps=4,
         batch_size=16,
         lr=1e-3,
         loss=distill_loss() if name == "distill" else supervised_loss(),
       )
     c[name].steps = 4
+    if "image_size" in c[name].augment:  # a stage at its own resolution: at the smoke one
+      del c[name].augment["image_size"]
     c[name].optim.warmup_steps = 1
     c[name].batch_size = 16
   c.distill.loss.num_stages = 2
@@ -215,6 +255,7 @@ def smoke(c):
   c.log_every = 2
   c.eval.batch_size = 64
   c.eval.resolutions = ()
+  c.eval.crop_fractions = ()
   c.eval.speed_resolutions = (16, 32)
   c.eval.speed_batch = 8
 
@@ -224,7 +265,16 @@ def ablation(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(
     dict(
       seeds=3,  # runs per variant: seed, seed + 1, ...
-      variants=("supervised", "mp", "am", "am_mp", "scope_cls", "scope_visible", "scope_all"),
+      variants=(
+        "supervised",
+        "mp",
+        "am",
+        "am_unmasked",
+        "am_mp",
+        "scope_cls",
+        "scope_visible",
+        "scope_all",
+      ),
       workers=1,  # runs at once, one process each (single-host only)
     )
   )
@@ -236,7 +286,7 @@ def bench(**overrides) -> ml_collections.ConfigDict:
   """The `bench` stage (linearizer/bench.py). Empty / 0 = the default for this backend."""
   c = ml_collections.ConfigDict(
     dict(
-      parts=("forward", "train_step", "ssd"),  # what to measure
+      parts=("forward", "train_step", "supervised_step", "ssd"),  # what to measure
       teacher_kind="vit",  # architectures of linearizer.models
       student_kind="adventurer",
       teacher="",  # teacher variant; '' = B/16 on accelerators, Ti/16 on CPU
@@ -262,8 +312,18 @@ def bench(**overrides) -> ml_collections.ConfigDict:
         d_state=64,
         lengths=(),  # () = 198…16386 (≤ 4098 on CPU)
       ),
+      # A supervised training step (forward + backward + AdamW) of every model: what the
+      # paper's speed table most likely reports (docs/benchmarks.md).
+      supervised=dict(
+        batch=0,  # 0 = 128 on accelerators (halved until it fits), 2 on CPU
+        resolutions=(),  # () = 224 and 448 on accelerators, 224 on CPU
+        num_classes=1000,
+        steps=1000,
+        optim=optim(),
+        loss=supervised_loss(),
+      ),
       # The distillation settings the train step runs with (its schedule length too).
-      distill=dict(steps=1000, optim=optim(lr=1e-4), loss=distill_loss()),
+      distill=dict(steps=1000, optim=optim(lr=1e-4), loss=distill_loss(), teacher_input="resample"),
     )
   )
   c.update(overrides)

@@ -6,7 +6,8 @@
 
 teacher: a converted directory, or 'fmt:path' read directly (fmt: hf, timm, openai_clip,
 big_vision, adventurer). data: a folder with one sub-folder per class (JPEG/PNG), or
-'npz:<file>'; eval_data: the held-out set in the same form (default: the training data).
+'npz:<file>'; eval_data: the held-out set in the same form (default: a fixed 20% of `data`,
+held out and never trained on; data.test_fraction).
 The student is fine-tuned on the labels of `data`; drop 'finetune' from the stages for
 distillation alone.
 """
@@ -38,11 +39,11 @@ def get_config(arg=None):
   eval_source = (
     arg.eval_data if ":" in arg.eval_data or not arg.eval_data else (f"folder:{arg.eval_data}")
   )
-  c.data = common.data(source, arg.size, eval_source=eval_source or source)
+  c.data = common.data(source, arg.size, eval_source=eval_source)
   c.teacher.init = arg.teacher
   c.student.variant = arg.student
   b = arg.batch
-  c.distill = common.stage(
+  c.distill = common.distill_stage(
     steps=arg.distill_steps,
     batch_size=b,
     lr=1.5e-4 * b / 256,

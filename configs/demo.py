@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.train_teacher = common.stage(
     steps=1000, batch_size=64, lr=2e-3, warmup_steps=50, loss=supervised()
   )
-  c.distill = common.stage(
+  c.distill = common.distill_stage(
     steps=250,
     batch_size=64,
     lr=2e-3,

@@ -15,10 +15,17 @@ openai/clip-vit-base-patch16 (or clip-vit-large-patch14) as `hf:<folder>`, OpenA
 `python -m linearizer.convert`. Data: tfds `imagenet2012` prepared under data_dir
 (array_record; no TensorFlow needed to read it).
 
+res: the fine-tuning resolution. With res=224 (the default) eval also reports @448, the
+224-trained student with its position embeddings resampled (results.json marks it
+`resampled_from: 224`); the paper's 85.0 @448² comes from fine-tuning at 448², which is
+`res=448` (distillation stays at 224; fine-tuning starts from the embeddings resampled once).
+Eval centre-crops 0.875 at 224 and 1.0 above it, as Adventurer evaluates.
+
 The paper gives no recipe; these are method.md §8's defaults: distillation AdamW lr
 1.5e-4 × batch/256, wd 0.05, cosine with warm-up, RRC 0.2–1 + flip, drop path 0.1, bf16
 matmuls; fine-tuning Adventurer's recipe (lr 5e-4 × batch/512, RandAugment m9-mstd0.5,
-mixup 0.8, cutmix 1.0, label smoothing 0.1, min lr 1e-5, 5 warm-up epochs).
+mixup 0.8, cutmix 1.0, label smoothing 0.1, min lr 1e-5, 5 warm-up epochs, no gradient
+clipping). docs/method-fidelity.md lists every default and its source.
 """
 
 from configs import common
@@ -47,8 +54,11 @@ def get_config(arg=None):
     batch=1024,
     distill_epochs=300,
     finetune_epochs=100,
+    res=224,
     smoke=False,
   )
+  if arg.res not in (224, 448):
+    raise ValueError(f"res={arg.res!r}; expected 224 or 448 (the paper's fine-tuning sizes).")
   if arg.setup in RENAMED:
     raise ValueError(
       f"setup={arg.setup!r} is now {RENAMED[arg.setup]!r}: the paper distils every student "
@@ -65,7 +75,7 @@ def get_config(arg=None):
   c.student.variant = s_variant
   c.student.overrides = dict(dtype="bfloat16")
   b = arg.batch
-  c.distill = common.stage(
+  c.distill = common.distill_stage(
     steps=epochs(arg.distill_epochs, b),
     batch_size=b,
     lr=1.5e-4 * b / 256,
@@ -79,11 +89,13 @@ def get_config(arg=None):
     lr=5e-4 * b / 512,
     warmup_steps=epochs(5, b),
     min_lr=1e-5,
+    clip_norm=0.0,  # Adventurer's --clip-grad is None; distillation keeps our 1.0
     drop_path=ft_drop,
     loss=common.supervised_loss(),
-    augment=dict(crop_scale=(0.08, 1.0), randaugment=True),
+    augment=dict(crop_scale=(0.08, 1.0), randaugment=True, image_size=arg.res),
   )
   c.eval.resolutions = (224, 448)
+  c.eval.crop_fractions = ((448, 1.0),)
   c.eval.speed_resolutions = (224, 448)
   c.checkpoint.every_steps = 2000
   c.log_every = 100

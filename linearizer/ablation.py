@@ -6,6 +6,8 @@ variant is distilled and fine-tuned over several seeds:
   supervised     the student trained from scratch on the labels (train_student stage)
   mp             masked prediction only          (distill.loss.w_am = 0)
   am             activation matching only        (distill.loss.w_mp = 0)
+  am_unmasked    AM only on unmasked input        (w_mp = 0, mask_ratio = 0: the paper
+                 does not say whether its AM-only row masked the student's input)
   am_mp          both, AM over the config's tokens (distill.loss.scope)
   scope_cls      both, AM over the CLS row only
   scope_visible  both, AM over the visible tokens (the paper's choice)
@@ -13,7 +15,8 @@ variant is distilled and fine-tuned over several seeds:
 
 The scope row that is the config's own scope is the AM + MP runs, not trained twice.
 
-Every variant sees the same masked input (distill.loss.mask_ratio): only the loss differs.
+Every variant but am_unmasked sees the same masked input (distill.loss.mask_ratio): only the
+loss differs.
 Seeds change the student's initialisation, data order and masks; every seed fine-tunes on
 the same labelled subset (`label_seed`), so the spread measures training noise.
 Each run works in `workdir/ablation/<variant>/seed<k>/` and writes `result.json` when done,
@@ -40,6 +43,7 @@ VARIANTS = {
   "supervised": ("supervised", None),
   "mp": ("MP only", dict(w_am=0.0)),
   "am": ("AM only", dict(w_mp=0.0)),
+  "am_unmasked": ("AM only, unmasked", dict(w_mp=0.0, mask_ratio=0.0)),
   "am_mp": ("AM + MP", {}),
   "scope_cls": ("CLS only", dict(scope="cls")),
   "scope_visible": ("visible", dict(scope="visible")),
@@ -51,6 +55,7 @@ PAPER = {
     ("supervised", "supervised", 82.6),
     ("MP only", "mp", 83.6),
     ("AM only", "am", 83.8),
+    ("AM only, unmasked", "am_unmasked", None),
     ("AM + MP", "am_mp", 84.3),
   ],
   "AM scope": [
@@ -257,6 +262,7 @@ def table(summary):
       if variant in variants:
         v = variants[variant]
         label += " (= AM + MP)" * (variant == scope_row(summary["scope"]))
+        paper = "—" if paper is None else paper  # a row the paper does not report
         lines.append(f"| {label} | {v['mean']:.2f} ± {v['std']:.2f} | {paper} |")
   c = summary["checks"]
   if c:

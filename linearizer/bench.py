@@ -8,6 +8,9 @@ Measures, on whatever device JAX runs on:
               analysis, MFU, memory;
   train_step  the real distillation step (teacher frozen, student trained) at the training
               resolution, jitted by sharding.jit_step on a one-device mesh;
+  supervised_step  a supervised training step (forward, backward, AdamW) of each model (the
+              ViT once per attention implementation) at batch 128 or the largest that fits:
+              the protocol the paper's speed and memory table most likely follows;
   max_batch   on accelerators, the largest power-of-two batch that fits per model/resolution;
   ssd         forward and forward+backward of every `kernels.ssd` impl, with the FLOPs and
               bytes the chunked algorithm must do and the fraction of the device's roofline.
@@ -29,7 +32,7 @@ from flax import nnx
 
 import kernels
 from linearizer import bench_results as results
-from linearizer import data, distill, models, optim, sharding, train
+from linearizer import data, distill, models, optim, sharding, supervised, train
 from linearizer.errors import UserError, log, main_process
 from linearizer.metrics import time_compiled
 
@@ -75,7 +78,7 @@ def is_oom(err):
 # ---------------------------------------------------------------------------------------
 # The measurements.
 # ---------------------------------------------------------------------------------------
-PARTS = ("forward", "train_step", "ssd")  # what a run measures (config.bench.parts)
+PARTS = ("forward", "train_step", "supervised_step", "ssd")  # config.bench.parts
 
 
 def settings(config):
@@ -101,6 +104,8 @@ def settings(config):
     or (("xla", "cudnn") if jax.default_backend() == "gpu" else ("xla",)),
     train_resolution=b.train_resolution,
     train_batch=b.train_batch or (64 if accel else 2),
+    supervised_batch=b.supervised.batch or (128 if accel else 2),
+    supervised_resolutions=tuple(b.supervised.resolutions) or ((224, 448) if accel else (224,)),
     max_batch=accel if b.max_batch is None else bool(b.max_batch),
     max_batch_limit=b.max_batch_limit,
     ssd_batch=b.ssd.batch or (8 if accel else 1),
@@ -110,7 +115,7 @@ def settings(config):
   return s
 
 
-def build_pair(config, s, attention_impl):
+def build_pair(config, s, attention_impl, num_classes=0):
   """The teacher (`bench.teacher_kind`) and student (`bench.student_kind`) at their variants."""
   b = config.bench
   teacher = models.build(
@@ -119,6 +124,7 @@ def build_pair(config, s, attention_impl):
     seed=0,
     attention_impl=attention_impl,
     dtype=s["dtype"],
+    num_classes=num_classes,
     **dict(b.teacher_overrides),
   )
   student = models.build(
@@ -127,32 +133,52 @@ def build_pair(config, s, attention_impl):
     seed=1,
     dtype=s["dtype"],
     chunk_size=s["chunk_size"],
+    num_classes=num_classes,
     **dict(b.student_overrides),
   )
   return teacher, student
+
+
+def timed(jitted, args, repeats, carry=None) -> dict:
+  """Compiles, then times (`metrics.time_compiled`): the timing fields of `timed_row`."""
+  compiled, compile_s, flops, nbytes = compile_fn(jitted, args)
+  seconds = time_compiled(compiled, args, repeats, carry=carry)
+  return dict(seconds=seconds, compile_s=compile_s, flops=flops, nbytes=nbytes)
+
+
+# The steps donate their state: every call gets the state the previous one returned.
+CARRY_STATE = lambda args, out: (out[0],) + tuple(args[1:])
+
+
+def timed_row(meta, peak, *, batch, seconds, compile_s, flops, nbytes, **fields):
+  """A timing row: `fields`, then latency, img/s, FLOPs per image, MFU and memory."""
+  per_image = flops / batch if flops else None
+  return dict(
+    meta,
+    **fields,
+    batch=batch,
+    compile_s=compile_s,
+    latency_ms=1e3 * seconds,
+    img_per_s=batch / seconds,
+    flops_per_image=per_image,
+    mfu=results.mfu(per_image, batch / seconds, peak),
+    compiled_bytes=nbytes,
+    peak_bytes=device_peak_bytes(),
+  )
 
 
 def measure_forward(model, res, batch, repeats, meta, peak):
   """One forward row: latency, throughput, FLOPs per image, MFU, memory."""
   fn, state = forward_fn(model)
   images = jnp.zeros((batch, res, res, 3), jnp.float32)
-  compiled, compile_s, flops, nbytes = compile_fn(fn, (state, images))
-  seconds = time_compiled(compiled, (state, images), repeats)
-  per_image = flops / batch if flops else None
-  img_s = batch / seconds
-  return dict(
+  return timed_row(
     meta,
+    peak,
+    batch=batch,
+    **timed(fn, (state, images), repeats),
     kind="forward",
     resolution=res,
     tokens=(res // model.cfg.patch) ** 2,
-    batch=batch,
-    compile_s=compile_s,
-    latency_ms=1e3 * seconds,
-    img_per_s=img_s,
-    flops_per_image=per_image,
-    mfu=results.mfu(per_image, img_s, peak),
-    compiled_bytes=nbytes,
-    peak_bytes=device_peak_bytes(),
   )
 
 
@@ -195,28 +221,50 @@ def measure_train_step(config, s, meta, peak):
   rng = jax.random.key(0)
   jitted = sharding.jit_step(step, mesh, state_sh, (teacher_sh,))
   args = (state, teacher_params, batch_arr, rng)
-  compiled, compile_s, flops, nbytes = compile_fn(jitted, args)
-  # The step donates its state: every call gets the state the previous one returned.
-  carry = lambda a, out: (out[0],) + tuple(a[1:])
-  seconds = time_compiled(compiled, args, s["repeats"], carry=carry)
-  per_image = flops / batch if flops else None
-  return dict(
+  return timed_row(
     meta,
+    peak,
+    batch=batch,
+    **timed(jitted, args, s["repeats"], carry=CARRY_STATE),
     kind="train_step",
     model=f"distill {s['teacher']} -> {s['student']}",
     role="pair",
     variant=s["student"],
     attention_impl=s["attention"][-1],
     resolution=res,
-    batch=batch,
-    compile_s=compile_s,
-    latency_ms=1e3 * seconds,
-    img_per_s=batch / seconds,
-    flops_per_image=per_image,
-    mfu=results.mfu(per_image, batch / seconds, peak),
-    compiled_bytes=nbytes,
-    peak_bytes=device_peak_bytes(),
   )
+
+
+def time_supervised_step(model, stage, res, batch, repeats):
+  """`timed` of the real supervised step (`supervised.make_supervised_step`) on a
+  one-device mesh."""
+  tx = optim.make_optimizer(stage.optim, stage.steps)
+  step = supervised.make_supervised_step(model, tx, stage)
+  _, state = train.init_state(model, tx, ema=False)
+  # The step donates its state: copies, so that the model's own arrays survive for the
+  # next resolution.
+  state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  state_sh = sharding.tree_shardings(state, mesh)
+  state = sharding.put(state, state_sh)
+  images = np.zeros((batch, res, res, 3), np.float32)
+  batch_arr = sharding.global_batch(data.Batch(images, np.zeros(batch, np.int32)), mesh)
+  args = (state, batch_arr, jax.random.key(0))
+  return timed(sharding.jit_step(step, mesh, state_sh), args, repeats, carry=CARRY_STATE)
+
+
+def measure_supervised_step(model, res, s, stage, meta, peak):
+  """One supervised-step row at `supervised_batch`, halved on accelerators until it fits."""
+  batch = s["supervised_batch"]
+  while True:
+    try:
+      timing = time_supervised_step(model, stage, res, batch, s["repeats"])
+      break
+    except Exception as err:
+      if not (s["accel"] and is_oom(err) and batch > 1):
+        raise
+      batch //= 2
+  return timed_row(meta, peak, batch=batch, **timing, kind="supervised_step", resolution=res)
 
 
 def ssd_inputs(batch, length, heads, headdim, d_state, dtype):
@@ -286,6 +334,39 @@ def measure_ssd(config, s, meta, peak, bandwidth):
     except ValueError as err:  # a Pallas kernel refusing these shapes, at trace time
       rows.append(dict(meta, kind="ssd", impl=impl, skipped=str(err)))
       log(f"[bench] ssd {impl}: skipped ({err})")
+  return rows
+
+
+def supervised_rows(config, s, base, peak):
+  """The supervised step of the ViT under each attention impl and of the student once."""
+  stage = config.bench.supervised
+  rows = []
+  for impl in s["attention"]:
+    teacher, student = build_pair(config, s, impl, num_classes=stage.num_classes)
+    pairs = [(teacher, "teacher", f"ViT-{s['teacher']}", impl)]
+    if impl == s["attention"][0]:
+      pairs.append((student, "student", f"Adventurer-{s['student']}", None))
+    for model, role, name, attn in pairs:
+      meta = dict(base, model=name, role=role, variant=name.split("-", 1)[1], attention_impl=attn)
+      for res in s["supervised_resolutions"]:
+        try:
+          row = measure_supervised_step(model, res, s, stage, meta, peak)
+        except Exception as err:  # recorded, not fatal (as the forward rows)
+          rows.append(
+            dict(
+              meta,
+              kind="supervised_step",
+              resolution=res,
+              error=f"{type(err).__name__}: {str(err)[:300]}",
+            )
+          )
+          log(f"[bench] supervised step {name} {attn or ''} @{res}: failed ({type(err).__name__})")
+          continue
+        rows.append(row)
+        log(
+          f"[bench] supervised step {name:<18} {attn or '':<6} @{res:<5} batch {row['batch']}: "
+          f"{row['img_per_s']:.2f} img/s (compile {row['compile_s']:.1f} s)"
+        )
   return rows
 
 
@@ -366,6 +447,8 @@ def run(config, workdir):
       f"[bench] distill train step @{r['resolution']} batch {r['batch']}: "
       f"{r['img_per_s']:.2f} img/s (compile {r['compile_s']:.1f} s)"
     )
+  if "supervised_step" in s["parts"]:
+    rows.extend(supervised_rows(config, s, base, peak))
   if "ssd" in s["parts"]:
     rows.extend(measure_ssd(config, s, base, peak, bandwidth))
 

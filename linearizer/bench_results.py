@@ -205,6 +205,20 @@ def table(result):
         f"{fmt(r['flops_per_image'] and r['flops_per_image'] / 1e9, '.4g')} GFLOP/img, "
         f"MFU {fmt(r['mfu'], '.1f')}",
       ]
+  sup = [r for r in rows if r["kind"] == "supervised_step" and "img_per_s" in r]
+  if sup:
+    head = (
+      f"{'supervised step':<20} {'attn':<6} {'res':>5} {'batch':>5} {'img/s':>10} "
+      f"{'ms/step':>10} {'compiled GB':>11} {'peak GB':>8}"
+    )
+    lines += ["", head, "-" * len(head)]
+    gb = lambda v: v and v / 1e9
+    for r in sup:
+      lines.append(
+        f"{r['model']:<20} {r['attention_impl'] or '':<6} {r['resolution']:>5} {r['batch']:>5} "
+        f"{r['img_per_s']:>10.2f} {r['latency_ms']:>10.1f} "
+        f"{fmt(gb(r['compiled_bytes']), '>11.2f')} {fmt(gb(r['peak_bytes']), '>8.2f')}"
+      )
   lines += [
     "",
     f"{'ssd impl':<11} {'mode':<8} {'L':>6} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'roofline%':>9}",
@@ -227,20 +241,22 @@ def plot(result, path):
   plt = plots.plt
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-  fwd = [r for r in result["rows"] if r["kind"] == "forward" and "img_per_s" in r]
-  for key in dict.fromkeys((r["model"], r["attention_impl"]) for r in fwd):
-    pts = sorted(
-      (r["resolution"], r["img_per_s"]) for r in fwd if (r["model"], r["attention_impl"]) == key
-    )
-    label = key[0] + (f" ({key[1]} attention)" if key[1] else "")
-    left.plot(*zip(*pts), marker="o", label=label)
+  for kind, style, what in (("forward", "-", ""), ("supervised_step", "--", ", training step")):
+    timed = [r for r in result["rows"] if r["kind"] == kind and "img_per_s" in r]
+    for key in dict.fromkeys((r["model"], r["attention_impl"]) for r in timed):
+      pts = sorted(
+        (r["resolution"], r["img_per_s"]) for r in timed if (r["model"], r["attention_impl"]) == key
+      )
+      label = key[0] + (f" ({key[1]} attention)" if key[1] else "") + what
+      left.plot(*zip(*pts), marker="o", linestyle=style, label=label)
   left.set(
     xlabel="resolution (px)",
     ylabel="images / s",
     yscale="log",
-    title=f"Inference throughput, {result['meta']['device_kind']}",
+    title=f"Throughput (solid: inference), {result['meta']['device_kind']}",
   )
-  left.legend(fontsize=8)
+  if left.get_legend_handles_labels()[0]:
+    left.legend(fontsize=8)
   left.grid(alpha=0.3)
 
   sp = result["speedups"]

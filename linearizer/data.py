@@ -55,7 +55,21 @@ class ArraySource:
     return self.images[i], int(self.labels[i])
 
 
-class Subset:
+class Part:
+  """Some examples of a source, by index (its classes stay the whole source's)."""
+
+  def __init__(self, source, index, name):
+    self.source, self.index, self.name = source, np.asarray(index), name
+    self.num_classes = source.num_classes
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, i):
+    return self.source[int(self.index[i])]
+
+
+class Subset(Part):
   """The first `n` examples of a fixed random permutation: a smaller labelled set."""
 
   def __init__(self, source, n, seed=0):
@@ -63,14 +77,8 @@ class Subset:
       raise UserError(
         f"Cannot take {n} labelled examples from {source.name}, which has {len(source)}."
       )
-    self.source, self.name, self.num_classes = source, f"{source.name}[:{n}]", source.num_classes
-    self.index = np.random.default_rng(seed).permutation(len(source))[:n]
-
-  def __len__(self):
-    return len(self.index)
-
-  def __getitem__(self, i):
-    return self.source[int(self.index[i])]
+    index = np.random.default_rng(seed).permutation(len(source))[:n]
+    super().__init__(source, index, f"{source.name}[:{n}]")
 
 
 class FolderSource:
@@ -151,19 +159,46 @@ def _digits():
   return (d.images * (255 / 16)).round().astype(np.uint8), d.target
 
 
-def _split(images, labels, split, test_fraction=0.2):
-  """A fixed, class-interleaved train/test split of a built-in dataset."""
-  order = np.random.default_rng(0).permutation(len(images))
-  n_test = int(len(images) * test_fraction)
-  idx = order[:n_test] if split == "test" else order[n_test:]
-  return images[idx], labels[idx]
+SPLITS = ("train", "test", "all")  # of a source without splits of its own
 
 
-def get_source(name: str, split: str = "train", data_dir=None):
+def split_index(n: int, split: str, test_fraction: float) -> np.ndarray:
+  """A fixed, class-interleaved split of n examples: the first `test_fraction` of a seed-0
+  permutation is 'test', the rest 'train'; 'all' is everything."""
+  if split not in SPLITS:
+    raise UserError(f"split {split!r}; expected one of {SPLITS} for a source without splits.")
+  if split == "all":
+    return np.arange(n)
+  if not 0 < test_fraction < 1:
+    raise UserError(f"data.test_fraction={test_fraction!r}; expected a fraction in (0, 1).")
+  order = np.random.default_rng(0).permutation(n)
+  n_test = int(n * test_fraction)
+  return order[:n_test] if split == "test" else order[n_test:]
+
+
+def get_source(name: str, split: str = "all", data_dir=None, test_fraction: float = 0.2):
+  """The source `name` names (see the module docstring), or one split of it.
+
+  Args:
+    name: `tfds:<name>[:<split>]`, `folder:<path>`, `npz:<path>`, `mnist` or `digits`.
+    split: for a source without splits of its own (all but tfds), 'train' or 'test' (a
+      fixed split, `split_index`) or 'all'; for tfds a split name ('all' reads 'train').
+    data_dir: where tfds datasets are prepared.
+    test_fraction: the share of a split-less source that 'test' holds.
+  Returns:
+    A random-access source of (uint8 HWC image, int label) with `name`, `num_classes`.
+  """
+  source = _whole_source(name, "train" if split == "all" else split, data_dir)
+  if name.startswith("tfds:") or split == "all":
+    return source
+  return Part(source, split_index(len(source), split, test_fraction), f"{source.name}:{split}")
+
+
+def _whole_source(name, tfds_split, data_dir):
   kind, _, arg = name.partition(":")
   if kind in ("mnist", "digits"):
     images, labels = (_mnist if kind == "mnist" else _digits)()
-    return ArraySource(*_split(images, labels, split), f"{kind}:{split}")
+    return ArraySource(images, labels, kind)
   if kind == "npz":
     if not os.path.isfile(arg):
       raise UserError(f"npz dataset {arg!r} does not exist.")
@@ -184,8 +219,8 @@ def get_source(name: str, split: str = "train", data_dir=None):
   if kind == "folder":
     return FolderSource(arg)
   if kind == "tfds":
-    tfds_name, _, tfds_split = arg.partition(":")
-    return TfdsSource(tfds_name, tfds_split or split, data_dir)
+    tfds_name, _, named = arg.partition(":")
+    return TfdsSource(tfds_name, named or tfds_split, data_dir)
   raise UserError(
     f"Unknown data source {name!r}; expected tfds:<name>[:split], "
     "folder:<path>, npz:<path>, mnist or digits."
@@ -193,18 +228,21 @@ def get_source(name: str, split: str = "train", data_dir=None):
 
 
 def train_source(cfg):
-  """The training source a data config (configs/common.py `data`) names."""
-  return get_source(cfg.source, "train", cfg.data_dir or None)
+  """The training source a data config (configs/common.py `data`) names: with an
+  `eval_source`, all of it (tfds: its 'train' split); without one, its 'train' part, so that
+  eval never sees a training image (`test_fraction` held out; tfds: 'train')."""
+  split = "all" if cfg.eval_source else "train"
+  return get_source(cfg.source, split, cfg.data_dir or None, cfg.test_fraction)
 
 
 def eval_source(cfg):
-  """The evaluation source a data config (configs/common.py `data`) names: `eval_source`
-  when set (its 'train' split: a folder or file of its own), else the held-out split of the
-  training source ('test'; tfds: 'validation')."""
+  """The evaluation source a data config names: all of `eval_source` when set (a folder or
+  file of its own; tfds: its 'train' split unless it names one), else the held-out part of
+  the training source ('test', `test_fraction` of it; tfds: 'validation')."""
   if cfg.eval_source:
-    return get_source(cfg.eval_source, "train", cfg.data_dir or None)
+    return get_source(cfg.eval_source, "all", cfg.data_dir or None)
   split = "validation" if cfg.source.startswith("tfds:") else "test"
-  return get_source(cfg.source, split, cfg.data_dir or None)
+  return get_source(cfg.source, split, cfg.data_dir or None, cfg.test_fraction)
 
 
 def sources(cfg) -> tuple:

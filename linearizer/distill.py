@@ -12,6 +12,8 @@ parameters are passed to the step beside the train state, never optimised and ne
 checkpointed.
 """
 
+import json
+import os
 from typing import Callable, Optional
 
 import jax
@@ -20,6 +22,7 @@ import optax
 from flax import nnx
 
 from linearizer import data, losses, optim, train, workdir
+from linearizer.errors import UserError, log, main_process
 
 
 class Distiller(nnx.Module):
@@ -33,6 +36,13 @@ class Distiller(nnx.Module):
 # ---------------------------------------------------------------------------------------
 # The losses of one micro-batch.
 # ---------------------------------------------------------------------------------------
+def am_tokens(model, out, index: int, features: str):
+  """Block `index`'s tokens as AM compares them: the residual stream, or with `next_ln`
+  through the model's next pre-norm (LayerNorm in the ViT, RMSNorm in Adventurer)."""
+  x = out.blocks[index]
+  return model.next_norm(index, x) if features == "next_ln" else x
+
+
 def distill_losses(
   distiller, teacher_levels, teacher_final, images, mask, visible, cfg, teacher_grid, levels
 ):
@@ -47,9 +57,17 @@ def distill_losses(
   grid = (images.shape[1] // student.cfg.patch, images.shape[2] // student.cfg.patch)
   metrics, total = {}, 0.0
   if cfg.w_am:  # §2: K levels of n × n similarity maps
-    student_levels = [losses.split_roles(out.blocks[j], out.roles) for _, j in levels]
+    student_levels = [
+      losses.split_roles(am_tokens(student, out, j, cfg.am_features), out.roles) for _, j in levels
+    ]
     am, per_level = losses.am_loss(
-      teacher_levels, student_levels, teacher_grid, grid, scope=cfg.scope, visible=visible
+      teacher_levels,
+      student_levels,
+      teacher_grid,
+      grid,
+      scope=cfg.scope,
+      visible=visible,
+      features=cfg.am_features,
     )
     total += cfg.w_am * am
     metrics.update(am=am, **{f"am_stage{k}": v for k, v in enumerate(per_level)})
@@ -72,13 +90,26 @@ def renormalise(images, src, dst):
   return (images * ss + sm - dm) / ds
 
 
-def teacher_view(images, student_cfg, teacher_cfg):
+TEACHER_INPUTS = ("resample", "resize")  # distill.teacher_input (configs/common.py)
+
+
+def teacher_view(images, student_cfg, teacher_cfg, teacher_input: str = "resample"):
   """The student's images as the teacher sees them: re-normalised with the teacher's
   statistics, or as they are when both models share them (decided once, at trace time;
-  the identity round trip would only add rounding). Training and the maps both use it."""
+  the identity round trip would only add rounding); with `teacher_input='resize'`, resized
+  (bicubic) to the student's patch grid × the teacher's patch. Training and the maps both
+  use it."""
+  if teacher_input not in TEACHER_INPUTS:
+    raise UserError(f"distill.teacher_input={teacher_input!r}; expected one of {TEACHER_INPUTS}.")
   s_norm = (tuple(student_cfg.mean), tuple(student_cfg.std))
   t_norm = (tuple(teacher_cfg.mean), tuple(teacher_cfg.std))
-  return images if s_norm == t_norm else renormalise(images, s_norm, t_norm)
+  out = images if s_norm == t_norm else renormalise(images, s_norm, t_norm)
+  if teacher_input == "resize":
+    b, h, w, c = images.shape
+    size = (h // student_cfg.patch * teacher_cfg.patch, w // student_cfg.patch * teacher_cfg.patch)
+    if size != (h, w):
+      out = jax.image.resize(out, (b, *size, c), "bicubic")
+  return out
 
 
 def make_distill_step(
@@ -110,13 +141,17 @@ def make_distill_step(
     b, h, w, _ = images.shape
     rng = jax.random.fold_in(rng, state.step)
     # The teacher is frozen: its forward sits outside value_and_grad, under stop_gradient.
-    t_images = teacher_view(images, s_cfg, t_cfg)
-    t_out = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)(t_images)
-    t_levels = [losses.split_roles(t_out.blocks[i], t_out.roles) for i, _ in levels]
+    t_images = teacher_view(images, s_cfg, t_cfg, config.teacher_input)
+    t_model = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
+    t_out = t_model(t_images)
+    t_levels = [
+      losses.split_roles(am_tokens(t_model, t_out, i, dcfg.am_features), t_out.roles)
+      for i, _ in levels
+    ]
     teacher_out = jax.lax.stop_gradient(
       {"levels": t_levels, "final": t_out.roles.patches_of(t_out.blocks[-1])}
     )
-    teacher_grid = (h // t_cfg.patch, w // t_cfg.patch)
+    teacher_grid = (t_images.shape[1] // t_cfg.patch, t_images.shape[2] // t_cfg.patch)
     n = (h // s_cfg.patch) * (w // s_cfg.patch)
 
     def loss_fn(params, mb, rng):
@@ -152,10 +187,39 @@ def make_distill_step(
 # ---------------------------------------------------------------------------------------
 # The stage.
 # ---------------------------------------------------------------------------------------
+def teacher_cosines(config, teacher, student, source) -> dict:
+  """{am_features mode: [(mean, std) per AM level]} of the teacher's off-diagonal token
+  cosines (CLS and patches) on the first `distill.diagnose_images` training images.
+
+  CLIP's residual streams carry a few huge shared channels and high-norm tokens that push
+  every cosine toward 1: a mean near 1 with a small std means flat maps for AM to match.
+  """
+  s = student.cfg
+  batch = next(
+    data.eval_batches(
+      source, config.data, batch_size=config.distill.diagnose_images, mean=s.mean, std=s.std
+    )
+  )
+  images = teacher_view(jnp.asarray(batch.image), s, teacher.cfg, config.distill.teacher_input)
+  out = teacher(images)
+  levels = losses.level_pairs(teacher.cfg.depth, s.depth, config.distill.loss.num_stages)
+  stats = {}
+  for mode in losses.AM_FEATURES:
+    per_level = []
+    for i, _ in levels:
+      cls, patches = losses.split_roles(am_tokens(teacher, out, i, mode), out.roles)
+      tokens = patches if cls is None else jnp.concatenate([cls, patches], axis=1)
+      tokens = losses.centered(tokens) if mode == "centered" else tokens
+      per_level.append(tuple(float(v) for v in losses.off_diagonal_cosines(tokens)))
+    stats[mode] = per_level
+  return stats
+
+
 def run_distill(
   config, run_dir: str, teacher: nnx.Module, source, hook: Optional[Callable] = None
 ) -> nnx.Module:
-  """The `distill` stage: a fresh student distilled from `teacher` on `source`'s images.
+  """The `distill` stage: a student (fresh, or `distill.student_init`) distilled from
+  `teacher` on `source`'s images.
 
   Args:
     config: the experiment config (its `distill` block, `student`, `data`, `mesh`, ...).
@@ -168,8 +232,22 @@ def run_distill(
     The distilled student (also saved to `run_dir/distill/model`).
   """
   dcfg = config.distill
-  norm = (teacher.cfg.mean, teacher.cfg.std)
-  student = workdir.new_student(config, 0, norm, drop_path=dcfg.drop_path)
+  student = workdir.distill_student(config, (teacher.cfg.mean, teacher.cfg.std))
+  if dcfg.diagnose_images and main_process():
+    stats = teacher_cosines(config, teacher, student, source)
+    for mode, per_level in stats.items():
+      chosen = " (used)" if mode == dcfg.loss.am_features else ""
+      log(
+        f"[distill] teacher's off-diagonal cosines per AM level, {mode}{chosen}: "
+        + "  ".join(f"{m:.3f}±{sd:.3f}" for m, sd in per_level)
+      )
+    os.makedirs(workdir.stage_dir(run_dir, "distill"), exist_ok=True)
+    with open(
+      os.path.join(workdir.stage_dir(run_dir, "distill"), "teacher_cosines.json"), "w"
+    ) as f:
+      json.dump(stats, f, indent=2)
+  # Batches come normalised for the student; the teacher's view is re-normalised from them.
+  norm = (student.cfg.mean, student.cfg.std)
   distiller = Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(config.seed + 2))
   tx = optim.make_optimizer(dcfg.optim, dcfg.steps)
   step = make_distill_step(distiller, teacher, tx, dcfg)

@@ -11,7 +11,6 @@ from flax import nnx
 from linearizer import data, models, workdir
 from linearizer.errors import UserError, log, main_process
 from linearizer.metrics import time_compiled
-from linearizer.models import saved
 
 
 def predict_fn(model):
@@ -25,11 +24,19 @@ def predict_fn(model):
   return lambda images: predict(state, images)
 
 
+def crop_fraction(config, image_size: int) -> float:
+  """The centre-crop fraction eval uses at `image_size` (eval.crop_fractions, else data's)."""
+  return dict(config.eval.crop_fractions).get(image_size, config.data.crop_fraction)
+
+
 def accuracy(config, model, source, *, image_size, teacher_logits=None):
-  """(top-1, top-5, agreement with the teacher's top-1, all top-1 predictions)."""
-  cfg = data.override(config.data, image_size=image_size)
+  """(top-1, top-5, agreement with the teacher's top-1 (None without teacher_logits), the
+  crop fraction, whether the model was resampled from its own size; all top-1 predictions)."""
+  fraction = crop_fraction(config, image_size)
+  cfg = data.override(config.data, image_size=image_size, crop_fraction=fraction)
   predict = predict_fn(model)
-  top1 = top5 = agree = count = 0
+  top1 = top5 = count = 0
+  agree = None
   preds = []
   for batch in data.eval_batches(
     source,
@@ -50,7 +57,14 @@ def accuracy(config, model, source, *, image_size, teacher_logits=None):
   if teacher_logits is not None:
     agree = float(np.mean(preds == teacher_logits))
   return dict(
-    top1=float(top1 / count), top5=float(top5 / count), agreement=agree, examples=int(count)
+    top1=float(top1 / count),
+    top5=float(top5 / count),
+    agreement=agree,
+    examples=int(count),
+    crop_fraction=fraction,
+    # a model evaluated away from the size it holds position embeddings for (e.g. the
+    # 224-trained student at 448) runs with them resampled: say so beside the number
+    resampled_from=None if image_size == model.cfg.image_size else model.cfg.image_size,
   ), preds
 
 
@@ -64,33 +78,68 @@ def num_params(model):
   return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def models_to_evaluate(config, run_dir):
-  """{name: model}: what this run's stages produced, else teacher.init / student.init."""
+def extra_models(config) -> dict:
+  """{name: checkpoint} from `eval.extra_models` ('name=fmt:path' entries), checked."""
   found = {}
-  for name, stage in (
-    ("teacher", "train_teacher"),
-    ("student (distilled)", "finetune"),
-    ("student (from scratch)", "train_student"),
+  for entry in config.eval.extra_models:
+    name, sep, spec = str(entry).partition("=")
+    if not sep or not name.strip() or not spec.strip():
+      raise UserError(
+        f"eval.extra_models entry {entry!r}: expected 'name=fmt:path' (or 'name=<model "
+        "dir>'), e.g. 'clip_b16_ft=timm:/ckpt/vit_base_patch16_clip_224.openai_ft_in1k.pth'."
+      )
+    if name in found or name.startswith(("teacher", "student")):
+      raise UserError(
+        f"eval.extra_models: the name {name!r} is taken; give each extra model its own, "
+        "other than the run's 'teacher' and 'student ...' rows."
+      )
+    found[name.strip()] = spec.strip()
+  return found
+
+
+def models_to_evaluate(config, run_dir, num_classes):
+  """{name: model}: what this run's stages produced, else teacher.init / student.init, and
+  `eval.extra_models`. A model without a head, or whose head is not a classifier over the
+  data's `num_classes` (a CLIP image projection, a head for other classes), is skipped."""
+  found = {}
+  teacher, student = config.teacher.overrides, config.student.overrides
+  for name, stage, overrides in (
+    ("teacher", "train_teacher", teacher),
+    ("student (distilled)", "finetune", student),
+    ("student (from scratch)", "train_student", student),
   ):
     if workdir.finished(run_dir, stage):
-      found[name] = saved.restore(workdir.model_dir(run_dir, stage))
+      found[name] = workdir.load_model(workdir.model_dir(run_dir, stage), overrides)
   if "teacher" not in found and config.teacher.init:
-    found["teacher"] = workdir.load_model(config.teacher.init)
+    found["teacher"] = workdir.load_model(config.teacher.init, teacher)
   if "student (distilled)" not in found and config.student.init:
-    found["student"] = workdir.load_model(config.student.init)
-  for name in [n for n, m in found.items() if m.head is None]:
-    log(f"[eval] skipping {name}: it has no classification head.")
-    del found[name]
+    found["student"] = workdir.load_model(config.student.init, student)
+  # Extra classifiers run in the teacher's dtype, when its overrides set one.
+  dtype = {"dtype": teacher.dtype} if "dtype" in teacher else {}
+  for name, spec in extra_models(config).items():
+    found[name] = workdir.load_model(spec, dtype)
+  for name, model in list(found.items()):
+    if model.head is None:
+      log(f"[eval] skipping {name}: it has no classification head.")
+      del found[name]
+    elif model.cfg.num_classes != num_classes:
+      log(
+        f"[eval] skipping {name}: its head has {model.cfg.num_classes} outputs and the data "
+        f"{num_classes} classes; it is not a classifier of this data (a CLIP image "
+        "projection is an embedding). Name a fine-tuned classifier in eval.extra_models."
+      )
+      del found[name]
   return found
 
 
 def run_eval(config, run_dir, source, num_classes):
   """Evaluates every model found; writes eval/results.json and prints a table."""
-  found = models_to_evaluate(config, run_dir)
+  found = models_to_evaluate(config, run_dir, num_classes)
   if not found:
     raise UserError(
-      "Nothing to evaluate: no finished stage in the workdir, and neither "
-      "teacher.init nor student.init names a model with a head."
+      "Nothing to evaluate: no finished stage in the workdir, and neither teacher.init, "
+      f"student.init nor eval.extra_models names a classifier of the data's {num_classes} "
+      "classes."
     )
   sizes = [config.data.image_size] + [
     s for s in config.eval.resolutions if s != config.data.image_size
@@ -100,7 +149,7 @@ def run_eval(config, run_dir, source, num_classes):
   order = sorted(found, key=lambda n: n != "teacher")  # the teacher first, for agreement
   for name in order:
     model = found[name]
-    row = dict(params=num_params(model), kind=models.kind_of(model))
+    row = dict(params=num_params(model), kind=models.kind_of(model), dtype=model.cfg.dtype)
     for size in sizes:
       acc, preds = accuracy(
         config,
@@ -131,7 +180,7 @@ def table(rows, size, speed_sizes):
   lines = [head, "-" * len(head)]
   for name, r in rows.items():
     acc = r[f"@{size}"]
-    agree = "" if name == "teacher" else f"{100 * acc['agreement']:.1f}"
+    agree = "" if acc["agreement"] is None else f"{100 * acc['agreement']:.1f}"
     lines.append(
       f"{name:<24} {100 * acc['top1']:>7.2f} {100 * acc['top5']:>7.2f} {agree:>7} "
       f"{r['params'] / 1e6:>8.2f}M" + "".join(f" {r[f'img_per_s@{s}']:>12.1f}" for s in speed_sizes)

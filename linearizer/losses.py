@@ -17,16 +17,25 @@ from linearizer.models import common
 
 Scope = Literal["visible", "cls", "all"]
 SCOPES = ("visible", "cls", "all")
+# What AM compares (distill_loss.am_features): each level's residual stream as it is, with
+# each token set's mean subtracted, or through the next block's own pre-norm.
+AmFeatures = Literal["raw", "centered", "next_ln"]
+AM_FEATURES = ("raw", "centered", "next_ln")
 
 
 # ---------------------------------------------------------------------------------------
 # Losses.
 # ---------------------------------------------------------------------------------------
 def cosine_similarities(f):
-  """(B, n, d) -> (B, n, n) cosine similarities between the n tokens."""
+  """(B, n, d) -> (B, n, n) cosine similarities between the n tokens.
+
+  At HIGHEST precision: the default runs f32 matmuls as TF32 on NVIDIA GPUs (~1e-3
+  relative) and bf16 passes on TPU; the maps are small (≤ 50 × 50 at 224²), so full f32
+  costs nothing that shows.
+  """
   f = f.astype(jnp.float32)
   f = f * jax.lax.rsqrt(jnp.sum(f * f, axis=-1, keepdims=True) + 1e-12)
-  return jnp.einsum("bid,bjd->bij", f, f)
+  return jnp.einsum("bid,bjd->bij", f, f, precision=jax.lax.Precision.HIGHEST)
 
 
 def similarity_map(f):
@@ -53,6 +62,20 @@ def activation_matching(teacher_levels, student_levels, rows=None):
     per_level.append(jnp.mean(1.0 - cos))
   per_level = jnp.stack(per_level)
   return jnp.mean(per_level), per_level
+
+
+def off_diagonal_cosines(f):
+  """(mean, std) over images and token pairs i ≠ j of the cosine similarities of (B, n, d)
+  tokens: near 1 with a small std, the maps carry little (CLIP's outlier channels)."""
+  a = cosine_similarities(f)
+  off = ~jnp.eye(a.shape[-1], dtype=bool)
+  return jnp.mean(a[:, off]), jnp.std(a[:, off])
+
+
+def centered(f):
+  """(B, n, d) tokens minus their own mean over the n tokens (AM's `centered` features)."""
+  f = f.astype(jnp.float32)
+  return f - jnp.mean(f, axis=1, keepdims=True)
 
 
 def layer_norm(x, eps=1e-6):
@@ -152,12 +175,21 @@ def am_loss(
   *,
   scope: Scope = "visible",
   visible=None,
+  features: AmFeatures = "raw",
 ):
-  """Activation matching between paired levels, each a (cls, patches) pair (`align`)."""
+  """Activation matching between paired levels, each a (cls, patches) pair (`align`).
+
+  features='centered' subtracts each compared token set's mean before the cosines (on both
+  sides); 'next_ln' is applied by the caller, which holds the models' norms.
+  """
+  if features not in AM_FEATURES:
+    raise UserError(f"Unknown am_features {features!r}; expected one of {AM_FEATURES}.")
   pairs = [
     align(t, s, teacher_grid, student_grid, scope, visible)
     for t, s in zip(teacher_levels, student_levels)
   ]
+  if features == "centered":
+    pairs = [(centered(t), centered(s)) for t, s in pairs]
   rows = slice(0, 1) if scope == "cls" else None
   return activation_matching([t for t, _ in pairs], [s for _, s in pairs], rows=rows)
 

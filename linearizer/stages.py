@@ -138,6 +138,15 @@ def check_config(config) -> None:
     )
   if "visualize" in config.stages:
     visualize.check_config(config)
+  if "eval" in config.stages:
+    evaluate.extra_models(config)
+  if "distill" in config.stages:
+    workdir.check_distill_init(config)
+    if config.distill.teacher_input not in distill.TEACHER_INPUTS:
+      raise UserError(
+        f"distill.teacher_input={config.distill.teacher_input!r}; expected one of "
+        f"{distill.TEACHER_INPUTS}."
+      )
 
 
 def run(config, run_dir: str, *, restart: bool = False):

@@ -34,9 +34,10 @@ plt = plots.plt
 # ---------------------------------------------------------------------------------------
 # The matrices.
 # ---------------------------------------------------------------------------------------
-def grid_of(model) -> tuple:
-  """The model's patch grid at its configured image size."""
-  return common.patch_grid((model.cfg.image_size, model.cfg.image_size), model.cfg.patch)
+def grid_of(model, images=None) -> tuple:
+  """The model's patch grid on `images` (NHWC), else at its configured image size."""
+  size = (model.cfg.image_size,) * 2 if images is None else images.shape[1:3]
+  return common.patch_grid(size, model.cfg.patch)
 
 
 def has_scan(model) -> bool:
@@ -84,7 +85,11 @@ def level_tokens(teacher, student, t_images, s_images, num_levels):
   """Per level, (teacher, student) tokens as [cls, patches in raster order] on the
   student's grid, exactly as activation matching sees them (scope 'all')."""
   return level_pairs_of(
-    teacher(t_images), student(s_images), grid_of(teacher), grid_of(student), num_levels
+    teacher(t_images),
+    student(s_images),
+    grid_of(teacher, t_images),
+    grid_of(student, s_images),
+    num_levels,
   )
 
 
@@ -103,15 +108,16 @@ def level_pairs_of(t_out, s_out, t_grid, s_grid, num_levels):
   ]
 
 
-def analyse(teacher, students, images, *, num_levels=4, layer=-1):
+def analyse(teacher, students, images, *, num_levels=4, layer=-1, teacher_input="resample"):
   """Everything the figures draw, as NumPy arrays, for `images` normalised for the first
-  student (re-normalised here for the teacher when its statistics differ).
+  student (re-normalised here for the teacher when its statistics differ, and resized for
+  it with `teacher_input='resize'`, as distillation feeds it).
 
   students: {name: Adventurer}. Returns dict(grid, maps={name: [(b, n, n)] per stage},
   am={name: [(b,)] per stage}, mixing={name: (b, N, N)}, layer=(teacher, student) indices).
   """
   first = next(iter(students.values()))
-  t_images = teacher_images(images, first.cfg, teacher.cfg)
+  t_images = teacher_images(images, first.cfg, teacher.cfg, teacher_input)
   t_out = teacher(t_images)  # once, for every student
   t_blocks = t_out.blocks
   depth = first.cfg.depth
@@ -123,13 +129,15 @@ def analyse(teacher, students, images, *, num_levels=4, layer=-1):
     am={},
     mixing={},
     layer=(t_layer, s_layer),
-    mixing_grid={"teacher": grid_of(teacher)},
+    mixing_grid={"teacher": grid_of(teacher, t_images)},
   )
   out["mixing"]["teacher"] = np.asarray(teacher_attention(teacher, t_images, t_layer, t_blocks))
   for name, student in students.items():
     s_out = student(images)
     s_blocks = s_out.blocks
-    pairs = level_pairs_of(t_out, s_out, grid_of(teacher), grid_of(student), num_levels)
+    pairs = level_pairs_of(
+      t_out, s_out, grid_of(teacher, t_images), grid_of(student, images), num_levels
+    )
     out["maps"].setdefault("teacher", [np.asarray(losses.cosine_similarities(t)) for t, _ in pairs])
     out["maps"][name] = [np.asarray(losses.cosine_similarities(s)) for _, s in pairs]
     out["am"][name] = [
@@ -142,9 +150,9 @@ def analyse(teacher, students, images, *, num_levels=4, layer=-1):
   return out
 
 
-def teacher_images(images, student_cfg, teacher_cfg):
+def teacher_images(images, student_cfg, teacher_cfg, teacher_input="resample"):
   """Images normalised for the student, as the teacher sees them in training."""
-  return distill.teacher_view(jnp.asarray(images), student_cfg, teacher_cfg)
+  return distill.teacher_view(jnp.asarray(images), student_cfg, teacher_cfg, teacher_input)
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,17 +235,29 @@ def to_pixels(images, cfg):
 
 
 def figures(
-  teacher, students, images, directory, *, num_levels=4, layer=-1, query=None, prefix="maps"
+  teacher,
+  students,
+  images,
+  directory,
+  *,
+  num_levels=4,
+  layer=-1,
+  query=None,
+  prefix="maps",
+  teacher_input="resample",
 ):
   """Draws one PNG per image into `directory`; returns (paths, AM distances per student).
 
   query: (row, col) of the query patch on the student grid; None = the centre patch.
+  teacher_input: what the teacher is fed (distill.teacher_input of the run).
   """
   grid = grid_of(next(iter(students.values())))
   query = tuple(query) if query is not None and min(query) >= 0 else (grid[0] // 2, grid[1] // 2)
   if not (query[0] < grid[0] and query[1] < grid[1]):
     raise UserError(f"visualize.query={query} is outside the {grid} patch grid.")
-  result = analyse(teacher, students, images, num_levels=num_levels, layer=layer)
+  result = analyse(
+    teacher, students, images, num_levels=num_levels, layer=layer, teacher_input=teacher_input
+  )
   pixels = to_pixels(images, next(iter(students.values())).cfg)
   paths = [
     draw(result, pixels[i], i, query, os.path.join(directory, f"{prefix}_{i}.png"))
@@ -276,17 +296,20 @@ def load_images(spec, num, cfg, run_config):
   return np.stack([transform(np.asarray(Image.open(f).convert("RGB")), None) for f in files[:num]])
 
 
-def mean_am_distances(teacher, students, images, num_levels, batch_size=50):
+def mean_am_distances(
+  teacher, students, images, num_levels, batch_size=50, teacher_input="resample"
+):
   """{name: [AM distance per stage]}: L_AM over all tokens (method.md §2), averaged over
   `images` (normalised for the students)."""
   first = next(iter(students.values()))
   totals = {name: np.zeros(num_levels) for name in students}
   for i in range(0, len(images), batch_size):
     s_images = jnp.asarray(images[i : i + batch_size])
-    t_out = teacher(teacher_images(s_images, first.cfg, teacher.cfg))
+    t_images = teacher_images(s_images, first.cfg, teacher.cfg, teacher_input)
+    t_out = teacher(t_images)
     for name, student in students.items():
       pairs = level_pairs_of(
-        t_out, student(s_images), grid_of(teacher), grid_of(student), num_levels
+        t_out, student(s_images), grid_of(teacher, t_images), grid_of(student, s_images), num_levels
       )
       totals[name] += len(s_images) * np.array(
         [float(losses.activation_matching([t], [s])[0]) for t, s in pairs]
@@ -308,10 +331,10 @@ def maps_hook(config, teacher, eval_source, directory):
   """`hook(step, distiller)` drawing teacher vs student maps of one fixed validation image
   into `directory` (distillation's `fit` calls it as the maps converge)."""
   num_levels = config.distill.loss.num_stages
-  norm = (teacher.cfg.mean, teacher.cfg.std)  # the student reads the teacher's statistics
-  batch = next(data.eval_batches(eval_source, config.data, batch_size=1, mean=norm[0], std=norm[1]))
 
   def draw(step, distiller):
+    s = distiller.student.cfg  # one image, normalised as the student reads it
+    batch = next(data.eval_batches(eval_source, config.data, batch_size=1, mean=s.mean, std=s.std))
     paths, am = figures(
       teacher,
       {"student": distiller.student},
@@ -319,6 +342,7 @@ def maps_hook(config, teacher, eval_source, directory):
       directory,
       num_levels=num_levels,
       prefix=f"step_{step:06d}",
+      teacher_input=config.distill.teacher_input,
     )
     log(
       f"[distill] maps at step {step}: {paths[0]} (AM distance per stage "
@@ -341,17 +365,18 @@ def run(config, out_dir):
     )
   with open(path, encoding="utf-8") as f:
     run_config = ml_collections.ConfigDict(json.load(f))
+  t_over, s_over = run_config.teacher.overrides, run_config.student.overrides
   if config.teacher_init:
-    teacher = workdir.load_model(config.teacher_init)
+    teacher = workdir.load_model(config.teacher_init, t_over)
   elif workdir.finished(run_dir, "train_teacher"):
-    teacher = workdir.load_model(workdir.model_dir(run_dir, "train_teacher"))
+    teacher = workdir.load_model(workdir.model_dir(run_dir, "train_teacher"), t_over)
   elif run_config.teacher.init:
-    teacher = workdir.load_model(run_config.teacher.init)
+    teacher = workdir.load_model(run_config.teacher.init, t_over)
   else:
     raise UserError(f"visualize: no teacher in {run_dir}; set --config.teacher_init.")
   vcfg = config.visualize
   students = {
-    label: workdir.load_model(workdir.model_dir(run_dir, stage))
+    label: workdir.load_model(workdir.model_dir(run_dir, stage), s_over)
     for stage, label in vcfg.students.items()
     if workdir.finished(run_dir, stage)
   }
@@ -364,12 +389,21 @@ def run(config, out_dir):
     config.images, vcfg.num_images, next(iter(students.values())).cfg, run_config
   )
   out = os.path.join(out_dir, "visualize")
+  # The teacher fed as the run fed it (runs from before distill.teacher_input: 'resample').
+  teacher_input = run_config.get("distill", {}).get("teacher_input", "resample")
   paths, am = figures(
-    teacher, students, images, out, num_levels=vcfg.num_stages, layer=vcfg.layer, query=vcfg.query
+    teacher,
+    students,
+    images,
+    out,
+    num_levels=vcfg.num_stages,
+    layer=vcfg.layer,
+    query=vcfg.query,
+    teacher_input=teacher_input,
   )
   if vcfg.am_images:  # the AM distance measured on more images than are drawn
     many = load_images(config.images, vcfg.am_images, next(iter(students.values())).cfg, run_config)
-    am = mean_am_distances(teacher, students, many, vcfg.num_stages)
+    am = mean_am_distances(teacher, students, many, vcfg.num_stages, teacher_input=teacher_input)
   with open(os.path.join(out, "am_distance.json"), "w", encoding="utf-8") as f:
     json.dump(dict(am, images=len(many) if vcfg.am_images else len(images)), f, indent=2)
   for name, per_level in am.items():

@@ -67,21 +67,32 @@ def save_stage_model(run_dir: str, stage: str, model: nnx.Module) -> None:
 # ---------------------------------------------------------------------------------------
 # Models.
 # ---------------------------------------------------------------------------------------
-def load_model(spec: str) -> nnx.Module:
-  """A model from 'fmt:path' (fmt as in convert.load) or a directory written by saved.save."""
+def load_model(spec: str, overrides=None) -> nnx.Module:
+  """A model from 'fmt:path' (fmt as in convert.load) or a directory written by saved.save.
+
+  Args:
+    spec: the checkpoint, as `teacher.init` / `student.init` name it.
+    overrides: a config's `teacher.overrides` / `student.overrides`, applied as
+      `convert.load` applies them: run-time fields (dtype, attention_impl, ...) always; one
+      that contradicts what the checkpoint determines (depth, width, ...) is refused.
+  Returns:
+    The module.
+  """
   fmt, sep, path = spec.partition(":")
-  if sep and fmt in convert.FORMATS:
-    return convert.load(path, fmt)
-  return saved.restore(spec)
+  if not (sep and fmt in convert.FORMATS):
+    fmt, path = "orbax", spec
+  model = convert.load(path, fmt, **({} if overrides is None else dict(overrides)))
+  log(f"[load] {spec}: {models.kind_of(model)} {convert.describe(model)}")
+  return model
 
 
 def teacher(config, run_dir: str, num_classes: int) -> nnx.Module:
   """The teacher: trained by this run's train_teacher stage, else loaded from teacher.init,
   else (when train_teacher is to run) a fresh one of `teacher.kind` and `teacher.variant`."""
   if finished(run_dir, "train_teacher"):
-    return saved.restore(model_dir(run_dir, "train_teacher"))
+    return load_model(model_dir(run_dir, "train_teacher"), config.teacher.overrides)
   if config.teacher.init:
-    return load_model(config.teacher.init)
+    return load_model(config.teacher.init, config.teacher.overrides)
   if "train_teacher" in config.stages:
     return models.build(
       config.teacher.kind,
@@ -110,6 +121,29 @@ def new_student(config, num_classes: int, norm, **extra) -> nnx.Module:
   return models.build(config.student.kind, config.student.variant, seed=config.seed + 1, **fields)
 
 
+def check_distill_init(config) -> None:
+  """Refuses a `distill.student_init` this version cannot build (before any stage runs)."""
+  if config.distill.student_init == "teacher":
+    raise UserError(
+      "distill.student_init='teacher' (a student built from the teacher's weights) is not "
+      "available yet; use '' (a fresh student) or a checkpoint ('fmt:path' or a model "
+      "directory)."
+    )
+
+
+def distill_student(config, norm) -> nnx.Module:
+  """The student distillation starts from (`distill.student_init`, configs/common.py):
+  a fresh one normalised with `norm` (the teacher's statistics), or a checkpoint loaded
+  with student.overrides, its head dropped; drop path from the distill stage."""
+  check_distill_init(config)
+  init, drop_path = config.distill.student_init, config.distill.drop_path
+  if not init:
+    return new_student(config, 0, norm, drop_path=drop_path)
+  return with_new_head(
+    load_model(init, config.student.overrides), 0, config.seed + 1, drop_path=drop_path
+  )
+
+
 def with_new_head(base: nnx.Module, num_classes: int, seed: int, **changes) -> nnx.Module:
   """A copy of `base` with a fresh `num_classes` head (and other config changes)."""
   model = models.from_config(
@@ -122,14 +156,21 @@ def with_new_head(base: nnx.Module, num_classes: int, seed: int, **changes) -> n
 
 
 def pretrained_student(config, run_dir: str, num_classes: int) -> nnx.Module:
-  """The student to fine-tune: this run's distilled one, else student.init."""
+  """The student to fine-tune: this run's distilled one, else student.init (with
+  student.overrides, as `load_model` applies them)."""
   init = model_dir(run_dir, "distill") if finished(run_dir, "distill") else config.student.init
   if not init:
     raise UserError(
       "finetune needs a distilled student: run the 'distill' stage first or set student.init."
     )
+  # Fine-tuning at its own resolution (finetune.augment.image_size, e.g. 448) starts from
+  # position embeddings resampled once to it, as Adventurer fine-tunes at 448.
+  size = config.finetune.augment.get("image_size", config.data.image_size)
   return with_new_head(
-    load_model(init), num_classes, config.seed + 3, drop_path=config.finetune.drop_path
+    load_model(init, {**config.student.overrides, "image_size": size}),
+    num_classes,
+    config.seed + 3,
+    drop_path=config.finetune.drop_path,
   )
 
 

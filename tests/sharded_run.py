@@ -71,9 +71,8 @@ STUDENT = dict(
 def make_config(kind, steps, batch):
   """One stage's settings; a large lr so three steps move parameters beyond rounding noise."""
   loss = common.distill_loss(num_stages=2) if kind == "distill" else common.supervised_loss()
-  return common.stage(
-    steps=steps, batch_size=batch, lr=1e-3, loss=loss, warmup_steps=0, ema_decay=0.9
-  )
+  make = common.distill_stage if kind == "distill" else common.stage
+  return make(steps=steps, batch_size=batch, lr=1e-3, loss=loss, warmup_steps=0, ema_decay=0.9)
 
 
 def make_batch(size):

@@ -114,6 +114,15 @@ def test_smoke_run_writes_json_and_plot(tmp_path):
     positive(r, "img_per_s", "latency_ms", "compile_s", "flops_per_image", "batch")
   (step,) = [r for r in data["rows"] if r["kind"] == "train_step"]
   positive(step, "img_per_s", "latency_ms", "flops_per_image")
+  sup = [r for r in data["rows"] if r["kind"] == "supervised_step"]
+  # Both resolutions run: the donated step state must not take the model's arrays with it.
+  assert {(r["role"], r["resolution"], r["batch"]) for r in sup} == {
+    (role, res, 2) for role in ("teacher", "student") for res in (32, 64)
+  }
+  for r in sup:  # forward + backward + update: more FLOPs than the forward alone
+    positive(r, "img_per_s", "latency_ms", "flops_per_image", "compiled_bytes")
+    (fwd_row,) = [f for f in fwd if (f["role"], f["resolution"]) == (r["role"], r["resolution"])]
+    assert r["flops_per_image"] > 2 * fwd_row["flops_per_image"]
   ssd = [r for r in data["rows"] if r["kind"] == "ssd"]
   timed = {(r["impl"], r["mode"]) for r in ssd if "skipped" not in r}
   assert timed == {(i, m) for i in ("reference", "xla") for m in ("fwd", "fwd+bwd")}

@@ -432,7 +432,7 @@ def adventurer_to_torch(model):
   return {k: torch.tensor(v) for k, v in sd.items()}
 
 
-def test_adventurer(tmp_path):
+def test_adventurer(tmp_path, capsys):
   model, ema = random_adventurer(0), random_adventurer(1)
   torch.save(
     {
@@ -445,15 +445,28 @@ def test_adventurer(tmp_path):
   )
   torch.save(adventurer_to_torch(model), tmp_path / "bare.pth")
   images = images_at(SIZE)
+  capsys.readouterr()
   loaded = convert.load(tmp_path / "ckpt.pth", "adventurer")
   assert loaded.cfg == model.cfg  # width, depth, grid, classes, d_state, headdim, mlp_ratio, flip
+  warning = capsys.readouterr().out  # which pattern trained a file is unknown: say so
+  assert "flip_pattern='released' is a guess" in warning and "'pairs'" in warning
   assert_same_outputs(loaded, model, images)
   assert_same_outputs(convert.load(tmp_path / "ckpt.pth", "adventurer", use_ema=True), ema, images)
   assert_same_outputs(convert.load(tmp_path / "bare.pth", "adventurer"), model, images)
+  capsys.readouterr()
   assert (
     convert.load(tmp_path / "bare.pth", "adventurer", flip_pattern="alternate").cfg.flip_pattern
     == "alternate"
   )
+  assert "is a guess" not in capsys.readouterr().out  # chosen: no warning
+  # The CLI records the chosen pattern in model.json.
+  convert.main(
+    ["--format", "adventurer", "--input", str(tmp_path / "bare.pth")]
+    + ["--output", str(tmp_path / "pairs"), "--flip_pattern", "pairs"]
+  )
+  assert "flip pairs" in capsys.readouterr().out
+  meta = json.loads((tmp_path / "pairs" / "model.json").read_text())
+  assert meta["config"]["flip_pattern"] == "pairs"
   with pytest.raises(ValueError, match="model_ema"):
     convert.load(tmp_path / "bare.pth", "adventurer", use_ema=True)
   # A new image size resamples the patch slots of the position embedding; CLS (last) is kept.
@@ -504,6 +517,33 @@ def test_readers_are_the_single_registry(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_:  # argparse's own usage error: also 2
     convert.main(["--format", "keras", "--input", str(tmp_path), "--output", str(tmp_path)])
   assert exit_.value.code == 2 and "keras" in capsys.readouterr().err
+
+
+def test_run_time_overrides_apply_and_contradictions_are_refused(hf_dirs, tmp_path):
+  """Run-time fields change how a loaded model runs; fields the file determines are refused
+  when they contradict it (all in one message); hints the file cannot tell are taken."""
+  folder = hf_dirs["vit_cls"][1]
+  ref = convert.load(folder, "hf")
+  fast = convert.load(folder, "hf", dtype="bfloat16", attention_impl="xla", drop_path=0.1)
+  assert (fast.cfg.dtype, fast.cfg.attention_impl, fast.cfg.drop_path) == ("bfloat16", "xla", 0.1)
+  assert 0 < rel_err(forward(fast, images_at(SIZE)).logits, forward(ref, images_at(SIZE)).logits)
+  assert rel_err(forward(fast, images_at(SIZE)).logits, forward(ref, images_at(SIZE)).logits) < 0.05
+  with pytest.raises(errors.UserError) as err:  # config.json shows the heads
+    convert.load(folder, "hf", depth=DEPTH + 1, num_heads=2 * HEADS, width=WIDTH, mlp_dim=MLP)
+  message = str(err.value)
+  assert f"depth={DEPTH + 1} (the file has {DEPTH})" in message
+  assert f"num_heads={2 * HEADS} (the file has {HEADS})" in message
+  assert "width=" not in message and "mlp_dim=" not in message  # equal to the file's: fine
+  assert "'dtype'" in message  # says what may differ
+  assert convert.load(folder, "hf", num_classes=0).head is None  # dropping the head is allowed
+  with pytest.raises(errors.UserError, match="style='clip' .the file has 'timm'"):
+    convert.load(folder, "hf", style="clip")  # the file has no ln_pre: it is not CLIP's
+  # A saved directory determines every field but the run-time ones.
+  saved.save(ref, tmp_path / "m")
+  assert convert.load(tmp_path / "m", "orbax", dtype="bfloat16").cfg.dtype == "bfloat16"
+  for field, value in (("layer_norm_eps", 1e-6), ("pool", "gap"), ("num_classes", 3)):
+    with pytest.raises(errors.UserError, match=f"{field}="):
+      convert.load(tmp_path / "m", "orbax", **{field: value})
 
 
 # -------------------------------------------------------------------------------- saved / CLI

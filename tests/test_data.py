@@ -63,9 +63,8 @@ def test_digits_split_is_disjoint_and_complete():
 
   d = load_digits()
   reference = rows(np.round(d.images * 255 / 16), d.target)
-  both = rows(
-    np.concatenate([train.images, test.images]), np.concatenate([train.labels, test.labels])
-  )
+  examples = [src[i] for src in (train, test) for i in range(len(src))]
+  both = rows(np.stack([im for im, _ in examples])[..., 0], [label for _, label in examples])
   # Same multiset of (image, label) rows: together they cover all 1797 exactly once.
   np.testing.assert_array_equal(both, reference)
   image, label = train[0]
@@ -79,7 +78,41 @@ def test_mnist_source():
   assert image.shape == (28, 28, 1) and image.dtype == np.uint8
   assert 0 <= label < 10
   assert train.num_classes == 10
-  assert train.images.max() > 200  # real strokes, not an empty array
+  assert max(train[i][0].max() for i in range(10)) > 200  # real strokes, not an empty array
+
+
+@pytest.mark.parametrize("kind", ["npz", "folder"])
+def test_a_source_without_splits_is_never_evaluated_on_its_training_images(tmp_path, folder, kind):
+  """No eval_source: npz:/folder: are split as the built-ins are (fixed, test_fraction held
+  out, disjoint); with an eval_source, both stay whole. Images are told apart by content."""
+  if kind == "npz":
+    unique_npz(tmp_path / "d.npz", 50)
+    source = f"npz:{tmp_path / 'd.npz'}"
+  else:
+    source = f"folder:{folder[0]}"
+  whole = data.get_source(source)
+  key = lambda src: {src[i][0].tobytes() for i in range(len(src))}
+  cfg = common.data(source, SIZE, test_fraction=0.25)
+  train, test = data.train_source(cfg), data.eval_source(cfg)
+  assert len(test) == int(0.25 * len(whole)) and len(train) + len(test) == len(whole)
+  assert not key(train) & key(test) and key(train) | key(test) == key(whole)
+  assert train.num_classes == test.num_classes == whole.num_classes
+  again = data.eval_source(cfg)  # fixed: the same split every time
+  assert [again[i][1] for i in range(len(again))] == [test[i][1] for i in range(len(test))]
+  cfg = common.data(source, SIZE, eval_source=source)
+  assert len(data.train_source(cfg)) == len(data.eval_source(cfg)) == len(whole)
+
+
+def test_the_digits_split_is_what_it_was():
+  """The built-ins' split is unchanged by the generalisation (the demo's figures rely on it)."""
+  from sklearn.datasets import load_digits
+
+  d = load_digits()
+  order = np.random.default_rng(0).permutation(1797)
+  test = data.eval_source(common.data("digits", SIZE))
+  for i in (0, 100, 358):
+    np.testing.assert_array_equal(test[i][0][..., 0], np.round(d.images[order[i]] * 255 / 16))
+    assert test[i][1] == d.target[order[i]]
 
 
 @pytest.mark.parametrize("channels", [None, 1, 3])

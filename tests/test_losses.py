@@ -425,3 +425,37 @@ def test_level_pairs_pair_the_ends_of_each_level():
   assert losses.level_pairs(12, 12, 1) == [(11, 11)]
   with pytest.raises(UserError):  # K deeper than the student
     losses.level_pairs(12, 2, 4)
+
+
+def test_am_maps_are_computed_at_highest_precision():
+  """The similarity einsum asks for HIGHEST precision (default is TF32 on NVIDIA GPUs and
+  bf16 passes on TPU, ~1e-3 relative): checked in the traced program, since a CPU computes
+  f32 either way."""
+  jaxpr = jax.make_jaxpr(losses.similarity_map)(jnp.ones((2, 5, 8), jnp.bfloat16))
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dots and all(
+    e.params["precision"] is not None
+    and all(p == jax.lax.Precision.HIGHEST for p in e.params["precision"])
+    for e in dots
+  )
+
+
+def test_off_diagonal_cosines_hand_computed():
+  """Tokens e0, e0, e1: the six off-diagonal cosines are 1, 0, 0, 1, 0, 0."""
+  f = jnp.asarray([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+  mean, std = losses.off_diagonal_cosines(f)
+  np.testing.assert_allclose([mean, std], [1 / 3, np.sqrt(2 / 9)], rtol=1e-6)
+
+
+def test_centering_removes_a_huge_shared_channel():
+  """CLIP's risk: one huge channel shared by every token makes all cosines ≈ 1; subtracting
+  the token set's mean removes it (n centred tokens have mean cosine near −1/(n − 1))."""
+  rng = np.random.default_rng(0)
+  f = rng.standard_normal((2, 10, 16)).astype(np.float32)
+  f[..., 3] += 100.0
+  raw_mean, raw_std = losses.off_diagonal_cosines(jnp.asarray(f))
+  c_mean, _ = losses.off_diagonal_cosines(losses.centered(jnp.asarray(f)))
+  assert raw_mean > 0.99 and raw_std < 0.01
+  assert c_mean < 0.1
+  with pytest.raises(UserError, match="am_features"):
+    losses.am_loss([(None, f)], [(None, f)], (2, 5), (2, 5), scope="all", features="whitened")

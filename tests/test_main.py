@@ -67,9 +67,14 @@ def test_every_stage_writes_its_files(demo_run):
     assert 0 <= row["@16"]["top1"] <= row["@16"]["top5"] <= 1
     assert row["@16"]["examples"] == 359  # digits: 20% of 1797 held out
     assert row["img_per_s@16"] > 0 and row["img_per_s@32"] > 0
+    assert row["dtype"] == "float32"
   assert (workdir / "export" / "serve.jaxexport").is_file()
   assert (workdir / "plots" / "training.png").is_file()
   assert (workdir / "distill" / "maps" / "step_000004_0.png").is_file()  # maps at the end
+  cosines = json.load(open(workdir / "distill" / "teacher_cosines.json"))
+  assert set(cosines) == {"raw", "centered", "next_ln"}
+  assert all(len(levels) == 2 and -1 <= levels[0][0] <= 1 for levels in cosines.values())
+  assert "teacher's off-diagonal cosines per AM level, raw (used)" in out
   assert "top-1" in out and "Outputs:" in out
 
 
@@ -110,3 +115,32 @@ def test_eval_only_on_exported_student_and_converted_teacher(demo_run, tmp_path)
   assert results["teacher"]["@16"] == reference["teacher"]["@16"]
   assert results["student"]["@16"] == reference["student (distilled)"]["@16"]
   assert "student" in out
+
+
+def test_eval_skips_non_classifiers_and_takes_extra_models(demo_run, tmp_path):
+  """A teacher whose head is not over the data's classes (as a CLIP projection) is skipped,
+  not scored; eval.extra_models adds classifiers beside the run's."""
+  from linearizer import models
+  from linearizer.models import saved
+
+  workdir, _ = demo_run
+  embed = tmp_path / "embedder"
+  saved.save(
+    models.build(
+      "vit", "Ti/4", width=32, depth=2, num_heads=2, mlp_dim=64, image_size=16, num_classes=7
+    ),
+    embed,
+  )
+  out = run_main(
+    tmp_path / "eval_only",
+    "--config.stages=('eval',)",
+    f"--config.teacher.init={embed}",
+    f"--config.student.init={workdir / 'export'}",
+    f"--config.eval.extra_models=('again={workdir / 'train_teacher' / 'model'}',)",
+  )
+  results = json.load(open(tmp_path / "eval_only" / "eval" / "results.json"))
+  reference = json.load(open(workdir / "eval" / "results.json"))
+  assert set(results) == {"student", "again"}
+  assert "skipping teacher: its head has 7 outputs and the data 10 classes" in out
+  assert results["again"]["@16"]["top1"] == reference["teacher"]["@16"]["top1"]
+  assert results["student"]["@16"]["agreement"] is None  # no teacher to agree with

@@ -549,6 +549,7 @@ def test_flip_patterns():
   assert flips("alternate") == [i % 2 == 1 for i in range(7)]
   assert [i for i, f in enumerate(flips("alternate")) if f] == [1, 3, 5]
   assert [i for i, f in enumerate(flips("released")) if f] == [2, 3]
+  assert [i for i, f in enumerate(flips("pairs")) if f] == [2, 3, 6]  # (i // 2) % 2 == 1
   assert not any(flips("none"))
   assert adventurer_config("Ti/16").flip_pattern == "alternate"  # the paper's default
   with pytest.raises(ValueError, match="flip_pattern"):
@@ -781,3 +782,21 @@ def test_config_validation(config, fields, bad, names):
   # Good values of the same fields pass.
   ok = {"ssd_impl": "reference", "chunk_size": 16, "style": "clip", "num_heads": 6}
   assert dataclasses.replace(good, **{k: ok[k] for k in bad}) != good
+
+
+def test_causal_conv_accumulates_in_float32():
+  """bf16 inputs: the K products are summed in f32 and rounded once (as causal_conv1d).
+
+  x = [1, 2^-8, 2^-8, 2^-8] with unit weights: summed in bf16, each 1 + 2^-8 rounds back to
+  1 (the spacing of bf16 at 1 is 2^-7), giving 1; in f32 the sum is 1 + 3·2^-8, which rounds
+  once to 1 + 2^-6 (1.5 spacings, ties to even)."""
+  mixer = Mamba2(32, d_state=16, headdim=16, dtype="bfloat16", rngs=nnx.Rngs(0))
+  mixer.conv_weight[...] = jnp.ones_like(mixer.conv_weight[...])
+  mixer.conv_bias[...] = jnp.zeros_like(mixer.conv_bias[...])
+  x = jnp.asarray([1.0, 2**-8, 2**-8, 2**-8], jnp.bfloat16)[None, :, None]
+  x = jnp.broadcast_to(x, (1, 4, mixer.conv_weight.shape[1]))
+  out = mixer.causal_conv(x)
+  assert out.dtype == jnp.bfloat16
+  want = np.asarray(jnp.asarray(1 + 3 * 2**-8, jnp.float32).astype(jnp.bfloat16))
+  assert float(want) == 1 + 2**-6
+  np.testing.assert_array_equal(np.asarray(out[0, 3], np.float32), float(want))

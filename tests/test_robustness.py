@@ -239,6 +239,10 @@ BAD_INPUT = {  # name: (extra flags, phrases the message must hold)
     ["--config.train_teacher.optim.total_steps", "`steps`"],
   ),
   "unknown architecture": (["--config.teacher.kind=nope"], ["'nope'", "adventurer", "vit"]),
+  "unknown teacher input": (
+    ["--config.stages=('train_teacher','distill')", "--config.distill.teacher_input=crop"],
+    ["teacher_input='crop'", "resize"],
+  ),
 }
 
 
@@ -347,3 +351,32 @@ def test_teacher_and_student_that_cannot_be_paired(reference, tmp_path):
   assert not (tmp_path / "workdir" / "distill" / "ckpt").exists() or not os.listdir(
     tmp_path / "workdir" / "distill" / "ckpt"
   )
+
+
+def test_teacher_overrides_that_contradict_its_checkpoint(reference, tmp_path):
+  """teacher.overrides reach a loaded teacher: a depth the file contradicts is refused."""
+  proc = run_main(
+    tmp_path / "workdir",
+    "--config.stages=('distill',)",
+    f"--config.teacher.init={reference / 'train_teacher' / 'model'}",
+    "--config.teacher.overrides.depth=3",
+    code=2,
+  )
+  assert_clean_error(proc, "depth=3 (the file has 2)", "'dtype'")
+  assert not (tmp_path / "workdir" / "distill").exists()
+
+
+@pytest.mark.parametrize(
+  "flag,phrases",
+  [
+    ("--config.eval.extra_models=('no_equals_sign',)", ("'no_equals_sign'", "name=fmt:path")),
+    ("--config.distill.student_init=teacher", ("student_init='teacher'", "not available yet")),
+  ],
+)
+def test_refused_before_any_stage_runs(tmp_path, flag, phrases):
+  """Settings a later stage would refuse are refused before the first one trains."""
+  proc = run_main(
+    tmp_path / "workdir", "--config.stages=('train_teacher','distill','eval')", flag, code=2
+  )
+  assert_clean_error(proc, *phrases)
+  assert not (tmp_path / "workdir" / "train_teacher").exists()

@@ -48,7 +48,9 @@ PEAK_LR, MIN_LR, WARMUP, TOTAL = 3e-3, 1e-5, 2, 10
 
 
 def make_config(ocfg, loss, steps=1):
-  return ml_collections.ConfigDict(dict(steps=steps, optim=ocfg, loss=loss))
+  return ml_collections.ConfigDict(
+    dict(steps=steps, optim=ocfg, loss=loss, teacher_input="resample")
+  )
 
 
 def keep_grads() -> optax.GradientTransformation:
@@ -521,3 +523,58 @@ def test_mixup_or_cutmix_switch():
     exact = np.all((mixed == np.asarray(x)) | (mixed == np.asarray(x)[::-1]))
     kinds.add("cutmix" if exact else "mixup")
   assert kinds == {"cutmix", "mixup"}
+
+
+@pytest.mark.parametrize(
+  "teacher_input,am_features",
+  [("resample", "raw"), ("resize", "raw"), ("resample", "centered"), ("resize", "next_ln")],
+)
+def test_what_the_teacher_sees_and_what_am_compares(teacher_input, am_features):
+  """A patch-16 teacher on a patch-8 student's 32² images (grids 2×2 vs 4×4): 'resample'
+  feeds it the images and resamples its tokens to 4×4; 'resize' feeds it 64² images (4×4
+  patches of 16 px, one per student patch). AM compares the raw residual streams, each token
+  set minus its mean ('centered'), or the streams through the next block's pre-norm
+  ('next_ln': the teacher's LayerNorm, the student's RMSNorm, the final norms after the
+  last block). The step's AM loss equals AM computed here from the models' own modules on
+  what the teacher was fed (mask 0, scope all, drop path 0)."""
+  student = models.build("adventurer", "Ti/8", seed=0, **STUDENT)
+  teacher = models.build("vit", "Ti/16", seed=7, **TEACHER)
+  distiller = Distiller(student, TEACHER["width"], rngs=nnx.Rngs(1))
+  loss = common.distill_loss(
+    mask_ratio=0.0, w_mp=0.0, num_stages=NUM_STAGES, scope="all", am_features=am_features
+  )
+  config = make_config(common.optim(lr=1e-3), loss)
+  config.teacher_input = teacher_input
+  tx = optim.make_optimizer(config.optim, 1)
+  _, state = train.init_state(distiller, tx, ema=False)
+  step = jax.jit(make_distill_step(distiller, teacher, tx, config))
+  x = images(0, 2)
+  _, metrics = step(
+    state, nnx.state(teacher, nnx.Param), data.Batch(x, jnp.zeros(2)), jax.random.key(0)
+  )
+  seen = x if teacher_input == "resample" else jax.image.resize(x, (2, 64, 64, 3), "bicubic")
+  t_out, s_out = teacher(seen), student(x)
+  t_grid = (seen.shape[1] // 16,) * 2
+
+  def tokens(model, out, i):
+    if am_features != "next_ln":
+      return out.blocks[i]
+    if i + 1 == len(out.blocks):
+      return out.tokens  # the final norm
+    block = model.blocks[i + 1] if hasattr(model, "blocks") else model.layers[i + 1]
+    return (block.norm1 if hasattr(block, "norm1") else block.norm)(out.blocks[i])
+
+  pairs = [
+    losses.align(
+      losses.split_roles(tokens(teacher, t_out, i), t_out.roles),
+      losses.split_roles(tokens(student, s_out, j), s_out.roles),
+      t_grid,
+      (4, 4),
+      "all",
+    )
+    for i, j in losses.level_pairs(TEACHER["depth"], STUDENT["depth"], NUM_STAGES)
+  ]
+  if am_features == "centered":
+    pairs = [(t - t.mean(1, keepdims=True), s - s.mean(1, keepdims=True)) for t, s in pairs]
+  want = float(losses.activation_matching([t for t, _ in pairs], [s for _, s in pairs])[0])
+  np.testing.assert_allclose(float(metrics["am"]), want, rtol=1e-5)

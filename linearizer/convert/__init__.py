@@ -22,8 +22,8 @@ Decisions (all overridable):
     bias-free head (num_classes = embed dim, head_bias=False): logits are then CLIP's image
     embedding of the final-norm CLS token. `num_classes=0` drops it (and any other head).
   - adventurer: the `model` entry by default (`use_ema=True` for `model_ema`), and
-    flip_pattern "released" (`i // 2 == 1`), the pattern its public weights were trained
-    with. Its checkpoints hold no `mask_token` (a distillation-only parameter): unless the
+    flip_pattern "released" (`i // 2 == 1`, the code as published) with a warning unless
+    chosen: which pattern trained the public weights is unknown. Its checkpoints hold no `mask_token` (a distillation-only parameter): unless the
     file has one it is initialised as the model does (trunc-normal 0.02).
   - num_heads: from config.json (hf) or the q kernel (big_vision); timm / openai_clip
     weights do not show it: default width // 64 (exact for OpenAI CLIP; ViT-H needs 16).
@@ -52,7 +52,7 @@ from linearizer import models
 from linearizer.convert import adventurer, big_vision, hf, openai_clip, orbax, timm
 from linearizer.convert.match import CheckpointMismatch, Spec, _config, _match, _Uninferable
 from linearizer.convert.tensors import read_tensors
-from linearizer.errors import MissingPathError, UserError, exit_with
+from linearizer.errors import MissingPathError, UserError, exit_with, log
 from linearizer.models import saved
 
 __all__ = [
@@ -123,7 +123,10 @@ def load(path: Union[str, os.PathLike], fmt: str, **overrides) -> nnx.Module:
     raise
   except UNREADABLE as e:  # a truncated, corrupt or unreadable file: the user's to fix
     raise UserError(f"{where} could not be read: {type(e).__name__}: {e}") from e
-  cfg = _config(spec.kind, spec.fields, overrides)
+  cfg = _config(spec, overrides, where)
+  for field, why in spec.guesses.items():
+    if field not in overrides:
+      log(f"warning: {where}: {field}={getattr(cfg, field)!r} is a guess: {why}.")
   native = dataclasses.replace(cfg, image_size=spec.fields["image_size"])
   arrays = _match(nnx.eval_shape(lambda: models.from_config(native)), spec, where)
   if cfg.image_size != native.image_size:  # resample once here, as the models do at run time
@@ -150,6 +153,7 @@ _DESCRIBED = (
   ("image_size", "@{}"),
   ("style", "style {}"),
   ("flip_pattern", "flip {}"),
+  ("dtype", "{}"),
 )
 
 

@@ -1,14 +1,22 @@
 """adventurer: an Adventurer `.pth` (`model` / `model_ema` entry, or a bare state dict).
 
-flip_pattern is "released" (`i // 2 == 1`), the pattern its public weights were trained
-with. A missing `mask_token` (classification checkpoints) is initialised as the model does.
+flip_pattern is "released" (`i // 2 == 1`, the code as published) unless chosen; which
+pattern trained the public weights is unknown, so load warns when it is not chosen. A
+missing `mask_token` (classification checkpoints) is initialised as the model does.
 """
 
 import pathlib
 
-from linearizer.convert.match import Spec, _depth, _grid_size, _need
+from linearizer.convert.match import ADVENTURER_FIXED, Spec, _depth, _grid_size, _need
 from linearizer.convert.tensors import CONV, CONV1D, LINEAR, SAME, _linear, read_tensors
 from linearizer.models import common
+
+FLIP_GUESS = (
+  "the weights do not show which blocks flip the patch order; 'released' (i // 2 == 1) is "
+  "the code as published, 'pairs' ((i // 2) % 2 == 1) and 'alternate' (i % 2 == 1) the fixes "
+  "its maintainer names. Choose with flip_pattern=..., by top-1 on a validation subset "
+  "(docs/method-fidelity.md)"
+)
 
 
 def read(path: pathlib.Path, use_ema: bool = False) -> Spec:
@@ -56,4 +64,12 @@ def read(path: pathlib.Path, use_ema: bool = False) -> Spec:
     **_linear("head", "head"),
   }
   # Classification checkpoints hold no mask token: initialise it as Adventurer.__init__ does.
-  return Spec("adventurer", fields, table, t, optional={"mask_token": common.trunc_normal_02})
+  return Spec(
+    "adventurer",
+    fields,
+    table,
+    t,
+    optional={"mask_token": common.trunc_normal_02},
+    fixed=ADVENTURER_FIXED,
+    guesses={"flip_pattern": FLIP_GUESS},
+  )

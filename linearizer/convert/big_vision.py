@@ -8,6 +8,7 @@ import pathlib
 import re
 
 from linearizer.convert.match import (
+  VIT_FIXED,
   Spec,
   _depth,
   _find_prefix,
@@ -77,7 +78,10 @@ def read(path: pathlib.Path) -> Spec:
     **_ln("norm", p + "Transformer/encoder_norm", sep="/", scale="scale"),
     **_dense("head", p + "head"),
   }
-  return Spec("vit", fields, table, t, ignore=lambda n: not n.startswith(p))  # other towers
+  # other towers ignored; the q kernel shows the heads
+  return Spec(
+    "vit", fields, table, t, ignore=lambda n: not n.startswith(p), fixed=(*VIT_FIXED, "num_heads")
+  )
 
 
 def _find_encoder(t: dict) -> str:

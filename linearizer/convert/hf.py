@@ -10,6 +10,7 @@ import pathlib
 import re
 
 from linearizer.convert.match import (
+  VIT_FIXED,
   Spec,
   _depth,
   _find_prefix,
@@ -162,4 +163,5 @@ def read(path: pathlib.Path) -> Spec:
   def ignore(n):  # other towers, and the `position_ids` buffer old CLIP files keep
     return not ours(n) or n == e + "position_ids"
 
-  return Spec("vit", fields, table, t, ignore)
+  heads = ("num_heads",) if "num_attention_heads" in config else ()  # config.json tells them
+  return Spec("vit", fields, table, t, ignore, fixed=(*VIT_FIXED, *heads))

@@ -35,6 +35,14 @@ class Spec(NamedTuple):
   tensors: dict
   ignore: Callable = lambda name: False  # tensors of the file that are not ours to load
   optional: dict = {}  # our params the file may lack -> initializer(key, shape), as the model's
+  fixed: tuple = ()  # fields the file itself determines: an override contradicting one is refused
+  guesses: dict = {}  # field -> why it is a guess: a warning at load unless the user set it
+
+
+# The fields a ViT's / an Adventurer's tensor names and shapes determine (the readers'
+# `fixed`); a ViT's style shows in its `ln_pre` and patch-conv bias.
+VIT_FIXED = ("width", "depth", "mlp_dim", "patch", "style")
+ADVENTURER_FIXED = ("width", "depth", "patch", "d_state", "headdim", "expand", "mlp_ratio")
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,19 +106,38 @@ def _vit_fields(
   )
 
 
-def _config(kind, fields, overrides):
-  """The config of `kind` from inferred `fields` and the user's `overrides` (which win).
+def _config(spec, overrides, where):
+  """The config of `spec.kind` from the inferred fields and the user's `overrides`.
 
-  Field values are checked by the config dataclass itself (`__post_init__`).
+  Run-time fields (`models.RUN_TIME_FIELDS`) always apply; an override of a field the file
+  determines (`spec.fixed`) that contradicts it is refused, all such in one message
+  (`num_classes=0`, which drops the head, excepted); the rest (style, eps, ...) are hints
+  that replace what was inferred. Values are checked by the config itself (`__post_init__`).
   """
-  cls = models.ARCHITECTURES[kind].config
+  cls = models.ARCHITECTURES[spec.kind].config
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(overrides) - known)
   if unknown:
     raise UserError(
-      f"Unknown override(s) {unknown} for the {kind} model; its config fields are {sorted(known)}."
+      f"Unknown override(s) {unknown} for the {spec.kind} model; its config fields are "
+      f"{sorted(known)}."
     )
-  return cls(**{**fields, **overrides})
+  contradicted = [
+    f"{k}={v!r} (the file has {spec.fields[k]!r})"
+    for k, v in overrides.items()
+    if k in spec.fixed
+    and k not in models.RUN_TIME_FIELDS
+    and v != spec.fields[k]
+    and not (k == "num_classes" and v == 0)
+  ]
+  if contradicted:
+    raise UserError(
+      f"{where}: overrides contradict what the checkpoint determines: "
+      + ", ".join(contradicted)
+      + f". Only run-time fields {list(models.RUN_TIME_FIELDS)} may differ from it; "
+      "remove the others."
+    )
+  return cls(**{**spec.fields, **overrides})
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ The image projection `proj` becomes a bias-free head; num_heads is OpenAI's widt
 import pathlib
 import re
 
-from linearizer.convert.match import Spec, _depth, _grid_size, _need, _vit_fields
+from linearizer.convert.match import VIT_FIXED, Spec, _depth, _grid_size, _need, _vit_fields
 from linearizer.convert.tensors import CONV, LINEAR, ROW, SAME, TOKEN, _linear, _ln, read_tensors
 
 
@@ -44,4 +44,5 @@ def read(path: pathlib.Path) -> Spec:
     **_ln("norm", p + "ln_post"),
     "head.kernel": ((p + "proj",), SAME),
   }  # CLIP computes x @ proj: already (in, out)
-  return Spec("vit", fields, table, t, ignore=lambda n: not n.startswith(p))  # text tower
+  # the text tower ignored; the heads are not in the weights
+  return Spec("vit", fields, table, t, ignore=lambda n: not n.startswith(p), fixed=VIT_FIXED)

@@ -15,4 +15,6 @@ def read(path: pathlib.Path) -> Spec:
   kind, cfg = saved.load_config(path)
   abstract = nnx.eval_shape(lambda: models.from_config(cfg))
   table = {t: ((t,), SAME) for t, _, _ in _templates(abstract)}
-  return Spec(kind, dataclasses.asdict(cfg), table, saved.read_params(path))
+  fields = dataclasses.asdict(cfg)
+  # model.json determines every field; only run-time ones (models.RUN_TIME_FIELDS) may change.
+  return Spec(kind, fields, table, saved.read_params(path), fixed=tuple(fields))

@@ -7,7 +7,7 @@ weights: width // 64 unless overridden (ViT-H needs 16).
 import pathlib
 
 from linearizer.convert import big_vision
-from linearizer.convert.match import Spec, _depth, _grid_size, _need, _vit_fields
+from linearizer.convert.match import VIT_FIXED, Spec, _depth, _grid_size, _need, _vit_fields
 from linearizer.convert.tensors import CONV, SAME, _linear, _ln, read_tensors
 
 
@@ -48,4 +48,4 @@ def read(path: pathlib.Path) -> Spec:
     **_ln("norm", "norm"),
     **_linear("head", "head"),
   }
-  return Spec("vit", fields, table, t)
+  return Spec("vit", fields, table, t, fixed=VIT_FIXED)  # the heads are not in the weights

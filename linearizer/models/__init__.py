@@ -35,7 +35,20 @@ __all__ = [
   "from_config",
   "kind_of",
   "config_from_dict",
+  "RUN_TIME_FIELDS",
 ]
+
+# Config fields that say how a model runs, not what it computes (up to rounding): a loaded
+# model always takes the config's value. image_size resamples the position embedding.
+RUN_TIME_FIELDS = (
+  "dtype",
+  "attention_impl",
+  "ssd_impl",
+  "ssd_interpret",
+  "chunk_size",
+  "drop_path",
+  "image_size",
+)
 
 
 class Architecture(NamedTuple):

@@ -25,11 +25,15 @@ SSD_IMPLS = (*kernels.IMPLS, "auto")  # what `ssd_impl` may name (kernels.ssd's 
 # size -> (width, depth); SSM heads = 2·width / 64.
 WIDTHS = {"Ti": (256, 12), "S": (512, 12), "B": (768, 12), "L": (1024, 24)}
 
-# Which blocks reverse the patch order. The paper flips every other block; the released
-# code flips only blocks 2 and 3 (`i // 2 == 1`, a known bug), kept for loading its weights.
-FlipPattern = Literal["alternate", "released", "none"]
+# Which blocks reverse the patch order. The paper flips every other block (`alternate`, our
+# default for new training). The released code flips only blocks 2 and 3 (`released`,
+# `i // 2 == 1`), which its maintainer calls "a small bug ... used in ablation experiments"
+# (wangf3014/Adventurer#6), naming `(i // 2) % 2 == 1` (`pairs`) or `i % 2 == 1` as the fix:
+# which one trained the public checkpoints is unknown (docs/method-fidelity.md: how to pick).
+FlipPattern = Literal["alternate", "pairs", "released", "none"]
 FLIP_PATTERNS = {
   "alternate": lambda i: i % 2 == 1,
+  "pairs": lambda i: (i // 2) % 2 == 1,
   "released": lambda i: i // 2 == 1,
   "none": lambda i: False,
 }
@@ -168,6 +172,12 @@ class Adventurer(nnx.Module):
   @property
   def grid(self):
     return common.patch_grid((self.cfg.image_size, self.cfg.image_size), self.cfg.patch)
+
+  def next_norm(self, index: int, x):
+    """The pre-norm block `index + 1` applies to block `index`'s output (the final norm
+    after the last block): AM's `next_ln` features."""
+    norm = self.layers[index + 1].norm if index + 1 < len(self.layers) else self.norm_f
+    return norm(x)
 
   def embed(self, images, mask=None):
     """`[p_1 … p_N, cls]` + position embedding; masked patches become the mask token first."""

@@ -76,12 +76,16 @@ class Mamba2(nnx.Module):
     self.out_proj = nnx.Linear(inner, d_model, kernel_init=scaled, **dense)
 
   def causal_conv(self, xbc):
-    """Depthwise causal conv, width K: out_t = b + Σ_k w_k · x_{t-K+1+k}."""
-    w = self.conv_weight[...].astype(xbc.dtype)
+    """Depthwise causal conv, width K: out_t = b + Σ_k w_k · x_{t-K+1+k}.
+
+    Accumulated in float32 and cast back once, as `causal_conv1d` does: in bfloat16 each of
+    the K partial sums would round.
+    """
+    w = self.conv_weight[...].astype(jnp.float32)
     k = w.shape[0]
-    padded = jnp.pad(xbc, ((0, 0), (k - 1, 0), (0, 0)))
+    padded = jnp.pad(xbc, ((0, 0), (k - 1, 0), (0, 0))).astype(jnp.float32)
     out = sum(padded[:, i : i + xbc.shape[1]] * w[i] for i in range(k))
-    return out + self.conv_bias[...].astype(xbc.dtype)
+    return (out + self.conv_bias[...].astype(jnp.float32)).astype(xbc.dtype)
 
   def gated_norm(self, y, z):
     """RMSNorm(y ⊙ SiLU(z)) per group, in float32 (norm after gating, §6 step 5)."""

@@ -199,6 +199,12 @@ class ViT(nnx.Module):
   def grid(self):
     return common.patch_grid((self.cfg.image_size, self.cfg.image_size), self.cfg.patch)
 
+  def next_norm(self, index: int, x):
+    """The pre-norm block `index + 1` applies to block `index`'s output (the final norm
+    after the last block): AM's `next_ln` features."""
+    norm = self.blocks[index + 1].norm1 if index + 1 < len(self.blocks) else self.norm
+    return norm(x)
+
   def embed(self, images):
     common.check_images(images, 3, self.cfg.patch)
     x = self.patch_embed(images).astype(jnp.float32)  # the residual stream stays float32

@@ -1,0 +1,74 @@
+"""How a run resolves its models (linearizer.workdir): overrides reach every loaded model,
+fine-tuning starts at its own resolution."""
+
+import numpy as np
+import pytest
+
+from configs import common
+from linearizer import models, workdir
+from linearizer.errors import UserError
+from linearizer.models import saved
+
+TINY_VIT = dict(width=32, depth=2, num_heads=2, mlp_dim=64, image_size=16, num_classes=10)
+TINY_STUDENT = dict(width=32, depth=2, headdim=16, d_state=16, chunk_size=16, image_size=16)
+
+
+def config(**changes):
+  c = common.base()
+  c.data = common.data("digits", 16)
+  c.finetune = common.stage(steps=1, batch_size=8, lr=1e-3, loss=common.supervised_loss())
+  c.update(changes)
+  return c
+
+
+def test_teacher_init_takes_the_configs_run_time_overrides(tmp_path):
+  """The ImageNet setups' dtype='bfloat16' used to be dropped for a loaded teacher."""
+  saved.save(models.build("vit", "Ti/4", **TINY_VIT), tmp_path / "t")
+  c = config()
+  c.teacher.init = str(tmp_path / "t")
+  c.teacher.overrides = dict(dtype="bfloat16", attention_impl="xla", depth=2)
+  teacher = workdir.teacher(c, str(tmp_path / "run"), 10)
+  assert (teacher.cfg.dtype, teacher.cfg.attention_impl) == ("bfloat16", "xla")
+  c.teacher.overrides = dict(num_heads=4)
+  with pytest.raises(UserError, match=r"num_heads=4 \(the file has 2\)"):
+    workdir.teacher(c, str(tmp_path / "run"), 10)
+
+
+def test_finetune_starts_at_its_own_resolution(tmp_path):
+  """finetune.augment.image_size: the student's position embeddings resampled once to it."""
+  base = models.build("adventurer", "Ti/4", num_classes=0, **TINY_STUDENT)
+  saved.save(base, tmp_path / "s")
+  c = config()
+  c.student.init = str(tmp_path / "s")
+  c.student.overrides = dict(dtype="bfloat16")
+  c.finetune.augment = dict(image_size=32)
+  c.finetune.drop_path = 0.1
+  student = workdir.pretrained_student(c, str(tmp_path / "run"), 10)
+  assert (student.cfg.image_size, student.cfg.dtype, student.cfg.drop_path) == (32, "bfloat16", 0.1)
+  assert student.cfg.num_classes == 10
+  want = models.resample_pos_embed(base.pos_embed[...], (4, 4), (8, 8), cls_at="last")
+  np.testing.assert_allclose(student.pos_embed[...], want, rtol=1e-6, atol=1e-7)
+
+
+def test_distillation_can_start_from_a_checkpoint(tmp_path):
+  """distill.student_init: a supervised student's weights, its head dropped, its own
+  normalisation kept (the batches follow it; the teacher's view is re-normalised)."""
+  base = models.build(
+    "adventurer", "Ti/4", num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3, **TINY_STUDENT
+  )
+  saved.save(base, tmp_path / "s")
+  c = config()
+  c.distill = common.distill_stage(
+    steps=1, batch_size=8, lr=1e-3, loss=common.distill_loss(), drop_path=0.1
+  )
+  fresh = workdir.distill_student(c, ((0.1,) * 3, (0.2,) * 3))
+  assert fresh.cfg.mean == (0.1,) * 3 and fresh.head is None
+  c.distill.student_init = str(tmp_path / "s")
+  student = workdir.distill_student(c, ((0.1,) * 3, (0.2,) * 3))
+  assert student.head is None and student.cfg.drop_path == 0.1
+  assert student.cfg.mean == (0.5,) * 3 and student.cfg.std == (0.25,) * 3
+  np.testing.assert_array_equal(student.pos_embed[...], base.pos_embed[...])
+  np.testing.assert_array_equal(student.layers[1].mixer.A_log[...], base.layers[1].mixer.A_log[...])
+  c.distill.student_init = "teacher"
+  with pytest.raises(UserError, match="not available yet"):
+    workdir.distill_student(c, ((0.1,) * 3, (0.2,) * 3))
