@@ -69,7 +69,9 @@ def get_config(arg=None):
   t_variant, s_variant, ft_drop = SETUPS[arg.setup]
   c = common.base()
   c.stages = ("distill", "finetune", "eval")
-  c.data = common.data("tfds:imagenet2012", 224, data_dir=arg.data_dir, workers=16)
+  c.data = common.data(
+    "tfds:imagenet2012", 224, data_dir=arg.data_dir, workers=16, num_classes=1000
+  )
   c.teacher.variant = t_variant
   c.teacher.overrides = dict(style="clip", dtype="bfloat16")
   c.student.variant = s_variant

@@ -337,6 +337,18 @@ def measure_ssd(config, s, meta, peak, bandwidth):
   return rows
 
 
+def fill_teacher_flops(rows, kind, peak):
+  """XLA counts no FLOPs inside custom calls (cuDNN attention): every impl does the same
+  math, so a teacher row without FLOPs takes those of another impl at its resolution."""
+  timed = [r for r in rows if r["kind"] == kind and r["role"] == "teacher" and "img_per_s" in r]
+  for res in {r["resolution"] for r in timed}:
+    same = [r for r in timed if r["resolution"] == res]
+    flops = next((r["flops_per_image"] for r in same if r.get("flops_per_image")), None)
+    for r in same:
+      if r["flops_per_image"] is None and flops:
+        r["flops_per_image"], r["mfu"] = flops, results.mfu(flops, r["img_per_s"], peak)
+
+
 def supervised_rows(config, s, base, peak):
   """The supervised step of the ViT under each attention impl and of the student once."""
   stage = config.bench.supervised
@@ -423,21 +435,7 @@ def run(config, workdir):
                 batch=largest_batch(model, res, s["batch"], s["max_batch_limit"]),
               )
             )
-    # XLA counts no FLOPs inside custom calls (cuDNN attention): every impl does the same
-    # math, so the teacher's FLOPs come from the first impl that reports them.
-    for res in s["resolutions"]:
-      same = [
-        r
-        for r in rows
-        if r["kind"] == "forward"
-        and r["role"] == "teacher"
-        and r["resolution"] == res
-        and "img_per_s" in r
-      ]
-      flops = next((r["flops_per_image"] for r in same if r.get("flops_per_image")), None)
-      for r in same:
-        if r["flops_per_image"] is None and flops:
-          r["flops_per_image"], r["mfu"] = flops, results.mfu(flops, r["img_per_s"], peak)
+    fill_teacher_flops(rows, "forward", peak)
     results.attention_speedups(rows)
 
   if "train_step" in s["parts"]:
@@ -449,6 +447,7 @@ def run(config, workdir):
     )
   if "supervised_step" in s["parts"]:
     rows.extend(supervised_rows(config, s, base, peak))
+    fill_teacher_flops(rows, "supervised_step", peak)
   if "ssd" in s["parts"]:
     rows.extend(measure_ssd(config, s, base, peak, bandwidth))
 

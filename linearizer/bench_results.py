@@ -209,7 +209,7 @@ def table(result):
   if sup:
     head = (
       f"{'supervised step':<20} {'attn':<6} {'res':>5} {'batch':>5} {'img/s':>10} "
-      f"{'ms/step':>10} {'compiled GB':>11} {'peak GB':>8}"
+      f"{'ms/step':>10} {'compiled GB':>11} {'process peak GB':>15}"
     )
     lines += ["", head, "-" * len(head)]
     gb = lambda v: v and v / 1e9
@@ -217,7 +217,7 @@ def table(result):
       lines.append(
         f"{r['model']:<20} {r['attention_impl'] or '':<6} {r['resolution']:>5} {r['batch']:>5} "
         f"{r['img_per_s']:>10.2f} {r['latency_ms']:>10.1f} "
-        f"{fmt(gb(r['compiled_bytes']), '>11.2f')} {fmt(gb(r['peak_bytes']), '>8.2f')}"
+        f"{fmt(gb(r['compiled_bytes']), '>11.2f')} {fmt(gb(r['peak_bytes']), '>15.2f')}"
       )
   lines += [
     "",

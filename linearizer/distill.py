@@ -189,7 +189,8 @@ def make_distill_step(
 # ---------------------------------------------------------------------------------------
 def teacher_cosines(config, teacher, student, source) -> dict:
   """{am_features mode: [(mean, std) per AM level]} of the teacher's off-diagonal token
-  cosines (CLS and patches) on the first `distill.diagnose_images` training images.
+  cosines over CLS and every patch (`centered`: minus their mean) on the first
+  `distill.diagnose_images` training images.
 
   CLIP's residual streams carry a few huge shared channels and high-norm tokens that push
   every cosine toward 1: a mean near 1 with a small std means flat maps for AM to match.
@@ -200,11 +201,13 @@ def teacher_cosines(config, teacher, student, source) -> dict:
       source, config.data, batch_size=config.distill.diagnose_images, mean=s.mean, std=s.std
     )
   )
-  images = teacher_view(jnp.asarray(batch.image), s, teacher.cfg, config.distill.teacher_input)
+  real = batch.image[batch.valid]  # fewer images than asked: no padding rows
+  images = teacher_view(jnp.asarray(real), s, teacher.cfg, config.distill.teacher_input)
   out = teacher(images)
   levels = losses.level_pairs(teacher.cfg.depth, s.depth, config.distill.loss.num_stages)
   stats = {}
-  for mode in losses.AM_FEATURES:
+  modes = [m for m in losses.AM_FEATURES if m != "next_ln" or hasattr(teacher, "next_norm")]
+  for mode in modes:
     per_level = []
     for i, _ in levels:
       cls, patches = losses.split_roles(am_tokens(teacher, out, i, mode), out.roles)

@@ -170,7 +170,24 @@ def run_eval(config, run_dir, source, num_classes):
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=2)
     log(table(rows, config.data.image_size, speed_sizes))
+    for size in sizes[1:]:
+      log(other_size(rows, size))
   return rows
+
+
+def other_size(rows, size):
+  """One line of top-1 at an extra eval size, each model marked when it ran resampled."""
+
+  def entry(name, acc):
+    resampled = acc["resampled_from"]
+    return f"{name} {100 * acc['top1']:.2f}" + (
+      f" (trained at {resampled}, resampled)" if resampled else ""
+    )
+
+  fraction = next(iter(rows.values()))[f"@{size}"]["crop_fraction"]
+  return f"top-1 @{size} (crop {fraction}): " + ", ".join(
+    entry(name, r[f"@{size}"]) for name, r in rows.items()
+  )
 
 
 def table(rows, size, speed_sizes):

@@ -30,7 +30,7 @@ def cosine_similarities(f):
   """(B, n, d) -> (B, n, n) cosine similarities between the n tokens.
 
   At HIGHEST precision: the default runs f32 matmuls as TF32 on NVIDIA GPUs (~1e-3
-  relative) and bf16 passes on TPU; the maps are small (≤ 50 × 50 at 224²), so full f32
+  relative) and bf16 passes on TPU; the maps are small (n ≤ 197 tokens at 224²), so full f32
   costs nothing that shows.
   """
   f = f.astype(jnp.float32)

@@ -49,7 +49,13 @@ class Run:
 
   @functools.cached_property
   def classes(self) -> int:
-    return data.num_classes(self.config.data, self.train_source)
+    classes = data.num_classes(self.config.data, self.train_source)
+    if not classes:
+      raise UserError(
+        f"{self.train_source.name} does not say how many classes it has; set "
+        "--config.data.num_classes."
+      )
+    return classes
 
   def teacher(self):
     return workdir.teacher(self.config, self.dir, self.classes)
@@ -141,6 +147,16 @@ def check_config(config) -> None:
   if "eval" in config.stages:
     evaluate.extra_models(config)
   if "distill" in config.stages:
+    # Fields configs.common.distill_stage declares: a config from before them built the
+    # distill block with `stage` and would fail half-way.
+    missing = [
+      k for k in ("student_init", "teacher_input", "diagnose_images") if k not in config.distill
+    ]
+    if missing:
+      raise UserError(
+        f"config.distill lacks {missing}: build it with configs.common.distill_stage(...) "
+        "(common.stage plus the distillation-only fields)."
+      )
     workdir.check_distill_init(config)
     if config.distill.teacher_input not in distill.TEACHER_INPUTS:
       raise UserError(

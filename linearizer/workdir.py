@@ -139,9 +139,8 @@ def distill_student(config, norm) -> nnx.Module:
   init, drop_path = config.distill.student_init, config.distill.drop_path
   if not init:
     return new_student(config, 0, norm, drop_path=drop_path)
-  return with_new_head(
-    load_model(init, config.student.overrides), 0, config.seed + 1, drop_path=drop_path
-  )
+  overrides = {**config.student.overrides, "image_size": config.data.image_size}
+  return with_new_head(load_model(init, overrides), 0, config.seed + 1, drop_path=drop_path)
 
 
 def with_new_head(base: nnx.Module, num_classes: int, seed: int, **changes) -> nnx.Module:

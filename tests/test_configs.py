@@ -77,3 +77,11 @@ def test_custom_data_without_eval_data_holds_some_out():
   assert 0 < c.data.test_fraction < 1
   c = custom.get_config("teacher=/ckpt/t,data=/data/imgs,eval_data=/data/val")
   assert c.data.eval_source == "folder:/data/val"
+
+
+def test_the_console_marks_a_resampled_number():
+  """The @448 line says which models ran away from their training size."""
+  acc = lambda top1, resampled: dict(top1=top1, crop_fraction=1.0, resampled_from=resampled)
+  rows = {"teacher": {"@448": acc(0.8, 224)}, "student": {"@448": acc(0.85, None)}}
+  line = evaluate.other_size(rows, 448)
+  assert line == "top-1 @448 (crop 1.0): teacher 80.00 (trained at 224, resampled), student 85.00"

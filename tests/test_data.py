@@ -9,6 +9,9 @@ and eval coverage are read off unique labels (label i ⇔ example i).
 
 import logging
 import os
+import pathlib
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from PIL import Image
 
 from configs import common
 from linearizer import data
+from linearizer.errors import UserError
 
 SIZE = 16
 MEAN = (0.485, 0.456, 0.406)
@@ -570,3 +574,60 @@ def test_rand_augment_and_train_transform(cfg):
   assert a.shape == (SIZE, SIZE, 3) and a.dtype == np.float32
   np.testing.assert_array_equal(a, transform(image, np.random.default_rng(5)))
   assert not np.array_equal(a, transform(image, np.random.default_rng(6)))
+
+
+class FakeTfds:
+  """Stands in for `tensorflow_datasets` (no prepared dataset here): `data_source` over
+  in-memory splits whose labels are the example ids, with a 7-class label feature."""
+
+  SPLITS = {"train": [1, 2, 3], "validation": [4, 5], "test": [6]}
+
+  def __init__(self):
+    self.asked = []
+
+  def data_source(self, name, split, data_dir):
+    self.asked.append(split)
+    rows = _TfdsRows(
+      {"image": np.full((4, 4, 3), i, np.uint8), "label": i} for i in self.SPLITS[split]
+    )
+    rows.dataset_info = types.SimpleNamespace(
+      features={"label": types.SimpleNamespace(num_classes=7)}
+    )
+    return rows
+
+
+class _TfdsRows(list):
+  dataset_info = None
+
+
+def test_tfds_splits_and_classes(monkeypatch):
+  """tfds: train on 'train', evaluate on 'validation' (of the source, or of an eval_source
+  that names no split: never its 'train'); a source naming its split needs an eval_source;
+  the class count comes from the dataset's label feature."""
+  fake = FakeTfds()
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  labels = lambda src: [src[i][1] for i in range(len(src))]
+  cfg = common.data("tfds:fake", SIZE)
+  train = data.train_source(cfg)
+  assert labels(train) == [1, 2, 3] and train.num_classes == 7
+  assert labels(data.eval_source(cfg)) == [4, 5]
+  assert labels(data.eval_source(common.data("tfds:a", SIZE, eval_source="tfds:b"))) == [4, 5]
+  assert labels(data.eval_source(common.data("tfds:a", SIZE, eval_source="tfds:b:test"))) == [6]
+  with pytest.raises(UserError, match="names its tfds split"):
+    data.eval_source(common.data("tfds:fake:train", SIZE))
+
+
+def test_an_unreadable_file_is_replaced_from_its_own_split(tmp_path):
+  """A corrupt held-out image is replaced by another held-out one, never a training image."""
+  rng = np.random.default_rng(0)
+  for k in range(8):
+    (tmp_path / f"c{k % 2}").mkdir(exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(
+      tmp_path / f"c{k % 2}" / f"{k}.png"
+    )
+  cfg = common.data(f"folder:{tmp_path}", SIZE, test_fraction=0.5)
+  test, train = data.eval_source(cfg), data.train_source(cfg)
+  held_out = {test[i][0].tobytes() for i in range(len(test))}
+  (pathlib.Path(test.files[0][0])).write_bytes(b"garbage")
+  seen = {test[i][0].tobytes() for i in range(len(test))}
+  assert seen <= held_out and not seen & {train[i][0].tobytes() for i in range(len(train))}

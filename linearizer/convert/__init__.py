@@ -23,8 +23,14 @@ Decisions (all overridable):
     embedding of the final-norm CLS token. `num_classes=0` drops it (and any other head).
   - adventurer: the `model` entry by default (`use_ema=True` for `model_ema`), and
     flip_pattern "released" (`i // 2 == 1`, the code as published) with a warning unless
-    chosen: which pattern trained the public weights is unknown. Its checkpoints hold no `mask_token` (a distillation-only parameter): unless the
-    file has one it is initialised as the model does (trunc-normal 0.02).
+    chosen: which pattern trained the public weights is unknown. Its checkpoints hold no
+    `mask_token` (a distillation-only parameter): unless the file has one it is
+    initialised as the model does (trunc-normal 0.02).
+  - timm CLIP towers: exact GELU, as timm runs them (a warning: `*_clip_quickgelu_*` files
+    need activation='quick_gelu').
+  - Overrides: run-time fields (models.RUN_TIME_FIELDS) always apply; one that contradicts
+    what the file determines (`Spec.fixed`: shapes, style, heads where shown; every field
+    of a saved directory) is refused; the rest replace what was inferred.
   - num_heads: from config.json (hf) or the q kernel (big_vision); timm / openai_clip
     weights do not show it: default width // 64 (exact for OpenAI CLIP; ViT-H needs 16).
   - image_size: inferred from the position-embedding grid; a different override resamples

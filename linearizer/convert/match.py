@@ -122,12 +122,18 @@ def _config(spec, overrides, where):
       f"Unknown override(s) {unknown} for the {spec.kind} model; its config fields are "
       f"{sorted(known)}."
     )
+  same = lambda a, b: (
+    (tuple(a) if isinstance(a, list) else a)
+    == (  # JSON lists: tuples
+      tuple(b) if isinstance(b, list) else b
+    )
+  )
   contradicted = [
     f"{k}={v!r} (the file has {spec.fields[k]!r})"
     for k, v in overrides.items()
     if k in spec.fixed
     and k not in models.RUN_TIME_FIELDS
-    and v != spec.fields[k]
+    and not same(v, spec.fields[k])
     and not (k == "num_classes" and v == 0)
   ]
   if contradicted:

@@ -1,7 +1,9 @@
 """timm: a timm ViT `.pth` / `.safetensors`; a timm `.npz` is big_vision's layout.
 
-timm's CLIP towers are told by their `norm_pre` (style 'clip'); num_heads is not in the
-weights: width // 64 unless overridden (ViT-H needs 16).
+timm's CLIP towers are told by their `norm_pre` (style 'clip'); timm runs them with exact
+GELU (only its `*_clip_quickgelu_*` models use QuickGELU), so they load with
+activation='gelu' and a warning that it is a guess. num_heads is not in the weights:
+width // 64 unless overridden (ViT-H needs 16).
 """
 
 import pathlib
@@ -9,6 +11,11 @@ import pathlib
 from linearizer.convert import big_vision
 from linearizer.convert.match import VIT_FIXED, Spec, _depth, _grid_size, _need, _vit_fields
 from linearizer.convert.tensors import CONV, SAME, _linear, _ln, read_tensors
+
+CLIP_GELU = (
+  "timm runs its CLIP towers (e.g. vit_base_patch16_clip_224.openai_ft_in1k) with exact "
+  "GELU; a *_clip_quickgelu_* model's weights need activation='quick_gelu'"
+)
 
 
 def read(path: pathlib.Path) -> Spec:
@@ -32,6 +39,7 @@ def read(path: pathlib.Path) -> Spec:
     _grid_size(pos.shape[1] - 1, patch, "pos_embed"),
     0 if head is None else head.shape[0],
     head_bias="head.bias" in t,
+    activation="gelu",  # timm's, for both styles (see the docstring)
   )
   b = "blocks.{i}."
   table = {
@@ -48,4 +56,5 @@ def read(path: pathlib.Path) -> Spec:
     **_ln("norm", "norm"),
     **_linear("head", "head"),
   }
-  return Spec("vit", fields, table, t, fixed=VIT_FIXED)  # the heads are not in the weights
+  guesses = {"activation": CLIP_GELU} if style == "clip" else {}
+  return Spec("vit", fields, table, t, fixed=VIT_FIXED, guesses=guesses)  # heads: not shown
