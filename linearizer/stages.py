@@ -11,6 +11,8 @@ import functools
 import os
 from typing import Callable, NamedTuple, Optional
 
+import jax
+
 from linearizer import (
   ablation,
   bench,
@@ -131,11 +133,52 @@ def removed_total_steps(tree, prefix: str = "") -> list:
   return found
 
 
+def check_numbers(config) -> None:
+  """Refuses counts that cannot work (before anything is written): every training block's
+  `steps` and `batch_size`, and how often to checkpoint and log; a global batch must split
+  evenly over the devices (the mesh's data × fsdp axes)."""
+  wrong = [
+    f"{stage}.{field}={config[stage][field]!r}"
+    for stage in workdir.TRAIN_STAGES
+    if stage in config
+    for field in ("steps", "batch_size")
+    if not isinstance(config[stage][field], int) or config[stage][field] < 1
+  ]
+  wrong += [
+    f"{name}={value!r}"
+    for name, value in (
+      ("checkpoint.every_steps", config.checkpoint.every_steps),
+      ("checkpoint.keep", config.checkpoint.keep),
+      ("log_every", config.log_every),
+    )
+    if not isinstance(value, int) or value < 1
+  ]
+  if wrong:
+    raise UserError(
+      f"{', '.join(wrong)}: expected positive integers (checkpoint.keep ≥ 1 keeps the newest "
+      "checkpoints; 0 would delete each one as it is written)."
+    )
+  devices = jax.device_count()
+  uneven = [
+    f"{stage}.batch_size={config[stage].batch_size}"
+    for stage in workdir.TRAIN_STAGES
+    if stage in config and config[stage].batch_size % devices
+  ]
+  if uneven:
+    raise UserError(
+      f"{', '.join(uneven)} does not split over the {devices} devices (the mesh's data × "
+      f"fsdp axes): use a multiple of {devices}."
+    )
+
+
 def check_config(config) -> None:
-  """Refuses, with one message each, the stage names and the keys this version removed."""
+  """Refuses, with one message each, the stage names, the keys this version removed and
+  settings that cannot work, before any stage runs."""
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise UserError(f"Unknown stages {unknown}; expected some of {tuple(STAGES)}.")
+  if "checkpoint" in config:  # configs that train (bench and visualize configs do not)
+    check_numbers(config)
   for path in removed_total_steps(config):
     stage = path.rpartition(".optim")[0]
     raise UserError(

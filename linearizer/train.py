@@ -141,7 +141,11 @@ def numerical_fault(name, policy, step, step_metrics, skipped, ckpt, writer) -> 
   raise NonFiniteError(
     f"[{name}] non-finite loss or gradient at step {step}: {terms} ({why}). "
     + (f"The last good checkpoint (step {last}) is kept; " if last else "")
-    + "lower the learning rate, or set --config.nan_policy=skip to skip such steps."
+    + (
+      "lower the learning rate, or look for bad inputs: skipping did not get past them."
+      if policy == "skip"
+      else "lower the learning rate, or set --config.nan_policy=skip to skip such steps."
+    )
   )
 
 

@@ -65,6 +65,7 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
     "supervised",
     "MP only",
     "AM only",
+    "AM only, unmasked",
     "AM + MP",
     "**AM scope**",
     "CLS only",
@@ -73,7 +74,7 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
   ]
   assert "82.6" in table and "84.3" in table and "83.4" in table  # the paper's numbers
   assert (out / "ablation.png").stat().st_size > 10_000
-  assert "(6/6 runs" in proc.stdout
+  assert "(7/7 runs" in proc.stdout
   # Run again in one process: only the run whose result is gone is redone, the same way.
   os.remove(tmp_path / "ablation" / "am" / "seed0" / "result.json")
   again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -122,6 +123,7 @@ def test_summary_statistics_and_checks_by_hand(tmp_path):
     "supervised": [0.80, 0.82, 0.81],
     "mp": [0.84, 0.85, 0.86],
     "am": [0.90, 0.91, 0.92],
+    "am_unmasked": [0.82, 0.84, 0.86],
     "am_mp": [0.86, 0.87, 0.88],
     "scope_cls": [0.85] * 3,
     "scope_visible": [0.83, 0.84, 0.85],
@@ -136,6 +138,7 @@ def test_summary_statistics_and_checks_by_hand(tmp_path):
   assert c["am_mp_beats_supervised_by_2_std"]  # 6 > 2 × 1
   assert c["mp_between"] and not c["am_between"]  # AM only (91) is above AM + MP (87)
   assert "| AM + MP | 87.00 ± 1.00 | 84.3 |" in s["table"]
+  assert "| AM only, unmasked | 84.00 ± 2.00 | — |" in s["table"]  # no paper row
   assert "| all tokens (= AM + MP) | 87.00 ± 1.00 | 83.4 |" in s["table"]  # AM + MP's runs
   assert "| visible | 84.00 ± 1.00 | 84.3 |" in s["table"]
   assert "| teacher | 95.00 |" in s["table"]

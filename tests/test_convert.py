@@ -16,6 +16,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import pytest
@@ -320,6 +321,66 @@ def test_openai_clip(hf_dirs, tmp_path):
   np.testing.assert_allclose(out.logits, np.asarray(out.tokens[:, 0]) @ proj, rtol=1e-5, atol=1e-5)
   dropped = convert.load(tmp_path / "ViT-T-8.pt", "openai_clip", num_heads=HEADS, num_classes=0)
   assert dropped.head is None
+
+
+def scripted(state_dict):
+  """A TorchScript module holding `state_dict` under the same dotted names (as OpenAI's
+  released CLIP `.pt` archives hold theirs)."""
+
+  class Holder(torch.nn.Module):
+    def forward(self, x):
+      return x
+
+  root = Holder()
+  for name, value in state_dict.items():
+    *path, leaf = name.split(".")
+    module = root
+    for part in path:
+      if not hasattr(module, part):
+        module.add_module(part, torch.nn.Module())
+      module = getattr(module, part)
+    module.register_parameter(leaf, torch.nn.Parameter(torch.tensor(value), requires_grad=False))
+  return torch.jit.script(root)
+
+
+def test_openai_clip_torchscript_archive_is_read_without_running_it(hf_dirs, tmp_path, capfd):
+  """OpenAI's `.pt` files are TorchScript archives: their tensors are read from the archive
+  (bitwise what torch.jit.load gives), and code in the file never runs: a module whose
+  __setstate__ prints does print under torch.jit.load, and not here."""
+  sd = hf_clip_to_openai(hf_state(hf_dirs, "clip_vision"), np.ones((WIDTH, 16), np.float32))
+  scripted(sd).save(str(tmp_path / "ViT-T-8.pt"))
+  tensors = convert.read_tensors(tmp_path / "ViT-T-8.pt")
+  assert set(tensors) == set(sd)
+  for name, value in torch.jit.load(str(tmp_path / "ViT-T-8.pt")).state_dict().items():
+    np.testing.assert_array_equal(tensors[name], value.numpy())
+  ref = convert.load(hf_dirs["clip_vision"][1], "hf")
+  model = convert.load(tmp_path / "ViT-T-8.pt", "openai_clip", num_heads=HEADS)
+  assert_same_outputs(model, ref, images_at(SIZE), logits=False)
+
+  class Loud(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.w = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+      return x
+
+    @torch.jit.export
+    def __getstate__(self):
+      return (self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: typing.Tuple[torch.Tensor, bool]):
+      print("code from the file ran")
+      self.w = state[0]
+      self.training = state[1]
+
+  torch.jit.script(Loud()).save(str(tmp_path / "loud.pt"))
+  torch.jit.load(str(tmp_path / "loud.pt"))
+  assert "code from the file ran" in capfd.readouterr().out  # the premise
+  with pytest.raises(errors.UserError, match="hold no tensors"):  # its state: a tuple
+    convert.load(tmp_path / "loud.pt", "openai_clip")
+  assert "code from the file ran" not in capfd.readouterr().out
 
 
 @pytest.mark.parametrize("kind,suffix", [("clip_vision", ".safetensors"), ("vit", ".pth")])

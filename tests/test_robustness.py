@@ -217,7 +217,8 @@ def test_skip_policy_gives_up_after_many_faulty_steps(tmp_path):
     tmp_path, "--config.train_teacher.optim.lr=1e30", "--config.nan_policy=skip", code=2
   )
   assert "update skipped" in proc.stdout
-  assert_clean_error(proc, "steps in a row were skipped")
+  assert_clean_error(proc, "steps in a row were skipped", "skipping did not get past them")
+  assert "set --config.nan_policy=skip" not in proc.stderr  # it is set already
 
 
 BAD_INPUT = {  # name: (extra flags, phrases the message must hold)
@@ -239,6 +240,12 @@ BAD_INPUT = {  # name: (extra flags, phrases the message must hold)
     ["--config.train_teacher.optim.total_steps", "`steps`"],
   ),
   "unknown architecture": (["--config.teacher.kind=nope"], ["'nope'", "adventurer", "vit"]),
+  "zero steps": (["--config.train_teacher.steps=0"], ["train_teacher.steps=0", "positive"]),
+  "zero batch": (["--config.distill.batch_size=0"], ["distill.batch_size=0", "positive"]),
+  "checkpoint every 0 steps, keep 0, log every 0": (
+    ["--config.checkpoint.every_steps=0", "--config.checkpoint.keep=0", "--config.log_every=0"],
+    ["checkpoint.every_steps=0", "checkpoint.keep=0", "log_every=0"],
+  ),
   "unknown teacher input": (
     ["--config.stages=('train_teacher','distill')", "--config.distill.teacher_input=crop"],
     ["teacher_input='crop'", "resize"],
@@ -379,4 +386,21 @@ def test_refused_before_any_stage_runs(tmp_path, flag, phrases):
     tmp_path / "workdir", "--config.stages=('train_teacher','distill','eval')", flag, code=2
   )
   assert_clean_error(proc, *phrases)
+  assert not (tmp_path / "workdir" / "train_teacher").exists()
+
+
+def test_a_batch_that_does_not_split_over_the_devices(tmp_path):
+  """Three CPU devices, batch 16: one message naming the numbers, nothing written."""
+  proc = subprocess.run(
+    command(tmp_path / "workdir"),
+    cwd=ROOT,
+    env=dict(
+      env(), XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3"
+    ),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert_clean_error(proc, "train_teacher.batch_size=16", "3 devices", "multiple of 3")
   assert not (tmp_path / "workdir" / "train_teacher").exists()

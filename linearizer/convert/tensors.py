@@ -9,12 +9,13 @@ file's own layout. The `_ln` / `_linear` / `_dense` helpers build mapping-table 
 import argparse
 import json
 import pathlib
-import zipfile
+import pickle
 from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
+from linearizer.convert import torchscript
 from linearizer.errors import MissingPathError, UserError
 
 
@@ -91,6 +92,17 @@ def _dense(ours, theirs):
 # Reading files
 # ---------------------------------------------------------------------------------------
 def _torch_load(path):
+  if torchscript.is_torchscript(path):  # OpenAI's released CLIP .pt files are TorchScript
+    try:  # never torch.jit.load: a scripted module's __setstate__ is the file's code
+      tensors = torchscript.read_archive(path)
+    except (pickle.UnpicklingError, KeyError, ValueError, StopIteration) as e:
+      raise UserError(f"Could not read {path} as a TorchScript archive of tensors: {e}") from e
+    if not tensors:
+      raise UserError(
+        f"{path} is a TorchScript archive whose modules hold no tensors as attributes (a "
+        "custom __getstate__?); re-save its state_dict() with torch.save."
+      )
+    return tensors
   try:
     import torch  # optional dependency: only .pth/.pt/.bin need it
   except ImportError as e:
@@ -98,8 +110,6 @@ def _torch_load(path):
       f"Reading {path} needs PyTorch (pip install torch), or re-save the "
       "state dict as .safetensors."
     ) from e
-  if _is_torchscript(path):  # OpenAI's released CLIP .pt files are TorchScript archives
-    return torch.jit.load(str(path), map_location="cpu").state_dict()
   try:  # DeiT-style training checkpoints also pickle their argparse args: allow just that
     with torch.serialization.safe_globals([argparse.Namespace]):
       return torch.load(path, map_location="cpu", weights_only=True)
@@ -108,13 +118,6 @@ def _torch_load(path):
       f"Could not read {path} as a torch checkpoint of tensors (it is loaded "
       f"with weights_only=True and never unpickles code): {e}"
     ) from e
-
-
-def _is_torchscript(path):
-  if not zipfile.is_zipfile(path):
-    return False
-  with zipfile.ZipFile(path) as z:
-    return any(n.endswith("/constants.pkl") for n in z.namelist())
 
 
 def _read_safetensors(path):
