@@ -47,7 +47,7 @@ class ArraySource:
       raise UserError(f"{name}: images must be uint8 (0–255), got dtype {images.dtype}.")
     if len(images) != len(labels) or not len(images):
       raise UserError(f"{name}: {len(images)} images vs {len(labels)} labels; need ≥ 1 each.")
-    self.images, self.labels, self.name = images, np.asarray(labels, np.int32), name
+    self.images, self.labels, self.name = images, check_labels(labels, name), name
     self.num_classes = int(self.labels.max()) + 1
 
   def __len__(self):
@@ -55,6 +55,31 @@ class ArraySource:
 
   def __getitem__(self, i):
     return self.images[i], int(self.labels[i])
+
+
+def check_labels(labels, name) -> np.ndarray:
+  """Class ids as int32, or one error: 1-D integers in [0, 2³¹), densely enough numbered
+  that a head of max + 1 classes makes sense."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise UserError(
+      f"{name}: labels must be 1-D, one class id per image; got shape {labels.shape}."
+    )
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise UserError(
+      f"{name}: labels must be integer class ids, got dtype {labels.dtype} (floats would be "
+      "truncated; NaN has no class)."
+    )
+  low, high = int(labels.min()), int(labels.max())
+  if low < 0 or high >= 2**31:
+    raise UserError(f"{name}: labels must be class ids 0 … C−1; found {low} … {high}.")
+  distinct = len(np.unique(labels))
+  if high >= 10_000 and distinct < (high + 1) // 10:
+    raise UserError(
+      f"{name}: labels go up to {high} but only {distinct} distinct ids are used, which "
+      f"would make a {high + 1}-way head: remap them to 0 … {distinct - 1}."
+    )
+  return labels.astype(np.int32)
 
 
 class Part:
@@ -81,6 +106,19 @@ class Subset(Part):
       )
     index = np.random.default_rng(seed).permutation(len(source))[:n]
     super().__init__(source, index, f"{source.name}[:{n}]")
+
+
+_UNREADABLE = set()  # files this process has warned about
+
+
+def rgb8(im: Image.Image) -> np.ndarray:
+  """(H, W, 3) uint8 of any image: 16- and 32-bit integer greyscale (16-bit PNGs) scaled
+  to 8 bits (PIL's own convert('RGB') would clip them at 255)."""
+  if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+    a = np.asarray(im).astype(np.float64)
+    a = np.round(a / 257.0).clip(0, 255).astype(np.uint8)  # 0-65535 -> 0-255
+    return np.repeat(a[..., None], 3, axis=-1)
+  return np.asarray(im.convert("RGB"))
 
 
 class FolderSource:
@@ -119,9 +157,11 @@ class FolderSource:
       path, label = self.files[(i + j) % len(self.files)]
       try:
         with Image.open(path) as im:
-          return np.asarray(im.convert("RGB")), label
+          return rgb8(im), label
       except Exception as e:
-        logging.warning("Skipping unreadable image %s: %s", path, e)
+        if path not in _UNREADABLE:  # once per file, however often it is read
+          _UNREADABLE.add(path)
+          logging.warning("Skipping unreadable image %s: %s", path, e)
     raise UserError(f"{self.name}: no readable image at all.")
 
 
@@ -279,7 +319,13 @@ def sources(cfg) -> tuple:
 
 
 def num_classes(cfg, source) -> int:
-  """`num_classes` of the data config, or the source's own (0 = from the data)."""
+  """`num_classes` of the data config, or the source's own (0 = from the data); a config
+  value below the labels' own count is refused (its head would drop their targets)."""
+  if cfg.num_classes and source.num_classes and cfg.num_classes < source.num_classes:
+    raise UserError(
+      f"data.num_classes={cfg.num_classes}, but {source.name} has labels up to "
+      f"{source.num_classes - 1}: set it to at least {source.num_classes} (or 0, from the data)."
+    )
   return cfg.num_classes or source.num_classes
 
 

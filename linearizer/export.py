@@ -2,6 +2,7 @@
 inference function that runs without this codebase (`jax.export`)."""
 
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +12,22 @@ from linearizer.errors import UserError
 from linearizer.models import saved
 
 SERVE_FILE = "serve.jaxexport"
+SOURCE_FILE = "exported_from.txt"  # the run's stage the export holds, written last
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
-def export_student(model, directory, *, image_size=None, overwrite=True):
-  """Writes `directory/` (params + model.json, see models.saved) and `serve.jaxexport`.
+def exported_from(directory) -> Optional[str]:
+  """The stage a finished export in `directory` was made from, else None."""
+  path = os.path.join(directory, SOURCE_FILE)
+  if not (os.path.isfile(path) and os.path.isfile(os.path.join(directory, SERVE_FILE))):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return f.read().strip()
+
+
+def export_student(model, directory, *, image_size=None, overwrite=True, source=""):
+  """Writes `directory/` (params + model.json, see models.saved) and `serve.jaxexport`
+  (and, given a `source` stage, `exported_from.txt` naming it, last).
 
   The serialised function maps float32 NHWC images (normalised with `model.cfg.mean/std`,
   any batch size) to logits, or to final tokens for a model without a head, on CPU, GPU
@@ -40,6 +52,9 @@ def export_student(model, directory, *, image_size=None, overwrite=True):
     with open(path + ".tmp", "wb") as f:
       f.write(exported.serialize())
     os.replace(path + ".tmp", path)
+    if source:
+      with open(os.path.join(directory, SOURCE_FILE), "w", encoding="utf-8") as f:
+        f.write(source + "\n")
   except OSError as e:
     raise UserError(f"Cannot write {path}: {e.strerror or e}.") from e
   return directory

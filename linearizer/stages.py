@@ -221,6 +221,8 @@ def run(config, run_dir: str, *, restart: bool = False):
   """
   check_config(config)
   workdir.claim(config, run_dir, restart)
+  if main_process():
+    workdir.remove_partial_saves(run_dir)
   run = Run(config, run_dir)
   results = None
   for stage in config.stages:
@@ -254,12 +256,14 @@ def summary(run_dir: str, config, exported: Optional[str]) -> None:
 
 
 def export_final_student(run_dir: str) -> Optional[str]:
-  """run_dir/export: the fine-tuned student, else the distilled one (once, when it exists)."""
+  """run_dir/export: the fine-tuned student, else the distilled one; made again when the
+  stage it should hold differs from the one it records (a later stage finished since)."""
   out = os.path.join(run_dir, "export")
   for stage in ("finetune", "distill"):
     if workdir.finished(run_dir, stage):
-      if not os.path.isfile(os.path.join(out, export.SERVE_FILE)) and main_process():
-        export.export_student(saved.restore(workdir.model_dir(run_dir, stage)), out)
+      if export.exported_from(out) != stage and main_process():
+        student = saved.restore(workdir.model_dir(run_dir, stage))
+        export.export_student(student, out, source=stage)
         log(f"[export] the {stage} student is in {out}")
       return out
   return None

@@ -293,7 +293,7 @@ def load_images(spec, num, cfg, run_config):
       )
     files += found
   transform = data.Transform(dcfg, train=False, mean=cfg.mean, std=cfg.std)
-  return np.stack([transform(np.asarray(Image.open(f).convert("RGB")), None) for f in files[:num]])
+  return np.stack([transform(data.rgb8(Image.open(f)), None) for f in files[:num]])
 
 
 def mean_am_distances(

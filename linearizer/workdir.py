@@ -9,6 +9,7 @@ for the training stages; `DIR/<stage>/model` (see `models.saved`) marks a stage 
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -62,6 +63,20 @@ def save_stage_model(run_dir: str, stage: str, model: nnx.Module) -> None:
     saved.save(model, model_dir(run_dir, stage), overwrite=True)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"{stage} model saved")
+
+
+def remove_partial_saves(run_dir: str) -> None:
+  """Deletes what a save killed half-way left: `saved.save` writes `.<name>.<random>/`
+  beside its target and renames it into place only when complete."""
+  stage_dirs = [stage_dir(run_dir, s) for s in TRAIN_STAGES]
+  for parent, prefix in [(run_dir, ".export.")] + [(d, ".model.") for d in stage_dirs]:
+    if not os.path.isdir(parent):
+      continue
+    for name in os.listdir(parent):
+      path = os.path.join(parent, name)
+      if name.startswith(prefix) and os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"removed {path}, left by a save that did not finish")
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,8 +260,14 @@ def _check_or_move(config, run_dir: str, restart: bool) -> None:
     log(f"--restart: moved the previous contents of {run_dir} to {aside}")
     return
   path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(path) or not has_run(run_dir):
+  if not has_run(run_dir):
     return
+  if not os.path.isfile(path):
+    raise UserError(
+      f"{run_dir} holds trained stages or checkpoints but no config.json, so which config "
+      "made them cannot be checked. Put the run's config.json back, use another "
+      f"--workdir, or pass --restart to move the old run to {run_dir}.old-<time>."
+    )
   try:
     with open(path, encoding="utf-8") as f:
       old = json.load(f)

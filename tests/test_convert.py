@@ -559,6 +559,25 @@ def test_mismatched_file_raises_one_error(hf_dirs, tmp_path):
   assert "encoder.layers.1.mlp.fc1.weight: expected (128, 64), found (64, 128)" in message
 
 
+def test_truncated_and_integer_weight_files(hf_dirs, tmp_path):
+  """A truncated .safetensors and integer-typed weights: one clear error each (a traceback
+  and a silently converted float model before)."""
+  folder = tmp_path / "cut"
+  shutil.copytree(hf_dirs["vit"][1], folder)
+  weights = folder / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+  with pytest.raises(errors.UserError, match="not a readable .safetensors"):
+    convert.load(folder, "hf")
+  sd = hf_state(hf_dirs, "vit")
+  sd["encoder.layer.0.output.dense.weight"] = sd["encoder.layer.0.output.dense.weight"].astype(
+    np.int32
+  )
+  save_file(sd, tmp_path / "model.safetensors")
+  shutil.copy(hf_dirs["vit"][1] / "config.json", tmp_path)
+  with pytest.raises(convert.CheckpointMismatch, match="dtype int32, expected floating-point"):
+    convert.load(tmp_path, "hf")
+
+
 def test_bad_format_path_and_override(hf_dirs, tmp_path):
   with pytest.raises(ValueError, match="big_vision"):
     convert.load(hf_dirs["vit"][1], "keras")

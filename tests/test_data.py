@@ -147,6 +147,19 @@ def write_npz(path, **arrays):
     ("empty", dict(images=np.zeros((0, 8, 8, 3), np.uint8), labels=np.arange(0)), "0 images"),
     ("no labels", dict(images=np.zeros((3, 8, 8, 3), np.uint8)), "labels"),
     ("no images", dict(pixels=np.zeros((3, 8, 8, 3), np.uint8), labels=np.arange(3)), "images"),
+    ("label -1", dict(images=np.zeros((3, 8, 8, 3), np.uint8), labels=[0, -1, 2]), "0 … C−1"),
+    ("NaN label", dict(images=np.zeros((3, 8, 8, 3), np.uint8), labels=[0, np.nan, 2]), "float"),
+    (
+      "float labels",
+      dict(images=np.zeros((3, 8, 8, 3), np.uint8), labels=[0.0, 1.5, 2.0]),
+      "integer",
+    ),
+    (
+      "2-D labels",
+      dict(images=np.zeros((3, 8, 8, 3), np.uint8), labels=np.zeros((3, 2), int)),
+      "1-D",
+    ),
+    ("sparse ids", dict(images=np.zeros((3, 8, 8, 3), np.uint8), labels=[0, 7, 10**6]), "remap"),
   ],
 )
 def test_npz_bad_input(tmp_path, case, arrays, words):
@@ -631,3 +644,33 @@ def test_an_unreadable_file_is_replaced_from_its_own_split(tmp_path):
   (pathlib.Path(test.files[0][0])).write_bytes(b"garbage")
   seen = {test[i][0].tobytes() for i in range(len(test))}
   assert seen <= held_out and not seen & {train[i][0].tobytes() for i in range(len(train))}
+
+
+def test_num_classes_below_the_labels_is_refused(tmp_path):
+  """data.num_classes=5 on 10-class data would train a 5-way head and drop half the targets."""
+  source = data.get_source("digits", "train")
+  with pytest.raises(UserError, match="data.num_classes=5.*up to 9"):
+    data.num_classes(common.data("digits", SIZE, num_classes=5), source)
+  assert data.num_classes(common.data("digits", SIZE, num_classes=12), source) == 12
+
+
+def test_16_bit_greyscale_png_is_scaled_not_clipped(tmp_path):
+  """A 16-bit PNG's 0 … 65535 become 0 … 255 (PIL's convert('RGB') clipped them to 255)."""
+  (tmp_path / "c").mkdir()
+  values = np.array([[0, 257, 32896], [65535, 1000, 60000]], np.uint16)
+  Image.fromarray(values).save(tmp_path / "c" / "deep.png")
+  assert Image.open(tmp_path / "c" / "deep.png").mode.startswith("I")  # the premise
+  image, _ = data.get_source(f"folder:{tmp_path}")[0]
+  np.testing.assert_array_equal(image[..., 0], np.round(values / 257).astype(np.uint8))
+  assert image.shape == (2, 3, 3) and image.dtype == np.uint8
+
+
+def test_an_unreadable_image_is_reported_once(tmp_path, caplog):
+  (tmp_path / "c").mkdir()
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "c" / "a.png")
+  (tmp_path / "c" / "b.png").write_bytes(b"garbage")
+  src = data.get_source(f"folder:{tmp_path}")
+  with caplog.at_level(logging.WARNING):
+    for _ in range(5):
+      src[1]
+  assert sum("b.png" in r.getMessage() for r in caplog.records) == 1

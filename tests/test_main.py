@@ -144,3 +144,44 @@ def test_eval_skips_non_classifiers_and_takes_extra_models(demo_run, tmp_path):
   assert "skipping teacher: its head has 7 outputs and the data 10 classes" in out
   assert results["again"]["@16"]["top1"] == reference["teacher"]["@16"]["top1"]
   assert results["student"]["@16"]["agreement"] is None  # no teacher to agree with
+
+
+def test_export_follows_its_stage_and_half_saves_are_cleaned(demo_run, tmp_path):
+  """An export made from the distilled student (a 'train_teacher,distill' run) is redone
+  once fine-tuning has finished; what a killed save left (.export.*, .model.*) is removed."""
+  from linearizer import export
+  from linearizer.models import saved
+
+  workdir, _ = demo_run
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  distilled = saved.restore(copy / "distill" / "model")
+  export.export_student(distilled, copy / "export", source="distill")
+  (copy / ".export.k9abc").mkdir()
+  (copy / "distill" / ".model.k9xyz").mkdir()
+  out = run_main(copy, "--config.stages=('train_teacher',)")
+  assert "[export] the finetune student is in" in out
+  assert export.exported_from(copy / "export") == "finetune"
+  assert saved.load_config(copy / "export")[1].num_classes == 10  # the classifier now
+  for a, b in zip(params(copy / "export"), params(workdir / "finetune" / "model")):
+    np.testing.assert_array_equal(a, b)
+  assert not (copy / ".export.k9abc").exists() and not (copy / "distill" / ".model.k9xyz").exists()
+
+
+def test_a_run_without_its_config_record_is_refused(demo_run, tmp_path):
+  """config.json deleted from a run with finished stages: any config would have been
+  accepted and every stage reused; now it is refused and nothing is touched."""
+  workdir, _ = demo_run
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  (copy / "config.json").unlink()
+  proc = subprocess.run(
+    [sys.executable, "main.py", "--config", "configs/demo.py:smoke", "--workdir", str(copy)],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-2000:]
+  assert "no config.json" in proc.stderr and not (copy / "config.json").exists()

@@ -155,6 +155,10 @@ def _templates(model):
     yield ".".join("{i}" if isinstance(k, int) else str(k) for k in key), key, var.get_value().shape
 
 
+def _floating(array):
+  return array.dtype.kind == "f" or array.dtype.name == "bfloat16"
+
+
 def _shape(s):
   return "(" + ", ".join(str(d) for d in s) + ")"
 
@@ -185,6 +189,9 @@ def _match(abstract, spec, where):
       elif tuple(t[name].shape) != tuple(w):
         misshaped.append(f"{name}: expected {_shape(w)}, found {_shape(t[name].shape)}")
         ok = False
+      elif not _floating(t[name]):  # an integer-typed weight is no float model's weight
+        misshaped.append(f"{name}: dtype {t[name].dtype}, expected floating-point weights")
+        ok = False
     if ok:
       planned.append((key, tx, names))
   # A head in the file that the config dropped (num_classes=0) is not an error.
@@ -203,7 +210,7 @@ def _match(abstract, spec, where):
     for label, items in (
       ("missing", missing),
       ("unexpected", unexpected),
-      ("mis-shaped", misshaped),
+      ("mis-shaped or mis-typed", misshaped),
     ):
       if items:
         more = f", ... and {len(items) - 5} more" if len(items) > 5 else ""

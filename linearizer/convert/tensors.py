@@ -126,33 +126,38 @@ def _read_safetensors(path):
   try:
     return load_file(str(path))
   except TypeError:  # numpy has no bfloat16: read the simple format ourselves with ml_dtypes
-    import ml_dtypes  # optional dependency: only bfloat16 files need it
+    return _read_bfloat16_safetensors(path)
+  except Exception as e:  # safetensors' SafetensorError: truncated, or not safetensors at all
+    raise UserError(f"{path} is not a readable .safetensors file: {e}") from e
 
-    types = {
-      "BF16": ml_dtypes.bfloat16,
-      "F16": np.float16,
-      "F32": np.float32,
-      "F64": np.float64,
-      "I64": np.int64,
-      "I32": np.int32,
-      "I16": np.int16,
-      "I8": np.int8,
-      "U8": np.uint8,
-      "BOOL": np.bool_,
-    }
-    with open(path, "rb") as f:
-      size = int.from_bytes(f.read(8), "little")
-      header = json.loads(f.read(size))
-    data = np.memmap(path, np.uint8, "r", offset=8 + size)
-    return {
-      k: np.asarray(
-        data[v["data_offsets"][0] : v["data_offsets"][1]]
-        .view(types[v["dtype"]])
-        .reshape(v["shape"])
-      )
-      for k, v in header.items()
-      if k != "__metadata__"
-    }
+
+def _read_bfloat16_safetensors(path):
+  """The safetensors layout read by hand (8-byte header size, JSON header, raw data)."""
+  import ml_dtypes  # optional dependency: only bfloat16 files need it
+
+  types = {
+    "BF16": ml_dtypes.bfloat16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+  }
+  with open(path, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+  data = np.memmap(path, np.uint8, "r", offset=8 + size)
+  return {
+    k: np.asarray(
+      data[v["data_offsets"][0] : v["data_offsets"][1]].view(types[v["dtype"]]).reshape(v["shape"])
+    )
+    for k, v in header.items()
+    if k != "__metadata__"
+  }
 
 
 def _numpy(value):
