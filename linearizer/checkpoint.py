@@ -92,23 +92,22 @@ class Checkpointer:
         )
         unreadable.append(step)
         continue
-      # Newer unreadable checkpoints would make Orbax skip every save up to their step and
-      # refuse to save at it: they are moved aside (kept for inspection), and the resumed
-      # run writes those steps again.
-      for bad in unreadable:
-        aside = os.path.join(self.directory, f"{bad}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-        if main_process():
-          os.rename(os.path.join(self.directory, str(bad)), aside)
-        logging.error(
-          "Moved the unreadable checkpoint of step %d to %s; resuming from step %d.",
-          bad,
-          aside,
-          step,
-        )
-      if unreadable:
-        self.manager.reload()
+      self._move_aside(unreadable, f"resuming from step {step}")
       return restored.state.replace(rest=state.rest), restored.data
+    self._move_aside(unreadable, "none is readable: starting over from step 0")
     return None, None
+
+  def _move_aside(self, steps, then: str) -> None:
+    """Unreadable checkpoints would make Orbax skip every save up to their step and refuse
+    to save at it: they are moved aside (kept for inspection), and the run writes those
+    steps again."""
+    for bad in steps:
+      aside = os.path.join(self.directory, f"{bad}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+      if main_process():
+        os.rename(os.path.join(self.directory, str(bad)), aside)
+      logging.error("Moved the unreadable checkpoint of step %d to %s; %s.", bad, aside, then)
+    if steps:
+      self.manager.reload()
 
   def latest_step(self):
     return self.manager.latest_step()

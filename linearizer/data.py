@@ -121,17 +121,30 @@ def rgb8(im: Image.Image) -> np.ndarray:
   return np.asarray(im.convert("RGB"))
 
 
-class FolderSource:
-  """`root/<class>/<image>`; classes sorted by name. A file that fails to decode is
-  reported with its path and replaced by the next readable one, so batches keep shape."""
+def folder_classes(root) -> list:
+  """The class names of a `root/<class>/` folder dataset, sorted (their ids are the order)."""
+  if not os.path.isdir(root):
+    raise UserError(f"folder dataset {root!r} does not exist or is not a directory.")
+  return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
-  def __init__(self, root):
-    if not os.path.isdir(root):
-      raise UserError(f"folder dataset {root!r} does not exist or is not a directory.")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+class FolderSource:
+  """`root/<class>/<image>`; classes sorted by name, or numbered as `classes` (the training
+  folder's) when given. A file that fails to decode is reported with its path and replaced
+  by the next readable one, so batches keep shape."""
+
+  def __init__(self, root, classes=None):
+    found = folder_classes(root)
+    if classes is not None and set(found) - set(classes):
+      raise UserError(
+        f"folder dataset {root!r} has classes {sorted(set(found) - set(classes))} that the "
+        f"training data does not have (its {len(classes)}: {', '.join(classes[:8])}"
+        f"{', ...' if len(classes) > 8 else ''}); an eval folder holds some of those."
+      )
+    classes = found if classes is None else list(classes)
     self.files = [
-      (os.path.join(root, c, f), k)
-      for k, c in enumerate(classes)
+      (os.path.join(root, c, f), classes.index(c))
+      for c in found
       for f in sorted(os.listdir(os.path.join(root, c)))
       if f.lower().endswith(IMAGE_SUFFIXES)
     ]
@@ -190,7 +203,14 @@ class TfdsSource:
 
   def __getitem__(self, i):
     ex = self.source[i]
-    return np.asarray(ex["image"]), int(ex["label"])
+    label = int(ex["label"])  # checked as read: a tfds split is too large to scan first
+    if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+      raise UserError(
+        f"{self.name}: example {i} has label {label}, outside 0 … {self.num_classes - 1}"
+        if self.num_classes
+        else f"{self.name}: example {i} has label {label}; class ids start at 0."
+      )
+    return np.asarray(ex["image"]), label
 
 
 def _mnist():
@@ -230,7 +250,9 @@ def split_index(n: int, split: str, test_fraction: float) -> np.ndarray:
   return order[:n_test] if split == "test" else order[n_test:]
 
 
-def get_source(name: str, split: str = "all", data_dir=None, test_fraction: float = 0.2):
+def get_source(
+  name: str, split: str = "all", data_dir=None, test_fraction: float = 0.2, classes=None
+):
   """The source `name` names (see the module docstring), or one split of it.
 
   Args:
@@ -239,17 +261,18 @@ def get_source(name: str, split: str = "all", data_dir=None, test_fraction: floa
       fixed split, `split_index`) or 'all'; for tfds a split name ('all' reads 'train').
     data_dir: where tfds datasets are prepared.
     test_fraction: the share of a split-less source that 'test' holds.
+    classes: a folder's class names numbered as these (an eval folder: the training ones).
   Returns:
     A random-access source of (uint8 HWC image, int label) with `name`, `num_classes`.
   """
-  source = _whole_source(name, "train" if split == "all" else split, data_dir)
+  source = _whole_source(name, "train" if split == "all" else split, data_dir, classes)
   if name.startswith("tfds:") or split == "all":
     return source
   index, part = split_index(len(source), split, test_fraction), f"{source.name}:{split}"
   return source.subset(index, part) if hasattr(source, "subset") else Part(source, index, part)
 
 
-def _whole_source(name, tfds_split, data_dir):
+def _whole_source(name, tfds_split, data_dir, classes=None):
   kind, _, arg = name.partition(":")
   if kind in ("mnist", "digits"):
     images, labels = (_mnist if kind == "mnist" else _digits)()
@@ -272,7 +295,7 @@ def _whole_source(name, tfds_split, data_dir):
         raise UserError(f"npz dataset {arg!r} lacks {sorted(missing)}; it has {f.files}.")
       return ArraySource(f["images"], f["labels"], name)
   if kind == "folder":
-    return FolderSource(arg)
+    return FolderSource(arg, classes)
   if kind == "tfds":
     tfds_name, _, named = arg.partition(":")
     return TfdsSource(tfds_name, named or tfds_split, data_dir)
@@ -302,7 +325,10 @@ def eval_source(cfg):
   is_tfds = lambda name: name.startswith("tfds:")
   if cfg.eval_source:
     split = "validation" if is_tfds(cfg.eval_source) else "all"
-    return get_source(cfg.eval_source, split, cfg.data_dir or None)
+    folders = cfg.source.startswith("folder:") and cfg.eval_source.startswith("folder:")
+    # an eval folder's classes numbered by name as the training folder's
+    classes = folder_classes(cfg.source.partition(":")[2]) if folders else None
+    return get_source(cfg.eval_source, split, cfg.data_dir or None, classes=classes)
   if is_tfds(cfg.source) and cfg.source.count(":") > 1:  # tfds:<name>:<split>
     raise UserError(
       f"data.source={cfg.source!r} names its tfds split, so eval cannot take the held-out "

@@ -220,7 +220,12 @@ def run(config, run_dir: str, *, restart: bool = False):
     The results of the last stage that returns some (eval, ablation, bench, visualize).
   """
   check_config(config)
-  workdir.claim(config, run_dir, restart)
+  workdir.claim(config, run_dir, restart)  # refuses a live run's workdir, --restart or not
+  with workdir.locked(run_dir):
+    return _run_stages(config, run_dir)
+
+
+def _run_stages(config, run_dir: str):
   if main_process():
     workdir.remove_partial_saves(run_dir)
   run = Run(config, run_dir)

@@ -6,11 +6,14 @@ Layout (the README's table): `DIR/config.json`; `DIR/<stage>/{ckpt,model,metrics
 for the training stages; `DIR/<stage>/model` (see `models.saved`) marks a stage finished.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import socket
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -191,6 +194,75 @@ def pretrained_student(config, run_dir: str, num_classes: int) -> nnx.Module:
 # ---------------------------------------------------------------------------------------
 # One run per workdir.
 # ---------------------------------------------------------------------------------------
+LOCK_FILE = ".lock"  # {host, pid, started} of the run working in the directory
+
+
+def _holder(run_dir: str, quiet: bool = False) -> Optional[dict]:
+  """The live run holding `run_dir`'s lock, or None (no lock, or a stale one: its process
+  is gone from this host)."""
+  try:
+    with open(os.path.join(run_dir, LOCK_FILE), encoding="utf-8") as f:
+      holder = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if holder.get("host") == socket.gethostname():
+    try:
+      os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+      if not quiet:
+        log(f"warning: {run_dir} was locked by pid {holder['pid']}, which is gone: taking over.")
+      return None
+    except (PermissionError, KeyError, ValueError):
+      pass  # alive under another user, or unreadable: treat as held
+  return holder
+
+
+def _in_use(run_dir: str, holder: dict) -> UserError:
+  return UserError(
+    f"{run_dir} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+    f"since {holder.get('started')}): wait for it, stop it, or use another --workdir. If "
+    f"that run is dead on another machine, delete {os.path.join(run_dir, LOCK_FILE)}."
+  )
+
+
+def check_unlocked(run_dir: str) -> None:
+  """Refuses (process 0, inside `claim`) a workdir another live run holds, before
+  --restart could move its files."""
+  holder = None if "://" in run_dir else _holder(run_dir)
+  if holder is not None:
+    raise _in_use(run_dir, holder)
+
+
+@contextlib.contextmanager
+def locked(run_dir: str):
+  """Process 0 holds `run_dir/.lock` while the run works (its other processes and the
+  ablation's workers work under it); a second run is refused by `check_unlocked`.
+  A workdir that is not a local path (gs://...) takes no lock."""
+  if not main_process() or "://" in run_dir:
+    if "://" in run_dir and main_process():
+      log(f"note: {run_dir} is not a local directory: no lock is taken against a second run.")
+    yield
+    return
+  path = os.path.join(run_dir, LOCK_FILE)
+  holder = _holder(run_dir, quiet=True)
+  if holder is not None:  # taken since `claim` looked
+    raise _in_use(run_dir, holder)
+  if os.path.exists(path):  # stale (claim said so)
+    os.remove(path)
+  me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    raise _in_use(run_dir, _holder(run_dir, quiet=True) or {}) from None
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    json.dump(me, f)
+  try:
+    yield
+  finally:
+    if _holder(run_dir, quiet=True) == me:
+      os.remove(path)
+
+
 def flatten(tree, prefix: str = "") -> dict:
   if not isinstance(tree, dict):
     return {prefix: tree}
@@ -224,13 +296,14 @@ def has_run(run_dir: str) -> bool:
 
 
 def claim(config, run_dir: str, restart: bool = False) -> None:
-  """Makes `run_dir` this config's: refuses one holding a run of another config (the
-  differing fields listed); with `restart`, moves what is there to `<run_dir>.old-<time>`
-  first. Then writes `run_dir/config.json`. Process 0 decides and the others follow it:
+  """Makes `run_dir` this config's: refuses one another live run holds (`locked`), and one
+  holding a run of another config (the differing fields listed); with `restart`, moves what
+  is there to `<run_dir>.old-<time>` first. Then writes `run_dir/config.json`. Process 0 decides and the others follow it:
   when it refuses, every process raises."""
   refused = None
   if main_process():
     try:
+      check_unlocked(run_dir)
       _check_or_move(config, run_dir, restart)
     except UserError as e:
       refused = e

@@ -334,3 +334,64 @@ def test_saving_a_step_twice_keeps_the_first(tmp_path, base_state):
   _, data_state = ckpt.restore_latest(state)
   assert data_state == {"step": 2}
   ckpt.close()
+
+
+@pytest.mark.parametrize(
+  "field,value,phrase",
+  [
+    ("depth", 3, "missing"),
+    ("width", 48, "config"),
+    ("num_classes", 4, "head"),
+    ("image_size", 32, "pos_embed"),
+  ],
+)
+def test_an_edited_model_json_is_named_before_orbax_reads(tmp_path, student, field, value, phrase):
+  """load_student on a model.json that no longer matches its parameters: one message
+  naming the differing parameters (Orbax's own errors came as dozens of tracebacks)."""
+  out = tmp_path / "export"
+  export.export_student(student, out)
+  meta = json.loads((out / "model.json").read_text())
+  meta["config"][field] = value
+  (out / "model.json").write_text(json.dumps(meta))
+  with pytest.raises(UserError, match="does not describe the parameters saved") as err:
+    export.load_student(out)
+  assert phrase in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_saved_model_is_one_message(tmp_path, student):
+  """A finished stage's model/params truncated: which directory, and how to rebuild it."""
+  out = tmp_path / "model"
+  saved.save(student, out)
+  truncate_data(out / "params")
+  for load in (saved.restore, saved.read_params):
+    with pytest.raises(UserError, match="the saved model is damaged") as err:
+      load(out)
+    assert str(out / "params") in str(err.value) and "delete that directory" in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_every_checkpoint_unreadable_says_starting_over_and_saves_again(
+  tmp_path, base_state, caplog
+):
+  """No readable checkpoint: said ('starting over'), the bad ones moved aside, and the
+  restarted run's saves of those steps are written (Orbax skipped them before)."""
+  save_steps(tmp_path / "ckpt", base_state, [5, 10], keep=2)
+  for step in (5, 10):
+    garble(tmp_path / "ckpt" / str(step) / "state")
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2)
+  with caplog.at_level(logging.ERROR):
+    assert ckpt.restore_latest(base_state) == (None, None)
+  assert any("starting over from step 0" in r.getMessage() for r in caplog.records)
+  assert sorted(p.name.split(".")[0] for p in (tmp_path / "ckpt").glob("*.unreadable-*")) == [
+    "10",
+    "5",
+  ]
+  assert ckpt.save(5, state_at(base_state, 5), {"step": 5}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", keep=2)
+  restored, data_state = ckpt.restore_latest(base_state)
+  ckpt.close()
+  assert data_state == {"step": 5}
+  assert_trees_equal(restored.params, state_at(base_state, 5).params)

@@ -628,6 +628,9 @@ def test_tfds_splits_and_classes(monkeypatch):
   assert labels(data.eval_source(common.data("tfds:a", SIZE, eval_source="tfds:b:test"))) == [6]
   with pytest.raises(UserError, match="names its tfds split"):
     data.eval_source(common.data("tfds:fake:train", SIZE))
+  fake.SPLITS = dict(fake.SPLITS, train=[1, 9, 3])  # 9 is outside the 7 classes
+  with pytest.raises(UserError, match="example 1 has label 9, outside 0 … 6"):
+    data.train_source(common.data("tfds:fake", SIZE))[1]
 
 
 def test_an_unreadable_file_is_replaced_from_its_own_split(tmp_path):
@@ -674,3 +677,18 @@ def test_an_unreadable_image_is_reported_once(tmp_path, caplog):
     for _ in range(5):
       src[1]
   assert sum("b.png" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_eval_folder_with_some_of_the_classes_is_numbered_by_name(tmp_path):
+  """Train on classes 0, 1, 2; an eval folder holding only '2' labels it 2 (it got 0 before,
+  its own numbering); an eval class the training data lacks is refused."""
+  for root, names in (("train", "012"), ("val", "2"), ("odd", "27")):
+    for name in names:
+      (tmp_path / root / name).mkdir(parents=True)
+      Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / root / name / "x.png")
+  cfg = common.data(f"folder:{tmp_path / 'train'}", SIZE, eval_source=f"folder:{tmp_path / 'val'}")
+  test = data.eval_source(cfg)
+  assert test[0][1] == 2 and test.num_classes == 3
+  cfg = common.data(f"folder:{tmp_path / 'train'}", SIZE, eval_source=f"folder:{tmp_path / 'odd'}")
+  with pytest.raises(UserError, match=r"classes \['7'\] that the training data does not have"):
+    data.eval_source(cfg)

@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -404,3 +405,37 @@ def test_a_batch_that_does_not_split_over_the_devices(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert_clean_error(proc, "train_teacher.batch_size=16", "3 devices", "multiple of 3")
   assert not (tmp_path / "workdir" / "train_teacher").exists()
+
+
+def test_a_second_run_on_a_live_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path):
+  """One run per workdir: while one trains, a second (with --restart too) is refused with
+  the holder named and nothing moved; the lock goes with the run (SIGTERM included); a lock
+  left by a dead process is taken over."""
+  long = "--config.train_teacher.steps=100000"
+  first = subprocess.Popen(
+    command(tmp_path, long),
+    cwd=ROOT,
+    env=env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  for line in first.stdout:
+    if line.startswith("[train_teacher] step 3/"):
+      break
+  for flags in ((long,), (long, "--restart")):
+    proc = run_main(tmp_path, *flags, code=2)
+    assert_clean_error(proc, "in use by another run", f"pid {first.pid}")
+  assert not list(tmp_path.parent.glob(f"{tmp_path.name}.old-*"))  # --restart moved nothing
+  first.send_signal(signal.SIGTERM)
+  first.communicate(timeout=300)
+  assert first.returncode == 143 and not (tmp_path / ".lock").exists()
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  stale = tmp_path / "stale"
+  stale.mkdir()
+  lock = dict(host=socket.gethostname(), pid=gone.pid, started="earlier")
+  (stale / ".lock").write_text(json.dumps(lock))
+  out = run_main(stale).stdout
+  assert f"locked by pid {gone.pid}, which is gone: taking over" in out
+  assert not (stale / ".lock").exists()

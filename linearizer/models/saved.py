@@ -82,9 +82,20 @@ def load_config(directory):
   return meta["kind"], models.config_from_dict(meta["kind"], meta["config"])
 
 
+def _damaged(directory, error) -> UserError:
+  return UserError(
+    f"{pathlib.Path(directory) / 'params'} cannot be read ({type(error).__name__}: "
+    f"{str(error)[:200]}): the saved model is damaged. If it is a run's <stage>/model, "
+    "delete that directory and run again: the stage finishes again from its last checkpoint."
+  )
+
+
 def read_params(directory) -> dict:
   """The saved parameters as {dotted path: numpy array}, e.g. 'blocks.0.attn.qkv.kernel'."""
-  tree = ocp.StandardCheckpointer().restore(pathlib.Path(directory).absolute() / "params")
+  try:
+    tree = ocp.StandardCheckpointer().restore(pathlib.Path(directory).absolute() / "params")
+  except Exception as e:  # truncated or missing files: Orbax's own errors, many of them
+    raise _damaged(directory, e) from e
   flat = {}
   for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
     flat[".".join(str(getattr(k, "key", k)) for k in path)] = np.asarray(value)
@@ -117,12 +128,53 @@ def from_params(cfg, params: dict):
   return nnx.merge(graphdef, state, rest)
 
 
+def _dotted(tree) -> dict:
+  return {
+    ".".join(str(getattr(k, "key", k)) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def check_params(directory, cfg, abstract) -> None:
+  """model.json against the shapes of the parameters saved beside it, before Orbax reads
+  them: one message naming what disagrees (an edited model.json, or another model's)."""
+  params = pathlib.Path(directory).absolute() / "params"
+  try:
+    meta = ocp.StandardCheckpointer().metadata(params)
+  except Exception as e:  # no or damaged Orbax metadata
+    raise _damaged(directory, e) from e
+  have = {k: tuple(v.shape) for k, v in _dotted(getattr(meta, "item_metadata", meta)).items()}
+  if not have:  # the metadata lives in the data files too: truncated ones read as empty
+    raise _damaged(directory, ValueError("the checkpoint lists no parameters"))
+  want = {k: tuple(v.shape) for k, v in _dotted(abstract).items()}
+  problems = [f"{k} missing" for k in sorted(want.keys() - have.keys())]
+  problems += [f"{k} not in the config" for k in sorted(have.keys() - want.keys())]
+  problems += [
+    f"{k}: config {want[k]}, saved {have[k]}"
+    for k in sorted(want.keys() & have.keys())
+    if want[k] != have[k]
+  ]
+  if problems:
+    more = f", ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+    raise UserError(
+      f"{pathlib.Path(directory) / 'model.json'} does not describe the parameters saved "
+      f"beside it ({len(problems)} differences: " + "; ".join(problems[:5]) + more + "). "
+      "Was it edited? Its depth, width, patch, image_size or num_classes must be the saved "
+      "model's."
+    )
+
+
 def restore(directory):
-  """Rebuilds the module from model.json and restores its parameters (shapes are checked)."""
+  """Rebuilds the module from model.json and restores its parameters (shapes are checked
+  against model.json first, `check_params`)."""
   _, cfg = load_config(directory)
   abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param).to_pure_dict()
+  check_params(directory, cfg, abstract)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
-  restored = ocp.StandardCheckpointer().restore(
-    pathlib.Path(directory).absolute() / "params", target
-  )
+  try:
+    restored = ocp.StandardCheckpointer().restore(
+      pathlib.Path(directory).absolute() / "params", target
+    )
+  except Exception as e:
+    raise _damaged(directory, e) from e
   return from_params(cfg, nnx.traversals.flatten_mapping(restored))
