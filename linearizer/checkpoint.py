@@ -84,11 +84,11 @@ class Checkpointer:
           ),
         )
       except Exception as e:
-        logging.error(
+        logging.error(  # the first line only: TensorStore's error spells out its whole spec
           "Checkpoint at step %d could not be restored (%s: %s); trying the one before it.",
           step,
           type(e).__name__,
-          e,
+          str(e).splitlines()[0][:160] if str(e) else "",
         )
         unreadable.append(step)
         continue

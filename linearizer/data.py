@@ -111,6 +111,11 @@ class Subset(Part):
 _UNREADABLE = set()  # files this process has warned about
 
 
+def unreadable_files() -> list:
+  """The image files this process skipped as unreadable (each warned about once)."""
+  return sorted(_UNREADABLE)
+
+
 def rgb8(im: Image.Image) -> np.ndarray:
   """(H, W, 3) uint8 of any image: 16- and 32-bit integer greyscale (16-bit PNGs) scaled
   to 8 bits (PIL's own convert('RGB') would clip them at 255)."""

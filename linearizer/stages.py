@@ -256,6 +256,9 @@ def summary(run_dir: str, config, exported: Optional[str]) -> None:
     log(f"  {stage:<16} {os.path.join(run_dir, STAGES[stage].outputs)}")
   if curves:
     log(f"  {'plots':<16} {curves}")
+  skipped = data.unreadable_files()
+  if skipped:  # (read by this process; data.workers > 0 reads in workers of their own)
+    log(f"  {'unreadable':<16} {len(skipped)} image file(s) skipped, each named above")
   if exported:
     log(f"  {'export':<16} {exported}  (linearizer.load_student(dir), serve.jaxexport)")
 

@@ -174,6 +174,9 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(reference, t
   assert f"resumed from the checkpoint of step {STEPS - 3}" in proc.stdout
   assert any(d.startswith(f"{STEPS}.unreadable-") for d in os.listdir(ckpt))  # kept aside
   assert_same_run(workdir, reference)
+  # Orbax's own tracebacks of the failed read (its asyncio loop) are not the user's: a few
+  # lines reach the terminal, the rest goes to DIR/logs/libraries.log (before: 700+ lines).
+  assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 5, proc.stderr
 
 
 def test_nan_loss_stops_with_the_step_and_terms_named(tmp_path):
@@ -439,3 +442,49 @@ def test_a_second_run_on_a_live_workdir_is_refused_and_a_stale_lock_taken_over(t
   out = run_main(stale).stdout
   assert f"locked by pid {gone.pid}, which is gone: taking over" in out
   assert not (stale / ".lock").exists()
+
+
+def test_library_noise_goes_to_a_log_file(tmp_path):
+  """An exception a library ignores (unraisable, or in one of its threads) is written to
+  the file; the terminal gets one line saying where."""
+  code = (
+    "import threading\n"
+    "from linearizer.errors import library_noise_to\n"
+    f"library_noise_to({str(tmp_path / 'logs' / 'libraries.log')!r})\n"
+    "class Bad:\n"
+    "  def __del__(self):\n"
+    "    raise RuntimeError('Event loop is closed')\n"
+    "Bad()\n"
+    "t = threading.Thread(target=lambda: 1 / 0)\n"
+    "t.start(); t.join()\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+    f"note: tracebacks of errors libraries ignored are in {tmp_path / 'logs' / 'libraries.log'}"
+  ]
+  log = (tmp_path / "logs" / "libraries.log").read_text()
+  assert "Event loop is closed" in log and "ZeroDivisionError" in log
+
+
+def test_an_unreadable_image_is_named_once_and_counted(tmp_path):
+  """A folder with one corrupt file: named once however often it is read, and counted in
+  the run's summary (before: a warning on every read, 666 lines for a 4-step run)."""
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  for k in range(12):
+    (tmp_path / "data" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+      tmp_path / "data" / f"c{k % 2}" / f"{k}.png"
+    )
+  (tmp_path / "data" / "c0" / "bad.png").write_bytes(b"garbage")
+  proc = run_main(
+    tmp_path / "run",
+    f"--config.data.source=folder:{tmp_path / 'data'}",
+    "--config.train_teacher.steps=6",
+  )
+  assert proc.stderr.count("Skipping unreadable image") == 1, proc.stderr[-2000:]
+  assert "1 image file(s) skipped" in proc.stdout
