@@ -239,6 +239,7 @@ def _digits():
 
 
 SPLITS = ("train", "test", "all")  # of a source without splits of its own
+TEST_FRACTION = 0.2  # the built-ins' held-out share (configs/common.py's data.test_fraction)
 
 
 def split_index(n: int, split: str, test_fraction: float) -> np.ndarray:
@@ -256,7 +257,7 @@ def split_index(n: int, split: str, test_fraction: float) -> np.ndarray:
 
 
 def get_source(
-  name: str, split: str = "all", data_dir=None, test_fraction: float = 0.2, classes=None
+  name: str, split: str = "all", data_dir=None, test_fraction: float = TEST_FRACTION, classes=None
 ):
   """The source `name` names (see the module docstring), or one split of it.
 
@@ -311,8 +312,8 @@ def _whole_source(name, tfds_split, data_dir, classes=None):
 
 
 def _test_fraction(cfg) -> float:
-  # A run from before data.test_fraction (its config.json, read by visualize) held out 0.2.
-  return cfg.get("test_fraction", 0.2)
+  # A run from before data.test_fraction (its config.json, read by visualize) held out this.
+  return cfg.get("test_fraction", TEST_FRACTION)
 
 
 def train_source(cfg):
@@ -356,6 +357,10 @@ def num_classes(cfg, source) -> int:
     raise UserError(
       f"data.num_classes={cfg.num_classes}, but {source.name} has labels up to "
       f"{source.num_classes - 1}: set it to at least {source.num_classes} (or 0, from the data)."
+    )
+  if not (cfg.num_classes or source.num_classes):
+    raise UserError(
+      f"{source.name} does not say how many classes it has; set --config.data.num_classes."
     )
   return cfg.num_classes or source.num_classes
 

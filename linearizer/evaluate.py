@@ -82,8 +82,8 @@ def extra_models(config) -> dict:
   """{name: checkpoint} from `eval.extra_models` ('name=fmt:path' entries), checked."""
   found = {}
   for entry in config.eval.extra_models:
-    name, sep, spec = str(entry).partition("=")
-    if not sep or not name.strip() or not spec.strip():
+    name, sep, spec = (part.strip() for part in str(entry).partition("="))
+    if not sep or not name or not spec:
       raise UserError(
         f"eval.extra_models entry {entry!r}: expected 'name=fmt:path' (or 'name=<model "
         "dir>'), e.g. 'clip_b16_ft=timm:/ckpt/vit_base_patch16_clip_224.openai_ft_in1k.pth'."
@@ -93,7 +93,7 @@ def extra_models(config) -> dict:
         f"eval.extra_models: the name {name!r} is taken; give each extra model its own, "
         "other than the run's 'teacher' and 'student ...' rows."
       )
-    found[name.strip()] = spec.strip()
+    found[name] = spec
   return found
 
 

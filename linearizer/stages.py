@@ -51,13 +51,7 @@ class Run:
 
   @functools.cached_property
   def classes(self) -> int:
-    classes = data.num_classes(self.config.data, self.train_source)
-    if not classes:
-      raise UserError(
-        f"{self.train_source.name} does not say how many classes it has; set "
-        "--config.data.num_classes."
-      )
-    return classes
+    return data.num_classes(self.config.data, self.train_source)
 
   def teacher(self):
     return workdir.teacher(self.config, self.dir, self.classes)
