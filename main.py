@@ -25,7 +25,7 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from linearizer import preemption, sharding, stages  # noqa: E402
-from linearizer.errors import UserError, exit_with, library_noise_to  # noqa: E402
+from linearizer.errors import UserError, exit_with, library_noise_to, one_line_errors  # noqa: E402
 
 config_flags.DEFINE_config_file(
   "config", None, "Experiment config file (configs/*.py[:args]).", lock_config=True
@@ -87,12 +87,10 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # library INFO chatter off; progress prints
   preemption.install()
   library_noise_to(os.path.join(flags.FLAGS.workdir, "logs", "libraries.log"))
-  try:
+  with one_line_errors():
     sharding.initialize_distributed()
     use_compilation_cache(flags.FLAGS.workdir)
     stages.run(flags.FLAGS.config, flags.FLAGS.workdir, restart=flags.FLAGS.restart)
-  except UserError as e:
-    exit_with(e)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ a checkpoint that still fails to restore is reported, moved aside to `<step>.unr
 permission) raises SaveError; the checkpoints already written stay as they are.
 """
 
-import logging
 import os
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
-from linearizer.errors import UserError, main_process
+from linearizer.errors import UserError, main_process, warn
 
 
 class SaveError(UserError, OSError):
@@ -48,8 +47,9 @@ class Checkpointer:
     """
     if step in self.manager.all_steps():
       return False
-    try:
-      self.manager.check_for_errors()  # a previous async save that failed
+    try:  # the previous async save: Orbax's save would wait for it too, and report its
+      self.manager.wait_until_finished()  # failure as this step's
+      self.manager.check_for_errors()
     except Exception as e:
       raise self._failed(self._pending, e) from e
     try:
@@ -84,7 +84,7 @@ class Checkpointer:
           ),
         )
       except Exception as e:
-        logging.error(  # the first line only: TensorStore's error spells out its whole spec
+        warn(  # the first line only: TensorStore's error spells out its whole spec
           "Checkpoint at step %d could not be restored (%s: %s); trying the one before it.",
           step,
           type(e).__name__,
@@ -105,7 +105,7 @@ class Checkpointer:
       aside = os.path.join(self.directory, f"{bad}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
       if main_process():
         os.rename(os.path.join(self.directory, str(bad)), aside)
-      logging.error("Moved the unreadable checkpoint of step %d to %s; %s.", bad, aside, then)
+      warn("Moved the unreadable checkpoint of step %d to %s; %s.", bad, aside, then)
     if steps:
       self.manager.reload()
 

@@ -15,7 +15,6 @@ of a step is the same whatever the number of processes.
 import copy
 import gzip
 import importlib.util
-import logging
 import os
 from typing import Iterator, NamedTuple, Optional, Sequence
 
@@ -24,7 +23,7 @@ import numpy as np
 from absl import flags
 from PIL import Image, ImageEnhance, ImageOps
 
-from linearizer.errors import UserError
+from linearizer.errors import UserError, warn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -179,7 +178,7 @@ class FolderSource:
       except Exception as e:
         if path not in _UNREADABLE:  # once per file, however often it is read
           _UNREADABLE.add(path)
-          logging.warning("Skipping unreadable image %s: %s", path, e)
+          warn("Skipping unreadable image %s: %s", path, e)
     raise UserError(f"{self.name}: no readable image at all.")
 
 

@@ -2,7 +2,6 @@
 and how a compiled function is timed (evaluation's img/s and the benchmark share it)."""
 
 import json
-import logging
 import os
 import statistics
 import time
@@ -10,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from linearizer.errors import log, main_process
+from linearizer.errors import log, main_process, warn
 
 
 def _scalars(metrics: dict) -> dict:
@@ -35,7 +34,7 @@ class MetricWriter:
 
         self.tb = SummaryWriter(os.path.join(directory, "tb"))
       except ImportError:
-        logging.warning("tensorboardX is not installed: no TensorBoard events.")
+        warn("tensorboardX is not installed: no TensorBoard events.")
     self.last_time, self.last_step, self.start = None, None, time.time()
 
   def write(self, step: int, metrics: dict) -> dict:

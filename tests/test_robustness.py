@@ -6,6 +6,7 @@ Runs the smoke config's train_teacher stage only (the loop every stage shares), 
 the smoke default so that there is time to interrupt it.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -19,6 +20,8 @@ import time
 
 import numpy as np
 import pytest
+
+from linearizer import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -101,10 +104,16 @@ def assert_same_run(workdir, reference):
 
 
 def assert_clean_error(proc, *phrases):
-  # Our message is the first line that is not a library's absl log line (Orbax may log a
-  # timing warning first on a busy machine).
-  ours = [line for line in proc.stderr.splitlines() if not re.match(r"[IWEF]\d{4} ", line)]
-  assert ours and ours[0].startswith("error: "), proc.stderr[-3000:]
+  # Our message comes first of the lines that are neither a library's absl log line (a
+  # process that does not run main.py keeps them on stderr) nor the note saying where
+  # main.py sent them.
+  ours = [
+    line
+    for line in proc.stderr.splitlines()
+    if not re.match(r"[IWEF]\d{4} ", line) and not line.startswith("note: ")
+  ]
+  assert ours and ours[0].startswith("error: "), proc.stderr[-3000:]  # (it may wrap lines)
+  assert sum(line.startswith("error: ") for line in ours) == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   for phrase in phrases:
     assert phrase in proc.stderr, proc.stderr[-3000:]
@@ -349,6 +358,71 @@ def test_failed_save_stops_cleanly_and_keeps_the_last_good_checkpoint(reference,
   assert_same_run(tmp_path, reference)
 
 
+def mount(*args):
+  """`mount ARGS`, or the test skips where this process may not mount (not root, or a
+  container without the capability)."""
+  proc = subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
+  if proc.returncode:
+    pytest.skip(f"cannot mount here: {proc.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def read_only(path):
+  """`path` read-only to main.py: chmod for a normal user; for root, whom permissions do
+  not stop, a read-only bind mount of it over itself."""
+  if os.geteuid() != 0:
+    path.chmod(0o555)
+    try:
+      yield
+    finally:
+      path.chmod(0o755)
+    return
+  mount("--bind", path, path)
+  try:
+    mount("-o", "remount,ro,bind", path, path)
+    yield
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_read_only_stage_directory(reference, tmp_path):
+  """A stage whose last checkpoint is there but whose model/ is not, in a directory that
+  cannot be written: one message naming the path; once writable, the same command ends
+  the stage as the uninterrupted run did (before: a PermissionError traceback)."""
+  run = tmp_path / "run"
+  shutil.copytree(reference, run)
+  shutil.rmtree(run / "train_teacher" / "model")
+  before = sorted(os.listdir(run / "train_teacher" / "ckpt"))
+  with read_only(run / "train_teacher"):
+    proc = run_main(run, code=2)
+  assert_clean_error(proc, f"could not write {run / 'train_teacher'}", "Make it writable")
+  assert sorted(os.listdir(run / "train_teacher" / "ckpt")) == before
+  run_main(run)
+  assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_up(reference, tmp_path):
+  """A real full disk (a small tmpfs): the message names the step whose save failed and
+  the last good one, and is the only line besides the note on where the library logs
+  went (before: line 1026 of 1085, among 124 tracebacks); with space freed, the same
+  command resumes and ends as the uninterrupted run did."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mount("-t", "tmpfs", "-o", "size=1100k", "tmpfs", disk)
+  try:
+    proc = run_main(disk / "run", code=2)
+    assert_clean_error(proc, "No space left on device", "Could not save the checkpoint of step")
+    last = steps_saved(disk / "run")[-1]
+    assert f"step {last + 3} in" in proc.stderr, proc.stderr
+    assert f"the last good checkpoint is step {last}." in proc.stderr, proc.stderr
+    mount("-o", "remount,size=64m", disk)
+    assert f"resumed from the checkpoint of step {last}" in run_main(disk / "run").stdout
+    assert_same_run(disk / "run", reference)
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_teacher_and_student_that_cannot_be_paired(reference, tmp_path):
   """More AM stages than the (2-block) teacher has blocks: one message, nothing trained."""
   proc = run_main(
@@ -457,16 +531,36 @@ def test_library_noise_goes_to_a_log_file(tmp_path):
     "Bad()\n"
     "t = threading.Thread(target=lambda: 1 / 0)\n"
     "t.start(); t.join()\n"
+    "from absl import logging\n"
+    "logging.warning('Waiting for previous save to complete')\n"  # Orbax, via absl
+    "from linearizer.errors import warn\n"
+    "warn('ours, still on the terminal')\n"
   )
   proc = subprocess.run(
     [sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120
   )
   assert proc.returncode == 0, proc.stderr
   assert proc.stderr.strip().splitlines() == [
-    f"note: tracebacks of errors libraries ignored are in {tmp_path / 'logs' / 'libraries.log'}"
+    f"note: messages and tracebacks of libraries are in {tmp_path / 'logs' / 'libraries.log'}",
+    "warning: ours, still on the terminal",
   ]
   log = (tmp_path / "logs" / "libraries.log").read_text()
   assert "Event loop is closed" in log and "ZeroDivisionError" in log
+  assert "Waiting for previous save" in log and "ours" not in log
+
+
+def test_library_noise_when_its_log_file_cannot_be_written(tmp_path, capsys):
+  """The disk that filled up holds the log file too: the noise goes to the temporary
+  directory instead (one note saying so), never to the terminal."""
+  (tmp_path / "logs").write_text("a file where the log directory would be")
+  sink = errors._LogFile(str(tmp_path / "logs" / "libraries.log"))
+  sink.paths[1] = str(tmp_path / "elsewhere.log")
+  sink.write("first\n")
+  sink.write("second\n")
+  assert (tmp_path / "elsewhere.log").read_text() == "first\nsecond\n"
+  note = capsys.readouterr().err.splitlines()
+  assert len(note) == 1 and note[0].startswith(f"note: could not write {tmp_path / 'logs'}")
+  assert note[0].endswith(f"messages and tracebacks of libraries are in {tmp_path}/elsewhere.log")
 
 
 def test_an_unreadable_image_is_named_once_and_counted(tmp_path):

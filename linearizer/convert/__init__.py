@@ -58,7 +58,7 @@ from linearizer import models
 from linearizer.convert import adventurer, big_vision, hf, openai_clip, orbax, timm
 from linearizer.convert.match import CheckpointMismatch, Spec, _config, _match, _Uninferable
 from linearizer.convert.tensors import read_tensors
-from linearizer.errors import MissingPathError, UserError, exit_with, log
+from linearizer.errors import MissingPathError, UserError, log, one_line_errors
 from linearizer.models import saved
 
 __all__ = [
@@ -220,11 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   overwrite = args.pop("overwrite")
   options = {n: True for opts in OPTIONS.values() for n in opts if args.pop(n)}
   overrides = {k: v for k, v in args.items() if v is not None}
-  try:
+  with one_line_errors():
     saved.check_writable(out, overwrite)  # fail before the (slow) conversion
     model = load(src, fmt, **overrides, **options)
     written = saved.save(model, out, overwrite=overwrite)
-  except UserError as e:
-    exit_with(e)
   kind = models.kind_of(model)
   print(f"{kind}: {describe(model)}, {num_params(model):,} parameters -> {written}")
