@@ -9,7 +9,7 @@ B/16 vs Adventurer-B/16, bf16, batch 32, resolutions up to 2048² on an accelera
 Ti/16 vs Adventurer-Ti/16, float32, batch 1, up to 1024² on CPU (about 5 minutes on 2 cores).
 Args: smoke, teacher, student, resolutions (joined by '+'), batch, dtype, chunk_size,
 ssd_lengths (joined by '+'), peak_flops, parts (joined by '+': forward, train_step,
-supervised_step, ssd;
+supervised_step, segment, ssd;
 `parts=ssd` times the SSD kernels alone). `:smoke` runs tiny models in seconds (tests).
 """
 
@@ -34,7 +34,7 @@ def get_config(arg=None):
     chunk_size=0,
     ssd_lengths="",
     peak_flops=0.0,
-    parts="forward+train_step+supervised_step+ssd",
+    parts="forward+train_step+supervised_step+segment+ssd",
   )
   c = ml_collections.ConfigDict(dict(seed=0, stages=("bench",)))
   c.bench = common.bench(
@@ -57,5 +57,6 @@ def get_config(arg=None):
     b.batch, b.repeats, b.chunk_size = b.batch or 2, 2, b.chunk_size or 16
     b.train_resolution, b.train_batch = 32, 2
     b.supervised.update(batch=2, resolutions=(32, 64), num_classes=10)
+    b.segment.update(batch=1, resolutions=(32, 64), num_classes=5)
     b.ssd.update(batch=1, heads=2, headdim=16, d_state=16, lengths=b.ssd.lengths or (66,))
   return c.lock()

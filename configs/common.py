@@ -14,8 +14,10 @@ def optim(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(
     dict(
       lr=1.5e-4,  # peak; method.md §8 scales it 1.5e-4 × batch / 256 (MAE; the paper gives none)
-      min_lr=1e-6,  # where the cosine schedule ends
-      warmup_steps=0,  # the cosine schedule then ends at the stage's `steps`
+      min_lr=1e-6,  # where the schedule ends
+      warmup_steps=0,  # linear, from 0; the schedule then ends at the stage's `steps`
+      schedule="cosine",  # after the warm-up: 'cosine', or 'poly' (mmseg's PolyLR)
+      power=1.0,  # the 'poly' schedule's exponent
       weight_decay=0.05,  # AdamW's decoupled weight decay
       b1=0.9,  # AdamW's moment decays
       b2=0.999,
@@ -260,6 +262,69 @@ def smoke(c):
   c.eval.speed_batch = 8
 
 
+def segment(**overrides) -> ml_collections.ConfigDict:
+  """The `segment` stage (linearizer/segment.py): every backbone fine-tuned with the same
+  head, data and budget. Defaults: mmseg's ViT-B UperNet on ADE20K
+  (configs/mae/upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py), method.md §9."""
+  c = ml_collections.ConfigDict(
+    dict(
+      # 'teacher', 'distill', 'finetune', 'train_student' (this run's stages), 'scratch' (a
+      # fresh student: the from-scratch baseline) or 'name=fmt:path' / 'name=<model dir>'
+      backbones=("teacher", "distill", "scratch"),
+      steps=160_000,  # mmseg: 160k iterations
+      batch_size=16,  # mmseg: 8 GPUs × 2
+      # mmseg MAE: AdamW lr 1e-4, wd 0.05, layer decay 0.65, poly (power 1, eta_min 0) after
+      # a 1500-iteration linear warm-up
+      optim=optim(
+        lr=1e-4,
+        min_lr=0.0,
+        weight_decay=0.05,
+        layer_decay=0.65,
+        warmup_steps=1500,
+        schedule="poly",
+        clip_norm=0.0,
+      ),
+      head=dict(
+        kind="upernet",  # 'upernet' (the paper's) or 'linear' (a 1×1 probe)
+        channels=768,  # mmseg MAE UPerHead channels
+        out_indices=(),  # () = blocks 4, 6, 8, 12 of 12, scaled to the backbone's depth
+        pool_scales=(1, 2, 3, 6),  # PPM grids
+        aux_channels=256,  # the auxiliary FCNHead's width
+        aux_weight=0.4,  # its loss weight; 0 = no auxiliary head
+        dropout=0.1,  # before each classifier
+        groups=32,  # GroupNorm groups (batch-free: see linearizer/models/segmenter.py)
+      ),
+      data=dict(
+        # digitscenes (MNIST canvases, built in), segfolder:<root>, ade20k:<root>,
+        # cityscapes:<root>
+        source="digitscenes",
+        num_classes=0,  # 0 = the dataset's own (segfolder: scanned from its masks)
+        canvas=128,  # digitscenes: the canvas side
+        train_scenes=2000,  # digitscenes: scenes per split
+        test_scenes=200,
+        crop=(512, 512),  # training crop (h, w)
+        scale=(2048, 512),  # RandomResize target (long, short), × a ratio in ratio_range
+        ratio_range=(0.5, 2.0),
+        cat_max_ratio=0.75,  # RandomCrop: no class above this share of a crop (10 tries)
+        flip=True,
+        photometric=True,  # PhotoMetricDistortion
+        workers=0,  # grain worker processes
+      ),
+      eval=dict(
+        mode="slide",  # 'whole' image, or 'slide' windows of `crop` every `stride`
+        crop=(512, 512),  # mmseg ADE20K test: slide, crop 512, stride 341
+        stride=(341, 341),
+        scale=(2048, 512),  # test Resize (long, short), keep ratio; () = as the image is
+        limit=0,  # at most this many eval images (0 = all)
+        figure_images=4,  # rows of predictions.png
+        speed_repeats=5,  # timed forwards for img/s (median)
+      ),
+    )
+  )
+  c.update(overrides)
+  return c
+
+
 def ablation(**overrides) -> ml_collections.ConfigDict:
   """The `ablation` stage (linearizer/ablation.py)."""
   c = ml_collections.ConfigDict(
@@ -286,7 +351,7 @@ def bench(**overrides) -> ml_collections.ConfigDict:
   """The `bench` stage (linearizer/bench.py). Empty / 0 = the default for this backend."""
   c = ml_collections.ConfigDict(
     dict(
-      parts=("forward", "train_step", "supervised_step", "ssd"),  # what to measure
+      parts=("forward", "train_step", "supervised_step", "segment", "ssd"),  # what to measure
       teacher_kind="vit",  # architectures of linearizer.models
       student_kind="adventurer",
       teacher="",  # teacher variant; '' = B/16 on accelerators, Ti/16 on CPU
@@ -321,6 +386,13 @@ def bench(**overrides) -> ml_collections.ConfigDict:
         steps=1000,
         optim=optim(),
         loss=supervised_loss(),
+      ),
+      # Backbone + UperNet forward at segmentation sizes (teacher vs student).
+      segment=dict(
+        resolutions=(),  # () = 512…2048 on accelerators, 512 and 768 on CPU
+        batch=0,  # 0 = 8 on accelerators, 1 on CPU
+        num_classes=150,  # ADE20K's
+        channels=0,  # UperNet's width; 0 = the backbone's (768 for B, as mmseg's ViT-B)
       ),
       # The distillation settings the train step runs with (its schedule length too).
       distill=dict(steps=1000, optim=optim(lr=1e-4), loss=distill_loss(), teacher_input="resample"),

@@ -1,6 +1,7 @@
 """linearizer: distill a frozen ViT teacher into a linear-time Adventurer (Mamba-2) student.
 
-`linearizer.load_student(dir)` is the one-line entry for notebooks. It is resolved on first
+`linearizer.load_student(dir)` and `linearizer.load_segmenter(dir)` are the one-line entries
+for notebooks. It is resolved on first
 use (PEP 562), so that importing `linearizer.cpu_malloc` (which main.py runs before JAX is
 loaded) does not load JAX and the whole library first (tests/test_layout.py allows this one
 lazy import by name).
@@ -8,10 +9,10 @@ lazy import by name).
 
 import importlib
 
-__all__ = ["load_student"]
+__all__ = ["load_student", "load_segmenter"]
 
 
 def __getattr__(name):
-  if name == "load_student":
-    return importlib.import_module("linearizer.export").load_student
+  if name in __all__:
+    return getattr(importlib.import_module("linearizer.export"), name)
   raise AttributeError(f"module 'linearizer' has no attribute {name!r}")

@@ -12,6 +12,9 @@ Measures, on whatever device JAX runs on:
               ViT once per attention implementation) at batch 128 or the largest that fits:
               the protocol the paper's speed and memory table most likely follows;
   max_batch   on accelerators, the largest power-of-two batch that fits per model/resolution;
+  segment     backbone + UperNet head forward (no auxiliary head), teacher vs student at
+              equal patch size, at segmentation resolutions (512² … 2048²): where the
+              paper's 2.74× (ADE20K) and 4.21× (Cityscapes) come from;
   ssd         forward and forward+backward of every `kernels.ssd` impl, with the FLOPs and
               bytes the chunked algorithm must do and the fraction of the device's roofline.
 
@@ -35,6 +38,7 @@ from linearizer import bench_results as results
 from linearizer import data, distill, models, optim, sharding, supervised, train
 from linearizer.errors import UserError, log, main_process
 from linearizer.metrics import time_compiled
+from linearizer.models.segmenter import Segmenter, SegmenterConfig
 
 
 # ---------------------------------------------------------------------------------------
@@ -78,7 +82,7 @@ def is_oom(err):
 # ---------------------------------------------------------------------------------------
 # The measurements.
 # ---------------------------------------------------------------------------------------
-PARTS = ("forward", "train_step", "supervised_step", "ssd")  # config.bench.parts
+PARTS = ("forward", "train_step", "supervised_step", "segment", "ssd")  # config.bench.parts
 
 
 def settings(config):
@@ -108,6 +112,9 @@ def settings(config):
     supervised_resolutions=tuple(b.supervised.resolutions) or ((224, 448) if accel else (224,)),
     max_batch=accel if b.max_batch is None else bool(b.max_batch),
     max_batch_limit=b.max_batch_limit,
+    segment_resolutions=tuple(b.segment.resolutions)
+    or ((512, 768, 1024, 2048) if accel else (512, 768)),
+    segment_batch=b.segment.batch or (8 if accel else 1),
     ssd_batch=b.ssd.batch or (8 if accel else 1),
     ssd_lengths=tuple(b.ssd.lengths) or ((198, 1026, 4098, 16386) if accel else (198, 1026, 4098)),
     peak_override=b.peak_flops,
@@ -337,6 +344,53 @@ def measure_ssd(config, s, meta, peak, bandwidth):
   return rows
 
 
+def segmenter_forward(backbone, num_classes: int, channels: int):
+  """A jitted `(state, images) -> logits` of `backbone` + UperNet (`channels` wide; 0 = the
+  backbone's width, as mmseg's ViT-B configs use 768), and its state."""
+  head = SegmenterConfig(
+    num_classes=num_classes, channels=channels or backbone.cfg.width, aux_channels=0
+  )
+  graphdef, state = nnx.split(Segmenter(backbone, head, rngs=nnx.Rngs(0)))
+  return jax.jit(lambda st, images: nnx.merge(graphdef, st)(images)[0]), state
+
+
+def segment_rows(config, s, base, peak):
+  """Backbone + UperNet forward rows: the ViT once per attention impl, the student once."""
+  seg, rows, batch = config.bench.segment, [], s["segment_batch"]
+  for impl in s["attention"]:
+    teacher, student = build_pair(config, s, impl)
+    pairs = [(teacher, "teacher", f"ViT-{s['teacher']}", impl)]
+    if impl == s["attention"][0]:
+      pairs.append((student, "student", f"Adventurer-{s['student']}", None))
+    for model, role, name, attn in pairs:
+      meta = dict(base, model=name, role=role, variant=name.split("-", 1)[1], attention_impl=attn)
+      fn, state = segmenter_forward(model, seg.num_classes, seg.channels)
+      for res in s["segment_resolutions"]:
+        images = jnp.zeros((batch, res, res, 3), jnp.float32)
+        try:
+          row = timed_row(
+            meta,
+            peak,
+            batch=batch,
+            **timed(fn, (state, images), s["repeats"]),
+            kind="segment",
+            resolution=res,
+            tokens=(res // model.cfg.patch) ** 2,
+          )
+        except Exception as err:  # recorded, not fatal (as the forward rows)
+          rows.append(
+            dict(meta, kind="segment", resolution=res, error=f"{type(err).__name__}: {err}"[:300])
+          )
+          log(f"[bench] segment {name} {attn or ''} @{res}: failed ({type(err).__name__})")
+          continue
+        rows.append(row)
+        log(
+          f"[bench] segment {name:<18} {attn or '':<6} @{res:<5} {row['img_per_s']:10.2f} img/s "
+          f"(compile {row['compile_s']:.1f} s)"
+        )
+  return rows
+
+
 def fill_teacher_flops(rows, kind, peak):
   """XLA counts no FLOPs inside custom calls (cuDNN attention): every impl does the same
   math, so a teacher row without FLOPs takes those of another impl at its resolution."""
@@ -448,6 +502,9 @@ def run(config, workdir):
   if "supervised_step" in s["parts"]:
     rows.extend(supervised_rows(config, s, base, peak))
     fill_teacher_flops(rows, "supervised_step", peak)
+  if "segment" in s["parts"]:
+    rows.extend(segment_rows(config, s, base, peak))
+    fill_teacher_flops(rows, "segment", peak)
   if "ssd" in s["parts"]:
     rows.extend(measure_ssd(config, s, base, peak, bandwidth))
 
@@ -462,11 +519,14 @@ def run(config, workdir):
     ),
     rows=rows,
     speedups=results.speedups(rows),
+    segment_speedups=results.speedups(rows, "segment", results.PAPER_SEGMENT_SPEEDUP),
   )
   if main_process():
     with open(os.path.join(out_dir, "bench.json"), "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2, default=str)
     results.plot(result, os.path.join(out_dir, "bench.png"))
+    if result["segment_speedups"]:
+      results.plot_segment(result, os.path.join(out_dir, "bench_segment.png"))
     log(results.table(result))
     log(f"[bench] wrote {out_dir}/bench.json and bench.png ({result['meta']['wall_s']:.0f} s)")
   return result

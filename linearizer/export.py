@@ -40,13 +40,23 @@ def export_student(model, directory, *, image_size=None, overwrite=True, source=
     out = nnx.merge(graphdef, state)(images)
     return out.logits if out.logits is not None else out.tokens
 
-  (batch,) = jax.export.symbolic_shape("batch")
-  spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-  # Lowered for every platform, so a student exported on a CPU serves on a GPU or TPU.
-  exported = jax.export.export(jax.jit(serve), platforms=PLATFORMS)(spec)
+  exported = _serialisable(serve, (size, size))
   # Exported before anything is written, and the file is renamed into place complete: a
   # failure leaves no half export (a present serve file means the export is finished).
   saved.save(model, directory, overwrite=overwrite)
+  _write_serving(exported, directory, source)
+  return directory
+
+
+def _serialisable(serve, hw: tuple):
+  """`serve` exported for float32 (batch, h, w, 3) images, any batch, every platform (a
+  model exported on a CPU serves on a GPU or TPU)."""
+  (batch,) = jax.export.symbolic_shape("batch")
+  spec = jax.ShapeDtypeStruct((batch, *hw, 3), jnp.float32)
+  return jax.export.export(jax.jit(serve), platforms=PLATFORMS)(spec)
+
+
+def _write_serving(exported, directory, source: str = "") -> None:
   path = os.path.join(directory, SERVE_FILE)
   try:
     with open(path + ".tmp", "wb") as f:
@@ -57,7 +67,28 @@ def export_student(model, directory, *, image_size=None, overwrite=True, source=
         f.write(source + "\n")
   except OSError as e:
     raise UserError(f"Cannot write {path}: {e.strerror or e}.") from e
+
+
+def export_segmenter(model, directory, *, image_size: tuple, overwrite=True):
+  """A segmentation model as a student is exported: `directory/` (params + model.json, see
+  `models.saved.save_segmenter`) and `serve.jaxexport`, mapping float32 (batch, h, w, 3)
+  images at `image_size` = (h, w), normalised with the backbone's mean/std, to (batch, h,
+  w, classes) logits."""
+  graphdef, state = nnx.split(model)
+  exported = _serialisable(lambda x: nnx.merge(graphdef, state)(x)[0], tuple(image_size))
+  saved.save_segmenter(model, directory, overwrite=overwrite)
+  _write_serving(exported, directory)
   return directory
+
+
+def load_segmenter(directory: str) -> nnx.Module:
+  """A segment stage's model: `model = linearizer.load_segmenter(DIR/segment/<name>/model)`.
+
+  Returns:
+    The `Segmenter`; `model(images)` gives (logits (B, H, W, C), auxiliary logits or None)
+    on NHWC float32 images of any size, normalised with `model.backbone.cfg.mean/std`.
+  """
+  return saved.restore_segmenter(directory)
 
 
 def load_student(directory: str) -> nnx.Module:

@@ -26,8 +26,21 @@ def decay_mask(params, no_decay: tuple):
   )
 
 
+SCHEDULES = ("cosine", "poly")
+
+
 def schedule(optim, steps: int) -> optax.Schedule:
-  """Linear warm-up from 0 to `lr`, then cosine decay to `min_lr` at step `steps`."""
+  """Linear warm-up from 0 to `lr`, then decay to `min_lr` at step `steps`: cosine, or
+  'poly' (lr · (1 − t/T)^power: mmseg's PolyLR, power 1, after its linear warm-up)."""
+  kind = optim.schedule
+  if kind not in SCHEDULES:
+    raise UserError(f"optim.schedule={kind!r}; expected one of {SCHEDULES}.")
+  if kind == "poly":
+    warmup = optax.linear_schedule(0.0, optim.lr, optim.warmup_steps)
+    decay = optax.polynomial_schedule(
+      optim.lr, optim.min_lr, optim.power, max(steps - optim.warmup_steps, 1)
+    )
+    return optax.join_schedules([warmup, decay], [optim.warmup_steps])
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=optim.lr,

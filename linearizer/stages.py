@@ -22,6 +22,7 @@ from linearizer import (
   export,
   plots,
   preemption,
+  segment,
   supervised,
   visualize,
   workdir,
@@ -104,6 +105,10 @@ STAGES = {
   "eval": Stage(
     lambda r: evaluate.run_eval(r.config, r.dir, r.eval_source, r.classes), "eval/results.json"
   ),
+  "segment": Stage(
+    lambda r: segment.run_segment(r.config, r.dir),
+    "segment/{results.json,<backbone>/{ckpt,results.json,predictions.png,metrics.jsonl,tb}}",
+  ),
   "bench": Stage(lambda r: bench.run(r.config, r.dir), "bench/{bench.json,bench.png}"),
   "visualize": Stage(lambda r: visualize.run(r.config, r.dir), "visualize/maps_*.png"),
   "ablation": Stage(
@@ -138,6 +143,12 @@ def check_numbers(config) -> None:
     for field in ("steps", "batch_size")
     if not isinstance(config[stage][field], int) or config[stage][field] < 1
   ]
+  if "segment" in config.stages:
+    wrong += [
+      f"segment.{f}={config.segment[f]!r}"
+      for f in ("steps", "batch_size")
+      if not isinstance(config.segment[f], int) or config.segment[f] < 1
+    ]
   wrong += [
     f"{name}={value!r}"
     for name, value in (
@@ -153,10 +164,12 @@ def check_numbers(config) -> None:
       "checkpoints; 0 would delete each one as it is written)."
     )
   devices = jax.device_count()
+  batched = [s for s in workdir.TRAIN_STAGES if s in config]
+  batched += ["segment"] if "segment" in config.stages else []
   uneven = [
     f"{stage}.batch_size={config[stage].batch_size}"
-    for stage in workdir.TRAIN_STAGES
-    if stage in config and config[stage].batch_size % devices
+    for stage in batched
+    if config[stage].batch_size % devices
   ]
   if uneven:
     raise UserError(
@@ -183,6 +196,8 @@ def check_config(config) -> None:
     visualize.check_config(config)
   if "eval" in config.stages:
     evaluate.extra_models(config)
+  if "segment" in config.stages:
+    segment.check_config(config)
   if "distill" in config.stages:
     # Fields configs.common.distill_stage declares: a config from before them built the
     # distill block with `stage` and would fail half-way.

@@ -123,6 +123,16 @@ def test_smoke_run_writes_json_and_plot(tmp_path):
     positive(r, "img_per_s", "latency_ms", "flops_per_image", "compiled_bytes")
     (fwd_row,) = [f for f in fwd if (f["role"], f["resolution"]) == (r["role"], r["resolution"])]
     assert r["flops_per_image"] > 2 * fwd_row["flops_per_image"]
+  seg = [r for r in data["rows"] if r["kind"] == "segment"]
+  assert {(r["role"], r["resolution"]) for r in seg} == {
+    (role, res) for role in ("teacher", "student") for res in (32, 64)
+  }
+  for r in seg:  # backbone + UperNet: more FLOPs than the backbone's forward
+    positive(r, "img_per_s", "flops_per_image")
+    (fwd_row,) = [f for f in fwd if (f["role"], f["resolution"]) == (r["role"], r["resolution"])]
+    assert r["flops_per_image"] > fwd_row["flops_per_image"]
+  assert [s["resolution"] for s in data["segment_speedups"]] == [32, 64]
+  assert (out / "bench_segment.png").stat().st_size > 0
   ssd = [r for r in data["rows"] if r["kind"] == "ssd"]
   timed = {(r["impl"], r["mode"]) for r in ssd if "skipped" not in r}
   assert timed == {(i, m) for i in ("reference", "xla") for m in ("fwd", "fwd+bwd")}

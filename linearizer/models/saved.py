@@ -24,6 +24,7 @@ from flax import nnx
 
 from linearizer import models
 from linearizer.errors import MissingPathError, PathExistsError, UserError
+from linearizer.models.segmenter import Segmenter, SegmenterConfig
 
 
 def check_writable(directory, overwrite: bool = False) -> pathlib.Path:
@@ -42,6 +43,12 @@ def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
   Everything is written to a temporary sibling first and moved into place at the end, so a
   failure half-way never damages what was there.
   """
+  meta = {"kind": models.kind_of(model), "config": dataclasses.asdict(model.cfg)}
+  return _write(model, meta, directory, overwrite)
+
+
+def _write(model, meta: dict, directory, overwrite: bool) -> pathlib.Path:
+  """params/ and model.json (`meta`), written beside `directory` and moved into place."""
   directory = check_writable(directory, overwrite)
   try:
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +60,6 @@ def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / "params", params)
     checkpointer.wait_until_finished()
-    meta = {"kind": models.kind_of(model), "config": dataclasses.asdict(model.cfg)}
     (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     if directory.exists():
       shutil.rmtree(directory) if directory.is_dir() else directory.unlink()
@@ -64,6 +70,52 @@ def save(model, directory, *, overwrite: bool = False) -> pathlib.Path:
       raise UserError(f"Cannot write a model to {directory}: {e.strerror or e}.") from e
     raise
   return directory
+
+
+SEGMENTER = "segmenter"  # model.json's kind for a backbone with a segmentation head
+
+
+def save_segmenter(model: Segmenter, directory, *, overwrite: bool = False) -> pathlib.Path:
+  """Writes a segmenter like `save`: model.json holds its backbone's kind and config and
+  the head's `SegmenterConfig`; params/ all of its parameters."""
+  meta = {
+    "kind": SEGMENTER,
+    "backbone": {
+      "kind": models.kind_of(model.backbone),
+      "config": dataclasses.asdict(model.backbone.cfg),
+    },
+    "config": dataclasses.asdict(model.cfg),
+  }
+  return _write(model, meta, directory, overwrite)
+
+
+def restore_segmenter(directory) -> Segmenter:
+  """The segmenter `save_segmenter` wrote (shapes checked against model.json first)."""
+  path = pathlib.Path(directory) / "model.json"
+  if not path.is_file():
+    raise MissingPathError(f"{path} not found: {directory} is not a saved segmentation model.")
+  meta = json.loads(path.read_text())
+  if meta.get("kind") != SEGMENTER:
+    raise UserError(
+      f"{path}: kind {meta.get('kind')!r}; expected {SEGMENTER!r} (a segment stage's "
+      "DIR/segment/<backbone>/model). A classifier loads with linearizer.load_student."
+    )
+  backbone = models.config_from_dict(meta["backbone"]["kind"], meta["backbone"]["config"])
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+  cfg = SegmenterConfig(**fields)
+  build = lambda: Segmenter(models.from_config(backbone), cfg, rngs=nnx.Rngs(0))
+  abstract = nnx.state(nnx.eval_shape(build), nnx.Param).to_pure_dict()
+  check_params(directory, cfg, abstract)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+  try:
+    restored = ocp.StandardCheckpointer().restore(
+      pathlib.Path(directory).absolute() / "params", target
+    )
+  except Exception as e:
+    raise _damaged(directory, e) from e
+  model = build()
+  nnx.update(model, nnx.State(restored))
+  return model
 
 
 def load_config(directory):

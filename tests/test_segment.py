@@ -1,0 +1,297 @@
+"""Segmentation: the metric against hand-computed values, inference (sliding windows vs
+the whole image), the segmenter's shapes on both backbones, the stage through main.py."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from linearizer import models, segdata, segment
+from linearizer.errors import UserError
+from linearizer.models.segmenter import Segmenter, SegmenterConfig, default_out_indices
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_confusion_matrix_and_scores_by_hand():
+  label = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+  pred = np.array([[0, 1, 1, 1], [2, 0, 2, 0]])
+  cm = segment.confusion_matrix(pred, label, 4)
+  # rows truth, columns prediction; the 255 pixel is left out; class 3 is nowhere
+  assert cm.dtype == np.int64 and cm.shape == (4, 4)
+  np.testing.assert_array_equal(cm, [[1, 1, 0, 0], [1, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+  s = segment.segmentation_scores(cm)
+  # IoU = tp / (truth + predicted − tp): 1/(2+3−1), 2/(3+3−2), 1/(2+1−1); class 3 NaN
+  np.testing.assert_allclose(s["iou"][:3], [1 / 4, 2 / 4, 1 / 2])
+  assert np.isnan(s["iou"][3])
+  assert s["miou"] == pytest.approx((1 / 4 + 1 / 2 + 1 / 2) / 3)
+  assert s["macc"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
+  assert s["aacc"] == pytest.approx(4 / 7)
+  assert json.loads(json.dumps(segment.json_safe(s)))["iou"][3] is None
+  # JAX arrays give the same counts
+  np.testing.assert_array_equal(
+    segment.confusion_matrix(jnp.asarray(pred), jnp.asarray(label), 4), cm
+  )
+
+
+def test_a_class_predicted_but_absent_from_the_truth_counts_in_miou_not_macc():
+  cm = segment.confusion_matrix(np.array([0, 1]), np.array([0, 0]), 2)
+  s = segment.segmentation_scores(cm)
+  assert s["iou"] == [0.5, 0.0] and s["miou"] == 0.25 and s["macc"] == 0.5
+
+
+def test_confusion_matrix_refuses_what_is_not_a_class_map():
+  with pytest.raises(UserError, match="shape"):
+    segment.confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), 3)
+  with pytest.raises(UserError, match="0 … 2"):
+    segment.confusion_matrix(np.zeros((2, 2)), np.full((2, 2), 7), 3)
+
+
+def test_windows_follow_mmsegs_grid():
+  # H=10, crop 6, stride 4: rows (10 − 6 + 3) // 4 + 1 = 2, the last flush with the border
+  assert segment.windows((10, 6), (6, 6), (4, 4)) == [(0, 6, 0, 6), (4, 10, 0, 6)]
+  assert segment.windows((5, 5), (8, 8), (4, 4)) == [(0, 5, 0, 5)]  # smaller than a crop
+
+
+def test_sliding_windows_average_a_pixelwise_model_exactly():
+  """A model whose logits at a pixel depend on that pixel only: every window agrees, so the
+  sliding average equals the whole-image pass, whatever the overlap."""
+  image = np.random.default_rng(0).normal(size=(23, 17, 3)).astype(np.float32)
+  fn = lambda x: jnp.concatenate([x, -x], axis=-1) * 2.0
+  whole = segment.infer(fn, image, "whole")
+  np.testing.assert_allclose(segment.infer(fn, image, "slide", (8, 8), (5, 3)), whole, 1e-6)
+
+
+def tiny(kind, **extra):
+  fields = dict(
+    vit=dict(width=32, depth=2, num_heads=2, mlp_dim=64),
+    adventurer=dict(width=32, depth=2, headdim=16, d_state=16, chunk_size=16),
+  )[kind]
+  return models.build(kind, "Ti/4", image_size=32, num_classes=0, **fields, **extra)
+
+
+@pytest.mark.parametrize("kind", ["vit", "adventurer"])
+def test_segmenter_shapes_at_several_sizes_and_one_window_equals_whole(kind):
+  model = Segmenter(
+    tiny(kind),
+    SegmenterConfig(num_classes=5, channels=16, aux_channels=8, groups=4),
+    rngs=nnx.Rngs(0),
+  )
+  for hw in [(32, 32), (30, 45)]:  # 30, 45: padded to the patch, cropped back
+    logits, aux = model(jnp.zeros((2, *hw, 3)))
+    assert logits.shape == (2, *hw, 5) and aux.shape == (2, *hw, 5)
+  linear = Segmenter(
+    tiny(kind), SegmenterConfig(num_classes=5, head="linear", aux_channels=0), rngs=nnx.Rngs(0)
+  )
+  logits, aux = linear(jnp.zeros((1, 30, 30, 3)))
+  assert logits.shape == (1, 30, 30, 5) and aux is None
+  image = np.random.default_rng(1).normal(size=(28, 36, 3)).astype(np.float32)
+  fn = segment.forward_fn(model)
+  whole = segment.infer(fn, image, "whole")
+  np.testing.assert_allclose(segment.infer(fn, image, "slide", (32, 40), (16, 16)), whole, 1e-5)
+
+
+def test_default_depths_are_mmsegs_scaled():
+  assert default_out_indices(12) == (3, 5, 7, 11)
+  assert default_out_indices(24) == (7, 11, 15, 23)
+  assert default_out_indices(4) == (0, 1, 2, 3)
+
+
+def test_the_ignored_pixels_carry_no_loss():
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 2, 3)), jnp.float32)
+  label = jnp.asarray([[[0, 255], [2, 255]]])
+  by_hand = -np.mean(
+    [
+      jnp.log(jnp.exp(logits[0, 0, 0]) / jnp.exp(logits[0, 0, 0]).sum())[0],
+      jnp.log(jnp.exp(logits[0, 1, 0]) / jnp.exp(logits[0, 1, 0]).sum())[2],
+    ]
+  )
+  assert float(segment.pixel_cross_entropy(logits, label)) == pytest.approx(float(by_hand), 1e-6)
+
+
+CM_SHARE = """
+import sys
+import jax
+jax.distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+import numpy as np
+from linearizer import segdata, segment
+source = segdata.DigitScenes("test", size=32, num_scenes=5, seed=0)
+cm = np.zeros((11, 11), np.int64)
+for i, image, label in segdata.eval_items(
+  source, process_index=jax.process_index(), process_count=jax.process_count()
+):
+  cm += segment.confusion_matrix((image[..., 0] > 100) * (i % 11), label, 11)
+total = segment.all_processes_sum(cm)
+if jax.process_index() == 0:
+  np.save(sys.argv[4], total)
+"""
+
+
+def test_two_processes_count_every_image_once(tmp_path):
+  """Each process scores its share (5 images over 2 processes); the sum is the total a
+  single pass over all five gives."""
+  source = segdata.DigitScenes("test", size=32, num_scenes=5, seed=0)
+  expected = sum(
+    segment.confusion_matrix((image[..., 0] > 100) * (i % 11), label, 11)
+    for i, image, label in segdata.eval_items(source)
+  )
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  out = tmp_path / "cm.npy"
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", CM_SHARE, f"localhost:{port}", "2", str(i), str(out)],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs
+  np.testing.assert_array_equal(np.load(out), expected)
+
+
+def run_main(workdir, *flags, code=0):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "main.py",
+      "--config",
+      "configs/segment.py:smoke",
+      "--workdir",
+      str(workdir),
+      *flags,
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def test_the_segment_stage_through_main(tmp_path):
+  """The smoke config end to end (a ViT teacher and a fresh Adventurer: both backbones;
+  the distilled one is the same code path as `scratch`): every backbone's results, the
+  table, the figure; the same command again reuses them."""
+  workdir = tmp_path / "run"
+  flags = (
+    "--config.stages=('train_teacher','segment')",
+    "--config.segment.backbones=('teacher','scratch')",
+  )
+  out = run_main(workdir, *flags).stdout
+  assert "| backbone | mIoU | mAcc | aAcc | params | img/s |" in out
+  table = json.loads((workdir / "segment" / "results.json").read_text())
+  assert sorted(table) == ["scratch", "teacher"]
+  for name, row in table.items():
+    assert 0 <= row["miou"] <= 1 and 0 <= row["aacc"] <= 1 and len(row["iou"]) == 11
+    assert row["pixels"] == 4 * 32 * 32  # every pixel of the 4 test canvases is labelled
+    assert (workdir / "segment" / name / "predictions.png").stat().st_size > 0
+    assert (workdir / "segment" / name / "ckpt").is_dir()
+  again = run_main(workdir, *flags).stdout
+  assert "[segment/teacher] already finished" in again
+  check_the_exported_model_and_predict(workdir / "segment" / "scratch" / "model", tmp_path)
+  proc = predict(workdir / "train_teacher" / "model", tmp_path / "images", tmp_path / "x", code=2)
+  assert proc.stderr.startswith("error: ") and "'segmenter'" in proc.stderr, proc.stderr
+  assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
+
+
+def predict(model, inputs, output, *flags, code=0):
+  proc = subprocess.run(
+    [sys.executable, "-m", "linearizer.segment", "predict", "--model", str(model)]
+    + ["--input", str(inputs), "--output", str(output), *flags],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def check_the_exported_model_and_predict(model_dir, tmp_path):
+  """load_segmenter and the serialised function agree; `predict` writes a label map and an
+  overlay per image of a folder, at each image's own size."""
+  import linearizer
+  from linearizer import export
+
+  model = linearizer.load_segmenter(str(model_dir))
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_allclose(
+    np.asarray(export.load_serving(str(model_dir))(x)), np.asarray(model(x)[0]), atol=1e-5
+  )
+  (tmp_path / "images").mkdir()
+  scenes = segdata.DigitScenes("test", size=40, num_scenes=2, seed=3)
+  for i in range(2):
+    Image.fromarray(scenes[i][0][: 40 - 8 * i]).save(tmp_path / "images" / f"scene{i}.png")
+  out = predict(model_dir, tmp_path / "images", tmp_path / "masks").stdout
+  assert "2 label map(s)" in out
+  for i in range(2):
+    mask = np.asarray(Image.open(tmp_path / "masks" / f"scene{i}.png"))
+    assert mask.shape == (40 - 8 * i, 40) and mask.max() < 11
+    assert (tmp_path / "masks" / f"scene{i}_overlay.png").is_file()
+
+
+def test_a_backbone_no_stage_produced_is_one_clear_error(tmp_path):
+  proc = run_main(
+    tmp_path / "run",
+    "--config.stages=('segment',)",
+    "--config.segment.backbones=('distill',)",
+    code=2,
+  )
+  lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+  assert len(lines) == 1 and "'distill'" in lines[0] and "distill/model" in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "run" / "segment").exists()
+
+
+def test_a_backbone_entry_that_is_not_a_name_is_refused_before_anything_runs(tmp_path):
+  proc = run_main(tmp_path / "run", "--config.segment.backbones=('vit_b',)", code=2)
+  assert "segment.backbones entry 'vit_b'" in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "run" / "train_teacher").exists()
+
+
+def test_poly_schedule_is_mmsegs():
+  """Linear warm-up to lr, then lr · (1 − t/T)^power down to min_lr at the stage's end."""
+  from configs import common
+  from linearizer import optim
+
+  cfg = common.optim(lr=1e-3, min_lr=0.0, warmup_steps=10, schedule="poly", power=1.0)
+  lr = optim.schedule(cfg, 110)
+  assert float(lr(5)) == pytest.approx(5e-4)
+  assert float(lr(10)) == pytest.approx(1e-3)
+  assert float(lr(60)) == pytest.approx(5e-4)  # half-way through the 100 decay steps
+  assert float(lr(110)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_recipes_carry_the_mmseg_numbers():
+  from configs import segment as segment_config
+
+  ade = segment_config.get_config("setup=ade20k_b16").segment
+  assert (ade.steps, ade.batch_size, tuple(ade.data.crop)) == (160_000, 16, (512, 512))
+  assert (ade.optim.lr, ade.optim.weight_decay, ade.optim.layer_decay) == (1e-4, 0.05, 0.65)
+  assert (ade.optim.warmup_steps, ade.optim.schedule) == (1500, "poly")
+  assert (ade.eval.mode, tuple(ade.eval.crop), tuple(ade.eval.stride)) == (
+    "slide",
+    (512, 512),
+    (341, 341),
+  )
+  assert (ade.head.channels, ade.head.aux_weight) == (768, 0.4)
+  cs = segment_config.get_config("setup=cityscapes_b16").segment
+  assert (cs.steps, tuple(cs.data.crop)) == (80_000, (512, 1024))
+  assert cs.data.source.startswith("cityscapes:")
