@@ -255,6 +255,7 @@ def backbone_specs(config) -> dict:
 def check_config(config) -> None:
   """What the stage would refuse half-way, refused before any stage runs."""
   backbone_specs(config)  # names and 'name=path' entries
+  sources(config)  # the dataset's layout: a missing folder, an image without its mask
   SegmenterConfig(num_classes=2, head=config.segment.head.kind)  # the head's kind
   if config.segment.eval.mode not in ("whole", "slide"):
     raise UserError(f"segment.eval.mode={config.segment.eval.mode!r}; expected 'whole' or 'slide'.")

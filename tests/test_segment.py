@@ -295,3 +295,17 @@ def test_the_recipes_carry_the_mmseg_numbers():
   cs = segment_config.get_config("setup=cityscapes_b16").segment
   assert (cs.steps, tuple(cs.data.crop)) == (80_000, (512, 1024))
   assert cs.data.source.startswith("cityscapes:")
+
+
+def test_a_dataset_with_an_image_but_no_mask_is_refused_before_any_stage(tmp_path):
+  root = tmp_path / "data"
+  for sub in ("images", "masks"):
+    (root / sub).mkdir(parents=True)
+  for stem in ("a", "b", "c", "d", "e"):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / f"{stem}.png")
+    if stem != "c":
+      Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "masks" / f"{stem}.png")
+  proc = run_main(tmp_path / "run", f"--config.segment.data.source=segfolder:{root}", code=2)
+  lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+  assert len(lines) == 1 and "c" in lines[0] and "mask" in lines[0], proc.stderr
+  assert not (tmp_path / "run" / "train_teacher").exists()
