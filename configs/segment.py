@@ -32,7 +32,7 @@ def demo_segment(s, side: int, smoke: bool) -> None:
   s.eval.mode, s.eval.scale, s.eval.figure_images = "whole", (), 4
   s.eval.crop, s.eval.stride = (side * 3 // 4,) * 2, (side // 2,) * 2
   s.head.channels, s.head.aux_channels, s.head.groups = 32, 16, 8
-  s.steps, s.batch_size = 600, 8
+  s.steps, s.batch_size = 1000, 8
   s.optim.lr, s.optim.warmup_steps, s.optim.layer_decay = 1e-3, 30, 0.9
   if smoke:
     s.backbones = ("teacher", "distill")

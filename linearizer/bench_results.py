@@ -224,10 +224,31 @@ def table(result):
         f"{r['img_per_s']:>10.2f} {r['latency_ms']:>10.1f} "
         f"{fmt(gb(r['compiled_bytes']), '>11.2f')} {fmt(gb(r['peak_bytes']), '>15.2f')}"
       )
-  lines += [
-    "",
-    f"{'ssd impl':<11} {'mode':<8} {'L':>6} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'roofline%':>9}",
-  ]
+  seg = [r for r in rows if r["kind"] == "segment" and "img_per_s" in r]
+  if seg:
+    head = (
+      f"{'backbone + UperNet':<20} {'attn':<6} {'res':>5} {'batch':>5} {'img/s':>10} "
+      f"{'GFLOP/img':>10} {'compiled GB':>11}"
+    )
+    lines += ["", head, "-" * len(head)]
+    for r in seg:
+      flops, nbytes = r["flops_per_image"], r["compiled_bytes"]
+      lines.append(
+        f"{r['model']:<20} {r['attention_impl'] or '':<6} {r['resolution']:>5} {r['batch']:>5} "
+        f"{r['img_per_s']:>10.2f} {fmt(flops and flops / 1e9, '>10.4g')} "
+        f"{fmt(nbytes and nbytes / 1e9, '>11.2f')}"
+      )
+    for sp in result.get("segment_speedups", ()):
+      lines.append(
+        f"  @{sp['resolution']}: student {sp['speedup']:.2f}x the fastest teacher, FLOP ratio "
+        f"{fmt(sp['flop_ratio'], '.2f')} (paper: {fmt(sp['paper_speedup'], '.2f')})"
+      )
+  if any(r["kind"] == "ssd" for r in rows):
+    lines += [
+      "",
+      f"{'ssd impl':<11} {'mode':<8} {'L':>6} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} "
+      f"{'roofline%':>9}",
+    ]
   for r in rows:
     if r["kind"] == "ssd":
       if "skipped" in r:
