@@ -78,24 +78,27 @@ def tiny(kind, **extra):
 
 
 @pytest.mark.parametrize("kind", ["vit", "adventurer"])
-def test_segmenter_shapes_at_several_sizes_and_one_window_equals_whole(kind):
+def test_segmenter_shapes_at_another_size_and_one_window_equals_whole(kind):
+  """Logits at the input's size whatever it is (30×45: padded to the patch, cropped back),
+  from the UperNet and the linear head; a single sliding window = the whole image."""
   model = Segmenter(
     tiny(kind),
     SegmenterConfig(num_classes=5, channels=16, aux_channels=8, groups=4),
     rngs=nnx.Rngs(0),
   )
-  for hw in [(32, 32), (30, 45)]:  # 30, 45: padded to the patch, cropped back
-    logits, aux = model(jnp.zeros((2, *hw, 3)))
-    assert logits.shape == (2, *hw, 5) and aux.shape == (2, *hw, 5)
+  image = np.random.default_rng(1).normal(size=(30, 45, 3)).astype(np.float32)
+  fn = segment.forward_fn(model)
+  whole = segment.infer(fn, image, "whole")
+  assert whole.shape == (30, 45, 5)
+  np.testing.assert_allclose(segment.infer(fn, image, "slide", (32, 48), (16, 16)), whole, 1e-5)
+  logits, aux = model(jnp.asarray(image[None]))  # the training call: the auxiliary head too
+  assert aux.shape == (1, 30, 45, 5)
+  np.testing.assert_allclose(np.asarray(logits[0]), whole, atol=1e-5)
   linear = Segmenter(
     tiny(kind), SegmenterConfig(num_classes=5, head="linear", aux_channels=0), rngs=nnx.Rngs(0)
   )
-  logits, aux = linear(jnp.zeros((1, 30, 30, 3)))
-  assert logits.shape == (1, 30, 30, 5) and aux is None
-  image = np.random.default_rng(1).normal(size=(28, 36, 3)).astype(np.float32)
-  fn = segment.forward_fn(model)
-  whole = segment.infer(fn, image, "whole")
-  np.testing.assert_allclose(segment.infer(fn, image, "slide", (32, 40), (16, 16)), whole, 1e-5)
+  logits = segment.forward_fn(linear)(jnp.zeros((2, 20, 36, 3)))
+  assert logits.shape == (2, 20, 36, 5)
 
 
 def test_default_depths_are_mmsegs_scaled():
