@@ -272,6 +272,7 @@ def segment(**overrides) -> ml_collections.ConfigDict:
       # fresh student: the from-scratch baseline) or 'name=fmt:path' / 'name=<model dir>'
       backbones=("teacher", "distill", "scratch"),
       steps=160_000,  # mmseg: 160k iterations
+      drop_path=0.1,  # every backbone's stochastic depth (mmseg MAE: drop_path_rate=0.1)
       batch_size=16,  # mmseg: 8 GPUs × 2
       # mmseg MAE: AdamW lr 1e-4, wd 0.05, layer decay 0.65, poly (power 1, eta_min 0) after
       # a 1500-iteration linear warm-up

@@ -32,7 +32,7 @@ from PIL import Image
 
 from linearizer import data, export, metrics, optim, plots, segdata, sharding, train, workdir
 from linearizer.errors import UserError, log, main_process, one_line_errors
-from linearizer.models.segmenter import Segmenter, SegmenterConfig
+from linearizer.models.segmenter import Segmenter, SegmenterConfig, resize
 
 IGNORE = 255  # the label of pixels no loss or metric counts (mmseg's ignore_index)
 
@@ -64,7 +64,12 @@ def all_processes_sum(cm: np.ndarray) -> np.ndarray:
   """The confusion matrix of the whole eval set: each process's share summed once."""
   if jax.process_count() == 1:
     return cm
-  return np.asarray(multihost_utils.process_allgather(cm)).sum(axis=0).astype(np.int64)
+  # Gathered as two int32 halves: without jax_enable_x64 an int64 array would be cut to
+  # int32 on the way (counts pass 2**31 on a large eval set).
+  cm = np.asarray(cm, np.int64)
+  low, high = (cm & 0x7FFFFFFF).astype(np.int32), (cm >> 31).astype(np.int32)
+  low, high = (np.asarray(multihost_utils.process_allgather(h), np.int64) for h in (low, high))
+  return (low + (high << 31)).sum(axis=0)
 
 
 def segmentation_scores(cm: np.ndarray) -> dict:
@@ -100,7 +105,8 @@ def json_safe(tree):
 # ---------------------------------------------------------------------------------------
 def pixel_cross_entropy(logits, labels, ignore_index: int = IGNORE):
   """Mean cross-entropy over the labelled pixels (mmseg's CrossEntropyLoss with
-  avg_non_ignore=True); 0 for a batch without one."""
+  avg_non_ignore=True, which mmseg recommends; its default, False, divides by every pixel,
+  ignored and padded ones included); 0 for a batch without one."""
   keep = labels != ignore_index
   safe = jnp.where(keep, labels, 0)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
@@ -155,6 +161,16 @@ def windows(hw: tuple, crop: tuple, stride: tuple) -> list:
   return out
 
 
+def check_windows(crop, stride) -> None:
+  """Sliding windows must cover every pixel: 0 < stride ≤ crop (mmseg asserts the same)."""
+  crop, stride = tuple(crop), tuple(stride)
+  if len(crop) != 2 or len(stride) != 2 or not all(0 < t <= c for c, t in zip(crop, stride)):
+    raise UserError(
+      f"sliding windows crop={crop}, stride={stride}: expected (h, w) pairs with "
+      "0 < stride ≤ crop, so that every pixel is covered."
+    )
+
+
 def forward_fn(model: Segmenter) -> Callable:
   """`logits(images)`: the jitted eval forward (the main head only), (B, H, W, C)."""
   graphdef, state = nnx.split(model)
@@ -173,6 +189,7 @@ def infer(logits_fn: Callable, image: np.ndarray, mode: str, crop=(), stride=())
     return np.asarray(logits_fn(image[None]))[0]
   if mode != "slide":
     raise UserError(f"segment.eval.mode={mode!r}; expected 'whole' or 'slide'.")
+  check_windows(crop, stride)
   total, count = None, np.zeros(image.shape[:2] + (1,), np.float32)
   for y0, y1, x0, x1 in windows(image.shape[:2], tuple(crop), tuple(stride)):
     part = np.asarray(logits_fn(image[None, y0:y1, x0:x1]))[0]
@@ -199,8 +216,8 @@ def label_map(logits_fn: Callable, image: np.ndarray, ecfg, norm) -> np.ndarray:
   own size (where labels are scored, as mmseg does)."""
   x = segdata.normalize(test_resize(image, ecfg.scale), *norm)
   logits = infer(logits_fn, x, ecfg.mode, ecfg.crop, ecfg.stride)
-  if logits.shape[:2] != image.shape[:2]:
-    logits = np.asarray(jax.image.resize(logits, image.shape[:2] + logits.shape[-1:], "bilinear"))
+  if logits.shape[:2] != image.shape[:2]:  # bilinear, no antialiasing: F.interpolate's
+    logits = np.asarray(resize(jnp.asarray(logits)[None], image.shape[:2]))[0]
   return logits.argmax(-1).astype(np.uint8)
 
 
@@ -254,8 +271,19 @@ def backbone_specs(config) -> dict:
 
 def check_config(config) -> None:
   """What the stage would refuse half-way, refused before any stage runs."""
-  backbone_specs(config)  # names and 'name=path' entries
-  sources(config)  # the dataset's layout: a missing folder, an image without its mask
+  if not backbone_specs(config):  # names and 'name=path' entries
+    raise UserError(
+      "segment.backbones is empty: name the backbones to fine-tune, e.g. "
+      "\"--config.segment.backbones=('student=/runs/imagenet/distill/model',)\"."
+    )
+  train_source, _ = sources(config)  # the dataset's layout: a missing folder, a lone image
+  segmenter_config(config.segment, train_source.num_classes)  # the head's fields
+  if config.segment.eval.mode == "slide":
+    check_windows(config.segment.eval.crop, config.segment.eval.stride)
+  if not all(s > 0 for s in config.segment.head.pool_scales):
+    raise UserError(
+      f"segment.head.pool_scales={config.segment.head.pool_scales}: expected sizes ≥ 1."
+    )
   SegmenterConfig(num_classes=2, head=config.segment.head.kind)  # the head's kind
   if config.segment.eval.mode not in ("whole", "slide"):
     raise UserError(f"segment.eval.mode={config.segment.eval.mode!r}; expected 'whole' or 'slide'.")
@@ -285,7 +313,8 @@ def load_backbone(config, run_dir: str, name: str, spec: str) -> nnx.Module:
       f"'{MADE_BY[name]}' stage before 'segment', or name a checkpoint as "
       f"'{name}=fmt:path'."
     )
-  return workdir.with_new_head(model, 0, config.seed)
+  # every backbone with the stage's stochastic depth (mmseg's ViT-B: drop_path_rate 0.1)
+  return workdir.with_new_head(model, 0, config.seed, drop_path=config.segment.drop_path)
 
 
 def segmenter_config(scfg, num_classes: int) -> SegmenterConfig:
@@ -353,6 +382,14 @@ def fine_tune(config, directory: str, model: Segmenter, source, norm) -> Segment
   )
 
 
+def write_json(path: str, tree) -> None:
+  """`tree` as JSON (NaN as null), written beside `path` and renamed into place: a stop
+  half-way never leaves a truncated results file for the next run to trip on."""
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(json_safe(tree), f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
 def run_segment(config, run_dir: str) -> dict:
   """The `segment` stage: every backbone fine-tuned and scored; the table printed.
 
@@ -363,16 +400,18 @@ def run_segment(config, run_dir: str) -> dict:
   specs = backbone_specs(config)
   train_source, test_source = sources(config)
   classes = train_source.num_classes
-  rows = {}
+  rows, todo = {}, {}
   for name, spec in specs.items():
-    directory = os.path.join(workdir.stage_dir(run_dir, "segment"), name)
-    path = os.path.join(directory, "results.json")
+    path = os.path.join(workdir.stage_dir(run_dir, "segment"), name, "results.json")
     if os.path.isfile(path):
       with open(path, encoding="utf-8") as f:
         rows[name] = json.load(f)
       log(f"[segment/{name}] already finished: {path}")
-      continue
-    backbone = load_backbone(config, run_dir, name, spec)
+    else:  # every backbone is found before the first is trained
+      todo[name] = load_backbone(config, run_dir, name, spec)
+  for name, backbone in todo.items():
+    directory = os.path.join(workdir.stage_dir(run_dir, "segment"), name)
+    path = os.path.join(directory, "results.json")
     norm = (backbone.cfg.mean, backbone.cfg.std)
     model = Segmenter(backbone, segmenter_config(scfg, classes), rngs=nnx.Rngs(config.seed + 7))
     model = fine_tune(config, directory, model, train_source, norm)
@@ -389,8 +428,8 @@ def run_segment(config, run_dir: str) -> dict:
     hw = tuple(scfg.eval.crop) if scfg.eval.mode == "slide" else first
     rows[name] = dict(
       segmentation_scores(cm),
-      backbone=spec or name,
-      params=int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
+      backbone=specs[name] or name,
+      params=inference_params(model),
       img_per_s=throughput(logits_fn, hw, scfg.eval.speed_repeats),
       speed_size=list(hw),
       eval_mode=scfg.eval.mode,
@@ -403,15 +442,20 @@ def run_segment(config, run_dir: str) -> dict:
         f"{name}: mIoU {100 * rows[name]['miou']:.1f}",
         os.path.join(directory, "predictions.png"),
       )
-      with open(path, "w", encoding="utf-8") as f:
-        json.dump(json_safe(rows[name]), f, indent=1)
+      write_json(path, rows[name])
   table = format_table(rows)
   log(table)
   if main_process():
     out = os.path.join(workdir.stage_dir(run_dir, "segment"), "results.json")
-    with open(out, "w", encoding="utf-8") as f:
-      json.dump(json_safe(rows), f, indent=1)
+    write_json(out, rows)
   return rows
+
+
+def inference_params(model: Segmenter) -> int:
+  """Parameters of the backbone, neck and head: the auxiliary head, used in training
+  only, is not counted (as the papers' tables)."""
+  count = lambda m: int(sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param))))
+  return count(model) - (count(model.aux) if model.aux is not None else 0)
 
 
 def format_table(rows: dict) -> str:
@@ -484,7 +528,13 @@ def main(argv=None) -> None:
     try:
       scale = tuple(int(v) for v in args.scale.split(",")) if args.scale else ()
     except ValueError:
-      raise UserError(f"--scale {args.scale!r}: expected two integers, e.g. 2048,512.") from None
+      scale = None
+    if scale is None or (scale and (len(scale) != 2 or min(scale) < 1)):
+      raise UserError(f"--scale {args.scale!r}: expected two positive integers, e.g. 2048,512.")
+    if args.mode == "slide":
+      check_windows((args.crop,) * 2, (args.stride,) * 2)
+    if os.path.abspath(args.output) == os.path.abspath(args.input):
+      raise UserError(f"--output {args.output} is the input folder: name another.")
     ecfg = argparse.Namespace(
       mode=args.mode, crop=(args.crop,) * 2, stride=(args.stride,) * 2, scale=scale
     )

@@ -56,9 +56,13 @@ def merge(graphdef, params, rest, rng=None):
   # Fresh Variables for the RNG state, so the streams can advance inside this trace.
   module = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
   if rng is not None:  # a distinct key per stream, derived from its path: reproducible
+    # Modules built with nnx.Rngs(seed) draw dropout from a stream tagged 'default' (flax
+    # falls back to it without a 'dropout' one): both tags are reseeded, or every step
+    # would reuse one drop-path / dropout mask.
     nnx.reseed(
       module,
       dropout=rng,
+      default=rng,
       policy=lambda path, key, shape: jax.random.fold_in(
         key, zlib.crc32("/".join(map(str, path)).encode()) & 0x7FFFFFFF
       ),

@@ -69,6 +69,23 @@ def test_sliding_windows_average_a_pixelwise_model_exactly():
   np.testing.assert_allclose(segment.infer(fn, image, "slide", (8, 8), (5, 3)), whole, 1e-6)
 
 
+def test_sliding_windows_sum_and_count_each_pixels_windows():
+  """Windows that answer with their own number k = 1 … 4 (10×10 image, crop 6, stride 4:
+  rows and columns at 0-6 and 4-10): a pixel gets the mean of the windows covering it."""
+  calls = []
+
+  def fn(x):
+    calls.append(1)
+    return jnp.full(x.shape[:3] + (1,), float(len(calls)))
+
+  out = segment.infer(fn, np.zeros((10, 10, 3), np.float32), "slide", (6, 6), (4, 4))[..., 0]
+  # window order: (rows 0-6, cols 0-6) = 1, (0-6, 4-10) = 2, (4-10, 0-6) = 3, (4-10, 4-10) = 4
+  assert (out[0, 0], out[0, 9], out[9, 0], out[9, 9]) == (1, 2, 3, 4)
+  assert out[0, 5] == 1.5 and out[5, 0] == 2.0 and out[5, 5] == 2.5
+  with pytest.raises(UserError, match="0 < stride ≤ crop"):
+    segment.infer(fn, np.zeros((10, 10, 3), np.float32), "slide", (6, 6), (7, 7))
+
+
 def tiny(kind, **extra):
   fields = dict(
     vit=dict(width=32, depth=2, num_heads=2, mlp_dim=64),
@@ -131,6 +148,7 @@ for i, image, label in segdata.eval_items(
   source, process_index=jax.process_index(), process_count=jax.process_count()
 ):
   cm += segment.confusion_matrix((image[..., 0] > 100) * (i % 11), label, 11)
+cm += 2**33  # counts past int32, as a large eval set's
 total = segment.all_processes_sum(cm)
 if jax.process_index() == 0:
   np.save(sys.argv[4], total)
@@ -139,7 +157,7 @@ if jax.process_index() == 0:
 
 def test_two_processes_count_every_image_once(tmp_path):
   """Each process scores its share (5 images over 2 processes); the sum is the total a
-  single pass over all five gives."""
+  single pass over all five gives, also for counts past 2**31."""
   source = segdata.DigitScenes("test", size=32, num_scenes=5, seed=0)
   expected = sum(
     segment.confusion_matrix((image[..., 0] > 100) * (i % 11), label, 11)
@@ -163,7 +181,7 @@ def test_two_processes_count_every_image_once(tmp_path):
   ]
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), logs
-  np.testing.assert_array_equal(np.load(out), expected)
+  np.testing.assert_array_equal(np.load(out), expected + 2 * 2**33)
 
 
 def run_main(workdir, *flags, code=0):
@@ -295,9 +313,18 @@ def test_the_recipes_carry_the_mmseg_numbers():
     (341, 341),
   )
   assert (ade.head.channels, ade.head.aux_weight) == (768, 0.4)
+  assert ade.drop_path == 0.1 and tuple(ade.data.ratio_range) == (0.5, 2.0)
+  assert (tuple(ade.data.scale), tuple(ade.eval.scale)) == ((2048, 512), (2048, 512))
+  assert (ade.data.cat_max_ratio, ade.head.aux_channels, ade.optim.min_lr) == (0.75, 256, 0.0)
+  assert ade.backbones == ()  # the user names them: the demo's would be MNIST models
   cs = segment_config.get_config("setup=cityscapes_b16").segment
-  assert (cs.steps, tuple(cs.data.crop)) == (80_000, (512, 1024))
+  assert (cs.steps, tuple(cs.data.crop), tuple(cs.data.scale)) == (
+    80_000,
+    (512, 1024),
+    (2048, 1024),
+  )
   assert cs.data.source.startswith("cityscapes:")
+  segment.check_windows(cs.eval.crop, cs.eval.stride)  # every pixel covered
 
 
 def test_a_dataset_with_an_image_but_no_mask_is_refused_before_any_stage(tmp_path):

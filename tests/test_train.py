@@ -578,3 +578,27 @@ def test_what_the_teacher_sees_and_what_am_compares(teacher_input, am_features):
     pairs = [(t - t.mean(1, keepdims=True), s - s.mean(1, keepdims=True)) for t, s in pairs]
   want = float(losses.activation_matching([t for t, _ in pairs], [s for _, s in pairs])[0])
   np.testing.assert_allclose(float(metrics["am"]), want, rtol=1e-5)
+
+
+def test_every_step_draws_its_own_drop_path_masks():
+  """merge(…, rng) reseeds the stream drop path draws from (tagged 'default' for a model
+  built with nnx.Rngs(seed)): other keys give other masks, the same key the same ones.
+  Before, every step reused one mask."""
+  model = models.build(
+    "vit",
+    "Ti/4",
+    image_size=16,
+    num_classes=0,
+    width=32,
+    depth=2,
+    num_heads=2,
+    mlp_dim=64,
+    drop_path=0.5,
+  )
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jnp.ones((8, 16, 16, 3))
+  run = lambda k: np.asarray(
+    train.merge(graphdef, params, rest, jax.random.key(k))(x, train=True).tokens
+  )
+  assert not np.allclose(run(0), run(1))
+  np.testing.assert_array_equal(run(0), run(0))

@@ -94,15 +94,24 @@ def restore_segmenter(directory) -> Segmenter:
   path = pathlib.Path(directory) / "model.json"
   if not path.is_file():
     raise MissingPathError(f"{path} not found: {directory} is not a saved segmentation model.")
-  meta = json.loads(path.read_text())
+  try:
+    meta = json.loads(path.read_text())
+  except ValueError as e:
+    raise UserError(f"{path} is not JSON ({e}): the saved model is damaged.") from e
   if meta.get("kind") != SEGMENTER:
     raise UserError(
       f"{path}: kind {meta.get('kind')!r}; expected {SEGMENTER!r} (a segment stage's "
       "DIR/segment/<backbone>/model). A classifier loads with linearizer.load_student."
     )
-  backbone = models.config_from_dict(meta["backbone"]["kind"], meta["backbone"]["config"])
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
-  cfg = SegmenterConfig(**fields)
+  try:
+    backbone = models.config_from_dict(meta["backbone"]["kind"], meta["backbone"]["config"])
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}
+    cfg = SegmenterConfig(**fields)
+  except (KeyError, TypeError, AttributeError) as e:
+    raise UserError(
+      f"{path} does not describe a segmenter ({type(e).__name__}: {e}); expected 'backbone' "
+      "{kind, config} and the head's 'config', as save_segmenter writes them."
+    ) from e
   build = lambda: Segmenter(models.from_config(backbone), cfg, rngs=nnx.Rngs(0))
   abstract = nnx.state(nnx.eval_shape(build), nnx.Param).to_pure_dict()
   check_params(directory, cfg, abstract)

@@ -15,7 +15,6 @@ averages to carry in the train state.
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -89,12 +88,18 @@ def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
   return jnp.einsum("yh,bhwc,xw->byxc", wy, x, wx)
 
 
+def groups_for(channels: int, groups: int) -> int:
+  """The most groups ≤ `groups` that divide `channels` with at least 2 channels each (a
+  group of one channel would normalise a 1×1 pooled map to its bias alone)."""
+  return max(g for g in range(1, groups + 1) if channels % g == 0 and channels // g >= 2)
+
+
 class ConvNormAct(nnx.Module):
   """Conv (no bias) → GroupNorm → ReLU: mmseg's ConvModule."""
 
   def __init__(self, cin: int, cout: int, kernel: int, groups: int, *, rngs: nnx.Rngs):
     self.conv = nnx.Conv(cin, cout, (kernel, kernel), padding="SAME", use_bias=False, rngs=rngs)
-    self.norm = nnx.GroupNorm(cout, num_groups=math.gcd(groups, cout), rngs=rngs)
+    self.norm = nnx.GroupNorm(cout, num_groups=groups_for(cout, groups), rngs=rngs)
 
   def __call__(self, x):
     return jax.nn.relu(self.norm(self.conv(x)))
@@ -102,20 +107,22 @@ class ConvNormAct(nnx.Module):
 
 class Neck(nnx.Module):
   """Four grids of width D from four block outputs: ×4, ×2, ×1, ×0.5 the patch grid (mmseg
-  BEiT/MAE `fpn1…fpn4`; GroupNorm in place of BN). Each level is layer-normed first: the
-  residual streams of both backbones grow with depth (mmseg's ViT "MLN" neck norms them)."""
+  BEiT/MAE `fpn1…fpn4`; GroupNorm in place of BN). Ours, not mmseg's: each level is
+  layer-normed first, since the raw residual streams of both backbones grow with depth and
+  the Adventurer's are RMS-normed only inside its blocks; and the max-pool rounds up (ceil
+  mode) where torch's rounds down, so an odd grid keeps its last row and a 1×1 grid
+  survives."""
 
   def __init__(self, width: int, groups: int, *, rngs: nnx.Rngs):
     up = lambda: nnx.ConvTranspose(width, width, (2, 2), strides=(2, 2), rngs=rngs)
     self.norms = nnx.List([nnx.LayerNorm(width, rngs=rngs) for _ in range(4)])
     self.up4a, self.up4b, self.up2 = up(), up(), up()
-    self.up4_norm = nnx.GroupNorm(width, num_groups=math.gcd(groups, width), rngs=rngs)
+    self.up4_norm = nnx.GroupNorm(width, num_groups=groups_for(width, groups), rngs=rngs)
 
   def __call__(self, features):
     f = [norm(x) for norm, x in zip(self.norms, features)]
     x4 = self.up4b(jax.nn.gelu(self.up4_norm(self.up4a(f[0])), approximate=False))
     x2 = self.up2(f[1])
-    # ceil-mode 2×2 max-pool: an odd grid keeps its last row and column
     odd = ((0, f[3].shape[1] % 2), (0, f[3].shape[2] % 2))
     x05 = nnx.max_pool(f[3], (2, 2), strides=(2, 2), padding=odd)
     return [x4, x2, f[2], x05]
@@ -133,7 +140,7 @@ class UperHead(nnx.Module):
     self.lateral = nnx.List([ConvNormAct(width, c, 1, g, rngs=rngs) for _ in range(3)])
     self.fpn = nnx.List([ConvNormAct(c, c, 3, g, rngs=rngs) for _ in range(3)])
     self.fuse = ConvNormAct(4 * c, c, 3, g, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, broadcast_dims=(1, 2), rngs=rngs)  # Dropout2d
     self.classifier = nnx.Conv(c, cfg.num_classes, (1, 1), rngs=rngs)
 
   def __call__(self, levels, *, train: bool):
@@ -157,8 +164,8 @@ class LinearHead(nnx.Module):
   and BEiT's segmentation tables."""
 
   def __init__(self, cfg: SegmenterConfig, width: int, *, rngs: nnx.Rngs):
-    self.norm = nnx.GroupNorm(width, num_groups=math.gcd(cfg.groups, width), rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.norm = nnx.GroupNorm(width, num_groups=groups_for(width, cfg.groups), rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, broadcast_dims=(1, 2), rngs=rngs)  # Dropout2d
     self.classifier = nnx.Conv(width, cfg.num_classes, (1, 1), rngs=rngs)
 
   def __call__(self, levels, *, train: bool):
@@ -170,7 +177,7 @@ class FCNHead(nnx.Module):
 
   def __init__(self, cfg: SegmenterConfig, width: int, *, rngs: nnx.Rngs):
     self.conv = ConvNormAct(width, cfg.aux_channels, 3, cfg.groups, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, broadcast_dims=(1, 2), rngs=rngs)  # Dropout2d
     self.classifier = nnx.Conv(cfg.aux_channels, cfg.num_classes, (1, 1), rngs=rngs)
 
   def __call__(self, x, *, train: bool):
