@@ -297,8 +297,9 @@ def segment(**overrides) -> ml_collections.ConfigDict:
       ),
       data=dict(
         # digitscenes (MNIST canvases, built in), segfolder:<root>, ade20k:<root>,
-        # cityscapes:<root>
+        # cityscapes:<root>, tfds:scene_parse150, tfds:cityscapes
         source="digitscenes",
+        data_dir="",  # tfds: where the dataset is prepared ('' = tfds's default)
         num_classes=0,  # 0 = the dataset's own (segfolder: scanned from its masks)
         canvas=128,  # digitscenes: the canvas side
         train_scenes=2000,  # digitscenes: scenes per split

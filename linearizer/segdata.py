@@ -317,6 +317,53 @@ class Cityscapes(_Pairs):
     super().__init__(f"{name}:{split}", [(i, m, luts[k]) for i, m, k in pairs], 19)
 
 
+# tfds builders of the two datasets: (builder, image key, label key, label mapping, classes,
+# {our split: theirs}). Their label maps are the raw ones (ADE20K's 0 = "other", Cityscapes'
+# labelIds), mapped as the folder readers map them. Not tested against the real prepared
+# builders here (they cannot be prepared offline): the keys follow the tfds catalogue.
+TFDS_SEGMENTATION = {
+  "scene_parse150": ("scene_parse150", "image", "annotation", "reduce_zero", 150,
+                     {"train": "train", "test": "test"}),
+  "cityscapes": ("cityscapes/semantic_segmentation", "image_left", "segmentation_label",
+                 "cityscapes", 19, {"train": "train", "test": "validation"}),
+}  # fmt: skip
+_LUTS = {"reduce_zero": _REDUCE_ZERO_LUT, "cityscapes": _CITYSCAPES_LUT}
+
+
+class TfdsSegmentation:
+  """`tfds.data_source` of a prepared scene_parse150 or cityscapes (array_record files under
+  `data_dir`; no TensorFlow at run time), each example checked as it is read."""
+
+  def __init__(self, name: str, split: str, data_dir: str = ""):
+    _check_split(split, f"tfds:{name}")
+    if name not in TFDS_SEGMENTATION:
+      raise UserError(
+        f"tfds:{name}: no segmentation reader for it; expected one of "
+        f"{sorted(TFDS_SEGMENTATION)} (or a folder: segfolder:<root>)."
+      )
+    try:
+      import tensorflow_datasets as tfds  # optional: only tfds: sources need it
+    except ImportError as e:
+      raise UserError(f"tfds:{name} needs tensorflow-datasets: {e}") from e
+    builder, self.image_key, self.label_key, lut, self.num_classes, splits = TFDS_SEGMENTATION[name]
+    self.lut, self.name = _LUTS[lut], f"tfds:{name}:{splits[split]}"
+    self.source = tfds.data_source(builder, split=splits[split], data_dir=data_dir or None)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> tuple:
+    ex = self.source[i]
+    image, label = np.asarray(ex[self.image_key]), np.asarray(ex[self.label_key])
+    label = self.lut[label[..., 0] if label.ndim == 3 else label]
+    if label.shape != image.shape[:2]:
+      raise UserError(
+        f"{self.name}: example {i}'s label map is {label.shape} but its image "
+        f"{image.shape[:2]}; expected the same size."
+      )
+    return image.astype(np.uint8), label
+
+
 def seg_source(
   spec: str,
   split: str,
@@ -325,11 +372,13 @@ def seg_source(
   size: int = 128,
   num_scenes: int = 0,
   seed: int = 0,
+  data_dir: str = "",
 ):
   """The segmentation source `spec` names, one split of it.
 
   Args:
-    spec: `digitscenes`, `segfolder:<root>`, `ade20k:<root>` or `cityscapes:<root>`.
+    spec: `digitscenes`, `segfolder:<root>`, `ade20k:<root>`, `cityscapes:<root>`, or
+      `tfds:scene_parse150` / `tfds:cityscapes` (prepared under `data_dir`).
     split: 'train' or 'test' (ADE20K / Cityscapes: their training / validation split).
     num_classes: a segfolder's class count (0: from its masks); for the others, 0 or at
       least their own (a head that small would drop labels).
@@ -340,6 +389,8 @@ def seg_source(
   kind, colon, root = spec.partition(":")
   if kind == "digitscenes" and not colon:
     source = DigitScenes(split, size, num_scenes, seed)
+  elif kind == "tfds" and root:
+    source = TfdsSegmentation(root, split, data_dir)
   elif kind in ("segfolder", "ade20k", "cityscapes") and root:
     if kind == "segfolder":
       return SegFolder(root, split, num_classes)
@@ -347,7 +398,7 @@ def seg_source(
   else:
     raise UserError(
       f"Unknown segmentation source {spec!r}; expected digitscenes, segfolder:<root>, "
-      "ade20k:<root> or cityscapes:<root>."
+      "ade20k:<root>, cityscapes:<root>, tfds:scene_parse150 or tfds:cityscapes."
     )
   if num_classes and num_classes < source.num_classes:
     raise UserError(

@@ -335,7 +335,13 @@ def sources(config) -> tuple:
   """(train, test) sources of `segment.data`."""
   d = config.segment.data
   make = lambda split, n: segdata.seg_source(
-    d.source, split, num_classes=d.num_classes, size=d.canvas, num_scenes=n, seed=config.seed
+    d.source,
+    split,
+    num_classes=d.num_classes,
+    size=d.canvas,
+    num_scenes=n,
+    seed=config.seed,
+    data_dir=d.data_dir,
   )
   return make("train", d.train_scenes), make("test", d.test_scenes)
 

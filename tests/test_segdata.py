@@ -10,6 +10,7 @@ other (an uninterrupted single-process stream is the reference).
 
 import pickle
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -554,3 +555,37 @@ def test_eval_items_give_every_process_every_pth_item_in_order():
     assert image.shape == (48, 48, 3) and label.shape == (48, 48)  # full resolution
   assert sorted(seen) == list(range(12))
   assert [i for i, _, _ in segdata.eval_items(SCENES, limit=5)] == [0, 1, 2, 3, 4]
+
+
+class FakeSegTfds:
+  """Stands in for `tensorflow_datasets` (neither dataset can be prepared offline): the
+  builders' feature keys, label maps (H, W, 1) of raw ids, and the splits asked for."""
+
+  def __init__(self):
+    self.asked = []
+
+  def data_source(self, name, split, data_dir):
+    self.asked.append((name, split, data_dir))
+    raw = np.array([[[0], [1]], [[150], [7]]], np.uint8)  # ADE20K ids; labelIds for CS
+    image = np.full((2, 2, 3), 9, np.uint8)
+    if name == "scene_parse150":
+      return [{"image": image, "annotation": raw}]
+    return [{"image_left": image, "segmentation_label": raw}]
+
+
+def test_tfds_segmentation_key_mapping_on_a_stand_in(monkeypatch):
+  fake = FakeSegTfds()
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  ade = segdata.seg_source("tfds:scene_parse150", "test", data_dir="/prepared")
+  image, label = ade[0]
+  assert ade.num_classes == 150 and image.shape == (2, 2, 3)
+  np.testing.assert_array_equal(label, [[255, 0], [149, 6]])  # reduce_zero_label
+  cs = segdata.seg_source("tfds:cityscapes", "test")
+  np.testing.assert_array_equal(cs[0][1], [[255, 255], [255, 0]])  # labelId 7 = road = 0
+  assert cs.num_classes == 19
+  assert fake.asked == [
+    ("scene_parse150", "test", "/prepared"),
+    ("cityscapes/semantic_segmentation", "validation", None),
+  ]
+  with pytest.raises(UserError, match="no segmentation reader"):
+    segdata.seg_source("tfds:coco", "train")
