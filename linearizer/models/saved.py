@@ -113,15 +113,7 @@ def restore_segmenter(directory) -> Segmenter:
       "{kind, config} and the head's 'config', as save_segmenter writes them."
     ) from e
   build = lambda: Segmenter(models.from_config(backbone), cfg, rngs=nnx.Rngs(0))
-  abstract = nnx.state(nnx.eval_shape(build), nnx.Param).to_pure_dict()
-  check_params(directory, cfg, abstract)
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
-  try:
-    restored = ocp.StandardCheckpointer().restore(
-      pathlib.Path(directory).absolute() / "params", target
-    )
-  except Exception as e:
-    raise _damaged(directory, e) from e
+  restored = _restore_params(directory, cfg, build)
   model = build()
   nnx.update(model, nnx.State(restored))
   return model
@@ -229,13 +221,17 @@ def restore(directory):
   """Rebuilds the module from model.json and restores its parameters (shapes are checked
   against model.json first, `check_params`)."""
   _, cfg = load_config(directory)
-  abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param).to_pure_dict()
+  restored = _restore_params(directory, cfg, lambda: models.from_config(cfg))
+  return from_params(cfg, nnx.traversals.flatten_mapping(restored))
+
+
+def _restore_params(directory, cfg, build) -> dict:
+  """The saved parameters as a pure dict shaped as `build()`'s, checked against model.json
+  first (`check_params`); any Orbax failure is one message."""
+  abstract = nnx.state(nnx.eval_shape(build), nnx.Param).to_pure_dict()
   check_params(directory, cfg, abstract)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
   try:
-    restored = ocp.StandardCheckpointer().restore(
-      pathlib.Path(directory).absolute() / "params", target
-    )
+    return ocp.StandardCheckpointer().restore(pathlib.Path(directory).absolute() / "params", target)
   except Exception as e:
     raise _damaged(directory, e) from e
-  return from_params(cfg, nnx.traversals.flatten_mapping(restored))
