@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from linearizer import data, losses, optim, train, workdir
+from linearizer import convert, data, losses, optim, train, workdir
 from linearizer.errors import UserError, log, main_process
 
 
@@ -187,6 +187,16 @@ def make_distill_step(
 # ---------------------------------------------------------------------------------------
 # The stage.
 # ---------------------------------------------------------------------------------------
+def check_teacher(teacher, scope: str) -> None:
+  """Refuses, before anything is written, an AM scope the teacher's tokens cannot serve:
+  `cls` matches CLS tokens, and a teacher without one (SigLIP) has none to match."""
+  if scope == "cls" and teacher.roles.cls is None:
+    raise UserError(
+      "distill.loss.scope='cls' matches the teacher's CLS token, but this teacher has none "
+      f"({convert.describe(teacher)}: cls_token=False, as SigLIP's); use 'visible' or 'all'."
+    )
+
+
 def teacher_cosines(config, teacher, student, source) -> dict:
   """{am_features mode: [(mean, std) per AM level]} of the teacher's off-diagonal token
   cosines over CLS and every patch (`centered`: minus their mean) on the first
@@ -235,6 +245,7 @@ def run_distill(
     The distilled student (also saved to `run_dir/distill/model`).
   """
   dcfg = config.distill
+  check_teacher(teacher, dcfg.loss.scope)
   student = workdir.distill_student(config, (teacher.cfg.mean, teacher.cfg.std))
   if dcfg.diagnose_images and main_process():
     stats = teacher_cosines(config, teacher, student, source)

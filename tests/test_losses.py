@@ -187,6 +187,9 @@ def test_mp_only_masked_positions_count():
   assert abs(mp(np.where(m, noise, pred), target) - base) >= CHANGE_MIN  # masked preds changed
 
 
+VIT_ROLES = models.TokenRoles(cls=0, patches=(1, None))  # a ViT's (test_models checks)
+
+
 def test_mp_loss_targets_the_given_patches_in_raster_order():
   """mp_loss compares the teacher's patch tokens it is given position by position (raster
   order); the ViT's roles hand it the patches without the CLS (index 0), so the CLS never
@@ -195,7 +198,7 @@ def test_mp_loss_targets_the_given_patches_in_raster_order():
   teacher = rand(1, b, 17, d)  # a ViT block's tokens: [cls, patches]
   pred = rand(2, b, 16, d)
   mask, _ = losses.random_mask(jax.random.key(1), b, 16, 0.75)
-  patches = models.ViT.roles.patches_of(jnp.asarray(teacher))
+  patches = VIT_ROLES.patches_of(jnp.asarray(teacher))
   np.testing.assert_array_equal(np.asarray(patches), teacher[:, 1:])  # index 0 dropped
   got = float(losses.mp_loss(jnp.asarray(pred), patches, grid, grid, mask))
   want = float(losses.masked_prediction(jnp.asarray(pred), jnp.asarray(teacher[:, 1:]), mask))
@@ -214,7 +217,7 @@ def test_mp_loss_targets_the_given_patches_in_raster_order():
   got2 = float(
     losses.mp_loss(
       jnp.asarray(pred),
-      models.ViT.roles.patches_of(jnp.asarray(teacher_other_cls)),
+      VIT_ROLES.patches_of(jnp.asarray(teacher_other_cls)),
       grid,
       grid,
       mask,

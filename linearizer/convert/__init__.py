@@ -136,11 +136,8 @@ def load(path: Union[str, os.PathLike], fmt: str, **overrides) -> nnx.Module:
   native = dataclasses.replace(cfg, image_size=spec.fields["image_size"])
   arrays = _match(nnx.eval_shape(lambda: models.from_config(native)), spec, where)
   if cfg.image_size != native.image_size:  # resample once here, as the models do at run time
-    arrays[("pos_embed",)] = models.resample_pos_embed(
-      jnp.asarray(arrays[("pos_embed",)], jnp.float32),
-      _grid(native),
-      _grid(cfg),
-      cls_at="first" if models.ARCHITECTURES[spec.kind].module.roles.cls == 0 else "last",
+    arrays[("pos_embed",)] = models.ARCHITECTURES[spec.kind].module.resample_pos_embed(
+      cfg, jnp.asarray(arrays[("pos_embed",)], jnp.float32), _grid(native), _grid(cfg)
     )
   return saved.from_params(cfg, arrays)
 
@@ -167,7 +164,14 @@ def describe(model) -> str:
   """One line of a model's architecture, e.g. 'width 64 depth 2 ... style clip classes 16'."""
   c = model.cfg
   text = " ".join(fmt.format(getattr(c, f)) for f, fmt in _DESCRIBED if hasattr(c, f))
-  return text + (f" classes {c.num_classes}" if c.num_classes else "")
+  registers, pool = getattr(c, "registers", 0), getattr(c, "pool", "cls")
+  extras = (  # the ViT's optional parts, where a config has them
+    (f" registers {registers}" if registers else "")
+    + (" layer-scale" if getattr(c, "layer_scale", None) is not None else "")
+    + (" no-CLS" if getattr(c, "cls_token", True) is False else "")
+    + (f" pool {pool}" if pool != "cls" else "")
+  )
+  return text + extras + (f" classes {c.num_classes}" if c.num_classes else "")
 
 
 def num_params(model) -> int:

@@ -173,6 +173,11 @@ class Adventurer(nnx.Module):
   def grid(self):
     return common.patch_grid((self.cfg.image_size, self.cfg.image_size), self.cfg.patch)
 
+  @staticmethod
+  def resample_pos_embed(cfg: AdventurerConfig, pos, old_grid: tuple, new_grid: tuple):
+    """`pos_embed` resampled to another grid, the tail CLS slot kept (convert uses it too)."""
+    return common.resample_pos_embed(pos, old_grid, new_grid, cls_at="last")
+
   def next_norm(self, index: int, x):
     """The pre-norm block `index + 1` applies to block `index`'s output (the final norm
     after the last block): AM's `next_ln` features."""
@@ -190,7 +195,7 @@ class Adventurer(nnx.Module):
         raise UserError(f"mask must be (batch, patches) = {(b, h * w)}, got {mask.shape}.")
       x = jnp.where(mask[..., None], self.mask_token[...].astype(x.dtype), x)
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
-    pos = common.resample_pos_embed(self.pos_embed[...], self.grid, (h, w), cls_at="last")
+    pos = self.resample_pos_embed(self.cfg, self.pos_embed[...], self.grid, (h, w))
     return jnp.concatenate([x, cls], axis=1) + pos.astype(x.dtype)
 
   def __call__(self, images, *, mask=None, train: bool = False) -> common.ModelOutput:

@@ -75,53 +75,76 @@ def parse_variant(variant: str, widths: dict) -> tuple:
   return widths[name], int(patch)
 
 
+def _keys_cubic(t, a: float):
+  """Keys' cubic convolution kernel with parameter `a`."""
+  t = np.abs(t)
+  return np.where(
+    t <= 1,
+    ((a + 2) * t - (a + 3)) * t * t + 1,
+    np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0),
+  )
+
+
 @functools.lru_cache(maxsize=None)
-def _cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
-  """(n_out, n_in) weights of 1-D bicubic resampling as torch's F.interpolate computes it.
+def _cubic_matrix(n_in: int, n_out: int, antialias: bool = False) -> np.ndarray:
+  """(n_out, n_in) weights of 1-D bicubic resampling as torch's F.interpolate computes it
+  (mode='bicubic', align_corners=False: half-pixel centres).
 
-  Keys' cubic with a=-0.75, half-pixel centres (align_corners=False), border indices clamped,
-  no antialiasing: the rule `transformers` and timm use to resample position embeddings.
+  antialias=False: Keys' cubic with a=-0.75, border indices clamped: the rule `transformers`
+  (ViT, CLIP, DINOv2, SigLIP) and timm use to resample position embeddings.
+  antialias=True: torch's antialiased path (what `transformers`' DINOv2 with registers asks
+  for): a=-0.5, the kernel widened by the downscale factor, taps outside the input dropped
+  and the rest renormalised, so it differs from the plain rule even when upsampling.
   """
-
-  def kernel(t):
-    t = np.abs(t)
-    return np.where(
-      t <= 1,
-      ((a + 2) * t - (a + 3)) * t * t + 1,
-      np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0),
-    )
-
-  src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+  scale = n_in / n_out
+  weights = np.zeros((n_out, n_in))
+  if antialias:
+    support, stretch = 2 * max(scale, 1.0), 1 / max(scale, 1.0)
+    for i in range(n_out):
+      centre = scale * (i + 0.5)
+      lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+      taps = _keys_cubic((np.arange(lo, hi) - centre + 0.5) * stretch, -0.5)
+      weights[i, lo:hi] = taps / taps.sum()
+    return weights
+  src = (np.arange(n_out) + 0.5) * scale - 0.5
   base = np.floor(src).astype(int)
   frac = src - base
-  weights = np.zeros((n_out, n_in))
   for tap in range(-1, 3):
     idx = np.clip(base + tap, 0, n_in - 1)
-    np.add.at(weights, (np.arange(n_out), idx), kernel(frac - tap))
+    np.add.at(weights, (np.arange(n_out), idx), _keys_cubic(frac - tap, -0.75))
   return weights
 
 
-def resample_grid(tokens: jax.Array, old_grid: tuple, new_grid: tuple) -> jax.Array:
-  """Bicubic resampling of (..., h*w, D) grid tokens in raster order to a new (h', w') grid."""
+def resample_grid(
+  tokens: jax.Array, old_grid: tuple, new_grid: tuple, antialias: bool = False
+) -> jax.Array:
+  """Bicubic resampling of (..., h*w, D) grid tokens in raster order to a new (h', w') grid
+  (`antialias`: torch's antialiased bicubic, see `_cubic_matrix`)."""
   if tuple(old_grid) == tuple(new_grid):
     return tokens
   (h, w), (nh, nw) = old_grid, new_grid
   grid = tokens.reshape(*tokens.shape[:-2], h, w, tokens.shape[-1])
-  wy = jnp.asarray(_cubic_matrix(h, nh), jnp.float32)
-  wx = jnp.asarray(_cubic_matrix(w, nw), jnp.float32)
+  wy = jnp.asarray(_cubic_matrix(h, nh, antialias), jnp.float32)
+  wx = jnp.asarray(_cubic_matrix(w, nw, antialias), jnp.float32)
   out = jnp.einsum(
     "yh,...hwd,xw->...yxd", wy, grid.astype(jnp.float32), wx, precision=jax.lax.Precision.HIGHEST
   )
   return out.reshape(*tokens.shape[:-2], nh * nw, tokens.shape[-1]).astype(tokens.dtype)
 
 
-def resample_pos_embed(pos: jax.Array, old_grid: tuple, new_grid: tuple, cls_at: str) -> jax.Array:
-  """Resamples a (1, N+1, D) position embedding; the CLS slot (`first` or `last`) is kept."""
+def resample_pos_embed(
+  pos: jax.Array, old_grid: tuple, new_grid: tuple, cls_at: Optional[str], antialias=False
+) -> jax.Array:
+  """Resamples a (1, N+1, D) position embedding; the CLS slot (`first` or `last`) is kept.
+  cls_at=None: a (1, N, D) embedding without a CLS slot (SigLIP)."""
+  grid = lambda p: resample_grid(p, old_grid, new_grid, antialias)
+  if cls_at is None:
+    return grid(pos)
   if cls_at == "first":
-    return jnp.concatenate([pos[:, :1], resample_grid(pos[:, 1:], old_grid, new_grid)], axis=1)
+    return jnp.concatenate([pos[:, :1], grid(pos[:, 1:])], axis=1)
   if cls_at == "last":
-    return jnp.concatenate([resample_grid(pos[:, :-1], old_grid, new_grid), pos[:, -1:]], axis=1)
-  raise UserError(f"cls_at must be 'first' or 'last', got {cls_at!r}")
+    return jnp.concatenate([grid(pos[:, :-1]), pos[:, -1:]], axis=1)
+  raise UserError(f"cls_at must be 'first', 'last' or None, got {cls_at!r}")
 
 
 def patch_grid(image_hw: tuple, patch: int) -> tuple:

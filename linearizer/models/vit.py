@@ -1,8 +1,14 @@
 """The teacher: a pre-norm Vision Transformer with CLS first (method.md §4).
 
 One module covers the checkpoints people hold: `style="timm"` (timm / DeiT / AugReg /
-big_vision / HF ViTModel: GELU, LayerNorm eps 1e-6) and `style="clip"` (OpenAI CLIP image
-tower / HF CLIPVisionModel: `ln_pre`, bias-free patch conv, QuickGELU, eps 1e-5).
+big_vision / HF ViTModel: GELU, LayerNorm eps 1e-6; DINOv2 is this style plus
+`layer_scale` and, for its "with registers" models, `registers`), `style="clip"` (OpenAI
+CLIP image tower / HF CLIPVisionModel: `ln_pre`, bias-free patch conv, QuickGELU, eps 1e-5)
+and `style="siglip"` (SigLIP / SigLIP 2 towers: tanh GELU, eps 1e-6, mean = std = 0.5, with
+`cls_token=False` and `pool="map"`).
+
+Tokens are `[cls, registers…, p_1 … p_N]` (the parts a config has); `roles` says where each
+sits, and the losses read CLS and patches through it, never the registers.
 """
 
 import dataclasses
@@ -38,12 +44,16 @@ STYLES = {
     (0.48145466, 0.4578275, 0.40821073),
     (0.26862954, 0.26130258, 0.27577711),
   ),
+  "siglip": ("gelu_tanh", 1e-6, False, True, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 
 
-Style = Literal["timm", "clip"]
+Style = Literal["timm", "clip", "siglip"]
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
-Pool = Literal["cls", "gap"]
+Pool = Literal["cls", "gap", "map"]
+# How the position embedding is resampled to another grid: each source does it its own way
+# (`common._cubic_matrix`), and a teacher must see exactly what it saw in its own code.
+PosInterpolation = Literal["bicubic", "bicubic_antialias"]
 AttentionImpl = Literal["xla", "cudnn"]
 
 ACTIVATIONS = {
@@ -67,8 +77,14 @@ class ViTConfig:
   layer_norm_eps: Optional[float] = None  # None: the style's default (HF ViTModel uses 1e-12)
   activation: Optional[Activation] = None  # None: the style's; or gelu | gelu_tanh | quick_gelu
   head_bias: bool = True
-  pool: Pool = "cls"  # what the head reads: the 'cls' token, or 'gap', the mean patch
-  # token (timm global_pool='avg', big_vision pool_type='gap')
+  pool: Pool = "cls"  # what the head reads: the 'cls' token; 'gap', the mean patch
+  # token (timm global_pool='avg', big_vision pool_type='gap'); or 'map', attention pooling
+  # by a learned probe (big_vision MAPHead, SigLIP's head)
+  cls_token: bool = True  # False: no CLS token (SigLIP); pool must be 'gap' or 'map'
+  registers: int = 0  # register tokens after CLS (DINOv2 with registers); no loss reads them
+  layer_scale: Optional[float] = None  # per-channel gains on both residual branches (DINOv2's
+  # LayerScale), initialised to this value; None: none
+  pos_interpolation: PosInterpolation = "bicubic"  # 'bicubic_antialias': HF DINOv2+registers
   attention_impl: Optional[AttentionImpl] = (
     None  # None lets JAX choose; 'xla' or 'cudnn' to force one
   )
@@ -85,8 +101,16 @@ class ViTConfig:
       raise UserError(
         f"Unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}."
       )
-    if self.pool not in ("cls", "gap"):
-      raise UserError(f"Unknown ViT pool {self.pool!r}; expected 'cls' or 'gap'.")
+    if self.pool not in ("cls", "gap", "map"):
+      raise UserError(f"Unknown ViT pool {self.pool!r}; expected 'cls', 'gap' or 'map'.")
+    if self.pool == "cls" and not self.cls_token:
+      raise UserError("pool='cls' needs a CLS token (cls_token=False); use 'gap' or 'map'.")
+    if not isinstance(self.registers, int) or self.registers < 0:
+      raise UserError(f"registers={self.registers!r}; expected an integer >= 0.")
+    if self.pos_interpolation not in ("bicubic", "bicubic_antialias"):
+      raise UserError(
+        f"pos_interpolation={self.pos_interpolation!r}; expected 'bicubic' or 'bicubic_antialias'."
+      )
     if self.num_heads < 1 or self.width % self.num_heads:
       raise UserError(f"num_heads={self.num_heads} does not divide width={self.width}.")
     if self.attention_impl not in (None, "xla", "cudnn"):
@@ -112,6 +136,15 @@ def vit_config(variant: str = "B/16", **overrides) -> ViTConfig:
   return ViTConfig(**cfg)
 
 
+def _dense(cfg: ViTConfig, rngs: nnx.Rngs) -> dict:
+  return dict(
+    dtype=jnp.dtype(cfg.dtype),
+    kernel_init=nnx.initializers.xavier_uniform(),
+    bias_init=nnx.initializers.normal(1e-6),
+    rngs=rngs,
+  )
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout)."""
 
@@ -134,31 +167,56 @@ class Attention(nnx.Module):
 
 class Block(nnx.Module):
   def __init__(self, cfg: ViTConfig, drop_path: float, *, rngs: nnx.Rngs):
-    act = cfg.activation or STYLES[cfg.style][0]
     eps = cfg.eps
-    dense = dict(
-      dtype=jnp.dtype(cfg.dtype),
-      kernel_init=nnx.initializers.xavier_uniform(),
-      bias_init=nnx.initializers.normal(1e-6),
-      rngs=rngs,
-    )
     self.norm1 = nnx.LayerNorm(cfg.width, epsilon=eps, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.norm2 = nnx.LayerNorm(cfg.width, epsilon=eps, rngs=rngs)
-    self.fc1 = nnx.Linear(cfg.width, cfg.mlp_dim, **dense)
-    self.fc2 = nnx.Linear(cfg.mlp_dim, cfg.width, **dense)
-    self.act = ACTIVATIONS[act]
+    self.fc1 = nnx.Linear(cfg.width, cfg.mlp_dim, **_dense(cfg, rngs))
+    self.fc2 = nnx.Linear(cfg.mlp_dim, cfg.width, **_dense(cfg, rngs))
+    self.act = ACTIVATIONS[cfg.activation or STYLES[cfg.style][0]]
     self.drop_path = common.DropPath(drop_path, rngs=rngs)
+    gains = lambda: nnx.Param(jnp.full((cfg.width,), cfg.layer_scale, jnp.float32))
+    self.ls1, self.ls2 = (gains(), gains()) if cfg.layer_scale is not None else (None, None)
+
+  def _scaled(self, y, gains):
+    return y if gains is None else y * gains[...]
 
   def __call__(self, x, *, train: bool):
-    x = x + self.drop_path(self.attn(self.norm1(x)), train=train)
-    return x + self.drop_path(self.fc2(self.act(self.fc1(self.norm2(x)))), train=train)
+    y = self._scaled(self.attn(self.norm1(x)), self.ls1)
+    x = x + self.drop_path(y, train=train)
+    y = self._scaled(self.fc2(self.act(self.fc1(self.norm2(x)))), self.ls2)
+    return x + self.drop_path(y, train=train)
+
+
+class MAPHead(nnx.Module):
+  """Multihead attention pooling (big_vision's MAPHead; SigLIP's head): a learned probe
+  attends over every token, then a pre-norm MLP residual; (B, T, D) -> (B, D)."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    d = cfg.width
+    self.num_heads = cfg.num_heads
+    self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, d)))
+    self.q = nnx.Linear(d, d, **_dense(cfg, rngs))
+    self.kv = nnx.Linear(d, 2 * d, **_dense(cfg, rngs))
+    self.proj = nnx.Linear(d, d, **_dense(cfg, rngs))
+    self.norm = nnx.LayerNorm(d, epsilon=cfg.eps, rngs=rngs)
+    self.fc1 = nnx.Linear(d, cfg.mlp_dim, **_dense(cfg, rngs))
+    self.fc2 = nnx.Linear(cfg.mlp_dim, d, **_dense(cfg, rngs))
+    self.act = ACTIVATIONS[cfg.activation or STYLES[cfg.style][0]]
+
+  def __call__(self, x):
+    b, t, d = x.shape
+    h = self.num_heads
+    q = self.q(jnp.broadcast_to(self.probe[...], (b, 1, d)).astype(x.dtype))
+    k, v = jnp.split(self.kv(x).reshape(b, t, 2 * h, d // h), 2, 2)
+    y = jax.nn.dot_product_attention(q.reshape(b, 1, h, d // h), k, v)
+    y = self.proj(y.reshape(b, 1, d))
+    return (y + self.fc2(self.act(self.fc1(self.norm(y)))))[:, 0]
 
 
 class ViT(nnx.Module):
-  """Pre-norm ViT: tokens `[cls, p_1 … p_N]`, learned absolute position embeddings."""
-
-  roles = common.TokenRoles(cls=0, patches=(1, None))
+  """Pre-norm ViT: tokens `[cls, registers…, p_1 … p_N]` (each part as the config has it),
+  learned absolute position embeddings on CLS and patches."""
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     _, _, ln_pre, conv_bias, *_ = STYLES[cfg.style]
@@ -176,13 +234,20 @@ class ViT(nnx.Module):
       dtype=jnp.dtype(cfg.dtype),
       rngs=rngs,
     )
-    n = (cfg.image_size // p) ** 2
-    self.cls_token = nnx.Param(jnp.zeros((1, 1, d)))
-    self.pos_embed = nnx.Param(common.trunc_normal_02(rngs.params(), (1, n + 1, d)))
+    n = (cfg.image_size // p) ** 2 + cfg.cls_token
+    self.cls_token = nnx.Param(jnp.zeros((1, 1, d))) if cfg.cls_token else None
+    self.pos_embed = nnx.Param(common.trunc_normal_02(rngs.params(), (1, n, d)))
+    # DINOv2 initialises its registers at N(0, 1e-6), as it does the CLS token.
+    self.register_tokens = (
+      nnx.Param(nnx.initializers.normal(1e-6)(rngs.params(), (1, cfg.registers, d)))
+      if cfg.registers
+      else None
+    )
     self.ln_pre = nnx.LayerNorm(d, epsilon=eps, rngs=rngs) if ln_pre else None
     rates = np.linspace(0, cfg.drop_path, cfg.depth).tolist()
     self.blocks = nnx.List([Block(cfg, r, rngs=rngs) for r in rates])
     self.norm = nnx.LayerNorm(d, epsilon=eps, rngs=rngs)
+    self.map_head = MAPHead(cfg, rngs=rngs) if cfg.pool == "map" else None
     self.head = (
       nnx.Linear(
         d,
@@ -196,8 +261,29 @@ class ViT(nnx.Module):
     )
 
   @property
+  def roles(self) -> common.TokenRoles:
+    first = int(self.cfg.cls_token)  # registers follow CLS, patches follow the registers
+    return common.TokenRoles(
+      cls=0 if self.cfg.cls_token else None,
+      patches=(first + self.cfg.registers, None),
+      registers=(first, first + self.cfg.registers) if self.cfg.registers else (0, 0),
+    )
+
+  @property
   def grid(self):
     return common.patch_grid((self.cfg.image_size, self.cfg.image_size), self.cfg.patch)
+
+  @staticmethod
+  def resample_pos_embed(cfg: ViTConfig, pos, old_grid: tuple, new_grid: tuple):
+    """`pos_embed` resampled to another grid, the CLS slot kept, as this config's source
+    does it (convert resamples a checkpoint with it too)."""
+    return common.resample_pos_embed(
+      pos,
+      old_grid,
+      new_grid,
+      cls_at="first" if cfg.cls_token else None,
+      antialias=cfg.pos_interpolation == "bicubic_antialias",
+    )
 
   def next_norm(self, index: int, x):
     """The pre-norm block `index + 1` applies to block `index`'s output (the final norm
@@ -210,10 +296,24 @@ class ViT(nnx.Module):
     x = self.patch_embed(images).astype(jnp.float32)  # the residual stream stays float32
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
-    pos = common.resample_pos_embed(self.pos_embed[...], self.grid, (h, w), cls_at="first")
-    cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
-    x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+    pos = self.resample_pos_embed(self.cfg, self.pos_embed[...], self.grid, (h, w))
+    token = lambda p: jnp.broadcast_to(p[...], (b, *p.shape[1:])).astype(x.dtype)
+    if self.cls_token is not None:
+      x = jnp.concatenate([token(self.cls_token), x], axis=1)
+    x = x + pos.astype(x.dtype)
+    if self.register_tokens is not None:  # after the position embedding: registers get none
+      first = int(self.cfg.cls_token)
+      x = jnp.concatenate([x[:, :first], token(self.register_tokens), x[:, first:]], axis=1)
     return self.ln_pre(x) if self.ln_pre is not None else x
+
+  def pool(self, out: common.ModelOutput) -> jax.Array:
+    """(B, D): what the head reads (the config's `pool`): the final CLS, the mean final
+    patch token, or the MAP head's attention pooling over every final token."""
+    if self.cfg.pool == "cls":
+      return out.cls[:, 0]
+    if self.cfg.pool == "gap":
+      return out.patches.mean(axis=1)
+    return self.map_head(out.tokens)
 
   def __call__(self, images, *, mask=None, train: bool = False) -> common.ModelOutput:
     if mask is not None:
@@ -227,5 +327,4 @@ class ViT(nnx.Module):
     out = common.ModelOutput(logits=None, tokens=tokens, blocks=tuple(blocks), roles=self.roles)
     if self.head is None:
       return out
-    pooled = out.cls[:, 0] if self.cfg.pool == "cls" else out.patches.mean(axis=1)
-    return out.replace(logits=self.head(pooled))
+    return out.replace(logits=self.head(self.pool(out)))

@@ -1,0 +1,246 @@
+"""The teachers people distil from today: DINOv2 (with and without registers) and SigLIP.
+
+References: `transformers`' own Dinov2Model, Dinov2WithRegistersModel, SiglipVisionModel and
+SiglipModel with random weights, run in torch; torch's F.interpolate for the antialiased
+position-embedding resampling; tokens sliced by hand for the roles the losses read.
+
+Tolerance: max |ours - ref| <= 1e-4 * max |ref|, every block, the final tokens and SigLIP's
+pooled embedding, at the checkpoint's resolution and at another.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402
+
+from configs import common as cfg_common  # noqa: E402
+from linearizer import convert, data, distill, losses, models, optim, train  # noqa: E402
+from linearizer.errors import UserError  # noqa: E402
+from linearizer.models import common  # noqa: E402
+
+RTOL = 1e-4
+WIDTH, DEPTH, HEADS, PATCH, SIZE, REGISTERS = 64, 2, 4, 8, 32, 4
+KINDS = ("dinov2", "dinov2_registers", "siglip_vision", "siglip")
+
+forward = nnx.jit(lambda model, images: model(images))
+pooled = nnx.jit(lambda model, images: model.pool(model(images)))
+
+
+def rel_err(ours, ref):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  return np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+
+
+def perturb_(torch_model, seed=0):
+  """Random weights everywhere (LayerNorms, LayerScale and registers included)."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in torch_model.parameters():
+      p.add_(0.1 * torch.randn(p.shape, generator=gen))
+  return torch_model.eval()
+
+
+def build_hf(kind):
+  shape = dict(
+    hidden_size=WIDTH,
+    num_hidden_layers=DEPTH,
+    num_attention_heads=HEADS,
+    image_size=SIZE,
+    patch_size=PATCH,
+  )
+  if kind == "dinov2":
+    return transformers.Dinov2Model(transformers.Dinov2Config(**shape, mlp_ratio=2))
+  if kind == "dinov2_registers":
+    config = transformers.Dinov2WithRegistersConfig(
+      **shape, mlp_ratio=2, num_register_tokens=REGISTERS
+    )
+    return transformers.Dinov2WithRegistersModel(config)
+  vision = transformers.SiglipVisionConfig(**shape, intermediate_size=2 * WIDTH)
+  if kind == "siglip_vision":
+    return transformers.SiglipVisionModel(vision)
+  text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+  return transformers.SiglipModel(
+    transformers.SiglipConfig(vision_config=vision.to_dict(), text_config=text)
+  )
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+  """{kind: (torch model, saved transformers folder)}."""
+  root = tmp_path_factory.mktemp("teachers")
+  out = {}
+  for i, kind in enumerate(KINDS):
+    hf = perturb_(build_hf(kind), seed=i)
+    hf.save_pretrained(root / kind)
+    out[kind] = hf, root / kind
+  return out
+
+
+def run_torch(hf, kind, images):
+  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2))
+  tower = hf.vision_model if kind == "siglip" else hf
+  extra = dict(interpolate_pos_encoding=True) if kind.startswith("siglip") else {}
+  with torch.no_grad():
+    return tower(pixel_values=pixels, output_hidden_states=True, **extra)
+
+
+def images_at(size, seed=0):
+  return np.random.default_rng(seed).standard_normal((2, size, size, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("size", [SIZE, 48])
+def test_matches_transformers(hf_dirs, kind, size):
+  """Every block, the final tokens (and SigLIP's attention-pooled embedding) at the
+  checkpoint's 32² and, position embeddings resampled as each source does it, at 48²."""
+  hf, folder = hf_dirs[kind]
+  model = convert.load(folder, "hf")
+  images = images_at(size, seed=size)
+  ref = run_torch(hf, kind, images)
+  ours = forward(model, images)
+  assert len(ours.blocks) == DEPTH
+  for i, block in enumerate(ours.blocks):
+    assert rel_err(block, ref.hidden_states[i + 1].numpy()) <= RTOL, f"block {i}"
+  assert rel_err(ours.tokens, ref.last_hidden_state.numpy()) <= RTOL
+  assert ours.logits is None
+  if kind.startswith("siglip"):
+    assert rel_err(pooled(model, images), ref.pooler_output.numpy()) <= RTOL
+
+
+def test_what_each_source_is_loaded_as(hf_dirs):
+  config = {kind: convert.load(hf_dirs[kind][1], "hf").cfg for kind in KINDS}
+  dino, reg, siglip = config["dinov2"], config["dinov2_registers"], config["siglip"]
+  assert (dino.style, dino.registers, dino.cls_token, dino.pool) == ("timm", 0, True, "cls")
+  assert dino.layer_scale is not None and dino.pos_interpolation == "bicubic"
+  assert (reg.registers, reg.pos_interpolation) == (REGISTERS, "bicubic_antialias")
+  assert (siglip.style, siglip.cls_token, siglip.pool) == ("siglip", False, "map")
+  assert siglip.mean == siglip.std == (0.5, 0.5, 0.5)
+  assert config["siglip_vision"] == siglip
+  # What the tensors show cannot be overridden; how the embedding is resampled can.
+  with pytest.raises(UserError, match="registers=0"):
+    convert.load(hf_dirs["dinov2_registers"][1], "hf", registers=0)
+  with pytest.raises(UserError, match="cls_token=True"):
+    convert.load(hf_dirs["siglip"][1], "hf", cls_token=True)
+  plain = convert.load(hf_dirs["dinov2_registers"][1], "hf", pos_interpolation="bicubic")
+  assert plain.cfg.pos_interpolation == "bicubic"
+
+
+def test_transformers_5_in_memory_names_load_too(hf_dirs, tmp_path):
+  """transformers 5 saves DINOv2's Hub names (attention.attention.query, ...) but holds
+  q_proj / k_proj / v_proj / o_proj in memory: a state dict saved as is loads the same."""
+  hf, folder = hf_dirs["dinov2_registers"]
+  state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+  assert "encoder.layer.0.attention.q_proj.weight" in state
+  save_file(state, tmp_path / "model.safetensors")
+  (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+  a, b = convert.load(tmp_path, "hf"), convert.load(folder, "hf")
+  images = images_at(SIZE)
+  for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b))):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(forward(a, images).tokens, forward(b, images).tokens)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(4, 7), (7, 4), (6, 6), (37, 16), (3, 10)])
+def test_antialiased_resampling_is_torchs(n_in, n_out):
+  """`pos_interpolation='bicubic_antialias'` is torch's F.interpolate(antialias=True), up
+  and down (it differs from the plain rule at the borders even when upsampling)."""
+  grid = np.random.default_rng(n_in * n_out).standard_normal((1, 5, n_in, n_in))
+  want = torch.nn.functional.interpolate(
+    torch.from_numpy(grid), size=(n_out, n_out), mode="bicubic", antialias=True
+  )[0].numpy()
+  tokens = jnp.asarray(grid[0].reshape(5, -1).T[None], jnp.float32)  # (1, h*w, 5)
+  got = common.resample_grid(tokens, (n_in, n_in), (n_out, n_out), antialias=True)
+  got = np.asarray(got[0]).T.reshape(5, n_out, n_out)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_dinov2_registers_appear_in_no_role_the_losses_read(hf_dirs):
+  """Tokens are [cls, registers, patches]: CLS, patches and registers by hand."""
+  model = convert.load(hf_dirs["dinov2_registers"][1], "hf")
+  out = forward(model, images_at(SIZE))
+  n = (SIZE // PATCH) ** 2
+  assert out.tokens.shape[1] == 1 + REGISTERS + n
+  cls, patches = losses.split_roles(out.blocks[0], out.roles)
+  np.testing.assert_array_equal(cls, out.blocks[0][:, :1])
+  np.testing.assert_array_equal(patches, out.blocks[0][:, 1 + REGISTERS :])
+  assert out.roles.registers == (1, 1 + REGISTERS)
+  np.testing.assert_array_equal(out.patches, out.tokens[:, 1 + REGISTERS :])
+
+
+# ------------------------------------------------------- distilling from these teachers
+STUDENT = dict(image_size=32, width=32, depth=2, headdim=16, d_state=16, chunk_size=16)
+
+
+@pytest.mark.parametrize("kind,scope", [("dinov2_registers", "visible"), ("siglip", "all")])
+def test_a_distill_step_reads_patches_and_cls_only(hf_dirs, kind, scope):
+  """The step's AM loss, on a teacher with registers or without CLS, equals AM computed
+  here on tokens sliced by hand: registers never enter, a CLS-less teacher matches patches
+  only (mask 0, so 'visible' is every patch)."""
+  teacher = convert.load(hf_dirs[kind][1], "hf")
+  # As the distill stage builds it: reading images normalised as the teacher's.
+  norm = dict(mean=teacher.cfg.mean, std=teacher.cfg.std)
+  student = models.build("adventurer", "Ti/8", seed=0, **STUDENT, **norm)
+  distiller = distill.Distiller(student, WIDTH, rngs=nnx.Rngs(1))
+  loss = cfg_common.distill_loss(mask_ratio=0.0, w_mp=0.0, num_stages=DEPTH, scope=scope)
+  config = distill_config(loss)
+  tx = optim.make_optimizer(config.optim, 1)
+  _, state = train.init_state(distiller, tx, ema=False)
+  step = jax.jit(distill.make_distill_step(distiller, teacher, tx, config))
+  x = jnp.asarray(images_at(SIZE))
+  _, metrics = step(
+    state, nnx.state(teacher, nnx.Param), data.Batch(x, jnp.zeros(2)), jax.random.key(0)
+  )
+  t_out, s_out = teacher(x), student(x)
+  first = 1 + REGISTERS if kind == "dinov2_registers" else 0
+  pairs = []
+  for i in range(DEPTH):
+    t_patch, s_patch = t_out.blocks[i][:, first:], s_out.blocks[i][:, :-1]
+    if kind == "dinov2_registers":  # CLS first in the ViT, last in the student
+      pairs.append(
+        (
+          jnp.concatenate([t_out.blocks[i][:, :1], t_patch], 1),
+          jnp.concatenate([s_out.blocks[i][:, -1:], s_patch], 1),
+        )
+      )
+    else:
+      pairs.append((t_patch, s_patch))
+  want = losses.activation_matching([t for t, _ in pairs], [s for _, s in pairs])[0]
+  np.testing.assert_allclose(float(metrics["am"]), float(want), rtol=1e-5)
+
+
+def distill_config(loss):
+  return ml_collections.ConfigDict(
+    dict(steps=1, optim=cfg_common.optim(lr=1e-3), loss=loss, teacher_input="resample")
+  )
+
+
+def test_cls_scope_is_refused_for_a_teacher_without_cls(hf_dirs):
+  teacher = convert.load(hf_dirs["siglip"][1], "hf")
+  with pytest.raises(UserError, match="scope='cls'.*has none"):
+    distill.check_teacher(teacher, "cls")
+  distill.check_teacher(teacher, "visible")  # the scopes that make sense pass
+
+
+def test_unsupported_architectures_are_named(tmp_path):
+  """A Swin or an EVA-02 folder, or SigLIP 2's NaFlex tower, is refused by what it is."""
+  for model_type, phrase in [
+    ("swin", "Swin"),
+    ("eva02", "EVA-02"),
+    ("siglip2_vision_model", "NaFlex"),
+    ("mystery", "CLIP, ViT, DINOv2"),
+  ]:
+    folder = tmp_path / model_type
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    save_file({"x": torch.zeros(1)}, folder / "model.safetensors")
+    with pytest.raises(UserError, match=phrase):
+      convert.load(folder, "hf")
