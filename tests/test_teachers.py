@@ -9,6 +9,7 @@ pooled embedding, at the checkpoint's resolution and at another.
 """
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from configs import common as cfg_common  # noqa: E402
 from linearizer import convert, data, distill, losses, models, optim, train  # noqa: E402
@@ -244,3 +245,207 @@ def test_unsupported_architectures_are_named(tmp_path):
     save_file({"x": torch.zeros(1)}, folder / "model.safetensors")
     with pytest.raises(UserError, match=phrase):
       convert.load(folder, "hf")
+
+
+# --------------------------------------------------- DINOv2's own release (torch hub .pth)
+def hf_dinov2_to_hub(state: dict) -> dict:
+  """transformers' Dinov2 (Hub names, as saved) -> facebookresearch/dinov2's state dict."""
+  e = "embeddings."
+  out = {
+    "cls_token": state[e + "cls_token"],
+    "pos_embed": state[e + "position_embeddings"],
+    "mask_token": state[e + "mask_token"],
+    "patch_embed.proj.weight": state[e + "patch_embeddings.projection.weight"],
+    "patch_embed.proj.bias": state[e + "patch_embeddings.projection.bias"],
+    "norm.weight": state["layernorm.weight"],
+    "norm.bias": state["layernorm.bias"],
+  }
+  if e + "register_tokens" in state:
+    out["register_tokens"] = state[e + "register_tokens"]
+  for i in range(DEPTH):
+    h, o = f"encoder.layer.{i}.", f"blocks.{i}."
+    att = h + "attention.attention."
+    for x in ("weight", "bias"):
+      out[o + f"attn.qkv.{x}"] = torch.cat(
+        [state[att + f"{n}.{x}"] for n in ("query", "key", "value")]
+      )
+      out[o + f"attn.proj.{x}"] = state[h + f"attention.output.dense.{x}"]
+      for ours, theirs in [
+        ("norm1", "norm1"),
+        ("norm2", "norm2"),
+        ("mlp.fc1", "mlp.fc1"),
+        ("mlp.fc2", "mlp.fc2"),
+      ]:
+        out[o + f"{ours}.{x}"] = state[h + f"{theirs}.{x}"]
+    out[o + "ls1.gamma"] = state[h + "layer_scale1.lambda1"]
+    out[o + "ls2.gamma"] = state[h + "layer_scale2.lambda1"]
+  return out
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2_registers"])
+def test_dinov2_hub_pth_loads_the_same_model(hf_dirs, kind, tmp_path):
+  """The hub layout of the same weights (and as a training checkpoint's `teacher` entry,
+  `backbone.` prefixed, blocks chunked) loads to the transformers folder's model."""
+  hf, folder = hf_dirs[kind]
+  hub = hf_dinov2_to_hub(load_file(folder / "model.safetensors"))
+  torch.save(hub, tmp_path / "hub.pth")
+  chunked = {
+    k.replace("blocks.1.", "blocks.1.1.").replace("blocks.0.", "blocks.0.0."): v
+    for k, v in hub.items()
+  }
+  torch.save({"teacher": {"backbone." + k: v for k, v in chunked.items()}}, tmp_path / "train.pth")
+  reference = convert.load(folder, "hf")
+  images = images_at(SIZE)
+  want = forward(reference, images)
+  for name in ("hub.pth", "train.pth"):
+    model = convert.load(tmp_path / name, "dinov2", num_heads=HEADS)
+    assert model.cfg.registers == reference.cfg.registers
+    assert model.cfg.pos_interpolation == (
+      "bicubic_antialias" if kind == "dinov2_registers" else "bicubic_offset"
+    )
+    got = forward(model, images)
+    for x, y in zip(got.blocks + (got.tokens,), want.blocks + (want.tokens,)):
+      assert rel_err(x, y) <= 1e-6
+
+
+@pytest.mark.parametrize("n_in,n_out", [(4, 7), (4, 4 * 2), (37, 16), (3, 10)])
+def test_offset_resampling_is_the_dinov2_hubs(n_in, n_out):
+  """'bicubic_offset' is torch's bicubic at scale factor (n_out + 0.1) / n_in, as DINOv2's
+  hub code asks for it."""
+  grid = np.random.default_rng(n_in + n_out).standard_normal((1, 3, n_in, n_in))
+  factor = (n_out + 0.1) / n_in
+  want = torch.nn.functional.interpolate(
+    torch.from_numpy(grid), scale_factor=(factor, factor), mode="bicubic"
+  )[0].numpy()
+  assert want.shape[-1] == n_out
+  tokens = jnp.asarray(grid[0].reshape(3, -1).T[None], jnp.float32)
+  got = common.resample_grid(tokens, (n_in, n_in), (n_out, n_out), offset=0.1)
+  np.testing.assert_allclose(np.asarray(got[0]).T.reshape(3, n_out, n_out), want, atol=2e-6)
+
+
+DINOV2_REPO = os.environ.get("LINEARIZER_DINOV2_REPO")  # a checkout of facebookresearch/dinov2
+
+
+@pytest.mark.skipif(not DINOV2_REPO, reason="LINEARIZER_DINOV2_REPO names no dinov2 checkout")
+@pytest.mark.parametrize("registers", [0, 4])
+def test_dinov2s_own_code(registers, tmp_path, monkeypatch):
+  """facebookresearch/dinov2's DinoVisionTransformer (as the hub builds it: LayerScale 1.0,
+  offset 0.1 without registers, antialiasing with) against ours from its saved state dict:
+  every block's patches, the final CLS and patches, at 32² and, resampled, at 48² and 56²."""
+  monkeypatch.setenv("XFORMERS_DISABLED", "1")
+  monkeypatch.syspath_prepend(DINOV2_REPO)
+  from dinov2.models.vision_transformer import DinoVisionTransformer
+
+  theirs = DinoVisionTransformer(
+    img_size=SIZE,
+    patch_size=PATCH,
+    embed_dim=WIDTH,
+    depth=DEPTH,
+    num_heads=HEADS,
+    mlp_ratio=2,
+    init_values=1.0,
+    num_register_tokens=registers,
+    interpolate_antialias=bool(registers),
+    interpolate_offset=0.0 if registers else 0.1,
+  )
+  perturb_(theirs)
+  torch.save(theirs.state_dict(), tmp_path / "hub.pth")
+  ours = convert.load(tmp_path / "hub.pth", "dinov2", num_heads=HEADS)
+  for size in (SIZE, 48, 56):
+    images = images_at(size, seed=size)
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2))
+    with torch.no_grad():
+      blocks = theirs.get_intermediate_layers(pixels, n=DEPTH, norm=False)
+      final = theirs.forward_features(pixels)
+    out = forward(ours, images)
+    for i, (block, ref) in enumerate(zip(out.blocks, blocks)):
+      assert rel_err(out.roles.patches_of(block), ref.numpy()) <= RTOL, f"block {i} @{size}"
+    assert rel_err(out.patches, final["x_norm_patchtokens"].numpy()) <= RTOL
+    assert rel_err(out.cls[:, 0], final["x_norm_clstoken"].numpy()) <= RTOL
+
+
+# ---------------------------------------------- SigLIP's own release (big_vision .npz)
+def hf_siglip_to_big_vision(state: dict, scanned: bool) -> dict:
+  """transformers' SiglipModel (as saved) -> big_vision's SigLIP `.npz` (`params/img/...`,
+  flax layouts, plus a stand-in text tower and the logit scale/bias)."""
+  v, p, hd = "vision_model.", "params/img/", WIDTH // HEADS
+  n = {k: t.numpy() for k, t in state.items()}
+  heads = lambda w: w.T.reshape(WIDTH, HEADS, hd)  # torch (out, in) -> flax (in, heads, hd)
+  out = {
+    p + "embedding/kernel": n[v + "embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
+    p + "embedding/bias": n[v + "embeddings.patch_embedding.bias"],
+    p + "pos_embedding": n[v + "embeddings.position_embedding.weight"][None],
+    p + "Transformer/encoder_norm/scale": n[v + "post_layernorm.weight"],
+    p + "Transformer/encoder_norm/bias": n[v + "post_layernorm.bias"],
+    "params/txt/Encoder_0/encoder_norm/scale": np.ones(8, np.float32),
+    "params/t": np.zeros(1, np.float32),
+    "params/b": np.zeros(1, np.float32),
+  }
+
+  def attention(prefix, q, k, v_, o, bias):
+    for name, w, b in (("query", q, bias[0]), ("key", k, bias[1]), ("value", v_, bias[2])):
+      out[prefix + f"{name}/kernel"] = heads(w)
+      out[prefix + f"{name}/bias"] = b.reshape(HEADS, hd)
+    out[prefix + "out/kernel"] = o[0].T.reshape(HEADS, hd, WIDTH)
+    out[prefix + "out/bias"] = o[1]
+
+  blocks = []
+  for i in range(DEPTH):
+    h, b = v + f"encoder.layers.{i}.", {}
+    for ours, theirs in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
+      b[f"{ours}/scale"], b[f"{ours}/bias"] = n[h + theirs + ".weight"], n[h + theirs + ".bias"]
+    for d in (0, 1):
+      b[f"MlpBlock_0/Dense_{d}/kernel"] = n[h + f"mlp.fc{d + 1}.weight"].T
+      b[f"MlpBlock_0/Dense_{d}/bias"] = n[h + f"mlp.fc{d + 1}.bias"]
+    before = set(out)
+    a = h + "self_attn."
+    attention(
+      "ATT/",
+      *(n[a + f"{x}_proj.weight"] for x in "qkv"),
+      (n[a + "out_proj.weight"], n[a + "out_proj.bias"]),
+      [n[a + f"{x}_proj.bias"] for x in "qkv"],
+    )
+    b.update({"MultiHeadDotProductAttention_0/" + k[4:]: out.pop(k) for k in set(out) - before})
+    blocks.append(b)
+  if scanned:
+    for k in blocks[0]:
+      out[p + f"Transformer/encoderblock/{k}"] = np.stack([b[k] for b in blocks])
+  else:
+    for i, b in enumerate(blocks):
+      out.update({p + f"Transformer/encoderblock_{i}/{k}": x for k, x in b.items()})
+  m, hh = p + "MAPHead_0/", v + "head."
+  w, bias = n[hh + "attention.in_proj_weight"], n[hh + "attention.in_proj_bias"]
+  attention(
+    m + "MultiHeadDotProductAttention_0/",
+    *np.split(w, 3),
+    (n[hh + "attention.out_proj.weight"], n[hh + "attention.out_proj.bias"]),
+    np.split(bias, 3),
+  )
+  out[m + "probe"] = n[hh + "probe"]
+  out[m + "LayerNorm_0/scale"], out[m + "LayerNorm_0/bias"] = (
+    n[hh + "layernorm.weight"],
+    n[hh + "layernorm.bias"],
+  )
+  for d in (0, 1):
+    out[m + f"MlpBlock_0/Dense_{d}/kernel"] = n[hh + f"mlp.fc{d + 1}.weight"].T
+    out[m + f"MlpBlock_0/Dense_{d}/bias"] = n[hh + f"mlp.fc{d + 1}.bias"]
+  return out
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_siglip_big_vision_npz_loads_the_same_model(hf_dirs, scanned, tmp_path):
+  """big_vision's layout of the same SigLIP weights (the text tower beside it ignored)
+  loads to the transformers folder's model: blocks, tokens and the pooled embedding."""
+  hf, folder = hf_dirs["siglip"]
+  np.savez(
+    tmp_path / "siglip.npz",
+    **hf_siglip_to_big_vision(load_file(folder / "model.safetensors"), scanned),
+  )
+  model = convert.load(tmp_path / "siglip.npz", "big_vision")
+  reference = convert.load(folder, "hf")
+  assert model.cfg == reference.cfg  # style siglip, no CLS, pool map, tanh GELU
+  images = images_at(SIZE)
+  got, want = forward(model, images), forward(reference, images)
+  for x, y in zip(got.blocks + (got.tokens,), want.blocks + (want.tokens,)):
+    assert rel_err(x, y) <= 1e-6
+  assert rel_err(pooled(model, images), pooled(reference, images)) <= 1e-6

@@ -9,11 +9,14 @@ match raises a single `CheckpointMismatch` and no model is returned.
 
 Formats (method.md §4-5):
   hf           `transformers` folder (config.json + model.safetensors / pytorch_model.bin,
-               sharded or not) of CLIPVisionModel / CLIPModel (vision tower) or ViTModel /
-               ViTForImageClassification; or a bare weights file (+ overrides).
+               sharded or not) of CLIPVisionModel / CLIPModel (vision tower), ViTModel /
+               ViTForImageClassification, Dinov2Model / Dinov2WithRegistersModel or
+               SiglipVisionModel / SiglipModel (vision tower); or a bare weights file.
   openai_clip  OpenAI CLIP `.pt` (TorchScript or plain) / `.pth` state dict, `visual.*`.
   timm         timm ViT `.pth` / `.safetensors`; a timm `.npz` is big_vision's layout.
-  big_vision   `.npz`, original-ViT or big_vision numbering, scanned or not.
+  big_vision   `.npz`, original-ViT or big_vision numbering, scanned or not; SigLIP's
+               image tower (`params/img/...`, attention-pooling head) included.
+  dinov2       DINOv2's torch-hub `.pth` (with or without registers) or training checkpoint.
   adventurer   Adventurer `.pth` (`model` / `model_ema` entry, or a bare state dict).
   orbax        a directory written by `linearizer.models.saved.save` (or this module's CLI).
 
@@ -55,7 +58,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from linearizer import models
-from linearizer.convert import adventurer, big_vision, hf, openai_clip, orbax, timm
+from linearizer.convert import adventurer, big_vision, dinov2, hf, openai_clip, orbax, timm
 from linearizer.convert.match import CheckpointMismatch, Spec, _config, _match, _Uninferable
 from linearizer.convert.tensors import read_tensors
 from linearizer.errors import MissingPathError, UserError, log, one_line_errors
@@ -80,6 +83,7 @@ READERS = {
   "openai_clip": openai_clip.read,
   "timm": timm.read,
   "big_vision": big_vision.read,
+  "dinov2": dinov2.read,
   "adventurer": adventurer.read,
   "orbax": orbax.read,
 }

@@ -41,6 +41,9 @@ def read(path: pathlib.Path) -> Spec:
     head_bias="head.bias" in t,
     activation="gelu",  # timm's, for both styles (see the docstring)
   )
+  # timm resamples position embeddings (checkpoint_filter_fn, dynamic_img_size) through
+  # resample_abs_pos_embed, whose default is antialias=True.
+  fields["pos_interpolation"] = "bicubic_antialias"
   b = "blocks.{i}."
   table = {
     **_linear("patch_embed", "patch_embed.proj", CONV),

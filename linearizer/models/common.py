@@ -86,7 +86,9 @@ def _keys_cubic(t, a: float):
 
 
 @functools.lru_cache(maxsize=None)
-def _cubic_matrix(n_in: int, n_out: int, antialias: bool = False) -> np.ndarray:
+def _cubic_matrix(
+  n_in: int, n_out: int, antialias: bool = False, offset: float = 0.0
+) -> np.ndarray:
   """(n_out, n_in) weights of 1-D bicubic resampling as torch's F.interpolate computes it
   (mode='bicubic', align_corners=False: half-pixel centres).
 
@@ -95,8 +97,11 @@ def _cubic_matrix(n_in: int, n_out: int, antialias: bool = False) -> np.ndarray:
   antialias=True: torch's antialiased path (what `transformers`' DINOv2 with registers asks
   for): a=-0.5, the kernel widened by the downscale factor, taps outside the input dropped
   and the rest renormalised, so it differs from the plain rule even when upsampling.
+  offset: DINOv2's torch-hub code asks torch for a scale factor (n_out + 0.1) / n_in rather
+  than a size ("a historical kludge", facebookresearch/dino#8), and torch then maps
+  coordinates by that factor: 0.1 here reproduces it.
   """
-  scale = n_in / n_out
+  scale = n_in / (n_out + offset)
   weights = np.zeros((n_out, n_in))
   if antialias:
     support, stretch = 2 * max(scale, 1.0), 1 / max(scale, 1.0)
@@ -116,16 +121,16 @@ def _cubic_matrix(n_in: int, n_out: int, antialias: bool = False) -> np.ndarray:
 
 
 def resample_grid(
-  tokens: jax.Array, old_grid: tuple, new_grid: tuple, antialias: bool = False
+  tokens: jax.Array, old_grid: tuple, new_grid: tuple, antialias: bool = False, offset=0.0
 ) -> jax.Array:
   """Bicubic resampling of (..., h*w, D) grid tokens in raster order to a new (h', w') grid
-  (`antialias`: torch's antialiased bicubic, see `_cubic_matrix`)."""
+  (`antialias`, `offset`: the variants of torch's bicubic, see `_cubic_matrix`)."""
   if tuple(old_grid) == tuple(new_grid):
     return tokens
   (h, w), (nh, nw) = old_grid, new_grid
   grid = tokens.reshape(*tokens.shape[:-2], h, w, tokens.shape[-1])
-  wy = jnp.asarray(_cubic_matrix(h, nh, antialias), jnp.float32)
-  wx = jnp.asarray(_cubic_matrix(w, nw, antialias), jnp.float32)
+  wy = jnp.asarray(_cubic_matrix(h, nh, antialias, offset), jnp.float32)
+  wx = jnp.asarray(_cubic_matrix(w, nw, antialias, offset), jnp.float32)
   out = jnp.einsum(
     "yh,...hwd,xw->...yxd", wy, grid.astype(jnp.float32), wx, precision=jax.lax.Precision.HIGHEST
   )
@@ -133,11 +138,16 @@ def resample_grid(
 
 
 def resample_pos_embed(
-  pos: jax.Array, old_grid: tuple, new_grid: tuple, cls_at: Optional[str], antialias=False
+  pos: jax.Array,
+  old_grid: tuple,
+  new_grid: tuple,
+  cls_at: Optional[str],
+  antialias: bool = False,
+  offset: float = 0.0,
 ) -> jax.Array:
   """Resamples a (1, N+1, D) position embedding; the CLS slot (`first` or `last`) is kept.
   cls_at=None: a (1, N, D) embedding without a CLS slot (SigLIP)."""
-  grid = lambda p: resample_grid(p, old_grid, new_grid, antialias)
+  grid = lambda p: resample_grid(p, old_grid, new_grid, antialias, offset)
   if cls_at is None:
     return grid(pos)
   if cls_at == "first":

@@ -53,7 +53,12 @@ Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
 Pool = Literal["cls", "gap", "map"]
 # How the position embedding is resampled to another grid: each source does it its own way
 # (`common._cubic_matrix`), and a teacher must see exactly what it saw in its own code.
-PosInterpolation = Literal["bicubic", "bicubic_antialias"]
+PosInterpolation = Literal["bicubic", "bicubic_antialias", "bicubic_offset"]
+POS_INTERPOLATIONS = {  # mode -> (antialias, offset) of common.resample_pos_embed
+  "bicubic": (False, 0.0),  # transformers' ViT, CLIP, DINOv2, SigLIP
+  "bicubic_antialias": (True, 0.0),  # timm; transformers' and torch hub's DINOv2 + registers
+  "bicubic_offset": (False, 0.1),  # torch hub's DINOv2 (scale factor (n + 0.1) / N)
+}
 AttentionImpl = Literal["xla", "cudnn"]
 
 ACTIVATIONS = {
@@ -84,7 +89,7 @@ class ViTConfig:
   registers: int = 0  # register tokens after CLS (DINOv2 with registers); no loss reads them
   layer_scale: Optional[float] = None  # per-channel gains on both residual branches (DINOv2's
   # LayerScale), initialised to this value; None: none
-  pos_interpolation: PosInterpolation = "bicubic"  # 'bicubic_antialias': HF DINOv2+registers
+  pos_interpolation: PosInterpolation = "bicubic"  # how the source resamples pos_embed
   attention_impl: Optional[AttentionImpl] = (
     None  # None lets JAX choose; 'xla' or 'cudnn' to force one
   )
@@ -107,9 +112,10 @@ class ViTConfig:
       raise UserError("pool='cls' needs a CLS token (cls_token=False); use 'gap' or 'map'.")
     if not isinstance(self.registers, int) or self.registers < 0:
       raise UserError(f"registers={self.registers!r}; expected an integer >= 0.")
-    if self.pos_interpolation not in ("bicubic", "bicubic_antialias"):
+    if self.pos_interpolation not in POS_INTERPOLATIONS:
       raise UserError(
-        f"pos_interpolation={self.pos_interpolation!r}; expected 'bicubic' or 'bicubic_antialias'."
+        f"pos_interpolation={self.pos_interpolation!r}; expected one of "
+        f"{sorted(POS_INTERPOLATIONS)}."
       )
     if self.num_heads < 1 or self.width % self.num_heads:
       raise UserError(f"num_heads={self.num_heads} does not divide width={self.width}.")
@@ -277,13 +283,9 @@ class ViT(nnx.Module):
   def resample_pos_embed(cfg: ViTConfig, pos, old_grid: tuple, new_grid: tuple):
     """`pos_embed` resampled to another grid, the CLS slot kept, as this config's source
     does it (convert resamples a checkpoint with it too)."""
-    return common.resample_pos_embed(
-      pos,
-      old_grid,
-      new_grid,
-      cls_at="first" if cfg.cls_token else None,
-      antialias=cfg.pos_interpolation == "bicubic_antialias",
-    )
+    antialias, offset = POS_INTERPOLATIONS[cfg.pos_interpolation]
+    cls_at = "first" if cfg.cls_token else None
+    return common.resample_pos_embed(pos, old_grid, new_grid, cls_at, antialias, offset)
 
   def next_norm(self, index: int, x):
     """The pre-norm block `index + 1` applies to block `index`'s output (the final norm
