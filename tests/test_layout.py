@@ -37,8 +37,11 @@ TIERS = {
   "linearizer.preemption": 5,
   "linearizer.convert": 5,
   "linearizer.models": 5,
+  "linearizer.onnx_export": 5,
+  "linearizer.torch_export": 5,
   "linearizer.errors": 6,
   "linearizer.cpu_malloc": 6,
+  "linearizer.torch_adventurer": 6,
   "kernels": 6,
   "linearizer": 6,
 }

@@ -3,12 +3,27 @@
 flip_pattern is "released" (`i // 2 == 1`, the code as published) unless chosen; which
 pattern trained the public weights is unknown, so load warns when it is not chosen. A
 missing `mask_token` (classification checkpoints) is initialised as the model does.
+
+A `.pth` written by `python -m linearizer.export --format torch` also holds a `linearizer`
+entry (`OURS`): the config fields the weights do not show (flip_pattern, mean, std), taken
+from there without a warning, and the mask token (which Adventurer's own model has not).
 """
 
 import pathlib
 
 from linearizer.convert.match import ADVENTURER_FIXED, Spec, _depth, _grid_size, _need
-from linearizer.convert.tensors import CONV, CONV1D, LINEAR, SAME, _linear, read_tensors
+from linearizer.convert.tensors import (
+  CONV,
+  CONV1D,
+  LINEAR,
+  SAME,
+  _is_tensor,
+  _linear,
+  _numpy,
+  _torch_load,
+  _unwrap,
+  read_tensors,
+)
 from linearizer.models import common
 
 FLIP_GUESS = (
@@ -18,11 +33,51 @@ FLIP_GUESS = (
   "(docs/method-fidelity.md)"
 )
 
+OURS = "linearizer"  # the entry linearizer.torch_export adds: {"config": {...}, "params": {...}}
+FROM_OURS = ("flip_pattern", "mean", "std")  # config fields taken from it: shapes do not show them
+TORCH_FILES = (".pth", ".pt", ".bin", ".ckpt")
+
+_M = "layers.{i}.mixer."
+# Our parameter path ("{i}" = layer) -> (Adventurer's state-dict name, layout transform).
+# linearizer.torch_export writes files with the inverse of the same table.
+TABLE = {
+  **_linear("patch_embed", "patch_embed.proj", CONV),
+  **{n: ((n,), SAME) for n in ("cls_token", "mask_token", "pos_embed")},
+  "layers.{i}.norm.scale": (("layers.{i}.norm.weight",), SAME),
+  "layers.{i}.mixer.in_proj.kernel": ((_M + "in_proj.weight",), LINEAR),
+  "layers.{i}.mixer.conv_weight": ((_M + "conv1d.weight",), CONV1D),
+  "layers.{i}.mixer.conv_bias": ((_M + "conv1d.bias",), SAME),
+  **{f"{_M}{n}": ((_M + n,), SAME) for n in ("dt_bias", "A_log", "D")},
+  "layers.{i}.mixer.norm_weight": ((_M + "norm.weight",), SAME),
+  "layers.{i}.mixer.out_proj.kernel": ((_M + "out_proj.weight",), LINEAR),
+  "layers.{i}.norm_mlp.scale": (("layers.{i}.norm_mlp.weight",), SAME),
+  **_linear("layers.{i}.mlp.w1", "layers.{i}.mlp.w1"),
+  **_linear("layers.{i}.mlp.w2", "layers.{i}.mlp.w2"),
+  **_linear("layers.{i}.mlp.w3", "layers.{i}.mlp.w3"),
+  "norm_f.scale": (("norm_f.weight",), SAME),
+  **_linear("head", "head"),
+}
+
+
+def _read(path: pathlib.Path, entries: tuple, bare: bool) -> tuple:
+  """(tensors of the first of `entries`, the file's `linearizer` entry or {}); a torch file
+  is unpickled once for both."""
+  if not (path.is_file() and path.name.endswith(TORCH_FILES)):
+    return read_tensors(path, entries, bare=bare), {}
+  checkpoint = _torch_load(path)
+  ours = checkpoint.get(OURS) if isinstance(checkpoint, dict) else None
+  tensors = _unwrap(checkpoint, path, entries, bare)
+  tensors = {k: _numpy(v) for k, v in tensors.items() if _is_tensor(v)}
+  return tensors, ours if isinstance(ours, dict) else {}
+
 
 def read(path: pathlib.Path, use_ema: bool = False) -> Spec:
   """The `model` entry, or with `use_ema` the `model_ema` one (which must then exist)."""
   # use_ema must find a `model_ema` entry: a bare state dict is not silently taken for it.
-  t = read_tensors(path, ("model_ema",) if use_ema else ("model",), bare=not use_ema)
+  t, ours = _read(path, ("model_ema",) if use_ema else ("model",), bare=not use_ema)
+  ours_cfg, ours_params = ours.get("config") or {}, ours.get("params") or {}
+  if "mask_token" in ours_params and "mask_token" not in t:
+    t["mask_token"] = _numpy(ours_params["mask_token"])
   patch_w = _need(t, "patch_embed.proj.weight", "the width and patch")
   width, patch = patch_w.shape[0], patch_w.shape[-1]
   inner = _need(t, "layers.0.mixer.norm.weight", "the mixer width").shape[0]
@@ -45,31 +100,15 @@ def read(path: pathlib.Path, use_ema: bool = False) -> Spec:
     expand=inner // width,
     mlp_ratio=ratio,
   )
-  m = "layers.{i}.mixer."
-  table = {
-    **_linear("patch_embed", "patch_embed.proj", CONV),
-    **{n: ((n,), SAME) for n in ("cls_token", "mask_token", "pos_embed")},
-    "layers.{i}.norm.scale": (("layers.{i}.norm.weight",), SAME),
-    "layers.{i}.mixer.in_proj.kernel": ((m + "in_proj.weight",), LINEAR),
-    "layers.{i}.mixer.conv_weight": ((m + "conv1d.weight",), CONV1D),
-    "layers.{i}.mixer.conv_bias": ((m + "conv1d.bias",), SAME),
-    **{f"{m}{n}": ((m + n,), SAME) for n in ("dt_bias", "A_log", "D")},
-    "layers.{i}.mixer.norm_weight": ((m + "norm.weight",), SAME),
-    "layers.{i}.mixer.out_proj.kernel": ((m + "out_proj.weight",), LINEAR),
-    "layers.{i}.norm_mlp.scale": (("layers.{i}.norm_mlp.weight",), SAME),
-    **_linear("layers.{i}.mlp.w1", "layers.{i}.mlp.w1"),
-    **_linear("layers.{i}.mlp.w2", "layers.{i}.mlp.w2"),
-    **_linear("layers.{i}.mlp.w3", "layers.{i}.mlp.w3"),
-    "norm_f.scale": (("norm_f.weight",), SAME),
-    **_linear("head", "head"),
-  }
+  fields.update({k: ours_cfg[k] for k in FROM_OURS if k in ours_cfg})
+  fields.update({k: tuple(fields[k]) for k in ("mean", "std") if k in fields})
   # Classification checkpoints hold no mask token: initialise it as Adventurer.__init__ does.
   return Spec(
     "adventurer",
     fields,
-    table,
+    TABLE,
     t,
     optional={"mask_token": common.trunc_normal_02},
     fixed=ADVENTURER_FIXED,
-    guesses={"flip_pattern": FLIP_GUESS},
+    guesses={} if "flip_pattern" in ours_cfg else {"flip_pattern": FLIP_GUESS},
   )

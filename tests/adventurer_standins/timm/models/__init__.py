@@ -1,0 +1,1 @@
+"""Test stand-in for timm.models (see timm/__init__.py)."""
