@@ -439,7 +439,11 @@ def random_adventurer(seed):
   Filled from numpy rather than by the model's init, which compiles for tens of seconds on
   a small CPU.
   """
-  cfg = models.AdventurerConfig(**ADV)
+  return random_model(models.AdventurerConfig(**ADV), seed)
+
+
+def random_model(cfg, seed=0):
+  """`cfg`'s model (an Adventurer's or a ViT's) with random values in every parameter."""
   rng = np.random.default_rng(seed)
 
   def value(key, shape):

@@ -26,6 +26,7 @@ from configs import common as cfg_common  # noqa: E402
 from linearizer import convert, data, distill, losses, models, optim, train  # noqa: E402
 from linearizer.errors import UserError  # noqa: E402
 from linearizer.models import common  # noqa: E402
+from test_convert import images_at, perturb_, rel_err  # noqa: E402
 
 RTOL = 1e-4
 WIDTH, DEPTH, HEADS, PATCH, SIZE, REGISTERS = 64, 2, 4, 8, 32, 4
@@ -33,21 +34,6 @@ KINDS = ("dinov2", "dinov2_registers", "siglip_vision", "siglip")
 
 forward = nnx.jit(lambda model, images: model(images))
 pooled = nnx.jit(lambda model, images: model.pool(model(images)))
-
-
-def rel_err(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  return np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
-
-
-def perturb_(torch_model, seed=0):
-  """Random weights everywhere (LayerNorms, LayerScale and registers included)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in torch_model.parameters():
-      p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return torch_model.eval()
 
 
 def build_hf(kind):
@@ -92,10 +78,6 @@ def run_torch(hf, kind, images):
   extra = dict(interpolate_pos_encoding=True) if kind.startswith("siglip") else {}
   with torch.no_grad():
     return tower(pixel_values=pixels, output_hidden_states=True, **extra)
-
-
-def images_at(size, seed=0):
-  return np.random.default_rng(seed).standard_normal((2, size, size, 3)).astype(np.float32)
 
 
 @pytest.mark.parametrize("kind", KINDS)

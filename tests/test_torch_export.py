@@ -35,33 +35,13 @@ from linearizer import convert, export, models, torch_adventurer, torch_export
 from linearizer.errors import UserError
 from linearizer.models import saved
 from linearizer.models.adventurer import FLIP_PATTERNS
+from test_convert import random_model
 from test_robustness import assert_clean_error
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOL = 1e-4
 TINY = dict(image_size=32, width=32, depth=4, headdim=16, d_state=16, chunk_size=8)
 NORM = dict(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))  # not the defaults: must travel
-
-
-def random_model(cfg, seed=0):
-  """`cfg`'s model with random values in every parameter (norms, D and the SSM's too)."""
-  rng = np.random.default_rng(seed)
-
-  def value(key, shape):
-    if key[-1] == "A_log":
-      return np.log(rng.uniform(1, 16, shape))
-    if key[-1] == "dt_bias":  # softplus -> steps of about 0.01-0.1, as in training
-      return rng.uniform(-4.5, -2.3, shape)
-    if key[-1] in ("scale", "norm_weight", "D"):
-      return 1 + 0.1 * rng.standard_normal(shape)
-    if key[-1] == "kernel":
-      return rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-    return 0.3 * rng.standard_normal(shape)
-
-  abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param)
-  return saved.from_params(
-    cfg, {k: value(k, v.get_value().shape) for k, v in nnx.to_flat_state(abstract)}
-  )
 
 
 def student(flip_pattern, num_classes=5, seed=0):
