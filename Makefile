@@ -17,13 +17,15 @@
 #
 # Variables: PYTHON (the interpreter to build the venv with), VENV, WORKDIR (the demo's),
 # PYTEST_ARGS (passed to pytest, e.g. PYTEST_ARGS="tests/test_ssd.py -q"), LINT=0 (make test
-# without the ruff steps).
+# without the ruff steps), TEST_WORKERS (pytest-xdist processes, a test file to each; 2 suits
+# the 2-core CI machine, 0 runs the suite in this process).
 
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= /tmp/demo
 PYTEST_ARGS ?=
 LINT ?= 1
+TEST_WORKERS ?= 2
 
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q --disable-pip-version-check
@@ -48,7 +50,7 @@ ifneq ($(LINT),0)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 endif
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .

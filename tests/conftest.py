@@ -6,9 +6,18 @@ change how the code is optimised, not the program. The processes the tests start
 them through the environment (main.py runs, ablation workers, the notebook's kernel, the
 multi-process runs). Flags the caller already set are kept. Only for the CPU: an
 accelerator run (-m accelerator) compiles as users' runs do.
+
+Many tests compile the same programs (the demo's steps, run through main.py by several
+tests), so the whole session, its processes and pytest-xdist's workers share one persistent
+compilation cache, every compile kept however short (a fresh temporary folder per session:
+nothing carries over between runs). A cache hit is the program XLA compiled, so tests see
+what they would without it.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 from linearizer import cpu_malloc
 
@@ -24,3 +33,9 @@ if cpu_malloc.runs_on_cpu(os.environ):
   os.environ["XLA_FLAGS"] = " ".join(
     _given + [f"{k}={v}" for k, v in FAST_COMPILE.items() if k not in _named]
   )
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set once, by the first process (xdist's)
+  _cache = tempfile.mkdtemp(prefix="linearizer-tests-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
