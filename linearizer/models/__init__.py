@@ -43,6 +43,9 @@ __all__ = [
 RUN_TIME_FIELDS = (
   "dtype",
   "attention_impl",
+  "blocked_attention_tokens",
+  "attention_block_q",
+  "attention_block_k",
   "ssd_impl",
   "ssd_interpret",
   "chunk_size",

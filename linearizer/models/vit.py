@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from linearizer.errors import UserError
-from linearizer.models import common
+from linearizer.models import attention, common
 
 # size -> (width, depth, heads, mlp); patch comes from the variant string, e.g. 'L/14'.
 WIDTHS = {
@@ -59,7 +59,7 @@ POS_INTERPOLATIONS = {  # mode -> (antialias, offset) of common.resample_pos_emb
   "bicubic_antialias": (True, 0.0),  # timm; transformers' and torch hub's DINOv2 + registers
   "bicubic_offset": (False, 0.1),  # torch hub's DINOv2 (scale factor (n + 0.1) / N)
 }
-AttentionImpl = Literal["xla", "cudnn"]
+AttentionImpl = Literal["xla", "cudnn", "blocked"]
 
 ACTIVATIONS = {
   "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # timm, HF
@@ -90,14 +90,26 @@ class ViTConfig:
   layer_scale: Optional[float] = None  # per-channel gains on both residual branches (DINOv2's
   # LayerScale), initialised to this value; None: none
   pos_interpolation: PosInterpolation = "bicubic"  # how the source resamples pos_embed
-  attention_impl: Optional[AttentionImpl] = (
-    None  # None lets JAX choose; 'xla' or 'cudnn' to force one
-  )
+  attention_impl: Optional[AttentionImpl] = None  # None: 'blocked' on a CPU from
+  # blocked_attention_tokens tokens on, else JAX chooses; 'xla', 'cudnn' or 'blocked' (online
+  # softmax a tile at a time, `attention.py`) to force one
+  blocked_attention_tokens: int = 2048  # where None switches a CPU to 'blocked' (measured:
+  # docs/benchmarks.md, "Blocked attention")
+  attention_block_q: int = 512  # 'blocked': query tokens per tile
+  attention_block_k: int = 256  # 'blocked': key tokens per tile (both measured best on a
+  # CPU at 2k-4k tokens, docs/benchmarks.md)
   dtype: str = "float32"  # compute dtype of the matmuls; parameters stay float32
 
   def __post_init__(self):
     """Every field a user sets is checked here, once, whichever way the model is made."""
-    for field in ("width", "depth", "patch", "image_size"):
+    for field in (
+      "width",
+      "depth",
+      "patch",
+      "image_size",
+      "attention_block_q",
+      "attention_block_k",
+    ):
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
         raise UserError(f"{field}={getattr(self, field)!r}; expected a positive integer.")
     if self.style not in STYLES:
@@ -119,8 +131,14 @@ class ViTConfig:
       )
     if self.num_heads < 1 or self.width % self.num_heads:
       raise UserError(f"num_heads={self.num_heads} does not divide width={self.width}.")
-    if self.attention_impl not in (None, "xla", "cudnn"):
-      raise UserError(f"attention_impl={self.attention_impl!r}; expected None, 'xla' or 'cudnn'.")
+    if self.attention_impl not in (None, "xla", "cudnn", "blocked"):
+      raise UserError(
+        f"attention_impl={self.attention_impl!r}; expected None, 'xla', 'cudnn' or 'blocked'."
+      )
+    if not isinstance(self.blocked_attention_tokens, int) or self.blocked_attention_tokens < 0:
+      raise UserError(
+        f"blocked_attention_tokens={self.blocked_attention_tokens!r}; expected an integer >= 0."
+      )
 
   @property
   def eps(self):
@@ -159,15 +177,15 @@ class Attention(nnx.Module):
       dtype=jnp.dtype(cfg.dtype), kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs
     )
     self.num_heads = cfg.num_heads
-    self.impl = cfg.attention_impl
+    self.impl, self.blocks = cfg.attention_impl, (cfg.attention_block_q, cfg.attention_block_k)
+    self.blocked_from = cfg.blocked_attention_tokens
     self.qkv = nnx.Linear(cfg.width, 3 * cfg.width, **dense)
     self.proj = nnx.Linear(cfg.width, cfg.width, **dense)
 
   def __call__(self, x):
     b, t, d = x.shape
     q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.num_heads, d // self.num_heads), 3, 2)
-    # One call for every backend: XLA on CPU/TPU, cuDNN flash attention on GPU when asked.
-    y = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+    y = attention.attend(q, k, v, self.impl, self.blocked_from, self.blocks)
     return self.proj(y.reshape(b, t, d))
 
 

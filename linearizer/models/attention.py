@@ -1,0 +1,163 @@
+"""Attention that never holds the whole score matrix: blocked, with an online softmax.
+
+XLA's attention writes every head's (T, T) scores to memory and reads them back for the
+softmax and for `P V`: at 1024² (4,097 tokens) that is 800 MB a layer for ViT-B, and the
+teacher runs far below the matmul rate. This computes the same softmax(q kᵀ / √d) v a tile
+of (query block × key block) at a time, keeping a running max and sum per query (the
+online softmax of Milakov & Gimelshein 2018; Rabe & Staats 2021, "Self-attention does not
+need O(n²) memory"), in plain JAX so it runs on every backend. The backward is
+FlashAttention-2's (Dao 2023, Algorithm 2): it keeps q, k, v, the output and the
+log-sum-exp per query and recomputes each tile's probabilities, so training memory grows
+with T, not T². Same math as the plain attention, so its FLOPs (for MFU) are the same.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _blocks(x, block):
+  """(B, T, H, D) -> (n, B, block, H, D), T padded with zeros up to n * block."""
+  b, t, *rest = x.shape
+  n = -(-t // block)
+  x = jnp.pad(x, [(0, 0), (0, n * block - t)] + [(0, 0)] * len(rest))
+  return jnp.moveaxis(x.reshape(b, n, block, *rest), 1, 0)
+
+
+def _unblocks(x, t):
+  """(n, B, block, ...) -> (B, T, ...): the inverse of `_blocks`, padding dropped."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
+
+
+def _scores(q, k, scale, valid):
+  """A tile's logits in f32, (B, H, bq, bk); padded keys get -inf (probability 0)."""
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  return jnp.where(valid[None, None, None, :], s, -jnp.inf)
+
+
+def _forward(q, k, v, block_q, block_k):
+  """Returns the output (B, T, H, D) and the log-sum-exp of each query's logits (B, T, H)."""
+  t, d = q.shape[1], q.shape[-1]
+  scale = jnp.float32(d**-0.5)
+  kb, vb = _blocks(k, block_k), _blocks(v, block_k)
+  valid = (jnp.arange(kb.shape[0] * block_k) < t).reshape(kb.shape[0], block_k)
+
+  def one_query_block(qi):
+    def step(carry, tile):
+      m, total, acc = carry  # running max and sum (B, H, bq), unnormalised output (B, H, bq, D)
+      kj, vj, ok = tile
+      s = _scores(qi, kj, scale, ok)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.exp(s - m_new[..., None])
+      rescale = jnp.exp(m - m_new)
+      pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+      return (m_new, total * rescale + p.sum(-1), acc * rescale[..., None] + pv), None
+
+    b, bq, h, _ = qi.shape
+    init = (
+      jnp.full((b, h, bq), -jnp.inf, jnp.float32),
+      jnp.zeros((b, h, bq), jnp.float32),
+      jnp.zeros((b, h, bq, d), jnp.float32),
+    )
+    (m, total, acc), _ = jax.lax.scan(step, init, (kb, vb, valid))
+    out = jnp.einsum("bhqd->bqhd", acc / total[..., None])
+    return out.astype(q.dtype), jnp.einsum("bhq->bqh", m + jnp.log(total))
+
+  out, lse = jax.lax.map(one_query_block, _blocks(q, block_q))
+  return _unblocks(out, t), _unblocks(lse, t)
+
+
+def _backward(q, k, v, out, lse, dout, block_q, block_k):
+  """dq, dk, dv by FlashAttention-2's backward: an outer loop over key blocks (each
+  block's dk, dv accumulate over the query blocks) and dq accumulated across them."""
+  t, d = q.shape[1], q.shape[-1]
+  scale = jnp.float32(d**-0.5)
+  f32 = jnp.float32
+  delta = jnp.einsum("bthd,bthd->bth", dout.astype(f32), out.astype(f32))  # rowsum(dO ∘ O)
+  qb, dob = _blocks(q, block_q), _blocks(dout, block_q)
+  lseb, deltab = _blocks(lse, block_q), _blocks(delta, block_q)
+  kb, vb = _blocks(k, block_k), _blocks(v, block_k)
+  valid = (jnp.arange(kb.shape[0] * block_k) < t).reshape(kb.shape[0], block_k)
+
+  def one_key_block(dq, tile):
+    kj, vj, ok = tile
+
+    def step(carry, i):
+      dq, dk, dv = carry
+      qi, doi = qb[i], dob[i]
+      p = jnp.exp(_scores(qi, kj, scale, ok) - jnp.einsum("bqh->bhq", lseb[i])[..., None])
+      dv += jnp.einsum("bhqk,bqhd->bkhd", p.astype(dout.dtype), doi, preferred_element_type=f32)
+      dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=f32)
+      ds = p * (dp - jnp.einsum("bqh->bhq", deltab[i])[..., None]) * scale
+      dq = dq.at[i].add(
+        jnp.einsum("bhqk,bkhd->bqhd", ds.astype(k.dtype), kj, preferred_element_type=f32)
+      )
+      dk += jnp.einsum("bhqk,bqhd->bkhd", ds.astype(q.dtype), qi, preferred_element_type=f32)
+      return (dq, dk, dv), None
+
+    zeros = jnp.zeros(kj.shape, f32)
+    (dq, dk, dv), _ = jax.lax.scan(step, (dq, zeros, zeros), jnp.arange(qb.shape[0]))
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(qb.shape, f32), (kb, vb, valid))
+  return (
+    _unblocks(dq, t).astype(q.dtype),
+    _unblocks(dk, t).astype(k.dtype),
+    _unblocks(dv, t).astype(v.dtype),
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, block_q, block_k):
+  return _forward(q, k, v, block_q, block_k)[0]
+
+
+def _attention_fwd(q, k, v, block_q, block_k):
+  out, lse = _forward(q, k, v, block_q, block_k)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(block_q, block_k, residuals, dout):
+  return _backward(*residuals, dout, block_q, block_k)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def blocked_attention(q, k, v, *, block_q: int = 512, block_k: int = 256):
+  """softmax(q kᵀ / √d) v over all tokens, one (block_q × block_k) tile at a time.
+
+  Args:
+    q, k, v: (batch, tokens, heads, head_dim), as `jax.nn.dot_product_attention` takes them.
+    block_q, block_k: tokens per query and key block (a block longer than the sequence is
+      cut to it); the tokens need not be a multiple (the pad is masked).
+
+  Returns:
+    (batch, tokens, heads, head_dim) in q's dtype; logits and sums in f32, as XLA's.
+  """
+  t = q.shape[1]
+  return _attention(q, k, v, min(block_q, t), min(block_k, t))
+
+
+def attend(q, k, v, impl, blocked_from: int, blocks: tuple):
+  """The teacher's attention by `ViTConfig.attention_impl`: 'blocked' here; 'xla' or
+  'cudnn' through `jax.nn.dot_product_attention`; None, 'blocked' on a CPU from
+  `blocked_from` tokens on (where it was measured to win) and JAX's own choice elsewhere
+  (GPU and TPU keep it until measured there).
+
+  Args:
+    q, k, v: (batch, tokens, heads, head_dim).
+    impl: None, 'xla', 'cudnn' or 'blocked'.
+    blocked_from: the token count from which None means 'blocked' on a CPU.
+    blocks: (query, key) tokens per tile of 'blocked'.
+
+  Returns:
+    (batch, tokens, heads, head_dim).
+  """
+  if impl is None and q.shape[1] >= blocked_from and jax.default_backend() == "cpu":
+    impl = "blocked"
+  if impl == "blocked":
+    return blocked_attention(q, k, v, block_q=blocks[0], block_k=blocks[1])
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
