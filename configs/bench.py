@@ -55,6 +55,7 @@ def get_config(arg=None):
     b.student_overrides = dict(width=32, depth=2, headdim=16, d_state=16)
     b.resolutions = b.resolutions or (32, 64)
     b.batch, b.repeats, b.chunk_size = b.batch or 2, 2, b.chunk_size or 16
+    b.matmul_size = 256
     b.train_resolution, b.train_batch = 32, 2
     b.supervised.update(batch=2, resolutions=(32, 64), num_classes=10)
     b.segment.update(batch=1, resolutions=(32, 64), num_classes=5)

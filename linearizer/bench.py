@@ -18,11 +18,21 @@ Measures, on whatever device JAX runs on:
   ssd         forward and forward+backward of every `kernels.ssd` impl, with the FLOPs and
               bytes the chunked algorithm must do and the fraction of the device's roofline.
 
+Beside them, in the same run: the device's own matmul rate (a large square matmul in the
+run's dtype), against which every row's FLOP/s is also given (`matmul_pct`: MFU on a CPU,
+which has no datasheet peak here); and, where torch and transformers are installed, the
+PyTorch peers (`bench_torch.py`: Hugging Face's ViT with SDPA attention, our PyTorch
+Adventurer) as forward rows, so that the speed-up is against the fastest ViT of any
+implementation.
+
 Every timing: compile first (its time reported apart), one warm-up call, then the median of
 `repeats` calls, each ended by `jax.block_until_ready`. Writes DIR/bench/bench.json,
 DIR/bench/bench.png and prints a table.
 """
 
+import dataclasses
+import importlib
+import importlib.util
 import json
 import os
 import time
@@ -105,7 +115,9 @@ def settings(config):
     # The kernels' author measured chunk 64 fastest for the XLA scan on CPU.
     chunk_size=b.chunk_size or (256 if accel else 64),
     attention=tuple(b.attention_impls)
-    or (("xla", "cudnn") if jax.default_backend() == "gpu" else ("xla",)),
+    or (("xla", "cudnn", "blocked") if jax.default_backend() == "gpu" else ("xla", "blocked")),
+    matmul_size=b.matmul_size or (8192 if accel else 2048),
+    pytorch=b.pytorch,
     train_resolution=b.train_resolution,
     train_batch=b.train_batch or (64 if accel else 2),
     supervised_batch=b.supervised.batch or (128 if accel else 2),
@@ -144,6 +156,69 @@ def build_pair(config, s, attention_impl, num_classes=0):
     **dict(b.student_overrides),
   )
   return teacher, student
+
+
+def measure_matmul(n: int, dtype: str, repeats: int, meta: dict) -> dict:
+  """The device's matmul rate: an (n, n) @ (n, n) product in `dtype`, 2n³ FLOPs a call."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+  compiled, compile_s, _, _ = compile_fn(jax.jit(jnp.matmul), (a, a))
+  seconds = time_compiled(compiled, (a, a), repeats)
+  return dict(meta, kind="matmul", n=n, ms=1e3 * seconds, flop_per_s=2 * n**3 / seconds)
+
+
+def pytorch_peers(wanted):
+  """`linearizer.bench_torch` where torch and transformers are installed and `wanted` (None:
+  whenever they are); else None. Imported only then: torch is an optional extra."""
+  installed = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+  if wanted and not installed:
+    raise UserError(
+      "bench.pytorch=True needs torch and transformers: pip install -r requirements-torch.txt "
+      "transformers (or set bench.pytorch=None to skip the PyTorch rows where they are absent)."
+    )
+  if not installed or wanted is False:
+    return None
+  return importlib.import_module("linearizer.bench_torch")
+
+
+def pytorch_rows(config, s, base, peers):
+  """Forward rows of the PyTorch peers at every resolution: HF ViT (role teacher, so that the
+  speed-up is against it when it is the fastest ViT) and our PyTorch Adventurer (role peer)."""
+  b, rows = config.bench, []
+  models_ = []
+  if b.teacher_kind == "vit":
+    cfg = models.vit_config(s["teacher"], **dict(b.teacher_overrides))
+    models_.append(("vit", cfg, f"ViT-{s['teacher']} (PyTorch)", "teacher", "sdpa"))
+  if b.student_kind == "adventurer":
+    arch = models.ARCHITECTURES["adventurer"]
+    cfg = arch.variant(s["student"], chunk_size=s["chunk_size"], **dict(b.student_overrides))
+    name = f"Adventurer-{s['student']} (PyTorch)"
+    models_.append(("adventurer", dataclasses.asdict(cfg), name, "peer", None))
+  for kind, cfg, name, role, attn in models_:
+    meta = dict(base, model=name, role=role, variant=name.split("-", 1)[1].split()[0])
+    meta.update(attention_impl=attn, library=f"torch {peers.torch.__version__}")
+    for res in s["resolutions"]:
+      try:
+        seconds = peers.forward_seconds(kind, cfg, res, s["batch"], s["dtype"], s["repeats"])
+      except Exception as err:  # recorded, not fatal (as the JAX rows)
+        rows.append(dict(meta, kind="forward", resolution=res, error=f"{type(err).__name__}"))
+        log(f"[bench] {name} @{res}: failed ({type(err).__name__}: {str(err)[:200]})")
+        continue
+      rows.append(
+        dict(
+          meta,
+          kind="forward",
+          resolution=res,
+          batch=s["batch"],
+          tokens=(res // (cfg.patch if kind == "vit" else cfg["patch"])) ** 2,
+          latency_ms=1e3 * seconds,
+          img_per_s=s["batch"] / seconds,
+          compile_s=None,
+          flops_per_image=None,  # the same math as the JAX model's: filled from its row
+          mfu=None,
+        )
+      )
+      log(f"[bench] {name:<18} {attn or '':<6} @{res:<5} {rows[-1]['img_per_s']:10.2f} img/s")
+  return rows
 
 
 def timed(jitted, args, repeats, carry=None) -> dict:
@@ -391,10 +466,11 @@ def segment_rows(config, s, base, peak):
   return rows
 
 
-def fill_teacher_flops(rows, kind, peak):
-  """XLA counts no FLOPs inside custom calls (cuDNN attention): every impl does the same
-  math, so a teacher row without FLOPs takes those of another impl at its resolution."""
-  timed = [r for r in rows if r["kind"] == kind and r["role"] == "teacher" and "img_per_s" in r]
+def fill_teacher_flops(rows, kind, peak, roles=("teacher",)):
+  """XLA counts no FLOPs inside custom calls (cuDNN attention), and a PyTorch peer has none:
+  every impl does the same math, so a row of `roles` without FLOPs takes those of another
+  row of the same roles at its resolution."""
+  timed = [r for r in rows if r["kind"] == kind and r["role"] in roles and "img_per_s" in r]
   for res in {r["resolution"] for r in timed}:
     same = [r for r in timed if r["resolution"] == res]
     flops = next((r["flops_per_image"] for r in same if r.get("flops_per_image")), None)
@@ -449,7 +525,9 @@ def run(config, workdir):
   out_dir = os.path.join(workdir, "bench")  # the stage's own folder, like every stage
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
-  rows = []
+  rows = [measure_matmul(s["matmul_size"], s["dtype"], s["repeats"], base)]
+  log(f"[bench] matmul {s['matmul_size']}² {s['dtype']}: {rows[0]['flop_per_s'] / 1e9:.0f} GFLOP/s")
+  peers = pytorch_peers(s["pytorch"])
 
   if "forward" in s["parts"]:
     for impl in s["attention"]:
@@ -489,7 +567,10 @@ def run(config, workdir):
                 batch=largest_batch(model, res, s["batch"], s["max_batch_limit"]),
               )
             )
+    if peers is not None:
+      rows.extend(pytorch_rows(config, s, base, peers))
     fill_teacher_flops(rows, "forward", peak)
+    fill_teacher_flops(rows, "forward", peak, roles=("student", "peer"))
     results.attention_speedups(rows)
 
   if "train_step" in s["parts"]:
@@ -507,12 +588,15 @@ def run(config, workdir):
     fill_teacher_flops(rows, "segment", peak)
   if "ssd" in s["parts"]:
     rows.extend(measure_ssd(config, s, base, peak, bandwidth))
+  results.matmul_fractions(rows, rows[0]["flop_per_s"])
 
   result = dict(
     meta=dict(
       base,
       peak_flops=peak,
       peak_bytes_per_s=bandwidth,
+      matmul_flop_per_s=rows[0]["flop_per_s"],
+      pytorch_threads=peers.threads() if peers else None,
       settings=s,
       wall_s=time.perf_counter() - start,
       paper=dict(speedup=results.PAPER_SPEEDUP, flop_ratio=results.PAPER_FLOP_RATIO),

@@ -116,9 +116,22 @@ def roofline_fraction(flops, nbytes, seconds, peak, bandwidth):
   return 100.0 * max(bounds) / seconds
 
 
+def matmul_fractions(rows, matmul_flop_per_s):
+  """Each timed row's FLOP/s as a percentage of the device's measured matmul rate
+  (`matmul_pct`): the ceiling a program of matmuls can reach here, datasheet or not."""
+  for r in rows:
+    rate = None
+    if r.get("flops_per_image") and r.get("img_per_s"):
+      rate = r["flops_per_image"] * r["img_per_s"]
+    elif r.get("tflop_per_s"):
+      rate = r["tflop_per_s"] * 1e12
+    if rate and matmul_flop_per_s:
+      r["matmul_pct"] = 100.0 * rate / matmul_flop_per_s
+
+
 def speedups(rows, kind: str = "forward", paper: dict = PAPER_SPEEDUP):
-  """Per resolution: student vs the fastest teacher attention, and the teacher/student FLOP
-  ratio, over the rows of `kind` (forward, segment); `paper` the paper's speed-ups by
+  """Per resolution: student vs the fastest teacher of any implementation and attention
+  (a PyTorch peer's too), and the teacher/student FLOP ratio, over the rows of `kind` (forward, segment); `paper` the paper's speed-ups by
   resolution. Returns a list sorted by resolution."""
   fwd = [r for r in rows if r["kind"] == kind and r.get("img_per_s")]
   out = []
@@ -136,6 +149,7 @@ def speedups(rows, kind: str = "forward", paper: dict = PAPER_SPEEDUP):
         resolution=res,
         teacher_img_per_s=best["img_per_s"],
         teacher_attention=best["attention_impl"],
+        teacher_model=best.get("model"),
         student_img_per_s=student["img_per_s"],
         speedup=student["img_per_s"] / best["img_per_s"],
         flop_ratio=t_flops / s_flops if t_flops and s_flops else None,
@@ -173,33 +187,40 @@ def fmt(value, spec):
 def table(result):
   """The printed summary: forward rows, speedups, the train step and the SSD rows."""
   rows = result["rows"]
+  meta = result["meta"]
   lines = [
-    f"device {result['meta']['device_kind']} ({result['meta']['backend']}), "
-    f"{result['meta']['dtype']}, jax {result['meta']['jax_version']}",
-    "",
+    f"device {meta['device_kind']} ({meta['backend']}), {meta['dtype']}, jax {meta['jax_version']}",
   ]
+  for r in rows:
+    if r["kind"] == "matmul":
+      lines.append(
+        f"matmul {r['n']}² {meta['dtype']}: {r['flop_per_s'] / 1e9:.0f} GFLOP/s "
+        "(mm%: a row's FLOP/s as a share of it)"
+      )
   head = (
-    f"{'model':<20} {'attn':<6} {'res':>5} {'batch':>5} {'img/s':>10} {'ms/batch':>10} "
-    f"{'GFLOP/img':>10} {'MFU%':>6} {'compile s':>9}"
+    f"{'model':<28} {'attn':<7} {'res':>5} {'batch':>5} {'img/s':>10} {'ms/batch':>10} "
+    f"{'GFLOP/img':>10} {'MFU%':>6} {'mm%':>5} {'compile s':>9}"
   )
-  lines += [head, "-" * len(head)]
+  lines += ["", head, "-" * len(head)]
   for r in rows:
     if r["kind"] == "forward" and "img_per_s" in r:
       flops = r["flops_per_image"] / 1e9 if r["flops_per_image"] else None
       lines.append(
-        f"{r['model']:<20} {r['attention_impl'] or '':<6} {r['resolution']:>5} "
+        f"{r['model']:<28} {r['attention_impl'] or '':<7} {r['resolution']:>5} "
         f"{r['batch']:>5} {r['img_per_s']:>10.2f} {r['latency_ms']:>10.1f} "
-        f"{fmt(flops, '>10.4g')} {fmt(r['mfu'], '>6.1f')} {r['compile_s']:>9.1f}"
+        f"{fmt(flops, '>10.4g')} {fmt(r['mfu'], '>6.1f')} {fmt(r.get('matmul_pct'), '>5.0f')} "
+        f"{fmt(r['compile_s'], '>9.1f')}"
       )
   lines += [
     "",
     f"{'res':>5} {'speedup':>8} {'FLOP ratio':>10} {'paper speedup':>14} "
-    f"{'paper FLOP ratio':>17}   (speedup: student img/s over the fastest teacher's)",
+    f"{'paper FLOP ratio':>17}   fastest ViT (speedup: student img/s over its)",
   ]
   for sp in result["speedups"]:
     lines.append(
       f"{sp['resolution']:>5} {sp['speedup']:>7.2f}x {fmt(sp['flop_ratio'], '>10.2f')} "
-      f"{fmt(sp['paper_speedup'], '>14.1f')} {fmt(sp['paper_flop_ratio'], '>17.1f')}"
+      f"{fmt(sp['paper_speedup'], '>14.1f')} {fmt(sp['paper_flop_ratio'], '>17.1f')}   "
+      f"{sp.get('teacher_model', '')} {sp.get('teacher_attention') or ''}"
     )
   for r in rows:
     if r["kind"] == "train_step":

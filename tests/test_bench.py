@@ -104,32 +104,58 @@ def test_smoke_run_writes_json_and_plot(tmp_path):
     for k in keys:
       assert isinstance(row[k], (int, float)) and row[k] > 0 and math.isfinite(row[k]), (k, row)
 
-  fwd = [r for r in data["rows"] if r["kind"] == "forward"]
-  assert {(r["role"], r["resolution"]) for r in fwd} == {
-    (role, res) for role in ("teacher", "student") for res in (32, 64)
+  (matmul,) = [r for r in data["rows"] if r["kind"] == "matmul"]
+  assert matmul["n"] == 256 and data["meta"]["matmul_flop_per_s"] == matmul["flop_per_s"]
+  positive(matmul, "ms", "flop_per_s")
+  peers = [r for r in data["rows"] if r["kind"] == "forward" and "library" in r]
+  fwd = [r for r in data["rows"] if r["kind"] == "forward" and "library" not in r]
+  assert {(r["role"], r["attention_impl"], r["resolution"]) for r in fwd} == {
+    (role, impl, res)
+    for role, impl in (("teacher", "xla"), ("teacher", "blocked"), ("student", None))
+    for res in (32, 64)
   }
   for r in fwd:
     assert {"device_kind", "jax_version", "dtype", "attention_impl", "batch"} <= set(r)
     assert "peak_bytes" in r  # None on CPU, which reports no memory stats
-    positive(r, "img_per_s", "latency_ms", "compile_s", "flops_per_image", "batch")
+    positive(r, "img_per_s", "latency_ms", "compile_s", "flops_per_image", "batch", "matmul_pct")
+  # The PyTorch peers (torch and transformers are test extras): HF's ViT counts as a teacher,
+  # our PyTorch Adventurer as a peer; each has the FLOPs of the JAX model it matches.
+  assert {(r["model"], r["role"], r["resolution"]) for r in peers} == {
+    (name, role, res)
+    for name, role in (("ViT-Ti/16 (PyTorch)", "teacher"), ("Adventurer-Ti/16 (PyTorch)", "peer"))
+    for res in (32, 64)
+  }
+  for r in peers:
+    positive(r, "img_per_s", "latency_ms", "flops_per_image", "matmul_pct")
+    same = "teacher" if r["role"] == "teacher" else "student"
+    jax_row = next(f for f in fwd if (f["role"], f["resolution"]) == (same, r["resolution"]))
+    assert r["flops_per_image"] == jax_row["flops_per_image"]
   (step,) = [r for r in data["rows"] if r["kind"] == "train_step"]
   positive(step, "img_per_s", "latency_ms", "flops_per_image")
   sup = [r for r in data["rows"] if r["kind"] == "supervised_step"]
   # Both resolutions run: the donated step state must not take the model's arrays with it.
-  assert {(r["role"], r["resolution"], r["batch"]) for r in sup} == {
-    (role, res, 2) for role in ("teacher", "student") for res in (32, 64)
+  assert {(r["attention_impl"], r["resolution"], r["batch"]) for r in sup} == {
+    (impl, res, 2) for impl in ("xla", "blocked", None) for res in (32, 64)
   }
+  same_model = lambda f, r: (
+    (f["role"], f["attention_impl"], f["resolution"])
+    == (
+      r["role"],
+      r["attention_impl"],
+      r["resolution"],
+    )
+  )
   for r in sup:  # forward + backward + update: more FLOPs than the forward alone
     positive(r, "img_per_s", "latency_ms", "flops_per_image", "compiled_bytes")
-    (fwd_row,) = [f for f in fwd if (f["role"], f["resolution"]) == (r["role"], r["resolution"])]
+    (fwd_row,) = [f for f in fwd if same_model(f, r)]
     assert r["flops_per_image"] > 2 * fwd_row["flops_per_image"]
   seg = [r for r in data["rows"] if r["kind"] == "segment"]
-  assert {(r["role"], r["resolution"]) for r in seg} == {
-    (role, res) for role in ("teacher", "student") for res in (32, 64)
+  assert {(r["attention_impl"], r["resolution"]) for r in seg} == {
+    (impl, res) for impl in ("xla", "blocked", None) for res in (32, 64)
   }
   for r in seg:  # backbone + UperNet: more FLOPs than the backbone's forward
     positive(r, "img_per_s", "flops_per_image")
-    (fwd_row,) = [f for f in fwd if (f["role"], f["resolution"]) == (r["role"], r["resolution"])]
+    (fwd_row,) = [f for f in fwd if same_model(f, r)]
     assert r["flops_per_image"] > fwd_row["flops_per_image"]
   assert [s["resolution"] for s in data["segment_speedups"]] == [32, 64]
   assert (out / "bench_segment.png").stat().st_size > 0
@@ -144,6 +170,14 @@ def test_smoke_run_writes_json_and_plot(tmp_path):
   assert [s["resolution"] for s in data["speedups"]] == [32, 64]
   for s in data["speedups"]:
     positive(s, "speedup", "flop_ratio")
+    teachers = [
+      r for r in fwd + peers if r["role"] == "teacher" and r["resolution"] == s["resolution"]
+    ]
+    fastest = max(teachers, key=lambda r: r["img_per_s"])
+    assert (s["teacher_model"], s["teacher_attention"]) == (
+      fastest["model"],
+      fastest["attention_impl"],
+    )
   assert os.path.isfile(out / "bench.json")
 
 
@@ -151,8 +185,19 @@ def test_parts_ssd_times_the_kernels_alone(tmp_path):
   """`parts=ssd`: only SSD rows; on this CPU the Pallas impls are skipped with the reason."""
   result = bench.run(bench_config.get_config("smoke,parts=ssd"), str(tmp_path))
   kinds = {r["kind"] for r in result["rows"]}
-  assert kinds == {"ssd"} and result["speedups"] == []
+  assert kinds == {"matmul", "ssd"} and result["speedups"] == []
   skipped = {r["impl"]: r["skipped"] for r in result["rows"] if "skipped" in r}
   assert skipped == {"pallas_tpu": "needs a TPU", "pallas_gpu": "needs a GPU"}
   with pytest.raises(ValueError, match="kernels"):
     bench.run(bench_config.get_config("smoke,parts=kernels"), str(tmp_path))
+
+
+def test_matmul_fractions_are_shares_of_the_measured_rate():
+  rows = [
+    dict(kind="forward", flops_per_image=2e9, img_per_s=10.0),  # 20 GFLOP/s
+    dict(kind="ssd", tflop_per_s=0.5),
+    dict(kind="forward", error="MemoryError"),
+  ]
+  bench_results.matmul_fractions(rows, 1e12)
+  assert rows[0]["matmul_pct"] == pytest.approx(2.0) and rows[1]["matmul_pct"] == 50.0
+  assert "matmul_pct" not in rows[2]

@@ -27,6 +27,7 @@ TIERS = {
   "linearizer.export": 4,
   "linearizer.losses": 5,
   "linearizer.bench_results": 5,
+  "linearizer.bench_torch": 5,
   "linearizer.optim": 5,
   "linearizer.data": 5,
   "linearizer.segdata": 5,
@@ -117,7 +118,8 @@ def test_every_library_module_has_a_tier():
 
 # The one lazy import, and why: `linearizer.load_student` is resolved on first use (PEP 562)
 # so that `import linearizer.cpu_malloc`, which main.py runs before JAX loads, stays light.
-LAZY = {("linearizer", "linearizer.export")}
+# And the benchmark's PyTorch peers, imported only where torch is installed (an extra).
+LAZY = {("linearizer", "linearizer.export"), ("linearizer.bench", "linearizer.bench_torch")}
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
