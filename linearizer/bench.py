@@ -117,6 +117,9 @@ def settings(config):
     attention=tuple(b.attention_impls)
     or (("xla", "cudnn", "blocked") if jax.default_backend() == "gpu" else ("xla", "blocked")),
     matmul_size=b.matmul_size or (8192 if accel else 2048),
+    # The distillation step's teacher attention: what a run picks by default (None: XLA, or
+    # 'blocked' on a CPU from ViTConfig.blocked_attention_tokens on); cuDNN on a GPU.
+    train_attention="cudnn" if jax.default_backend() == "gpu" else None,
     pytorch=b.pytorch,
     train_resolution=b.train_resolution,
     train_batch=b.train_batch or (64 if accel else 2),
@@ -158,11 +161,15 @@ def build_pair(config, s, attention_impl, num_classes=0):
   return teacher, student
 
 
-def measure_matmul(n: int, dtype: str, repeats: int, meta: dict) -> dict:
-  """The device's matmul rate: an (n, n) @ (n, n) product in `dtype`, 2n³ FLOPs a call."""
+def measure_matmul(n: int, dtype: str, calls: int, meta: dict) -> dict:
+  """The device's matmul rate: an (n, n) @ (n, n) product in `dtype`, 2n³ FLOPs a call.
+  A ceiling, so the fastest of `calls` calls after three warm-ups (a CPU's first calls
+  run at half speed while its clock rises)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
   compiled, compile_s, _, _ = compile_fn(jax.jit(jnp.matmul), (a, a))
-  seconds = time_compiled(compiled, (a, a), repeats)
+  for _ in range(3):
+    jax.block_until_ready(compiled(a, a))
+  seconds = min(time_compiled(compiled, (a, a), 1) for _ in range(calls))
   return dict(meta, kind="matmul", n=n, ms=1e3 * seconds, flop_per_s=2 * n**3 / seconds)
 
 
@@ -282,7 +289,7 @@ def largest_batch(model, res, start, limit):
 
 def measure_train_step(config, s, meta, peak):
   """The real distillation step at the training resolution: teacher frozen, student trained."""
-  teacher, student = build_pair(config, s, s["attention"][-1])
+  teacher, student = build_pair(config, s, s["train_attention"])
   distiller = distill.Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(2))
   # The config's distillation settings; AM compares at most one level per block of the
   # shallower model (smoke), on a copy: the config itself is never written.
@@ -312,7 +319,7 @@ def measure_train_step(config, s, meta, peak):
     model=f"distill {s['teacher']} -> {s['student']}",
     role="pair",
     variant=s["student"],
-    attention_impl=s["attention"][-1],
+    attention_impl=s["train_attention"],
     resolution=res,
   )
 
@@ -467,10 +474,13 @@ def segment_rows(config, s, base, peak):
 
 
 def fill_teacher_flops(rows, kind, peak, roles=("teacher",)):
-  """XLA counts no FLOPs inside custom calls (cuDNN attention), and a PyTorch peer has none:
-  every impl does the same math, so a row of `roles` without FLOPs takes those of another
-  row of the same roles at its resolution."""
+  """XLA counts no FLOPs inside custom calls (cuDNN attention) and a loop's body once (the
+  blocked attention), and a PyTorch peer has none: every impl does the same math, so such
+  a row of `roles` takes the FLOPs of another row of the same roles at its resolution."""
   timed = [r for r in rows if r["kind"] == kind and r["role"] in roles and "img_per_s" in r]
+  for r in timed:
+    if r.get("attention_impl") == "blocked":
+      r["flops_per_image"] = r["mfu"] = None
   for res in {r["resolution"] for r in timed}:
     same = [r for r in timed if r["resolution"] == res]
     flops = next((r["flops_per_image"] for r in same if r.get("flops_per_image")), None)
@@ -525,7 +535,7 @@ def run(config, workdir):
   out_dir = os.path.join(workdir, "bench")  # the stage's own folder, like every stage
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
-  rows = [measure_matmul(s["matmul_size"], s["dtype"], s["repeats"], base)]
+  rows = [measure_matmul(s["matmul_size"], s["dtype"], max(10, s["repeats"]), base)]
   log(f"[bench] matmul {s['matmul_size']}² {s['dtype']}: {rows[0]['flop_per_s'] / 1e9:.0f} GFLOP/s")
   peers = pytorch_peers(s["pytorch"])
 

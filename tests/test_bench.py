@@ -118,6 +118,10 @@ def test_smoke_run_writes_json_and_plot(tmp_path):
     assert {"device_kind", "jax_version", "dtype", "attention_impl", "batch"} <= set(r)
     assert "peak_bytes" in r  # None on CPU, which reports no memory stats
     positive(r, "img_per_s", "latency_ms", "compile_s", "flops_per_image", "batch", "matmul_pct")
+  # Blocked attention does the plain attention's math: its FLOPs are the xla row's (XLA's own
+  # count sees the loop's body once).
+  by_impl = {(r["attention_impl"], r["resolution"]): r["flops_per_image"] for r in fwd}
+  assert all(by_impl["blocked", res] == by_impl["xla", res] for res in (32, 64))
   # The PyTorch peers (torch and transformers are test extras): HF's ViT counts as a teacher,
   # our PyTorch Adventurer as a peer; each has the FLOPs of the JAX model it matches.
   assert {(r["model"], r["role"], r["resolution"]) for r in peers} == {
