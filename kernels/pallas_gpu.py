@@ -78,6 +78,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels import limits
+
 __all__ = ["ssd_pallas_gpu", "unsupported_reason"]
 
 _f32 = jnp.float32
@@ -111,7 +113,18 @@ def unsupported_reason(x_shape, B_shape, chunk_size, dtype):
       )
   if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= MIN_DIM):
     return f"chunk_size = {chunk_size!r} must be an int >= {MIN_DIM} (Triton dot dims)"
-  return None
+  batch, L, H, _ = x_shape
+  Q = _chunk_len(chunk_size, L)
+  Lp = -(-L // Q) * Q
+  return limits.int32_overflow_reason(
+    "pallas_gpu",
+    {
+      "x": (batch, Lp, H, P),
+      "B": (batch, Lp, B_shape[2], S),
+      "saved states": (batch, H, Lp // Q * P, S),
+      "per-head dB": (batch, Lp, H, S),
+    },
+  )
 
 
 def _chunk_len(chunk_size, L):

@@ -63,6 +63,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import limits
+
 __all__ = ["ssd_pallas_tpu", "unsupported_reason"]
 
 _f32 = jnp.float32
@@ -102,7 +104,18 @@ def unsupported_reason(x_shape, B_shape, chunk_size, dtype):
   for name, n in (("headdim P", P), ("d_state S", S)):
     if n % 8 or n > MAX_DIM:
       return f"pallas_tpu: {name} = {n} must be a multiple of 8 and at most {MAX_DIM}"
-  return None
+  batch, L = x_shape[:2]
+  Q = min(int(chunk_size), -(-L // m) * m)  # as ssd_pallas_tpu pads
+  Lp = -(-L // Q) * Q
+  return limits.int32_overflow_reason(
+    "pallas_tpu",
+    {
+      "x": (batch, H, Lp, P),
+      "B": (batch, G, Lp, S),
+      "saved states": (batch, Lp // Q, H, P, S),
+      "per-head dB": (batch, H, Lp, S),
+    },
+  )
 
 
 # ---------------------------------------------------------------- in-kernel helpers

@@ -281,3 +281,26 @@ def test_pallas_impl_refuses_unsupported_shapes_by_name(impl):
   inputs["x"] = np.zeros((BATCH, 20, H, 12), np.float32)  # headdim 12
   with pytest.raises(ValueError, match="headdim"):
     ssd(**inputs, chunk_size=16, impl=impl, interpret=True)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_pallas_kernels_refuse_shapes_past_int32_offsets(backend):
+  """Shapes only, never run: an array past 2³¹ - 1 elements would be indexed at wrapped
+  int32 offsets (silently wrong output, state-spaces/mamba#1015), so the kernel refuses it
+  by name and impl='auto' takes the XLA scan."""
+  from kernels import pallas_gpu, pallas_tpu, pick_impl
+
+  unsupported = {"tpu": pallas_tpu, "gpu": pallas_gpu}[backend].unsupported_reason
+  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+  # 64 tokens (one chunk), 16 heads of 64: x holds batch · 2¹⁶ elements, the largest array.
+  fits, past = shape(32767, 64, 16, 64), shape(32768, 64, 16, 64)
+  groups = lambda x: shape(x.shape[0], 64, 1, 16)
+  assert unsupported(fits.shape, groups(fits).shape, 64, jnp.bfloat16) is None
+  reason = unsupported(past.shape, groups(past).shape, 64, jnp.bfloat16)
+  assert "x (" in reason and "2,147,483,648 elements" in reason and "int32" in reason
+  assert pick_impl(fits, groups(fits), 64, backend=backend) == f"pallas_{backend}"
+  assert pick_impl(past, groups(past), 64, backend=backend) == "xla"
+  # Adventurer-B/16 at 2048² (16,386 tokens, 24 heads): batch 32 fits, 128 does not.
+  adv = lambda b: (shape(b, 16386, 24, 64), shape(b, 16386, 1, 64))
+  assert pick_impl(*adv(32), 64, backend=backend) == f"pallas_{backend}"
+  assert pick_impl(*adv(128), 64, backend=backend) == "xla"
