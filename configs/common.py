@@ -368,8 +368,8 @@ def bench(**overrides) -> ml_collections.ConfigDict:
       attention_impls=(),  # ViT attention impls; () = xla and blocked (+ cudnn on GPU)
       matmul_size=0,  # side of the square matmul timed as the device's rate; 0 = 8192 on
       # accelerators, 2048 on CPU
-      pytorch=None,  # PyTorch peer rows (HF ViT with SDPA, PyTorch Adventurer): None = where
-      # torch and transformers are installed; True = required; False = never
+      pytorch=True,  # PyTorch peer rows (HF ViT with SDPA, PyTorch Adventurer) where torch
+      # and transformers are installed; False: never
       train_resolution=224,  # the distillation train step's resolution
       train_batch=0,  # 0 = 64 on accelerators, 2 on CPU
       max_batch=None,  # search the largest batch that fits; None = accelerators only

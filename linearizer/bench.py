@@ -173,16 +173,14 @@ def measure_matmul(n: int, dtype: str, calls: int, meta: dict) -> dict:
   return dict(meta, kind="matmul", n=n, ms=1e3 * seconds, flop_per_s=2 * n**3 / seconds)
 
 
-def pytorch_peers(wanted):
-  """`linearizer.bench_torch` where torch and transformers are installed and `wanted` (None:
-  whenever they are); else None. Imported only then: torch is an optional extra."""
-  installed = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
-  if wanted and not installed:
-    raise UserError(
-      "bench.pytorch=True needs torch and transformers: pip install -r requirements-torch.txt "
-      "transformers (or set bench.pytorch=None to skip the PyTorch rows where they are absent)."
-    )
-  if not installed or wanted is False:
+def pytorch_peers(wanted: bool):
+  """`linearizer.bench_torch` where torch and transformers are installed and `wanted`; else
+  None. Imported only then: torch is an optional extra."""
+  if not wanted:
+    return None
+  missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+  if missing:
+    log(f"[bench] no PyTorch rows: {' and '.join(missing)} not installed (requirements-torch.txt)")
     return None
   return importlib.import_module("linearizer.bench_torch")
 

@@ -5,6 +5,11 @@ and forward+backward at 2048² on a CPU, batch 1, within memory (all slow: -m sl
 Figures (this 2-core CPU) are in docs/benchmarks.md, "2048²".
 """
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,11 +65,12 @@ def test_bfloat16_drift_at_16k_tokens_stays_at_bfloat16_rounding(long_inputs):
   assert err.max() < 2e-2 and last < 2 * first + 1e-3
 
 
-@pytest.mark.parametrize("variant", ["Ti/16", "B/16"])
-def test_student_forward_and_backward_at_2048(variant):
+def forward_and_backward_at_2048(variant: str, remat: bool) -> None:
   """Batch 1 at 2048²: finite tokens and gradients, the compiled training program inside
   this machine's memory (24 GiB)."""
-  model = models.build("adventurer", variant, image_size=2048, num_classes=0, chunk_size=64)
+  model = models.build(
+    "adventurer", variant, image_size=2048, num_classes=0, chunk_size=64, remat=remat
+  )
   graphdef, state = nnx.split(model)
   images = jax.random.uniform(jax.random.key(0), (1, 2048, 2048, 3))
   loss = lambda st: jnp.mean(nnx.merge(graphdef, st)(images).tokens ** 2)
@@ -73,8 +79,32 @@ def test_student_forward_and_backward_at_2048(variant):
   step = jax.jit(jax.value_and_grad(loss)).lower(state).compile()
   memory = step.memory_analysis()
   held = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-  print(f"Adventurer-{variant} fwd+bwd at 2048²: {held / 2**30:.2f} GiB compiled")
+  print(f"Adventurer-{variant} fwd+bwd at 2048² (remat={remat}): {held / 2**30:.2f} GiB compiled")
   assert held < 16 * 2**30
   value, g = step(state)
   assert np.isfinite(float(value))
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g))
+
+
+def test_tiny_student_forward_and_backward_at_2048():
+  forward_and_backward_at_2048("Ti/16", remat=False)  # 14.6 GiB as it is
+
+
+def test_base_student_forward_and_backward_at_2048_with_remat():
+  """B/16 would keep 43 GiB of activations, so it recomputes them (remat), in a process
+  whose XLA:CPU uses the memory-minimising scheduler: the default one, which optimises for
+  concurrency, keeps the recomputed activations alive anyway (41 GiB). The flag must be
+  set before JAX starts, hence the process."""
+  flags = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+  )
+  code = "import test_long_sequences as t; t.forward_and_backward_at_2048('B/16', remat=True)"
+  run = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=pathlib.Path(__file__).parent,
+    env=dict(os.environ, XLA_FLAGS=flags),
+    capture_output=True,
+    text=True,
+  )
+  print(run.stdout)
+  assert run.returncode == 0, run.stderr[-3000:]

@@ -587,6 +587,25 @@ def test_drop_path_train_vs_eval():
   np.testing.assert_allclose(e1, np.broadcast_to(e1[:1], e1.shape), rtol=1e-6, atol=1e-6)
 
 
+def test_remat_recomputes_the_same_values_and_gradients():
+  """remat=True changes what the backward keeps, not what it computes: the same loss and
+  gradients, drop path's draws included."""
+  x = images(2)
+
+  def value_and_grads(remat):
+    model = tiny_student(depth=3, drop_path=0.5, remat=remat)
+    return nnx.value_and_grad(lambda m: jnp.sum(m(x, train=True).tokens ** 2))(model)
+
+  (v0, g0), (v1, g1) = value_and_grads(False), value_and_grads(True)
+  assert float(v0) == float(v1)
+  for remat in (False, True):  # the branches are checkpointed only when asked
+    graphdef, state = nnx.split(tiny_student(remat=remat))
+    program = str(jax.make_jaxpr(lambda st: nnx.merge(graphdef, st)(x).tokens)(state))
+    assert ("remat" in program) == remat
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------------
 # 8. Initialisation (method.md §5–6)
 # ------------------------------------------------------------------------------------------
@@ -760,6 +779,7 @@ VIT_FIELDS = dict(width=192, depth=2, num_heads=3, mlp_dim=768, patch=8)
     (AdventurerConfig, ADVENTURER_FIELDS, dict(ssd_impl="nope"), ("ssd_impl",)),
     (AdventurerConfig, ADVENTURER_FIELDS, dict(chunk_size=0), ("chunk_size",)),
     (AdventurerConfig, ADVENTURER_FIELDS, dict(chunk_size=-16), ("chunk_size",)),
+    (AdventurerConfig, ADVENTURER_FIELDS, dict(remat="yes"), ("remat",)),
     (ViTConfig, VIT_FIELDS, dict(style="nope"), ("style",)),
     (ViTConfig, VIT_FIELDS, dict(num_heads=5), ("num_heads", "width")),  # 192 % 5 = 2
   ],
@@ -779,7 +799,7 @@ def test_config_validation(config, fields, bad, names):
       make()
     assert all(name in str(e.value) for name in names), str(e.value)
   # Good values of the same fields pass.
-  ok = {"ssd_impl": "reference", "chunk_size": 16, "style": "clip", "num_heads": 6}
+  ok = {"ssd_impl": "reference", "chunk_size": 16, "style": "clip", "num_heads": 6, "remat": True}
   assert dataclasses.replace(good, **{k: ok[k] for k in bad}) != good
 
 

@@ -50,6 +50,7 @@ RUN_TIME_FIELDS = (
   "ssd_interpret",
   "chunk_size",
   "drop_path",
+  "remat",
   "image_size",
 )
 
