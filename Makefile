@@ -6,7 +6,7 @@
 # The environment is built once and rebuilt only when the pins change. Each install step
 # leaves a stamp file in $(VENV) named after the hash of the files it installed from:
 #   .stamp-runtime-<hash of requirements.txt + requirements-nodeps.txt>
-#   .stamp-test-<hash of requirements-test.txt + the torch and onnx extras' files>
+#   .stamp-test-<hash of requirements-test*.txt + the torch and onnx extras' files>
 # A stamp with the current hash means that step is done (a second `make test` installs
 # nothing); a change of pins changes the name, so the step runs again (by content, not
 # mtime: a git checkout that leaves the pins as they were reinstalls nothing). A change of runtime
@@ -34,7 +34,8 @@ PIP := $(BIN)/pip install -q --disable-pip-version-check
 hash = $(shell cat $(1) | $(PYTHON) -c \
   "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:16])")
 RUNTIME_PINS := requirements.txt requirements-nodeps.txt
-TEST_PINS := requirements-test.txt requirements-torch.txt requirements-onnx.txt
+TEST_PINS := requirements-test.txt requirements-torch.txt requirements-onnx.txt \
+  requirements-test-nodeps.txt
 RUNTIME_STAMP := $(VENV)/.stamp-runtime-$(call hash,$(RUNTIME_PINS))
 TEST_STAMP := $(VENV)/.stamp-test-$(call hash,$(TEST_PINS))
 EDITABLE_STAMP := $(VENV)/.stamp-editable
@@ -76,7 +77,8 @@ $(RUNTIME_STAMP):
 # than replacing a runtime pin).
 $(TEST_STAMP): $(RUNTIME_STAMP)
 	rm -f $(VENV)/.stamp-test-*
-	$(PIP) -r requirements.txt $(foreach f,$(TEST_PINS),-r $(f))
+	$(PIP) -r requirements.txt $(foreach f,$(filter-out %-nodeps.txt,$(TEST_PINS)),-r $(f))
+	$(PIP) --no-deps -r requirements-test-nodeps.txt
 	touch $@
 
 $(EDITABLE_STAMP): pyproject.toml $(RUNTIME_STAMP)

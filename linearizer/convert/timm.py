@@ -2,15 +2,19 @@
 
 timm's CLIP towers are told by their `norm_pre` (style 'clip'); timm runs them with exact
 GELU (only its `*_clip_quickgelu_*` models use QuickGELU), so they load with
-activation='gelu' and a warning that it is a guess. num_heads is not in the weights:
-width // 64 unless overridden (ViT-H needs 16).
+activation='gelu' and a warning that it is a guess. Its DINOv2 models bring LayerScale
+(`ls1.gamma`) and, with registers, `reg_token` and a position embedding without a CLS
+slot (no_embed_class: the CLS token gets none, so ours gets a zero slot). Its SigLIP towers
+have no CLS token and an attention-pool head (`attn_pool`: pool='map', style 'siglip', run
+with exact GELU as timm does). num_heads is not in the weights: width // 64 unless
+overridden (ViT-H needs 16).
 """
 
 import pathlib
 
 from linearizer.convert import big_vision
 from linearizer.convert.match import VIT_FIXED, Spec, _depth, _grid_size, _need, _vit_fields
-from linearizer.convert.tensors import CONV, SAME, _linear, _ln, read_tensors
+from linearizer.convert.tensors import CONV, POS_NO_CLS, SAME, _linear, _ln, read_tensors
 
 CLIP_GELU = (
   "timm runs its CLIP towers (e.g. vit_base_patch16_clip_224.openai_ft_in1k) with exact "
@@ -28,7 +32,11 @@ def read(path: pathlib.Path) -> Spec:
   pos = _need(t, "pos_embed", "the image size")
   head = t.get("head.weight")
   width, patch = patch_w.shape[0], patch_w.shape[-1]
-  style = "clip" if "norm_pre.weight" in t else "timm"  # timm's CLIP: norm_pre, no conv bias
+  has_cls, has_map = "cls_token" in t, "attn_pool.latent" in t
+  # timm's CLIP: norm_pre, no conv bias; its SigLIP: no CLS, attention pool
+  style = "clip" if "norm_pre.weight" in t else "siglip" if has_map and not has_cls else "timm"
+  slots = pos.shape[1]
+  pos_has_cls = has_cls and round((slots - 1) ** 0.5) ** 2 == slots - 1  # else no_embed_class
   fields = _vit_fields(
     style,
     width,
@@ -36,7 +44,7 @@ def read(path: pathlib.Path) -> Spec:
     width // 64,
     _need(t, "blocks.0.mlp.fc1.weight", "the MLP width").shape[0],
     patch,
-    _grid_size(pos.shape[1] - 1, patch, "pos_embed"),
+    _grid_size(slots - pos_has_cls, patch, "pos_embed"),
     0 if head is None else head.shape[0],
     head_bias="head.bias" in t,
     activation="gelu",  # timm's, for both styles (see the docstring)
@@ -44,20 +52,38 @@ def read(path: pathlib.Path) -> Spec:
   # timm resamples position embeddings (checkpoint_filter_fn, dynamic_img_size) through
   # resample_abs_pos_embed, whose default is antialias=True.
   fields["pos_interpolation"] = "bicubic_antialias"
+  fields.update(
+    cls_token=has_cls,
+    pool="map" if has_map else "cls" if has_cls else "gap",
+    registers=t["reg_token"].shape[1] if "reg_token" in t else 0,
+    layer_scale=1.0 if "blocks.0.ls1.gamma" in t else None,  # timm's init_values for DINOv2
+  )
   b = "blocks.{i}."
   table = {
     **_linear("patch_embed", "patch_embed.proj", CONV),
     "cls_token": (("cls_token",), SAME),
-    "pos_embed": (("pos_embed",), SAME),
+    "register_tokens": (("reg_token",), SAME),
+    "pos_embed": (("pos_embed",), SAME if pos_has_cls or not has_cls else POS_NO_CLS),
     **_ln("ln_pre", "norm_pre"),
     **_ln(b + "norm1", b + "norm1"),
     **_linear(b + "attn.qkv", b + "attn.qkv"),
     **_linear(b + "attn.proj", b + "attn.proj"),
+    b + "ls1": ((b + "ls1.gamma",), SAME),
     **_ln(b + "norm2", b + "norm2"),
     **_linear(b + "fc1", b + "mlp.fc1"),
     **_linear(b + "fc2", b + "mlp.fc2"),
+    b + "ls2": ((b + "ls2.gamma",), SAME),
     **_ln("norm", "norm"),
     **_linear("head", "head"),
+    # timm's AttentionPoolLatent: a latent query, fused kv (keys first), as our MAPHead
+    "map_head.probe": (("attn_pool.latent",), SAME),
+    **_linear("map_head.q", "attn_pool.q"),
+    **_linear("map_head.kv", "attn_pool.kv"),
+    **_linear("map_head.proj", "attn_pool.proj"),
+    **_ln("map_head.norm", "attn_pool.norm"),
+    **_linear("map_head.fc1", "attn_pool.mlp.fc1"),
+    **_linear("map_head.fc2", "attn_pool.mlp.fc2"),
   }
   guesses = {"activation": CLIP_GELU} if style == "clip" else {}
-  return Spec("vit", fields, table, t, fixed=VIT_FIXED, guesses=guesses)  # heads: not shown
+  fixed = (*VIT_FIXED, "cls_token", "registers", *(("pool",) if has_map else ()))
+  return Spec("vit", fields, table, t, fixed=fixed, guesses=guesses)  # heads: not shown

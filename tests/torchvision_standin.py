@@ -1,0 +1,59 @@
+"""An import-only stand-in for torchvision, for timm in this environment.
+
+timm imports torchvision at module level (its data transforms, `FrozenBatchNorm2d`, a few
+layers), and this environment's torch (2.13+cpu) has no torchvision build, so timm is
+installed without its dependencies (requirements-test-nodeps.txt) and `install()` answers
+those imports with modules whose every name is an inert class. No Vision Transformer code
+path calls them: the tests run timm's own model classes, untouched. Where a real
+torchvision is importable, `install()` does nothing.
+"""
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+
+class _Inert(type):
+  """A class whose every attribute is another inert class (enums, nested namespaces)."""
+
+  def __getattr__(cls, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return _inert(name)
+
+
+def _inert(name):
+  return _Inert(name, (), {"__init__": lambda self, *a, **k: None})
+
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  def find_spec(self, name, path, target=None):
+    if name == "torchvision" or name.startswith("torchvision."):
+      return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    return None
+
+  def create_module(self, spec):
+    module = types.ModuleType(spec.name)
+    module.__path__ = []
+
+    def attribute(name):
+      if name.startswith("__"):
+        raise AttributeError(name)
+      return _inert(name)
+
+    module.__getattr__ = attribute
+    return module
+
+  def exec_module(self, module):
+    pass
+
+
+def install() -> bool:
+  """Puts the stand-in in front of the import system unless torchvision is installed;
+  returns whether it did."""
+  if importlib.util.find_spec("torchvision") is not None:
+    return False
+  sys.meta_path.insert(0, _Finder())
+  return True
