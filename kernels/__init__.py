@@ -34,6 +34,8 @@ __all__ = [
   "Implementation",
   "pick_impl",
   "platform_name",
+  "chunk_for",
+  "CHUNK_TABLE",
 ]
 
 # An array argument: a jax.Array or a NumPy array (anything with .shape and .dtype).
@@ -54,6 +56,22 @@ _PALLAS = {
   "tpu": ("pallas_tpu", pallas_tpu.unsupported_reason),
   "gpu": ("pallas_gpu", pallas_gpu.unsupported_reason),
 }
+
+
+# chunk_size=0: the chunk measured fastest for impl='xla' on the backend, by sequence length:
+# rows (longest L, chunk), the first that covers L wins; a backend nobody has measured
+# keeps 256. CPU (2 cores, fwd+bwd, docs/benchmarks.md "Chunk sweep"): 64 was fastest or
+# tied at L = 51, 198, 1026 and 4098, where 256 took 1.2-3.2x as long.
+CHUNK_TABLE = {"cpu": ((None, 64),)}
+UNMEASURED_CHUNK = 256
+
+
+def chunk_for(length: int, backend: str | None = None) -> int:
+  """The table's chunk for a sequence of `length` tokens on `backend` (default: JAX's)."""
+  for longest, chunk in CHUNK_TABLE.get(platform_name(backend), ()):
+    if longest is None or length <= longest:
+      return chunk
+  return UNMEASURED_CHUNK
 
 
 def platform_name(name: str | None = None) -> str:
@@ -91,8 +109,8 @@ def _check_shapes(x, dt, A, B, C, D, chunk_size):
     bad("C", C.shape, f"the shape of B, {tuple(B.shape)}")
   if D is not None and tuple(D.shape) != (H,):
     bad("D", D.shape, f"(H,) = {(H,)} or None")
-  if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= 1):
-    raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
+  if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= 0):
+    raise ValueError(f"ssd: chunk_size must be a positive int or 0 (the table), got {chunk_size!r}")
 
 
 def ssd(
@@ -115,7 +133,8 @@ def ssd(
     A: (H,) negative decay rates.
     B, C: (batch, L, G, S) with H % G == 0 (head h uses group h // (H // G)).
     D: (H,) skip weights, or None for no skip term.
-    chunk_size: tokens per chunk of the chunked impls (L need not be a multiple).
+    chunk_size: tokens per chunk of the chunked impls (L need not be a multiple); 0 takes
+      `chunk_for(L)`, the measured table's (CHUNK_TABLE).
     impl: which implementation runs (see the module docstring); "auto" picks the
       backend's Pallas kernel when it takes these shapes, else "xla".
     interpret: run Pallas kernels in interpret mode (for CPU tests); others ignore it.
@@ -131,6 +150,7 @@ def ssd(
   if impl not in IMPLS and impl != "auto":
     raise ValueError(f"ssd: unknown impl={impl!r}; choose one of {sorted([*IMPLS, 'auto'])}")
   _check_shapes(x, dt, A, B, C, D, chunk_size)
+  chunk_size = chunk_size or chunk_for(x.shape[1])
   if impl == "auto":
     impl = pick_impl(x, B, chunk_size)
   platform = impl.partition("_")[2]  # 'tpu' / 'gpu' for the Pallas impls

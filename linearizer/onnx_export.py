@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import kernels
 from linearizer import models
 from linearizer.errors import MissingPathError, UserError
 from linearizer.models import common, saved
@@ -368,7 +369,7 @@ def _ssd(g: _Graph, cfg, x, dt, a, b, c, skip, length: int) -> str:
   `kernels.reference._segsum`: no differences of long sums), in place of xla's scan.
   """
   hd, p, s = cfg.expand * cfg.width // cfg.headdim, cfg.headdim, cfg.d_state
-  q = min(cfg.chunk_size, length)
+  q = min(cfg.chunk_size or kernels.chunk_for(length, "cpu"), length)  # ONNX Runtime: a CPU
   nc = math.ceil(length / q)
   x_in, pad = x, nc * q - length
   if pad:  # padded tokens have dt = 0: decay 1, input 0, so they change nothing

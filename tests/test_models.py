@@ -777,7 +777,7 @@ VIT_FIELDS = dict(width=192, depth=2, num_heads=3, mlp_dim=768, patch=8)
   "config,fields,bad,names",
   [
     (AdventurerConfig, ADVENTURER_FIELDS, dict(ssd_impl="nope"), ("ssd_impl",)),
-    (AdventurerConfig, ADVENTURER_FIELDS, dict(chunk_size=0), ("chunk_size",)),
+    (AdventurerConfig, ADVENTURER_FIELDS, dict(chunk_size=2.5), ("chunk_size",)),
     (AdventurerConfig, ADVENTURER_FIELDS, dict(chunk_size=-16), ("chunk_size",)),
     (AdventurerConfig, ADVENTURER_FIELDS, dict(remat="yes"), ("remat",)),
     (ViTConfig, VIT_FIELDS, dict(style="nope"), ("style",)),

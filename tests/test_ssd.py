@@ -250,7 +250,21 @@ def test_errors():
     with pytest.raises(ValueError, match=rf"ssd: {name} has shape {shape}, expected"):
       ssd(**{**inp, name: value})
   with pytest.raises(ValueError, match="chunk_size"):
-    ssd(**inp, chunk_size=0)
+    ssd(**inp, chunk_size=-1)
+
+
+def test_chunk_size_0_takes_the_measured_table():
+  """chunk_size=0: CHUNK_TABLE's chunk for the backend and length (64 on a CPU, every
+  length measured), 256 on a backend nobody measured; the same output as asking for it."""
+  from kernels import CHUNK_TABLE, chunk_for
+
+  assert CHUNK_TABLE["cpu"] == ((None, 64),)
+  assert chunk_for(51, "cpu") == chunk_for(16386, "cpu") == 64
+  assert chunk_for(4098, "gpu") == chunk_for(4098, "tpu") == 256
+  inputs = make_inputs(150, 1)
+  np.testing.assert_array_equal(
+    ssd(**inputs, chunk_size=0, impl="xla"), ssd(**inputs, chunk_size=64, impl="xla")
+  )
 
 
 def test_auto_picks_the_backends_pallas_kernel_when_it_takes_the_shapes():

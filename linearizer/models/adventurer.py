@@ -52,7 +52,8 @@ class AdventurerConfig:
   headdim: int = 64
   expand: int = 2
   mlp_ratio: float = 2.5
-  chunk_size: int = 256
+  chunk_size: int = 0  # tokens per SSD chunk; 0: kernels.CHUNK_TABLE's for the backend and
+  # length (64 on a CPU, 256 where unmeasured)
   ssd_impl: kernels.Implementation = "auto"
   ssd_interpret: bool = False  # run a Pallas ssd_impl in interpret mode (CPU tests, debugging)
   dtype: str = "float32"  # compute dtype of the matmuls; parameters stay float32
@@ -76,8 +77,10 @@ class AdventurerConfig:
       raise UserError(f"ssd_impl={self.ssd_impl!r}; expected one of {list(SSD_IMPLS)}.")
     if not isinstance(self.remat, bool):
       raise UserError(f"remat={self.remat!r}; expected True or False.")
-    if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-      raise UserError(f"chunk_size={self.chunk_size!r}; expected a positive integer.")
+    if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
+      raise UserError(
+        f"chunk_size={self.chunk_size!r}; expected a positive integer, or 0 for the table's."
+      )
     if (self.expand * self.width) % self.headdim:
       raise UserError(
         f"expand*width={self.expand * self.width} is not a multiple of headdim={self.headdim}."

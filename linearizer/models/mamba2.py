@@ -42,7 +42,7 @@ class Mamba2(nnx.Module):
     expand: int = 2,
     ngroups: int = 1,
     d_conv: int = 4,
-    chunk_size: int = 256,
+    chunk_size: int = 0,
     ssd_impl: str = "auto",
     ssd_interpret: bool = False,
     out_proj_scale: float = 1.0,
