@@ -117,9 +117,9 @@ def settings(config):
     attention=tuple(b.attention_impls)
     or (("xla", "cudnn", "blocked") if jax.default_backend() == "gpu" else ("xla", "blocked")),
     matmul_size=b.matmul_size or (8192 if accel else 2048),
-    # The distillation step's teacher attention: what a run picks by default (None: XLA, or
-    # 'blocked' on a CPU from ViTConfig.blocked_attention_tokens on); cuDNN on a GPU.
-    train_attention="cudnn" if jax.default_backend() == "gpu" else None,
+    # The distillation step's teacher attention: what a run picks by default (None: JAX's
+    # choice, or 'blocked' on a CPU from ViTConfig.blocked_attention_tokens on).
+    train_attention=None,
     pytorch=b.pytorch,
     train_resolution=b.train_resolution,
     train_batch=b.train_batch or (64 if accel else 2),

@@ -60,6 +60,8 @@ class AdventurerConfig:
       raise ValueError(
         f"flip_pattern={self.flip_pattern!r}; expected one of {sorted(FLIP_PATTERNS)}."
       )
+    if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+      raise ValueError(f"chunk_size={self.chunk_size!r}; expected a positive integer.")
     if (self.expand * self.width) % self.headdim:
       raise ValueError(
         f"expand*width={self.expand * self.width} is not a multiple of headdim={self.headdim}."
@@ -72,6 +74,8 @@ class AdventurerConfig:
     ignored."""
     known = {f.name for f in dataclasses.fields(cls)}
     kept = {k: tuple(v) if k in ("mean", "std") else v for k, v in fields.items() if k in known}
+    if kept.get("chunk_size") == 0:  # JAX's "the measured table's": here, the default
+      del kept["chunk_size"]
     return cls(**kept)
 
 

@@ -84,6 +84,7 @@ def test_teacher_with_blocked_attention_equals_xla():
   np.testing.assert_allclose(blocked(images).tokens, xla(images).tokens, rtol=0, atol=2e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the switch is a CPU's")
 @pytest.mark.parametrize("threshold,blocked", [(26, True), (27, False)])
 def test_default_switches_to_blocked_from_the_configured_token_count(threshold, blocked):
   """None: 'blocked' on this CPU from blocked_attention_tokens on (26 tokens here), where
@@ -105,3 +106,9 @@ def test_default_switches_to_blocked_from_the_configured_token_count(threshold, 
 def test_bad_attention_settings_are_refused(field, value, message):
   with pytest.raises(UserError, match=message):
     models.vit_config("Ti/16", **{field: value})
+
+
+def test_cross_attention_is_refused():
+  q, k, v, _ = draw((1, 10, 2, 8), seed=3)
+  with pytest.raises(ValueError, match="self-attention"):
+    blocked_attention(q[:, :1], k, v)

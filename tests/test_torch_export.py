@@ -348,3 +348,11 @@ def test_the_module_runs_in_a_fresh_environment_without_jax(exported, reference,
   assert result["torch"].startswith("2.13.0")
   want = np.asarray(jax_forward(reference, x))
   np.testing.assert_allclose(np.asarray(result["logits"]), want, atol=TOL)
+
+
+def test_a_model_json_with_the_table_chunk_reads_as_the_default_chunk():
+  """JAX's chunk_size=0 ("the measured table's") means the torch module's own default."""
+  fields = dataclasses.asdict(models.adventurer_config("Ti/16", chunk_size=0))
+  assert torch_adventurer.AdventurerConfig.from_dict(fields).chunk_size == 256
+  with pytest.raises(ValueError, match="chunk_size"):
+    torch_adventurer.AdventurerConfig(width=32, depth=1, patch=8, chunk_size=0)

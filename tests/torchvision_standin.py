@@ -2,10 +2,10 @@
 
 timm imports torchvision at module level (its data transforms, `FrozenBatchNorm2d`, a few
 layers), and this environment's torch (2.13+cpu) has no torchvision build, so timm is
-installed without its dependencies (requirements-test-nodeps.txt) and `install()` answers
+installed without its dependencies (requirements-test-nodeps.txt) and the stand-in answers
 those imports with modules whose every name is an inert class. No Vision Transformer code
 path calls them: the tests run timm's own model classes, untouched. Where a real
-torchvision is importable, `install()` does nothing.
+torchvision is importable, `import_with_standin` imports plainly.
 """
 
 import importlib.abc
@@ -50,10 +50,18 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     pass
 
 
-def install() -> bool:
-  """Puts the stand-in in front of the import system unless torchvision is installed;
-  returns whether it did."""
-  if importlib.util.find_spec("torchvision") is not None:
-    return False
-  sys.meta_path.insert(0, _Finder())
-  return True
+def import_with_standin(*names: str) -> list:
+  """Imports `names` (None for one not installed) with the stand-in in front of the import
+  system, then takes it away again, its modules too: later imports of torchvision, in any
+  test, find none. Unless torchvision is installed: then plain imports."""
+  finder = None
+  if importlib.util.find_spec("torchvision") is None:
+    finder = _Finder()
+    sys.meta_path.insert(0, finder)
+  try:
+    return [importlib.import_module(n) if importlib.util.find_spec(n) else None for n in names]
+  finally:
+    if finder is not None:
+      sys.meta_path.remove(finder)
+      for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]

@@ -130,13 +130,19 @@ def blocked_attention(q, k, v, *, block_q: int = 512, block_k: int = 256):
   """softmax(q kᵀ / √d) v over all tokens, one (block_q × block_k) tile at a time.
 
   Args:
-    q, k, v: (batch, tokens, heads, head_dim), as `jax.nn.dot_product_attention` takes them.
+    q, k, v: (batch, tokens, heads, head_dim), as `jax.nn.dot_product_attention` takes them;
+      self-attention only (the same shape for all three).
     block_q, block_k: tokens per query and key block (a block longer than the sequence is
       cut to it); the tokens need not be a multiple (the pad is masked).
 
   Returns:
     (batch, tokens, heads, head_dim) in q's dtype; logits and sums in f32, as XLA's.
   """
+  if not q.shape == k.shape == v.shape:
+    raise ValueError(
+      f"blocked_attention is self-attention: q, k, v of one shape, got {q.shape}, {k.shape}, "
+      f"{v.shape}"
+    )
   t = q.shape[1]
   return _attention(q, k, v, min(block_q, t), min(block_k, t))
 
