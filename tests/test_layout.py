@@ -28,6 +28,7 @@ TIERS = {
   "linearizer.losses": 5,
   "linearizer.bench_results": 5,
   "linearizer.bench_torch": 5,
+  "linearizer.scorecard": 5,
   "linearizer.optim": 5,
   "linearizer.data": 5,
   "linearizer.segdata": 5,
