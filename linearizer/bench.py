@@ -117,9 +117,6 @@ def settings(config):
     attention=tuple(b.attention_impls)
     or (("xla", "cudnn", "blocked") if jax.default_backend() == "gpu" else ("xla", "blocked")),
     matmul_size=b.matmul_size or (8192 if accel else 2048),
-    # The distillation step's teacher attention: what a run picks by default (None: JAX's
-    # choice, or 'blocked' on a CPU from ViTConfig.blocked_attention_tokens on).
-    train_attention=None,
     pytorch=b.pytorch,
     train_resolution=b.train_resolution,
     train_batch=b.train_batch or (64 if accel else 2),
@@ -169,7 +166,12 @@ def measure_matmul(n: int, dtype: str, calls: int, meta: dict) -> dict:
   compiled, compile_s, _, _ = compile_fn(jax.jit(jnp.matmul), (a, a))
   for _ in range(3):
     jax.block_until_ready(compiled(a, a))
-  seconds = min(time_compiled(compiled, (a, a), 1) for _ in range(calls))
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(a, a))
+    times.append(time.perf_counter() - start)
+  seconds = min(times)
   return dict(meta, kind="matmul", n=n, ms=1e3 * seconds, flop_per_s=2 * n**3 / seconds)
 
 
@@ -192,13 +194,13 @@ def pytorch_rows(config, s, base, peers):
   models_ = []
   if b.teacher_kind == "vit":
     cfg = models.vit_config(s["teacher"], **dict(b.teacher_overrides))
-    models_.append(("vit", cfg, f"ViT-{s['teacher']} (PyTorch)", "teacher", "sdpa"))
+    models_.append(("vit", cfg, cfg.patch, f"ViT-{s['teacher']} (PyTorch)", "teacher", "sdpa"))
   if b.student_kind == "adventurer":
     arch = models.ARCHITECTURES["adventurer"]
     cfg = arch.variant(s["student"], chunk_size=s["chunk_size"], **dict(b.student_overrides))
     name = f"Adventurer-{s['student']} (PyTorch)"
-    models_.append(("adventurer", dataclasses.asdict(cfg), name, "peer", None))
-  for kind, cfg, name, role, attn in models_:
+    models_.append(("adventurer", dataclasses.asdict(cfg), cfg.patch, name, "peer", None))
+  for kind, cfg, patch, name, role, attn in models_:
     meta = dict(base, model=name, role=role, variant=name.split("-", 1)[1].split()[0])
     meta.update(attention_impl=attn, library=f"torch {peers.torch.__version__}")
     for res in s["resolutions"]:
@@ -208,20 +210,21 @@ def pytorch_rows(config, s, base, peers):
         rows.append(dict(meta, kind="forward", resolution=res, error=f"{type(err).__name__}"))
         log(f"[bench] {name} @{res}: failed ({type(err).__name__}: {str(err)[:200]})")
         continue
-      rows.append(
-        dict(
-          meta,
-          kind="forward",
-          resolution=res,
-          batch=s["batch"],
-          tokens=(res // (cfg.patch if kind == "vit" else cfg["patch"])) ** 2,
-          latency_ms=1e3 * seconds,
-          img_per_s=s["batch"] / seconds,
-          compile_s=None,
-          flops_per_image=None,  # the same math as the JAX model's: filled from its row
-          mfu=None,
-        )
+      # No FLOPs (the same math as the JAX model's: filled from its row) and no memory
+      # figures: JAX's device statistics say nothing of torch's.
+      row = timed_row(
+        meta,
+        None,
+        batch=s["batch"],
+        seconds=seconds,
+        compile_s=None,
+        flops=None,
+        nbytes=None,
+        kind="forward",
+        resolution=res,
+        tokens=(res // patch) ** 2,
       )
+      rows.append(dict(row, peak_bytes=None))
       log(f"[bench] {name:<18} {attn or '':<6} @{res:<5} {rows[-1]['img_per_s']:10.2f} img/s")
   return rows
 
@@ -287,7 +290,9 @@ def largest_batch(model, res, start, limit):
 
 def measure_train_step(config, s, meta, peak):
   """The real distillation step at the training resolution: teacher frozen, student trained."""
-  teacher, student = build_pair(config, s, s["train_attention"])
+  # The teacher attention a run picks by default (None: JAX's choice, or 'blocked' on a CPU
+  # from ViTConfig.blocked_attention_tokens on).
+  teacher, student = build_pair(config, s, None)
   distiller = distill.Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(2))
   # The config's distillation settings; AM compares at most one level per block of the
   # shallower model (smoke), on a copy: the config itself is never written.
@@ -317,7 +322,7 @@ def measure_train_step(config, s, meta, peak):
     model=f"distill {s['teacher']} -> {s['student']}",
     role="pair",
     variant=s["student"],
-    attention_impl=s["train_attention"],
+    attention_impl=None,
     resolution=res,
   )
 

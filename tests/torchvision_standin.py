@@ -15,17 +15,18 @@ import sys
 import types
 
 
+def _attribute(name):
+  """Any public name: an inert class (dunder names stay missing, as Python expects)."""
+  if name.startswith("__"):
+    raise AttributeError(name)
+  return _Inert(name, (), {"__init__": lambda self, *a, **k: None})
+
+
 class _Inert(type):
   """A class whose every attribute is another inert class (enums, nested namespaces)."""
 
   def __getattr__(cls, name):
-    if name.startswith("__"):
-      raise AttributeError(name)
-    return _inert(name)
-
-
-def _inert(name):
-  return _Inert(name, (), {"__init__": lambda self, *a, **k: None})
+    return _attribute(name)
 
 
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -37,13 +38,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
   def create_module(self, spec):
     module = types.ModuleType(spec.name)
     module.__path__ = []
-
-    def attribute(name):
-      if name.startswith("__"):
-        raise AttributeError(name)
-      return _inert(name)
-
-    module.__getattr__ = attribute
+    module.__getattr__ = _attribute
     return module
 
   def exec_module(self, module):

@@ -77,7 +77,8 @@ def _backward(q, k, v, out, lse, dout, block_q, block_k):
   f32 = jnp.float32
   delta = jnp.einsum("bthd,bthd->bth", dout.astype(f32), out.astype(f32))  # rowsum(dO ∘ O)
   qb, dob = _blocks(q, block_q), _blocks(dout, block_q)
-  lseb, deltab = _blocks(lse, block_q), _blocks(delta, block_q)
+  # Per query block, laid out (B, H, bq) as the tiles use them: transposed once, not per tile.
+  lseb, deltab = (jnp.einsum("nbqh->nbhq", _blocks(a, block_q)) for a in (lse, delta))
   kb, vb = _blocks(k, block_k), _blocks(v, block_k)
   valid = (jnp.arange(kb.shape[0] * block_k) < t).reshape(kb.shape[0], block_k)
 
@@ -87,10 +88,10 @@ def _backward(q, k, v, out, lse, dout, block_q, block_k):
     def step(carry, i):
       dq, dk, dv = carry
       qi, doi = qb[i], dob[i]
-      p = jnp.exp(_scores(qi, kj, scale, ok) - jnp.einsum("bqh->bhq", lseb[i])[..., None])
+      p = jnp.exp(_scores(qi, kj, scale, ok) - lseb[i][..., None])
       dv += jnp.einsum("bhqk,bqhd->bkhd", p.astype(dout.dtype), doi, preferred_element_type=f32)
       dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=f32)
-      ds = p * (dp - jnp.einsum("bqh->bhq", deltab[i])[..., None]) * scale
+      ds = p * (dp - deltab[i][..., None]) * scale
       dq = dq.at[i].add(
         jnp.einsum("bhqk,bkhd->bqhd", ds.astype(k.dtype), kj, preferred_element_type=f32)
       )
