@@ -67,6 +67,13 @@ def supervised_loss(**overrides) -> ml_collections.ConfigDict:
       mixup_alpha=0.8,  # Beta(α, α) of Mixup; 0 turns it off
       cutmix_alpha=1.0,  # Beta(α, α) of CutMix; 0 turns it off
       switch_prob=0.5,  # chance of CutMix rather than Mixup when both are on
+      # Logit distillation (finetune / train_student): '' off (the paper), 'soft' (KL at
+      # kd_temperature) or 'hard' (CE on the teacher's top-1, DeiT's hard variant), on the
+      # student's own head: loss = (1 - kd_weight) * CE + kd_weight * KD
+      kd="",
+      kd_weight=0.5,  # DeiT's α
+      kd_temperature=1.0,  # τ of soft KD (DeiT's 1.0); the term is scaled by τ²
+      kd_teacher="",  # '' = the run's teacher; else a classifier's 'fmt:path' or model dir
     )
   )
   c.update(overrides)
@@ -142,7 +149,7 @@ def stage(
 
 
 def distill_stage(
-  *, student_init="", teacher_input="resample", diagnose_images=8, **stage_args
+  *, student_init="", teacher_input="resample", diagnose_images=8, scorecard_every=0, **stage_args
 ) -> ml_collections.ConfigDict:
   """The `distill` stage: `stage(...)`, the student it starts from, what the teacher sees.
 
@@ -158,11 +165,15 @@ def distill_stage(
     covers one student patch (its position embeddings resampled to that size).
   diagnose_images: at the start, log the teacher's off-diagonal token cosines per AM level
     (mean ± std, each `am_features` mode) on this many training images; 0 skips it.
+  scorecard_every: measure the representation scorecard (the `scorecard` block) every this
+    many steps and at the end, into metrics.jsonl / TensorBoard and distill/scorecard.png;
+    0 = never during distillation (the eval stage still reports it).
   """
   c = stage(**stage_args)
   c.student_init = student_init
   c.teacher_input = teacher_input
   c.diagnose_images = diagnose_images
+  c.scorecard_every = scorecard_every
   return c
 
 
@@ -219,6 +230,17 @@ def base(**overrides) -> ml_collections.ConfigDict:
         # 'name=<model dir>'), e.g. a fine-tuned CLIP ViT-B/16 as the paper's baseline row
         extra_models=(),
       ),
+      # The representation scorecard (linearizer/scorecard.py): during distillation every
+      # distill.scorecard_every steps, and for every model in the eval stage.
+      scorecard=dict(
+        eval=True,  # the eval stage adds knn, probe, outliers (and cka, am_distance) per model
+        train_images=1000,  # kNN / probe fit on this many training images (0 = all)
+        eval_images=1000,  # every measure on this many eval images (0 = all)
+        num_levels=4,  # CKA / AM distance at K level ends as AM's (at most the depth)
+        knn_k=20,  # neighbours per kNN vote (cosine; DINO's protocol uses 20)
+        probe_l2=1.0,  # ridge penalty of the linear probe on standardised features
+        outlier_multiple=3.0,  # a token is an outlier above this × its image's median norm
+      ),
     )
   )
   c.update(overrides)
@@ -260,6 +282,7 @@ def smoke(c):
   c.eval.crop_fractions = ()
   c.eval.speed_resolutions = (16, 32)
   c.eval.speed_batch = 8
+  c.scorecard.train_images = c.scorecard.eval_images = 200
 
 
 def segment(**overrides) -> ml_collections.ConfigDict:

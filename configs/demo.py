@@ -40,6 +40,7 @@ def get_config(arg=None):
     warmup_steps=25,
     loss=common.distill_loss(),
     visualize_every=50,
+    scorecard_every=50,
   )
   c.finetune = common.stage(
     steps=300, batch_size=64, lr=2e-3, warmup_steps=30, num_labels=500, loss=supervised()

@@ -14,7 +14,7 @@ checkpointed.
 
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -229,7 +229,7 @@ def teacher_cosines(config, teacher, student, source) -> dict:
 
 
 def run_distill(
-  config, run_dir: str, teacher: nnx.Module, source, hook: Optional[Callable] = None
+  config, run_dir: str, teacher: nnx.Module, source, hooks: Sequence[tuple] = ()
 ) -> nnx.Module:
   """The `distill` stage: a student (fresh, or `distill.student_init`) distilled from
   `teacher` on `source`'s images.
@@ -239,8 +239,9 @@ def run_distill(
     run_dir: the run's workdir; the stage writes under `run_dir/distill/`.
     teacher: the frozen teacher.
     source: the training images (labels unused).
-    hook: `hook(step, distiller)` every `distill.visualize_every` steps before the last and
-      once at the end (the stage table passes the maps' drawer).
+    hooks: `(every, hook)` pairs, `hook(step, distiller)` called every `every` steps before
+      the last and once at the end (`train.fit`); the stage table passes the maps' drawer
+      (every `distill.visualize_every`) and the scorecard (every `distill.scorecard_every`).
   Returns:
     The distilled student (also saved to `run_dir/distill/model`).
   """
@@ -275,9 +276,7 @@ def run_distill(
     norm=norm,
     source=source,
     frozen=(nnx.state(teacher, nnx.Param),),
-    hook=hook,
+    hooks=hooks,
   )
   workdir.save_stage_model(run_dir, "distill", distiller.student)
-  if hook:
-    hook(dcfg.steps, distiller)
   return distiller.student

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linearizer import data, models, workdir
+from linearizer import data, models, scorecard, workdir
 from linearizer.errors import UserError, log, main_process
 from linearizer.metrics import time_compiled
 
@@ -132,8 +132,48 @@ def models_to_evaluate(config, run_dir, num_classes):
   return found
 
 
-def run_eval(config, run_dir, source, num_classes):
-  """Evaluates every model found; writes eval/results.json and prints a table."""
+def reference_teacher(config, run_dir, found):
+  """The teacher students are compared with by the scorecard: the evaluated one, else the
+  run's (trained, or teacher.init, head or not); None when the run has none."""
+  if "teacher" in found:
+    return found["teacher"]
+  if workdir.finished(run_dir, "train_teacher") or config.teacher.init:
+    return workdir.load_model(
+      workdir.model_dir(run_dir, "train_teacher")
+      if workdir.finished(run_dir, "train_teacher")
+      else config.teacher.init,
+      config.teacher.overrides,
+    )
+  return None
+
+
+def add_scorecard(config, run_dir, found, rows, train_source, source) -> str:
+  """Each row gets `knn`, `probe`, `outliers` (its own pooled features and tokens), and
+  every model but the teacher `cka` and `am_distance` per level against it. Returns the
+  table to print."""
+  teacher = reference_teacher(config, run_dir, found)
+  lines = [f"{'scorecard':<24} {'kNN':>7} {'probe':>7} {'outl.%':>7}  CKA / AM distance per level"]
+  for name, model in found.items():
+    row = rows[name]
+    row.update(scorecard.own_measures(model, train_source, source, config))
+    if teacher is not None and model is not teacher:
+      row.update(scorecard.compare(teacher, model, source, config))
+    levels = (
+      "  ".join(f"{c:.3f}/{a:.3f}" for c, a in zip(row["cka"], row["am_distance"]))
+      if "cka" in row
+      else ""
+    )
+    lines.append(
+      f"{name:<24} {row['knn']:>7.2f} {row['probe']:>7.2f} {row['outliers']:>7.2f}  {levels}"
+    )
+  return "\n".join(lines)
+
+
+def run_eval(config, run_dir, source, num_classes, train_source=None):
+  """Evaluates every model found; writes eval/results.json and prints a table.
+
+  With `scorecard.eval` (and `train_source`, which the kNN and probe fit on) each model's
+  row also holds the representation scorecard (`add_scorecard`)."""
   found = models_to_evaluate(config, run_dir, num_classes)
   if not found:
     raise UserError(
@@ -164,6 +204,9 @@ def run_eval(config, run_dir, source, num_classes):
     for size in speed_sizes:
       row[f"img_per_s@{size}"] = throughput(model, size, config.eval.speed_batch)
     rows[name] = row
+  scores = None
+  if config.scorecard.eval and train_source is not None:
+    scores = add_scorecard(config, run_dir, found, rows, train_source, source)
   out = os.path.join(run_dir, "eval")
   os.makedirs(out, exist_ok=True)
   if main_process():
@@ -172,6 +215,8 @@ def run_eval(config, run_dir, source, num_classes):
     log(table(rows, config.data.image_size, speed_sizes))
     for size in sizes[1:]:
       log(other_size(rows, size))
+    if scores:
+      log(scores)
   return rows
 
 

@@ -36,22 +36,37 @@ class MetricWriter:
       except ImportError:
         warn("tensorboardX is not installed: no TensorBoard events.")
     self.last_time, self.last_step, self.start = None, None, time.time()
+    self.excluded = 0.0  # seconds since the last write spent outside training (hooks)
 
   def write(self, step: int, metrics: dict) -> dict:
     """Logs `metrics` at `step` (every key a scalar); returns them as floats with img/s."""
     values = _scalars(metrics)
     now = time.time()
     if self.last_time is not None and step > self.last_step:
-      values["img_per_s"] = (step - self.last_step) * self.batch_size / (now - self.last_time)
-    self.last_time, self.last_step = now, step
+      seconds = now - self.last_time - self.excluded
+      values["img_per_s"] = (step - self.last_step) * self.batch_size / seconds
+    self.last_time, self.last_step, self.excluded = now, step, 0.0
+    self._append(step, values)
+    if self.active:
+      log(self.progress_line(step, values))
+    return values
+
+  def record(self, step: int, metrics: dict) -> None:
+    """Logs `metrics` at `step` to metrics.jsonl and TensorBoard only (no progress line,
+    no img/s): measurements taken beside training, such as the scorecard."""
+    self._append(step, _scalars(metrics))
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (spent outside training) out of the next img/s."""
+    self.excluded += seconds
+
+  def _append(self, step: int, values: dict) -> None:
     if self.active:
       self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
       self.jsonl.flush()
       if self.tb is not None:
         for k, v in values.items():
           self.tb.add_scalar(f"{self.stage}/{k}", v, step)
-      log(self.progress_line(step, values))
-    return values
 
   def progress_line(self, step: int, values: dict) -> str:
     terms = " ".join(

@@ -22,14 +22,44 @@ def training_curves(workdir, stages, out_path):
     return None
   fig, axes = plt.subplots(1, len(found), figsize=(4.5 * len(found), 3.5), squeeze=False)
   for ax, (stage, path) in zip(axes[0], found):
-    rows = read_metrics(path)
-    keys = [k for k in ("loss", "am", "mp", "accuracy") if k in rows[-1]]
+    rows = [r for r in read_metrics(path) if "loss" in r]  # not the scorecard's rows
+    keys = [k for k in ("loss", "am", "mp", "accuracy") if rows and k in rows[-1]]
     for k in keys:
       ax.plot([r["step"] for r in rows], [r.get(k) for r in rows], label=k)
     ax.set_title(stage)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(out_path), exist_ok=True)
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+  return out_path
+
+
+def scorecard_curves(rows, out_path):
+  """Three panels across distillation: per-level CKA and AM distance to the teacher;
+  kNN and linear-probe top-1 (the teacher's dashed); the outlier-token share."""
+  steps = [r["step"] for r in rows]
+  levels = sorted(int(k.rpartition("level")[2]) for k in rows[-1] if "/cka_level" in k)
+  fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.5))
+  for k in levels:
+    (line,) = axes[0].plot(steps, [r[f"scorecard/cka_level{k}"] for r in rows], label=f"CKA {k}")
+    axes[0].plot(
+      steps, [r[f"scorecard/am_distance_level{k}"] for r in rows], ls=":", color=line.get_color()
+    )
+  axes[0].set_title("student vs teacher per level (CKA —, AM distance ···)")
+  for key, colour in (("knn", "tab:blue"), ("probe", "tab:green")):
+    axes[1].plot(steps, [r[f"scorecard/{key}"] for r in rows], color=colour, label=key)
+    axes[1].axhline(rows[-1][f"scorecard/teacher_{key}"], color=colour, ls="--", alpha=0.6)
+  axes[1].set_title("top-1 of pooled features (%; teacher dashed)")
+  axes[2].plot(steps, [r["scorecard/outliers"] for r in rows], label="student")
+  axes[2].axhline(rows[-1]["scorecard/teacher_outliers"], color="tab:red", ls="--", label="teacher")
+  axes[2].set_title("high-norm outlier tokens (%)")
+  for ax in axes:
+    ax.set_xlabel("distill step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(out_path), exist_ok=True)
   fig.savefig(out_path, dpi=100)

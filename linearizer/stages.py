@@ -22,6 +22,7 @@ from linearizer import (
   export,
   plots,
   preemption,
+  scorecard,
   segment,
   supervised,
   visualize,
@@ -66,16 +67,25 @@ def run_train_teacher(run: Run):
 
 
 def run_distill(run: Run):
-  teacher = run.teacher()
-  hook = None
-  if main_process():  # teacher vs student maps of one validation image
-    hook = visualize.maps_hook(
-      run.config,
-      teacher,
-      run.eval_source,
-      os.path.join(workdir.stage_dir(run.dir, "distill"), "maps"),
+  teacher, dcfg, directory = (
+    run.teacher(),
+    run.config.distill,
+    workdir.stage_dir(run.dir, "distill"),
+  )
+  hooks = []
+  if main_process():  # teacher vs student maps of one validation image; the scorecard
+    maps = visualize.maps_hook(
+      run.config, teacher, run.eval_source, os.path.join(directory, "maps")
     )
-  distill.run_distill(run.config, run.dir, teacher, run.train_source, hook=hook)
+    hooks.append((dcfg.visualize_every, maps))
+    if dcfg.scorecard_every:
+      score = scorecard.hook(run.config, teacher, run.train_source, run.eval_source)
+      hooks.append((dcfg.scorecard_every, score))
+  distill.run_distill(run.config, run.dir, teacher, run.train_source, hooks=hooks)
+  if main_process():
+    scorecard.plot(
+      os.path.join(directory, "metrics.jsonl"), os.path.join(directory, "scorecard.png")
+    )
 
 
 def run_finetune(run: Run):
@@ -99,11 +109,12 @@ class Stage(NamedTuple):
 TRAINED = "{ckpt,model,metrics.jsonl,tb}"
 STAGES = {
   "train_teacher": Stage(run_train_teacher, f"train_teacher/{TRAINED}"),
-  "distill": Stage(run_distill, f"distill/{TRAINED}"),
+  "distill": Stage(run_distill, "distill/{ckpt,model,metrics.jsonl,tb,maps,scorecard.png}"),
   "finetune": Stage(run_finetune, f"finetune/{TRAINED}"),
   "train_student": Stage(run_train_student, f"train_student/{TRAINED}"),
   "eval": Stage(
-    lambda r: evaluate.run_eval(r.config, r.dir, r.eval_source, r.classes), "eval/results.json"
+    lambda r: evaluate.run_eval(r.config, r.dir, r.eval_source, r.classes, r.train_source),
+    "eval/results.json",
   ),
   "segment": Stage(
     lambda r: segment.run_segment(r.config, r.dir),
@@ -192,6 +203,9 @@ def check_config(config) -> None:
       f"{path} is no longer a config field: the schedule ends at the stage's own length; "
       f"set {stage}.steps instead."
     )
+  for stage in ("train_teacher", *supervised.KD_STAGES):
+    if stage in config:
+      supervised.check_kd(config, stage)
   if "visualize" in config.stages:
     visualize.check_config(config)
   if "eval" in config.stages:
@@ -202,7 +216,9 @@ def check_config(config) -> None:
     # Fields configs.common.distill_stage declares: a config from before them built the
     # distill block with `stage` and would fail half-way.
     missing = [
-      k for k in ("student_init", "teacher_input", "diagnose_images") if k not in config.distill
+      k
+      for k in ("student_init", "teacher_input", "diagnose_images", "scorecard_every")
+      if k not in config.distill
     ]
     if missing:
       raise UserError(

@@ -1,15 +1,20 @@
 """Supervised training: fine-tuning the student, the from-scratch baseline, and a ViT
 teacher when none is pretrained. Cross-entropy with label smoothing and Mixup/CutMix
-(Adventurer's and DeiT's recipe)."""
+(Adventurer's and DeiT's recipe), and optionally logit distillation from a frozen teacher
+classifier (DeiT's soft and hard KD, on the student's own head)."""
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from linearizer import data, optim, train, workdir
+from linearizer import convert, distill, optim, train, workdir
+from linearizer.errors import UserError, log
+
+KD_MODES = ("", "soft", "hard")  # supervised_loss.kd (configs/common.py)
+KD_STAGES = ("finetune", "train_student")  # the students' stages; a teacher has no teacher
 
 
 def mixup_cutmix(rng, images, labels, num_classes, cfg):
@@ -52,22 +57,51 @@ def cross_entropy(logits, targets, label_smoothing=0.0):
   return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
 
 
-def make_supervised_step(model: nnx.Module, tx: optax.GradientTransformation, config) -> Callable:
-  """Cross-entropy with label smoothing and mixup/cutmix, for any model with a head.
+def logit_distillation(logits, teacher_logits, mode: str, temperature: float = 1.0):
+  """The KD term on the student's own head (DeiT, Touvron et al. 2021, eq. 2 and 3).
+
+  'soft': τ² · KL(softmax(z_t/τ) ‖ softmax(z_s/τ)), summed over classes and averaged over
+  the batch (Hinton et al.; DeiT's code further divides by the number of classes).
+  'hard': cross-entropy with the teacher's top-1 class (no label smoothing).
+  """
+  logits, teacher_logits = logits.astype(jnp.float32), teacher_logits.astype(jnp.float32)
+  if mode == "soft":
+    t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    s = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return temperature**2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+  hard = jnp.argmax(teacher_logits, axis=-1)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, hard))
+
+
+def make_supervised_step(
+  model: nnx.Module,
+  tx: optax.GradientTransformation,
+  config,
+  teacher: Optional[nnx.Module] = None,
+) -> Callable:
+  """Cross-entropy with label smoothing and mixup/cutmix, for any model with a head; with a
+  `teacher`, L = (1 − α)·CE + α·KD (`loss.kd`, α = `loss.kd_weight`).
 
   Args:
     model: the trained model (its graph; the weights come with the state).
     tx: the optimizer (`optim.make_optimizer`).
     config: the stage's settings: `steps` (where the lr schedule ends), `loss`
       (configs.common.supervised_loss) and `optim`.
+    teacher: the frozen teacher classifier of logit distillation (its graph; its nnx.Param
+      state is the step's argument), or None.
   Returns:
-    `step(state, batch, rng) -> (state, metrics)` on a `data.Batch`.
+    `step(state, batch, rng) -> (state, metrics)` on a `data.Batch`; with a teacher,
+    `step(state, teacher_params, batch, rng)`. The teacher sees the student's (mixed)
+    images, re-normalised with its own statistics.
   """
   scfg, ocfg = config.loss, config.optim
   graphdef, num_classes = nnx.graphdef(model), model.cfg.num_classes
   lr = optim.schedule(ocfg, config.steps)
+  if teacher is not None:
+    teacher_graphdef, _, teacher_rest = nnx.split(teacher, nnx.Param, ...)
 
-  def step(state: train.TrainState, batch: data.Batch, rng):
+  def step(state: train.TrainState, *args):
+    teacher_params, batch, rng = args if teacher is not None else (None, *args)
     rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params, mb, rng):
@@ -75,9 +109,16 @@ def make_supervised_step(model: nnx.Module, tx: optax.GradientTransformation, co
       model = train.merge(graphdef, params, state.rest, r_drop)
       images, targets = mixup_cutmix(r_mix, mb.image, mb.label, num_classes, scfg)
       logits = model(images, train=True).logits
-      loss = cross_entropy(logits, targets, scfg.label_smoothing)
+      ce = cross_entropy(logits, targets, scfg.label_smoothing)
       accuracy = jnp.mean(jnp.argmax(logits, -1) == mb.label)
-      return loss, {"loss": loss, "accuracy": accuracy}
+      if teacher is None:
+        return ce, {"loss": ce, "accuracy": accuracy}
+      t_model = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
+      t_images = distill.teacher_view(images, model.cfg, t_model.cfg)
+      t_logits = jax.lax.stop_gradient(t_model(t_images).logits)
+      kd = logit_distillation(logits, t_logits, scfg.kd, scfg.kd_temperature)
+      loss = (1 - scfg.kd_weight) * ce + scfg.kd_weight * kd
+      return loss, {"loss": loss, "ce": ce, "kd": kd, "accuracy": accuracy}
 
     (_, metrics), grads = train.accumulate(loss_fn, state.params, batch, rng, ocfg.grad_accum)
     new_state = train.apply_update(state, grads, tx, ocfg.ema_decay)
@@ -87,16 +128,62 @@ def make_supervised_step(model: nnx.Module, tx: optax.GradientTransformation, co
   return step
 
 
+def check_kd(config, stage: str) -> None:
+  """Refuses, before anything runs, a `loss.kd` that is unknown or on a teacher's stage."""
+  kd = config[stage].loss.kd
+  if kd not in KD_MODES:
+    raise UserError(f"{stage}.loss.kd={kd!r}; expected one of {KD_MODES} ('' = off).")
+  if kd and stage not in KD_STAGES:
+    raise UserError(
+      f"{stage}.loss.kd={kd!r}: logit distillation trains a student from a teacher; use it "
+      f"in {' or '.join(KD_STAGES)}."
+    )
+
+
+def kd_teacher(config, stage: str, run_dir: str, num_classes: int) -> nnx.Module:
+  """The frozen classifier logit distillation learns from: `loss.kd_teacher`, else the run's
+  teacher; refused unless its head classifies the data's `num_classes`."""
+  spec = config[stage].loss.kd_teacher
+  if spec:  # another model than the run's teacher: only the teacher's dtype carries over
+    overrides = config.teacher.overrides
+    teacher = workdir.load_model(spec, {"dtype": overrides.dtype} if "dtype" in overrides else {})
+  else:
+    teacher = workdir.teacher(config, run_dir, num_classes)
+  outputs = teacher.cfg.num_classes if teacher.head is not None else 0
+  if outputs != num_classes:
+    raise UserError(
+      f"{stage}.loss.kd={config[stage].loss.kd!r} needs a teacher classifier of the data's "
+      f"{num_classes} classes; {spec or 'the run teacher'} ({convert.describe(teacher)}) has "
+      + (f"{outputs} outputs" if outputs else "no classification head")
+      + f". Name one in {stage}.loss.kd_teacher ('fmt:path' or a model directory), e.g. a "
+      "fine-tuned CLIP classifier."
+    )
+  return teacher
+
+
 def run_supervised(stage: str, config, run_dir: str, model: nnx.Module, source) -> nnx.Module:
-  """train_teacher, finetune, train_student: `model` trained on `source`'s labels.
+  """train_teacher, finetune, train_student: `model` trained on `source`'s labels (with
+  `loss.kd`, also from the frozen teacher's logits).
 
   Writes under `run_dir/<stage>/` and saves the result to `run_dir/<stage>/model`.
   """
   scfg = config[stage]
+  check_kd(config, stage)
+  teacher = kd_teacher(config, stage, run_dir, model.cfg.num_classes) if scfg.loss.kd else None
+  if teacher is not None:
+    log(f"[{stage}] {scfg.loss.kd} logit distillation (α = {scfg.loss.kd_weight}) from the teacher")
   tx = optim.make_optimizer(scfg.optim, scfg.steps)
-  step = make_supervised_step(model, tx, scfg)
+  step = make_supervised_step(model, tx, scfg, teacher)
   model = train.fit_stage(
-    config, run_dir, stage, model, step, tx, norm=(model.cfg.mean, model.cfg.std), source=source
+    config,
+    run_dir,
+    stage,
+    model,
+    step,
+    tx,
+    norm=(model.cfg.mean, model.cfg.std),
+    source=source,
+    frozen=() if teacher is None else (nnx.state(teacher, nnx.Param),),
   )
   workdir.save_stage_model(run_dir, stage, model)
   return model

@@ -9,8 +9,9 @@ outside the optimizer and outside the checkpointed state. The methods that defin
 """
 
 import os
+import time
 import zlib
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import flax.struct
 import jax
@@ -175,8 +176,7 @@ def fit(
   keep: int = 2,
   log_every: int,
   nan_policy: NanPolicy = "stop",
-  hook: Optional[Callable] = None,
-  hook_every: int = 0,
+  hooks: Sequence[tuple] = (),
   name: Optional[str] = None,
 ) -> nnx.Module:
   """Trains `module` for `steps` steps in `directory`, resuming from its checkpoints.
@@ -208,8 +208,10 @@ def fit(
     seed: the base of the per-step RNG (`step_fn` folds the step in).
     checkpoint_every, keep, log_every: as above.
     nan_policy: 'stop' or 'skip'.
-    hook, hook_every: `hook(step, module)` is called with the current weights every
-      `hook_every` steps before the last (e.g. to draw distillation maps as they converge).
+    hooks: `(every, hook)` pairs: `hook(step, module)` is called with the current weights
+      every `every` steps before the last (0: never) and once with the final ones (the
+      EMA when kept), e.g. to draw distillation maps as they converge; a dict it returns
+      is logged with the step's metrics (its time is left out of img/s).
     name: the name printed and logged (default: the directory's name).
   Returns:
     `module`'s graph with the trained weights (the EMA when kept), on the host.
@@ -245,8 +247,10 @@ def fit(
       writer.write(done, step_metrics)
     if done % checkpoint_every == 0 and done < steps:
       ckpt.save(done, state, {"step": done})
-    if hook and hook_every and done % hook_every == 0 and done < steps:
-      hook(done, nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.rest)))
+    due = [h for every, h in hooks if every and done % every == 0 and done < steps]
+    if due:
+      module = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.rest))
+      run_hooks(due, done, module, writer)
     # Multi-host runs ask every process only at log steps (a collective); one process, always.
     check = jax.process_count() == 1 or done % log_every == 0
     if check and done < steps and preemption.requested():
@@ -254,11 +258,23 @@ def fit(
       ckpt.wait()
       raise preemption.Stopped(f"[{name}] at step {done}, checkpoint saved")
   ckpt.save(steps, state, {"step": steps}, force=True)
+  weights = state.ema if state.ema is not None else state.params
+  module = nnx.merge(graphdef, jax.device_get(weights), jax.device_get(state.rest))
+  run_hooks([h for _, h in hooks], steps, module, writer)
   ckpt.wait()
   ckpt.close()
   writer.close()
-  weights = state.ema if state.ema is not None else state.params
-  return nnx.merge(graphdef, jax.device_get(weights), jax.device_get(state.rest))
+  return module
+
+
+def run_hooks(due, step: int, module, writer: metrics.MetricWriter) -> None:
+  """Calls each hook; logs the scalars any returns; keeps their time out of img/s."""
+  start = time.time()
+  for hook in due:
+    values = hook(step, module)
+    if values:
+      writer.record(step, values)
+  writer.exclude(time.time() - start)
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,7 +311,7 @@ def fit_stage(
   norm,
   source,
   frozen: tuple = (),
-  hook: Optional[Callable] = None,
+  hooks: Sequence[tuple] = (),
 ) -> nnx.Module:
   """`fit` with the settings an experiment config gives stage `stage` (`config.<stage>`,
   `mesh`, `checkpoint`, `log_every`, `nan_policy`, `seed`), in `run_dir/<stage>/`; the
@@ -319,7 +335,6 @@ def fit_stage(
     keep=config.checkpoint.keep,
     log_every=config.log_every,
     nan_policy=config.nan_policy,
-    hook=hook,
-    hook_every=scfg.visualize_every,
+    hooks=hooks,
     name=stage,
   )

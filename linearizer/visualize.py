@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 import kernels
-from linearizer import data, distill, losses, plots, workdir
+from linearizer import data, distill, losses, plots, scorecard, workdir
 from linearizer.errors import UserError, log
 from linearizer.models import common
 
@@ -84,28 +84,13 @@ def teacher_attention(teacher, images, layer, blocks=None):
 def level_tokens(teacher, student, t_images, s_images, num_levels):
   """Per level, (teacher, student) tokens as [cls, patches in raster order] on the
   student's grid, exactly as activation matching sees them (scope 'all')."""
-  return level_pairs_of(
+  return scorecard.level_pairs_of(
     teacher(t_images),
     student(s_images),
     grid_of(teacher, t_images),
     grid_of(student, s_images),
     num_levels,
   )
-
-
-def level_pairs_of(t_out, s_out, t_grid, s_grid, num_levels):
-  """level_tokens from the two models' outputs (`ModelOutput`s)."""
-  pairs = losses.level_pairs(len(t_out.blocks), len(s_out.blocks), num_levels)
-  return [
-    losses.align(
-      losses.split_roles(t_out.blocks[i], t_out.roles),
-      losses.split_roles(s_out.blocks[j], s_out.roles),
-      t_grid,
-      s_grid,
-      "all",
-    )
-    for i, j in pairs
-  ]
 
 
 def analyse(teacher, students, images, *, num_levels=4, layer=-1, teacher_input="resample"):
@@ -135,7 +120,7 @@ def analyse(teacher, students, images, *, num_levels=4, layer=-1, teacher_input=
   for name, student in students.items():
     s_out = student(images)
     s_blocks = s_out.blocks
-    pairs = level_pairs_of(
+    pairs = scorecard.level_pairs_of(
       t_out, s_out, grid_of(teacher, t_images), grid_of(student, images), num_levels
     )
     out["maps"].setdefault("teacher", [np.asarray(losses.cosine_similarities(t)) for t, _ in pairs])
@@ -308,7 +293,7 @@ def mean_am_distances(
     t_images = teacher_images(s_images, first.cfg, teacher.cfg, teacher_input)
     t_out = teacher(t_images)
     for name, student in students.items():
-      pairs = level_pairs_of(
+      pairs = scorecard.level_pairs_of(
         t_out, student(s_images), grid_of(teacher, t_images), grid_of(student, s_images), num_levels
       )
       totals[name] += len(s_images) * np.array(

@@ -93,7 +93,11 @@ class Toy(nnx.Module):
     out = common.ModelOutput(
       logits=None, tokens=self.norm(x), blocks=tuple(blocks), roles=self.roles
     )
-    return out.replace(logits=self.head(out.cls[:, 0])) if self.head else out
+    return out.replace(logits=self.head(self.pool(out))) if self.head else out
+
+  def pool(self, out):
+    """What the head reads (and the scorecard's kNN and probe): the final CLS token."""
+    return out.cls[:, 0]
 
 
 def toy_variant(variant, **overrides):
@@ -108,6 +112,7 @@ def test_a_new_student_architecture_is_one_module_and_one_table_line(monkeypatch
     config.student.kind, config.student.variant, config.student.overrides = "toy", "Toy/4", {}
   stages.run(config, str(tmp_path))
   rows = [json.loads(line) for line in open(tmp_path / "distill" / "metrics.jsonl")]
+  rows = [r for r in rows if "loss" in r]  # not the scorecard's
   assert rows[-1]["step"] == 4 and all(np.isfinite(rows[-1][k]) for k in ("am", "mp", "loss"))
   assert json.load(open(tmp_path / "export" / "model.json"))["kind"] == "toy"
   student = linearizer.load_student(str(tmp_path / "export"))
@@ -160,8 +165,7 @@ def fit_toy(directory, steps, *, poison_at=None, hook=None):
     mesh=mesh,
     checkpoint_every=3,
     log_every=2,
-    hook=hook,
-    hook_every=2,
+    hooks=((2, hook),) if hook else (),
   )
 
 
@@ -176,13 +180,22 @@ def gradient_descent(steps):
 
 def test_fit_trains_resumes_and_stops_as_its_docstring_says(tmp_path):
   seen = []
-  model = fit_toy(tmp_path / "once", 10, hook=lambda step, m: seen.append(step))
+
+  def hook(step, module):  # what it returns is logged; on odd calls nothing
+    seen.append((step, np.array(module.bias[...][0])))
+    return {"probe": 100.0 + step} if step % 4 == 0 else None
+
+  model = fit_toy(tmp_path / "once", 10, hook=hook)
   w, b = gradient_descent(10)
   np.testing.assert_allclose(model.kernel[...][:, 0], w, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(model.bias[...][0], b, rtol=1e-5, atol=1e-6)
-  assert seen == [2, 4, 6, 8]  # every hook_every steps before the last
-  logged = [json.loads(line)["step"] for line in open(tmp_path / "once" / "metrics.jsonl")]
-  assert logged == [2, 4, 6, 8, 10]
+  # every 2 steps before the last, then once with the final weights
+  assert [step for step, _ in seen] == [2, 4, 6, 8, 10]
+  np.testing.assert_allclose(seen[0][1], gradient_descent(2)[1], rtol=1e-5, atol=1e-6)
+  assert seen[-1][1] == model.bias[...][0]
+  rows = [json.loads(line) for line in open(tmp_path / "once" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8, 10]
+  assert [(r["step"], r["probe"]) for r in rows if "probe" in r] == [(4, 104.0), (8, 108.0)]
   # Six steps, then the same directory asked for ten: resumes at 6, ends where one run does.
   fit_toy(tmp_path / "twice", 6)
   again = fit_toy(tmp_path / "twice", 10)

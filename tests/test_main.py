@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("train_teacher", "distill", "finetune", "train_student")
 
 
-def run_main(workdir, *flags):
+def run_main(workdir, *flags, code=0):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
     [
@@ -31,8 +31,8 @@ def run_main(workdir, *flags):
     text=True,
     timeout=900,
   )
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-  return proc.stdout
+  assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return proc.stdout if code == 0 else proc.stderr
 
 
 def params(directory):
@@ -56,13 +56,27 @@ def test_every_stage_writes_its_files(demo_run):
     d = workdir / stage
     assert (d / "model" / "model.json").is_file(), stage
     rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
+    rows = [r for r in rows if "loss" in r]  # (distill's scorecard rows are beside them)
     assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["loss"]), stage
     assert any(f.startswith("events") for f in os.listdir(d / "tb")), stage
     assert sorted(os.listdir(d / "ckpt")) == ["2", "4"], stage  # keep=2, every 2 steps
   distill_rows = [json.loads(line) for line in open(workdir / "distill" / "metrics.jsonl")]
-  assert {"am", "mp", "am_stage0", "am_stage1", "grad_norm", "lr"} <= set(distill_rows[-1])
+  assert {"am", "mp", "am_stage0", "am_stage1", "grad_norm", "lr"} <= set(distill_rows[-2])
+  # The scorecard at the end (scorecard_every=50 > 4 steps), logged beside the step's metrics
+  card = distill_rows[-1]
+  assert card["step"] == 4 and "loss" not in card
+  assert {"scorecard/cka_level0", "scorecard/am_distance_level1", "scorecard/knn"} <= set(card)
+  assert {"scorecard/probe", "scorecard/outliers", "scorecard/teacher_knn"} <= set(card)
+  assert 0 <= card["scorecard/cka_level0"] <= 1 and 0 <= card["scorecard/knn"] <= 100
+  assert (workdir / "distill" / "scorecard.png").is_file()
+  assert "[distill] scorecard at step 4: CKA per level" in out
   results = json.load(open(workdir / "eval" / "results.json"))
   assert set(results) == {"teacher", "student (distilled)", "student (from scratch)"}
+  assert "cka" not in results["teacher"]  # the students are compared with it
+  for name, row in results.items():
+    assert 0 <= row["knn"] <= 100 and 0 <= row["probe"] <= 100 and 0 <= row["outliers"] <= 100
+    if name != "teacher":
+      assert len(row["cka"]) == len(row["am_distance"]) == 2  # the smoke models' depth
   for row in results.values():
     assert 0 <= row["@16"]["top1"] <= row["@16"]["top5"] <= 1
     assert row["@16"]["examples"] == 359  # digits: 20% of 1797 held out
@@ -115,6 +129,31 @@ def test_eval_only_on_exported_student_and_converted_teacher(demo_run, tmp_path)
   assert results["teacher"]["@16"] == reference["teacher"]["@16"]
   assert results["student"]["@16"] == reference["student (distilled)"]["@16"]
   assert "student" in out
+
+
+def test_logit_distillation_in_fine_tuning(demo_run, tmp_path):
+  """Fine-tuning the distilled student with soft KD from the run's teacher logs both terms;
+  naming the distilled student (no head) as the KD teacher is one message, and the
+  finetune stage never starts."""
+  workdir, _ = demo_run
+  flags = [
+    "--config.stages=('finetune',)",
+    f"--config.teacher.init={workdir / 'train_teacher' / 'model'}",
+    f"--config.student.init={workdir / 'distill' / 'model'}",
+    "--config.finetune.loss.kd=soft",
+  ]
+  out = run_main(tmp_path / "kd", *flags)
+  assert "[finetune] soft logit distillation" in out
+  rows = [json.loads(line) for line in open(tmp_path / "kd" / "finetune" / "metrics.jsonl")]
+  assert {"ce", "kd", "loss"} <= set(rows[-1]) and rows[-1]["kd"] > 0
+  # loss = (1 − α)·CE + α·KD, α = 0.5 by default
+  assert rows[-1]["loss"] == pytest.approx(0.5 * rows[-1]["ce"] + 0.5 * rows[-1]["kd"], rel=1e-5)
+  bad = f"--config.finetune.loss.kd_teacher={workdir / 'distill' / 'model'}"
+  err = run_main(tmp_path / "bad", *flags, bad, code=2)
+  ours = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert len(ours) == 1 and "finetune.loss.kd='soft'" in ours[0], err[-2000:]
+  assert "no classification head" in err and "kd_teacher" in err
+  assert not (tmp_path / "bad" / "finetune").exists()
 
 
 def test_eval_skips_non_classifiers_and_takes_extra_models(demo_run, tmp_path):

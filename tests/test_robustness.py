@@ -456,6 +456,8 @@ def test_teacher_overrides_that_contradict_its_checkpoint(reference, tmp_path):
   [
     ("--config.eval.extra_models=('no_equals_sign',)", ("'no_equals_sign'", "name=fmt:path")),
     ("--config.distill.student_init=teacher", ("student_init='teacher'", "not available yet")),
+    ("--config.finetune.loss.kd=bogus", ("finetune.loss.kd='bogus'", "'soft', 'hard'")),
+    ("--config.train_teacher.loss.kd=soft", ("train_teacher.loss.kd='soft'", "finetune")),
   ],
 )
 def test_refused_before_any_stage_runs(tmp_path, flag, phrases):

@@ -32,7 +32,7 @@ from configs import common
 from linearizer import data, losses, models, optim, sharding, train
 from linearizer.distill import Distiller, distill_losses, make_distill_step
 from linearizer.errors import UserError
-from linearizer.supervised import make_supervised_step, mixup_cutmix
+from linearizer.supervised import logit_distillation, make_supervised_step, mixup_cutmix
 
 REL = 1e-6
 ACCUM_TOL = 1e-5
@@ -445,6 +445,73 @@ def test_supervised_overfits_a_fixed_batch(supervised):
   assert loss[0] == pytest.approx(np.log(5), rel=0.3)  # near chance at the start
   assert loss[-1] < 0.1 * loss[0], loss
   assert history[-1][1] == 1.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_logit_distillation_is_torchs_kl_and_cross_entropy(temperature):
+  torch = pytest.importorskip("torch")
+  f = torch.nn.functional
+  r = np.random.default_rng(0)
+  s, t = r.normal(size=(6, 7)).astype(np.float32), 3 * r.normal(size=(6, 7)).astype(np.float32)
+  ts, tt = torch.from_numpy(s), torch.from_numpy(t)
+  soft = f.kl_div(
+    f.log_softmax(ts / temperature, -1),
+    f.log_softmax(tt / temperature, -1),
+    reduction="batchmean",
+    log_target=True,
+  )
+  ours = logit_distillation(jnp.asarray(s), jnp.asarray(t), "soft", temperature)
+  assert float(ours) == pytest.approx(temperature**2 * float(soft), rel=1e-5)
+  hard = f.cross_entropy(ts, tt.argmax(-1))
+  assert float(logit_distillation(s, t, "hard")) == pytest.approx(float(hard), rel=1e-5)
+  assert float(logit_distillation(t, t, "soft", temperature)) == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_kd_step_is_its_formula_and_leaves_the_teacher(mode):
+  """L = (1 − α)·CE + α·KD with the teacher's logits on the same images (NumPy), the same
+  with two micro-batches, and the teacher's weights are only read."""
+  student = models.build("adventurer", "Ti/8", seed=3, num_classes=5, **{**STUDENT, "depth": 1})
+  teacher = models.build("vit", "Ti/8", seed=4, num_classes=5, **{**TEACHER, "depth": 1})
+  teacher_params = nnx.state(teacher, nnx.Param)
+  before = flat(teacher_params)
+  loss = common.supervised_loss(
+    label_smoothing=0.0,
+    mixup_alpha=0.0,
+    cutmix_alpha=0.0,
+    kd=mode,
+    kd_weight=0.3,
+    kd_temperature=2.0,
+  )
+  tx = optax.sgd(0.1)
+  x, y = images(5, 4), np.array([0, 1, 2, 3])
+  s_logits = np.asarray(student(x).logits, np.float64)
+  t_logits = np.asarray(teacher(x).logits, np.float64)
+  log_softmax = lambda z: (
+    z
+    - z.max(-1, keepdims=True)
+    - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  )
+  ce = -np.mean(log_softmax(s_logits)[np.arange(4), y])
+  if mode == "soft":
+    lt, ls = log_softmax(t_logits / 2), log_softmax(s_logits / 2)
+    kd = 4 * np.mean(np.sum(np.exp(lt) * (lt - ls), -1))
+  else:
+    kd = -np.mean(log_softmax(s_logits)[np.arange(4), t_logits.argmax(-1)])
+  norms = []
+  for accum in (1, 2):
+    step = jax.jit(
+      make_supervised_step(student, tx, make_config(common.optim(grad_accum=accum), loss), teacher)
+    )
+    _, state = train.init_state(student, tx, ema=False)
+    _, metrics = step(state, teacher_params, data.Batch(x, jnp.asarray(y)), jax.random.key(0))
+    assert float(metrics["ce"]) == pytest.approx(ce, rel=1e-5)
+    assert float(metrics["kd"]) == pytest.approx(kd, rel=1e-4)  # a small KL: f32 cancels
+    assert float(metrics["loss"]) == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-5)
+    norms.append(float(metrics["grad_norm"]))
+  assert norms[1] == pytest.approx(norms[0], rel=ACCUM_TOL)
+  after = flat(teacher_params)
+  assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 # ---------------------------------------------------------------------------------------

@@ -219,6 +219,11 @@ class Adventurer(nnx.Module):
     pos = self.resample_pos_embed(self.cfg, self.pos_embed[...], self.grid, (h, w))
     return jnp.concatenate([x, cls], axis=1) + pos.astype(x.dtype)
 
+  def pool(self, out: common.ModelOutput) -> jax.Array:
+    """(B, D): what the head reads: the final CLS token (at the tail, where the causal scan
+    has seen every patch)."""
+    return out.cls[:, 0]
+
   def __call__(self, images, *, mask=None, train: bool = False) -> common.ModelOutput:
     x = self.embed(images, mask)
     blocks = []
@@ -228,4 +233,4 @@ class Adventurer(nnx.Module):
     out = common.ModelOutput(
       logits=None, tokens=self.norm_f(x), blocks=tuple(blocks), roles=self.roles
     )
-    return out.replace(logits=self.head(out.cls[:, 0])) if self.head is not None else out
+    return out.replace(logits=self.head(self.pool(out))) if self.head is not None else out
