@@ -112,12 +112,11 @@ def train_variant(config, variant, run_dir, teacher, train_src, classes):
   norm = (teacher.cfg.mean, teacher.cfg.std)
   if VARIANTS[variant][1] is None:
     student = workdir.new_student(config, classes, norm, drop_path=config.train_student.drop_path)
-    return supervised.run_supervised("train_student", config, run_dir, student, train_src)
+    return supervised.run_supervised("train_student", config, run_dir, student, train_src, teacher)
   if not workdir.finished(run_dir, "distill"):
     distill.run_distill(config, run_dir, teacher, train_src)
-  return supervised.run_supervised(
-    "finetune", config, run_dir, workdir.pretrained_student(config, run_dir, classes), train_src
-  )
+  student = workdir.pretrained_student(config, run_dir, classes)
+  return supervised.run_supervised("finetune", config, run_dir, student, train_src, teacher)
 
 
 def top1(config, model, eval_src):

@@ -148,11 +148,15 @@ def reference_teacher(config, run_dir, found):
 
 
 def add_scorecard(config, run_dir, found, rows, train_source, source) -> str:
-  """Each row gets `knn`, `probe`, `outliers` (its own pooled features and tokens), and
+  """Each row gets `knn`, `probe`, `knn_gap`, `probe_gap`, `outliers` (its own pooled
+  features and tokens, `scorecard.own_measures`), and
   every model but the teacher `cka` and `am_distance` per level against it. Returns the
   table to print."""
   teacher = reference_teacher(config, run_dir, found)
-  lines = [f"{'scorecard':<24} {'kNN':>7} {'probe':>7} {'outl.%':>7}  CKA / AM distance per level"]
+  lines = [
+    f"{'scorecard':<24} {'kNN':>7} {'probe':>7} {'kNN gap':>8} {'pr. gap':>8} {'outl.%':>7}"
+    "  CKA / AM distance per level"
+  ]
   for name, model in found.items():
     row = rows[name]
     row.update(scorecard.own_measures(model, train_source, source, config))
@@ -164,7 +168,8 @@ def add_scorecard(config, run_dir, found, rows, train_source, source) -> str:
       else ""
     )
     lines.append(
-      f"{name:<24} {row['knn']:>7.2f} {row['probe']:>7.2f} {row['outliers']:>7.2f}  {levels}"
+      f"{name:<24} {row['knn']:>7.2f} {row['probe']:>7.2f} {row['knn_gap']:>8.2f} "
+      f"{row['probe_gap']:>8.2f} {row['outliers']:>7.2f}  {levels}"
     )
   return "\n".join(lines)
 

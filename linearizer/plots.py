@@ -49,10 +49,15 @@ def scorecard_curves(rows, out_path):
       steps, [r[f"scorecard/am_distance_level{k}"] for r in rows], ls=":", color=line.get_color()
     )
   axes[0].set_title("student vs teacher per level (CKA —, AM distance ···)")
-  for key, colour in (("knn", "tab:blue"), ("probe", "tab:green")):
+  for key, colour in (
+    ("knn", "tab:blue"),
+    ("probe", "tab:green"),
+    ("knn_gap", "tab:purple"),
+    ("probe_gap", "tab:olive"),
+  ):
     axes[1].plot(steps, [r[f"scorecard/{key}"] for r in rows], color=colour, label=key)
     axes[1].axhline(rows[-1][f"scorecard/teacher_{key}"], color=colour, ls="--", alpha=0.6)
-  axes[1].set_title("top-1 of pooled features (%; teacher dashed)")
+  axes[1].set_title("top-1, pooled / mean-patch features (%; teacher dashed)")
   axes[2].plot(steps, [r["scorecard/outliers"] for r in rows], label="student")
   axes[2].axhline(rows[-1]["scorecard/teacher_outliers"], color="tab:red", ls="--", label="teacher")
   axes[2].set_title("high-norm outlier tokens (%)")

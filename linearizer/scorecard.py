@@ -172,10 +172,11 @@ def _batches(config, source, model, limit):
 
 
 def own_measures(model, train_source, eval_source, config) -> dict:
-  """kNN top-1 and linear-probe top-1 (%) of `model.pool`'s features (what a head reads),
-  trained on `scorecard.train_images` of `train_source` and tested on
-  `scorecard.eval_images` of `eval_source`; the share (%) of its last block's patch tokens
-  that are high-norm outliers on the same eval images."""
+  """kNN top-1 and linear-probe top-1 (%) of two pooled features: `model.pool` (what its
+  head reads: `knn`, `probe`) and the mean final patch token (`knn_gap`, `probe_gap`; what
+  MP trains, where a distilled student's CLS is not yet), fit on `scorecard.train_images`
+  of `train_source` and tested on `scorecard.eval_images` of `eval_source`; and the share
+  (%) of its last block's patch tokens that are high-norm outliers on those eval images."""
   sc = config.scorecard
   graphdef, state = nnx.split(model)
 
@@ -183,23 +184,31 @@ def own_measures(model, train_source, eval_source, config) -> dict:
   def forward(state, images):
     m = nnx.merge(graphdef, state)
     out = m(images)
-    return m.pool(out), out.roles.patches_of(out.blocks[-1])
+    return m.pool(out), out.patches.mean(axis=1), out.roles.patches_of(out.blocks[-1])
 
   def features(source, limit):
-    pooled, labels, outliers = [], [], []
+    pooled, gap, labels, outliers = [], [], [], []
     for batch in _batches(config, source, model, limit):
-      feats, tokens = jax.device_get(forward(state, batch.image))
+      feats, means, tokens = jax.device_get(forward(state, batch.image))
       pooled.append(feats[batch.valid])
+      gap.append(means[batch.valid])
       labels.append(batch.label[batch.valid])
       outliers.append(outlier_share(tokens[batch.valid], sc.outlier_multiple) * batch.valid.sum())
-    pooled, labels = np.concatenate(pooled), np.concatenate(labels)
-    return pooled, labels, float(np.sum(outliers) / len(labels))
+    labels = np.concatenate(labels)
+    return (
+      np.concatenate(pooled),
+      np.concatenate(gap),
+      labels,
+      float(np.sum(outliers) / len(labels)),
+    )
 
-  train, train_labels, _ = features(train_source, sc.train_images)
-  test, test_labels, outliers = features(eval_source, sc.eval_images)
+  train, train_gap, train_labels, _ = features(train_source, sc.train_images)
+  test, test_gap, test_labels, outliers = features(eval_source, sc.eval_images)
   return dict(
     knn=knn_top1(train, train_labels, test, test_labels, k=sc.knn_k),
     probe=linear_probe(train, train_labels, test, test_labels, l2=sc.probe_l2),
+    knn_gap=knn_top1(train_gap, train_labels, test_gap, test_labels, k=sc.knn_k),
+    probe_gap=linear_probe(train_gap, train_labels, test_gap, test_labels, l2=sc.probe_l2),
     outliers=outliers,
   )
 
@@ -250,8 +259,10 @@ def summary_line(teacher: dict, student: dict) -> str:
   am = " ".join(f"{v:.3f}" for v in student["am_distance"])
   return (
     f"CKA per level {cka} | AM distance {am} | kNN {student['knn']:.1f}% (teacher "
-    f"{teacher['knn']:.1f}) | probe {student['probe']:.1f}% ({teacher['probe']:.1f}) | "
-    f"outliers {student['outliers']:.2f}% ({teacher['outliers']:.2f})"
+    f"{teacher['knn']:.1f}), of the mean patch {student['knn_gap']:.1f}% "
+    f"({teacher['knn_gap']:.1f}) | probe {student['probe']:.1f}% ({teacher['probe']:.1f}), "
+    f"{student['probe_gap']:.1f}% ({teacher['probe_gap']:.1f}) | outliers "
+    f"{student['outliers']:.2f}% ({teacher['outliers']:.2f})"
   )
 
 

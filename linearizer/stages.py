@@ -90,7 +90,8 @@ def run_distill(run: Run):
 
 def run_finetune(run: Run):
   student = workdir.pretrained_student(run.config, run.dir, run.classes)
-  supervised.run_supervised("finetune", run.config, run.dir, student, run.train_source)
+  teacher = run.teacher() if run.config.finetune.loss.kd else None  # logit distillation's
+  supervised.run_supervised("finetune", run.config, run.dir, student, run.train_source, teacher)
 
 
 def run_train_student(run: Run):
@@ -98,7 +99,10 @@ def run_train_student(run: Run):
   student = workdir.new_student(
     run.config, run.classes, (t.cfg.mean, t.cfg.std), drop_path=run.config.train_student.drop_path
   )
-  supervised.run_supervised("train_student", run.config, run.dir, student, run.train_source)
+  teacher = t if run.config.train_student.loss.kd else None  # logit distillation's
+  supervised.run_supervised(
+    "train_student", run.config, run.dir, student, run.train_source, teacher
+  )
 
 
 class Stage(NamedTuple):

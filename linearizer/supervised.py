@@ -140,15 +140,15 @@ def check_kd(config, stage: str) -> None:
     )
 
 
-def kd_teacher(config, stage: str, run_dir: str, num_classes: int) -> nnx.Module:
-  """The frozen classifier logit distillation learns from: `loss.kd_teacher`, else the run's
-  teacher; refused unless its head classifies the data's `num_classes`."""
+def kd_teacher(config, stage: str, teacher: Optional[nnx.Module], num_classes: int) -> nnx.Module:
+  """The frozen classifier logit distillation learns from: `loss.kd_teacher`, else
+  `teacher` (the run's); refused unless its head classifies the data's `num_classes`."""
   spec = config[stage].loss.kd_teacher
   if spec:  # another model than the run's teacher: only the teacher's dtype carries over
     overrides = config.teacher.overrides
     teacher = workdir.load_model(spec, {"dtype": overrides.dtype} if "dtype" in overrides else {})
-  else:
-    teacher = workdir.teacher(config, run_dir, num_classes)
+  if teacher is None:
+    raise UserError(f"{stage}.loss.kd={config[stage].loss.kd!r}: no teacher to learn from.")
   outputs = teacher.cfg.num_classes if teacher.head is not None else 0
   if outputs != num_classes:
     raise UserError(
@@ -161,17 +161,36 @@ def kd_teacher(config, stage: str, run_dir: str, num_classes: int) -> nnx.Module
   return teacher
 
 
-def run_supervised(stage: str, config, run_dir: str, model: nnx.Module, source) -> nnx.Module:
+def run_supervised(
+  stage: str,
+  config,
+  run_dir: str,
+  model: nnx.Module,
+  source,
+  teacher: Optional[nnx.Module] = None,
+) -> nnx.Module:
   """train_teacher, finetune, train_student: `model` trained on `source`'s labels (with
   `loss.kd`, also from the frozen teacher's logits).
 
-  Writes under `run_dir/<stage>/` and saves the result to `run_dir/<stage>/model`.
+  Args:
+    stage: the stage (its config block and directory).
+    config: the experiment config.
+    run_dir: the workdir; the stage writes under `run_dir/<stage>/` and saves the result to
+      `run_dir/<stage>/model`.
+    model: the model to train.
+    source: the labelled training images.
+    teacher: the run's trained teacher, which `loss.kd` learns from unless
+      `loss.kd_teacher` names another (needed when `loss.kd` is on and no kd_teacher is set).
+  Returns:
+    The trained model.
   """
   scfg = config[stage]
   check_kd(config, stage)
-  teacher = kd_teacher(config, stage, run_dir, model.cfg.num_classes) if scfg.loss.kd else None
-  if teacher is not None:
+  if scfg.loss.kd:
+    teacher = kd_teacher(config, stage, teacher, model.cfg.num_classes)
     log(f"[{stage}] {scfg.loss.kd} logit distillation (α = {scfg.loss.kd_weight}) from the teacher")
+  else:
+    teacher = None
   tx = optim.make_optimizer(scfg.optim, scfg.steps)
   step = make_supervised_step(model, tx, scfg, teacher)
   model = train.fit_stage(

@@ -74,7 +74,8 @@ def test_every_stage_writes_its_files(demo_run):
   assert set(results) == {"teacher", "student (distilled)", "student (from scratch)"}
   assert "cka" not in results["teacher"]  # the students are compared with it
   for name, row in results.items():
-    assert 0 <= row["knn"] <= 100 and 0 <= row["probe"] <= 100 and 0 <= row["outliers"] <= 100
+    for key in ("knn", "probe", "knn_gap", "probe_gap", "outliers"):
+      assert 0 <= row[key] <= 100, (name, key)
     if name != "teacher":
       assert len(row["cka"]) == len(row["am_distance"]) == 2  # the smoke models' depth
   for row in results.values():

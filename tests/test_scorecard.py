@@ -142,6 +142,11 @@ def test_own_measures_are_the_formulas_on_pooled_features(setting):
     assert result["knn"] == pytest.approx(knn)
     probe = make_pipeline(StandardScaler(), RidgeClassifier(alpha=1.0)).fit(train, train_labels)
     assert result["probe"] == pytest.approx(100 * np.mean(probe.predict(test) == test_labels))
+    gap = lambda out: np.asarray(out.patches).mean(axis=1)  # the mean final patch token
+    train_out = by_hand(config, model, train_src, 60)[0]
+    sk_gap = KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute")
+    knn_gap = sk_gap.fit(gap(train_out), train_labels).predict(gap(test_out))
+    assert result["knn_gap"] == pytest.approx(100 * np.mean(knn_gap == test_labels))
     norms = np.linalg.norm(np.asarray(test_out.roles.patches_of(test_out.blocks[-1])), axis=-1)
     share = 100 * np.mean(norms > 3.0 * np.median(norms, axis=1, keepdims=True))
     assert result["outliers"] == pytest.approx(share, abs=1e-9)
