@@ -160,6 +160,11 @@ def _read_config(directory):
       f"{directory} holds a {kind!r} model; the ONNX export writes the Adventurer student "
       "(model.json kind 'adventurer')."
     )
+  if cfg.ngroups != 1:  # the graph's SSD and gated norm are written for one B/C group
+    raise UserError(
+      f"{directory} holds a student with ngroups={cfg.ngroups}; the ONNX export writes "
+      "single-group students only (ngroups=1)."
+    )
   return cfg
 
 

@@ -72,6 +72,8 @@ class AdventurerConfig:
     """The config from a dict of fields (an export's, or model.json's `config`); fields of
     the JAX model that say only how it runs there (dtype, ssd_impl, drop_path, ...) are
     ignored."""
+    if fields.get("ngroups", 1) != 1:  # this file's mixer shares one B/C group over the heads
+      raise ValueError(f"ngroups={fields['ngroups']!r}: this model has one B/C group (ngroups=1).")
     known = {f.name for f in dataclasses.fields(cls)}
     kept = {k: tuple(v) if k in ("mean", "std") else v for k, v in fields.items() if k in known}
     if kept.get("chunk_size") == 0:  # JAX's "the measured table's": here, the default

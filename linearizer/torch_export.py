@@ -117,6 +117,11 @@ def _read_student(directory) -> tuple:
     raise UserError(
       f"{meta_path} holds no Adventurer config ({type(e).__name__}: {e}); expected {EXPECTED}."
     ) from e
+  if cfg.ngroups != 1:  # Adventurer's layout (torch_adventurer.py) shares B, C over the heads
+    raise UserError(
+      f"{directory} holds a student with ngroups={cfg.ngroups}; the torch export writes "
+      "Adventurer's layout, which has one B/C group (ngroups=1)."
+    )
   # Shapes checked against model.json before Orbax reads anything (a damaged export).
   abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param)
   saved.check_params(directory, cfg, abstract.to_pure_dict())

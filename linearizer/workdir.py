@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from linearizer import convert, models
+from linearizer import convert, models, teacher_init
 from linearizer.errors import UserError, log, main_process
 from linearizer.models import saved
 
@@ -140,23 +140,52 @@ def new_student(config, num_classes: int, norm, **extra) -> nnx.Module:
 
 
 def check_distill_init(config) -> None:
-  """Refuses a `distill.student_init` this version cannot build (before any stage runs)."""
-  if config.distill.student_init == "teacher":
-    raise UserError(
-      "distill.student_init='teacher' (a student built from the teacher's weights) is not "
-      "available yet; use '' (a fresh student) or a checkpoint ('fmt:path' or a model "
-      "directory)."
-    )
+  """Refuses, before any stage runs, a `distill.student_init='teacher'` that would fail
+  once the teacher is at hand: a pair of other kinds, or shapes that do not fit (unless
+  `distill.teacher_init_partial`). Only a teacher the config builds (no teacher.init) is
+  known here; a loaded one is checked when distillation starts."""
+  if config.distill.student_init != "teacher":
+    return
+  student_arch = models.ARCHITECTURES.get(config.student.kind)
+  teacher_arch = models.ARCHITECTURES.get(config.teacher.kind)
+  if student_arch is None or (teacher_arch is None and not config.teacher.init):
+    return  # an unknown kind: models.build names it when the stage builds the model
+  size = dict(image_size=config.data.image_size)
+  student_cfg = student_arch.variant(config.student.variant, **{**config.student.overrides, **size})
+  if config.teacher.init:
+    teacher_init.check_kinds(student_cfg)  # the teacher's is checked once loaded
+    return
+  teacher_cfg = teacher_arch.variant(config.teacher.variant, **{**config.teacher.overrides, **size})
+  teacher_init.check_fit(student_cfg, teacher_cfg, allow_partial=_partial(config))
 
 
-def distill_student(config, norm) -> nnx.Module:
-  """The student distillation starts from (`distill.student_init`, configs/common.py):
-  a fresh one normalised with `norm` (the teacher's statistics), or a checkpoint loaded
-  with student.overrides, its head dropped; drop path from the distill stage."""
+def _partial(config) -> bool:
+  return bool(config.distill.teacher_init_partial)
+
+
+def distill_student(config, norm, teacher: Optional[nnx.Module] = None) -> nnx.Module:
+  """The student distillation starts from (`distill.student_init`, configs/common.py).
+
+  Args:
+    config: the experiment config.
+    norm: (mean, std), the teacher's statistics: a fresh student is normalised with them.
+    teacher: the teacher, needed for `student_init='teacher'`.
+  Returns:
+    A fresh student (''); one with the teacher's weights copied in ('teacher', the table
+    of what came from where logged); or a checkpoint loaded with student.overrides, its
+    head dropped. Drop path from the distill stage in each case.
+  """
   check_distill_init(config)
   init, drop_path = config.distill.student_init, config.distill.drop_path
-  if not init:
-    return new_student(config, 0, norm, drop_path=drop_path)
+  if init in ("", "teacher"):
+    student = new_student(config, 0, norm, drop_path=drop_path)
+    if init == "teacher":
+      if teacher is None:
+        raise ValueError("distill_student: student_init='teacher' needs the teacher passed")
+      rows = teacher_init.init_from_teacher(student, teacher, allow_partial=_partial(config))
+      log("[distill] the student starts from the teacher's weights:")
+      log(teacher_init.format_table(rows, student.cfg.depth))
+    return student
   overrides = {**config.student.overrides, "image_size": config.data.image_size}
   return with_new_head(load_model(init, overrides), 0, config.seed + 1, drop_path=drop_path)
 

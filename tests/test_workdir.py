@@ -69,6 +69,40 @@ def test_distillation_can_start_from_a_checkpoint(tmp_path):
   assert student.cfg.mean == (0.5,) * 3 and student.cfg.std == (0.25,) * 3
   np.testing.assert_array_equal(student.pos_embed[...], base.pos_embed[...])
   np.testing.assert_array_equal(student.layers[1].mixer.A_log[...], base.layers[1].mixer.A_log[...])
-  c.distill.student_init = "teacher"
-  with pytest.raises(UserError, match="not available yet"):
-    workdir.distill_student(c, ((0.1,) * 3, (0.2,) * 3))
+
+
+def test_distillation_can_start_from_the_teachers_weights(tmp_path, capsys):
+  """distill.student_init='teacher': a fresh student with the teacher's weights copied in
+  (linearizer/teacher_init.py), the table logged; a student they do not fit is refused from
+  the config alone (before any stage runs) unless distill.teacher_init_partial."""
+  c = config()
+  c.distill = common.distill_stage(
+    steps=1, batch_size=8, lr=1e-3, loss=common.distill_loss(), student_init="teacher"
+  )
+  c.teacher.variant, c.teacher.overrides = "Ti/4", dict(TINY_VIT)
+  del c.teacher.overrides["image_size"], c.teacher.overrides["num_classes"]
+  c.student.variant = "Ti/4"
+  c.student.overrides = dict(TINY_STUDENT, expand=1, ngroups=2, mlp_ratio=2.0)
+  del c.student.overrides["image_size"]
+  workdir.check_distill_init(c)
+  teacher = models.build("vit", "Ti/4", **TINY_VIT)
+  norm = ((0.1,) * 3, (0.2,) * 3)
+  student = workdir.distill_student(c, norm, teacher)
+  assert student.cfg.mean == (0.1,) * 3 and student.head is None
+  np.testing.assert_array_equal(student.cls_token[...], teacher.cls_token[...])
+  np.testing.assert_array_equal(
+    student.layers[1].mixer.out_proj.kernel[...], teacher.blocks[1].attn.proj.kernel[...]
+  )
+  assert "blocks.{i}.attn.qkv.kernel[:, 64:96] (V)" in capsys.readouterr().out
+  c.student.overrides = dict(TINY_STUDENT)  # expand 2, one group, MLP ratio 2.5
+  del c.student.overrides["image_size"]
+  for check in (
+    lambda: workdir.check_distill_init(c),
+    lambda: workdir.distill_student(c, norm, teacher),
+  ):
+    with pytest.raises(UserError, match=r"ngroups 1 ≠ teacher num_heads 2.*teacher_init_partial"):
+      check()
+  c.distill.teacher_init_partial = True
+  workdir.check_distill_init(c)
+  student = workdir.distill_student(c, norm, teacher)
+  np.testing.assert_array_equal(student.cls_token[...], teacher.cls_token[...])

@@ -51,6 +51,8 @@ class AdventurerConfig:
   d_state: int = 64
   headdim: int = 64
   expand: int = 2
+  ngroups: int = 1  # B/C groups of the SSM heads (mamba-ssm's ngroups); a student initialised
+  # from a ViT teacher has one per attention head (linearizer/teacher_init.py)
   mlp_ratio: float = 2.5
   chunk_size: int = 0  # tokens per SSD chunk; 0: kernels.CHUNK_TABLE's for the backend and
   # length (64 on a CPU, 256 where unmeasured)
@@ -84,6 +86,12 @@ class AdventurerConfig:
     if (self.expand * self.width) % self.headdim:
       raise UserError(
         f"expand*width={self.expand * self.width} is not a multiple of headdim={self.headdim}."
+      )
+    heads = self.expand * self.width // self.headdim
+    if not isinstance(self.ngroups, int) or self.ngroups < 1 or heads % self.ngroups:
+      raise UserError(
+        f"ngroups={self.ngroups!r}; expected a positive integer dividing the "
+        f"{heads} SSM heads (expand*width/headdim)."
       )
 
 
@@ -121,6 +129,7 @@ class Block(nnx.Module):
       d_state=cfg.d_state,
       headdim=cfg.headdim,
       expand=cfg.expand,
+      ngroups=cfg.ngroups,
       chunk_size=cfg.chunk_size,
       ssd_impl=cfg.ssd_impl,
       ssd_interpret=cfg.ssd_interpret,
