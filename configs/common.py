@@ -149,15 +149,31 @@ def stage(
 
 
 def distill_stage(
-  *, student_init="", teacher_input="resample", diagnose_images=8, scorecard_every=0, **stage_args
+  *,
+  student_init="",
+  teacher_init_partial=False,
+  teacher_input="resample",
+  diagnose_images=8,
+  scorecard_every=0,
+  teacher_cache="off",
+  teacher_cache_views=2,
+  teacher_cache_dir="",
+  teacher_cache_dtype="bfloat16",
+  **stage_args,
 ) -> ml_collections.ConfigDict:
   """The `distill` stage: `stage(...)`, the student it starts from, what the teacher sees.
 
   student_init: '' a fresh student of student.kind / student.variant (the paper); a
     converted directory or 'fmt:path' (e.g. the public supervised Adventurer,
     'adventurer:/ckpt/adventurer_base_patch16_224.pth'), loaded with student.overrides and
-    its head dropped; 'teacher' is reserved for a student built from the teacher's weights
-    (not available yet). Distinct from student.init, the student fine-tuning starts from.
+    its head dropped; 'teacher' a fresh student with what has a counterpart copied from the
+    teacher (linearizer/teacher_init.py: patch and position embeddings, norms, attention
+    V/K/Q/O into x/B/C/out_proj, the MLP into the SwiGLU; the table of what was copied is
+    logged), which needs a student of the teacher's width and depth and, for the mixer and
+    MLP, `student.overrides` that fit (ngroups = heads, d_state = head dim, ...).
+    Distinct from student.init, the student fine-tuning starts from.
+  teacher_init_partial: with student_init='teacher', copy what fits and leave the rest
+    random instead of refusing a pair whose shapes differ (the refusal names them).
   teacher_input: when the teacher's patch grid differs from the student's (ViT-L/14 vs a
     patch-16 student), 'resample' feeds the teacher the student's images and resamples its
     tokens bicubically to the student's grid (method.md §4); 'resize' feeds it the images
@@ -168,12 +184,29 @@ def distill_stage(
   scorecard_every: measure the representation scorecard (the `scorecard` block) every this
     many steps and at the end, into metrics.jsonl / TensorBoard and distill/scorecard.png;
     0 = never during distillation (the eval stage still reports it).
+  teacher_cache: the teacher-feature cache (linearizer/teacher_cache.py): 'off' (the
+    paper: fresh views every epoch, the teacher runs every step); 'write' (draw
+    `teacher_cache_views` views per example once, store the teacher's outputs for them,
+    then train cycling through them without the teacher); 'read' (train from a cache
+    already written, e.g. into a shared `teacher_cache_dir`); 'auto' ('write' where the
+    stage reads more views than the cache holds and it fits on the disk, else 'off').
+  teacher_cache_views: views stored per example (epoch e trains on view e mod V).
+  teacher_cache_dir: where the cache goes, on local disk ('' = <workdir>/distill/
+    teacher_cache); a cache there from another teacher, resolution or augmentation is
+    refused with the differing fields named.
+  teacher_cache_dtype: 'bfloat16' (half the disk) or 'float32' (the step's losses exactly
+    as without a cache).
   """
   c = stage(**stage_args)
   c.student_init = student_init
+  c.teacher_init_partial = teacher_init_partial
   c.teacher_input = teacher_input
   c.diagnose_images = diagnose_images
   c.scorecard_every = scorecard_every
+  c.teacher_cache = teacher_cache
+  c.teacher_cache_views = teacher_cache_views
+  c.teacher_cache_dir = teacher_cache_dir
+  c.teacher_cache_dtype = teacher_cache_dtype
   return c
 
 

@@ -565,13 +565,18 @@ def train_batches(
     source, order, Transform(cfg, True, mean, std), seed, global_batch, local, process_index * local
   )
   ds = grain.MapDataset.range(start_step * local, 2**62).map(fn).batch(local, batch_fn=_stack)
+  return iterate(ds, cfg.workers)
+
+
+def iterate(ds: grain.MapDataset, workers: int) -> Iterator:
+  """An iterator over `ds`, read by `workers` processes (0: in this one)."""
   it = ds.to_iter_dataset()
-  if cfg.workers:
+  if workers:
     # grain's workers read its absl flags, which raises outside absl.app (a notebook, a
     # test) unless they are marked parsed (google/grain#1355); the defaults are kept.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=cfg.workers))
+    it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers))
   return iter(it)
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from linearizer import convert, data, losses, optim, train, workdir
+from linearizer import convert, data, losses, optim, sharding, teacher_cache, train, workdir
 from linearizer.errors import UserError, log, main_process
 
 
@@ -104,16 +104,57 @@ def teacher_view(images, student_cfg, teacher_cfg, teacher_input: str = "resampl
   s_norm = (tuple(student_cfg.mean), tuple(student_cfg.std))
   t_norm = (tuple(teacher_cfg.mean), tuple(teacher_cfg.std))
   out = images if s_norm == t_norm else renormalise(images, s_norm, t_norm)
-  if teacher_input == "resize":
-    b, h, w, c = images.shape
-    size = (h // student_cfg.patch * teacher_cfg.patch, w // student_cfg.patch * teacher_cfg.patch)
-    if size != (h, w):
-      out = jax.image.resize(out, (b, *size, c), "bicubic")
+  b, h, w, c = images.shape
+  size = teacher_size(h, w, student_cfg, teacher_cfg, teacher_input)
+  if size != (h, w):
+    out = jax.image.resize(out, (b, *size, c), "bicubic")
   return out
 
 
+def teacher_size(h: int, w: int, student_cfg, teacher_cfg, teacher_input: str) -> tuple:
+  """The (height, width) of the images the teacher sees for the student's (h, w)."""
+  if teacher_input == "resize":
+    return (h // student_cfg.patch * teacher_cfg.patch, w // student_cfg.patch * teacher_cfg.patch)
+  return (h, w)
+
+
+def make_teacher_targets(teacher: nnx.Module, student_cfg, config) -> Callable:
+  """What the losses need of the frozen teacher, as a pure function of its parameters.
+
+  Args:
+    teacher: the frozen teacher (its graph; the parameters are the function's argument).
+    student_cfg: the student's config (its patch and normalisation).
+    config: the stage's settings: `loss` (am_features, num_stages) and `teacher_input`.
+  Returns:
+    `targets(teacher_params, images) -> {'levels': [(cls, patches)] per AM level, 'final':
+    the last block's patch tokens}` for `images` normalised with the student's statistics:
+    the distillation step computes it every step, and `teacher_cache` stores it per view.
+  """
+  dcfg = config.loss
+  # The teacher's non-Param state (drop-path RNG streams, unused in eval mode) is kept as a
+  # constant: callers pass only its nnx.Param state.
+  graphdef, _, rest = nnx.split(teacher, nnx.Param, ...)
+  t_cfg = teacher.cfg
+  levels = losses.level_pairs(t_cfg.depth, student_cfg.depth, dcfg.num_stages)
+
+  def targets(teacher_params, images):
+    t_images = teacher_view(images, student_cfg, t_cfg, config.teacher_input)
+    t_model = nnx.merge(graphdef, teacher_params, rest)
+    out = t_model(t_images)
+    t_levels = [
+      losses.split_roles(am_tokens(t_model, out, i, dcfg.am_features), out.roles) for i, _ in levels
+    ]
+    return {"levels": t_levels, "final": out.roles.patches_of(out.blocks[-1])}
+
+  return targets
+
+
 def make_distill_step(
-  distiller: Distiller, teacher: nnx.Module, tx: optax.GradientTransformation, config
+  distiller: Distiller,
+  teacher: nnx.Module,
+  tx: optax.GradientTransformation,
+  config,
+  cached: bool = False,
 ) -> Callable:
   """The distillation step: teacher forward (frozen), student forward and backward, update.
 
@@ -122,36 +163,25 @@ def make_distill_step(
     teacher: the frozen teacher (its graph; its nnx.Param state is the step's argument).
     tx: the optimizer (`optim.make_optimizer`).
     config: the stage's settings: `steps` (where the lr schedule ends), `loss`
-      (configs.common.distill_loss) and `optim` (configs.common.optim).
+      (configs.common.distill_loss), `optim` (configs.common.optim) and `teacher_input`.
+    cached: the teacher's outputs come with the batch (`teacher_cache.CachedBatch`, read
+      from the teacher-feature cache) instead of being computed by the step.
   Returns:
-    `step(state, teacher_params, batch, rng) -> (state, metrics)`; `batch` a `data.Batch`
-    normalised with the student's statistics.
+    `step(state, teacher_params, batch, rng) -> (state, metrics)`, or with `cached`
+    `step(state, batch, rng)`; `batch` normalised with the student's statistics.
   """
   dcfg, ocfg = config.loss, config.optim
   graphdef = nnx.graphdef(distiller)
-  # The teacher's non-Param state (drop-path RNG streams, unused in eval mode) is kept as a
-  # constant: callers pass only its nnx.Param state.
-  teacher_graphdef, _, teacher_rest = nnx.split(teacher, nnx.Param, ...)
   s_cfg, t_cfg = distiller.student.cfg, teacher.cfg
   levels = losses.level_pairs(t_cfg.depth, s_cfg.depth, dcfg.num_stages)
   lr = optim.schedule(ocfg, config.steps)
+  teacher_targets = make_teacher_targets(teacher, s_cfg, config)
 
-  def step(state: train.TrainState, teacher_params, batch: data.Batch, rng):
-    images = batch.image
+  def update(state: train.TrainState, images, teacher_out, rng):
     b, h, w, _ = images.shape
     rng = jax.random.fold_in(rng, state.step)
-    # The teacher is frozen: its forward sits outside value_and_grad, under stop_gradient.
-    t_images = teacher_view(images, s_cfg, t_cfg, config.teacher_input)
-    t_model = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
-    t_out = t_model(t_images)
-    t_levels = [
-      losses.split_roles(am_tokens(t_model, t_out, i, dcfg.am_features), t_out.roles)
-      for i, _ in levels
-    ]
-    teacher_out = jax.lax.stop_gradient(
-      {"levels": t_levels, "final": t_out.roles.patches_of(t_out.blocks[-1])}
-    )
-    teacher_grid = (t_images.shape[1] // t_cfg.patch, t_images.shape[2] // t_cfg.patch)
+    t_size = teacher_size(h, w, s_cfg, t_cfg, config.teacher_input)
+    teacher_grid = (t_size[0] // t_cfg.patch, t_size[1] // t_cfg.patch)
     n = (h // s_cfg.patch) * (w // s_cfg.patch)
 
     def loss_fn(params, mb, rng):
@@ -181,7 +211,17 @@ def make_distill_step(
     metrics.update(grad_norm=optax.global_norm(grads), lr=lr(state.step))
     return train.apply_update(state, grads, tx, ocfg.ema_decay), metrics
 
-  return step
+  def step(state: train.TrainState, teacher_params, batch: data.Batch, rng):
+    # The teacher is frozen: its forward sits outside value_and_grad, under stop_gradient.
+    teacher_out = jax.lax.stop_gradient(teacher_targets(teacher_params, batch.image))
+    return update(state, batch.image, teacher_out, rng)
+
+  def cached_step(state: train.TrainState, batch: teacher_cache.CachedBatch, rng):
+    # Stored in bf16 (distill.teacher_cache_dtype) to halve the disk; the losses run in f32.
+    teacher_out = jax.tree.map(lambda x: x.astype(jnp.float32), batch.teacher)
+    return update(state, batch.image, teacher_out, rng)
+
+  return cached_step if cached else step
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,7 +287,7 @@ def run_distill(
   """
   dcfg = config.distill
   check_teacher(teacher, dcfg.loss.scope)
-  student = workdir.distill_student(config, (teacher.cfg.mean, teacher.cfg.std))
+  student = workdir.distill_student(config, (teacher.cfg.mean, teacher.cfg.std), teacher)
   if dcfg.diagnose_images and main_process():
     stats = teacher_cosines(config, teacher, student, source)
     for mode, per_level in stats.items():
@@ -265,7 +305,8 @@ def run_distill(
   norm = (student.cfg.mean, student.cfg.std)
   distiller = Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(config.seed + 2))
   tx = optim.make_optimizer(dcfg.optim, dcfg.steps)
-  step = make_distill_step(distiller, teacher, tx, dcfg)
+  cache = cached_teacher(config, run_dir, teacher, student, source)
+  step = make_distill_step(distiller, teacher, tx, dcfg, cached=cache is not None)
   distiller = train.fit_stage(
     config,
     run_dir,
@@ -275,8 +316,72 @@ def run_distill(
     tx,
     norm=norm,
     source=source,
-    frozen=(nnx.state(teacher, nnx.Param),),
+    # From the cache the step never runs the teacher: its weights stay off the devices.
+    frozen=() if cache else (nnx.state(teacher, nnx.Param),),
     hooks=hooks,
+    batches=cache.batches(config.seed, config.data.workers) if cache else None,
   )
   workdir.save_stage_model(run_dir, "distill", distiller.student)
   return distiller.student
+
+
+def cached_teacher(config, run_dir: str, teacher, student, source):
+  """The stage's teacher-feature cache (`distill.teacher_cache`), written where it is
+  missing, or None when the teacher runs every step (`off`, or `auto` where a cache would
+  not pay or fit)."""
+  dcfg = config.distill
+  if dcfg.teacher_cache == "off":
+    return None
+  data_cfg, train_source = (
+    train.stage_data(config, "distill"),
+    train.stage_source(config, "distill", source),
+  )
+  views = teacher_cache.Views(
+    train_source,
+    data_cfg,
+    seed=config.seed,
+    views=dcfg.teacher_cache_views,
+    mean=student.cfg.mean,
+    std=student.cfg.std,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  levels = losses.level_pairs(teacher.cfg.depth, student.cfg.depth, dcfg.loss.num_stages)
+  # Everything the cached views and outputs depend on besides the teacher's weights (hashed
+  # by the cache): a cache written for anything else is refused, the fields named.
+  fingerprint = dict(
+    teacher=convert.describe(teacher),
+    source=train_source.name,
+    examples=len(train_source),
+    **{k: data_cfg[k] for k in ("image_size", "crop_scale", "flip", "randaugment")},
+    student_patch=student.cfg.patch,
+    student_norm=[list(student.cfg.mean), list(student.cfg.std)],
+    teacher_input=dcfg.teacher_input,
+    am_features=dcfg.loss.am_features,
+    teacher_blocks=[i for i, _ in levels],
+    seed=config.seed,
+  )
+  params = nnx.state(teacher, nnx.Param)
+  directory = dcfg.teacher_cache_dir or os.path.join(
+    workdir.stage_dir(run_dir, "distill"), "teacher_cache"
+  )
+  cache = teacher_cache.TeacherCache(
+    directory,
+    views,
+    make_teacher_targets(teacher, student.cfg, dcfg),
+    params,
+    json.loads(json.dumps(fingerprint)),  # tuples as lists: as meta.json reads back
+    dcfg.teacher_cache_dtype,
+    data_cfg.image_size,
+    local_batch=dcfg.batch_size // jax.process_count(),
+  )
+  return teacher_cache.prepare(
+    dcfg.teacher_cache,
+    cache,
+    trained_views=dcfg.steps * dcfg.batch_size,
+    teacher_params=params,
+    mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp),
+    rules=[tuple(r) for r in config.mesh.rules],
+    fsdp_min_size=config.mesh.fsdp_min_size,
+    workers=config.data.workers,
+  )

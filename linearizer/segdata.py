@@ -17,7 +17,6 @@ from typing import Iterator, Optional, Sequence
 
 import grain
 import numpy as np
-from absl import flags
 from PIL import Image, ImageFilter
 
 from linearizer import data
@@ -607,13 +606,7 @@ def train_batches(
   )  # fmt: skip
   fn = _TrainExample(source, order, transform, seed, global_batch, local, process_index * local)
   ds = grain.MapDataset.range(start_step * local, 2**62).map(fn).batch(local, batch_fn=_stack)
-  it = ds.to_iter_dataset()
-  if workers:
-    # As data.train_batches: grain's workers read absl flags (google/grain#1355).
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers))
-  return iter(it)
+  return data.iterate(ds, workers)
 
 
 def eval_items(

@@ -25,6 +25,7 @@ from linearizer import (
   scorecard,
   segment,
   supervised,
+  teacher_cache,
   visualize,
   workdir,
 )
@@ -221,7 +222,13 @@ def check_config(config) -> None:
     # distill block with `stage` and would fail half-way.
     missing = [
       k
-      for k in ("student_init", "teacher_input", "diagnose_images", "scorecard_every")
+      for k in (
+        "student_init",
+        "teacher_input",
+        "diagnose_images",
+        "scorecard_every",
+        "teacher_cache",
+      )
       if k not in config.distill
     ]
     if missing:
@@ -230,6 +237,7 @@ def check_config(config) -> None:
         "(common.stage plus the distillation-only fields)."
       )
     workdir.check_distill_init(config)
+    teacher_cache.check_config(config.distill)
     if config.distill.teacher_input not in distill.TEACHER_INPUTS:
       raise UserError(
         f"distill.teacher_input={config.distill.teacher_input!r}; expected one of "

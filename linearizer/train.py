@@ -280,17 +280,26 @@ def run_hooks(due, step: int, module, writer: metrics.MetricWriter) -> None:
 # ---------------------------------------------------------------------------------------
 # A stage of an experiment config, through `fit`.
 # ---------------------------------------------------------------------------------------
-def stage_batches(config, stage: str, source, norm) -> Callable[[int], Iterator]:
-  """`start_step -> batches` of a training stage: its label subset, augmentation, batch."""
+def stage_source(config, stage: str, source):
+  """What stage `stage` trains on: `source`, or its fixed `num_labels` subset."""
   scfg = config[stage]
   if scfg.num_labels:
     label_seed = config.seed if config.label_seed < 0 else config.label_seed
     source = data.Subset(source, scfg.num_labels, seed=label_seed)
-  dcfg = data.override(config.data, **scfg.augment)
+  return source
+
+
+def stage_data(config, stage: str):
+  """The data config stage `stage` trains with: `data`, with the stage's `augment` fields."""
+  return data.override(config.data, **config[stage].augment)
+
+
+def stage_batches(config, stage: str, source, norm) -> Callable[[int], Iterator]:
+  """`start_step -> batches` of a training stage: its label subset, augmentation, batch."""
   return lambda start: data.train_batches(
-    source,
-    dcfg,
-    global_batch=scfg.batch_size,
+    stage_source(config, stage, source),
+    stage_data(config, stage),
+    global_batch=config[stage].batch_size,
     seed=config.seed,
     mean=norm[0],
     std=norm[1],
@@ -312,17 +321,19 @@ def fit_stage(
   source,
   frozen: tuple = (),
   hooks: Sequence[tuple] = (),
+  batches: Optional[Callable[[int], Iterator]] = None,
 ) -> nnx.Module:
   """`fit` with the settings an experiment config gives stage `stage` (`config.<stage>`,
   `mesh`, `checkpoint`, `log_every`, `nan_policy`, `seed`), in `run_dir/<stage>/`; the
-  batches are normalised with `norm` = (mean, std)."""
+  batches are normalised with `norm` = (mean, std), or are `batches` (`start_step ->
+  iterator`, e.g. the teacher cache's) when given."""
   scfg = config[stage]
   return fit(
     workdir.stage_dir(run_dir, stage),
     module,
     step_fn,
     tx=tx,
-    batches=stage_batches(config, stage, source, norm),
+    batches=batches or stage_batches(config, stage, source, norm),
     steps=scfg.steps,
     batch_size=scfg.batch_size,
     mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp),

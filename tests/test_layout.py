@@ -25,6 +25,8 @@ TIERS = {
   "linearizer.supervised": 3,
   "linearizer.train": 4,
   "linearizer.workdir": 4,
+  "linearizer.teacher_init": 4,
+  "linearizer.teacher_cache": 4,
   "linearizer.export": 4,
   "linearizer.losses": 5,
   "linearizer.bench_results": 5,

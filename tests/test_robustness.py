@@ -451,13 +451,45 @@ def test_teacher_overrides_that_contradict_its_checkpoint(reference, tmp_path):
   assert not (tmp_path / "workdir" / "distill").exists()
 
 
+def test_a_teacher_cache_of_another_setup_or_none_at_all(reference, tmp_path):
+  """A cache shared between runs (distill.teacher_cache_dir) is read by a run of the same
+  setup and refused, fields named and files untouched, by a run of another seed; 'read'
+  with no cache says so. Nothing is trained by a refused run."""
+  teacher = f"--config.teacher.init={reference / 'train_teacher' / 'model'}"
+  cache = tmp_path / "cache"
+  shared = (teacher, "--config.stages=('distill',)", f"--config.distill.teacher_cache_dir={cache}")
+  run_main(tmp_path / "a", *shared, "--config.distill.teacher_cache=write")
+  files = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+  proc = run_main(tmp_path / "b", *shared, "--config.distill.teacher_cache=read")
+  assert "(complete)" in proc.stdout and "teacher cache: batch" not in proc.stdout
+  proc = run_main(
+    tmp_path / "c", *shared, "--config.distill.teacher_cache=auto", "--config.seed=1", code=2
+  )
+  assert_clean_error(proc, "another setup", "seed: cached 0 vs now 1", "teacher_cache_dir")
+  assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == files
+  assert not (tmp_path / "c" / "distill" / "ckpt").exists()
+  proc = run_main(
+    tmp_path / "d",
+    teacher,
+    "--config.stages=('distill',)",
+    "--config.distill.teacher_cache=read",
+    code=2,
+  )
+  assert_clean_error(proc, "distill.teacher_cache='read'", "not there", "'write' or 'auto'")
+  assert not (tmp_path / "d" / "distill" / "ckpt").exists()
+
+
 @pytest.mark.parametrize(
   "flag,phrases",
   [
     ("--config.eval.extra_models=('no_equals_sign',)", ("'no_equals_sign'", "name=fmt:path")),
-    ("--config.distill.student_init=teacher", ("student_init='teacher'", "not available yet")),
+    (  # the smoke student (expand 2, one group, MLP ratio 2.5) does not fit its teacher
+      "--config.distill.student_init=teacher",
+      ("student_init='teacher'", "ngroups 1 ≠ teacher num_heads 2", "teacher_init_partial=true"),
+    ),
     ("--config.finetune.loss.kd=bogus", ("finetune.loss.kd='bogus'", "'soft', 'hard'")),
     ("--config.train_teacher.loss.kd=soft", ("train_teacher.loss.kd='soft'", "finetune")),
+    ("--config.distill.teacher_cache=always", ("distill.teacher_cache='always'", "'auto'")),
   ],
 )
 def test_refused_before_any_stage_runs(tmp_path, flag, phrases):

@@ -1,0 +1,404 @@
+"""The teacher-feature cache: distillation epochs without the teacher (`distill.teacher_cache`).
+
+AM's maps and MP's targets depend only on the teacher's tokens at the K level ends for a
+given augmented view. Without a cache every epoch draws fresh views and the teacher runs on
+each. With one, `distill.teacher_cache_views` views per example are drawn once, the
+teacher's outputs for them are written to local disk, and training cycles through those
+views (epoch e reads view e mod V of every example) without running the teacher: the view
+and its features always match, as in big_vision's "consistent teacher" (Beyer et al. 2022,
+"Knowledge distillation: a good teacher is patient and consistent").
+
+On disk, per process (`process<p>of<P>/`, each holding the examples p, p + P, ...):
+  meta.json     the fingerprint of what the cache was written for (teacher weights, image
+                size, augmentation, seed, views, ...) and the arrays' shapes
+  progress.json the number of write batches done (a stopped write resumes there)
+  leaf<i>.bin   one raw array per output of `distill.make_teacher_targets`, a row per view
+  checks.bin    each view's pixel sum: a view re-drawn differently (another Pillow) is caught
+A view is (example j, view v): its augmentation draws from `np.random.default_rng([seed, j,
+v])`, so the cache stores the augmentation's parameters as the seed they come from and
+training re-draws the identical image.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable, Iterator, NamedTuple, Optional
+
+import grain
+import jax
+import ml_dtypes
+import numpy as np
+import PIL
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+
+from linearizer import data, sharding
+from linearizer.errors import UserError, log, main_process
+
+MODES = ("off", "write", "read", "auto")  # distill.teacher_cache (configs/common.py)
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}  # distill.teacher_cache_dtype
+PROGRESS_EVERY = 20  # write batches between progress records (and progress lines)
+
+
+class CachedBatch(NamedTuple):
+  """A training batch read from the cache (a pytree, as `data.Batch`).
+
+  image: (B, H, W, 3) float32 views, normalised with the student's statistics.
+  label: (B,) int32 (unused by distillation).
+  teacher: the teacher's outputs for these views (`distill.make_teacher_targets`'s tree).
+  """
+
+  image: np.ndarray
+  label: np.ndarray
+  teacher: Any
+
+
+def check_config(dcfg) -> None:
+  """Refuses a cache setting that cannot work, before any stage runs."""
+  if dcfg.teacher_cache not in MODES:
+    raise UserError(f"distill.teacher_cache={dcfg.teacher_cache!r}; expected one of {MODES}.")
+  views = dcfg.teacher_cache_views
+  if not isinstance(views, int) or views < 1:
+    raise UserError(f"distill.teacher_cache_views={views!r}; expected a positive integer.")
+  if dcfg.teacher_cache_dtype not in DTYPES:
+    raise UserError(
+      f"distill.teacher_cache_dtype={dcfg.teacher_cache_dtype!r}; expected one of {tuple(DTYPES)}."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The views: which example and augmentation each cache row holds.
+# ---------------------------------------------------------------------------------------
+class Views:
+  """This process's cached views: row k is view k mod V of example `examples[k // V]`."""
+
+  def __init__(self, source, cfg, *, seed, views, mean, std, process_index, process_count):
+    self.source, self.seed, self.views = source, seed, views
+    self.examples = np.arange(process_index, len(source), process_count)
+    self.transform = data.Transform(cfg, True, mean, std)
+
+  def __len__(self) -> int:
+    return len(self.examples) * self.views
+
+  def view(self, k: int) -> tuple:
+    """(image, label, pixel sum) of row k: the same image whenever it is drawn."""
+    position, v = divmod(int(k), self.views)
+    j = int(self.examples[position])
+    image, label = self.source[j]
+    image = self.transform(image, np.random.default_rng([self.seed, j, v]))
+    return image, label, float(image.sum(dtype=np.float64))
+
+
+class _WriteExample:
+  """Row k -> (image, pixel sum); the rows past the end (the last batch's padding) zeros."""
+
+  def __init__(self, views: Views, shape):
+    self.views, self.shape = views, shape
+
+  def __call__(self, k):
+    if k >= len(self.views):
+      return np.zeros(self.shape, np.float32), 0.0
+    image, _, check = self.views.view(k)
+    return image, check
+
+
+class _ReadExample:
+  """Local stream index g -> (image, label, the cached teacher outputs of its view).
+
+  Epoch e = g // N visits this process's N examples in a per-epoch shuffled order and
+  reads view e mod V of each; the arrays are opened in whichever process reads them.
+  """
+
+  def __init__(self, views: Views, order, directory: str, leaves: list, dtype):
+    self.views, self.order, self.directory = views, order, directory
+    self.leaves, self.dtype, self.arrays = leaves, dtype, None
+
+  def __getstate__(self):  # memory maps are reopened in a worker, never pickled
+    return {**self.__dict__, "arrays": None}
+
+  def __call__(self, g):
+    if self.arrays is None:
+      self.arrays = open_arrays(self.directory, self.leaves, self.dtype, len(self.views), "r")
+    n = len(self.views.examples)
+    k = int(self.order[int(g)]) * self.views.views + (int(g) // n) % self.views.views
+    image, label, check = self.views.view(k)
+    stored = float(self.arrays["checks"][k])
+    if not math.isclose(check, stored, rel_tol=1e-5, abs_tol=1e-3):
+      raise UserError(
+        f"teacher cache {self.directory}: view {k} no longer draws the image it was written "
+        f"for (pixel sum {check:.6g} vs {stored:.6g}; another Pillow or numpy?): delete the "
+        "directory to write it again."
+      )
+    return image, label, [np.asarray(a[k]) for a in self.arrays["leaves"]]
+
+
+def _stack_written(rows):
+  return np.stack([r[0] for r in rows]), np.asarray([r[1] for r in rows], np.float64)
+
+
+def _stack_read(rows):
+  leaves = [np.stack([r[2][i] for r in rows]) for i in range(len(rows[0][2]))]
+  return np.stack([r[0] for r in rows]), np.asarray([r[1] for r in rows], np.int32), leaves
+
+
+# ---------------------------------------------------------------------------------------
+# The arrays on disk.
+# ---------------------------------------------------------------------------------------
+def open_arrays(directory: str, leaves: list, dtype, rows: int, mode: str) -> dict:
+  """{'leaves': a memory map per teacher output, 'checks': the views' pixel sums}."""
+  arrays = [
+    np.memmap(os.path.join(directory, f"leaf{i}.bin"), dtype, mode, shape=(rows, *shape))
+    for i, shape in enumerate(leaves)
+  ]
+  checks = np.memmap(os.path.join(directory, "checks.bin"), np.float64, mode, shape=(rows,))
+  return {"leaves": arrays, "checks": checks}
+
+
+def size_of(leaves: list, dtype, rows: int) -> int:
+  """Bytes the cache takes: every output and pixel sum, for every row."""
+  per_row = sum(math.prod(shape) for shape in leaves) * np.dtype(dtype).itemsize + 8
+  return per_row * rows
+
+
+def human(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}"
+    n /= 1024
+
+
+def _read_json(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + ".tmp", path)  # a stop mid-write leaves the previous record
+
+
+def parameters_digest(params) -> str:
+  """A hash of the teacher's weights: a cache of another teacher is never read."""
+  digest = hashlib.blake2b(digest_size=16)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}{array.shape}{array.dtype}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def differences(cached: dict, now: dict) -> list:
+  """'field: cached … vs now …' for every fingerprint field that differs."""
+  return [
+    f"{k}: cached {cached.get(k)!r} vs now {now.get(k)!r}"
+    for k in sorted(set(cached) | set(now))
+    if cached.get(k) != now.get(k)
+  ]
+
+
+def all_processes(flag: bool) -> bool:
+  """Whether `flag` holds on every process (multi-host runs decide together)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def fewest(n: int) -> int:
+  """The smallest of every process's `n`."""
+  if jax.process_count() == 1:
+    return n
+  return int(np.min(multihost_utils.process_allgather(np.asarray(n))))
+
+
+# ---------------------------------------------------------------------------------------
+# The cache of one distillation stage.
+# ---------------------------------------------------------------------------------------
+class TeacherCache:
+  """This process's cache: written by `write`, read through `batches`.
+
+  Args:
+    directory: the cache's directory (this process's `process<p>of<P>/` is made in it).
+    views: this process's views (`Views`).
+    targets: `(teacher_params, images) -> tree` (`distill.make_teacher_targets`).
+    teacher_params: the teacher's nnx.Param state (hashed into the fingerprint).
+    fingerprint: what else the cache depends on ({field: JSON value}).
+    dtype: 'bfloat16' or 'float32'.
+    image_size: the views' side.
+    local_batch: rows per write batch and per training batch on this process.
+  """
+
+  def __init__(
+    self, directory, views, targets, teacher_params, fingerprint, dtype, image_size, local_batch
+  ):
+    p, n = jax.process_index(), jax.process_count()
+    self.directory = os.path.join(directory, f"process{p}of{n}")
+    self.views, self.targets, self.dtype = views, targets, DTYPES[dtype]
+    self.shape, self.local_batch = (image_size, image_size, 3), local_batch
+    example = jax.ShapeDtypeStruct((1, *self.shape), np.float32)
+    out = jax.eval_shape(targets, teacher_params, example)
+    self.treedef = jax.tree.structure(out)
+    self.leaves = [list(x.shape[1:]) for x in jax.tree.leaves(out)]
+    self.fingerprint = {
+      **fingerprint,
+      "teacher_weights": parameters_digest(teacher_params),
+      "views": len(views),
+      "dtype": dtype,
+      "outputs": self.leaves,
+      "process": f"{p} of {n}",
+      "pillow": PIL.__version__,
+      "numpy": np.__version__,
+    }
+    self.write_batches = -(-len(views) // local_batch)
+    if n > 1:  # every process runs the same number of write steps (they are collective)
+      self.write_batches = int(np.max(multihost_utils.process_allgather(self.write_batches)))
+
+  @property
+  def bytes(self) -> int:
+    return size_of(self.leaves, self.dtype, len(self.views))
+
+  def check_fingerprint(self) -> None:
+    """Refuses a cache written for another setup, naming what differs."""
+    meta = _read_json(os.path.join(self.directory, "meta.json"))
+    if meta is not None and meta["fingerprint"] != json.loads(json.dumps(self.fingerprint)):
+      raise UserError(
+        f"The teacher cache in {self.directory} was written for another setup ("
+        + "; ".join(differences(meta["fingerprint"], self.fingerprint))
+        + "): delete it, or set distill.teacher_cache_dir to another directory."
+      )
+
+  def progress(self) -> int:
+    """Write batches done (0 for no cache)."""
+    record = _read_json(os.path.join(self.directory, "progress.json"))
+    return record["batches"] if record else 0
+
+  def complete(self) -> bool:
+    return self.progress() >= self.write_batches
+
+  def fits(self) -> tuple:
+    """(whether the rest of the cache fits on the disk, what it needs, what is free)."""
+    parent = self.directory
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    done = self.progress() * self.local_batch * self.bytes / max(1, len(self.views))
+    need = max(0.0, self.bytes - done)
+    free = shutil.disk_usage(parent).free
+    return need <= free, need, free
+
+  def write(self, teacher_params, mesh, rules, fsdp_min_size: int, workers: int) -> None:
+    """Runs the teacher over every view not yet written (a stopped write resumes)."""
+    os.makedirs(self.directory, exist_ok=True)
+    meta = os.path.join(self.directory, "meta.json")
+    if not os.path.exists(meta):
+      _write_json(meta, {"fingerprint": self.fingerprint})
+    start = fewest(self.progress())
+    arrays = open_arrays(
+      self.directory, self.leaves, self.dtype, len(self.views), "r+" if start else "w+"
+    )
+    params_sh = sharding.tree_shardings(teacher_params, mesh, rules, fsdp_min_size)
+    batch_sh = NamedSharding(mesh, sharding.BATCH)
+    forward = jax.jit(self.targets, in_shardings=(params_sh, batch_sh), out_shardings=batch_sh)
+    params = sharding.put(teacher_params, params_sh)
+    b = self.local_batch
+    rows = grain.MapDataset.range(start * b, self.write_batches * b)
+    stream = data.iterate(
+      rows.map(_WriteExample(self.views, self.shape)).batch(b, batch_fn=_stack_written), workers
+    )
+    began, total = time.time(), self.write_batches - start
+    for i in range(start, self.write_batches):
+      images, checks = next(stream)
+      out = forward(params, sharding.global_batch(images, mesh))
+      if jax.process_count() > 1:
+        out = multihost_utils.global_array_to_host_local_array(out, mesh, sharding.BATCH)
+      lo, hi = i * b, min((i + 1) * b, len(self.views))
+      for array, leaf in zip(arrays["leaves"], jax.tree.leaves(out)):
+        array[lo:hi] = np.asarray(leaf)[: hi - lo].astype(self.dtype)
+      arrays["checks"][lo:hi] = checks[: hi - lo]
+      done = i + 1
+      if done % PROGRESS_EVERY == 0 or done == self.write_batches:
+        for array in (*arrays["leaves"], arrays["checks"]):
+          array.flush()
+        _write_json(os.path.join(self.directory, "progress.json"), {"batches": done})
+        if main_process():
+          speed = (done - start) * b * jax.process_count() / (time.time() - began)
+          secs = (self.write_batches - done) * b * jax.process_count() / speed
+          log(
+            f"[distill] teacher cache: batch {done}/{self.write_batches} "
+            f"({done - start} of {total} this run) | {speed:.1f} img/s | "
+            f"ETA {int(secs // 60)}m{int(secs % 60):02d}s"
+          )
+
+  def batches(self, seed: int, workers: int) -> Callable[[int], Iterator[CachedBatch]]:
+    """`start_step -> iterator` of this process's training batches from the cache."""
+    order = grain.MapDataset.range(len(self.views.examples)).shuffle(seed=seed).repeat()
+    example = _ReadExample(self.views, order, self.directory, self.leaves, self.dtype)
+    b = self.local_batch
+
+    def from_step(start: int) -> Iterator[CachedBatch]:
+      ds = grain.MapDataset.range(start * b, 2**62).map(example).batch(b, batch_fn=_stack_read)
+      for images, labels, leaves in data.iterate(ds, workers):
+        yield CachedBatch(images, labels, jax.tree.unflatten(self.treedef, leaves))
+
+    return from_step
+
+
+def prepare(
+  mode: str,
+  cache: TeacherCache,
+  *,
+  trained_views: int,
+  teacher_params,
+  mesh,
+  rules,
+  fsdp_min_size: int,
+  workers: int,
+) -> Optional[TeacherCache]:
+  """The cache the stage trains from after writing what is missing, or None (no cache).
+
+  mode: 'write' (write what is missing, then train from it), 'read' (train from a complete
+    cache; the teacher never runs) or 'auto' (as 'write' where it pays and fits on the
+    disk: the stage reads more views than the cache holds; else None, saying why).
+  trained_views: the views the stage reads in all (steps × global batch).
+  """
+  cache.check_fingerprint()
+  complete = all_processes(cache.complete())
+  total = len(cache.views) * jax.process_count()
+  if main_process():
+    log(
+      f"[distill] teacher cache ({mode}): {total} views "
+      f"({len(cache.views.examples)} examples × {cache.views.views} on this process), "
+      f"{human(cache.bytes / max(1, len(cache.views)))} each → {human(cache.bytes)} per process "
+      f"in {cache.directory}" + (" (complete)" if complete else "")
+    )
+  if complete:
+    return cache
+  if mode == "read":
+    raise UserError(
+      f"distill.teacher_cache='read', but the cache in {cache.directory} is "
+      + ("incomplete" if cache.progress() else "not there")
+      + ": write it first (distill.teacher_cache='write' or 'auto')."
+    )
+  if mode == "auto" and trained_views <= total:
+    log(
+      f"[distill] teacher cache (auto): the stage reads {trained_views} views, no more than "
+      f"the {total} a cache would hold, so it would save no teacher forward: not used."
+    )
+    return None
+  fits, need, free = cache.fits()
+  if not all_processes(fits):
+    if mode == "auto":
+      log(f"[distill] teacher cache (auto): needs {human(need)}, {human(free)} free: not used.")
+      return None
+    raise UserError(
+      f"The teacher cache needs {human(need)} more in {cache.directory}, but only "
+      f"{human(free)} is free: lower distill.teacher_cache_views, use "
+      "distill.teacher_cache_dtype='bfloat16', point distill.teacher_cache_dir at a larger "
+      "disk, or set distill.teacher_cache='off'."
+    )
+  cache.write(teacher_params, mesh, rules, fsdp_min_size, workers)
+  return cache

@@ -1,0 +1,234 @@
+"""The teacher-feature cache: its rows are the teacher's outputs for the views they name, a
+cached step is the uncached step, the schedule cycles through the stored views, and a cache
+of another setup, a missing one or one that does not fit is refused."""
+
+import json
+import os
+import shutil
+import types
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import common
+from linearizer import data, distill, models, optim, sharding, teacher_cache, train
+from linearizer.errors import UserError
+
+SIZE, PATCH = 16, 4
+STUDENT = dict(image_size=SIZE, width=32, depth=2, headdim=16, d_state=16, chunk_size=16)
+TEACHER = dict(image_size=SIZE, width=32, depth=2, num_heads=2, mlp_dim=64)
+EXAMPLES, VIEWS, BATCH = 10, 3, 4
+
+
+def stage_config(**loss):
+  return ml_collections.ConfigDict(
+    dict(
+      steps=5,
+      optim=common.optim(lr=1e-3, warmup_steps=1),
+      loss=common.distill_loss(num_stages=2, **loss),
+      teacher_input="resample",
+    )
+  )
+
+
+@pytest.fixture(scope="module")
+def setup():
+  teacher = models.build("vit", f"Ti/{PATCH}", seed=3, **TEACHER)
+  student = models.build("adventurer", f"Ti/{PATCH}", seed=4, **STUDENT)
+  digits = data.get_source("digits", "train")
+  source = data.Part(digits, np.arange(EXAMPLES), "digits[:10]")
+  dcfg = common.data("digits", SIZE, crop_scale=(0.3, 1.0))
+  return types.SimpleNamespace(
+    teacher=teacher, student=student, source=source, data=dcfg, config=stage_config()
+  )
+
+
+def new_cache(setup, directory, dtype="float32", seed=0, views=VIEWS, fingerprint=None):
+  s = setup
+  v = teacher_cache.Views(
+    s.source,
+    s.data,
+    seed=seed,
+    views=views,
+    mean=s.student.cfg.mean,
+    std=s.student.cfg.std,
+    process_index=0,
+    process_count=1,
+  )
+  return teacher_cache.TeacherCache(
+    str(directory),
+    v,
+    distill.make_teacher_targets(s.teacher, s.student.cfg, s.config),
+    nnx.state(s.teacher, nnx.Param),
+    fingerprint or {"seed": seed, "image_size": SIZE},
+    dtype,
+    SIZE,
+    local_batch=BATCH,
+  )
+
+
+def write(cache, setup, mode="write", trained_views=10**6):
+  return teacher_cache.prepare(
+    mode,
+    cache,
+    trained_views=trained_views,
+    teacher_params=nnx.state(setup.teacher, nnx.Param),
+    mesh=sharding.make_mesh(),
+    rules=(),
+    fsdp_min_size=2**18,
+    workers=0,
+  )
+
+
+@pytest.fixture(scope="module")
+def written(setup, tmp_path_factory):
+  directory = tmp_path_factory.mktemp("cache")
+  cache = write(new_cache(setup, directory), setup)
+  return cache, directory
+
+
+def test_rows_are_the_teacher_outputs_of_their_views(setup, written):
+  """Every row, read back, equals the teacher run now on the view the row names."""
+  cache, _ = written
+  targets = jax.jit(distill.make_teacher_targets(setup.teacher, setup.student.cfg, setup.config))
+  arrays = teacher_cache.open_arrays(
+    cache.directory, cache.leaves, np.float32, len(cache.views), "r"
+  )
+  params = nnx.state(setup.teacher, nnx.Param)
+  # (Run on one image, not in its write batch of 4: f32 rounding differs by batch.)
+  for k in (0, 1, 2, 7, len(cache.views) - 1):  # first, other views, the padded last batch
+    image, _, check = cache.views.view(k)
+    expected = jax.tree.leaves(targets(params, image[None]))
+    for stored, want in zip(arrays["leaves"], expected, strict=True):
+      np.testing.assert_allclose(stored[k], np.asarray(want)[0], rtol=1e-5, atol=1e-5)
+    assert arrays["checks"][k] == check
+  # Three views of one example are three different augmentations.
+  first = [cache.views.view(k)[0] for k in range(VIEWS)]
+  assert not np.allclose(first[0], first[1]) and not np.allclose(first[1], first[2])
+
+
+def test_bfloat16_rows_round_the_float32_ones(setup, written, tmp_path):
+  cache32, _ = written
+  cache16 = write(new_cache(setup, tmp_path, dtype="bfloat16"), setup)
+  a32 = teacher_cache.open_arrays(cache32.directory, cache32.leaves, np.float32, 30, "r")
+  a16 = teacher_cache.open_arrays(
+    cache16.directory, cache16.leaves, teacher_cache.DTYPES["bfloat16"], 30, "r"
+  )
+  for x32, x16 in zip(a32["leaves"], a16["leaves"], strict=True):
+    np.testing.assert_array_equal(np.asarray(x16), np.asarray(x32).astype(x16.dtype))
+  assert cache16.bytes < 0.51 * cache32.bytes + 8 * 30
+
+
+def test_schedule_cycles_through_the_stored_views(setup, written):
+  """Epoch e visits every example once, in a shuffled order, at view e mod V; a stream
+  started at step s yields what the stream from 0 yields from step s (resume)."""
+  cache, _ = written
+  stream = cache.batches(seed=0, workers=0)
+  batches = [b for _, b in zip(range(EXAMPLES * 2 * VIEWS // BATCH), stream(0))]
+  images = np.concatenate([b.image for b in batches])
+  views = [cache.views.view(k)[0] for k in range(len(cache.views))]
+  rows = [next(k for k, v in enumerate(views) if np.array_equal(v, im)) for im in images]
+  for epoch in range(len(rows) // EXAMPLES):
+    epoch_rows = rows[epoch * EXAMPLES : (epoch + 1) * EXAMPLES]
+    assert sorted(epoch_rows) == [j * VIEWS + epoch % VIEWS for j in range(EXAMPLES)]
+  assert rows[:EXAMPLES] != sorted(rows[:EXAMPLES])  # shuffled
+  resumed = next(stream(3))
+  np.testing.assert_array_equal(resumed.image, batches[3].image)
+  for a, b in zip(jax.tree.leaves(resumed.teacher), jax.tree.leaves(batches[3].teacher)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_cached_step_is_the_uncached_step(setup, written):
+  """Same state, same view, same rng: the step from the cache gives the same losses and
+  parameters as the step that runs the teacher."""
+  cache, _ = written
+  s = setup
+  batch = next(cache.batches(seed=0, workers=0)(0))
+  distiller = distill.Distiller(s.student, s.teacher.cfg.width, rngs=nnx.Rngs(5))
+  tx = optim.make_optimizer(s.config.optim, s.config.steps)
+  _, state = train.init_state(distiller, tx, ema=False)
+  plain = jax.jit(distill.make_distill_step(distiller, s.teacher, tx, s.config))
+  cached = jax.jit(distill.make_distill_step(distiller, s.teacher, tx, s.config, cached=True))
+  rng = jax.random.key(1)
+  after_plain, m_plain = plain(
+    state, nnx.state(s.teacher, nnx.Param), data.Batch(batch.image, batch.label), rng
+  )
+  after_cached, m_cached = cached(state, batch, rng)
+  for k in ("loss", "am", "mp", "grad_norm"):
+    np.testing.assert_allclose(float(m_cached[k]), float(m_plain[k]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(after_cached.params), jax.tree.leaves(after_plain.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_a_stopped_write_resumes_where_it_stopped(setup, written, tmp_path):
+  cache, directory = written
+  copy = tmp_path / "copy"
+  shutil.copytree(directory, copy)
+  part = new_cache(setup, copy)
+  arrays = teacher_cache.open_arrays(part.directory, part.leaves, np.float32, 30, "r+")
+  done = 2  # batches written before the stop: the rows after them never reached the disk
+  for a in arrays["leaves"]:
+    a[done * BATCH :] = 0
+    a.flush()
+  with open(os.path.join(part.directory, "progress.json"), "w") as f:
+    json.dump({"batches": done}, f)
+  assert not part.complete()
+  write(part, setup)
+  assert part.complete()
+  for name in sorted(os.listdir(cache.directory)):
+    with (
+      open(os.path.join(cache.directory, name), "rb") as f,
+      open(os.path.join(part.directory, name), "rb") as g,
+    ):
+      assert f.read() == g.read(), name
+
+
+def test_a_cache_of_another_setup_is_refused_naming_what_differs(setup, written):
+  _, directory = written
+  other = new_cache(setup, directory, seed=1, fingerprint={"seed": 1, "image_size": 24})
+  with pytest.raises(UserError, match="another setup") as err:
+    write(other, setup, mode="auto")
+  assert "image_size: cached 16 vs now 24" in str(err.value)
+  assert "seed: cached 0 vs now 1" in str(err.value)
+  retrained = models.build("vit", f"Ti/{PATCH}", seed=9, **TEACHER)
+  s = types.SimpleNamespace(**{**vars(setup), "teacher": retrained})
+  with pytest.raises(UserError, match="teacher_weights: cached"):
+    write(new_cache(s, directory), s, mode="read")
+
+
+def test_read_refuses_a_missing_cache_and_auto_uses_one_only_where_it_pays(setup, tmp_path):
+  with pytest.raises(UserError, match="teacher_cache='read'.*not there"):
+    write(new_cache(setup, tmp_path / "none"), setup, mode="read")
+  # The stage reads no more views than the cache would hold: nothing saved, nothing written.
+  assert write(new_cache(setup, tmp_path / "small"), setup, "auto", trained_views=30) is None
+  assert not (tmp_path / "small").exists()
+  assert write(new_cache(setup, tmp_path / "big"), setup, "auto", trained_views=31) is not None
+
+
+def test_a_cache_that_does_not_fit_is_refused_or_skipped(setup, tmp_path, monkeypatch):
+  full = types.SimpleNamespace(total=10**9, used=10**9, free=1000)
+  monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: full)
+  cache = new_cache(setup, tmp_path / "c")
+  with pytest.raises(UserError, match=r"needs .* more .* only 1000.0 B is free"):
+    write(cache, setup, mode="write")
+  assert write(cache, setup, mode="auto") is None
+  assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+  "field,value,phrase",
+  [
+    ("teacher_cache", "always", "expected one of ('off', 'write', 'read', 'auto')"),
+    ("teacher_cache_views", 0, "positive integer"),
+    ("teacher_cache_dtype", "float16", "'bfloat16', 'float32'"),
+  ],
+)
+def test_bad_settings_are_refused(field, value, phrase):
+  dcfg = common.distill_stage(steps=1, batch_size=1, lr=1e-3, loss=common.distill_loss())
+  dcfg[field] = value
+  with pytest.raises(UserError, match=f"distill.{field}=") as err:
+    teacher_cache.check_config(dcfg)
+  assert phrase in str(err.value)
