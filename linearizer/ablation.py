@@ -18,6 +18,11 @@ Beyond the paper (opt-in through `ablation.variants`), AM + MP with an option on
 
   kd_soft        soft logit distillation in fine-tuning (finetune.loss.kd = 'soft')
   kd_hard        hard logit distillation in fine-tuning (finetune.loss.kd = 'hard')
+  teacher_cache  the teacher-feature cache (distill.teacher_cache = 'write'): the teacher
+                 runs on teacher_cache_views views per example once, epochs cycle them
+  teacher_init   a student of the teacher's shape (teacher_init.fitting_overrides) that
+                 starts from its weights (distill.student_init = 'teacher')
+  teacher_shape  the same student from its own random init: teacher_init's baseline
 
 Every variant but am_unmasked sees the same masked input (distill.loss.mask_ratio): only the
 loss differs.
@@ -39,9 +44,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from linearizer import data, distill, evaluate, plots, supervised, workdir
+from linearizer import data, distill, evaluate, plots, supervised, teacher_init, workdir
 from linearizer.errors import UserError, log, main_process
 
+# A value standing for student.overrides with the teacher's shape put in (teacher_init's).
+TEACHER_SHAPE = "the teacher's shape"
 # variant -> (row label, {config path: value} overrides; None = supervised from scratch)
 VARIANTS = {
   "supervised": ("supervised", None),
@@ -54,6 +61,12 @@ VARIANTS = {
   "scope_all": ("all tokens", {"distill.loss.scope": "all"}),
   "kd_soft": ("+ soft KD in fine-tuning", {"finetune.loss.kd": "soft"}),
   "kd_hard": ("+ hard KD in fine-tuning", {"finetune.loss.kd": "hard"}),
+  "teacher_cache": ("+ teacher-feature cache", {"distill.teacher_cache": "write"}),
+  "teacher_init": (
+    "teacher-shaped student, from the teacher",
+    {"student.overrides": TEACHER_SHAPE, "distill.student_init": "teacher"},
+  ),
+  "teacher_shape": ("teacher-shaped student, random init", {"student.overrides": TEACHER_SHAPE}),
 }
 # The paper's two tables (ImageNet-1k top-1, CLIP ViT-B/16 → Adventurer-B): (row, variant, %)
 PAPER = {
@@ -72,6 +85,9 @@ PAPER = {
   "beyond the paper (AM + MP, then)": [
     ("+ soft KD in fine-tuning", "kd_soft", None),
     ("+ hard KD in fine-tuning", "kd_hard", None),
+    ("+ teacher-feature cache", "teacher_cache", None),
+    ("teacher-shaped student, random init", "teacher_shape", None),
+    ("teacher-shaped student, from the teacher", "teacher_init", None),
   ],
 }
 
@@ -94,11 +110,15 @@ def variant_dir(root, variant, seed_index):
   return os.path.join(out_dir(root), variant, f"seed{seed_index}")
 
 
-def run_config(config, variant, seed_index):
-  """The config of one run: the base one with this seed and this variant's settings."""
+def run_config(config, variant, seed_index, teacher_cfg=None):
+  """The config of one run: the base one with this seed and this variant's settings
+  (TEACHER_SHAPE: the student's overrides with `teacher_cfg`'s width, depth, heads and
+  MLP put in, so every teacher weight has a counterpart)."""
   sub = ml_collections.ConfigDict(config.to_dict())
   sub.seed = config.seed + seed_index
   for path, value in (VARIANTS[variant][1] or {}).items():
+    if value == TEACHER_SHAPE:
+      value = {**config.student.overrides, **teacher_init.fitting_overrides(teacher_cfg)}
     *parents, leaf = path.split(".")
     node = sub
     for key in parents:
@@ -125,7 +145,7 @@ def top1(config, model, eval_src):
 
 def run_one(config, root, variant, k, teacher, train_src, eval_src, classes):
   """One (variant, seed) run; writes its result.json and returns its top-1."""
-  sub = run_config(config, variant, k)
+  sub = run_config(config, variant, k, teacher.cfg)
   model = train_variant(sub, variant, variant_dir(root, variant, k), teacher, train_src, classes)
   acc = top1(sub, model, eval_src)
   if main_process():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import ablation as ablation_config
-from linearizer import ablation
+from linearizer import ablation, models, teacher_init
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,6 +98,8 @@ def test_each_variant_changes_only_its_settings():
   config = ablation_config.get_config("smoke,seeds=3,am_scope=visible")
   base = flat_config(config.to_dict())
   for variant, (_, overrides) in ablation.VARIANTS.items():
+    if ablation.TEACHER_SHAPE in (overrides or {}).values():
+      continue  # below
     sub = ablation.run_config(config, variant, 2)
     assert sub.seed == config.seed + 2 and sub.label_seed == config.label_seed == 0
     changed = {k: v for k, v in flat_config(sub.to_dict()).items() if base[k] != v}
@@ -109,6 +111,28 @@ def test_each_variant_changes_only_its_settings():
   assert ablation.run_config(config, "scope_cls", 0).distill.loss.scope == "cls"
   assert ablation.run_config(config, "scope_all", 0).distill.loss.scope == "all"
   assert ablation.run_config(config, "kd_hard", 0).finetune.loss.kd == "hard"
+  assert ablation.run_config(config, "teacher_cache", 0).distill.teacher_cache == "write"
+
+
+@pytest.mark.parametrize("arg", ["smoke", None])
+def test_teacher_shaped_variants_build_a_student_every_teacher_weight_fits(arg):
+  """teacher_init and teacher_shape differ only in the init; their student is the config's
+  with the teacher's width, depth, heads and MLP, which check_fit accepts in full."""
+  config = ablation_config.get_config(arg)
+  teacher_cfg = models.ARCHITECTURES[config.teacher.kind].variant(
+    config.teacher.variant, **config.teacher.overrides, image_size=config.data.image_size
+  )
+  init = ablation.run_config(config, "teacher_init", 1, teacher_cfg)
+  shape = ablation.run_config(config, "teacher_shape", 1, teacher_cfg)
+  assert init.distill.student_init == "teacher" and shape.distill.student_init == ""
+  assert init.student.overrides.to_dict() == shape.student.overrides.to_dict()
+  assert init.student.overrides.width == teacher_cfg.width
+  assert init.student.overrides.ngroups == teacher_cfg.num_heads
+  assert init.student.overrides.chunk_size == config.student.overrides.chunk_size  # kept
+  student_cfg = models.ARCHITECTURES[init.student.kind].variant(
+    init.student.variant, **init.student.overrides, image_size=config.data.image_size
+  )
+  assert teacher_init.check_fit(student_cfg, teacher_cfg, allow_partial=False) == []
 
 
 def test_am_scope_picks_which_scope_row_is_the_am_mp_runs():
