@@ -457,7 +457,13 @@ def bench(**overrides) -> ml_collections.ConfigDict:
         channels=0,  # UperNet's width; 0 = the backbone's (768 for B, as mmseg's ViT-B)
       ),
       # The distillation settings the train step runs with (its schedule length too).
-      distill=dict(steps=1000, optim=optim(lr=1e-4), loss=distill_loss(), teacher_input="resample"),
+      distill=dict(
+        steps=1000,
+        optim=optim(lr=1e-4),
+        loss=distill_loss(),
+        teacher_input="resample",
+        teacher_cache_dtype="bfloat16",  # the cached step's teacher outputs, as stored
+      ),
     )
   )
   c.update(overrides)

@@ -20,6 +20,8 @@ Beyond the paper (opt-in through `ablation.variants`), AM + MP with an option on
   kd_hard        hard logit distillation in fine-tuning (finetune.loss.kd = 'hard')
   teacher_cache  the teacher-feature cache (distill.teacher_cache = 'write'): the teacher
                  runs on teacher_cache_views views per example once, epochs cycle them
+  teacher_cache_views8  the same with 8 views per example: more than the budget's epochs,
+                 so no view repeats (what is left of the cache's cost is its views' draw)
   teacher_init   a student of the teacher's shape (teacher_init.fitting_overrides) that
                  starts from its weights (distill.student_init = 'teacher')
   teacher_shape  the same student from its own random init: teacher_init's baseline
@@ -62,6 +64,10 @@ VARIANTS = {
   "kd_soft": ("+ soft KD in fine-tuning", {"finetune.loss.kd": "soft"}),
   "kd_hard": ("+ hard KD in fine-tuning", {"finetune.loss.kd": "hard"}),
   "teacher_cache": ("+ teacher-feature cache", {"distill.teacher_cache": "write"}),
+  "teacher_cache_views8": (
+    "+ teacher-feature cache, 8 views",
+    {"distill.teacher_cache": "write", "distill.teacher_cache_views": 8},
+  ),
   "teacher_init": (
     "teacher-shaped student, from the teacher",
     {"student.overrides": TEACHER_SHAPE, "distill.student_init": "teacher"},
@@ -86,6 +92,7 @@ PAPER = {
     ("+ soft KD in fine-tuning", "kd_soft", None),
     ("+ hard KD in fine-tuning", "kd_hard", None),
     ("+ teacher-feature cache", "teacher_cache", None),
+    ("+ teacher-feature cache, 8 views", "teacher_cache_views8", None),
     ("teacher-shaped student, random init", "teacher_shape", None),
     ("teacher-shaped student, from the teacher", "teacher_init", None),
   ],

@@ -45,7 +45,7 @@ from flax import nnx
 
 import kernels
 from linearizer import bench_results as results
-from linearizer import data, distill, models, optim, sharding, supervised, train
+from linearizer import data, distill, models, optim, sharding, supervised, teacher_cache, train
 from linearizer.errors import UserError, log, main_process
 from linearizer.metrics import time_compiled
 from linearizer.models.segmenter import Segmenter, SegmenterConfig
@@ -288,8 +288,10 @@ def largest_batch(model, res, start, limit):
   return best
 
 
-def measure_train_step(config, s, meta, peak):
-  """The real distillation step at the training resolution: teacher frozen, student trained."""
+def measure_train_step(config, s, meta, peak) -> list:
+  """The real distillation step at the training resolution, teacher frozen and student
+  trained: as the paper runs it (the teacher's forward in the step) and from the
+  teacher-feature cache (its outputs read with the batch, in the cache's dtype)."""
   # The teacher attention a run picks by default (None: JAX's choice, or 'blocked' on a CPU
   # from ViTConfig.blocked_attention_tokens on).
   teacher, student = build_pair(config, s, None)
@@ -299,32 +301,51 @@ def measure_train_step(config, s, meta, peak):
   stage = ml_collections.ConfigDict(config.bench.distill.to_dict())
   stage.loss.num_stages = min(stage.loss.num_stages, teacher.cfg.depth, student.cfg.depth)
   tx = optim.make_optimizer(stage.optim, stage.steps)
-  step = distill.make_distill_step(distiller, teacher, tx, stage)
-  _, state = train.init_state(distiller, tx, ema=False)
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-  state_sh = sharding.tree_shardings(state, mesh)
   teacher_params = nnx.state(teacher, nnx.Param)
   teacher_sh = sharding.tree_shardings(teacher_params, mesh)
-  state = sharding.put(state, state_sh)
   teacher_params = sharding.put(teacher_params, teacher_sh)
   res, batch = s["train_resolution"], s["train_batch"]
   images = np.zeros((batch, res, res, 3), np.float32)
-  batch_arr = sharding.global_batch(data.Batch(images, np.zeros(batch, np.int32)), mesh)
-  rng = jax.random.key(0)
-  jitted = sharding.jit_step(step, mesh, state_sh, (teacher_sh,))
-  args = (state, teacher_params, batch_arr, rng)
-  return timed_row(
-    meta,
-    peak,
-    batch=batch,
-    **timed(jitted, args, s["repeats"], carry=CARRY_STATE),
-    kind="train_step",
-    model=f"distill {s['teacher']} -> {s['student']}",
-    role="pair",
-    variant=s["student"],
-    attention_impl=None,
-    resolution=res,
+  labels = np.zeros(batch, np.int32)
+  targets = jax.jit(distill.make_teacher_targets(teacher, student.cfg, stage))
+  stored = jax.tree.map(
+    lambda x: np.asarray(x).astype(teacher_cache.DTYPES[stage.teacher_cache_dtype]),
+    targets(teacher_params, jnp.asarray(images)),
   )
+  _, initial = train.init_state(distiller, tx, ema=False)
+  state_sh = sharding.tree_shardings(initial, mesh)
+  rows = []
+  for teacher_mode in ("forward", "cached"):
+    cached = teacher_mode == "cached"
+    step = distill.make_distill_step(distiller, teacher, tx, stage, cached=cached)
+    # Each mode's own copy: the step donates its state (and the distiller's arrays with it).
+    state = sharding.put(jax.tree.map(jnp.array, initial), state_sh)
+    if cached:
+      local = teacher_cache.CachedBatch(images, labels, stored)
+      args = (state, sharding.global_batch(local, mesh), jax.random.key(0))
+      jitted = sharding.jit_step(step, mesh, state_sh)
+    else:
+      local = data.Batch(images, labels)
+      args = (state, teacher_params, sharding.global_batch(local, mesh), jax.random.key(0))
+      jitted = sharding.jit_step(step, mesh, state_sh, (teacher_sh,))
+    row = timed_row(
+      meta,
+      peak,
+      batch=batch,
+      **timed(jitted, args, s["repeats"], carry=CARRY_STATE),
+      kind="train_step",
+      model=f"distill {s['teacher']} -> {s['student']}"
+      + (f", teacher cached ({stage.teacher_cache_dtype})" if cached else ""),
+      role="pair",
+      variant=s["student"],
+      attention_impl=None,
+      resolution=res,
+      teacher=teacher_mode,
+    )
+    log(f"[bench] {row['model']} @{res}: {row['img_per_s']:.2f} img/s")
+    rows.append(row)
+  return rows
 
 
 def time_supervised_step(model, stage, res, batch, repeats):
@@ -587,7 +608,7 @@ def run(config, workdir):
     results.attention_speedups(rows)
 
   if "train_step" in s["parts"]:
-    rows.append(measure_train_step(config, s, base, peak))
+    rows += measure_train_step(config, s, base, peak)
     r = rows[-1]
     log(
       f"[bench] distill train step @{r['resolution']} batch {r['batch']}: "

@@ -134,8 +134,17 @@ def test_smoke_run_writes_json_and_plot(tmp_path):
     same = "teacher" if r["role"] == "teacher" else "student"
     jax_row = next(f for f in fwd if (f["role"], f["resolution"]) == (same, r["resolution"]))
     assert r["flops_per_image"] == jax_row["flops_per_image"]
-  (step,) = [r for r in data["rows"] if r["kind"] == "train_step"]
-  positive(step, "img_per_s", "latency_ms", "flops_per_image")
+  steps = {r["teacher"]: r for r in data["rows"] if r["kind"] == "train_step"}
+  assert set(steps) == {"forward", "cached"}
+  for r in steps.values():
+    positive(r, "img_per_s", "latency_ms", "flops_per_image")
+  # The cached step is the step less the teacher's forward (and the resampling of its
+  # tokens to the student's grid, a few FLOPs more): what the forward row counts.
+  (teacher_fwd,) = [
+    r for r in fwd if (r["role"], r["attention_impl"], r["resolution"]) == ("teacher", "xla", 32)
+  ]
+  saved = steps["forward"]["flops_per_image"] - steps["cached"]["flops_per_image"]
+  assert saved == pytest.approx(teacher_fwd["flops_per_image"], rel=0.1)
   sup = [r for r in data["rows"] if r["kind"] == "supervised_step"]
   # Both resolutions run: the donated step state must not take the model's arrays with it.
   assert {(r["attention_impl"], r["resolution"], r["batch"]) for r in sup} == {
