@@ -350,8 +350,9 @@ def cached_teacher(config, run_dir: str, teacher, student, source):
   # Everything the cached views and outputs depend on besides the teacher's weights (hashed
   # by the cache): a cache written for anything else is refused, the fields named.
   fingerprint = dict(
-    teacher=convert.describe(teacher),
+    teacher=teacher_cache.teacher_fields(teacher.cfg),
     source=train_source.name,
+    source_examples=teacher_cache.source_digest(train_source),
     examples=len(train_source),
     **{k: data_cfg[k] for k in ("image_size", "crop_scale", "flip", "randaugment")},
     student_patch=student.cfg.patch,
@@ -375,8 +376,18 @@ def cached_teacher(config, run_dir: str, teacher, student, source):
     data_cfg.image_size,
     local_batch=dcfg.batch_size // jax.process_count(),
   )
-  return teacher_cache.prepare(
-    dcfg.teacher_cache,
+  # 'auto' decides once: a resumed stage keeps the stream it started with, even where the
+  # disk has changed since (a 'write' that no longer fits is then refused, not skipped).
+  decision = os.path.join(workdir.stage_dir(run_dir, "distill"), "teacher_cache.json")
+  mode = dcfg.teacher_cache
+  if mode == "auto" and os.path.exists(decision):
+    with open(decision, encoding="utf-8") as f:
+      mode = "write" if json.load(f)["used"] else "off"
+    log(f"[distill] teacher cache (auto): resuming as the stage began: {mode}")
+    if mode == "off":
+      return None
+  prepared = teacher_cache.prepare(
+    mode,
     cache,
     trained_views=dcfg.steps * dcfg.batch_size,
     teacher_params=params,
@@ -385,3 +396,8 @@ def cached_teacher(config, run_dir: str, teacher, student, source):
     fsdp_min_size=config.mesh.fsdp_min_size,
     workers=config.data.workers,
   )
+  if main_process() and not os.path.exists(decision):
+    os.makedirs(os.path.dirname(decision), exist_ok=True)
+    with open(decision, "w", encoding="utf-8") as f:
+      json.dump({"used": prepared is not None, "directory": cache.directory}, f)
+  return prepared

@@ -19,6 +19,7 @@ v])`, so the cache stores the augmentation's parameters as the seed they come fr
 training re-draws the identical image.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ import PIL
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from linearizer import data, sharding
+from linearizer import data, preemption, sharding
 from linearizer.errors import UserError, log, main_process
 
 MODES = ("off", "write", "read", "auto")  # distill.teacher_cache (configs/common.py)
@@ -164,6 +165,7 @@ def size_of(leaves: list, dtype, rows: int) -> int:
 
 
 def human(n: float) -> str:
+  """A byte count for people: '123.1 MiB'."""
   for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
     if n < 1024 or unit == "TiB":
       return f"{n:.1f} {unit}"
@@ -190,6 +192,35 @@ def parameters_digest(params) -> str:
     array = np.asarray(jax.device_get(leaf))
     digest.update(f"{jax.tree_util.keystr(path)}{array.shape}{array.dtype}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+# Teacher config fields that change how fast its tokens come, never what they are.
+SPEED_FIELDS = (
+  "attention_impl",
+  "blocked_attention_tokens",
+  "attention_block_q",
+  "attention_block_k",
+  "drop_path",
+  "num_classes",
+  "head_bias",
+)
+
+
+def teacher_fields(cfg) -> dict:
+  """The teacher config's fields its tokens depend on (its weights are hashed apart)."""
+  fields = dataclasses.asdict(cfg)
+  return {k: v for k, v in fields.items() if k not in SPEED_FIELDS}
+
+
+def source_digest(source) -> str:
+  """Which examples a source holds: its name and, down a chain of `data.Part`s (a labelled
+  subset, a held-out split), their indices, hashed (another subset of the same size and
+  name is another cache)."""
+  digest = hashlib.blake2b(source.name.encode(), digest_size=16)
+  while isinstance(source, data.Part):
+    digest.update(np.ascontiguousarray(source.index, np.int64).tobytes())
+    source = source.source
   return digest.hexdigest()
 
 
@@ -265,27 +296,31 @@ class TeacherCache:
   def check_fingerprint(self) -> None:
     """Refuses a cache written for another setup, naming what differs."""
     meta = _read_json(os.path.join(self.directory, "meta.json"))
-    if meta is not None and meta["fingerprint"] != json.loads(json.dumps(self.fingerprint)):
+    now = json.loads(json.dumps(self.fingerprint))
+    differ = differences(meta["fingerprint"], now) if meta is not None else []
+    # Every process decides together: local disks differ, and one refusing alone would
+    # leave the others waiting in the next collective.
+    if not all_processes(not differ):
+      where = "; ".join(differ) or "on another process: see its log"
       raise UserError(
-        f"The teacher cache in {self.directory} was written for another setup ("
-        + "; ".join(differences(meta["fingerprint"], self.fingerprint))
-        + "): delete it, or set distill.teacher_cache_dir to another directory."
+        f"The teacher cache in {self.directory} was written for another setup ({where}): "
+        "delete it, or set distill.teacher_cache_dir to another directory."
       )
 
   def progress(self) -> int:
-    """Write batches done (0 for no cache)."""
+    """Rows written (0 for no cache): in rows, so a run with another batch size resumes."""
     record = _read_json(os.path.join(self.directory, "progress.json"))
-    return record["batches"] if record else 0
+    return record["rows"] if record else 0
 
   def complete(self) -> bool:
-    return self.progress() >= self.write_batches
+    return self.progress() >= len(self.views)
 
   def fits(self) -> tuple:
     """(whether the rest of the cache fits on the disk, what it needs, what is free)."""
     parent = self.directory
     while not os.path.exists(parent):
       parent = os.path.dirname(parent)
-    done = self.progress() * self.local_batch * self.bytes / max(1, len(self.views))
+    done = self.progress() * self.bytes / max(1, len(self.views))
     need = max(0.0, self.bytes - done)
     free = shutil.disk_usage(parent).free
     return need <= free, need, free
@@ -296,7 +331,8 @@ class TeacherCache:
     meta = os.path.join(self.directory, "meta.json")
     if not os.path.exists(meta):
       _write_json(meta, {"fingerprint": self.fingerprint})
-    start = fewest(self.progress())
+    # Write batches are collective: every process starts at the same one.
+    start = fewest(self.progress()) // self.local_batch
     arrays = open_arrays(
       self.directory, self.leaves, self.dtype, len(self.views), "r+" if start else "w+"
     )
@@ -315,7 +351,8 @@ class TeacherCache:
       out = forward(params, sharding.global_batch(images, mesh))
       if jax.process_count() > 1:
         out = multihost_utils.global_array_to_host_local_array(out, mesh, sharding.BATCH)
-      lo, hi = i * b, min((i + 1) * b, len(self.views))
+      # A process with fewer rows than the others stores nothing past its end.
+      lo, hi = min(i * b, len(self.views)), min((i + 1) * b, len(self.views))
       for array, leaf in zip(arrays["leaves"], jax.tree.leaves(out)):
         array[lo:hi] = np.asarray(leaf)[: hi - lo].astype(self.dtype)
       arrays["checks"][lo:hi] = checks[: hi - lo]
@@ -323,7 +360,7 @@ class TeacherCache:
       if done % PROGRESS_EVERY == 0 or done == self.write_batches:
         for array in (*arrays["leaves"], arrays["checks"]):
           array.flush()
-        _write_json(os.path.join(self.directory, "progress.json"), {"batches": done})
+        _write_json(os.path.join(self.directory, "progress.json"), {"rows": hi})
         if main_process():
           speed = (done - start) * b * jax.process_count() / (time.time() - began)
           secs = (self.write_batches - done) * b * jax.process_count() / speed
@@ -332,6 +369,8 @@ class TeacherCache:
             f"({done - start} of {total} this run) | {speed:.1f} img/s | "
             f"ETA {int(secs // 60)}m{int(secs % 60):02d}s"
           )
+        if done < self.write_batches and preemption.requested():
+          raise preemption.Stopped(f"[distill] writing the teacher cache ({hi} rows kept)")
 
   def batches(self, seed: int, workers: int) -> Callable[[int], Iterator[CachedBatch]]:
     """`start_step -> iterator` of this process's training batches from the cache."""
@@ -396,9 +435,9 @@ def prepare(
       return None
     raise UserError(
       f"The teacher cache needs {human(need)} more in {cache.directory}, but only "
-      f"{human(free)} is free: lower distill.teacher_cache_views, use "
-      "distill.teacher_cache_dtype='bfloat16', point distill.teacher_cache_dir at a larger "
-      "disk, or set distill.teacher_cache='off'."
+      f"{human(free)} is free: lower distill.teacher_cache_views, "
+      + ("use distill.teacher_cache_dtype='bfloat16', " if cache.dtype == np.float32 else "")
+      + "point distill.teacher_cache_dir at a larger disk, or set distill.teacher_cache='off'."
     )
   cache.write(teacher_params, mesh, rules, fsdp_min_size, workers)
   return cache

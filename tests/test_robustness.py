@@ -477,6 +477,13 @@ def test_a_teacher_cache_of_another_setup_or_none_at_all(reference, tmp_path):
   )
   assert_clean_error(proc, "distill.teacher_cache='read'", "not there", "'write' or 'auto'")
   assert not (tmp_path / "d" / "distill" / "ckpt").exists()
+  # 'auto' decides once per stage: resumed where it had chosen no cache (say, the disk was
+  # full), it keeps the teacher-run stream even with a usable cache now at hand.
+  (tmp_path / "e" / "distill").mkdir(parents=True)
+  (tmp_path / "e" / "distill" / "teacher_cache.json").write_text('{"used": false}')
+  proc = run_main(tmp_path / "e", *shared, "--config.distill.teacher_cache=auto")
+  assert "resuming as the stage began: off" in proc.stdout
+  assert "examples ×" not in proc.stdout  # the cache's size line: it was never opened
 
 
 @pytest.mark.parametrize(

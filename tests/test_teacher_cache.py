@@ -2,6 +2,7 @@
 cached step is the uncached step, the schedule cycles through the stored views, and a cache
 of another setup, a missing one or one that does not fit is refused."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -163,27 +164,74 @@ def test_a_cached_step_is_the_uncached_step(setup, written):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_a_stopped_write_resumes_where_it_stopped(setup, written, tmp_path):
+def assert_same_files(cache, other):
+  for name in sorted(os.listdir(cache.directory)):
+    with (
+      open(os.path.join(cache.directory, name), "rb") as f,
+      open(os.path.join(other.directory, name), "rb") as g,
+    ):
+      assert f.read() == g.read(), name
+
+
+@pytest.mark.parametrize("batch", [BATCH, 3])
+def test_a_stopped_write_resumes_where_it_stopped(setup, written, tmp_path, batch):
+  """Also with another batch size (a run on more or fewer devices): progress is in rows."""
   cache, directory = written
   copy = tmp_path / "copy"
   shutil.copytree(directory, copy)
   part = new_cache(setup, copy)
+  part.local_batch, part.write_batches = batch, -(-len(part.views) // batch)
   arrays = teacher_cache.open_arrays(part.directory, part.leaves, np.float32, 30, "r+")
-  done = 2  # batches written before the stop: the rows after them never reached the disk
+  done = 2 * BATCH  # rows written before the stop: those after them never reached the disk
   for a in arrays["leaves"]:
-    a[done * BATCH :] = 0
+    a[done:] = 0
     a.flush()
   with open(os.path.join(part.directory, "progress.json"), "w") as f:
-    json.dump({"batches": done}, f)
+    json.dump({"rows": done}, f)
   assert not part.complete()
   write(part, setup)
   assert part.complete()
-  for name in sorted(os.listdir(cache.directory)):
-    with (
-      open(os.path.join(cache.directory, name), "rb") as f,
-      open(os.path.join(part.directory, name), "rb") as g,
-    ):
-      assert f.read() == g.read(), name
+  assert_same_files(cache, part)
+
+
+def test_a_signal_stops_the_write_with_its_rows_kept(setup, written, tmp_path, monkeypatch):
+  """Ctrl-C / SIGTERM while the cache is written: it stops at the next progress record,
+  with the rows so far on disk, and the same command finishes it."""
+  cache, _ = written
+  monkeypatch.setattr(teacher_cache, "PROGRESS_EVERY", 2)
+  monkeypatch.setattr(teacher_cache.preemption, "requested", lambda: True)
+  part = new_cache(setup, tmp_path / "c")
+  with pytest.raises(teacher_cache.preemption.Stopped):
+    write(part, setup)
+  assert part.progress() == 2 * BATCH and not part.complete()
+  monkeypatch.setattr(teacher_cache.preemption, "requested", lambda: False)
+  write(part, setup)
+  assert_same_files(cache, part)
+
+
+def test_write_batches_past_this_process_end_store_nothing(setup, written, tmp_path):
+  """Every process runs as many write batches as the one with most rows (they are
+  collective): the extra ones on a process with fewer rows write nothing."""
+  cache, _ = written
+  part = new_cache(setup, tmp_path / "c")
+  part.write_batches += 2
+  write(part, setup)
+  assert_same_files(cache, part)
+
+
+def test_the_fingerprint_names_the_teacher_fields_and_the_examples(setup):
+  cfg = setup.teacher.cfg
+  fields = teacher_cache.teacher_fields(cfg)
+  assert fields["pos_interpolation"] == "bicubic" and "attention_impl" not in fields
+  changed = dataclasses.replace(cfg, pos_interpolation="bicubic_offset")
+  assert teacher_cache.differences(fields, teacher_cache.teacher_fields(changed))
+  faster = dataclasses.replace(cfg, attention_impl="blocked")
+  assert teacher_cache.teacher_fields(faster) == fields
+  digits = data.get_source("digits", "train")
+  a, b = data.Subset(digits, 100, seed=0), data.Subset(digits, 100, seed=1)
+  assert a.name == b.name  # the name alone would take one for the other
+  assert teacher_cache.source_digest(a) != teacher_cache.source_digest(b)
+  assert teacher_cache.source_digest(a) == teacher_cache.source_digest(data.Subset(digits, 100))
 
 
 def test_a_cache_of_another_setup_is_refused_naming_what_differs(setup, written):
