@@ -40,6 +40,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import textwrap
 import time
 
 import jax
@@ -335,8 +336,13 @@ def bar_plot(summary, path):
   variants = summary["variants"]
   panels = [(s, [r for r in rows if r[1] in variants]) for s, rows in PAPER.items()]
   panels = [(s, rows) for s, rows in panels if rows]
+  counts = [len(rows) for _, rows in panels]  # a panel's width follows its bars
   fig, axes = plt.subplots(
-    1, len(panels), figsize=(4 + 1.2 * max(len(r) for _, r in panels), 3.6), squeeze=False
+    1,
+    len(panels),
+    figsize=(2 + 1.5 * sum(counts), 4),
+    squeeze=False,
+    gridspec_kw=dict(width_ratios=[max(2, n) for n in counts]),
   )
   for ax, (section, rows) in zip(axes[0], panels):
     means = [variants[v]["mean"] for _, v, _ in rows]
@@ -345,7 +351,7 @@ def bar_plot(summary, path):
     for i, (_, v, _) in enumerate(rows):  # every seed as a dot
       ax.plot([i] * len(variants[v]["top1"]), variants[v]["top1"], "k.", ms=4)
     ax.axhline(summary["teacher_top1"], color="tab:red", ls="--", label="teacher")
-    ax.set_xticks(range(len(rows)), [label for label, _, _ in rows])
+    ax.set_xticks(range(len(rows)), [textwrap.fill(label, 16) for label, _, _ in rows], fontsize=8)
     low = min(min(variants[v]["top1"]) for _, v, _ in rows)
     ax.set_ylim(max(0, low - 3), max(summary["teacher_top1"], max(means)) + 1.5)
     ax.set_ylabel("top-1 (%)")

@@ -343,7 +343,10 @@ def measure_train_step(config, s, meta, peak) -> list:
       resolution=res,
       teacher=teacher_mode,
     )
-    log(f"[bench] {row['model']} @{res}: {row['img_per_s']:.2f} img/s")
+    log(
+      f"[bench] {row['model']} @{res} batch {batch}: {row['img_per_s']:.2f} img/s "
+      f"(compile {row['compile_s']:.1f} s)"
+    )
     rows.append(row)
   return rows
 
@@ -609,11 +612,6 @@ def run(config, workdir):
 
   if "train_step" in s["parts"]:
     rows += measure_train_step(config, s, base, peak)
-    r = rows[-1]
-    log(
-      f"[bench] distill train step @{r['resolution']} batch {r['batch']}: "
-      f"{r['img_per_s']:.2f} img/s (compile {r['compile_s']:.1f} s)"
-    )
   if "supervised_step" in s["parts"]:
     rows.extend(supervised_rows(config, s, base, peak))
     fill_teacher_flops(rows, "supervised_step", peak)
