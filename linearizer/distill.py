@@ -330,7 +330,15 @@ def cached_teacher(config, run_dir: str, teacher, student, source):
   missing, or None when the teacher runs every step (`off`, or `auto` where a cache would
   not pay or fit)."""
   dcfg = config.distill
-  if dcfg.teacher_cache == "off":
+  # 'auto' decides once: a resumed stage keeps the stream it started with, even where the
+  # disk has changed since (a 'write' that no longer fits is then refused, not skipped).
+  decision = os.path.join(workdir.stage_dir(run_dir, "distill"), "teacher_cache.json")
+  mode = dcfg.teacher_cache
+  if mode == "auto" and os.path.exists(decision):
+    with open(decision, encoding="utf-8") as f:
+      mode = "write" if json.load(f)["used"] else "off"
+    log(f"[distill] teacher cache (auto): resuming as the stage began: {mode}")
+  if mode == "off":
     return None
   data_cfg, train_source = (
     train.stage_data(config, "distill"),
@@ -376,16 +384,6 @@ def cached_teacher(config, run_dir: str, teacher, student, source):
     data_cfg.image_size,
     local_batch=dcfg.batch_size // jax.process_count(),
   )
-  # 'auto' decides once: a resumed stage keeps the stream it started with, even where the
-  # disk has changed since (a 'write' that no longer fits is then refused, not skipped).
-  decision = os.path.join(workdir.stage_dir(run_dir, "distill"), "teacher_cache.json")
-  mode = dcfg.teacher_cache
-  if mode == "auto" and os.path.exists(decision):
-    with open(decision, encoding="utf-8") as f:
-      mode = "write" if json.load(f)["used"] else "off"
-    log(f"[distill] teacher cache (auto): resuming as the stage began: {mode}")
-    if mode == "off":
-      return None
   prepared = teacher_cache.prepare(
     mode,
     cache,

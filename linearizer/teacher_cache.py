@@ -233,18 +233,16 @@ def differences(cached: dict, now: dict) -> list:
   ]
 
 
+def across_processes(value, reduce):
+  """`reduce` (np.all, np.min, np.max) of every process's `value`: multi-host runs decide
+  together."""
+  if jax.process_count() == 1:
+    return value
+  return reduce(multihost_utils.process_allgather(np.asarray(value))).item()
+
+
 def all_processes(flag: bool) -> bool:
-  """Whether `flag` holds on every process (multi-host runs decide together)."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
-
-
-def fewest(n: int) -> int:
-  """The smallest of every process's `n`."""
-  if jax.process_count() == 1:
-    return n
-  return int(np.min(multihost_utils.process_allgather(np.asarray(n))))
+  return bool(across_processes(flag, np.all))
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,9 +283,8 @@ class TeacherCache:
       "pillow": PIL.__version__,
       "numpy": np.__version__,
     }
-    self.write_batches = -(-len(views) // local_batch)
-    if n > 1:  # every process runs the same number of write steps (they are collective)
-      self.write_batches = int(np.max(multihost_utils.process_allgather(self.write_batches)))
+    # Every process runs the same number of write steps (they are collective).
+    self.write_batches = across_processes(-(-len(views) // local_batch), np.max)
 
   @property
   def bytes(self) -> int:
@@ -332,7 +329,7 @@ class TeacherCache:
     if not os.path.exists(meta):
       _write_json(meta, {"fingerprint": self.fingerprint})
     # Write batches are collective: every process starts at the same one.
-    start = fewest(self.progress()) // self.local_batch
+    start = across_processes(self.progress(), np.min) // self.local_batch
     arrays = open_arrays(
       self.directory, self.leaves, self.dtype, len(self.views), "r+" if start else "w+"
     )

@@ -156,11 +156,9 @@ def check_distill_init(config) -> None:
     teacher_init.check_kinds(student_cfg)  # the teacher's is checked once loaded
     return
   teacher_cfg = teacher_arch.variant(config.teacher.variant, **{**config.teacher.overrides, **size})
-  teacher_init.check_fit(student_cfg, teacher_cfg, allow_partial=_partial(config))
-
-
-def _partial(config) -> bool:
-  return bool(config.distill.teacher_init_partial)
+  teacher_init.check_fit(
+    student_cfg, teacher_cfg, allow_partial=config.distill.teacher_init_partial
+  )
 
 
 def distill_student(config, norm, teacher: Optional[nnx.Module] = None) -> nnx.Module:
@@ -182,7 +180,9 @@ def distill_student(config, norm, teacher: Optional[nnx.Module] = None) -> nnx.M
     if init == "teacher":
       if teacher is None:
         raise ValueError("distill_student: student_init='teacher' needs the teacher passed")
-      rows = teacher_init.init_from_teacher(student, teacher, allow_partial=_partial(config))
+      rows = teacher_init.init_from_teacher(
+        student, teacher, allow_partial=config.distill.teacher_init_partial
+      )
       log("[distill] the student starts from the teacher's weights:")
       log(teacher_init.format_table(rows, student.cfg.depth))
     return student
