@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import grain
 import jax
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 import PIL
 from jax.experimental import multihost_utils
@@ -40,7 +40,7 @@ from linearizer import data, preemption, sharding
 from linearizer.errors import UserError, log, main_process
 
 MODES = ("off", "write", "read", "auto")  # distill.teacher_cache (configs/common.py)
-DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}  # distill.teacher_cache_dtype
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": np.float32}  # distill.teacher_cache_dtype
 PROGRESS_EVERY = 20  # write batches between progress records (and progress lines)
 
 
