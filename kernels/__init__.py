@@ -2,7 +2,7 @@
 
 `ssd` is the only entry the models use; `impl` picks the implementation:
   reference   sequential lax.scan over tokens, float32 (the test oracle)
-  xla         chunked matmul ("SSD") form in plain XLA ops
+  xla         chunked matmul ("SSD") form in plain XLA ops, hand-written backward
   pallas_tpu  Pallas TPU (Mosaic) kernel, forward and backward (kernels/pallas_tpu.py)
   pallas_gpu  Pallas GPU (Triton) kernel, forward and backward (kernels/pallas_gpu.py)
   auto        the Pallas kernel of the backend (TPU, GPU) when it supports the shapes,

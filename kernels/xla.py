@@ -6,6 +6,11 @@ The sequence is cut into chunks of Q tokens. Inside a chunk the sum above is a
 masked (Q x Q) matmul, which runs on the matrix units; across chunks only a
 (P x S) state per head is carried, so the cost stays linear in L.
 
+The backward is written by hand (a custom_vjp, as mamba-ssm's chunked kernels do): it
+keeps only the inputs and the (P x S) state entering each chunk, and recomputes the
+per-chunk decays and the (Q x Q) mixing matrix instead of storing them, so nothing of
+size L x Q per head outlives the forward.
+
 Einsum index letters: x one (batch, chunk, group) triple, l / s target / source
 token in a chunk, h head within its group, p head dim, n state dim (S). Batch,
 chunk and group share one leading axis: the broadcast of C.B over a group's heads
@@ -17,6 +22,7 @@ bf16) and accumulate in float32.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +31,68 @@ _f32 = jnp.float32
 _mm = functools.partial(jnp.einsum, preferred_element_type=_f32)
 
 
+class _Chunking(NamedTuple):
+  """How (batch, L, ...) arrays are cut into (batch * nc * G, Q, ...) chunks."""
+
+  batch: int
+  L: int
+  G: int
+  R: int  # heads per group
+  P: int
+  Q: int  # tokens per chunk
+  nc: int  # chunks
+
+  @classmethod
+  def of(cls, x_shape, groups, chunk_size):
+    batch, L, H, P = x_shape
+    Q = min(chunk_size, L)  # a sequence shorter than one chunk needs no padding
+    return cls(batch, L, groups, H // groups, P, Q, -(-L // Q))
+
+  def split(self, v):
+    """(batch, L, G, ...) -> (batch * nc * G, Q, ...). The pad has dt = 0: decay 1,
+    input 0, so it changes nothing (and gets no gradient that reaches a real token)."""
+    v = jnp.pad(v, [(0, 0), (0, self.nc * self.Q - self.L)] + [(0, 0)] * (v.ndim - 2))
+    v = jnp.moveaxis(v.reshape(self.batch, self.nc, self.Q, *v.shape[2:]), 3, 2)
+    return v.reshape(self.batch * self.nc * self.G, self.Q, *v.shape[4:])
+
+  def join(self, v):
+    """The inverse of `split`: (batch * nc * G, Q, ...) -> (batch, L, G, ...)."""
+    v = jnp.moveaxis(v.reshape(self.batch, self.nc, self.G, self.Q, *v.shape[2:]), 2, 3)
+    return v.reshape(self.batch, self.nc * self.Q, self.G, *v.shape[4:])[:, : self.L]
+
+  def per_chunk(self, v):
+    """x ... -> b c g ... (for the scan over chunks)."""
+    return v.reshape(self.batch, self.nc, self.G, *v.shape[1:])
+
+
+class _Chunks(NamedTuple):
+  """The chunked inputs both passes start from (recomputed by the backward)."""
+
+  x: jax.Array  # x l h p, input dtype
+  B: jax.Array  # x l n
+  C: jax.Array  # x l n
+  dt: jax.Array  # x l h, f32
+  A: jax.Array  # x 1 h, f32
+  a_cum: jax.Array  # x l h: within-chunk cumsums of dt * A (log-decays <= 0)
+  xdt: jax.Array  # x l h p: dt_s x_s, f32
+
+
+def _chunks(ch, x, dt, A, B, C):
+  G, R = ch.G, ch.R
+  xc = ch.split(x.reshape(ch.batch, ch.L, G, R, ch.P))
+  dtc = ch.split(dt.astype(_f32).reshape(ch.batch, ch.L, G, R))
+  A_x = jnp.broadcast_to(A.astype(_f32).reshape(G, R), (ch.batch * ch.nc, G, R)).reshape(-1, 1, R)
+  a_cum = jnp.cumsum(dtc * A_x, axis=1)
+  return _Chunks(xc, ch.split(B), ch.split(C), dtc, A_x, a_cum, xc.astype(_f32) * dtc[..., None])
+
+
 def _causal_decay(a_cum):
   """(x l h) within-chunk cumsums of dt*A -> (x h l s) matrix
   exp(A sum_{r=s+1..l} dt_r) for s <= l, exactly 0 above the diagonal.
 
   Segment sums are differences of the chunk's cumulative sum (bounded, since
-  a chunk is short). The mask goes in BEFORE exp: exp(-inf) = 0 with zero
-  gradient, whereas masking after exp would meet exp(+large) = inf and give
-  inf * 0 = NaN in values or gradients.
+  a chunk is short). The mask goes in BEFORE exp: exp(-inf) = 0, whereas masking
+  after exp would meet exp(+large) = inf and give inf * 0 = NaN.
   """
   cum = jnp.moveaxis(a_cum, 1, -1)  # x h l
   seg = cum[..., :, None] - cum[..., None, :]  # x h l s
@@ -57,48 +117,122 @@ def _pass_states(states, chunk_decay):
   return jnp.moveaxis(starts, 0, 1)
 
 
+def _pass_states_bwd(starts, chunk_decay, d_starts):
+  """The transpose of `_pass_states` (carry_{c+1} = carry_c decay_c + own_c, starts_c =
+  carry_c): a reverse scan of g_c, the gradient of carry_{c+1}. Returns the gradients of
+  each chunk's own state (g_c) and of its decay (starts_c . g_c)."""
+
+  def step(g, inp):
+    start, decay, d_start = inp
+    return d_start + decay[..., None, None] * g, (g, jnp.sum(start * g, (-2, -1)))
+
+  inputs = tuple(jnp.moveaxis(v, 1, 0) for v in (starts, chunk_decay, d_starts))
+  _, (d_own, d_decay) = jax.lax.scan(step, jnp.zeros_like(starts[:, 0]), inputs, reverse=True)
+  return jnp.moveaxis(d_own, 0, 1), jnp.moveaxis(d_decay, 0, 1)
+
+
 def ssd_xla(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
   """Chunked SSD; same contract as `kernels.ssd` (shapes validated there)."""
   del interpret  # only Pallas impls use it
-  batch, L, H, P = x.shape
-  G = B.shape[2]
-  R = H // G  # heads per group
-  Q = min(chunk_size, L)  # a sequence shorter than one chunk needs no padding
-  pad = -L % Q
-  nc = (L + pad) // Q
+  return _ssd(x, dt, A, B, C, D, min(chunk_size, x.shape[1]))
 
-  def chunked(v):  # (batch, L, G, ...) -> (batch * nc * G, Q, ...). The pad has dt = 0:
-    v = jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))  # decay 1, input 0,
-    v = jnp.moveaxis(v.reshape(batch, nc, Q, *v.shape[2:]), 3, 2)  # so it changes nothing.
-    return v.reshape(batch * nc * G, Q, *v.shape[4:])
 
-  xc = chunked(x.reshape(batch, L, G, R, P))  # x l h p
-  Bc, Cc = chunked(B), chunked(C)  # x l n
-  dtc = chunked(dt.astype(_f32).reshape(batch, L, G, R))  # x l h
-  A_x = jnp.broadcast_to(A.astype(_f32).reshape(G, R), (batch * nc, G, R)).reshape(-1, 1, R)
-  a_cum = jnp.cumsum(dtc * A_x, axis=1)  # log-decays <= 0, x l h
-  xdt = xc.astype(_f32) * dtc[..., None]  # dt_s x_s, x l h p
+def ssd_xla_autodiff(x, dt, A, B, C, D=None, *, chunk_size=256):
+  """The same forward differentiated by JAX's autodiff (a check on the hand-written one)."""
+  return _forward(x, dt, A, B, C, D, min(chunk_size, x.shape[1]))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _ssd(x, dt, A, B, C, D, Q):
+  return _forward(x, dt, A, B, C, D, Q)[0]
+
+
+def _forward(x, dt, A, B, C, D, Q):
+  """y and what the backward keeps: the inputs and the state entering each chunk."""
+  ch = _Chunking.of(x.shape, B.shape[2], Q)
+  c = _chunks(ch, x, dt, A, B, C)
   cdt = x.dtype  # matmul operand dtype
 
   # 1. Within a chunk: y_l = sum_{s<=l} (C_l . B_s) exp(A sum_{r=s+1..l} dt_r) dt_s x_s.
-  CB = _mm("xln,xsn->xls", Cc, Bc)
-  W = CB[:, None] * _causal_decay(a_cum)  # x h l s
-  y = _mm("xhls,xshp->xlhp", W.astype(cdt), xdt.astype(cdt))
+  CB = _mm("xln,xsn->xls", c.C, c.B)
+  W = CB[:, None] * _causal_decay(c.a_cum)  # x h l s
+  y = _mm("xhls,xshp->xlhp", W.astype(cdt), c.xdt.astype(cdt))
 
-  if nc > 1:  # one chunk (short sequences) has no state coming in
+  starts = None
+  if ch.nc > 1:  # one chunk (short sequences) has no state coming in
     # 2. Each chunk's own end state: sum_s exp(A (cum_end - cum_s)) dt_s x_s ⊗ B_s.
-    to_end = jnp.exp(a_cum[:, -1:] - a_cum)  # x l h
-    states = _mm("xln,xlhp->xhpn", Bc, (xdt * to_end[..., None]).astype(cdt))
-
+    to_end = jnp.exp(c.a_cum[:, -1:] - c.a_cum)  # x l h
+    states = _mm("xln,xlhp->xhpn", c.B, (c.xdt * to_end[..., None]).astype(cdt))
     # 3. Carry states across chunks, then add C_l . state_start exp(A cum_l).
-    def per_chunk(v):  # x ... -> b c g ...
-      return v.reshape(batch, nc, G, *v.shape[1:])
+    decay = ch.per_chunk(jnp.exp(c.a_cum[:, -1]))
+    starts = _pass_states(ch.per_chunk(states), decay).reshape(states.shape)  # f32, x h p n
+    y = y + _mm("xln,xhpn->xlhp", c.C, starts) * jnp.exp(c.a_cum)[..., None]
 
-    starts = _pass_states(per_chunk(states), per_chunk(jnp.exp(a_cum[:, -1])))
-    starts = starts.reshape(states.shape)  # f32, x h p n
-    y = y + _mm("xln,xhpn->xlhp", Cc, starts) * jnp.exp(a_cum)[..., None]
-
-  y = jnp.moveaxis(y.reshape(batch, nc, G, Q, R, P), 2, 3).reshape(batch, nc * Q, H, P)[:, :L]
+  y = ch.join(y).reshape(x.shape)
   if D is not None:
     y = y + D.astype(_f32)[:, None] * x.astype(_f32)
-  return y.astype(x.dtype)
+  return y.astype(x.dtype), (x, dt, A, B, C, D, starts)
+
+
+def _backward(Q, saved, dy):
+  """The forward's steps transposed, newest first. Gradients of the chunk cumsums of
+  dt * A collect in d_cum; one reverse cumsum turns them into gradients of dt and A."""
+  x, dt, A, B, C, D, starts = saved
+  ch = _Chunking.of(x.shape, B.shape[2], Q)
+  c = _chunks(ch, x, dt, A, B, C)
+  cdt = x.dtype
+  dy = dy.astype(_f32)
+  dyc = ch.split(dy.reshape(ch.batch, ch.L, ch.G, ch.R, ch.P))  # x l h p
+
+  # 1. y = W xdt with W = (C.B) * decay: the decay's log-gradient is d_W * W, which is 0
+  # above the diagonal (W is), so no exp of a masked entry is ever needed.
+  decays = _causal_decay(c.a_cum)
+  W = _mm("xln,xsn->xls", c.C, c.B)[:, None] * decays
+  d_W = _mm("xlhp,xshp->xhls", dyc.astype(cdt), c.xdt.astype(cdt))
+  d_xdt = _mm("xhls,xlhp->xshp", W.astype(cdt), dyc.astype(cdt))
+  d_seg = d_W * W  # gradient of seg[l, s] = cum_l - cum_s
+  d_cum = jnp.moveaxis(d_seg.sum(-1) - d_seg.sum(-2), 1, -1)  # x l h
+  d_CB = _mm("xhls,xhls->xls", d_W, decays).astype(cdt)
+  d_C = _mm("xls,xsn->xln", d_CB, c.B)
+  d_B = _mm("xls,xln->xsn", d_CB, c.C)
+
+  if ch.nc > 1:
+    # 3. y += exp(cum_l) C_l . starts, starts from the scan over chunks.
+    dye = dyc * jnp.exp(c.a_cum)[..., None]
+    d_C = d_C + _mm("xlhp,xhpn->xln", dye, starts)
+    d_starts = _mm("xln,xlhp->xhpn", c.C, dye)
+    d_cum = d_cum + jnp.sum(dye * _mm("xln,xhpn->xlhp", c.C, starts), -1)
+    decay = jnp.exp(c.a_cum[:, -1])
+    d_states, d_decay = _pass_states_bwd(
+      ch.per_chunk(starts), ch.per_chunk(decay), ch.per_chunk(d_starts)
+    )
+    d_states = d_states.reshape(starts.shape).astype(cdt)
+    # 2. states = B^T (xdt * exp(cum_end - cum_s)).
+    to_end = jnp.exp(c.a_cum[:, -1:] - c.a_cum)  # x l h
+    d_B = d_B + _mm("xhpn,xlhp->xln", d_states, (c.xdt * to_end[..., None]).astype(cdt))
+    d_u = _mm("xln,xhpn->xlhp", c.B, d_states)
+    d_xdt = d_xdt + d_u * to_end[..., None]
+    d_to_end = jnp.sum(d_u * c.xdt, -1) * to_end  # gradient of cum_end - cum_s
+    d_cum = d_cum - d_to_end
+    d_cum = d_cum.at[:, -1].add(jnp.sum(d_to_end, 1) + (d_decay.reshape(decay.shape) * decay))
+
+  # xdt = x dt and a_cum = cumsum(dt A).
+  d_a = jax.lax.cumsum(d_cum, axis=1, reverse=True)
+  d_dt = jnp.sum(d_xdt * c.x.astype(_f32), -1) + d_a * c.A
+  d_A = jnp.sum(d_a * c.dt, 1).reshape(ch.batch * ch.nc, ch.G * ch.R).sum(0)
+  d_x = ch.join(d_xdt * c.dt[..., None]).reshape(x.shape)
+  d_D = None
+  if D is not None:
+    d_x = d_x + D.astype(_f32)[:, None] * dy
+    d_D = jnp.sum(dy * x.astype(_f32), (0, 1, 3)).astype(D.dtype)
+  return (
+    d_x.astype(x.dtype),
+    ch.join(d_dt).reshape(dt.shape).astype(dt.dtype),
+    d_A.astype(A.dtype),
+    ch.join(d_B).astype(B.dtype),
+    ch.join(d_C).astype(C.dtype),
+    d_D,
+  )
+
+
+_ssd.defvjp(_forward, _backward)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kernels import IMPLS, Implementation, ssd, ssd_matrix, ssd_quadratic, ssd_reference
+from kernels import xla as kernels_xla
 
 RTOL = 1e-4
 RTOL64 = 1e-12
@@ -211,6 +212,57 @@ def test_xla_grads_finite_with_extreme_decays():
   for k, g in zip(ARGS, grads("xla", 32, inp, w)):
     assert np.all(np.isfinite(g)), k
   assert np.all(np.isfinite(ssd(**inp, impl="xla", chunk_size=32)))
+
+
+@pytest.mark.parametrize(
+  "L, G, chunk_size, with_D",
+  [(1, 1, 16, True), (63, 2, 16, True), (64, 1, 16, False), (37, 1, 64, True)],
+)
+def test_xla_hand_written_backward_is_autodiffs(L, G, chunk_size, with_D):
+  # The custom_vjp against JAX's autodiff of the same forward: one chunk, several with the
+  # last padded, an exact multiple, G = 2, no D.
+  inp = make_inputs(L, G, seed=8)
+  w = jnp.asarray(np.random.default_rng(9).normal(size=(BATCH, L, H, P)), jnp.float32)
+  args = [inp[k] for k in ARGS[:5]] + [inp["D"] if with_D else None]
+  argnums = tuple(range(6 if with_D else 5))
+
+  def g(f):
+    loss = lambda *a: jnp.sum(w * f(*a, chunk_size=chunk_size))
+    return jax.jit(jax.grad(loss, argnums))(*args)
+
+  for k, a, b in zip(ARGS, g(kernels_xla.ssd_xla), g(kernels_xla.ssd_xla_autodiff)):
+    assert a.dtype == b.dtype and a.shape == b.shape, k
+    if not np.any(b):  # L = 1: no decay is applied, so A's gradient is exactly zero
+      assert not np.any(a), k
+      continue
+    assert rel_err(a, b) <= 1e-5, (k, rel_err(a, b))
+
+
+def test_xla_backward_keeps_only_inputs_and_chunk_states():
+  # What the forward hands the backward: the six inputs and one (P x S) state per chunk
+  # and head, nothing of size L x chunk (autodiff keeps the chunk's decay matrices).
+  L, chunk = 1026, 64
+  inp = {k: jnp.asarray(v) for k, v in make_inputs(L, 1, seed=10).items()}
+  states = BATCH * (-(-L // chunk)) * H * P * S * 4
+
+  def saved_bytes(f):
+    _, backward = jax.vjp(functools.partial(f, chunk_size=chunk), *(inp[k] for k in ARGS))
+    return sum(v.nbytes for v in jax.tree.leaves(backward))
+
+  inputs = sum(v.nbytes for v in inp.values())
+  assert saved_bytes(kernels_xla.ssd_xla) <= inputs + states
+  assert saved_bytes(kernels_xla.ssd_xla_autodiff) > inputs + states + BATCH * L * H * chunk * 4
+
+
+def test_xla_bf16_grads_close_to_f32():
+  inp = make_inputs(198, 2, seed=11)
+  bf = {k: jnp.asarray(v, jnp.bfloat16) for k, v in inp.items()}
+  w = jnp.asarray(np.random.default_rng(12).normal(size=(BATCH, 198, H, P)), jnp.float32)
+  g_bf = grads("xla", 64, bf, w)
+  g_32 = grads("xla", 64, {k: v.astype(jnp.float32) for k, v in bf.items()}, w)
+  for k, a, b in zip(ARGS, g_bf, g_32):
+    assert a.dtype == jnp.bfloat16, k
+    assert rel_err(a.astype(jnp.float32), b) <= BF16_RTOL, (k, rel_err(a, b))
 
 
 # ---------------------------------------------------------------- bf16
