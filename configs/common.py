@@ -420,7 +420,7 @@ def bench(**overrides) -> ml_collections.ConfigDict:
       batch=0,  # forward batch; 0 = 32 on accelerators, 1 on CPU
       dtype="",  # '' = bfloat16 on accelerators, float32 on CPU
       repeats=0,  # timed calls per measurement (median); 0 = 10; 5 on CPU
-      chunk_size=0,  # student SSD chunk; 0 = 256 on accelerators, 64 on CPU
+      chunk_size=0,  # student SSD chunk; 0 = kernels.CHUNK_TABLE's for each length
       attention_impls=(),  # ViT attention impls; () = xla and blocked (+ cudnn on GPU)
       matmul_size=0,  # side of the square matmul timed as the device's rate; 0 = 8192 on
       # accelerators, 2048 on CPU

@@ -60,9 +60,11 @@ _PALLAS = {
 
 # chunk_size=0: the chunk measured fastest for impl='xla' on the backend, by sequence length:
 # rows (longest L, chunk), the first that covers L wins; a backend nobody has measured
-# keeps 256. CPU (2 cores, fwd+bwd, docs/benchmarks.md "Chunk sweep"): 64 was fastest or
-# tied at L = 51, 198, 1026 and 4098, where 256 took 1.2-3.2x as long.
-CHUNK_TABLE = {"cpu": ((None, 64),)}
+# keeps 256. CPU (2 cores, forward and fwd+bwd, docs/benchmarks.md "Chunk sweep"): up to
+# 128 tokens one chunk wins (L = 65: 2.4 ms fwd+bwd against 6.8 at chunk 64); above, 32 is
+# fastest at every length timed (198 to 4098: 1.05-1.3x faster than 64). `onnx_export`
+# writes graphs for ONNX Runtime, timed apart: 64 beats 32 and 128 there (Ti/16 at 224², 512²).
+CHUNK_TABLE = {"cpu": ((128, 128), (None, 32)), "onnxruntime": ((None, 64),)}
 UNMEASURED_CHUNK = 256
 
 

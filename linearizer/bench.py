@@ -112,8 +112,8 @@ def settings(config):
     batch=b.batch or (32 if accel else 1),
     dtype=b.dtype or ("bfloat16" if accel else "float32"),
     repeats=b.repeats or (10 if accel else 5),
-    # The kernels' author measured chunk 64 fastest for the XLA scan on CPU.
-    chunk_size=b.chunk_size or (256 if accel else 64),
+    # 0: the student takes kernels.CHUNK_TABLE's chunk for each sequence length.
+    chunk_size=b.chunk_size,
     attention=tuple(b.attention_impls)
     or (("xla", "cudnn", "blocked") if jax.default_backend() == "gpu" else ("xla", "blocked")),
     matmul_size=b.matmul_size or (8192 if accel else 2048),
@@ -197,13 +197,15 @@ def pytorch_rows(config, s, base, peers):
     models_.append(("vit", cfg, cfg.patch, f"ViT-{s['teacher']} (PyTorch)", "teacher", "sdpa"))
   if b.student_kind == "adventurer":
     arch = models.ARCHITECTURES["adventurer"]
-    cfg = arch.variant(s["student"], chunk_size=s["chunk_size"], **dict(b.student_overrides))
+    cfg = arch.variant(s["student"], **dict(b.student_overrides))
     name = f"Adventurer-{s['student']} (PyTorch)"
     models_.append(("adventurer", dataclasses.asdict(cfg), cfg.patch, name, "peer", None))
   for kind, cfg, patch, name, role, attn in models_:
     meta = dict(base, model=name, role=role, variant=name.split("-", 1)[1].split()[0])
     meta.update(attention_impl=attn, library=f"torch {peers.torch.__version__}")
     for res in s["resolutions"]:
+      if kind == "adventurer":  # the chunk the JAX student runs at this length
+        cfg = dict(cfg, chunk_size=chunk_at(s, (res // patch) ** 2 + 2))
       try:
         seconds = peers.forward_seconds(kind, cfg, res, s["batch"], s["dtype"], s["repeats"])
       except Exception as err:  # recorded, not fatal (as the JAX rows)
@@ -393,9 +395,15 @@ def ssd_inputs(batch, length, heads, headdim, d_state, dtype):
   return x, dt, A, B, C, jnp.ones((heads,))
 
 
+def chunk_at(s, length: int) -> int:
+  """The SSD chunk at `length` tokens: `bench.chunk_size`, or 0's, the measured table's."""
+  return s["chunk_size"] or kernels.chunk_for(length)
+
+
 def ssd_row(impl, mode, args, shape, s, meta, peak, bandwidth):
   """One SSD timing; a Pallas impl raises ValueError (at trace time) for shapes it refuses."""
-  fwd = lambda *a: kernels.ssd(*a, chunk_size=s["chunk_size"], impl=impl)
+  chunk = chunk_at(s, shape[1])
+  fwd = lambda *a: kernels.ssd(*a, chunk_size=chunk, impl=impl)
   # Forward+backward: the gradient of a scalar of y with respect to every input.
   fn = (
     fwd
@@ -405,7 +413,7 @@ def ssd_row(impl, mode, args, shape, s, meta, peak, bandwidth):
   compiled, compile_s, xla_flops, _ = compile_fn(jax.jit(fn), args)
   seconds = time_compiled(compiled, args, s["repeats"])
   backward = mode == "fwd+bwd"
-  flops = results.ssd_flops(*shape, s["chunk_size"]) * (3 if backward else 1)
+  flops = results.ssd_flops(*shape, chunk) * (3 if backward else 1)
   nbytes = results.ssd_bytes(*shape, args[0].dtype.itemsize, backward=backward)
   return dict(
     meta,
@@ -443,7 +451,7 @@ def measure_ssd(config, s, meta, peak, bandwidth):
             heads=c.heads,
             headdim=c.headdim,
             d_state=c.d_state,
-            chunk_size=s["chunk_size"],
+            chunk_size=chunk_at(s, length),
           )
           rows.append(ssd_row(impl, mode, args, shape, s, row, peak, bandwidth))
           log(f"[bench] ssd {impl:<9} {mode:<7} L={length:<6} {rows[-1]['ms']:9.2f} ms")

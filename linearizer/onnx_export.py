@@ -374,7 +374,7 @@ def _ssd(g: _Graph, cfg, x, dt, a, b, c, skip, length: int) -> str:
   `kernels.reference._segsum`: no differences of long sums), in place of xla's scan.
   """
   hd, p, s = cfg.expand * cfg.width // cfg.headdim, cfg.headdim, cfg.d_state
-  q = min(cfg.chunk_size or kernels.chunk_for(length, "cpu"), length)  # ONNX Runtime: a CPU
+  q = min(cfg.chunk_size or kernels.chunk_for(length, "onnxruntime"), length)
   nc = math.ceil(length / q)
   x_in, pad = x, nc * q - length
   if pad:  # padded tokens have dt = 0: decay 1, input 0, so they change nothing

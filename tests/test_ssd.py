@@ -306,13 +306,15 @@ def test_errors():
 
 
 def test_chunk_size_0_takes_the_measured_table():
-  """chunk_size=0: CHUNK_TABLE's chunk for the backend and length (64 on a CPU, every
-  length measured), 256 on a backend nobody measured; the same output as asking for it."""
-  from kernels import CHUNK_TABLE, chunk_for
+  """chunk_size=0: CHUNK_TABLE's chunk for the backend and length (on a CPU one chunk up
+  to 128 tokens, 32 above; 64 for ONNX Runtime), 256 on a backend nobody measured; the
+  same output as asking for it."""
+  from kernels import chunk_for
 
-  assert CHUNK_TABLE["cpu"] == ((None, 64),)
-  assert chunk_for(51, "cpu") == chunk_for(16386, "cpu") == 64
-  assert chunk_for(4098, "gpu") == chunk_for(4098, "tpu") == 256
+  assert chunk_for(1, "cpu") == chunk_for(128, "cpu") == 128
+  assert chunk_for(129, "cpu") == chunk_for(16386, "cpu") == 32
+  assert chunk_for(51, "onnxruntime") == chunk_for(16386, "onnxruntime") == 64
+  assert chunk_for(4098, "gpu") == chunk_for(4098, "tpu") == chunk_for(9, "cuda") == 256
   inputs = make_inputs(150, 1)
   here = chunk_for(150)  # this backend's
   np.testing.assert_array_equal(
