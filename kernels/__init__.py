@@ -7,7 +7,9 @@
   pallas_gpu  Pallas GPU (Triton) kernel, forward and backward (kernels/pallas_gpu.py)
   auto        the Pallas kernel of the backend (TPU, GPU) when it supports the shapes,
               else xla
-Every impl is differentiable. The Pallas ones run on a CPU with interpret=True (tests).
+Every impl is differentiable in reverse mode (grad, vjp); xla and the Pallas ones are
+custom_vjps, so none but reference has forward mode (jvp). The Pallas ones run on a CPU
+with interpret=True (tests).
 
 Beside them, two forms for checking and for pictures (kernels/reference.py):
 `ssd_quadratic`, the same map as one L x L masked matmul (a second oracle, O(L^2)), and
@@ -35,6 +37,7 @@ __all__ = [
   "pick_impl",
   "platform_name",
   "chunk_for",
+  "chunk_run",
   "CHUNK_TABLE",
 ]
 
@@ -62,7 +65,7 @@ _PALLAS = {
 # rows (longest L, chunk), the first that covers L wins; a backend nobody has measured
 # keeps 256. CPU (2 cores, forward and fwd+bwd, docs/benchmarks.md "Chunk sweep"): up to
 # 128 tokens one chunk wins (L = 65: 2.4 ms fwd+bwd against 6.8 at chunk 64); above, 32 is
-# fastest at every length timed (198 to 4098: 1.05-1.3x faster than 64). `onnx_export`
+# fastest at every length timed (198 to 4098: 1.1-1.3x faster than 64 fwd+bwd). `onnx_export`
 # writes graphs for ONNX Runtime, timed apart: 64 beats 32 and 128 there (Ti/16 at 224², 512²).
 CHUNK_TABLE = {"cpu": ((128, 128), (None, 32)), "onnxruntime": ((None, 64),)}
 UNMEASURED_CHUNK = 256
@@ -74,6 +77,15 @@ def chunk_for(length: int, backend: str | None = None) -> int:
     if longest is None or length <= longest:
       return chunk
   return UNMEASURED_CHUNK
+
+
+def chunk_run(impl: str, chunk_size: int, length: int) -> int:
+  """Tokens per chunk `impl` runs when asked for `chunk_size` at `length`: pallas_gpu
+  takes a power of two of at most 64 (its tiles live in registers), the others the chunk
+  itself, cut to the sequence."""
+  if impl == "pallas_gpu":
+    return pallas_gpu.chunk_len(chunk_size, length)
+  return min(chunk_size, length)
 
 
 def platform_name(name: str | None = None) -> str:

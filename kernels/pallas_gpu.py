@@ -114,7 +114,7 @@ def unsupported_reason(x_shape, B_shape, chunk_size, dtype):
   if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= MIN_DIM):
     return f"chunk_size = {chunk_size!r} must be an int >= {MIN_DIM} (Triton dot dims)"
   batch, L, H, _ = x_shape
-  Q = _chunk_len(chunk_size, L)
+  Q = chunk_len(chunk_size, L)
   Lp = -(-L // Q) * Q
   return limits.int32_overflow_reason(
     "pallas_gpu",
@@ -127,7 +127,7 @@ def unsupported_reason(x_shape, B_shape, chunk_size, dtype):
   )
 
 
-def _chunk_len(chunk_size, L):
+def chunk_len(chunk_size, L):
   """Largest power of two <= min(chunk_size, MAX_CHUNK), and no longer than needed."""
   q = 1 << (min(int(chunk_size), MAX_CHUNK).bit_length() - 1)
   need = max(MIN_DIM, 1 << max(L - 1, 0).bit_length())  # next power of two >= L
@@ -390,7 +390,7 @@ def ssd_pallas_gpu(x, dt, A, B, C, D=None, *, chunk_size=64, interpret=False):
   reason = unsupported_reason(x.shape, B.shape, chunk_size, x.dtype)
   if reason is not None:
     raise ValueError(f"ssd: impl='pallas_gpu' does not support this call: {reason}")
-  Q = _chunk_len(chunk_size, x.shape[1])
+  Q = chunk_len(chunk_size, x.shape[1])
   if D is None:
     D = jnp.zeros(x.shape[2], _f32)  # D x = 0; its gradient goes nowhere
   return _ssd(Q, bool(interpret), x, dt, A, B, C, D)

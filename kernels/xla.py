@@ -9,7 +9,8 @@ masked (Q x Q) matmul, which runs on the matrix units; across chunks only a
 The backward is written by hand (a custom_vjp, as mamba-ssm's chunked kernels do): it
 keeps only the inputs and the (P x S) state entering each chunk, and recomputes the
 per-chunk decays and the (Q x Q) mixing matrix instead of storing them, so nothing of
-size L x Q per head outlives the forward.
+size L x Q per head outlives the forward. Being a custom_vjp (like the Pallas kernels), it
+has reverse-mode derivatives (grad, vjp, and grad of grad) but no forward mode (jvp).
 
 Einsum index letters: x one (batch, chunk, group) triple, l / s target / source
 token in a chunk, h head within its group, p head dim, n state dim (S). Batch,
@@ -78,6 +79,8 @@ class _Chunks(NamedTuple):
 
 
 def _chunks(ch, x, dt, A, B, C):
+  """The inputs cut into chunks (`_Chunking.split`), with the cumsums and dt x both
+  passes use."""
   G, R = ch.G, ch.R
   xc = ch.split(x.reshape(ch.batch, ch.L, G, R, ch.P))
   dtc = ch.split(dt.astype(_f32).reshape(ch.batch, ch.L, G, R))
@@ -175,8 +178,9 @@ def _forward(x, dt, A, B, C, D, Q):
 
 
 def _backward(Q, saved, dy):
-  """The forward's steps transposed, newest first. Gradients of the chunk cumsums of
-  dt * A collect in d_cum; one reverse cumsum turns them into gradients of dt and A."""
+  """The forward's steps transposed: 1 (within a chunk, independent of the others), then 3
+  and 2, the reverse of their order. Gradients of the chunk cumsums of dt * A collect in
+  d_cum; one reverse cumsum turns them into gradients of dt and A."""
   x, dt, A, B, C, D, starts = saved
   ch = _Chunking.of(x.shape, B.shape[2], Q)
   c = _chunks(ch, x, dt, A, B, C)

@@ -204,10 +204,12 @@ def pytorch_rows(config, s, base, peers):
     meta = dict(base, model=name, role=role, variant=name.split("-", 1)[1].split()[0])
     meta.update(attention_impl=attn, library=f"torch {peers.torch.__version__}")
     for res in s["resolutions"]:
-      if kind == "adventurer":  # the chunk the JAX student runs at this length
-        cfg = dict(cfg, chunk_size=chunk_at(s, (res // patch) ** 2 + 2))
+      at_res = cfg
+      if kind == "adventurer":  # the table's chunk at this length, as the JAX student's xla
+        # scan takes it (a Pallas kernel caps its own chunk, so on a GPU they may differ)
+        at_res = dict(cfg, chunk_size=chunk_at(s, (res // patch) ** 2 + 2))
       try:
-        seconds = peers.forward_seconds(kind, cfg, res, s["batch"], s["dtype"], s["repeats"])
+        seconds = peers.forward_seconds(kind, at_res, res, s["batch"], s["dtype"], s["repeats"])
       except Exception as err:  # recorded, not fatal (as the JAX rows)
         rows.append(dict(meta, kind="forward", resolution=res, error=f"{type(err).__name__}"))
         log(f"[bench] {name} @{res}: failed ({type(err).__name__}: {str(err)[:200]})")
@@ -413,7 +415,9 @@ def ssd_row(impl, mode, args, shape, s, meta, peak, bandwidth):
   compiled, compile_s, xla_flops, _ = compile_fn(jax.jit(fn), args)
   seconds = time_compiled(compiled, args, s["repeats"])
   backward = mode == "fwd+bwd"
-  flops = results.ssd_flops(*shape, chunk) * (3 if backward else 1)
+  # The FLOPs of the chunk the impl runs (pallas_gpu caps its own), so rooflines compare.
+  flops = results.ssd_flops(*shape, kernels.chunk_run(impl, chunk, shape[1]))
+  flops *= 3 if backward else 1
   nbytes = results.ssd_bytes(*shape, args[0].dtype.itemsize, backward=backward)
   return dict(
     meta,
@@ -451,7 +455,7 @@ def measure_ssd(config, s, meta, peak, bandwidth):
             heads=c.heads,
             headdim=c.headdim,
             d_state=c.d_state,
-            chunk_size=chunk_at(s, length),
+            chunk_size=kernels.chunk_run(impl, chunk_at(s, length), length),
           )
           rows.append(ssd_row(impl, mode, args, shape, s, row, peak, bandwidth))
           log(f"[bench] ssd {impl:<9} {mode:<7} L={length:<6} {rows[-1]['ms']:9.2f} ms")

@@ -309,12 +309,15 @@ def test_chunk_size_0_takes_the_measured_table():
   """chunk_size=0: CHUNK_TABLE's chunk for the backend and length (on a CPU one chunk up
   to 128 tokens, 32 above; 64 for ONNX Runtime), 256 on a backend nobody measured; the
   same output as asking for it."""
-  from kernels import chunk_for
+  from kernels import chunk_for, chunk_run
 
   assert chunk_for(1, "cpu") == chunk_for(128, "cpu") == 128
   assert chunk_for(129, "cpu") == chunk_for(16386, "cpu") == 32
   assert chunk_for(51, "onnxruntime") == chunk_for(16386, "onnxruntime") == 64
   assert chunk_for(4098, "gpu") == chunk_for(4098, "tpu") == chunk_for(9, "cuda") == 256
+  # What runs: pallas_gpu caps the chunk at a power of two <= 64; the others cut it to L.
+  assert chunk_run("pallas_gpu", 256, 4098) == chunk_run("pallas_gpu", 100, 4098) == 64
+  assert chunk_run("xla", 256, 4098) == 256 and chunk_run("pallas_tpu", 256, 51) == 51
   inputs = make_inputs(150, 1)
   here = chunk_for(150)  # this backend's
   np.testing.assert_array_equal(
