@@ -120,6 +120,12 @@ def _pass_states(states, chunk_decay):
   return jnp.moveaxis(starts, 0, 1)
 
 
+def _mixing(c):
+  """A chunk's decays (x h l s) and its mixing matrix W = (C_l . B_s) * decay (x h l s)."""
+  decays = _causal_decay(c.a_cum)
+  return decays, _mm("xln,xsn->xls", c.C, c.B)[:, None] * decays
+
+
 def _pass_states_bwd(starts, chunk_decay, d_starts):
   """The transpose of `_pass_states` (carry_{c+1} = carry_c decay_c + own_c, starts_c =
   carry_c): a reverse scan of g_c, the gradient of carry_{c+1}. Returns the gradients of
@@ -137,28 +143,27 @@ def _pass_states_bwd(starts, chunk_decay, d_starts):
 def ssd_xla(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
   """Chunked SSD; same contract as `kernels.ssd` (shapes validated there)."""
   del interpret  # only Pallas impls use it
-  return _ssd(x, dt, A, B, C, D, min(chunk_size, x.shape[1]))
+  return _ssd(x, dt, A, B, C, D, chunk_size)
 
 
 def ssd_xla_autodiff(x, dt, A, B, C, D=None, *, chunk_size=256):
   """The same forward differentiated by JAX's autodiff (a check on the hand-written one)."""
-  return _forward(x, dt, A, B, C, D, min(chunk_size, x.shape[1]))[0]
+  return _forward(x, dt, A, B, C, D, chunk_size)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _ssd(x, dt, A, B, C, D, Q):
-  return _forward(x, dt, A, B, C, D, Q)[0]
+def _ssd(x, dt, A, B, C, D, chunk_size):
+  return _forward(x, dt, A, B, C, D, chunk_size)[0]
 
 
-def _forward(x, dt, A, B, C, D, Q):
+def _forward(x, dt, A, B, C, D, chunk_size):
   """y and what the backward keeps: the inputs and the state entering each chunk."""
-  ch = _Chunking.of(x.shape, B.shape[2], Q)
+  ch = _Chunking.of(x.shape, B.shape[2], chunk_size)
   c = _chunks(ch, x, dt, A, B, C)
   cdt = x.dtype  # matmul operand dtype
 
   # 1. Within a chunk: y_l = sum_{s<=l} (C_l . B_s) exp(A sum_{r=s+1..l} dt_r) dt_s x_s.
-  CB = _mm("xln,xsn->xls", c.C, c.B)
-  W = CB[:, None] * _causal_decay(c.a_cum)  # x h l s
+  _, W = _mixing(c)
   y = _mm("xhls,xshp->xlhp", W.astype(cdt), c.xdt.astype(cdt))
 
   starts = None
@@ -177,12 +182,12 @@ def _forward(x, dt, A, B, C, D, Q):
   return y.astype(x.dtype), (x, dt, A, B, C, D, starts)
 
 
-def _backward(Q, saved, dy):
+def _backward(chunk_size, saved, dy):
   """The forward's steps transposed: 1 (within a chunk, independent of the others), then 3
   and 2, the reverse of their order. Gradients of the chunk cumsums of dt * A collect in
   d_cum; one reverse cumsum turns them into gradients of dt and A."""
   x, dt, A, B, C, D, starts = saved
-  ch = _Chunking.of(x.shape, B.shape[2], Q)
+  ch = _Chunking.of(x.shape, B.shape[2], chunk_size)
   c = _chunks(ch, x, dt, A, B, C)
   cdt = x.dtype
   dy = dy.astype(_f32)
@@ -190,8 +195,7 @@ def _backward(Q, saved, dy):
 
   # 1. y = W xdt with W = (C.B) * decay: the decay's log-gradient is d_W * W, which is 0
   # above the diagonal (W is), so no exp of a masked entry is ever needed.
-  decays = _causal_decay(c.a_cum)
-  W = _mm("xln,xsn->xls", c.C, c.B)[:, None] * decays
+  decays, W = _mixing(c)
   d_W = _mm("xlhp,xshp->xhls", dyc.astype(cdt), c.xdt.astype(cdt))
   d_xdt = _mm("xhls,xlhp->xshp", W.astype(cdt), dyc.astype(cdt))
   d_seg = d_W * W  # gradient of seg[l, s] = cum_l - cum_s

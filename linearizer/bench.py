@@ -405,6 +405,7 @@ def chunk_at(s, length: int) -> int:
 def ssd_row(impl, mode, args, shape, s, meta, peak, bandwidth):
   """One SSD timing; a Pallas impl raises ValueError (at trace time) for shapes it refuses."""
   chunk = chunk_at(s, shape[1])
+  run_chunk = kernels.chunk_run(impl, chunk, shape[1])  # pallas_gpu caps its own
   fwd = lambda *a: kernels.ssd(*a, chunk_size=chunk, impl=impl)
   # Forward+backward: the gradient of a scalar of y with respect to every input.
   fn = (
@@ -415,12 +416,12 @@ def ssd_row(impl, mode, args, shape, s, meta, peak, bandwidth):
   compiled, compile_s, xla_flops, _ = compile_fn(jax.jit(fn), args)
   seconds = time_compiled(compiled, args, s["repeats"])
   backward = mode == "fwd+bwd"
-  # The FLOPs of the chunk the impl runs (pallas_gpu caps its own), so rooflines compare.
-  flops = results.ssd_flops(*shape, kernels.chunk_run(impl, chunk, shape[1]))
-  flops *= 3 if backward else 1
+  # The FLOPs of the chunk the impl runs, so rooflines compare.
+  flops = results.ssd_flops(*shape, run_chunk) * (3 if backward else 1)
   nbytes = results.ssd_bytes(*shape, args[0].dtype.itemsize, backward=backward)
   return dict(
     meta,
+    chunk_size=run_chunk,
     compile_s=compile_s,
     ms=1e3 * seconds,
     flops=flops,
@@ -455,7 +456,6 @@ def measure_ssd(config, s, meta, peak, bandwidth):
             heads=c.heads,
             headdim=c.headdim,
             d_state=c.d_state,
-            chunk_size=kernels.chunk_run(impl, chunk_at(s, length), length),
           )
           rows.append(ssd_row(impl, mode, args, shape, s, row, peak, bandwidth))
           log(f"[bench] ssd {impl:<9} {mode:<7} L={length:<6} {rows[-1]['ms']:9.2f} ms")

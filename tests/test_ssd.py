@@ -16,7 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import IMPLS, Implementation, ssd, ssd_matrix, ssd_quadratic, ssd_reference
+from kernels import (
+  IMPLS,
+  Implementation,
+  chunk_for,
+  chunk_run,
+  ssd,
+  ssd_matrix,
+  ssd_quadratic,
+  ssd_reference,
+)
 from kernels import xla as kernels_xla
 
 RTOL = 1e-4
@@ -309,8 +318,6 @@ def test_chunk_size_0_takes_the_measured_table():
   """chunk_size=0: CHUNK_TABLE's chunk for the backend and length (on a CPU one chunk up
   to 128 tokens, 32 above; 64 for ONNX Runtime), 256 on a backend nobody measured; the
   same output as asking for it."""
-  from kernels import chunk_for, chunk_run
-
   assert chunk_for(1, "cpu") == chunk_for(128, "cpu") == 128
   assert chunk_for(129, "cpu") == chunk_for(16386, "cpu") == 32
   assert chunk_for(51, "onnxruntime") == chunk_for(16386, "onnxruntime") == 64
