@@ -14,5 +14,5 @@ __all__ = ["load_student", "load_segmenter"]
 
 def __getattr__(name):
   if name in __all__:
-    return getattr(importlib.import_module("linearizer.export"), name)
+    return getattr(importlib.import_module("linearizer.serving"), name)
   raise AttributeError(f"module 'linearizer' has no attribute {name!r}")

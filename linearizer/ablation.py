@@ -47,7 +47,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from linearizer import data, distill, evaluate, plots, supervised, teacher_init, workdir
+from linearizer import data, evaluate, plots, supervised, workdir
+from linearizer.distillation import distill, teacher_init
 from linearizer.errors import UserError, log, main_process
 
 # A value standing for student.overrides with the teacher's shape put in (teacher_init's).

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linearizer import data, models, scorecard, workdir
+from linearizer import data, models, workdir
+from linearizer.distillation import scorecard
 from linearizer.errors import UserError, log, main_process
 from linearizer.metrics import time_compiled
 

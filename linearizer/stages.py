@@ -15,22 +15,20 @@ import jax
 
 from linearizer import (
   ablation,
-  bench,
   data,
-  distill,
   evaluate,
-  export,
   plots,
   preemption,
-  scorecard,
-  segment,
+  serving,
   supervised,
-  teacher_cache,
   visualize,
   workdir,
 )
+from linearizer.bench import runner as bench
+from linearizer.distillation import distill, scorecard, teacher_cache
 from linearizer.errors import UserError, log, main_process
 from linearizer.models import saved
+from linearizer.segmentation import stage as segment
 
 
 class Run:
@@ -306,9 +304,9 @@ def export_final_student(run_dir: str) -> Optional[str]:
   out = os.path.join(run_dir, "export")
   for stage in ("finetune", "distill"):
     if workdir.finished(run_dir, stage):
-      if export.exported_from(out) != stage and main_process():
+      if serving.exported_from(out) != stage and main_process():
         student = saved.restore(workdir.model_dir(run_dir, stage))
-        export.export_student(student, out, source=stage)
+        serving.export_student(student, out, source=stage)
         log(f"[export] the {stage} student is in {out}")
       return out
   return None

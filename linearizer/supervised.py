@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from linearizer import convert, distill, optim, train, workdir
+from linearizer import convert, optim, train, workdir
+from linearizer.distillation import distill
 from linearizer.errors import UserError, log
 
 KD_MODES = ("", "soft", "hard")  # supervised_loss.kd (configs/common.py)

@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 import kernels
-from linearizer import data, distill, losses, plots, scorecard, workdir
+from linearizer import data, plots, workdir
+from linearizer.distillation import distill, losses, scorecard
 from linearizer.errors import UserError, log
 from linearizer.models import common
 

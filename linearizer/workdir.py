@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from linearizer import convert, models, teacher_init
+from linearizer import convert, models
+from linearizer.distillation import teacher_init
 from linearizer.errors import UserError, log, main_process
 from linearizer.models import saved
 

@@ -60,7 +60,8 @@ from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from configs import common  # noqa: E402
-from linearizer import data, distill, models, optim, sharding, supervised, train  # noqa: E402
+from linearizer import data, models, optim, sharding, supervised, train  # noqa: E402
+from linearizer.distillation import distill  # noqa: E402
 
 TEACHER = dict(image_size=32, width=48, depth=2, num_heads=3, mlp_dim=96)
 STUDENT = dict(

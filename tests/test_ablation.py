@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import ablation as ablation_config
-from linearizer import ablation, models, teacher_init
+from linearizer import ablation, models
+from linearizer.distillation import teacher_init
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

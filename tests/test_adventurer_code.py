@@ -9,7 +9,7 @@ shadow an installed timm (or mamba-ssm) in this process. `einops` (their mamba_c
 imports it) is the real package.
 
   ours -> theirs: an Adventurer built by `models.build` with every parameter perturbed
-    randomly, exported (`export.export_student`) and written by `torch_export.to_torch`,
+    randomly, exported (`serving.export_student`) and written by `torch_export.to_torch`,
     loads strictly into their model; their logits match the export's (`load_student`).
   theirs -> ours: their model, randomly initialised and every parameter perturbed, saved as
     their checkpoints are ({"model": state_dict}), read by `convert.load(..., "adventurer",
@@ -33,7 +33,8 @@ import pytest
 import torch
 from flax import nnx
 
-from linearizer import convert, export, models, torch_export
+from linearizer import convert, models, serving
+from linearizer.export import to_torch as torch_export
 from linearizer.models import saved
 
 ENV = "LINEARIZER_ADVENTURER_REPO"
@@ -125,7 +126,7 @@ def assert_close(got, want, what):
 def test_our_files_and_theirs_give_the_same_logits_in_their_code(tmp_path):
   repo = their_checkout()
   built = models.build("adventurer", "Ti/8", chunk_size=8, flip_pattern="released", **SIZE)
-  export.export_student(perturbed(built), tmp_path / "export")
+  serving.export_student(perturbed(built), tmp_path / "export")
   torch_export.to_torch(tmp_path / "export", tmp_path / "ours.pth")
   hw = (SIZE["image_size"],) * 2
   images = np.random.default_rng(1).normal(size=(2, *hw, 3)).astype(np.float32)
@@ -143,7 +144,7 @@ def test_our_files_and_theirs_give_the_same_logits_in_their_code(tmp_path):
   assert proc.returncode == 0, proc.stderr[-4000:]
   theirs = lambda name: torch.load(tmp_path / name, weights_only=True).numpy()
 
-  ours = logits(export.load_student(tmp_path / "export"), images)
+  ours = logits(serving.load_student(tmp_path / "export"), images)
   assert_close(theirs("theirs_on_ours.pt"), ours, "ours -> theirs")
 
   loaded = convert.load(tmp_path / "theirs.pth", "adventurer", flip_pattern="released")

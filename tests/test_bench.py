@@ -10,7 +10,8 @@ import os
 import pytest
 
 from configs import bench as bench_config
-from linearizer import bench, bench_results
+from linearizer.bench import results as bench_results
+from linearizer.bench import runner as bench
 
 
 def test_ssd_flops_matches_the_chunked_matmuls():

@@ -1,4 +1,4 @@
-"""Tests of linearizer.checkpoint (Orbax train-state checkpoints), linearizer.export (the
+"""Tests of linearizer.checkpoint (Orbax train-state checkpoints), linearizer.serving (the
 saved student and its jax.export serving function) and linearizer.metrics (metrics.jsonl,
 TensorBoard events, the progress line).
 
@@ -27,7 +27,7 @@ import pytest
 from flax import nnx
 
 from configs import common
-from linearizer import checkpoint, export, metrics, models, optim, train
+from linearizer import checkpoint, metrics, models, optim, serving, train
 from linearizer.errors import UserError
 from linearizer.models import saved
 
@@ -208,19 +208,19 @@ def test_no_checkpoints_gives_none(tmp_path, base_state):
 # ---------------------------------------------------------------------------------------
 def test_export_round_trips(tmp_path, student):
   out = tmp_path / "export"
-  export.export_student(student, out)
+  serving.export_student(student, out)
   assert (out / "model.json").is_file()
-  assert (out / export.SERVE_FILE).is_file()
+  assert (out / serving.SERVE_FILE).is_file()
   x = images(8)  # one compiled forward for the references; served as batches of 3 and 5
   expected = np.asarray(logits_of(student, x))
   assert expected.shape == (8, NUM_CLASSES)
   assert np.abs(expected).max() > 1e-3  # a meaningful comparison, not all zeros
 
-  loaded = export.load_student(out)
+  loaded = serving.load_student(out)
   assert loaded.cfg == student.cfg
   np.testing.assert_array_equal(np.asarray(logits_of(loaded, x)), expected)
 
-  serve = export.load_serving(out)
+  serve = serving.load_serving(out)
   for rows in (slice(0, 3), slice(3, 8)):
     got = np.asarray(serve(x[rows]))
     assert got.shape == expected[rows].shape
@@ -229,8 +229,8 @@ def test_export_round_trips(tmp_path, student):
 
 def test_failed_export_leaves_previous_export_intact(tmp_path, student, monkeypatch):
   out = tmp_path / "export"
-  export.export_student(student, out)
-  before = {p: (out / p).read_bytes() for p in ("model.json", export.SERVE_FILE)}
+  serving.export_student(student, out)
+  before = {p: (out / p).read_bytes() for p in ("model.json", serving.SERVE_FILE)}
   other = tiny_student(seed=1)
 
   def fail(*args, **kwargs):
@@ -238,7 +238,7 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, student, monkeypa
 
   monkeypatch.setattr(jax.export, "export", fail)
   with pytest.raises(RuntimeError, match="cannot export"):
-    export.export_student(other, out)
+    serving.export_student(other, out)
   monkeypatch.undo()
   assert {p: (out / p).read_bytes() for p in before} == before
   # The parameters on disk are still the first student's.
@@ -349,12 +349,12 @@ def test_an_edited_model_json_is_named_before_orbax_reads(tmp_path, student, fie
   """load_student on a model.json that no longer matches its parameters: one message
   naming the differing parameters (Orbax's own errors came as dozens of tracebacks)."""
   out = tmp_path / "export"
-  export.export_student(student, out)
+  serving.export_student(student, out)
   meta = json.loads((out / "model.json").read_text())
   meta["config"][field] = value
   (out / "model.json").write_text(json.dumps(meta))
   with pytest.raises(UserError, match="does not describe the parameters saved") as err:
-    export.load_student(out)
+    serving.load_student(out)
   assert phrase in str(err.value)
 
 

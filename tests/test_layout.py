@@ -1,57 +1,47 @@
-"""The import graph runs one way (design.md "Layout"): an AST walk over every module.
+"""The import graph runs one way (design.md "Layout"): an AST walk over every module, held to
+a handful of package rules rather than a row per module.
 
-A module imports from lower tiers, or from its own tier without a cycle; no function-level
-imports between our own modules; the library never imports `configs/`; configs import only
-`configs.*`; `kernels/` imports nothing of ours.
+Layers, top to bottom; a module imports from its own layer without a cycle or from below:
+  main.py · stages · stage runners and feature packages · train, workdir, resolve ·
+  models, convert, data and the root's leaves · errors, log, cpu_malloc, kernels.
+And: kernels import nothing of ours; models, convert and data import only the root's leaves
+and each other; distillation and segmentation never import bench, export or each other;
+only main.py imports stages; a run imports no converter framework (torch, onnx: a test); the resolver imports no feature package; no function-level imports
+between our modules; the library never imports `configs/`; configs import only `configs.*`.
 """
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OURS = ("linearizer", "kernels", "configs", "main")
-TIERS = {
+
+FEATURES = ("bench", "distillation", "export", "segmentation")
+RUNNERS = ("ablation", "evaluate", "segment", "supervised", "visualize")
+LOOP = ("resolve", "train", "workdir")
+LOW = ("cpu_malloc", "errors", "log")
+# The layer of each top-level name under linearizer/ (a package counts with all inside it);
+# a root module not named here is one of the root's leaves (optim, sharding, checkpoint, ...).
+LAYERS = {
   "main": 0,
   "linearizer.stages": 1,
-  "linearizer.ablation": 2,
-  "linearizer.evaluate": 2,
-  "linearizer.segment": 2,
-  "linearizer.bench": 2,
-  "linearizer.visualize": 2,
-  "linearizer.distill": 3,
-  "linearizer.scorecard": 3,
-  "linearizer.supervised": 3,
-  "linearizer.train": 4,
-  "linearizer.workdir": 4,
-  "linearizer.teacher_init": 4,
-  "linearizer.teacher_cache": 4,
-  "linearizer.export": 4,
-  "linearizer.losses": 5,
-  "linearizer.bench_results": 5,
-  "linearizer.bench_torch": 5,
-  "linearizer.optim": 5,
-  "linearizer.data": 5,
-  "linearizer.segdata": 5,
-  "linearizer.sharding": 5,
-  "linearizer.checkpoint": 5,
-  "linearizer.metrics": 5,
-  "linearizer.plots": 5,
-  "linearizer.preemption": 5,
-  "linearizer.convert": 5,
-  "linearizer.models": 5,
-  "linearizer.onnx_export": 5,
-  "linearizer.torch_export": 5,
-  "linearizer.errors": 6,
-  "linearizer.cpu_malloc": 6,
-  "linearizer.torch_adventurer": 6,
-  "kernels": 6,
-  "linearizer": 6,
+  **{f"linearizer.{n}": 2 for n in FEATURES + RUNNERS},
+  **{f"linearizer.{n}": 3 for n in LOOP},
+  **{f"linearizer.{n}": 5 for n in LOW},
+  "linearizer": 5,  # the package's __init__: load_student/load_segmenter, resolved lazily
+  "kernels": 5,
 }
-
-
-PACKAGES = ("linearizer.convert", "linearizer.models", "kernels")  # a tier for all inside
+LEAF = 4
+ISOLATED = {  # package -> packages it must never import
+  "linearizer.distillation": ("linearizer.bench", "linearizer.export", "linearizer.segmentation"),
+  "linearizer.segmentation": ("linearizer.bench", "linearizer.export", "linearizer.distillation"),
+  "linearizer.resolve": tuple(f"linearizer.{n}" for n in FEATURES),
+}
+BASE = ("linearizer.models", "linearizer.convert", "linearizer.data")
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -63,18 +53,27 @@ MODULES = {
   module_name(p): p
   for p in [
     ROOT / "main.py",
-    *ROOT.glob("configs/*.py"),
+    *ROOT.glob("configs/**/*.py"),
     *ROOT.glob("linearizer/**/*.py"),
     *ROOT.glob("kernels/*.py"),
   ]
 }
 
 
-def tier(module: str) -> int:
-  """The tier of a module: its own entry, or its package's (convert/*, models/*, kernels/*)."""
-  package = next((p for p in PACKAGES if module.startswith(p + ".")), module)
-  assert package in TIERS, f"{module} has no tier: add it to TIERS (and to design.md)"
-  return TIERS[package]
+def top(module: str) -> str:
+  """The unit a module belongs to: `linearizer.distillation.losses` -> linearizer.distillation."""
+  parts = module.split(".")
+  return ".".join(parts[:2]) if parts[0] == "linearizer" else parts[0]
+
+
+def layer(module: str) -> int:
+  return LAYERS.get(top(module), LEAF)
+
+
+def is_leaf(module: str) -> bool:
+  """One of the root's leaf modules (a root module the layers above do not name)."""
+  unit = top(module)
+  return unit not in LAYERS and unit.startswith("linearizer.") and unit not in BASE
 
 
 def resolve(name: str) -> str:
@@ -85,7 +84,7 @@ def resolve(name: str) -> str:
 def imports(path: pathlib.Path):
   """[(imported module, line, at module level)] for every import of our own modules."""
   tree = ast.parse(path.read_text())
-  top = {id(n) for n in tree.body}
+  top_level = {id(n) for n in tree.body}
   found = []
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
@@ -105,40 +104,55 @@ def imports(path: pathlib.Path):
       continue
     for name in names:
       if name.split(".")[0] in OURS:
-        found.append((resolve(name), node.lineno, id(node) in top))
+        found.append((resolve(name), node.lineno, id(node) in top_level))
   return found
 
 
 GRAPH = {m: imports(p) for m, p in MODULES.items()}
 
+# The lazy imports, and why: `linearizer.load_student` is resolved on first use (PEP 562) so
+# that `import linearizer.cpu_malloc`, which main.py runs before JAX loads, stays light; the
+# benchmark's PyTorch peers are imported only where torch is installed (an extra).
+LAZY = {
+  ("linearizer", "linearizer.serving"),
+  ("linearizer.bench.runner", "linearizer.bench.torch_peers"),
+}
 
-def test_every_library_module_has_a_tier():
-  """A new module is placed in the table above (and in design.md) when it is added."""
-  for module in MODULES:
-    if module.startswith(("linearizer", "kernels")):
-      tier(module)
 
-
-# The one lazy import, and why: `linearizer.load_student` is resolved on first use (PEP 562)
-# so that `import linearizer.cpu_malloc`, which main.py runs before JAX loads, stays light.
-# And the benchmark's PyTorch peers, imported only where torch is installed (an extra).
-LAZY = {("linearizer", "linearizer.export"), ("linearizer.bench", "linearizer.bench_torch")}
+def problems(module: str, target: str, line: int, at_top: bool) -> list:
+  """What is wrong with `module` importing `target` (empty: nothing)."""
+  path = MODULES[module]
+  where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{line} imports {target}"
+  if (module, target) in LAZY:
+    return []
+  if module.startswith("configs"):
+    return [] if target.startswith("configs") else [f"{where}: configs import only configs.*"]
+  found = (
+    [] if at_top else [f"{where} inside a function (imports between our modules are top-level)"]
+  )
+  if target.startswith("configs"):
+    return found + [f"{where}: the library never imports configs/"]
+  if module.startswith("kernels") and not target.startswith("kernels"):
+    found.append(f"{where}: kernels/ is standalone")
+  if top(target) == top(module):
+    return found
+  if layer(target) < layer(module):
+    found.append(f"{where}: layer {layer(module)} -> {layer(target)} (up)")
+  if target.startswith("linearizer.stages") and module != "main":
+    found.append(f"{where}: only main.py runs the stages")
+  if top(target) in ISOLATED.get(top(module), ()):
+    found.append(f"{where}: {top(module)} never imports {top(target)}")
+  if top(module) in BASE and not (top(target) in BASE or is_leaf(target) or layer(target) > LEAF):
+    found.append(f"{where}: {top(module)} imports only the root's leaves, models, convert, data")
+  return found
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_imports_run_down(module):
-  for target, line, at_top in GRAPH[module]:
-    if (module, target) in LAZY:
-      continue
-    where = f"{MODULES[module].relative_to(ROOT)}:{line} imports {target}"
-    assert at_top, f"{where} inside a function (imports between our modules are top-level)"
-    if module.startswith("configs"):
-      assert target.startswith("configs"), f"{where}: configs import only configs.*"
-      continue
-    assert not target.startswith("configs"), f"{where}: the library never imports configs/"
-    if module.startswith("kernels"):
-      assert target.startswith("kernels"), f"{where}: kernels/ is standalone"
-    assert tier(target) >= tier(module), f"{where}: tier {tier(module)} -> {tier(target)} (up)"
+def test_imports_follow_the_rules(module):
+  found = [
+    p for target, line, at_top in GRAPH[module] for p in problems(module, target, line, at_top)
+  ]
+  assert not found, "\n".join(found)
 
 
 def test_no_cycles():
@@ -158,8 +172,17 @@ def test_no_cycles():
       visit(m, [])
 
 
-def test_the_walk_sees_a_violation(tmp_path):
-  """The checks above can fail: a function-level import and an upward one are found."""
+def test_no_module_over_400_lines():
+  """Long modules are split along their concerns; a Pallas kernel file may keep its forward
+  and backward together (its docstring says why)."""
+  exempt = {"kernels.pallas_tpu", "kernels.pallas_gpu"}
+  long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 400}
+  assert not {m: n for m, n in long.items() if m not in exempt}, long
+
+
+def test_the_rules_see_violations(tmp_path):
+  """The checks above can fail: a function-level import, an upward one, a feature importing a
+  sibling it must not, and a base package importing a feature are all found."""
   bad = tmp_path / "bad.py"
   bad.write_text(
     "import importlib\nfrom linearizer import stages\n\ndef f():\n  from linearizer import data\n"
@@ -168,4 +191,26 @@ def test_the_walk_sees_a_violation(tmp_path):
   found = imports(bad)
   assert ("linearizer.stages", 2, True) in found and ("linearizer.data", 5, False) in found
   assert ("linearizer.train", 6, False) in found
-  assert tier("linearizer.stages") < tier("linearizer.distill")
+  MODULES["linearizer.distillation.x"] = MODULES["linearizer.data"] = bad
+  try:
+    assert problems("linearizer.distillation.x", "linearizer.segmentation.stage", 1, True)
+    assert problems("linearizer.distillation.x", "linearizer.stages", 1, True)
+    assert problems("linearizer.data", "linearizer.train", 1, True)  # up
+    assert problems("linearizer.data", "linearizer.distillation.losses", 1, True)
+    assert problems("linearizer.data", "linearizer.optim", 1, False)  # inside a function
+    assert not problems("linearizer.data", "linearizer.optim", 1, True)
+  finally:
+    del MODULES["linearizer.distillation.x"]
+    MODULES["linearizer.data"] = ROOT / "linearizer" / "data" / "__init__.py"
+
+
+def test_a_run_imports_no_converter_framework():
+  """Importing the stages (every run does) loads neither torch, transformers, timm nor onnx:
+  the JAX export a run writes needs none of them; only `python -m linearizer.export` does."""
+  code = (
+    "import sys, linearizer.stages\n"
+    "print(' '.join(m for m in ('torch', 'transformers', 'timm', 'onnx', 'open_clip') "
+    "if m in sys.modules))"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == ""

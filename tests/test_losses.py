@@ -1,4 +1,4 @@
-"""Tests of linearizer.losses against independent expectations (method.md §2–3).
+"""Tests of linearizer.distillation.losses against independent expectations (method.md §2–3).
 
 Oracles: invariances the definitions imply (cosine maps ignore per-token positive scales and
 any map that preserves inner products), hand-computed values on tiny explicit examples, a
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linearizer import losses, models
+from linearizer import models
+from linearizer.distillation import losses
 from linearizer.errors import UserError
 
 MATCH_TOL = 1e-6

@@ -189,19 +189,19 @@ def test_eval_skips_non_classifiers_and_takes_extra_models(demo_run, tmp_path):
 def test_export_follows_its_stage_and_half_saves_are_cleaned(demo_run, tmp_path):
   """An export made from the distilled student (a 'train_teacher,distill' run) is redone
   once fine-tuning has finished; what a killed save left (.export.*, .model.*) is removed."""
-  from linearizer import export
+  from linearizer import serving
   from linearizer.models import saved
 
   workdir, _ = demo_run
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
   distilled = saved.restore(copy / "distill" / "model")
-  export.export_student(distilled, copy / "export", source="distill")
+  serving.export_student(distilled, copy / "export", source="distill")
   (copy / ".export.k9abc").mkdir()
   (copy / "distill" / ".model.k9xyz").mkdir()
   out = run_main(copy, "--config.stages=('train_teacher',)")
   assert "[export] the finetune student is in" in out
-  assert export.exported_from(copy / "export") == "finetune"
+  assert serving.exported_from(copy / "export") == "finetune"
   assert saved.load_config(copy / "export")[1].num_classes == 10  # the classifier now
   for a, b in zip(params(copy / "export"), params(workdir / "finetune" / "model")):
     np.testing.assert_array_equal(a, b)

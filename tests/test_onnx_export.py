@@ -1,4 +1,4 @@
-"""Tests of linearizer.onnx_export: the exported student as an ONNX file, run by ONNX Runtime.
+"""Tests of linearizer.export.to_onnx: the exported student as an ONNX file, run by ONNX Runtime.
 
 Oracle: `load_student(dir)` of the same directory, jitted, on random images made here. Tiny
 random students (as in test_checkpoint_export.py), parameters drawn at 0.3 so that every
@@ -27,8 +27,10 @@ from flax import nnx
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from linearizer import export, models, onnx_export  # noqa: E402
+from linearizer import models, serving  # noqa: E402
 from linearizer.errors import UserError  # noqa: E402
+from linearizer.export import cli as export_cli  # noqa: E402
+from linearizer.export import to_onnx as onnx_export  # noqa: E402
 from linearizer.models import saved  # noqa: E402
 from test_robustness import assert_clean_error  # noqa: E402
 
@@ -88,7 +90,7 @@ def exported(tmp_path_factory):
 
 @functools.cache
 def loaded(directory):
-  return export.load_student(directory)
+  return serving.load_student(directory)
 
 
 @pytest.mark.parametrize(
@@ -237,7 +239,7 @@ def test_bad_input_in_process(exported, tmp_path, capsys, case, phrases):
   }.get(case, [])
   before = sorted(os.listdir(tmp_path))
   with pytest.raises(SystemExit) as exit_:
-    export.main(cli("--input", source, "--output", out, *extra))
+    export_cli.main(cli("--input", source, "--output", out, *extra))
   err = capsys.readouterr().err
   assert exit_.value.code == 2
   assert sum(line.startswith("error: ") for line in err.splitlines()) == 1, err

@@ -11,7 +11,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from configs import common
-from linearizer import data, models, scorecard
+from linearizer import data, models
+from linearizer.distillation import scorecard
 
 
 def cka_hsic(x, y):

@@ -1,4 +1,4 @@
-"""Tests of linearizer.segdata: the segmentation sources, mmseg's augmentation, the pipelines.
+"""Tests of linearizer.segmentation.data: the segmentation sources, mmseg's augmentation, the pipelines.
 
 Oracles: MNIST's own labels and data.split_index (which digits a scene may use), files
 written here with PIL (the readers' mappings checked value by value against the published
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from linearizer import data, segdata
+from linearizer import data
 from linearizer.errors import MissingPathError, UserError
+from linearizer.segmentation import data as segdata
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

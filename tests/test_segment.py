@@ -13,9 +13,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from linearizer import models, segdata, segment
+from linearizer import models
 from linearizer.errors import UserError
 from linearizer.models.segmenter import Segmenter, SegmenterConfig, default_out_indices
+from linearizer.segmentation import data as segdata
+from linearizer.segmentation import stage as segment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +143,8 @@ import sys
 import jax
 jax.distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
 import numpy as np
-from linearizer import segdata, segment
+from linearizer.segmentation import data as segdata
+from linearizer.segmentation import stage as segment
 source = segdata.DigitScenes("test", size=32, num_scenes=5, seed=0)
 cm = np.zeros((11, 11), np.int64)
 for i, image, label in segdata.eval_items(
@@ -249,12 +252,12 @@ def check_the_exported_model_and_predict(model_dir, tmp_path):
   """load_segmenter and the serialised function agree; `predict` writes a label map and an
   overlay per image of a folder, at each image's own size."""
   import linearizer
-  from linearizer import export
+  from linearizer import serving
 
   model = linearizer.load_segmenter(str(model_dir))
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   np.testing.assert_allclose(
-    np.asarray(export.load_serving(str(model_dir))(x)), np.asarray(model(x)[0]), atol=1e-5
+    np.asarray(serving.load_serving(str(model_dir))(x)), np.asarray(model(x)[0]), atol=1e-5
   )
   (tmp_path / "images").mkdir()
   scenes = segdata.DigitScenes("test", size=40, num_scenes=2, seed=3)

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from configs import common
-from linearizer import data, distill, models, optim, sharding, teacher_cache, train
+from linearizer import data, models, optim, sharding, train
+from linearizer.distillation import distill, teacher_cache
 from linearizer.errors import UserError
 
 SIZE, PATCH = 16, 4

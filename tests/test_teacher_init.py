@@ -1,4 +1,4 @@
-"""A student initialised from its ViT teacher (linearizer/teacher_init.py) and the multi-group
+"""A student initialised from its ViT teacher (linearizer/distillation/teacher_init.py) and the multi-group
 Mamba-2 it needs (AdventurerConfig.ngroups).
 
 Oracles, independent of the code under test: the teacher's own modules (its LayerNorm, qkv,
@@ -23,8 +23,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from linearizer import models, onnx_export, teacher_init, torch_export
+from linearizer import models
+from linearizer.distillation import teacher_init
 from linearizer.errors import UserError
+from linearizer.export import to_onnx as onnx_export
+from linearizer.export import to_torch as torch_export
 from linearizer.models import saved
 from linearizer.models.adventurer import AdventurerConfig
 
@@ -383,7 +386,7 @@ def test_exports_written_for_one_group_refuse_several(tmp_path):
 
 
 def test_the_standalone_torch_model_refuses_several_groups():
-  torch_adventurer = pytest.importorskip("linearizer.torch_adventurer")  # needs torch
+  torch_adventurer = pytest.importorskip("linearizer.export.torch_adventurer")  # needs torch
   fields = dict(width=32, depth=1, patch=4, headdim=16)
   assert torch_adventurer.AdventurerConfig.from_dict({**fields, "ngroups": 1}).width == 32
   with pytest.raises(ValueError, match="ngroups=2"):

@@ -23,7 +23,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from configs import common as cfg_common  # noqa: E402
-from linearizer import convert, data, distill, losses, models, optim, train  # noqa: E402
+from linearizer import convert, data, models, optim, train  # noqa: E402
+from linearizer.distillation import distill, losses  # noqa: E402
 from linearizer.errors import UserError  # noqa: E402
 from linearizer.models import common  # noqa: E402
 from test_convert import images_at, perturb_, rel_err  # noqa: E402

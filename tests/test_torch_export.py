@@ -1,5 +1,5 @@
-"""Tests of the PyTorch export: linearizer/torch_export.py (`--format torch`) and the
-pure-torch Adventurer it is read by, linearizer/torch_adventurer.py.
+"""Tests of the PyTorch export: linearizer/export/to_torch.py (`--format torch`) and the
+pure-torch Adventurer it is read by, linearizer/export/torch_adventurer.py.
 
 Oracles: the JAX student (the export reloaded with `load_student`, or the in-memory model
 that was saved) for the torch module's outputs; `kernels.ssd_reference`, the sequential
@@ -31,8 +31,10 @@ import torch
 from flax import nnx
 
 import kernels
-from linearizer import convert, export, models, torch_adventurer, torch_export
+from linearizer import convert, models, serving
 from linearizer.errors import UserError
+from linearizer.export import to_torch as torch_export
+from linearizer.export import torch_adventurer
 from linearizer.models import saved
 from linearizer.models.adventurer import FLIP_PATTERNS
 from test_convert import random_model
@@ -75,14 +77,14 @@ def params_of(model) -> dict:
 def exported(tmp_path_factory):
   """A student exported as a run exports it, and its .pth: (export dir, .pth path)."""
   out = tmp_path_factory.mktemp("torch_export")
-  export.export_student(student("released"), out / "export")
+  serving.export_student(student("released"), out / "export")
   return out / "export", pathlib.Path(torch_export.to_torch(out / "export", out / "student.pth"))
 
 
 @pytest.fixture(scope="module")
 def reference(exported):
   """The JAX student the export holds, as a user loads it."""
-  return export.load_student(exported[0])
+  return serving.load_student(exported[0])
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests of the training steps and what they share: the distillation step (linearizer.distill),
+"""Tests of the training steps and what they share: the distillation step (linearizer.distillation.distill),
 the supervised step and mixup/cutmix (linearizer.supervised), the optimiser and its
 weight-decay exclusions (linearizer.optim), EMA and accumulation (linearizer.train)
 (method.md §1–3, §6, §8).
@@ -29,8 +29,9 @@ import pytest
 from flax import nnx
 
 from configs import common
-from linearizer import data, losses, models, optim, sharding, train
-from linearizer.distill import Distiller, distill_losses, make_distill_step
+from linearizer import data, models, optim, sharding, train
+from linearizer.distillation import losses
+from linearizer.distillation.distill import Distiller, distill_losses, make_distill_step
 from linearizer.errors import UserError
 from linearizer.supervised import logit_distillation, make_supervised_step, mixup_cutmix
 

@@ -73,7 +73,7 @@ def test_distillation_can_start_from_a_checkpoint(tmp_path):
 
 def test_distillation_can_start_from_the_teachers_weights(tmp_path, capsys):
   """distill.student_init='teacher': a fresh student with the teacher's weights copied in
-  (linearizer/teacher_init.py), the table logged; a student they do not fit is refused from
+  (linearizer/distillation/teacher_init.py), the table logged; a student they do not fit is refused from
   the config alone (before any stage runs) unless distill.teacher_init_partial."""
   c = config()
   c.distill = common.distill_stage(

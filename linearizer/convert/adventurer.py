@@ -33,13 +33,13 @@ FLIP_GUESS = (
   "(docs/method-fidelity.md)"
 )
 
-OURS = "linearizer"  # the entry linearizer.torch_export adds: {"config": {...}, "params": {...}}
+OURS = "linearizer"  # the entry linearizer.export.to_torch adds: {"config": {...}, "params": {...}}
 FROM_OURS = ("flip_pattern", "mean", "std")  # config fields taken from it: shapes do not show them
 TORCH_FILES = (".pth", ".pt", ".bin", ".ckpt")
 
 _M = "layers.{i}.mixer."
 # Our parameter path ("{i}" = layer) -> (Adventurer's state-dict name, layout transform).
-# linearizer.torch_export writes files with the inverse of the same table.
+# linearizer.export.to_torch writes files with the inverse of the same table.
 TABLE = {
   **_linear("patch_embed", "patch_embed.proj", CONV),
   **{n: ((n,), SAME) for n in ("cls_token", "mask_token", "pos_embed")},

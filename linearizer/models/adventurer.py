@@ -52,7 +52,7 @@ class AdventurerConfig:
   headdim: int = 64
   expand: int = 2
   ngroups: int = 1  # B/C groups of the SSM heads (mamba-ssm's ngroups); a student initialised
-  # from a ViT teacher has one per attention head (linearizer/teacher_init.py)
+  # from a ViT teacher has one per attention head (linearizer/distillation/teacher_init.py)
   mlp_ratio: float = 2.5
   chunk_size: int = 0  # tokens per SSD chunk; 0: kernels.CHUNK_TABLE's for the backend and
   # length (on a CPU one chunk up to 128 tokens, 32 above; 256 where unmeasured)

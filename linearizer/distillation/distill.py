@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from linearizer import convert, data, losses, optim, sharding, teacher_cache, train, workdir
+from linearizer import convert, data, optim, sharding, train, workdir
+from linearizer.distillation import losses, teacher_cache
 from linearizer.errors import UserError, log, main_process
 
 

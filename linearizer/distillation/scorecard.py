@@ -32,7 +32,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from linearizer import data, distill, losses, plots
+from linearizer import data, plots
+from linearizer.distillation import distill, losses
 from linearizer.errors import log
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The top-level entry of an exported .pth that holds our config (linearizer/torch_export.py).
+# The top-level entry of an exported .pth that holds our config (linearizer/export/to_torch.py).
 OURS = "linearizer"
 
 # Which blocks reverse the patch order (as linearizer.models.adventurer.FLIP_PATTERNS):

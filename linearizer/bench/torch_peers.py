@@ -4,7 +4,7 @@ Face `ViTModel` with SDPA attention, no pooler) and our pure-PyTorch Adventurer
 
 Timed as bench.py times JAX: one warm-up call, then the median of `repeats` calls, each
 ended by a device synchronise, under `torch.inference_mode`. torch uses its default thread
-count (one per core). Needs torch (and transformers for the ViT): `linearizer/bench.py`
+count (one per core). Needs torch (and transformers for the ViT): `linearizer/bench/runner.py`
 imports this module only when they are installed.
 """
 
@@ -13,7 +13,7 @@ import time
 import torch
 import transformers
 
-from linearizer import torch_adventurer
+from linearizer.export import torch_adventurer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

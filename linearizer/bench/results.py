@@ -2,7 +2,7 @@
 SSD, MFU, roofline fractions, speed-ups, the printed table and the figure.
 
 Pure functions of numbers and of bench.json's result dict (unit-tested without timing
-anything); `linearizer/bench.py` measures and calls them.
+anything); `linearizer/bench/runner.py` measures and calls them.
 """
 
 import math

@@ -44,8 +44,9 @@ import numpy as np
 from flax import nnx
 
 import kernels
-from linearizer import bench_results as results
-from linearizer import data, distill, models, optim, sharding, supervised, teacher_cache, train
+from linearizer import data, models, optim, sharding, supervised, train
+from linearizer.bench import results
+from linearizer.distillation import distill, teacher_cache
 from linearizer.errors import UserError, log, main_process
 from linearizer.metrics import time_compiled
 from linearizer.models.segmenter import Segmenter, SegmenterConfig
@@ -176,7 +177,7 @@ def measure_matmul(n: int, dtype: str, calls: int, meta: dict) -> dict:
 
 
 def pytorch_peers(wanted: bool):
-  """`linearizer.bench_torch` where torch and transformers are installed and `wanted`; else
+  """`linearizer.bench.torch_peers` where torch and transformers are installed and `wanted`; else
   None. Imported only then: torch is an optional extra."""
   if not wanted:
     return None
@@ -184,7 +185,7 @@ def pytorch_peers(wanted: bool):
   if missing:
     log(f"[bench] no PyTorch rows: {' and '.join(missing)} not installed (requirements-torch.txt)")
     return None
-  return importlib.import_module("linearizer.bench_torch")
+  return importlib.import_module("linearizer.bench.torch_peers")
 
 
 def pytorch_rows(config, s, base, peers):

@@ -1,25 +1,21 @@
-"""The deliverable: the final student as an Orbax checkpoint plus config, and a serialised
-inference function that runs without this codebase (`jax.export`); from there, the formats
-that leave JAX:
+"""The deliverable every run writes: the final student as an Orbax checkpoint plus config,
+and a serialised inference function that runs without this codebase (`jax.export`). The
+formats that leave JAX (ONNX, PyTorch) start from this directory, in `linearizer.export`,
+which only its CLI imports:
 
   python -m linearizer.export --format onnx --input DIR --output student.onnx [--image_size N]
   python -m linearizer.export --format torch --input DIR --output student.pth
-
-(`to_onnx` in linearizer/onnx_export.py, `to_torch` in linearizer/torch_export.py.)
 """
 
-import argparse
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from linearizer.errors import UserError, one_line_errors
+from linearizer.errors import UserError
 from linearizer.models import saved
-from linearizer.onnx_export import to_onnx
-from linearizer.torch_export import to_torch
 
 SERVE_FILE = "serve.jaxexport"
 SOURCE_FILE = "exported_from.txt"  # the run's stage the export holds, written last
@@ -117,38 +113,3 @@ def load_serving(directory):
   """The serialised inference function: `fn(images) -> logits`, no model code needed."""
   with open(os.path.join(directory, SERVE_FILE), "rb") as f:
     return jax.export.deserialize(bytearray(f.read())).call
-
-
-# ---------------------------------------------------------------------------------------
-# CLI: python -m linearizer.export --format onnx|torch --input DIR --output FILE
-# ---------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-    prog="python -m linearizer.export",
-    description="Write an exported student (a run's DIR/export) in a format that leaves JAX.",
-  )
-  parser.add_argument("--format", required=True, choices=("onnx", "torch"))
-  parser.add_argument("--input", required=True, help="an export directory (DIR/export)")
-  parser.add_argument("--output", required=True, help="the file to write (.onnx or .pth)")
-  parser.add_argument(
-    "--image_size", type=int, default=None, help="onnx: the input side (default: the model's)"
-  )
-  parser.add_argument("--opset", type=int, default=None, help="onnx: the opset to target")
-  return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  """The CLI; bad input prints one `error: ...` and exits 2 (see linearizer.errors)."""
-  args = _parser().parse_args(argv)
-  with one_line_errors():
-    if args.format == "onnx":
-      written = to_onnx(args.input, args.output, image_size=args.image_size, opset=args.opset)
-    else:
-      if args.image_size is not None or args.opset is not None:
-        raise UserError("--image_size and --opset are onnx options; a .pth has no input size.")
-      written = to_torch(args.input, args.output)
-  print(f"{args.format}: {args.input} -> {written}")
-
-
-if __name__ == "__main__":
-  main()

@@ -8,7 +8,7 @@ it (`model.load_state_dict(ckpt["model"])`, strictly), and so does ours:
                              d_state, headdim, expand, mlp_ratio, mean, std},
                   "params": {"mask_token": ...}}}
 
-`linearizer/torch_adventurer.py`, one file that needs only torch, rebuilds the model from
+`linearizer/export/torch_adventurer.py`, one file that needs only torch, rebuilds the model from
 it (`torch_adventurer.load(path)`); `linearizer.convert.load(path, "adventurer")` reads it
 back bitwise, the config's flip_pattern, mean and std included. The mask token, which only
 distillation uses and Adventurer's model has not, sits in our entry rather than `model`.
@@ -48,7 +48,7 @@ CONFIG_FIELDS = (
 )
 NOT_IN_ADVENTURER = ("mask_token",)  # our parameters Adventurer's own model has not
 EXPECTED = (
-  "an exported student: a directory written by linearizer.export.export_student (a run's "
+  "an exported student: a directory written by linearizer.serving.export_student (a run's "
   "DIR/export) or linearizer.models.saved.save, holding model.json and params/ of an "
   "Adventurer"
 )
