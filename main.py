@@ -38,14 +38,6 @@ flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Keys an older version had: a --config override naming one gets the new key in its message.
-# (regex on the overridden field's path -> what replaced it)
-RENAMED = {
-  r"checkpoint": "run_dir (the visualize config's finished run)",
-  r"teacher": "teacher_init (the visualize config's teacher)",
-  r".+\.optim\.total_steps": "the stage's own `steps` (the lr schedule ends there)",
-}
-
 
 def error(message):
   exit_with(UserError(message))
@@ -62,11 +54,6 @@ def parse_flags(argv):
     error(f"{message}\nPass --helpshort or --helpfull to see help on flags.")
   except (KeyError, AttributeError, ValueError, TypeError) as e:  # ml_collections overrides
     message = str(e.args[0] if e.args else e).replace("\\'", "'")
-    for a in argv:
-      field = a.split("=")[0].removeprefix("--config.")
-      new = next((v for k, v in RENAMED.items() if re.fullmatch(k, field)), None)
-      if a.startswith("--config.") and new and repr(field.rpartition(".")[2]) in message:
-        error(f"--config.{field}: the config has no field {field!r} any more; use {new}.")
     hint = re.search(r'Did you mean "(\S+)" instead of "(\S+)"\?', message)
     if hint:
       flag = next((a for a in argv if a.startswith("--config.") and hint[2] in a), "--config.*")

@@ -15,7 +15,7 @@ supervised_step, segment, ssd;
 
 import ml_collections
 
-from configs import common
+from configs import common, tool_blocks
 
 
 def sizes(text):
@@ -37,7 +37,7 @@ def get_config(arg=None):
     parts="forward+train_step+supervised_step+segment+ssd",
   )
   c = ml_collections.ConfigDict(dict(seed=0, stages=("bench",)))
-  c.bench = common.bench(
+  c.bench = tool_blocks.bench(
     parts=tuple(arg.parts.split("+")),  # e.g. parts=ssd: the kernels alone
     teacher=arg.teacher,
     student=arg.student,

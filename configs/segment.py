@@ -19,7 +19,7 @@ The two setups need `segment.data.source=ade20k:<root>` / `cityscapes:<root>` an
 "adventurer_b16=/runs/imagenet/distill/model")'`.
 """
 
-from configs import common, demo
+from configs import common, demo, tool_blocks
 
 
 def demo_segment(s, side: int, smoke: bool) -> None:
@@ -71,7 +71,7 @@ def setup(c, name: str) -> None:
   else:
     raise ValueError(f"setup={name!r}; expected 'ade20k_b16' or 'cityscapes_b16'.")
   # mmseg MAE: AdamW lr 1e-4, betas (0.9, 0.999), wd 0.05, layer_decay_rate 0.65, poly
-  # power 1 with a 1500-iteration linear warm-up (the common.segment defaults)
+  # power 1 with a 1500-iteration linear warm-up (the tool_blocks.segment defaults)
   c.stages = ("segment",)
   s.backbones = ()  # name yours: '<name>=fmt:path' or '<name>=<model dir>' (refused empty)
   c.checkpoint.every_steps = 4000  # mmseg checkpoint interval=16000; resumes cost less here
@@ -85,8 +85,8 @@ def get_config(arg=None):
   if not arg.smoke:
     c.student.variant = "Ti/7"  # the teacher's patch: the speed table compares equal grids
     c.student.overrides = dict(c.student.overrides, chunk_size=16)
-  c.segment = common.segment(backbones=("teacher", "distill", "scratch"))
-  if arg.setup:  # mmseg's numbers (common.segment's defaults), then the dataset's
+  c.segment = tool_blocks.segment(backbones=("teacher", "distill", "scratch"))
+  if arg.setup:  # mmseg's numbers (tool_blocks.segment's defaults), then the dataset's
     setup(c, arg.setup)
   else:
     demo_segment(c.segment, arg.canvas, arg.smoke)

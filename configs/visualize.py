@@ -11,12 +11,12 @@ the first images of the run's own evaluation data. PNGs and `am_distance.json` g
 `workdir/visualize/`. See linearizer/visualize.py for what is drawn.
 """
 
-from configs import common
+from configs import common, tool_blocks
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, smoke=False)
-  c = common.visualize_run()
+  c = tool_blocks.visualize_run()
   if arg.smoke:
     c.visualize.num_stages = 2
   return c.lock()

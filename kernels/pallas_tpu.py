@@ -5,6 +5,14 @@
 Same contract as `kernels.ssd` / `ssd_xla`; `unsupported_reason` says (in one
 line) when the kernel cannot take a shape, so the dispatcher can fall back.
 
+Forward and backward stay together in this one file, past the 400-line rule (which a
+Pallas kernel file may be): the backward is the forward's derivation run in reverse. It
+recomputes each chunk with the forward's own in-kernel helpers (`_chunk`, the iota masks,
+the exact row <-> column moves, `_dot`), reads the states the forward saves through the
+same block specs (`_specs`), and both are bound by one `jax.custom_vjp`. Split, those
+helpers would become an interface between two halves that must change in lockstep, and
+the derivation below (forward formulas, then their gradients) would span two files.
+
 Layout (done by XLA in the wrapper, differentiable, outside the custom VJP):
   x, y, dx   (batch, H, Lp, P)        Lp = L padded to nc chunks of Q tokens
   dt, ddt    (batch, H, nc, 1, Q) f32  one row of Q step sizes per (head, chunk)

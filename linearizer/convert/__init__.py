@@ -39,9 +39,11 @@ Decisions (all overridable):
   - image_size: inferred from the position-embedding grid; a different override resamples
     the embedding (bicubic, CLS slot kept) as the models do at run time.
 
-Layout: `tensors` (file reading, layout transforms), `match` (the reader's `Spec`, shared
-config inference, the matcher), one module per format with a `read(path, **options) -> Spec`,
-registered once in `READERS` below; `python -m linearizer.convert` runs `main`.
+Layout: one module per format with a `read(path, **options) -> Spec`, registered once in
+`READERS` below, built from `common` (the readers' toolkit: `Spec`, file reading, config
+inference from shapes, layout transforms and mapping-table entries, all public); `load`
+and the matcher it runs are here; `torchscript` reads TorchScript archives without running
+them; `python -m linearizer.convert` runs `main`.
 """
 
 import argparse
@@ -59,8 +61,7 @@ from flax import nnx
 
 from linearizer import models
 from linearizer.convert import adventurer, big_vision, dinov2, hf, openai_clip, orbax, timm
-from linearizer.convert.match import CheckpointMismatch, Spec, _config, _match, _Uninferable
-from linearizer.convert.tensors import read_tensors
+from linearizer.convert.common import Spec, Uninferable, read_tensors, templates
 from linearizer.errors import MissingPathError, UserError, log, one_line_errors
 from linearizer.models import saved
 
@@ -76,6 +77,11 @@ __all__ = [
   "read_tensors",
   "main",
 ]
+
+
+class CheckpointMismatch(UserError):
+  """A weight file whose names or shapes do not match the model it describes."""
+
 
 # The registry: format name -> reader. A new format is one module and one line here.
 READERS = {
@@ -127,7 +133,7 @@ def load(path: Union[str, os.PathLike], fmt: str, **overrides) -> nnx.Module:
   where = f"{path} (format {fmt!r})"
   try:
     spec = READERS[fmt](path, **options)
-  except _Uninferable as e:
+  except Uninferable as e:
     raise CheckpointMismatch(f"{where}: {e}.") from None
   except UserError:
     raise
@@ -148,6 +154,114 @@ def load(path: Union[str, os.PathLike], fmt: str, **overrides) -> nnx.Module:
 
 def _grid(cfg) -> tuple:
   return (cfg.image_size // cfg.patch,) * 2
+
+
+# ---------------------------------------------------------------------------------------
+# load's two steps: the config (inferred fields + overrides), then the matcher (check
+# everything, then hand back the arrays to assign)
+# ---------------------------------------------------------------------------------------
+def _config(spec, overrides, where):
+  """The config of `spec.kind` from the inferred fields and the user's `overrides`.
+
+  Run-time fields (`models.RUN_TIME_FIELDS`) always apply; an override of a field the file
+  determines (`spec.fixed`) that contradicts it is refused, all such in one message
+  (`num_classes=0`, which drops the head, excepted); the rest (style, eps, ...) are hints
+  that replace what was inferred. Values are checked by the config itself (`__post_init__`).
+  """
+  cls = models.ARCHITECTURES[spec.kind].config
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(overrides) - known)
+  if unknown:
+    raise UserError(
+      f"Unknown override(s) {unknown} for the {spec.kind} model; its config fields are "
+      f"{sorted(known)}."
+    )
+  same = lambda a, b: (
+    (tuple(a) if isinstance(a, list) else a)
+    == (  # JSON lists: tuples
+      tuple(b) if isinstance(b, list) else b
+    )
+  )
+  contradicted = [
+    f"{k}={v!r} (the file has {spec.fields[k]!r})"
+    for k, v in overrides.items()
+    if k in spec.fixed
+    and k not in models.RUN_TIME_FIELDS
+    and not same(v, spec.fields[k])
+    and not (k == "num_classes" and v == 0)
+  ]
+  if contradicted:
+    raise UserError(
+      f"{where}: overrides contradict what the checkpoint determines: "
+      + ", ".join(contradicted)
+      + f". Only run-time fields {list(models.RUN_TIME_FIELDS)} may differ from it; "
+      "remove the others."
+    )
+  return cls(**{**spec.fields, **overrides})
+
+
+def _floating(array):
+  return array.dtype.kind == "f" or array.dtype.name == "bfloat16"
+
+
+def _shape(s):
+  return "(" + ", ".join(str(d) for d in s) + ")"
+
+
+def _match(abstract, spec, where):
+  """{our param path: array}, or one CheckpointMismatch naming everything that is off."""
+  t = spec.tensors
+  params = list(templates(abstract))
+  planned, fresh, used, missing, misshaped = [], {}, set(), [], []
+  for template, key, shape in params:
+    if template not in spec.table:
+      raise NotImplementedError(
+        f"no mapping for parameter {template!r} (a bug in the linearizer.convert reader)"
+      )
+    names, tx = spec.table[template]
+    layer = next((k for k in key if isinstance(k, int)), None)
+    names = tuple(n.format(i=layer) for n in names)
+    if template in spec.optional and not any(n in t for n in names):
+      fresh[key] = spec.optional[template](jax.random.key(0), shape)
+      continue
+    used.update(names)
+    want = [w.shape for w in jax.eval_shape(tx.inv, jax.ShapeDtypeStruct(shape, jnp.float32))]
+    ok = True
+    for name, w in zip(names, want):
+      if name not in t:
+        missing.append(f"{name} {_shape(w)}")
+        ok = False
+      elif tuple(t[name].shape) != tuple(w):
+        misshaped.append(f"{name}: expected {_shape(w)}, found {_shape(t[name].shape)}")
+        ok = False
+      elif not _floating(t[name]):  # an integer-typed weight is no float model's weight
+        misshaped.append(f"{name}: dtype {t[name].dtype}, expected floating-point weights")
+        ok = False
+    if ok:
+      planned.append((key, tx, names))
+  # A head in the file that the config dropped (num_classes=0) is not an error.
+  heads = (
+    set()
+    if any(tmpl.startswith("head.") for tmpl, _, _ in params)
+    else {n for tmpl, (names, _) in spec.table.items() if tmpl.startswith("head.") for n in names}
+  )
+  unexpected = [
+    f"{n} {_shape(t[n].shape)}"
+    for n in sorted(t)
+    if n not in used and not spec.ignore(n) and n not in heads
+  ]
+  if missing or unexpected or misshaped:
+    lines = [f"{where} does not match the model it describes:"]
+    for label, items in (
+      ("missing", missing),
+      ("unexpected", unexpected),
+      ("mis-shaped or mis-typed", misshaped),
+    ):
+      if items:
+        more = f", ... and {len(items) - 5} more" if len(items) > 5 else ""
+        lines.append(f"  {len(items)} {label}: " + "; ".join(items[:5]) + more)
+    raise CheckpointMismatch("\n".join(lines))
+  return {**fresh, **{key: tx.fwd(*(t[n] for n in names)) for key, tx, names in planned}}
 
 
 # (config field, text) in the order `describe` prints those a model's config has.

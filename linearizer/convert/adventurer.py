@@ -11,18 +11,22 @@ from there without a warning, and the mask token (which Adventurer's own model h
 
 import pathlib
 
-from linearizer.convert.match import ADVENTURER_FIXED, Spec, _depth, _grid_size, _need
-from linearizer.convert.tensors import (
+from linearizer.convert.common import (
+  ADVENTURER_FIXED,
   CONV,
   CONV1D,
   LINEAR,
   SAME,
-  _is_tensor,
-  _linear,
-  _numpy,
-  _torch_load,
-  _unwrap,
+  Spec,
+  depth_of,
+  image_size_of,
+  is_tensor,
+  linear,
+  need,
   read_tensors,
+  to_numpy,
+  torch_load,
+  unwrap,
 )
 from linearizer.models import common
 
@@ -41,7 +45,7 @@ _M = "layers.{i}.mixer."
 # Our parameter path ("{i}" = layer) -> (Adventurer's state-dict name, layout transform).
 # linearizer.export.to_torch writes files with the inverse of the same table.
 TABLE = {
-  **_linear("patch_embed", "patch_embed.proj", CONV),
+  **linear("patch_embed", "patch_embed.proj", CONV),
   **{n: ((n,), SAME) for n in ("cls_token", "mask_token", "pos_embed")},
   "layers.{i}.norm.scale": (("layers.{i}.norm.weight",), SAME),
   "layers.{i}.mixer.in_proj.kernel": ((_M + "in_proj.weight",), LINEAR),
@@ -51,11 +55,11 @@ TABLE = {
   "layers.{i}.mixer.norm_weight": ((_M + "norm.weight",), SAME),
   "layers.{i}.mixer.out_proj.kernel": ((_M + "out_proj.weight",), LINEAR),
   "layers.{i}.norm_mlp.scale": (("layers.{i}.norm_mlp.weight",), SAME),
-  **_linear("layers.{i}.mlp.w1", "layers.{i}.mlp.w1"),
-  **_linear("layers.{i}.mlp.w2", "layers.{i}.mlp.w2"),
-  **_linear("layers.{i}.mlp.w3", "layers.{i}.mlp.w3"),
+  **linear("layers.{i}.mlp.w1", "layers.{i}.mlp.w1"),
+  **linear("layers.{i}.mlp.w2", "layers.{i}.mlp.w2"),
+  **linear("layers.{i}.mlp.w3", "layers.{i}.mlp.w3"),
   "norm_f.scale": (("norm_f.weight",), SAME),
-  **_linear("head", "head"),
+  **linear("head", "head"),
 }
 
 
@@ -64,10 +68,10 @@ def _read(path: pathlib.Path, entries: tuple, bare: bool) -> tuple:
   is unpickled once for both."""
   if not (path.is_file() and path.name.endswith(TORCH_FILES)):
     return read_tensors(path, entries, bare=bare), {}
-  checkpoint = _torch_load(path)
+  checkpoint = torch_load(path)
   ours = checkpoint.get(OURS) if isinstance(checkpoint, dict) else None
-  tensors = _unwrap(checkpoint, path, entries, bare)
-  tensors = {k: _numpy(v) for k, v in tensors.items() if _is_tensor(v)}
+  tensors = unwrap(checkpoint, path, entries, bare)
+  tensors = {k: to_numpy(v) for k, v in tensors.items() if is_tensor(v)}
   return tensors, ours if isinstance(ours, dict) else {}
 
 
@@ -77,22 +81,24 @@ def read(path: pathlib.Path, use_ema: bool = False) -> Spec:
   t, ours = _read(path, ("model_ema",) if use_ema else ("model",), bare=not use_ema)
   ours_cfg, ours_params = ours.get("config") or {}, ours.get("params") or {}
   if "mask_token" in ours_params and "mask_token" not in t:
-    t["mask_token"] = _numpy(ours_params["mask_token"])
-  patch_w = _need(t, "patch_embed.proj.weight", "the width and patch")
+    t["mask_token"] = to_numpy(ours_params["mask_token"])
+  patch_w = need(t, "patch_embed.proj.weight", "the width and patch")
   width, patch = patch_w.shape[0], patch_w.shape[-1]
-  inner = _need(t, "layers.0.mixer.norm.weight", "the mixer width").shape[0]
-  heads = _need(t, "layers.0.mixer.A_log", "the SSM heads").shape[0]
-  conv = _need(t, "layers.0.mixer.conv1d.weight", "d_state").shape[0]  # inner + 2·d_state
-  hidden = _need(t, "layers.0.mlp.w1.weight", "the MLP width").shape[0]
+  inner = need(t, "layers.0.mixer.norm.weight", "the mixer width").shape[0]
+  heads = need(t, "layers.0.mixer.A_log", "the SSM heads").shape[0]
+  conv = need(t, "layers.0.mixer.conv1d.weight", "d_state").shape[0]  # inner + 2·d_state
+  hidden = need(t, "layers.0.mlp.w1.weight", "the MLP width").shape[0]
   ratio = hidden / width
   if int(width * ratio) != hidden:  # the model builds int(width · ratio) features
     ratio = (hidden + 0.5) / width
   head = t.get("head.weight")
   fields = dict(
     width=width,
-    depth=_depth(t, r"layers\.(\d+)\..*"),
+    depth=depth_of(t, r"layers\.(\d+)\..*"),
     patch=patch,
-    image_size=_grid_size(_need(t, "pos_embed", "the image size").shape[1] - 1, patch, "pos_embed"),
+    image_size=image_size_of(
+      need(t, "pos_embed", "the image size").shape[1] - 1, patch, "pos_embed"
+    ),
     num_classes=0 if head is None else head.shape[0],
     flip_pattern="released",
     d_state=(conv - inner) // 2,

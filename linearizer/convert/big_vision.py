@@ -13,29 +13,49 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from linearizer.convert.match import (
-  VIT_FIXED,
-  Spec,
-  _depth,
-  _find_prefix,
-  _grid_size,
-  _need,
-  _Uninferable,
-  _vit_fields,
-)
-from linearizer.convert.tensors import (
+from linearizer.convert.common import (
   POS_NO_CLS,
   QUERY_KEY_VALUE,
   SAME,
+  VIT_FIXED,
+  Spec,
   Tx,
-  _dense,
-  _each,
-  _heads_out,
-  _heads_qkv,
-  _heads_qkv_bias,
-  _ln,
+  Uninferable,
+  depth_of,
+  each,
+  find_prefix,
+  image_size_of,
+  layer_norm,
+  need,
   read_tensors,
+  vit_fields,
 )
+
+
+def _heads_qkv(heads):  # q/k/v kernels (D, heads, head_dim) -> (D, 3D)
+  return Tx(
+    lambda *a: np.concatenate([x.reshape(x.shape[0], -1) for x in a], 1),
+    lambda k: tuple(p.reshape(p.shape[0], heads, -1) for p in jnp.split(k, 3, 1)),
+  )
+
+
+def _heads_qkv_bias(heads):  # (heads, head_dim) x3 -> (3D,)
+  return Tx(
+    lambda *a: np.concatenate([x.reshape(-1) for x in a]),
+    lambda b: tuple(p.reshape(heads, -1) for p in jnp.split(b, 3)),
+  )
+
+
+def _heads_out(heads):  # (heads, head_dim, D) -> (D, D)
+  return Tx(lambda a: a.reshape(-1, a.shape[-1]), lambda k: (k.reshape(heads, -1, k.shape[-1]),))
+
+
+def _dense(ours, theirs):
+  """A flax Dense saved by big_vision: '/'-separated, already (in, out)."""
+  return {
+    f"{ours}.kernel": ((f"{theirs}/kernel",), SAME),
+    f"{ours}.bias": ((f"{theirs}/bias",), SAME),
+  }
 
 
 def _flat(heads):  # a flax attention kernel (D, heads, head_dim) -> (D, D)
@@ -71,7 +91,7 @@ def _map_head(p, heads):
     "map_head.kv.bias": ((a + "key/bias", a + "value/bias"), _fused_kv_bias(heads)),
     "map_head.proj.kernel": ((a + "out/kernel",), _heads_out(heads)),
     "map_head.proj.bias": ((a + "out/bias",), SAME),
-    **_ln("map_head.norm", h + "LayerNorm_0", sep="/", scale="scale"),
+    **layer_norm("map_head.norm", h + "LayerNorm_0", sep="/", scale="scale"),
     **_dense("map_head.fc1", h + "MlpBlock_0/Dense_0"),
     **_dense("map_head.fc2", h + "MlpBlock_0/Dense_1"),
   }
@@ -88,22 +108,22 @@ def read(path: pathlib.Path) -> Spec:
     else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
   )
   A = B + attn + "/"
-  kernel = _need(t, p + "embedding/kernel", "the width and patch")  # HWIO
-  q = _need(t, A.format(i=0) + "query/kernel", "the number of heads")  # (D, heads, head_dim)
+  kernel = need(t, p + "embedding/kernel", "the width and patch")  # HWIO
+  q = need(t, A.format(i=0) + "query/kernel", "the number of heads")  # (D, heads, head_dim)
   cls_pos = p + "Transformer/posembed_input/pos_embedding"
   pos_name = cls_pos if cls_pos in t else p + "pos_embedding"
-  pos = _need(t, pos_name, "the image size")
+  pos = need(t, pos_name, "the image size")
   head = t.get(p + "head/kernel")
   patch, width = kernel.shape[0], kernel.shape[-1]
   has_cls, has_map = p + "cls" in t, p + "MAPHead_0/probe" in t
-  fields = _vit_fields(
+  fields = vit_fields(
     "siglip" if has_map and not has_cls else "timm",
     width,
-    _depth(t, re.escape(p) + r"Transformer/encoderblock_(\d+)/.*"),
+    depth_of(t, re.escape(p) + r"Transformer/encoderblock_(\d+)/.*"),
     q.shape[1],
-    _need(t, B.format(i=0) + mlp + "/Dense_0/kernel", "the MLP width").shape[1],
+    need(t, B.format(i=0) + mlp + "/Dense_0/kernel", "the MLP width").shape[1],
     patch,
-    _grid_size(pos.shape[1] - (pos_name == cls_pos), patch, pos_name),
+    image_size_of(pos.shape[1] - (pos_name == cls_pos), patch, pos_name),
     0 if head is None else head.shape[1],
     head_bias=head is None or p + "head/bias" in t,  # (no head: the default)
     activation="gelu_tanh",
@@ -115,15 +135,15 @@ def read(path: pathlib.Path) -> Spec:
     "patch_embed.bias": ((p + "embedding/bias",), SAME),
     "cls_token": ((p + "cls",), SAME),
     "pos_embed": ((pos_name,), SAME if pos_name == cls_pos or not has_cls else POS_NO_CLS),
-    **_ln("blocks.{i}.norm1", B + "LayerNorm_0", sep="/", scale="scale"),
-    "blocks.{i}.attn.qkv.kernel": (_each(A + "{}/kernel", QUERY_KEY_VALUE), _heads_qkv(heads)),
-    "blocks.{i}.attn.qkv.bias": (_each(A + "{}/bias", QUERY_KEY_VALUE), _heads_qkv_bias(heads)),
+    **layer_norm("blocks.{i}.norm1", B + "LayerNorm_0", sep="/", scale="scale"),
+    "blocks.{i}.attn.qkv.kernel": (each(A + "{}/kernel", QUERY_KEY_VALUE), _heads_qkv(heads)),
+    "blocks.{i}.attn.qkv.bias": (each(A + "{}/bias", QUERY_KEY_VALUE), _heads_qkv_bias(heads)),
     "blocks.{i}.attn.proj.kernel": ((A + "out/kernel",), _heads_out(heads)),
     "blocks.{i}.attn.proj.bias": ((A + "out/bias",), SAME),
-    **_ln("blocks.{i}.norm2", B + ln2, sep="/", scale="scale"),
+    **layer_norm("blocks.{i}.norm2", B + ln2, sep="/", scale="scale"),
     **_dense("blocks.{i}.fc1", B + mlp + "/Dense_0"),
     **_dense("blocks.{i}.fc2", B + mlp + "/Dense_1"),
-    **_ln("norm", p + "Transformer/encoder_norm", sep="/", scale="scale"),
+    **layer_norm("norm", p + "Transformer/encoder_norm", sep="/", scale="scale"),
     **_dense("head", p + "head"),
     **_map_head(p, heads),
   }
@@ -140,9 +160,9 @@ def read(path: pathlib.Path) -> Spec:
 
 def _find_encoder(t: dict) -> str:
   """The encoder's name prefix; a scanned encoder's stacked blocks are unstacked in `t`."""
-  p = _find_prefix(t, "Transformer/encoder_norm/scale")
+  p = find_prefix(t, "Transformer/encoder_norm/scale")
   if p is None:
-    raise _Uninferable("cannot find the encoder: no '[prefix]Transformer/encoder_norm/scale'")
+    raise Uninferable("cannot find the encoder: no '[prefix]Transformer/encoder_norm/scale'")
   # A scanned encoder stores every block stacked under `encoderblock/`: unstack it.
   for name in [n for n in t if n.startswith(p + "Transformer/encoderblock/")]:
     stacked = t.pop(name)

@@ -13,16 +13,21 @@ The SwiGLU MLP of ViT-g/14 is not supported yet.
 import pathlib
 import re
 
-from linearizer.convert.match import (
+from linearizer.convert.common import (
+  CONV,
+  LINEAR,
+  SAME,
   VIT_FIXED,
   Spec,
-  _depth,
-  _find_prefix,
-  _grid_size,
-  _need,
-  _vit_fields,
+  depth_of,
+  find_prefix,
+  image_size_of,
+  layer_norm,
+  linear,
+  need,
+  read_tensors,
+  vit_fields,
 )
-from linearizer.convert.tensors import CONV, LINEAR, SAME, _linear, _ln, read_tensors
 from linearizer.errors import UserError
 
 
@@ -33,23 +38,23 @@ def _unchunk(tensors: dict) -> dict:
 
 def read(path: pathlib.Path) -> Spec:
   t = read_tensors(path, ("teacher", "model", "state_dict"))
-  p = _find_prefix(t, "patch_embed.proj.weight") or ""
+  p = find_prefix(t, "patch_embed.proj.weight") or ""
   t = {n[len(p) :]: v for n, v in t.items() if n.startswith(p)}  # e.g. a `backbone.` prefix
   if any(re.match(r"blocks\.\d+\.\d+\.", n) for n in t):
     t = _unchunk(t)
   if "blocks.0.mlp.w12.weight" in t:
     raise UserError(f"{path}: DINOv2 with a SwiGLU MLP (ViT-g/14) is not supported yet.")
-  patch_w = _need(t, "patch_embed.proj.weight", "the width and patch")
+  patch_w = need(t, "patch_embed.proj.weight", "the width and patch")
   width, patch = patch_w.shape[0], patch_w.shape[-1]
   registers = t["register_tokens"].shape[1] if "register_tokens" in t else 0
-  fields = _vit_fields(
+  fields = vit_fields(
     "timm",
     width,
-    _depth(t, r"blocks\.(\d+)\..*"),
+    depth_of(t, r"blocks\.(\d+)\..*"),
     width // 64,
-    _need(t, "blocks.0.mlp.fc1.weight", "the MLP width").shape[0],
+    need(t, "blocks.0.mlp.fc1.weight", "the MLP width").shape[0],
     patch,
-    _grid_size(_need(t, "pos_embed", "the image size").shape[1] - 1, patch, "pos_embed"),
+    image_size_of(need(t, "pos_embed", "the image size").shape[1] - 1, patch, "pos_embed"),
     0,
     activation="gelu",
   )
@@ -60,17 +65,17 @@ def read(path: pathlib.Path) -> Spec:
   )
   b = "blocks.{i}."
   table = {
-    **_linear("patch_embed", "patch_embed.proj", CONV),
+    **linear("patch_embed", "patch_embed.proj", CONV),
     **{n: ((n,), SAME) for n in ("cls_token", "pos_embed", "register_tokens")},
-    **_ln(b + "norm1", b + "norm1"),
-    **_linear(b + "attn.qkv", b + "attn.qkv", LINEAR),
-    **_linear(b + "attn.proj", b + "attn.proj"),
+    **layer_norm(b + "norm1", b + "norm1"),
+    **linear(b + "attn.qkv", b + "attn.qkv", LINEAR),
+    **linear(b + "attn.proj", b + "attn.proj"),
     b + "ls1": ((b + "ls1.gamma",), SAME),
-    **_ln(b + "norm2", b + "norm2"),
-    **_linear(b + "fc1", b + "mlp.fc1"),
-    **_linear(b + "fc2", b + "mlp.fc2"),
+    **layer_norm(b + "norm2", b + "norm2"),
+    **linear(b + "fc1", b + "mlp.fc1"),
+    **linear(b + "fc2", b + "mlp.fc2"),
     b + "ls2": ((b + "ls2.gamma",), SAME),
-    **_ln("norm", "norm"),
+    **layer_norm("norm", "norm"),
   }
   # The mask token (iBOT's) and any DINO / iBOT projection head are not the backbone.
   ignore = lambda n: n == "mask_token" or n.startswith(("head.", "dino_head.", "ibot_head."))

@@ -15,17 +15,7 @@ import re
 
 import jax.numpy as jnp
 
-from linearizer.convert.match import (
-  VIT_FIXED,
-  Spec,
-  _depth,
-  _find_prefix,
-  _grid_size,
-  _need,
-  _Uninferable,
-  _vit_fields,
-)
-from linearizer.convert.tensors import (
+from linearizer.convert.common import (
   CONV,
   LINEAR,
   QKV,
@@ -34,11 +24,19 @@ from linearizer.convert.tensors import (
   ROW,
   SAME,
   TOKEN,
+  VIT_FIXED,
+  Spec,
   Tx,
-  _each,
-  _linear,
-  _ln,
+  Uninferable,
+  depth_of,
+  each,
+  find_prefix,
+  image_size_of,
+  layer_norm,
+  linear,
+  need,
   read_tensors,
+  vit_fields,
 )
 from linearizer.errors import MissingPathError, UserError
 
@@ -67,15 +65,15 @@ def _clip_table(p, e, L):
     "patch_embed.kernel": ((e + "patch_embedding.weight",), CONV),
     "cls_token": ((e + "class_embedding",), TOKEN),
     "pos_embed": ((e + "position_embedding.weight",), ROW),
-    **_ln("ln_pre", p + "pre_layrnorm"),
-    **_ln("blocks.{i}.norm1", L + "layer_norm1"),
-    "blocks.{i}.attn.qkv.kernel": (_each(L + "self_attn.{}_proj.weight", "qkv"), QKV),
-    "blocks.{i}.attn.qkv.bias": (_each(L + "self_attn.{}_proj.bias", "qkv"), QKV_BIAS),
-    **_linear("blocks.{i}.attn.proj", L + "self_attn.out_proj"),
-    **_ln("blocks.{i}.norm2", L + "layer_norm2"),
-    **_linear("blocks.{i}.fc1", L + "mlp.fc1"),
-    **_linear("blocks.{i}.fc2", L + "mlp.fc2"),
-    **_ln("norm", p + "post_layernorm"),
+    **layer_norm("ln_pre", p + "pre_layrnorm"),
+    **layer_norm("blocks.{i}.norm1", L + "layer_norm1"),
+    "blocks.{i}.attn.qkv.kernel": (each(L + "self_attn.{}_proj.weight", "qkv"), QKV),
+    "blocks.{i}.attn.qkv.bias": (each(L + "self_attn.{}_proj.bias", "qkv"), QKV_BIAS),
+    **linear("blocks.{i}.attn.proj", L + "self_attn.out_proj"),
+    **layer_norm("blocks.{i}.norm2", L + "layer_norm2"),
+    **linear("blocks.{i}.fc1", L + "mlp.fc1"),
+    **linear("blocks.{i}.fc2", L + "mlp.fc2"),
+    **layer_norm("norm", p + "post_layernorm"),
     "head.kernel": (("visual_projection.weight",), LINEAR),
   }
 
@@ -83,18 +81,18 @@ def _clip_table(p, e, L):
 def _vit_table(p, e, L):
   att = L + "attention.attention."
   return {
-    **_linear("patch_embed", e + "patch_embeddings.projection", CONV),
+    **linear("patch_embed", e + "patch_embeddings.projection", CONV),
     "cls_token": ((e + "cls_token",), SAME),
     "pos_embed": ((e + "position_embeddings",), SAME),
-    **_ln("blocks.{i}.norm1", L + "layernorm_before"),
-    "blocks.{i}.attn.qkv.kernel": (_each(att + "{}.weight", QUERY_KEY_VALUE), QKV),
-    "blocks.{i}.attn.qkv.bias": (_each(att + "{}.bias", QUERY_KEY_VALUE), QKV_BIAS),
-    **_linear("blocks.{i}.attn.proj", L + "attention.output.dense"),
-    **_ln("blocks.{i}.norm2", L + "layernorm_after"),
-    **_linear("blocks.{i}.fc1", L + "intermediate.dense"),
-    **_linear("blocks.{i}.fc2", L + "output.dense"),
-    **_ln("norm", p + "layernorm"),
-    **_linear("head", "classifier"),
+    **layer_norm("blocks.{i}.norm1", L + "layernorm_before"),
+    "blocks.{i}.attn.qkv.kernel": (each(att + "{}.weight", QUERY_KEY_VALUE), QKV),
+    "blocks.{i}.attn.qkv.bias": (each(att + "{}.bias", QUERY_KEY_VALUE), QKV_BIAS),
+    **linear("blocks.{i}.attn.proj", L + "attention.output.dense"),
+    **layer_norm("blocks.{i}.norm2", L + "layernorm_after"),
+    **linear("blocks.{i}.fc1", L + "intermediate.dense"),
+    **linear("blocks.{i}.fc2", L + "output.dense"),
+    **layer_norm("norm", p + "layernorm"),
+    **linear("head", "classifier"),
   }
 
 
@@ -105,20 +103,20 @@ def _dinov2_table(p, e, L, t):
   att, out = (L + "attention.", "o_proj") if new else (L + "attention.attention.", None)
   parts = ("q_proj", "k_proj", "v_proj") if new else QUERY_KEY_VALUE
   return {
-    **_linear("patch_embed", e + "patch_embeddings.projection", CONV),
+    **linear("patch_embed", e + "patch_embeddings.projection", CONV),
     "cls_token": ((e + "cls_token",), SAME),
     "pos_embed": ((e + "position_embeddings",), SAME),
     "register_tokens": ((e + "register_tokens",), SAME),
-    **_ln("blocks.{i}.norm1", L + "norm1"),
+    **layer_norm("blocks.{i}.norm1", L + "norm1"),
     "blocks.{i}.attn.qkv.kernel": (tuple(att + f"{x}.weight" for x in parts), QKV),
     "blocks.{i}.attn.qkv.bias": (tuple(att + f"{x}.bias" for x in parts), QKV_BIAS),
-    **_linear("blocks.{i}.attn.proj", att + out if out else L + "attention.output.dense"),
+    **linear("blocks.{i}.attn.proj", att + out if out else L + "attention.output.dense"),
     "blocks.{i}.ls1": ((L + "layer_scale1.lambda1",), SAME),
-    **_ln("blocks.{i}.norm2", L + "norm2"),
-    **_linear("blocks.{i}.fc1", L + "mlp.fc1"),
-    **_linear("blocks.{i}.fc2", L + "mlp.fc2"),
+    **layer_norm("blocks.{i}.norm2", L + "norm2"),
+    **linear("blocks.{i}.fc1", L + "mlp.fc1"),
+    **linear("blocks.{i}.fc2", L + "mlp.fc2"),
     "blocks.{i}.ls2": ((L + "layer_scale2.lambda1",), SAME),
-    **_ln("norm", p + "layernorm"),
+    **layer_norm("norm", p + "layernorm"),
   }
 
 
@@ -134,25 +132,25 @@ def _siglip_table(p, e, L):
   """SigLIP: no CLS, a position embedding per patch, the attention-pooling head."""
   h = p + "head."
   return {
-    **_linear("patch_embed", e + "patch_embedding", CONV),
+    **linear("patch_embed", e + "patch_embedding", CONV),
     "pos_embed": ((e + "position_embedding.weight",), ROW),
-    **_ln("blocks.{i}.norm1", L + "layer_norm1"),
-    "blocks.{i}.attn.qkv.kernel": (_each(L + "self_attn.{}_proj.weight", "qkv"), QKV),
-    "blocks.{i}.attn.qkv.bias": (_each(L + "self_attn.{}_proj.bias", "qkv"), QKV_BIAS),
-    **_linear("blocks.{i}.attn.proj", L + "self_attn.out_proj"),
-    **_ln("blocks.{i}.norm2", L + "layer_norm2"),
-    **_linear("blocks.{i}.fc1", L + "mlp.fc1"),
-    **_linear("blocks.{i}.fc2", L + "mlp.fc2"),
-    **_ln("norm", p + "post_layernorm"),
+    **layer_norm("blocks.{i}.norm1", L + "layer_norm1"),
+    "blocks.{i}.attn.qkv.kernel": (each(L + "self_attn.{}_proj.weight", "qkv"), QKV),
+    "blocks.{i}.attn.qkv.bias": (each(L + "self_attn.{}_proj.bias", "qkv"), QKV_BIAS),
+    **linear("blocks.{i}.attn.proj", L + "self_attn.out_proj"),
+    **layer_norm("blocks.{i}.norm2", L + "layer_norm2"),
+    **linear("blocks.{i}.fc1", L + "mlp.fc1"),
+    **linear("blocks.{i}.fc2", L + "mlp.fc2"),
+    **layer_norm("norm", p + "post_layernorm"),
     "map_head.probe": ((h + "probe",), SAME),
     "map_head.q.kernel": ((h + "attention.in_proj_weight",), IN_PROJ_Q),
     "map_head.q.bias": ((h + "attention.in_proj_bias",), IN_BIAS_Q),
     "map_head.kv.kernel": ((h + "attention.in_proj_weight",), IN_PROJ_KV),
     "map_head.kv.bias": ((h + "attention.in_proj_bias",), IN_BIAS_KV),
-    **_linear("map_head.proj", h + "attention.out_proj"),
-    **_ln("map_head.norm", h + "layernorm"),
-    **_linear("map_head.fc1", h + "mlp.fc1"),
-    **_linear("map_head.fc2", h + "mlp.fc2"),
+    **linear("map_head.proj", h + "attention.out_proj"),
+    **layer_norm("map_head.norm", h + "layernorm"),
+    **linear("map_head.fc1", h + "mlp.fc1"),
+    **linear("map_head.fc2", h + "mlp.fc2"),
   }
 
 
@@ -195,10 +193,10 @@ def _family(config: dict, t: dict, where) -> tuple:
     raise UserError(
       f"{where}: model_type {model_type!r} is not supported by the hf format ({SUPPORTED})."
     )
-  conv = _find_prefix(t, "embeddings.patch_embedding.weight")  # CLIP and SigLIP
-  proj = _find_prefix(t, "embeddings.patch_embeddings.projection.weight")  # ViT and DINOv2
+  conv = find_prefix(t, "embeddings.patch_embedding.weight")  # CLIP and SigLIP
+  proj = find_prefix(t, "embeddings.patch_embeddings.projection.weight")  # ViT and DINOv2
   if conv is None and proj is None:
-    raise _Uninferable(
+    raise Uninferable(
       "cannot tell the architecture: neither '[vision_model.]embeddings."
       "patch_embedding.weight' nor '[vit.|dinov2.]embeddings.patch_embeddings."
       "projection.weight' is in the file"
@@ -232,16 +230,16 @@ def read(path: pathlib.Path) -> Spec:
   patch_w = t[e + ("patch_embedding.weight" if tower else "patch_embeddings.projection.weight")]
   head, extra = None, {}
   if family == "clip":
-    pos = _need(t, e + "position_embedding.weight", "the image size")[1:]
-    fc1 = _need(t, L.format(i=0) + "mlp.fc1.weight", "the MLP width")
+    pos = need(t, e + "position_embedding.weight", "the image size")[1:]
+    fc1 = need(t, L.format(i=0) + "mlp.fc1.weight", "the MLP width")
     head = t.get("visual_projection.weight")
     table = _clip_table(p, e, L)
 
     def ours(n):
       return n.startswith(p) or n == "visual_projection.weight"
   elif family == "siglip":
-    pos = _need(t, e + "position_embedding.weight", "the image size")
-    fc1 = _need(t, L.format(i=0) + "mlp.fc1.weight", "the MLP width")
+    pos = need(t, e + "position_embedding.weight", "the image size")
+    fc1 = need(t, L.format(i=0) + "mlp.fc1.weight", "the MLP width")
     table = _siglip_table(p, e, L)
     # A tower saved without its head (vision_use_head=False) pools by the mean patch.
     extra = dict(cls_token=False, pool="map" if p + "head.probe" in t else "gap")
@@ -249,13 +247,13 @@ def read(path: pathlib.Path) -> Spec:
     def ours(n):
       return n.startswith(p)
   else:
-    pos = _need(t, e + "position_embeddings", "the image size")[0, 1:]
+    pos = need(t, e + "position_embeddings", "the image size")[0, 1:]
     if family == "vit":
-      fc1 = _need(t, L.format(i=0) + "intermediate.dense.weight", "the MLP width")
+      fc1 = need(t, L.format(i=0) + "intermediate.dense.weight", "the MLP width")
       head = t.get("classifier.weight")
       table = _vit_table(p, e, L)
     else:
-      fc1 = _need(t, L.format(i=0) + "mlp.fc1.weight", "the MLP width")
+      fc1 = need(t, L.format(i=0) + "mlp.fc1.weight", "the MLP width")
       table = _dinov2_table(p, e, L, t)
       registers = t.get(e + "register_tokens")
       extra = dict(
@@ -271,14 +269,14 @@ def read(path: pathlib.Path) -> Spec:
       )
 
   width, patch = patch_w.shape[0], patch_w.shape[-1]
-  fields = _vit_fields(
+  fields = vit_fields(
     {"clip": "clip", "siglip": "siglip"}.get(family, "timm"),
     width,
-    _depth(t, re.escape(L).replace(r"\{i\}", r"(\d+)") + ".*"),
+    depth_of(t, re.escape(L).replace(r"\{i\}", r"(\d+)") + ".*"),
     config.get("num_attention_heads", width // 64),
     fc1.shape[0],
     patch,
-    _grid_size(pos.shape[0], patch, "the position embedding"),
+    image_size_of(pos.shape[0], patch, "the position embedding"),
     0 if head is None else head.shape[0],
     head_bias=family != "clip",
     eps=config.get(

@@ -13,8 +13,20 @@ overridden (ViT-H needs 16).
 import pathlib
 
 from linearizer.convert import big_vision
-from linearizer.convert.match import VIT_FIXED, Spec, _depth, _grid_size, _need, _vit_fields
-from linearizer.convert.tensors import CONV, POS_NO_CLS, SAME, _linear, _ln, read_tensors
+from linearizer.convert.common import (
+  CONV,
+  POS_NO_CLS,
+  SAME,
+  VIT_FIXED,
+  Spec,
+  depth_of,
+  image_size_of,
+  layer_norm,
+  linear,
+  need,
+  read_tensors,
+  vit_fields,
+)
 
 CLIP_GELU = (
   "timm runs its CLIP towers (e.g. vit_base_patch16_clip_224.openai_ft_in1k) with exact "
@@ -28,8 +40,8 @@ def read(path: pathlib.Path) -> Spec:
     spec.fields["activation"] = "gelu"  # ... but timm runs it with exact GELU
     return spec
   t = read_tensors(path)
-  patch_w = _need(t, "patch_embed.proj.weight", "the width and patch")
-  pos = _need(t, "pos_embed", "the image size")
+  patch_w = need(t, "patch_embed.proj.weight", "the width and patch")
+  pos = need(t, "pos_embed", "the image size")
   head = t.get("head.weight")
   width, patch = patch_w.shape[0], patch_w.shape[-1]
   has_cls, has_map = "cls_token" in t, "attn_pool.latent" in t
@@ -37,14 +49,14 @@ def read(path: pathlib.Path) -> Spec:
   style = "clip" if "norm_pre.weight" in t else "siglip" if has_map and not has_cls else "timm"
   slots = pos.shape[1]
   pos_has_cls = has_cls and round((slots - 1) ** 0.5) ** 2 == slots - 1  # else no_embed_class
-  fields = _vit_fields(
+  fields = vit_fields(
     style,
     width,
-    _depth(t, r"blocks\.(\d+)\..*"),
+    depth_of(t, r"blocks\.(\d+)\..*"),
     width // 64,
-    _need(t, "blocks.0.mlp.fc1.weight", "the MLP width").shape[0],
+    need(t, "blocks.0.mlp.fc1.weight", "the MLP width").shape[0],
     patch,
-    _grid_size(slots - pos_has_cls, patch, "pos_embed"),
+    image_size_of(slots - pos_has_cls, patch, "pos_embed"),
     0 if head is None else head.shape[0],
     head_bias="head.bias" in t,
     activation="gelu",  # timm's, for both styles (see the docstring)
@@ -60,29 +72,29 @@ def read(path: pathlib.Path) -> Spec:
   )
   b = "blocks.{i}."
   table = {
-    **_linear("patch_embed", "patch_embed.proj", CONV),
+    **linear("patch_embed", "patch_embed.proj", CONV),
     "cls_token": (("cls_token",), SAME),
     "register_tokens": (("reg_token",), SAME),
     "pos_embed": (("pos_embed",), SAME if pos_has_cls or not has_cls else POS_NO_CLS),
-    **_ln("ln_pre", "norm_pre"),
-    **_ln(b + "norm1", b + "norm1"),
-    **_linear(b + "attn.qkv", b + "attn.qkv"),
-    **_linear(b + "attn.proj", b + "attn.proj"),
+    **layer_norm("ln_pre", "norm_pre"),
+    **layer_norm(b + "norm1", b + "norm1"),
+    **linear(b + "attn.qkv", b + "attn.qkv"),
+    **linear(b + "attn.proj", b + "attn.proj"),
     b + "ls1": ((b + "ls1.gamma",), SAME),
-    **_ln(b + "norm2", b + "norm2"),
-    **_linear(b + "fc1", b + "mlp.fc1"),
-    **_linear(b + "fc2", b + "mlp.fc2"),
+    **layer_norm(b + "norm2", b + "norm2"),
+    **linear(b + "fc1", b + "mlp.fc1"),
+    **linear(b + "fc2", b + "mlp.fc2"),
     b + "ls2": ((b + "ls2.gamma",), SAME),
-    **_ln("norm", "norm"),
-    **_linear("head", "head"),
+    **layer_norm("norm", "norm"),
+    **linear("head", "head"),
     # timm's AttentionPoolLatent: a latent query, fused kv (keys first), as our MAPHead
     "map_head.probe": (("attn_pool.latent",), SAME),
-    **_linear("map_head.q", "attn_pool.q"),
-    **_linear("map_head.kv", "attn_pool.kv"),
-    **_linear("map_head.proj", "attn_pool.proj"),
-    **_ln("map_head.norm", "attn_pool.norm"),
-    **_linear("map_head.fc1", "attn_pool.mlp.fc1"),
-    **_linear("map_head.fc2", "attn_pool.mlp.fc2"),
+    **linear("map_head.q", "attn_pool.q"),
+    **linear("map_head.kv", "attn_pool.kv"),
+    **linear("map_head.proj", "attn_pool.proj"),
+    **layer_norm("map_head.norm", "attn_pool.norm"),
+    **linear("map_head.fc1", "attn_pool.mlp.fc1"),
+    **linear("map_head.fc2", "attn_pool.mlp.fc2"),
   }
   guesses = {"activation": CLIP_GELU} if style == "clip" else {}
   fixed = (*VIT_FIXED, "cls_token", "registers", *(("pool",) if has_map else ()))

@@ -1,26 +1,128 @@
-"""Reading weight files into {name: numpy array}, and the transforms their -> our layout.
+"""The readers' toolkit: what a reader returns (`Spec`), and everything readers share.
+
+A reader (one module per weight format, `read(path, **options) -> Spec`) reads the file
+into {name: numpy array} (`read_tensors`), infers the architecture from tensor shapes
+(`need`, `depth_of`, `image_size_of`, `find_prefix`, `vit_fields`) and states a mapping
+table {our parameter path ("{i}" = layer): (their tensor names, Tx)}, built for the common
+layers by `layer_norm` / `linear` / `each`. The package's `load` then checks every name and
+shape of the file against the model before anything is assigned.
 
 A transform (`Tx`) maps the file's tensor(s) to one of our arrays; its inverse is only
 traced (jax.eval_shape) to know the shapes to expect in the file, so errors speak in the
-file's own layout. The `_ln` / `_linear` / `_dense` helpers build mapping-table entries
-{our parameter path: (their tensor names, Tx)} for the common layers.
+file's own layout.
 """
 
 import argparse
 import json
+import math
 import pathlib
 import pickle
+import re
 from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from linearizer.convert import torchscript
 from linearizer.errors import MissingPathError, UserError
+from linearizer.models import vit as vit_lib
+
+
+class Uninferable(Exception):
+  """A tensor needed to infer the architecture is absent (reported as a mismatch by load)."""
+
+
+class Spec(NamedTuple):
+  kind: str  # an architecture of models.ARCHITECTURES: "vit" | "adventurer"
+  fields: dict  # config fields inferred from the file
+  table: dict  # our path template ("{i}" = layer) -> (their names, Tx)
+  tensors: dict
+  ignore: Callable = lambda name: False  # tensors of the file that are not ours to load
+  optional: dict = {}  # our params the file may lack -> initializer(key, shape), as the model's
+  fixed: tuple = ()  # fields the file itself determines: an override contradicting one is refused
+  guesses: dict = {}  # field -> why it is a guess: a warning at load unless the user set it
+
+
+# The fields a ViT's / an Adventurer's tensor names and shapes determine (the readers'
+# `fixed`); a ViT's style shows in its `ln_pre` and patch-conv bias.
+VIT_FIXED = ("width", "depth", "mlp_dim", "patch", "style")
+ADVENTURER_FIXED = ("width", "depth", "patch", "d_state", "headdim", "expand", "mlp_ratio")
 
 
 # ---------------------------------------------------------------------------------------
-# Transforms: their tensor(s) -> our array.
+# Config inference from tensor shapes
+# ---------------------------------------------------------------------------------------
+def need(tensors, name, what):
+  """`tensors[name]`, or Uninferable naming `what` it was needed to infer."""
+  if name not in tensors:
+    raise Uninferable(f"cannot infer {what}: tensor {name!r} not found")
+  return tensors[name]
+
+
+def depth_of(tensors, pattern, what="depth"):
+  """The number of layers: 1 + the largest index `pattern`'s group captures in a name."""
+  found = {int(m.group(1)) for n in tensors if (m := re.fullmatch(pattern, n))}
+  if not found:
+    raise Uninferable(f"cannot infer {what}: no tensor matches {pattern!r}")
+  return max(found) + 1
+
+
+def image_size_of(tokens, patch, what):
+  """The image size of `tokens` patch positions (`what` holds them) on a square grid."""
+  grid = math.isqrt(tokens)
+  if grid * grid != tokens:
+    raise Uninferable(
+      f"cannot infer the image size: {what} holds {tokens} patch positions, not a square grid"
+    )
+  return grid * patch
+
+
+def find_prefix(tensors, suffix):
+  """The prefix in front of `suffix` (e.g. 'vit.' or 'vision_model.'), or None."""
+  return next((n[: -len(suffix)] for n in sorted(tensors, key=len) if n.endswith(suffix)), None)
+
+
+def vit_fields(
+  style,
+  width,
+  depth,
+  heads,
+  mlp,
+  patch,
+  image_size,
+  classes,
+  head_bias=True,
+  eps=None,
+  activation=None,
+):
+  """A ViT config's fields from what a reader inferred (heads, mlp, classes: num_heads, ...)."""
+  # The style's own eps/activation stay None so configs read "style default".
+  eps = None if eps is None or eps == vit_lib.STYLES[style][1] else eps
+  activation = None if activation == vit_lib.STYLES[style][0] else activation
+  return dict(
+    style=style,
+    width=width,
+    depth=depth,
+    num_heads=heads,
+    mlp_dim=mlp,
+    patch=patch,
+    image_size=image_size,
+    num_classes=classes,
+    head_bias=head_bias,
+    layer_norm_eps=eps,
+    activation=activation,
+  )
+
+
+def templates(model):
+  """(template, path, shape) per parameter; layer indices in the template become '{i}'."""
+  for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    yield ".".join("{i}" if isinstance(k, int) else str(k) for k in key), key, var.get_value().shape
+
+
+# ---------------------------------------------------------------------------------------
+# Transforms (their tensor(s) -> our array) and mapping-table entries
 # ---------------------------------------------------------------------------------------
 class Tx(NamedTuple):
   fwd: Callable  # (*their numpy arrays) -> our array
@@ -41,25 +143,7 @@ POS_NO_CLS = Tx(lambda a: np.concatenate([np.zeros_like(a[:, :1]), a], 1), lambd
 QUERY_KEY_VALUE = ("query", "key", "value")
 
 
-def _heads_qkv(heads):  # big_vision q/k/v kernels (D, heads, head_dim) -> (D, 3D)
-  return Tx(
-    lambda *a: np.concatenate([x.reshape(x.shape[0], -1) for x in a], 1),
-    lambda k: tuple(p.reshape(p.shape[0], heads, -1) for p in jnp.split(k, 3, 1)),
-  )
-
-
-def _heads_qkv_bias(heads):  # (heads, head_dim) x3 -> (3D,)
-  return Tx(
-    lambda *a: np.concatenate([x.reshape(-1) for x in a]),
-    lambda b: tuple(p.reshape(heads, -1) for p in jnp.split(b, 3)),
-  )
-
-
-def _heads_out(heads):  # (heads, head_dim, D) -> (D, D)
-  return Tx(lambda a: a.reshape(-1, a.shape[-1]), lambda k: (k.reshape(heads, -1, k.shape[-1]),))
-
-
-def _ln(ours, theirs, sep=".", scale="weight"):
+def layer_norm(ours, theirs, sep=".", scale="weight"):
   """A LayerNorm: torch (weight, bias) or flax (scale, bias, sep='/')."""
   return {
     f"{ours}.scale": ((f"{theirs}{sep}{scale}",), SAME),
@@ -67,7 +151,7 @@ def _ln(ours, theirs, sep=".", scale="weight"):
   }
 
 
-def _linear(ours, theirs, kernel=LINEAR):
+def linear(ours, theirs, kernel=LINEAR):
   """A torch Linear (or, with kernel=CONV, Conv2d): weight -> kernel, bias -> bias."""
   return {
     f"{ours}.kernel": ((f"{theirs}.weight",), kernel),
@@ -75,23 +159,16 @@ def _linear(ours, theirs, kernel=LINEAR):
   }
 
 
-def _each(template, parts):
-  """Names of separate q, k, v tensors, e.g. _each('attn.{}_proj.weight', 'qkv')."""
+def each(template, parts):
+  """Names of separate q, k, v tensors, e.g. each('attn.{}_proj.weight', 'qkv')."""
   return tuple(template.replace("{}", x) for x in parts)
-
-
-def _dense(ours, theirs):
-  """A flax Dense saved by big_vision: '/'-separated, already (in, out)."""
-  return {
-    f"{ours}.kernel": ((f"{theirs}/kernel",), SAME),
-    f"{ours}.bias": ((f"{theirs}/bias",), SAME),
-  }
 
 
 # ---------------------------------------------------------------------------------------
 # Reading files
 # ---------------------------------------------------------------------------------------
-def _torch_load(path):
+def torch_load(path):
+  """A torch file's object, loaded with weights_only (a TorchScript archive: its tensors)."""
   if torchscript.is_torchscript(path):  # OpenAI's released CLIP .pt files are TorchScript
     try:  # never torch.jit.load: a scripted module's __setstate__ is the file's code
       tensors = torchscript.read_archive(path)
@@ -160,21 +237,22 @@ def _read_bfloat16_safetensors(path):
   }
 
 
-def _numpy(value):
+def to_numpy(value):
   """A tensor/array as numpy; low-precision floats widened (numpy lacks bfloat16)."""
-  if hasattr(value, "detach"):  # a torch tensor (torch itself was imported by _torch_load)
+  if hasattr(value, "detach"):  # a torch tensor (torch itself was imported by torch_load)
     value = value.detach().cpu()
     return (value.float() if value.is_floating_point() else value).numpy()
   return np.asarray(value)
 
 
-def _is_tensor(value):
+def is_tensor(value):
+  """Whether `value` is an array or tensor (checkpoints also hold epochs, args, ...)."""
   return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
-def _unwrap(obj, path, entries=("state_dict", "model"), bare=True):
+def unwrap(obj, path, entries=("state_dict", "model"), bare=True):
   """The tensor dict of a checkpoint: itself (if `bare`), or its first entry in `entries`."""
-  if bare and isinstance(obj, dict) and obj and all(_is_tensor(v) for v in obj.values()):
+  if bare and isinstance(obj, dict) and obj and all(is_tensor(v) for v in obj.values()):
     return obj
   for entry in entries:
     if isinstance(obj, dict) and isinstance(obj.get(entry), dict):
@@ -204,9 +282,9 @@ def read_tensors(path, entries=("state_dict", "model"), bare=True) -> dict:
     with np.load(path, allow_pickle=False) as z:
       tensors = {k: z[k] for k in z.files}
   elif name.endswith((".pth", ".pt", ".bin", ".ckpt")):
-    tensors = _unwrap(_torch_load(path), path, entries, bare)
+    tensors = unwrap(torch_load(path), path, entries, bare)
   else:
     raise UserError(
       f"{path}: unknown weight-file type; expected .safetensors, .npz, .pth, .pt, .bin or .ckpt."
     )
-  return {k: _numpy(v) for k, v in tensors.items() if _is_tensor(v)}
+  return {k: to_numpy(v) for k, v in tensors.items() if is_tensor(v)}

@@ -1,0 +1,185 @@
+"""The blocks of the tool stages (segment, bench, visualize, ablation), declared as
+configs/common.py declares the training ones: each field once, with its default and a
+comment, and a builder that refuses a key its block does not declare (configs/fields.py).
+The experiment files that run them are configs/segment.py, bench.py, visualize.py and
+ablation.py.
+"""
+
+import ml_collections
+
+from configs import common
+from configs.fields import build
+
+
+def segment(**given) -> ml_collections.ConfigDict:
+  """The `segment` stage (linearizer/segment.py): every backbone fine-tuned with the same
+  head, data and budget. Defaults: mmseg's ViT-B UperNet on ADE20K
+  (configs/mae/upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py), method.md §9."""
+  declared = dict(
+    # 'teacher', 'distill', 'finetune', 'train_student' (this run's stages), 'scratch' (a
+    # fresh student: the from-scratch baseline) or 'name=fmt:path' / 'name=<model dir>'
+    backbones=("teacher", "distill", "scratch"),
+    steps=160_000,  # mmseg: 160k iterations
+    drop_path=0.1,  # every backbone's stochastic depth (mmseg MAE: drop_path_rate=0.1)
+    batch_size=16,  # mmseg: 8 GPUs × 2
+    # mmseg MAE: AdamW lr 1e-4, wd 0.05, layer decay 0.65, poly (power 1, eta_min 0) after
+    # a 1500-iteration linear warm-up
+    optim=common.optim(
+      lr=1e-4,
+      min_lr=0.0,
+      weight_decay=0.05,
+      layer_decay=0.65,
+      warmup_steps=1500,
+      schedule="poly",
+      clip_norm=0.0,
+    ),
+    head=dict(  # the segmentation head
+      kind="upernet",  # 'upernet' (the paper's) or 'linear' (a 1×1 probe)
+      channels=768,  # mmseg MAE UPerHead channels
+      out_indices=(),  # () = blocks 4, 6, 8, 12 of 12, scaled to the backbone's depth
+      pool_scales=(1, 2, 3, 6),  # PPM grids
+      aux_channels=256,  # the auxiliary FCNHead's width
+      aux_weight=0.4,  # its loss weight; 0 = no auxiliary head
+      dropout=0.1,  # before each classifier
+      groups=32,  # GroupNorm groups (batch-free: see linearizer/models/segmenter.py)
+    ),
+    data=dict(  # the segmentation data
+      # digitscenes (MNIST canvases, built in), segfolder:<root>, ade20k:<root>,
+      # cityscapes:<root>, tfds:scene_parse150, tfds:cityscapes
+      source="digitscenes",
+      data_dir="",  # tfds: where the dataset is prepared ('' = tfds's default)
+      num_classes=0,  # 0 = the dataset's own (segfolder: scanned from its masks)
+      canvas=128,  # digitscenes: the canvas side
+      train_scenes=2000,  # digitscenes: scenes per split
+      test_scenes=200,  # digitscenes: eval scenes
+      crop=(512, 512),  # training crop (h, w)
+      scale=(2048, 512),  # RandomResize target (long, short), × a ratio in ratio_range
+      ratio_range=(0.5, 2.0),  # the RandomResize ratio range
+      cat_max_ratio=0.75,  # RandomCrop: no class above this share of a crop (10 tries)
+      flip=True,  # random horizontal flips
+      photometric=True,  # PhotoMetricDistortion
+      workers=0,  # grain worker processes
+    ),
+    eval=dict(  # evaluation
+      mode="slide",  # 'whole' image, or 'slide' windows of `crop` every `stride`
+      crop=(512, 512),  # mmseg ADE20K test: slide, crop 512, stride 341
+      stride=(341, 341),  # the slide windows' step (h, w)
+      scale=(2048, 512),  # test Resize (long, short), keep ratio; () = as the image is
+      limit=0,  # at most this many eval images (0 = all)
+      figure_images=4,  # rows of predictions.png
+      speed_repeats=5,  # timed forwards for img/s (median)
+    ),
+  )
+  return build("segment", declared, given)
+
+
+def ablation(**given) -> ml_collections.ConfigDict:
+  """The `ablation` stage (linearizer/ablation.py)."""
+  declared = dict(
+    seeds=3,  # runs per variant: seed, seed + 1, ...
+    variants=(
+      "supervised",
+      "mp",
+      "am",
+      "am_unmasked",
+      "am_mp",
+      "scope_cls",
+      "scope_visible",
+      "scope_all",
+    ),
+    workers=1,  # runs at once, one process each (single-host only)
+  )
+  return build("ablation", declared, given)
+
+
+def bench(**given) -> ml_collections.ConfigDict:
+  """The `bench` stage (linearizer/bench.py). Empty / 0 = the default for this backend."""
+  declared = dict(
+    parts=("forward", "train_step", "supervised_step", "segment", "ssd"),  # what to measure
+    teacher_kind="vit",  # an architecture of linearizer.models
+    student_kind="adventurer",  # likewise
+    teacher="",  # teacher variant; '' = B/16 on accelerators, Ti/16 on CPU
+    student="",  # student variant; likewise
+    teacher_overrides={},  # teacher config fields, e.g. style='clip'
+    student_overrides={},  # student config fields
+    resolutions=(),  # () = 224…1024 (…2048 on accelerators)
+    batch=0,  # forward batch; 0 = 32 on accelerators, 1 on CPU
+    dtype="",  # '' = bfloat16 on accelerators, float32 on CPU
+    repeats=0,  # timed calls per measurement (median); 0 = 10; 5 on CPU
+    chunk_size=0,  # student SSD chunk; 0 = kernels.CHUNK_TABLE's for each length
+    attention_impls=(),  # ViT attention impls; () = xla and blocked (+ cudnn on GPU)
+    # side of the square matmul timed as the device's rate; 0 = 8192 on accelerators, 2048
+    # on CPU
+    matmul_size=0,
+    # PyTorch peer rows (HF ViT with SDPA, PyTorch Adventurer) where torch and transformers
+    # are installed; False: never
+    pytorch=True,
+    train_resolution=224,  # the distillation train step's resolution
+    train_batch=0,  # 0 = 64 on accelerators, 2 on CPU
+    max_batch=None,  # search the largest batch that fits; None = accelerators only
+    max_batch_limit=4096,  # ... up to this batch
+    peak_flops=0.0,  # FLOP/s for MFU; 0 = the table in linearizer/bench_results.py
+    # The SSD kernels alone, at the student's scan shapes.
+    ssd=dict(
+      batch=0,  # 0 = 8 on accelerators, 1 on CPU
+      heads=24,  # SSD heads (Adventurer-B/16's)
+      headdim=64,  # per head
+      d_state=64,  # the state size
+      lengths=(),  # () = 198…16386 (≤ 4098 on CPU)
+    ),
+    # A supervised training step (forward + backward + AdamW) of every model: what the
+    # paper's speed table most likely reports (docs/benchmarks.md).
+    supervised=dict(
+      batch=0,  # 0 = 128 on accelerators (halved until it fits), 2 on CPU
+      resolutions=(),  # () = 224 and 448 on accelerators, 224 on CPU
+      num_classes=1000,  # the head's classes
+      steps=1000,  # the schedule's length
+      optim=common.optim(),  # optim()'s fields
+      loss=common.supervised_loss(),  # supervised_loss()'s fields
+    ),
+    # Backbone + UperNet forward at segmentation sizes (teacher vs student).
+    segment=dict(
+      resolutions=(),  # () = 512…2048 on accelerators, 512 and 768 on CPU
+      batch=0,  # 0 = 8 on accelerators, 1 on CPU
+      num_classes=150,  # ADE20K's
+      channels=0,  # UperNet's width; 0 = the backbone's (768 for B, as mmseg's ViT-B)
+    ),
+    # The distillation settings the train step runs with (its schedule length too).
+    distill=dict(
+      steps=1000,  # the schedule's length
+      optim=common.optim(lr=1e-4),  # optim()'s fields
+      loss=common.distill_loss(),  # distill_loss()'s fields
+      teacher_input="resample",  # as distill_stage()'s
+      teacher_cache_dtype="bfloat16",  # the cached step's teacher outputs, as stored
+    ),
+  )
+  return build("bench", declared, given)
+
+
+def visualize(**given) -> ml_collections.ConfigDict:
+  """The `visualize` stage (linearizer/visualize.py)."""
+  declared = dict(
+    num_images=2,  # images drawn
+    am_images=0,  # measure the AM distance on this many images (0 = those drawn)
+    num_stages=4,  # K levels of activation matching (method.md §2)
+    layer=-1,  # student layer of the mixing matrix (teacher: same relative depth)
+    query=(-1, -1),  # (row, col) of the query patch on the student grid; -1 = centre
+    # stage -> label: the students drawn, where the run has them
+    students={"distill": "distilled", "finetune": "fine-tuned", "train_student": "from scratch"},
+  )
+  return build("visualize", declared, given, free=("students",))
+
+
+def visualize_run(**given) -> ml_collections.ConfigDict:
+  """A config that draws a finished run (configs/visualize.py): its own top-level fields."""
+  declared = dict(
+    seed=0,  # the images drawn from the run's eval data, when `images` is ''
+    stages=("visualize",),  # this config's one stage
+    run_dir="",  # the finished run's workdir (required)
+    # '' = the run's teacher; or 'fmt:path' (linearizer.convert) / a model directory
+    teacher_init="",
+    # image files (comma-separated, globs, a folder), a data source, or '' = the run's eval data
+    images="",
+    visualize=visualize(),  # visualize()'s fields
+  )
+  return build("visualize_run", declared, given, free=("students",))
