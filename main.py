@@ -58,6 +58,13 @@ def parse_flags(argv):
     if hint:
       flag = next((a for a in argv if a.startswith("--config.") and hint[2] in a), "--config.*")
       error(f"{flag.split('=')[0]}: the config has no field {hint[2]!r}; did you mean {hint[1]!r}?")
+    named = [  # the overrides whose last key the message names
+      a.split("=")[0]
+      for a in argv
+      if a.startswith("--config.") and repr(a.split("=")[0].rpartition(".")[2]) in message
+    ]
+    if named:
+      error(f"{named[0]}: the config has no such field ({message}).")
     error(f"a --config override names no field of the config: {message}")
 
 
