@@ -25,7 +25,8 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from linearizer import preemption, sharding, stages  # noqa: E402
-from linearizer.errors import UserError, exit_with, library_noise_to, one_line_errors  # noqa: E402
+from linearizer.errors import UserError, exit_with, one_line_errors  # noqa: E402
+from linearizer.log import library_noise_to  # noqa: E402
 
 config_flags.DEFINE_config_file(
   "config", None, "Experiment config file (configs/*.py[:args]).", lock_config=True

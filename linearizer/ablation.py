@@ -47,7 +47,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from linearizer import data, evaluate, plots, supervised, workdir
+from linearizer import data, evaluate, plots, resolve, supervised, workdir
 from linearizer.distillation import distill, teacher_init
 from linearizer.errors import UserError, log, main_process
 
@@ -140,11 +140,11 @@ def train_variant(config, variant, run_dir, teacher, train_src, classes):
   """Distill + fine-tune (or train from scratch) one student; returns it."""
   norm = (teacher.cfg.mean, teacher.cfg.std)
   if VARIANTS[variant][1] is None:
-    student = workdir.new_student(config, classes, norm, drop_path=config.train_student.drop_path)
+    student = resolve.new_student(config, classes, norm, drop_path=config.train_student.drop_path)
     return supervised.run_supervised("train_student", config, run_dir, student, train_src, teacher)
   if not workdir.finished(run_dir, "distill"):
     distill.run_distill(config, run_dir, teacher, train_src)
-  student = workdir.pretrained_student(config, run_dir, classes)
+  student = resolve.pretrained_student(config, run_dir, classes)
   return supervised.run_supervised("finetune", config, run_dir, student, train_src, teacher)
 
 
@@ -181,7 +181,7 @@ def _start_worker(config_json, root, cache_dir):
     train_src=train_src,
     eval_src=eval_src,
     classes=classes,
-    teacher=workdir.teacher(config, root, classes),
+    teacher=resolve.teacher(config, root, classes),
   )
 
 
@@ -208,7 +208,7 @@ def run(config, root, train_src, eval_src, classes):
     raise UserError(f"ablation.variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
   if "train_teacher" in config.stages and not workdir.finished(root, "train_teacher"):
     raise UserError("ablation: the 'train_teacher' stage must come before 'ablation'.")
-  teacher = workdir.teacher(config, root, classes)
+  teacher = resolve.teacher(config, root, classes)
   variants = list(dict.fromkeys(runs_of(config, v) for v in config.ablation.variants))
   todo = [
     (v, k)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linearizer import data, models, workdir
+from linearizer import data, models, resolve
 from linearizer.distillation import scorecard
 from linearizer.errors import UserError, log, main_process
 from linearizer.metrics import time_compiled
@@ -103,22 +103,23 @@ def models_to_evaluate(config, run_dir, num_classes):
   `eval.extra_models`. A model without a head, or whose head is not a classifier over the
   data's `num_classes` (a CLIP image projection, a head for other classes), is skipped."""
   found = {}
-  teacher, student = config.teacher.overrides, config.student.overrides
-  for name, stage, overrides in (
-    ("teacher", "train_teacher", teacher),
-    ("student (distilled)", "finetune", student),
-    ("student (from scratch)", "train_student", student),
+  for name, role in (
+    ("teacher", "teacher"),
+    ("student (distilled)", "finetuned"),
+    ("student (from scratch)", "scratch"),
   ):
-    if workdir.finished(run_dir, stage):
-      found[name] = workdir.load_model(workdir.model_dir(run_dir, stage), overrides)
+    model = resolve.stage_model(config, run_dir, role)
+    if model is not None:
+      found[name] = model
   if "teacher" not in found and config.teacher.init:
-    found["teacher"] = workdir.load_model(config.teacher.init, teacher)
+    found["teacher"] = resolve.run_teacher(config, run_dir)
   if "student (distilled)" not in found and config.student.init:
-    found["student"] = workdir.load_model(config.student.init, student)
+    found["student"] = resolve.initial_student(config)
+  teacher = config.teacher.overrides
   # Extra classifiers run in the teacher's dtype, when its overrides set one.
   dtype = {"dtype": teacher.dtype} if "dtype" in teacher else {}
   for name, spec in extra_models(config).items():
-    found[name] = workdir.load_model(spec, dtype)
+    found[name] = resolve.load_model(spec, dtype)
   for name, model in list(found.items()):
     if model.head is None:
       log(f"[eval] skipping {name}: it has no classification head.")
@@ -138,14 +139,7 @@ def reference_teacher(config, run_dir, found):
   run's (trained, or teacher.init, head or not); None when the run has none."""
   if "teacher" in found:
     return found["teacher"]
-  if workdir.finished(run_dir, "train_teacher") or config.teacher.init:
-    return workdir.load_model(
-      workdir.model_dir(run_dir, "train_teacher")
-      if workdir.finished(run_dir, "train_teacher")
-      else config.teacher.init,
-      config.teacher.overrides,
-    )
-  return None
+  return resolve.run_teacher(config, run_dir)
 
 
 def add_scorecard(config, run_dir, found, rows, train_source, source) -> str:

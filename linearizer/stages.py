@@ -1,7 +1,8 @@
 """The stages a config can run, in order, and where their outputs go.
 
-`STAGES` is the table: a stage is a runner `fn(run) -> results or None` and the outputs it
-leaves under the workdir. Training stages (train_teacher, distill, finetune, train_student)
+`STAGES` is the table: a stage is a runner `fn(run) -> results or None`, the check that
+refuses its settings before anything runs, the outputs it leaves under the workdir, and the
+builder of its jitted step. Training stages (train_teacher, distill, finetune, train_student)
 end by writing `DIR/<stage>/model` and are skipped when the command runs again; later ones
 pick up what earlier ones wrote (teacher → distill → finetune). A stage interrupted half-way
 resumes from its last checkpoint. Adding a stage is one runner and one table line.
@@ -19,15 +20,15 @@ from linearizer import (
   evaluate,
   plots,
   preemption,
+  resolve,
   serving,
   supervised,
   visualize,
   workdir,
 )
 from linearizer.bench import runner as bench
-from linearizer.distillation import distill, scorecard, teacher_cache
+from linearizer.distillation import distill, scorecard
 from linearizer.errors import UserError, log, main_process
-from linearizer.models import saved
 from linearizer.segmentation import stage as segment
 
 
@@ -55,7 +56,7 @@ class Run:
     return data.num_classes(self.config.data, self.train_source)
 
   def teacher(self):
-    return workdir.teacher(self.config, self.dir, self.classes)
+    return resolve.teacher(self.config, self.dir, self.classes)
 
 
 # ---------------------------------------------------------------------------------------
@@ -88,14 +89,14 @@ def run_distill(run: Run):
 
 
 def run_finetune(run: Run):
-  student = workdir.pretrained_student(run.config, run.dir, run.classes)
+  student = resolve.pretrained_student(run.config, run.dir, run.classes)
   teacher = run.teacher() if run.config.finetune.loss.kd else None  # logit distillation's
   supervised.run_supervised("finetune", run.config, run.dir, student, run.train_source, teacher)
 
 
 def run_train_student(run: Run):
   t = run.teacher()  # the student reads images normalised as the teacher's
-  student = workdir.new_student(
+  student = resolve.new_student(
     run.config, run.classes, (t.cfg.mean, t.cfg.std), drop_path=run.config.train_student.drop_path
   )
   teacher = t if run.config.train_student.loss.kd else None  # logit distillation's
@@ -104,29 +105,64 @@ def run_train_student(run: Run):
   )
 
 
+def no_check(config) -> None:
+  """A stage with nothing to refuse before the run."""
+
+
+def check_kd(stage: str) -> Callable:
+  return lambda config: supervised.check_kd(config, stage)
+
+
 class Stage(NamedTuple):
+  """A stage: how it runs, what it refuses up front, what it leaves, and its step."""
+
   run: Callable  # fn(Run) -> results or None
-  outputs: str  # what it writes, under the workdir (for the summary)
+  check: Callable  # fn(config): raises UserError on what the stage would refuse half-way
+  outputs: str  # what it writes under the workdir (the summary prints it)
+  steps: Optional[Callable] = None  # the builder of its jitted step, for compiling it alone
 
 
 TRAINED = "{ckpt,model,metrics.jsonl,tb}"
 STAGES = {
-  "train_teacher": Stage(run_train_teacher, f"train_teacher/{TRAINED}"),
-  "distill": Stage(run_distill, "distill/{ckpt,model,metrics.jsonl,tb,maps,scorecard.png}"),
-  "finetune": Stage(run_finetune, f"finetune/{TRAINED}"),
-  "train_student": Stage(run_train_student, f"train_student/{TRAINED}"),
+  "train_teacher": Stage(
+    run_train_teacher,
+    check_kd("train_teacher"),
+    f"train_teacher/{TRAINED}",
+    supervised.make_supervised_step,
+  ),
+  "distill": Stage(
+    run_distill,
+    distill.check_config,
+    "distill/{ckpt,model,metrics.jsonl,tb,maps,scorecard.png}",
+    distill.make_distill_step,
+  ),
+  "finetune": Stage(
+    run_finetune, check_kd("finetune"), f"finetune/{TRAINED}", supervised.make_supervised_step
+  ),
+  "train_student": Stage(
+    run_train_student,
+    check_kd("train_student"),
+    f"train_student/{TRAINED}",
+    supervised.make_supervised_step,
+  ),
   "eval": Stage(
     lambda r: evaluate.run_eval(r.config, r.dir, r.eval_source, r.classes, r.train_source),
+    evaluate.extra_models,
     "eval/results.json",
   ),
   "segment": Stage(
     lambda r: segment.run_segment(r.config, r.dir),
+    segment.check_config,
     "segment/{results.json,<backbone>/{ckpt,results.json,predictions.png,metrics.jsonl,tb}}",
+    segment.make_segment_step,
   ),
-  "bench": Stage(lambda r: bench.run(r.config, r.dir), "bench/{bench.json,bench.png}"),
-  "visualize": Stage(lambda r: visualize.run(r.config, r.dir), "visualize/maps_*.png"),
+  "bench": Stage(lambda r: bench.run(r.config, r.dir), no_check, "bench/{bench.json,bench.png}"),
+  "visualize": Stage(
+    lambda r: visualize.run(r.config, r.dir), visualize.check_config, "visualize/maps_*.png"
+  ),
   "ablation": Stage(
     lambda r: ablation.run(r.config, r.dir, r.train_source, r.eval_source, r.classes),
+    no_check,
     "ablation/{ablation.json,.md,.png}",
   ),
 }
@@ -135,17 +171,6 @@ STAGES = {
 # ---------------------------------------------------------------------------------------
 # The dispatcher.
 # ---------------------------------------------------------------------------------------
-def removed_total_steps(tree, prefix: str = "") -> list:
-  """Every `<...>.optim.total_steps` a config still sets (the key this version removed)."""
-  found = []
-  for key, value in tree.items():
-    if hasattr(value, "items"):
-      if key == "optim" and "total_steps" in value:
-        found.append(f"{prefix}{key}.total_steps")
-      found += removed_total_steps(value, f"{prefix}{key}.")
-  return found
-
-
 def check_numbers(config) -> None:
   """Refuses counts that cannot work (before anything is written): every training block's
   `steps` and `batch_size`, and how often to checkpoint and log; a global batch must split
@@ -193,54 +218,15 @@ def check_numbers(config) -> None:
 
 
 def check_config(config) -> None:
-  """Refuses, with one message each, the stage names, the keys this version removed and
-  settings that cannot work, before any stage runs."""
+  """Refuses, with one message each, unknown stages and what a configured stage would
+  refuse half-way (its own `check`), before any stage runs."""
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise UserError(f"Unknown stages {unknown}; expected some of {tuple(STAGES)}.")
   if "checkpoint" in config:  # configs that train (bench and visualize configs do not)
     check_numbers(config)
-  for path in removed_total_steps(config):
-    stage = path.rpartition(".optim")[0]
-    raise UserError(
-      f"{path} is no longer a config field: the schedule ends at the stage's own length; "
-      f"set {stage}.steps instead."
-    )
-  for stage in ("train_teacher", *supervised.KD_STAGES):
-    if stage in config:
-      supervised.check_kd(config, stage)
-  if "visualize" in config.stages:
-    visualize.check_config(config)
-  if "eval" in config.stages:
-    evaluate.extra_models(config)
-  if "segment" in config.stages:
-    segment.check_config(config)
-  if "distill" in config.stages:
-    # Fields configs.common.distill_stage declares: a config from before them built the
-    # distill block with `stage` and would fail half-way.
-    missing = [
-      k
-      for k in (
-        "student_init",
-        "teacher_input",
-        "diagnose_images",
-        "scorecard_every",
-        "teacher_cache",
-      )
-      if k not in config.distill
-    ]
-    if missing:
-      raise UserError(
-        f"config.distill lacks {missing}: build it with configs.common.distill_stage(...) "
-        "(common.stage plus the distillation-only fields)."
-      )
-    workdir.check_distill_init(config)
-    teacher_cache.check_config(config.distill)
-    if config.distill.teacher_input not in distill.TEACHER_INPUTS:
-      raise UserError(
-        f"distill.teacher_input={config.distill.teacher_input!r}; expected one of "
-        f"{distill.TEACHER_INPUTS}."
-      )
+  for stage in config.stages:
+    STAGES[stage].check(config)
 
 
 def run(config, run_dir: str, *, restart: bool = False):
@@ -302,11 +288,11 @@ def export_final_student(run_dir: str) -> Optional[str]:
   """run_dir/export: the fine-tuned student, else the distilled one; made again when the
   stage it should hold differs from the one it records (a later stage finished since)."""
   out = os.path.join(run_dir, "export")
-  for stage in ("finetune", "distill"):
-    if workdir.finished(run_dir, stage):
-      if serving.exported_from(out) != stage and main_process():
-        student = saved.restore(workdir.model_dir(run_dir, stage))
-        serving.export_student(student, out, source=stage)
-        log(f"[export] the {stage} student is in {out}")
-      return out
-  return None
+  final = resolve.final_student(run_dir)
+  if final is None:
+    return None
+  stage, model_dir = final
+  if serving.exported_from(out) != stage and main_process():
+    serving.export_student(resolve.restore(model_dir), out, source=stage)
+    log(f"[export] the {stage} student is in {out}")
+  return out

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from linearizer import convert, optim, train, workdir
+from linearizer import convert, optim, resolve, train, workdir
 from linearizer.distillation import distill
 from linearizer.errors import UserError, log
 
@@ -147,7 +147,7 @@ def kd_teacher(config, stage: str, teacher: Optional[nnx.Module], num_classes: i
   spec = config[stage].loss.kd_teacher
   if spec:  # another model than the run's teacher: only the teacher's dtype carries over
     overrides = config.teacher.overrides
-    teacher = workdir.load_model(spec, {"dtype": overrides.dtype} if "dtype" in overrides else {})
+    teacher = resolve.load_model(spec, {"dtype": overrides.dtype} if "dtype" in overrides else {})
   if teacher is None:
     raise UserError(f"{stage}.loss.kd={config[stage].loss.kd!r}: no teacher to learn from.")
   outputs = teacher.cfg.num_classes if teacher.head is not None else 0
@@ -185,8 +185,7 @@ def run_supervised(
   Returns:
     The trained model.
   """
-  scfg = config[stage]
-  check_kd(config, stage)
+  scfg = config[stage]  # (its loss.kd checked with the config: `check_kd`)
   if scfg.loss.kd:
     teacher = kd_teacher(config, stage, teacher, model.cfg.num_classes)
     log(f"[{stage}] {scfg.loss.kd} logit distillation (α = {scfg.loss.kd_weight}) from the teacher")

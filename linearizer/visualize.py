@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 import kernels
-from linearizer import data, plots, workdir
+from linearizer import data, plots, resolve
 from linearizer.distillation import distill, losses, scorecard
 from linearizer.errors import UserError, log
 from linearizer.models import common
@@ -304,11 +304,7 @@ def mean_am_distances(
 
 
 def check_config(config) -> None:
-  """The keys this config had before: `checkpoint` is now `run_dir`, `teacher` is
-  `teacher_init` (one message naming the new key)."""
-  for old, new in (("checkpoint", "run_dir"), ("teacher", "teacher_init")):
-    if isinstance(config.get(old), str):
-      raise UserError(f"visualize: `{old}` is now `{new}`: set --config.{new}=... instead.")
+  """A visualize config names the finished run it draws."""
   if not config.get("run_dir"):
     raise UserError("visualize: set --config.run_dir to the --workdir of a finished run.")
 
@@ -351,21 +347,10 @@ def run(config, out_dir):
     )
   with open(path, encoding="utf-8") as f:
     run_config = ml_collections.ConfigDict(json.load(f))
-  t_over, s_over = run_config.teacher.overrides, run_config.student.overrides
-  if config.teacher_init:
-    teacher = workdir.load_model(config.teacher_init, t_over)
-  elif workdir.finished(run_dir, "train_teacher"):
-    teacher = workdir.load_model(workdir.model_dir(run_dir, "train_teacher"), t_over)
-  elif run_config.teacher.init:
-    teacher = workdir.load_model(run_config.teacher.init, t_over)
-  else:
-    raise UserError(f"visualize: no teacher in {run_dir}; set --config.teacher_init.")
   vcfg = config.visualize
-  students = {
-    label: workdir.load_model(workdir.model_dir(run_dir, stage), s_over)
-    for stage, label in vcfg.students.items()
-    if workdir.finished(run_dir, stage)
-  }
+  teacher, students = resolve.drawn_models(run_config, run_dir, config.teacher_init, vcfg.students)
+  if teacher is None:
+    raise UserError(f"visualize: no teacher in {run_dir}; set --config.teacher_init.")
   if not students:
     raise UserError(
       f"visualize: none of the stages {list(vcfg.students)} has finished in "
@@ -375,7 +360,7 @@ def run(config, out_dir):
     config.images, vcfg.num_images, next(iter(students.values())).cfg, run_config
   )
   out = os.path.join(out_dir, "visualize")
-  # The teacher fed as the run fed it (runs from before distill.teacher_input: 'resample').
+  # The teacher fed as the run fed it (a run without a distill block: the default, resample).
   teacher_input = run_config.get("distill", {}).get("teacher_input", "resample")
   paths, am = figures(
     teacher,

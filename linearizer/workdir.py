@@ -1,13 +1,11 @@
-"""The workdir: where each stage writes, which stages are finished, the models a run
-resolves (teacher, students, converted checkpoints), and the guard that keeps one run's
-config per workdir.
+"""The workdir: where each stage writes, which stages are finished, the lock, and the guard
+that keeps one run's config per workdir (the models a run resolves: `linearizer.resolve`).
 
 Layout (the README's table): `DIR/config.json`; `DIR/<stage>/{ckpt,model,metrics.jsonl,tb}`
 for the training stages; `DIR/<stage>/model` (see `models.saved`) marks a stage finished.
 """
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -20,8 +18,6 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from linearizer import convert, models
-from linearizer.distillation import teacher_init
 from linearizer.errors import UserError, log, main_process
 from linearizer.models import saved
 
@@ -81,144 +77,6 @@ def remove_partial_saves(run_dir: str) -> None:
       if name.startswith(prefix) and os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
         log(f"removed {path}, left by a save that did not finish")
-
-
-# ---------------------------------------------------------------------------------------
-# Models.
-# ---------------------------------------------------------------------------------------
-def load_model(spec: str, overrides=None) -> nnx.Module:
-  """A model from 'fmt:path' (fmt as in convert.load) or a directory written by saved.save.
-
-  Args:
-    spec: the checkpoint, as `teacher.init` / `student.init` name it.
-    overrides: a config's `teacher.overrides` / `student.overrides`, applied as
-      `convert.load` applies them: run-time fields (dtype, attention_impl, ...) always; one
-      that contradicts what the checkpoint determines (depth, width, ...) is refused.
-  Returns:
-    The module.
-  """
-  fmt, sep, path = spec.partition(":")
-  if not (sep and fmt in convert.FORMATS):
-    fmt, path = "orbax", spec
-  model = convert.load(path, fmt, **({} if overrides is None else dict(overrides)))
-  log(f"[load] {spec}: {models.kind_of(model)} {convert.describe(model)}")
-  return model
-
-
-def teacher(config, run_dir: str, num_classes: int) -> nnx.Module:
-  """The teacher: trained by this run's train_teacher stage, else loaded from teacher.init,
-  else (when train_teacher is to run) a fresh one of `teacher.kind` and `teacher.variant`."""
-  if finished(run_dir, "train_teacher"):
-    return load_model(model_dir(run_dir, "train_teacher"), config.teacher.overrides)
-  if config.teacher.init:
-    return load_model(config.teacher.init, config.teacher.overrides)
-  if "train_teacher" in config.stages:
-    return models.build(
-      config.teacher.kind,
-      config.teacher.variant,
-      seed=config.seed,
-      image_size=config.data.image_size,
-      num_classes=num_classes,
-      **config.teacher.overrides,
-    )
-  raise UserError(
-    "No teacher: set teacher.init to a checkpoint ('fmt:path' or a converted "
-    "directory) or add 'train_teacher' to the stages."
-  )
-
-
-def new_student(config, num_classes: int, norm, **extra) -> nnx.Module:
-  """A fresh student of `student.kind` / `student.variant`, normalised with `norm`."""
-  fields = dict(config.student.overrides)
-  fields.update(
-    image_size=config.data.image_size,
-    num_classes=num_classes,
-    mean=tuple(norm[0]),
-    std=tuple(norm[1]),
-    **extra,
-  )
-  return models.build(config.student.kind, config.student.variant, seed=config.seed + 1, **fields)
-
-
-def check_distill_init(config) -> None:
-  """Refuses, before any stage runs, a `distill.student_init='teacher'` that would fail
-  once the teacher is at hand: a pair of other kinds, or shapes that do not fit (unless
-  `distill.teacher_init_partial`). Only a teacher the config builds (no teacher.init) is
-  known here; a loaded one is checked when distillation starts."""
-  if config.distill.student_init != "teacher":
-    return
-  student_arch = models.ARCHITECTURES.get(config.student.kind)
-  teacher_arch = models.ARCHITECTURES.get(config.teacher.kind)
-  if student_arch is None or (teacher_arch is None and not config.teacher.init):
-    return  # an unknown kind: models.build names it when the stage builds the model
-  size = dict(image_size=config.data.image_size)
-  student_cfg = student_arch.variant(config.student.variant, **{**config.student.overrides, **size})
-  if config.teacher.init:
-    teacher_init.check_kinds(student_cfg)  # the teacher's is checked once loaded
-    return
-  teacher_cfg = teacher_arch.variant(config.teacher.variant, **{**config.teacher.overrides, **size})
-  teacher_init.check_fit(
-    student_cfg, teacher_cfg, allow_partial=config.distill.teacher_init_partial
-  )
-
-
-def distill_student(config, norm, teacher: Optional[nnx.Module] = None) -> nnx.Module:
-  """The student distillation starts from (`distill.student_init`, configs/common.py).
-
-  Args:
-    config: the experiment config.
-    norm: (mean, std), the teacher's statistics: a fresh student is normalised with them.
-    teacher: the teacher, needed for `student_init='teacher'`.
-  Returns:
-    A fresh student (''); one with the teacher's weights copied in ('teacher', the table
-    of what came from where logged); or a checkpoint loaded with student.overrides, its
-    head dropped. Drop path from the distill stage in each case.
-  """
-  check_distill_init(config)
-  init, drop_path = config.distill.student_init, config.distill.drop_path
-  if init in ("", "teacher"):
-    student = new_student(config, 0, norm, drop_path=drop_path)
-    if init == "teacher":
-      if teacher is None:
-        raise ValueError("distill_student: student_init='teacher' needs the teacher passed")
-      rows = teacher_init.init_from_teacher(
-        student, teacher, allow_partial=config.distill.teacher_init_partial
-      )
-      log("[distill] the student starts from the teacher's weights:")
-      log(teacher_init.format_table(rows, student.cfg.depth))
-    return student
-  overrides = {**config.student.overrides, "image_size": config.data.image_size}
-  return with_new_head(load_model(init, overrides), 0, config.seed + 1, drop_path=drop_path)
-
-
-def with_new_head(base: nnx.Module, num_classes: int, seed: int, **changes) -> nnx.Module:
-  """A copy of `base` with a fresh `num_classes` head (and other config changes)."""
-  model = models.from_config(
-    dataclasses.replace(base.cfg, num_classes=num_classes, **changes), seed=seed
-  )
-  params = nnx.state(base, nnx.Param).to_pure_dict()
-  params.pop("head", None)
-  nnx.update(model, nnx.State(params))
-  return model
-
-
-def pretrained_student(config, run_dir: str, num_classes: int) -> nnx.Module:
-  """The student to fine-tune: this run's distilled one, else student.init (with
-  student.overrides, as `load_model` applies them)."""
-  init = model_dir(run_dir, "distill") if finished(run_dir, "distill") else config.student.init
-  if not init:
-    raise UserError(
-      "finetune needs a distilled student: run the 'distill' stage first or set student.init."
-    )
-  # Fine-tuning at its own resolution (finetune.augment.image_size, e.g. 448) starts from
-  # position embeddings resampled once to it, as Adventurer fine-tunes at 448.
-  size = config.finetune.augment.get("image_size", config.data.image_size)
-  return with_new_head(
-    load_model(init, {**config.student.overrides, "image_size": size}),
-    num_classes,
-    config.seed + 3,
-    drop_path=config.finetune.drop_path,
-  )
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,9 +34,8 @@ def count_images(run):
 
 
 def test_a_new_stage_is_one_runner_and_one_table_line(monkeypatch, tmp_path, capsys):
-  monkeypatch.setitem(
-    stages.STAGES, "count_images", stages.Stage(count_images, "count_images/count.json")
-  )
+  line = stages.Stage(count_images, stages.no_check, "count_images/count.json")
+  monkeypatch.setitem(stages.STAGES, "count_images", line)
   config = demo.get_config("smoke")
   with config.unlocked():
     config.stages = ("count_images",)

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from linearizer import errors
+from linearizer import log as log_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -540,7 +540,7 @@ def test_library_noise_goes_to_a_log_file(tmp_path):
   the file; the terminal gets one line saying where."""
   code = (
     "import threading\n"
-    "from linearizer.errors import library_noise_to\n"
+    "from linearizer.log import library_noise_to\n"
     f"library_noise_to({str(tmp_path / 'logs' / 'libraries.log')!r})\n"
     "class Bad:\n"
     "  def __del__(self):\n"
@@ -570,7 +570,7 @@ def test_library_noise_when_its_log_file_cannot_be_written(tmp_path, capsys):
   """The disk that filled up holds the log file too: the noise goes to the temporary
   directory instead (one note saying so), never to the terminal."""
   (tmp_path / "logs").write_text("a file where the log directory would be")
-  sink = errors._LogFile(str(tmp_path / "logs" / "libraries.log"))
+  sink = log_module._LogFile(str(tmp_path / "logs" / "libraries.log"))
   sink.paths[1] = str(tmp_path / "elsewhere.log")
   sink.write("first\n")
   sink.write("second\n")

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from linearizer import convert, data, optim, sharding, train, workdir
-from linearizer.distillation import losses, teacher_cache
+from linearizer.distillation import losses, student_init, teacher_cache
 from linearizer.errors import UserError, log, main_process
 
 
@@ -99,9 +99,7 @@ def teacher_view(images, student_cfg, teacher_cfg, teacher_input: str = "resampl
   statistics, or as they are when both models share them (decided once, at trace time;
   the identity round trip would only add rounding); with `teacher_input='resize'`, resized
   (bicubic) to the student's patch grid × the teacher's patch. Training and the maps both
-  use it."""
-  if teacher_input not in TEACHER_INPUTS:
-    raise UserError(f"distill.teacher_input={teacher_input!r}; expected one of {TEACHER_INPUTS}.")
+  use it. (`check_config` refuses another `teacher_input` before the run.)"""
   s_norm = (tuple(student_cfg.mean), tuple(student_cfg.std))
   t_norm = (tuple(teacher_cfg.mean), tuple(teacher_cfg.std))
   out = images if s_norm == t_norm else renormalise(images, s_norm, t_norm)
@@ -228,6 +226,18 @@ def make_distill_step(
 # ---------------------------------------------------------------------------------------
 # The stage.
 # ---------------------------------------------------------------------------------------
+def check_config(config) -> None:
+  """The distill stage's settings, refused before any stage runs: `teacher_input`, the
+  starting student (`student_init`) and the teacher cache."""
+  dcfg = config.distill
+  if dcfg.teacher_input not in TEACHER_INPUTS:
+    raise UserError(
+      f"distill.teacher_input={dcfg.teacher_input!r}; expected one of {TEACHER_INPUTS}."
+    )
+  student_init.check_distill_init(config)
+  teacher_cache.check_config(dcfg)
+
+
 def check_teacher(teacher, scope: str) -> None:
   """Refuses, before anything is written, an AM scope the teacher's tokens cannot serve:
   `cls` matches CLS tokens, and a teacher without one (SigLIP) has none to match."""
@@ -288,7 +298,7 @@ def run_distill(
   """
   dcfg = config.distill
   check_teacher(teacher, dcfg.loss.scope)
-  student = workdir.distill_student(config, (teacher.cfg.mean, teacher.cfg.std), teacher)
+  student = student_init.distill_student(config, (teacher.cfg.mean, teacher.cfg.std), teacher)
   if dcfg.diagnose_images and main_process():
     stats = teacher_cosines(config, teacher, student, source)
     for mode, per_level in stats.items():

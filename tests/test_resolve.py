@@ -1,11 +1,12 @@
-"""How a run resolves its models (linearizer.workdir): overrides reach every loaded model,
+"""How a run resolves its models (linearizer.resolve; distillation.student_init for the distilled student): overrides reach every loaded model,
 fine-tuning starts at its own resolution."""
 
 import numpy as np
 import pytest
 
 from configs import common
-from linearizer import models, workdir
+from linearizer import models, resolve
+from linearizer.distillation import student_init
 from linearizer.errors import UserError
 from linearizer.models import saved
 
@@ -27,11 +28,11 @@ def test_teacher_init_takes_the_configs_run_time_overrides(tmp_path):
   c = config()
   c.teacher.init = str(tmp_path / "t")
   c.teacher.overrides = dict(dtype="bfloat16", attention_impl="xla", depth=2)
-  teacher = workdir.teacher(c, str(tmp_path / "run"), 10)
+  teacher = resolve.teacher(c, str(tmp_path / "run"), 10)
   assert (teacher.cfg.dtype, teacher.cfg.attention_impl) == ("bfloat16", "xla")
   c.teacher.overrides = dict(num_heads=4)
   with pytest.raises(UserError, match=r"num_heads=4 \(the file has 2\)"):
-    workdir.teacher(c, str(tmp_path / "run"), 10)
+    resolve.teacher(c, str(tmp_path / "run"), 10)
 
 
 def test_finetune_starts_at_its_own_resolution(tmp_path):
@@ -43,7 +44,7 @@ def test_finetune_starts_at_its_own_resolution(tmp_path):
   c.student.overrides = dict(dtype="bfloat16")
   c.finetune.augment = dict(image_size=32)
   c.finetune.drop_path = 0.1
-  student = workdir.pretrained_student(c, str(tmp_path / "run"), 10)
+  student = resolve.pretrained_student(c, str(tmp_path / "run"), 10)
   assert (student.cfg.image_size, student.cfg.dtype, student.cfg.drop_path) == (32, "bfloat16", 0.1)
   assert student.cfg.num_classes == 10
   want = models.resample_pos_embed(base.pos_embed[...], (4, 4), (8, 8), cls_at="last")
@@ -61,10 +62,10 @@ def test_distillation_can_start_from_a_checkpoint(tmp_path):
   c.distill = common.distill_stage(
     steps=1, batch_size=8, lr=1e-3, loss=common.distill_loss(), drop_path=0.1
   )
-  fresh = workdir.distill_student(c, ((0.1,) * 3, (0.2,) * 3))
+  fresh = student_init.distill_student(c, ((0.1,) * 3, (0.2,) * 3))
   assert fresh.cfg.mean == (0.1,) * 3 and fresh.head is None
   c.distill.student_init = str(tmp_path / "s")
-  student = workdir.distill_student(c, ((0.1,) * 3, (0.2,) * 3))
+  student = student_init.distill_student(c, ((0.1,) * 3, (0.2,) * 3))
   assert student.head is None and student.cfg.drop_path == 0.1
   assert student.cfg.mean == (0.5,) * 3 and student.cfg.std == (0.25,) * 3
   np.testing.assert_array_equal(student.pos_embed[...], base.pos_embed[...])
@@ -84,10 +85,10 @@ def test_distillation_can_start_from_the_teachers_weights(tmp_path, capsys):
   c.student.variant = "Ti/4"
   c.student.overrides = dict(TINY_STUDENT, expand=1, ngroups=2, mlp_ratio=2.0)
   del c.student.overrides["image_size"]
-  workdir.check_distill_init(c)
+  student_init.check_distill_init(c)
   teacher = models.build("vit", "Ti/4", **TINY_VIT)
   norm = ((0.1,) * 3, (0.2,) * 3)
-  student = workdir.distill_student(c, norm, teacher)
+  student = student_init.distill_student(c, norm, teacher)
   assert student.cfg.mean == (0.1,) * 3 and student.head is None
   np.testing.assert_array_equal(student.cls_token[...], teacher.cls_token[...])
   np.testing.assert_array_equal(
@@ -97,12 +98,12 @@ def test_distillation_can_start_from_the_teachers_weights(tmp_path, capsys):
   c.student.overrides = dict(TINY_STUDENT)  # expand 2, one group, MLP ratio 2.5
   del c.student.overrides["image_size"]
   for check in (
-    lambda: workdir.check_distill_init(c),
-    lambda: workdir.distill_student(c, norm, teacher),
+    lambda: student_init.check_distill_init(c),
+    lambda: student_init.distill_student(c, norm, teacher),
   ):
     with pytest.raises(UserError, match=r"ngroups 1 ≠ teacher num_heads 2.*teacher_init_partial"):
       check()
   c.distill.teacher_init_partial = True
-  workdir.check_distill_init(c)
-  student = workdir.distill_student(c, norm, teacher)
+  student_init.check_distill_init(c)
+  student = student_init.distill_student(c, norm, teacher)
   np.testing.assert_array_equal(student.cls_token[...], teacher.cls_token[...])
