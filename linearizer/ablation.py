@@ -48,7 +48,8 @@ import ml_collections
 import numpy as np
 
 from linearizer import data, evaluate, plots, resolve, supervised, workdir
-from linearizer.distillation import distill, teacher_init
+from linearizer.distillation import stage as distill_stage
+from linearizer.distillation import teacher_init
 from linearizer.errors import UserError, log, main_process
 
 # A value standing for student.overrides with the teacher's shape put in (teacher_init's).
@@ -143,7 +144,7 @@ def train_variant(config, variant, run_dir, teacher, train_src, classes):
     student = resolve.new_student(config, classes, norm, drop_path=config.train_student.drop_path)
     return supervised.run_supervised("train_student", config, run_dir, student, train_src, teacher)
   if not workdir.finished(run_dir, "distill"):
-    distill.run_distill(config, run_dir, teacher, train_src)
+    distill_stage.run_distill(config, run_dir, teacher, train_src)
   student = resolve.pretrained_student(config, run_dir, classes)
   return supervised.run_supervised("finetune", config, run_dir, student, train_src, teacher)
 

@@ -23,11 +23,13 @@ from linearizer import (
   resolve,
   serving,
   supervised,
+  train,
   visualize,
   workdir,
 )
 from linearizer.bench import runner as bench
 from linearizer.distillation import distill, scorecard
+from linearizer.distillation import stage as distill_stage
 from linearizer.errors import UserError, log, main_process
 from linearizer.segmentation import stage as segment
 
@@ -77,11 +79,11 @@ def run_distill(run: Run):
     maps = visualize.maps_hook(
       run.config, teacher, run.eval_source, os.path.join(directory, "maps")
     )
-    hooks.append((dcfg.visualize_every, maps))
+    hooks.append(train.Hook(dcfg.visualize_every, maps))
     if dcfg.scorecard_every:
       score = scorecard.hook(run.config, teacher, run.train_source, run.eval_source)
-      hooks.append((dcfg.scorecard_every, score))
-  distill.run_distill(run.config, run.dir, teacher, run.train_source, hooks=hooks)
+      hooks.append(train.Hook(dcfg.scorecard_every, score))
+  distill_stage.run_distill(run.config, run.dir, teacher, run.train_source, hooks=hooks)
   if main_process():
     scorecard.plot(
       os.path.join(directory, "metrics.jsonl"), os.path.join(directory, "scorecard.png")
@@ -132,7 +134,7 @@ STAGES = {
   ),
   "distill": Stage(
     run_distill,
-    distill.check_config,
+    distill_stage.check_config,
     "distill/{ckpt,model,metrics.jsonl,tb,maps,scorecard.png}",
     distill.make_distill_step,
   ),

@@ -200,8 +200,7 @@ def run_supervised(
     model,
     step,
     tx,
-    norm=(model.cfg.mean, model.cfg.std),
-    source=source,
+    batches=train.stage_batches(config, stage, source, (model.cfg.mean, model.cfg.std)),
     frozen=() if teacher is None else (nnx.state(teacher, nnx.Param),),
   )
   workdir.save_stage_model(run_dir, stage, model)

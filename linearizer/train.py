@@ -8,10 +8,11 @@ outside the optimizer and outside the checkpointed state. The methods that defin
 `distill.py` and `supervised.py`; this file knows nothing of either.
 """
 
+import dataclasses
 import os
 import time
 import zlib
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Optional, Sequence
 
 import flax.struct
 import jax
@@ -157,27 +158,64 @@ def numerical_fault(name, policy, step, step_metrics, skipped, ckpt, writer) -> 
 # ---------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------
+class Hook(NamedTuple):
+  """`fn(step, module)` called with the current weights every `every` steps before the last
+  (0: never) and once with the final ones (the EMA when kept); a dict it returns is logged
+  with the step's metrics (its time is left out of img/s)."""
+
+  every: int
+  fn: Callable[[int, nnx.Module], Optional[dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """How `fit` runs a stage: built once from the config (`loop_settings`)."""
+
+  directory: str  # the stage's directory: ckpt/, metrics.jsonl, tb/
+  steps: int  # the stage's length
+  batch_size: int  # the global batch, for img/s
+  mesh: Any  # where the state, the frozen trees and the batch live
+  log_every: int
+  checkpoint_every: int
+  keep: int = 2  # checkpoints kept
+  rules: tuple = ()  # sharding rules (`sharding.tree_shardings`)
+  fsdp_min_size: int = 2**18
+  ema: bool = False  # keep an EMA of the parameters (the decay is the step's); returned
+  seed: int = 0  # the base of the per-step RNG (the step folds the step number in)
+  nan_policy: NanPolicy = "stop"  # 'stop' or 'skip'
+  name: str = ""  # printed and logged (default: the directory's name)
+
+
+def loop_settings(config, block, directory: str, name: str = "") -> LoopSettings:
+  """The loop settings an experiment config gives a training block (`config.<stage>`, or
+  `config.segment`): its steps, batch and EMA, and the run's mesh, checkpointing, logging,
+  NaN policy and seed."""
+  return LoopSettings(
+    directory=directory,
+    steps=block.steps,
+    batch_size=block.batch_size,
+    mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp),
+    rules=tuple(tuple(r) for r in config.mesh.rules),
+    fsdp_min_size=config.mesh.fsdp_min_size,
+    ema=block.optim.ema_decay > 0,
+    seed=config.seed,
+    checkpoint_every=config.checkpoint.every_steps,
+    keep=config.checkpoint.keep,
+    log_every=config.log_every,
+    nan_policy=config.nan_policy,
+    name=name,
+  )
+
+
 def fit(
-  directory: str,
+  settings: LoopSettings,
   module: nnx.Module,
   step_fn: Callable,
-  *,
   tx: optax.GradientTransformation,
   batches: Callable[[int], Iterator],
-  steps: int,
-  batch_size: int,
-  mesh,
-  rules=(),
-  fsdp_min_size: int = 2**18,
+  *,
   frozen: tuple = (),
-  ema: bool = False,
-  seed: int = 0,
-  checkpoint_every: int,
-  keep: int = 2,
-  log_every: int,
-  nan_policy: NanPolicy = "stop",
-  hooks: Sequence[tuple] = (),
-  name: Optional[str] = None,
+  hooks: Sequence[Hook] = (),
 ) -> nnx.Module:
   """Trains `module` for `steps` steps in `directory`, resuming from its checkpoints.
 
@@ -192,39 +230,34 @@ def fit(
     MAX_SKIPPED in a row).
 
   Args:
-    directory: the stage's directory.
+    settings: where and how long (`LoopSettings`, from `loop_settings`).
     module: the nnx module to train; its nnx.Param leaves are the trained parameters.
     step_fn: `(state, *frozen, batch, rng) -> (state, metrics)`, metrics holding at least
       `loss` and `grad_norm` (e.g. `distill.make_distill_step`).
     tx: the optimizer `step_fn` applies (its state is initialised here).
     batches: `start_step -> iterator` of this process's `data.Batch`es from that step on.
-    steps: the number of steps (the stage's length).
-    batch_size: the global batch, for img/s.
-    mesh, rules, fsdp_min_size: where the state, the frozen trees and the batch live
-      (`sharding.tree_shardings`).
     frozen: pytrees passed to `step_fn` between the state and the batch, never trained or
       checkpointed (the teacher's parameters).
-    ema: keep an EMA of the parameters (the decay is `step_fn`'s); it is what is returned.
-    seed: the base of the per-step RNG (`step_fn` folds the step in).
-    checkpoint_every, keep, log_every: as above.
-    nan_policy: 'stop' or 'skip'.
-    hooks: `(every, hook)` pairs: `hook(step, module)` is called with the current weights
-      every `every` steps before the last (0: never) and once with the final ones (the
-      EMA when kept), e.g. to draw distillation maps as they converge; a dict it returns
-      is logged with the step's metrics (its time is left out of img/s).
-    name: the name printed and logged (default: the directory's name).
+    hooks: `Hook`s, e.g. to draw distillation maps as they converge.
   Returns:
     `module`'s graph with the trained weights (the EMA when kept), on the host.
   """
-  name = name or os.path.basename(os.path.normpath(directory))
+  directory, steps, mesh, log_every = (
+    settings.directory,
+    settings.steps,
+    settings.mesh,
+    settings.log_every,
+  )
+  name = settings.name or os.path.basename(os.path.normpath(directory))
+  nan_policy = settings.nan_policy
   skip = check_nan_policy(nan_policy) == "skip"
-  graphdef, state = init_state(module, tx, ema=ema)
-  shard = lambda t: sharding.tree_shardings(t, mesh, rules, fsdp_min_size)
+  graphdef, state = init_state(module, tx, ema=settings.ema)
+  shard = lambda t: sharding.tree_shardings(t, mesh, settings.rules, settings.fsdp_min_size)
   state_sh, frozen_sh = shard(state), [shard(f) for f in frozen]
   state = sharding.put(state, state_sh)
   frozen = [sharding.put(f, s) for f, s in zip(frozen, frozen_sh)]
 
-  ckpt = checkpoint.Checkpointer(os.path.join(directory, "ckpt"), keep=keep)
+  ckpt = checkpoint.Checkpointer(os.path.join(directory, "ckpt"), keep=settings.keep)
   restored, _ = ckpt.restore_latest(state)
   if restored is not None:
     state = restored
@@ -232,8 +265,10 @@ def fit(
   start = int(state.step)
   stream = batches(start)
   step_fn = sharding.jit_step(guard_step(step_fn, skip=skip), mesh, state_sh, frozen_sh)
-  writer = metrics.MetricWriter(directory, stage=name, total_steps=steps, batch_size=batch_size)
-  rng = jax.random.key(seed)
+  writer = metrics.MetricWriter(
+    directory, stage=name, total_steps=steps, batch_size=settings.batch_size
+  )
+  rng = jax.random.key(settings.seed)
   skipped = 0  # consecutive steps whose update was skipped (nan_policy='skip')
   for step in range(start, steps):
     batch = sharding.global_batch(next(stream), mesh)
@@ -245,9 +280,9 @@ def fit(
     )
     if finite and (done % log_every == 0 or done == steps):
       writer.write(done, step_metrics)
-    if done % checkpoint_every == 0 and done < steps:
+    if done % settings.checkpoint_every == 0 and done < steps:
       ckpt.save(done, state, {"step": done})
-    due = [h for every, h in hooks if every and done % every == 0 and done < steps]
+    due = [h.fn for h in hooks if h.every and done % h.every == 0 and done < steps]
     if due:
       module = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.rest))
       run_hooks(due, done, module, writer)
@@ -260,7 +295,7 @@ def fit(
   ckpt.save(steps, state, {"step": steps}, force=True)
   weights = state.ema if state.ema is not None else state.params
   module = nnx.merge(graphdef, jax.device_get(weights), jax.device_get(state.rest))
-  run_hooks([h for _, h in hooks], steps, module, writer)
+  run_hooks([h.fn for h in hooks], steps, module, writer)
   ckpt.wait()
   ckpt.close()
   writer.close()
@@ -317,35 +352,11 @@ def fit_stage(
   step_fn: Callable,
   tx,
   *,
-  norm,
-  source,
+  batches: Callable[[int], Iterator],
   frozen: tuple = (),
-  hooks: Sequence[tuple] = (),
-  batches: Optional[Callable[[int], Iterator]] = None,
+  hooks: Sequence[Hook] = (),
 ) -> nnx.Module:
-  """`fit` with the settings an experiment config gives stage `stage` (`config.<stage>`,
-  `mesh`, `checkpoint`, `log_every`, `nan_policy`, `seed`), in `run_dir/<stage>/`; the
-  batches are normalised with `norm` = (mean, std), or are `batches` (`start_step ->
-  iterator`, e.g. the teacher cache's) when given."""
-  scfg = config[stage]
-  return fit(
-    workdir.stage_dir(run_dir, stage),
-    module,
-    step_fn,
-    tx=tx,
-    batches=batches or stage_batches(config, stage, source, norm),
-    steps=scfg.steps,
-    batch_size=scfg.batch_size,
-    mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp),
-    rules=[tuple(r) for r in config.mesh.rules],
-    fsdp_min_size=config.mesh.fsdp_min_size,
-    frozen=frozen,
-    ema=scfg.optim.ema_decay > 0,
-    seed=config.seed,
-    checkpoint_every=config.checkpoint.every_steps,
-    keep=config.checkpoint.keep,
-    log_every=config.log_every,
-    nan_policy=config.nan_policy,
-    hooks=hooks,
-    name=stage,
-  )
+  """`fit` with the settings an experiment config gives stage `stage` (`loop_settings`), in
+  `run_dir/<stage>/`."""
+  settings = loop_settings(config, config[stage], workdir.stage_dir(run_dir, stage), stage)
+  return fit(settings, module, step_fn, tx, batches, frozen=frozen, hooks=hooks)

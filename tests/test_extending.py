@@ -153,19 +153,12 @@ def fit_toy(directory, steps, *, poison_at=None, hook=None):
       yield data.Batch(image.astype(np.float32), Y)
 
   mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
-  return train.fit(
-    str(directory),
-    module,
-    least_squares_step(nnx.graphdef(module), tx),
-    tx=tx,
-    batches=batches,
-    steps=steps,
-    batch_size=N,
-    mesh=mesh,
-    checkpoint_every=3,
-    log_every=2,
-    hooks=((2, hook),) if hook else (),
+  settings = train.LoopSettings(
+    str(directory), steps=steps, batch_size=N, mesh=mesh, log_every=2, checkpoint_every=3
   )
+  hooks = (train.Hook(2, hook),) if hook else ()
+  step = least_squares_step(nnx.graphdef(module), tx)
+  return train.fit(settings, module, step, tx, batches, hooks=hooks)
 
 
 def gradient_descent(steps):

@@ -264,7 +264,17 @@ def test_loss_weights_select_terms(distill):
     out = {}
     for name, cfg in cfgs.items():
       d = train.merge(graphdef, params, rest, rng)
-      out[name] = distill_losses(d, stages, final, x, mask, visible, cfg, (4, 4), levels)[1]
+      out[name] = distill_losses(
+        distiller=d,
+        teacher_levels=stages,
+        teacher_final=final,
+        images=x,
+        mask=mask,
+        visible=visible,
+        cfg=cfg,
+        teacher_grid=(4, 4),
+        levels=levels,
+      )[1]
     return out
 
   m = jax.tree.map(float, all_metrics(params, rest, t_params, t_rest, jax.random.key(3)))

@@ -12,18 +12,16 @@ parameters are passed to the step beside the train state, never optimised and ne
 checkpointed.
 """
 
-import json
-import os
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from linearizer import convert, data, optim, sharding, train, workdir
-from linearizer.distillation import losses, student_init, teacher_cache
-from linearizer.errors import UserError, log, main_process
+from linearizer import convert, data, optim, train
+from linearizer.distillation import losses
+from linearizer.errors import UserError
 
 
 class Distiller(nnx.Module):
@@ -45,7 +43,7 @@ def am_tokens(model, out, index: int, features: str):
 
 
 def distill_losses(
-  distiller, teacher_levels, teacher_final, images, mask, visible, cfg, teacher_grid, levels
+  *, distiller, teacher_levels, teacher_final, images, mask, visible, cfg, teacher_grid, levels
 ):
   """L = w_am · L_AM + w_mp · L_MP and its terms, for one batch (the student trains).
 
@@ -117,13 +115,15 @@ def teacher_size(h: int, w: int, student_cfg, teacher_cfg, teacher_input: str) -
   return (h, w)
 
 
-def make_teacher_targets(teacher: nnx.Module, student_cfg, config) -> Callable:
+def make_teacher_targets(teacher: nnx.Module, student_cfg, config, levels=None) -> Callable:
   """What the losses need of the frozen teacher, as a pure function of its parameters.
 
   Args:
     teacher: the frozen teacher (its graph; the parameters are the function's argument).
     student_cfg: the student's config (its patch and normalisation).
     config: the stage's settings: `loss` (am_features, num_stages) and `teacher_input`.
+    levels: the (teacher, student) block pairs of AM's levels (`losses.level_pairs`, which
+      the stage computes once); None computes them here.
   Returns:
     `targets(teacher_params, images) -> {'levels': [(cls, patches)] per AM level, 'final':
     the last block's patch tokens}` for `images` normalised with the student's statistics:
@@ -134,7 +134,7 @@ def make_teacher_targets(teacher: nnx.Module, student_cfg, config) -> Callable:
   # constant: callers pass only its nnx.Param state.
   graphdef, _, rest = nnx.split(teacher, nnx.Param, ...)
   t_cfg = teacher.cfg
-  levels = losses.level_pairs(t_cfg.depth, student_cfg.depth, dcfg.num_stages)
+  levels = levels or losses.level_pairs(t_cfg.depth, student_cfg.depth, dcfg.num_stages)
 
   def targets(teacher_params, images):
     t_images = teacher_view(images, student_cfg, t_cfg, config.teacher_input)
@@ -154,6 +154,7 @@ def make_distill_step(
   tx: optax.GradientTransformation,
   config,
   cached: bool = False,
+  levels=None,
 ) -> Callable:
   """The distillation step: teacher forward (frozen), student forward and backward, update.
 
@@ -165,6 +166,7 @@ def make_distill_step(
       (configs.common.distill_loss), `optim` (configs.common.optim) and `teacher_input`.
     cached: the teacher's outputs come with the batch (`teacher_cache.CachedBatch`, read
       from the teacher-feature cache) instead of being computed by the step.
+    levels: AM's (teacher, student) block pairs, as `make_teacher_targets` takes them.
   Returns:
     `step(state, teacher_params, batch, rng) -> (state, metrics)`, or with `cached`
     `step(state, batch, rng)`; `batch` normalised with the student's statistics.
@@ -172,9 +174,9 @@ def make_distill_step(
   dcfg, ocfg = config.loss, config.optim
   graphdef = nnx.graphdef(distiller)
   s_cfg, t_cfg = distiller.student.cfg, teacher.cfg
-  levels = losses.level_pairs(t_cfg.depth, s_cfg.depth, dcfg.num_stages)
+  levels = levels or losses.level_pairs(t_cfg.depth, s_cfg.depth, dcfg.num_stages)
   lr = optim.schedule(ocfg, config.steps)
-  teacher_targets = make_teacher_targets(teacher, s_cfg, config)
+  teacher_targets = make_teacher_targets(teacher, s_cfg, config, levels)
 
   def update(state: train.TrainState, images, teacher_out, rng):
     b, h, w, _ = images.shape
@@ -192,15 +194,15 @@ def make_distill_step(
         mask, visible = jnp.zeros((mb_size, n), bool), None
       distiller = train.merge(graphdef, params, state.rest, d_rng)
       return distill_losses(
-        distiller,
-        mb["teacher"]["levels"],
-        mb["teacher"]["final"],
-        mb["image"],
-        mask,
-        visible,
-        dcfg,
-        teacher_grid,
-        levels,
+        distiller=distiller,
+        teacher_levels=mb["teacher"]["levels"],
+        teacher_final=mb["teacher"]["final"],
+        images=mb["image"],
+        mask=mask,
+        visible=visible,
+        cfg=dcfg,
+        teacher_grid=teacher_grid,
+        levels=levels,
       )
 
     # The teacher ran once on the whole batch; its outputs are split into micro-batches
@@ -215,7 +217,7 @@ def make_distill_step(
     teacher_out = jax.lax.stop_gradient(teacher_targets(teacher_params, batch.image))
     return update(state, batch.image, teacher_out, rng)
 
-  def cached_step(state: train.TrainState, batch: teacher_cache.CachedBatch, rng):
+  def cached_step(state: train.TrainState, batch, rng):  # a teacher_cache.CachedBatch
     # Stored in bf16 (distill.teacher_cache_dtype) to halve the disk; the losses run in f32.
     teacher_out = jax.tree.map(lambda x: x.astype(jnp.float32), batch.teacher)
     return update(state, batch.image, teacher_out, rng)
@@ -224,20 +226,8 @@ def make_distill_step(
 
 
 # ---------------------------------------------------------------------------------------
-# The stage.
+# What the teacher must offer.
 # ---------------------------------------------------------------------------------------
-def check_config(config) -> None:
-  """The distill stage's settings, refused before any stage runs: `teacher_input`, the
-  starting student (`student_init`) and the teacher cache."""
-  dcfg = config.distill
-  if dcfg.teacher_input not in TEACHER_INPUTS:
-    raise UserError(
-      f"distill.teacher_input={dcfg.teacher_input!r}; expected one of {TEACHER_INPUTS}."
-    )
-  student_init.check_distill_init(config)
-  teacher_cache.check_config(dcfg)
-
-
 def check_teacher(teacher, scope: str) -> None:
   """Refuses, before anything is written, an AM scope the teacher's tokens cannot serve:
   `cls` matches CLS tokens, and a teacher without one (SigLIP) has none to match."""
@@ -246,167 +236,3 @@ def check_teacher(teacher, scope: str) -> None:
       "distill.loss.scope='cls' matches the teacher's CLS token, but this teacher has none "
       f"({convert.describe(teacher)}: cls_token=False, as SigLIP's); use 'visible' or 'all'."
     )
-
-
-def teacher_cosines(config, teacher, student, source) -> dict:
-  """{am_features mode: [(mean, std) per AM level]} of the teacher's off-diagonal token
-  cosines over CLS and every patch (`centered`: minus their mean) on the first
-  `distill.diagnose_images` training images.
-
-  CLIP's residual streams carry a few huge shared channels and high-norm tokens that push
-  every cosine toward 1: a mean near 1 with a small std means flat maps for AM to match.
-  """
-  s = student.cfg
-  batch = next(
-    data.eval_batches(
-      source, config.data, batch_size=config.distill.diagnose_images, mean=s.mean, std=s.std
-    )
-  )
-  real = batch.image[batch.valid]  # fewer images than asked: no padding rows
-  images = teacher_view(jnp.asarray(real), s, teacher.cfg, config.distill.teacher_input)
-  out = teacher(images)
-  levels = losses.level_pairs(teacher.cfg.depth, s.depth, config.distill.loss.num_stages)
-  stats = {}
-  modes = [m for m in losses.AM_FEATURES if m != "next_ln" or hasattr(teacher, "next_norm")]
-  for mode in modes:
-    per_level = []
-    for i, _ in levels:
-      cls, patches = losses.split_roles(am_tokens(teacher, out, i, mode), out.roles)
-      tokens = patches if cls is None else jnp.concatenate([cls, patches], axis=1)
-      tokens = losses.centered(tokens) if mode == "centered" else tokens
-      per_level.append(tuple(float(v) for v in losses.off_diagonal_cosines(tokens)))
-    stats[mode] = per_level
-  return stats
-
-
-def run_distill(
-  config, run_dir: str, teacher: nnx.Module, source, hooks: Sequence[tuple] = ()
-) -> nnx.Module:
-  """The `distill` stage: a student (fresh, or `distill.student_init`) distilled from
-  `teacher` on `source`'s images.
-
-  Args:
-    config: the experiment config (its `distill` block, `student`, `data`, `mesh`, ...).
-    run_dir: the run's workdir; the stage writes under `run_dir/distill/`.
-    teacher: the frozen teacher.
-    source: the training images (labels unused).
-    hooks: `(every, hook)` pairs, `hook(step, distiller)` called every `every` steps before
-      the last and once at the end (`train.fit`); the stage table passes the maps' drawer
-      (every `distill.visualize_every`) and the scorecard (every `distill.scorecard_every`).
-  Returns:
-    The distilled student (also saved to `run_dir/distill/model`).
-  """
-  dcfg = config.distill
-  check_teacher(teacher, dcfg.loss.scope)
-  student = student_init.distill_student(config, (teacher.cfg.mean, teacher.cfg.std), teacher)
-  if dcfg.diagnose_images and main_process():
-    stats = teacher_cosines(config, teacher, student, source)
-    for mode, per_level in stats.items():
-      chosen = " (used)" if mode == dcfg.loss.am_features else ""
-      log(
-        f"[distill] teacher's off-diagonal cosines per AM level, {mode}{chosen}: "
-        + "  ".join(f"{m:.3f}±{sd:.3f}" for m, sd in per_level)
-      )
-    os.makedirs(workdir.stage_dir(run_dir, "distill"), exist_ok=True)
-    with open(
-      os.path.join(workdir.stage_dir(run_dir, "distill"), "teacher_cosines.json"), "w"
-    ) as f:
-      json.dump(stats, f, indent=2)
-  # Batches come normalised for the student; the teacher's view is re-normalised from them.
-  norm = (student.cfg.mean, student.cfg.std)
-  distiller = Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(config.seed + 2))
-  tx = optim.make_optimizer(dcfg.optim, dcfg.steps)
-  cache = cached_teacher(config, run_dir, teacher, student, source)
-  step = make_distill_step(distiller, teacher, tx, dcfg, cached=cache is not None)
-  distiller = train.fit_stage(
-    config,
-    run_dir,
-    "distill",
-    distiller,
-    step,
-    tx,
-    norm=norm,
-    source=source,
-    # From the cache the step never runs the teacher: its weights stay off the devices.
-    frozen=() if cache else (nnx.state(teacher, nnx.Param),),
-    hooks=hooks,
-    batches=cache.batches(config.seed, config.data.workers) if cache else None,
-  )
-  workdir.save_stage_model(run_dir, "distill", distiller.student)
-  return distiller.student
-
-
-def cached_teacher(config, run_dir: str, teacher, student, source):
-  """The stage's teacher-feature cache (`distill.teacher_cache`), written where it is
-  missing, or None when the teacher runs every step (`off`, or `auto` where a cache would
-  not pay or fit)."""
-  dcfg = config.distill
-  # 'auto' decides once: a resumed stage keeps the stream it started with, even where the
-  # disk has changed since (a 'write' that no longer fits is then refused, not skipped).
-  decision = os.path.join(workdir.stage_dir(run_dir, "distill"), "teacher_cache.json")
-  mode = dcfg.teacher_cache
-  if mode == "auto" and os.path.exists(decision):
-    with open(decision, encoding="utf-8") as f:
-      mode = "write" if json.load(f)["used"] else "off"
-    log(f"[distill] teacher cache (auto): resuming as the stage began: {mode}")
-  if mode == "off":
-    return None
-  data_cfg, train_source = (
-    train.stage_data(config, "distill"),
-    train.stage_source(config, "distill", source),
-  )
-  views = teacher_cache.Views(
-    train_source,
-    data_cfg,
-    seed=config.seed,
-    views=dcfg.teacher_cache_views,
-    mean=student.cfg.mean,
-    std=student.cfg.std,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  levels = losses.level_pairs(teacher.cfg.depth, student.cfg.depth, dcfg.loss.num_stages)
-  # Everything the cached views and outputs depend on besides the teacher's weights (hashed
-  # by the cache): a cache written for anything else is refused, the fields named.
-  fingerprint = dict(
-    teacher=teacher_cache.teacher_fields(teacher.cfg),
-    source=train_source.name,
-    source_examples=teacher_cache.source_digest(train_source),
-    examples=len(train_source),
-    **{k: data_cfg[k] for k in ("image_size", "crop_scale", "flip", "randaugment")},
-    student_patch=student.cfg.patch,
-    student_norm=[list(student.cfg.mean), list(student.cfg.std)],
-    teacher_input=dcfg.teacher_input,
-    am_features=dcfg.loss.am_features,
-    teacher_blocks=[i for i, _ in levels],
-    seed=config.seed,
-  )
-  params = nnx.state(teacher, nnx.Param)
-  directory = dcfg.teacher_cache_dir or os.path.join(
-    workdir.stage_dir(run_dir, "distill"), "teacher_cache"
-  )
-  cache = teacher_cache.TeacherCache(
-    directory,
-    views,
-    make_teacher_targets(teacher, student.cfg, dcfg),
-    params,
-    json.loads(json.dumps(fingerprint)),  # tuples as lists: as meta.json reads back
-    dcfg.teacher_cache_dtype,
-    data_cfg.image_size,
-    local_batch=dcfg.batch_size // jax.process_count(),
-  )
-  prepared = teacher_cache.prepare(
-    mode,
-    cache,
-    trained_views=dcfg.steps * dcfg.batch_size,
-    teacher_params=params,
-    mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp),
-    rules=[tuple(r) for r in config.mesh.rules],
-    fsdp_min_size=config.mesh.fsdp_min_size,
-    workers=config.data.workers,
-  )
-  if main_process() and not os.path.exists(decision):
-    os.makedirs(os.path.dirname(decision), exist_ok=True)
-    with open(decision, "w", encoding="utf-8") as f:
-      json.dump({"used": prepared is not None, "directory": cache.directory}, f)
-  return prepared

@@ -29,6 +29,7 @@ import os
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -290,3 +291,36 @@ def plot(metrics_path: str, out_path: str) -> Optional[str]:
     return None
   rows = [r for r in plots.read_metrics(metrics_path) if "scorecard/knn" in r]
   return plots.scorecard_curves(rows, out_path) if rows else None
+
+
+# ---------------------------------------------------------------------------------------
+# A diagnostic of the teacher (distill.diagnose_images).
+# ---------------------------------------------------------------------------------------
+def teacher_cosines(config, teacher, student, source, levels) -> dict:
+  """{am_features mode: [(mean, std) per AM level]} of the teacher's off-diagonal token
+  cosines over CLS and every patch (`centered`: minus their mean) on the first
+  `distill.diagnose_images` training images, at AM's `levels` (`losses.level_pairs`).
+
+  CLIP's residual streams carry a few huge shared channels and high-norm tokens that push
+  every cosine toward 1: a mean near 1 with a small std means flat maps for AM to match.
+  """
+  s = student.cfg
+  batch = next(
+    data.eval_batches(
+      source, config.data, batch_size=config.distill.diagnose_images, mean=s.mean, std=s.std
+    )
+  )
+  real = batch.image[batch.valid]  # fewer images than asked: no padding rows
+  images = distill.teacher_view(jnp.asarray(real), s, teacher.cfg, config.distill.teacher_input)
+  out = teacher(images)
+  stats = {}
+  modes = [m for m in losses.AM_FEATURES if m != "next_ln" or hasattr(teacher, "next_norm")]
+  for mode in modes:
+    per_level = []
+    for i, _ in levels:
+      cls, patches = losses.split_roles(distill.am_tokens(teacher, out, i, mode), out.roles)
+      tokens = patches if cls is None else jnp.concatenate([cls, patches], axis=1)
+      tokens = losses.centered(tokens) if mode == "centered" else tokens
+      per_level.append(tuple(float(v) for v in losses.off_diagonal_cosines(tokens)))
+    stats[mode] = per_level
+  return stats

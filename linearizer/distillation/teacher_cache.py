@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from linearizer import data, preemption, sharding
+from linearizer import data, preemption, sharding, train, workdir
 from linearizer.errors import UserError, log, main_process
 
 MODES = ("off", "write", "read", "auto")  # distill.teacher_cache (configs/common.py)
@@ -438,3 +439,82 @@ def prepare(
     )
   cache.write(teacher_params, mesh, rules, fsdp_min_size, workers)
   return cache
+
+
+# ---------------------------------------------------------------------------------------
+# The distill stage's cache.
+# ---------------------------------------------------------------------------------------
+def for_stage(config, run_dir: str, teacher, student, source, targets, levels):
+  """The stage's teacher-feature cache (`distill.teacher_cache`), written where it is
+  missing, or None when the teacher runs every step (`off`, or `auto` where a cache would
+  not pay or fit). `targets` is the teacher's function the cache stores
+  (`distill.make_teacher_targets`), `levels` AM's block pairs (`losses.level_pairs`)."""
+  dcfg = config.distill
+  # 'auto' decides once: a resumed stage keeps the stream it started with, even where the
+  # disk has changed since (a 'write' that no longer fits is then refused, not skipped).
+  decision = os.path.join(workdir.stage_dir(run_dir, "distill"), "json")
+  mode = dcfg.teacher_cache
+  if mode == "auto" and os.path.exists(decision):
+    with open(decision, encoding="utf-8") as f:
+      mode = "write" if json.load(f)["used"] else "off"
+    log(f"[distill] teacher cache (auto): resuming as the stage began: {mode}")
+  if mode == "off":
+    return None
+  data_cfg, train_source = (
+    train.stage_data(config, "distill"),
+    train.stage_source(config, "distill", source),
+  )
+  views = Views(
+    train_source,
+    data_cfg,
+    seed=config.seed,
+    views=dcfg.teacher_cache_views,
+    mean=student.cfg.mean,
+    std=student.cfg.std,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  # Everything the cached views and outputs depend on besides the teacher's weights (hashed
+  # by the cache): a cache written for anything else is refused, the fields named.
+  fingerprint = dict(
+    teacher=teacher_fields(teacher.cfg),
+    source=train_source.name,
+    source_examples=source_digest(train_source),
+    examples=len(train_source),
+    **{k: data_cfg[k] for k in ("image_size", "crop_scale", "flip", "randaugment")},
+    student_patch=student.cfg.patch,
+    student_norm=[list(student.cfg.mean), list(student.cfg.std)],
+    teacher_input=dcfg.teacher_input,
+    am_features=dcfg.loss.am_features,
+    teacher_blocks=[i for i, _ in levels],
+    seed=config.seed,
+  )
+  params = nnx.state(teacher, nnx.Param)
+  directory = dcfg.teacher_cache_dir or os.path.join(
+    workdir.stage_dir(run_dir, "distill"), "teacher_cache"
+  )
+  cache = TeacherCache(
+    directory,
+    views,
+    targets,
+    params,
+    json.loads(json.dumps(fingerprint)),  # tuples as lists: as meta.json reads back
+    dcfg.teacher_cache_dtype,
+    data_cfg.image_size,
+    local_batch=dcfg.batch_size // jax.process_count(),
+  )
+  prepared = prepare(
+    mode,
+    cache,
+    trained_views=dcfg.steps * dcfg.batch_size,
+    teacher_params=params,
+    mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp),
+    rules=[tuple(r) for r in config.mesh.rules],
+    fsdp_min_size=config.mesh.fsdp_min_size,
+    workers=config.data.workers,
+  )
+  if main_process() and not os.path.exists(decision):
+    os.makedirs(os.path.dirname(decision), exist_ok=True)
+    with open(decision, "w", encoding="utf-8") as f:
+      json.dump({"used": prepared is not None, "directory": cache.directory}, f)
+  return prepared

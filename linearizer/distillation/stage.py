@@ -1,0 +1,89 @@
+"""The distill stage (method.md §4): the checks a config gets before the run, then the
+starting student, the teacher diagnostic, the teacher cache and `train.fit` around the
+method's step (`distill.make_distill_step`). AM's level pairs are worked out once here and
+passed to everything that needs them.
+"""
+
+import json
+import os
+from typing import Sequence
+
+from flax import nnx
+
+from linearizer import optim, resolve, train, workdir
+from linearizer.distillation import distill, losses, scorecard, student_init, teacher_cache
+from linearizer.errors import UserError
+from linearizer.log import log, main_process
+
+
+def check_config(config) -> None:
+  """The distill stage's settings, refused before any stage runs: `teacher_input`, the
+  starting student (`student_init`) and the teacher cache."""
+  dcfg = config.distill
+  if dcfg.teacher_input not in distill.TEACHER_INPUTS:
+    raise UserError(
+      f"distill.teacher_input={dcfg.teacher_input!r}; expected one of {distill.TEACHER_INPUTS}."
+    )
+  student_init.check_distill_init(config)
+  teacher_cache.check_config(dcfg)
+
+
+def run_distill(
+  config, run_dir: str, teacher: nnx.Module, source, hooks: Sequence[train.Hook] = ()
+) -> nnx.Module:
+  """The `distill` stage: a student (fresh, or `distill.student_init`) distilled from
+  `teacher` on `source`'s images.
+
+  Args:
+    config: the experiment config (its `distill` block, `student`, `data`, `mesh`, ...).
+    run_dir: the run's workdir; the stage writes under `run_dir/distill/`.
+    teacher: the frozen teacher.
+    source: the training images (labels unused).
+    hooks: `train.Hook`s, `fn(step, distiller)` called every `every` steps before the last
+      and once at the end; the stage table passes the maps' drawer (every
+      `distill.visualize_every`) and the scorecard (every `distill.scorecard_every`).
+  Returns:
+    The distilled student (also saved to `run_dir/distill/model`).
+  """
+  dcfg = config.distill
+  distill.check_teacher(teacher, dcfg.loss.scope)
+  student = student_init.distill_student(config, (teacher.cfg.mean, teacher.cfg.std), teacher)
+  levels = losses.level_pairs(teacher.cfg.depth, student.cfg.depth, dcfg.loss.num_stages)
+  if dcfg.diagnose_images and main_process():
+    report_teacher_cosines(config, run_dir, teacher, student, source, levels)
+  # Batches come normalised for the student; the teacher's view is re-normalised from them.
+  norm = (student.cfg.mean, student.cfg.std)
+  rngs = nnx.Rngs(resolve.seed_of(config, "projection"))
+  distiller = distill.Distiller(student, teacher.cfg.width, rngs=rngs)
+  tx = optim.make_optimizer(dcfg.optim, dcfg.steps)
+  targets = distill.make_teacher_targets(teacher, student.cfg, dcfg, levels)
+  cache = teacher_cache.for_stage(config, run_dir, teacher, student, source, targets, levels)
+  step = distill.make_distill_step(
+    distiller, teacher, tx, dcfg, cached=cache is not None, levels=levels
+  )
+  if cache:  # the teacher never runs: its weights stay off the devices
+    batches, frozen = cache.batches(config.seed, config.data.workers), ()
+  else:
+    batches = train.stage_batches(config, "distill", source, norm)
+    frozen = (nnx.state(teacher, nnx.Param),)
+  distiller = train.fit_stage(
+    config, run_dir, "distill", distiller, step, tx, batches=batches, frozen=frozen, hooks=hooks
+  )
+  workdir.save_stage_model(run_dir, "distill", distiller.student)
+  return distiller.student
+
+
+def report_teacher_cosines(config, run_dir: str, teacher, student, source, levels) -> None:
+  """Logs the teacher's token cosines per AM level (`scorecard.teacher_cosines`) and writes
+  them to `run_dir/distill/teacher_cosines.json`."""
+  stats = scorecard.teacher_cosines(config, teacher, student, source, levels)
+  for mode, per_level in stats.items():
+    chosen = " (used)" if mode == config.distill.loss.am_features else ""
+    log(
+      f"[distill] teacher's off-diagonal cosines per AM level, {mode}{chosen}: "
+      + "  ".join(f"{m:.3f}±{sd:.3f}" for m, sd in per_level)
+    )
+  directory = workdir.stage_dir(run_dir, "distill")
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "teacher_cosines.json"), "w") as f:
+    json.dump(stats, f, indent=2)
