@@ -22,7 +22,7 @@ Beyond the paper (opt-in through `ablation.variants`), AM + MP with an option on
                  runs on teacher_cache_views views per example once, epochs cycle them
   teacher_cache_views8  the same with 8 views per example: more than the budget's epochs,
                  so no view repeats (what is left of the cache's cost is its views' draw)
-  teacher_init   a student of the teacher's shape (teacher_init.fitting_overrides) that
+  teacher_init   a student of the teacher's shape (teacher_fit.fitting_overrides) that
                  starts from its weights (distill.student_init = 'teacher')
   teacher_shape  the same student from its own random init: teacher_init's baseline
 
@@ -49,7 +49,7 @@ import numpy as np
 
 from linearizer import data, evaluate, plots, resolve, supervised, workdir
 from linearizer.distillation import stage as distill_stage
-from linearizer.distillation import teacher_init
+from linearizer.distillation import teacher_fit
 from linearizer.errors import UserError, log, main_process
 
 # A value standing for student.overrides with the teacher's shape put in (teacher_init's).
@@ -128,7 +128,7 @@ def run_config(config, variant, seed_index, teacher_cfg=None):
   sub.seed = config.seed + seed_index
   for path, value in (VARIANTS[variant][1] or {}).items():
     if value == TEACHER_SHAPE:
-      value = {**config.student.overrides, **teacher_init.fitting_overrides(teacher_cfg)}
+      value = {**config.student.overrides, **teacher_fit.fitting_overrides(teacher_cfg)}
     *parents, leaf = path.split(".")
     node = sub
     for key in parents:

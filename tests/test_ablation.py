@@ -14,7 +14,7 @@ import pytest
 
 from configs import ablation as ablation_config
 from linearizer import ablation, models
-from linearizer.distillation import teacher_init
+from linearizer.distillation import teacher_fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,7 +133,7 @@ def test_teacher_shaped_variants_build_a_student_every_teacher_weight_fits(arg):
   student_cfg = models.ARCHITECTURES[init.student.kind].variant(
     init.student.variant, **init.student.overrides, image_size=config.data.image_size
   )
-  assert teacher_init.check_fit(student_cfg, teacher_cfg, allow_partial=False) == []
+  assert teacher_fit.check_fit(student_cfg, teacher_cfg, allow_partial=False) == []
 
 
 def test_am_scope_picks_which_scope_row_is_the_am_mp_runs():

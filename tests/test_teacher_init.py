@@ -35,7 +35,7 @@ RTOL = 1e-4
 MLP_RTOL = 2e-2
 RESIZE_RTOL = 1e-5
 TEACHER = dict(width=32, depth=2, num_heads=2, mlp_dim=64, image_size=16)
-# The student every mapped weight fits (teacher_init.fitting_overrides of TEACHER).
+# The student every mapped weight fits (teacher_fit.fitting_overrides of TEACHER).
 FIT = dict(width=32, depth=2, expand=1, headdim=16, ngroups=2, d_state=16, mlp_ratio=2.0)
 STUDENT = dict(image_size=16, chunk_size=8, **FIT)
 

@@ -8,7 +8,7 @@ from typing import Optional
 from flax import nnx
 
 from linearizer import models, resolve
-from linearizer.distillation import teacher_init
+from linearizer.distillation import teacher_fit, teacher_init
 from linearizer.log import log
 
 
@@ -26,12 +26,10 @@ def check_distill_init(config) -> None:
   size = dict(image_size=config.data.image_size)
   student_cfg = student_arch.variant(config.student.variant, **{**config.student.overrides, **size})
   if config.teacher.init:
-    teacher_init.check_kinds(student_cfg)  # the teacher's is checked once loaded
+    teacher_fit.check_kinds(student_cfg)  # the teacher's is checked once loaded
     return
   teacher_cfg = teacher_arch.variant(config.teacher.variant, **{**config.teacher.overrides, **size})
-  teacher_init.check_fit(
-    student_cfg, teacher_cfg, allow_partial=config.distill.teacher_init_partial
-  )
+  teacher_fit.check_fit(student_cfg, teacher_cfg, allow_partial=config.distill.teacher_init_partial)
 
 
 def distill_student(config, norm, teacher: Optional[nnx.Module] = None) -> nnx.Module:

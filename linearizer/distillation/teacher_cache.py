@@ -19,14 +19,11 @@ v])`, so the cache stores the augmentation's parameters as the seed they come fr
 training re-draws the identical image.
 """
 
-import dataclasses
-import hashlib
 import json
-import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, Optional
 
 import grain
 import jax
@@ -38,24 +35,32 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from linearizer import data, preemption, sharding, train, workdir
+from linearizer.distillation.cache_files import (
+  across_processes,
+  all_processes,
+  differences,
+  human,
+  open_arrays,
+  parameters_digest,
+  read_json,
+  size_of,
+  source_digest,
+  teacher_fields,
+  write_json,
+)
+from linearizer.distillation.cache_views import (
+  CachedBatch,
+  ReadExample,
+  Views,
+  WriteExample,
+  stack_read,
+  stack_written,
+)
 from linearizer.errors import UserError, log, main_process
 
 MODES = ("off", "write", "read", "auto")  # distill.teacher_cache (configs/common.py)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": np.float32}  # distill.teacher_cache_dtype
 PROGRESS_EVERY = 20  # write batches between progress records (and progress lines)
-
-
-class CachedBatch(NamedTuple):
-  """A training batch read from the cache (a pytree, as `data.Batch`).
-
-  image: (B, H, W, 3) float32 views, normalised with the student's statistics.
-  label: (B,) int32 (unused by distillation).
-  teacher: the teacher's outputs for these views (`distill.make_teacher_targets`'s tree).
-  """
-
-  image: np.ndarray
-  label: np.ndarray
-  teacher: Any
 
 
 def check_config(dcfg) -> None:
@@ -69,181 +74,6 @@ def check_config(dcfg) -> None:
     raise UserError(
       f"distill.teacher_cache_dtype={dcfg.teacher_cache_dtype!r}; expected one of {tuple(DTYPES)}."
     )
-
-
-# ---------------------------------------------------------------------------------------
-# The views: which example and augmentation each cache row holds.
-# ---------------------------------------------------------------------------------------
-class Views:
-  """This process's cached views: row k is view k mod V of example `examples[k // V]`."""
-
-  def __init__(self, source, cfg, *, seed, views, mean, std, process_index, process_count):
-    self.source, self.seed, self.views = source, seed, views
-    self.examples = np.arange(process_index, len(source), process_count)
-    self.transform = data.Transform(cfg, True, mean, std)
-
-  def __len__(self) -> int:
-    return len(self.examples) * self.views
-
-  def view(self, k: int) -> tuple:
-    """(image, label, pixel sum) of row k: the same image whenever it is drawn."""
-    position, v = divmod(int(k), self.views)
-    j = int(self.examples[position])
-    image, label = self.source[j]
-    image = self.transform(image, np.random.default_rng([self.seed, j, v]))
-    return image, label, float(image.sum(dtype=np.float64))
-
-
-class _WriteExample:
-  """Row k -> (image, pixel sum); the rows past the end (the last batch's padding) zeros."""
-
-  def __init__(self, views: Views, shape):
-    self.views, self.shape = views, shape
-
-  def __call__(self, k):
-    if k >= len(self.views):
-      return np.zeros(self.shape, np.float32), 0.0
-    image, _, check = self.views.view(k)
-    return image, check
-
-
-class _ReadExample:
-  """Local stream index g -> (image, label, the cached teacher outputs of its view).
-
-  Epoch e = g // N visits this process's N examples in a per-epoch shuffled order and
-  reads view e mod V of each; the arrays are opened in whichever process reads them.
-  """
-
-  def __init__(self, views: Views, order, directory: str, leaves: list, dtype):
-    self.views, self.order, self.directory = views, order, directory
-    self.leaves, self.dtype, self.arrays = leaves, dtype, None
-
-  def __getstate__(self):  # memory maps are reopened in a worker, never pickled
-    return {**self.__dict__, "arrays": None}
-
-  def __call__(self, g):
-    if self.arrays is None:
-      self.arrays = open_arrays(self.directory, self.leaves, self.dtype, len(self.views), "r")
-    n = len(self.views.examples)
-    k = int(self.order[int(g)]) * self.views.views + (int(g) // n) % self.views.views
-    image, label, check = self.views.view(k)
-    stored = float(self.arrays["checks"][k])
-    if not math.isclose(check, stored, rel_tol=1e-5, abs_tol=1e-3):
-      raise UserError(
-        f"teacher cache {self.directory}: view {k} no longer draws the image it was written "
-        f"for (pixel sum {check:.6g} vs {stored:.6g}; another Pillow or numpy?): delete the "
-        "directory to write it again."
-      )
-    return image, label, [np.asarray(a[k]) for a in self.arrays["leaves"]]
-
-
-def _stack_written(rows):
-  return np.stack([r[0] for r in rows]), np.asarray([r[1] for r in rows], np.float64)
-
-
-def _stack_read(rows):
-  leaves = [np.stack([r[2][i] for r in rows]) for i in range(len(rows[0][2]))]
-  return np.stack([r[0] for r in rows]), np.asarray([r[1] for r in rows], np.int32), leaves
-
-
-# ---------------------------------------------------------------------------------------
-# The arrays on disk.
-# ---------------------------------------------------------------------------------------
-def open_arrays(directory: str, leaves: list, dtype, rows: int, mode: str) -> dict:
-  """{'leaves': a memory map per teacher output, 'checks': the views' pixel sums}."""
-  arrays = [
-    np.memmap(os.path.join(directory, f"leaf{i}.bin"), dtype, mode, shape=(rows, *shape))
-    for i, shape in enumerate(leaves)
-  ]
-  checks = np.memmap(os.path.join(directory, "checks.bin"), np.float64, mode, shape=(rows,))
-  return {"leaves": arrays, "checks": checks}
-
-
-def size_of(leaves: list, dtype, rows: int) -> int:
-  """Bytes the cache takes: every output and pixel sum, for every row."""
-  per_row = sum(math.prod(shape) for shape in leaves) * np.dtype(dtype).itemsize + 8
-  return per_row * rows
-
-
-def human(n: float) -> str:
-  """A byte count for people: '123.1 MiB'."""
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if n < 1024 or unit == "TiB":
-      return f"{n:.1f} {unit}"
-    n /= 1024
-
-
-def _read_json(path: str) -> Optional[dict]:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, value: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)  # a stop mid-write leaves the previous record
-
-
-def parameters_digest(params) -> str:
-  """A hash of the teacher's weights: a cache of another teacher is never read."""
-  digest = hashlib.blake2b(digest_size=16)
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    array = np.asarray(jax.device_get(leaf))
-    digest.update(f"{jax.tree_util.keystr(path)}{array.shape}{array.dtype}".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-  return digest.hexdigest()
-
-
-# Teacher config fields that change how fast its tokens come, never what they are.
-SPEED_FIELDS = (
-  "attention_impl",
-  "blocked_attention_tokens",
-  "attention_block_q",
-  "attention_block_k",
-  "drop_path",
-  "num_classes",
-  "head_bias",
-)
-
-
-def teacher_fields(cfg) -> dict:
-  """The teacher config's fields its tokens depend on (its weights are hashed apart)."""
-  fields = dataclasses.asdict(cfg)
-  return {k: v for k, v in fields.items() if k not in SPEED_FIELDS}
-
-
-def source_digest(source) -> str:
-  """Which examples a source holds: its name and, down a chain of `data.Part`s (a labelled
-  subset, a held-out split), their indices, hashed (another subset of the same size and
-  name is another cache)."""
-  digest = hashlib.blake2b(source.name.encode(), digest_size=16)
-  while isinstance(source, data.Part):
-    digest.update(np.ascontiguousarray(source.index, np.int64).tobytes())
-    source = source.source
-  return digest.hexdigest()
-
-
-def differences(cached: dict, now: dict) -> list:
-  """'field: cached … vs now …' for every fingerprint field that differs."""
-  return [
-    f"{k}: cached {cached.get(k)!r} vs now {now.get(k)!r}"
-    for k in sorted(set(cached) | set(now))
-    if cached.get(k) != now.get(k)
-  ]
-
-
-def across_processes(value, reduce):
-  """`reduce` (np.all, np.min, np.max) of every process's `value`: multi-host runs decide
-  together."""
-  if jax.process_count() == 1:
-    return value
-  return reduce(multihost_utils.process_allgather(np.asarray(value))).item()
-
-
-def all_processes(flag: bool) -> bool:
-  return bool(across_processes(flag, np.all))
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,7 +123,7 @@ class TeacherCache:
 
   def check_fingerprint(self) -> None:
     """Refuses a cache written for another setup, naming what differs."""
-    meta = _read_json(os.path.join(self.directory, "meta.json"))
+    meta = read_json(os.path.join(self.directory, "meta.json"))
     now = json.loads(json.dumps(self.fingerprint))
     differ = differences(meta["fingerprint"], now) if meta is not None else []
     # Every process decides together: local disks differ, and one refusing alone would
@@ -307,7 +137,7 @@ class TeacherCache:
 
   def progress(self) -> int:
     """Rows written (0 for no cache): in rows, so a run with another batch size resumes."""
-    record = _read_json(os.path.join(self.directory, "progress.json"))
+    record = read_json(os.path.join(self.directory, "progress.json"))
     return record["rows"] if record else 0
 
   def complete(self) -> bool:
@@ -328,7 +158,7 @@ class TeacherCache:
     os.makedirs(self.directory, exist_ok=True)
     meta = os.path.join(self.directory, "meta.json")
     if not os.path.exists(meta):
-      _write_json(meta, {"fingerprint": self.fingerprint})
+      write_json(meta, {"fingerprint": self.fingerprint})
     # Write batches are collective: every process starts at the same one.
     start = across_processes(self.progress(), np.min) // self.local_batch
     arrays = open_arrays(
@@ -341,7 +171,7 @@ class TeacherCache:
     b = self.local_batch
     rows = grain.MapDataset.range(start * b, self.write_batches * b)
     stream = data.iterate(
-      rows.map(_WriteExample(self.views, self.shape)).batch(b, batch_fn=_stack_written), workers
+      rows.map(WriteExample(self.views, self.shape)).batch(b, batch_fn=stack_written), workers
     )
     began, total = time.time(), self.write_batches - start
     for i in range(start, self.write_batches):
@@ -358,7 +188,7 @@ class TeacherCache:
       if done % PROGRESS_EVERY == 0 or done == self.write_batches:
         for array in (*arrays["leaves"], arrays["checks"]):
           array.flush()
-        _write_json(os.path.join(self.directory, "progress.json"), {"rows": hi})
+        write_json(os.path.join(self.directory, "progress.json"), {"rows": hi})
         if main_process():
           speed = (done - start) * b * jax.process_count() / (time.time() - began)
           secs = (self.write_batches - done) * b * jax.process_count() / speed
@@ -373,11 +203,11 @@ class TeacherCache:
   def batches(self, seed: int, workers: int) -> Callable[[int], Iterator[CachedBatch]]:
     """`start_step -> iterator` of this process's training batches from the cache."""
     order = grain.MapDataset.range(len(self.views.examples)).shuffle(seed=seed).repeat()
-    example = _ReadExample(self.views, order, self.directory, self.leaves, self.dtype)
+    example = ReadExample(self.views, order, self.directory, self.leaves, self.dtype)
     b = self.local_batch
 
     def from_step(start: int) -> Iterator[CachedBatch]:
-      ds = grain.MapDataset.range(start * b, 2**62).map(example).batch(b, batch_fn=_stack_read)
+      ds = grain.MapDataset.range(start * b, 2**62).map(example).batch(b, batch_fn=stack_read)
       for images, labels, leaves in data.iterate(ds, workers):
         yield CachedBatch(images, labels, jax.tree.unflatten(self.treedef, leaves))
 

@@ -19,15 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linearizer import models
-from linearizer.errors import UserError
+from linearizer.distillation import teacher_fit
 from linearizer.models import vit
-from linearizer.models.adventurer import Adventurer, AdventurerConfig
-from linearizer.models.vit import ViT, ViTConfig
+from linearizer.models.adventurer import Adventurer
+from linearizer.models.vit import ViT
 
 OWN_INIT = "random (student's own init)"
 NOT_COPIED = "-"  # the student column of a teacher parameter that has no counterpart
-PARTIAL_FLAG = "--config.distill.teacher_init_partial=true"
 # GELU(a) = a·Φ(a) ≈ a·σ(1.702·a) (Hendrycks & Gimpel 2016, "Gaussian Error Linear Units",
 # §2; CLIP's QuickGELU); with SiLU(a) = a·σ(a): SiLU(1.702·a) / 1.702 ≈ GELU(a).
 GELU_SCALE = 1.702
@@ -40,129 +38,6 @@ class Row(NamedTuple):
   student: str  # the student's parameter, or NOT_COPIED for a teacher one left out
   source: str  # the teacher's parameter (and how it is transformed), or OWN_INIT
   note: str = ""
-
-
-class Misfit(NamedTuple):
-  """Why part of the mapping cannot be copied: shapes the student's config gives otherwise."""
-
-  part: str  # "width" | "depth" | "mixer" | "mlp": what it blocks (see `_blocked`)
-  params: str  # the student parameters left at their own init, for the message
-  reason: str  # e.g. "student width 64 ≠ teacher width 96"
-
-
-# ---------------------------------------------------------------------------------------
-# What fits: from the two configs alone (so a run can be refused before any stage runs).
-# ---------------------------------------------------------------------------------------
-def fitting_overrides(teacher_cfg: ViTConfig) -> dict:
-  """The student fields under which every mapped teacher weight fits, for the message."""
-  hd = teacher_cfg.width // teacher_cfg.num_heads
-  return dict(
-    width=teacher_cfg.width,
-    depth=teacher_cfg.depth,
-    expand=1,
-    headdim=hd,
-    ngroups=teacher_cfg.num_heads,
-    d_state=hd,
-    mlp_ratio=_mlp_ratio(teacher_cfg.mlp_dim, teacher_cfg.width),
-  )
-
-
-def _mlp_ratio(hidden: int, width: int) -> float:
-  """A ratio with int(width · ratio) == hidden (the student builds int(width · ratio))."""
-  ratio = hidden / width
-  return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
-
-
-def misfits(student_cfg: AdventurerConfig, teacher_cfg: ViTConfig) -> list:
-  """Every `Misfit` of this student for this teacher (empty: everything mapped fits)."""
-  s, t = student_cfg, teacher_cfg
-  found = []
-  if s.width != t.width:
-    found.append(
-      Misfit(
-        "width",
-        "patch_embed, cls_token, pos_embed, layers.*, norm_f",
-        f"student width {s.width} ≠ teacher width {t.width}",
-      )
-    )
-  if s.depth != t.depth:
-    found.append(Misfit("depth", "layers.*", f"student depth {s.depth} ≠ teacher depth {t.depth}"))
-  mixer = _mixer_misfits(s, t)
-  if mixer:
-    found.append(
-      Misfit(
-        "mixer", "layers.{i}.mixer.{in_proj, conv_weight, conv_bias, out_proj}", ", ".join(mixer)
-      )
-    )
-  hidden = int(s.width * s.mlp_ratio)
-  if hidden != t.mlp_dim:
-    found.append(
-      Misfit(
-        "mlp",
-        "layers.{i}.mlp.{w1, w2, w3}",
-        f"student MLP hidden int(width*mlp_ratio) {hidden} ≠ teacher mlp_dim {t.mlp_dim}",
-      )
-    )
-  return found
-
-
-def _mixer_misfits(s: AdventurerConfig, t: ViTConfig) -> list:
-  """Why x ← V, B ← K, C ← Q, out_proj ← O do not fit (empty: they do)."""
-  hd = t.width // t.num_heads
-  checks = (
-    (
-      s.expand * s.width == t.width,
-      f"student expand*width {s.expand * s.width} ≠ teacher width {t.width} (x ← V)",
-    ),
-    (
-      s.ngroups == t.num_heads,
-      f"student ngroups {s.ngroups} ≠ teacher num_heads {t.num_heads} (a B/C group per head)",
-    ),
-    (s.d_state == hd, f"student d_state {s.d_state} ≠ teacher head dim {hd} (B ← K, C ← Q)"),
-    (hd % s.headdim == 0, f"student headdim {s.headdim} does not divide teacher head dim {hd}"),
-  )
-  return [reason for fits, reason in checks if not fits]
-
-
-def check_kinds(student_cfg, teacher_cfg=None) -> None:
-  """Refuses a pair this mapping does not know: an Adventurer student, a ViT teacher (None:
-  the teacher is not known yet)."""
-  if teacher_cfg is not None and not isinstance(teacher_cfg, ViTConfig):
-    raise UserError(
-      f"distill.student_init='teacher' maps a ViT teacher (kind 'vit'); this teacher is a "
-      f"{models.kind_of(teacher_cfg)!r} model."
-    )
-  if not isinstance(student_cfg, AdventurerConfig):
-    raise UserError(
-      f"distill.student_init='teacher' builds an Adventurer student (kind 'adventurer'); "
-      f"this student is a {models.kind_of(student_cfg)!r} model."
-    )
-
-
-def check_fit(student_cfg, teacher_cfg, *, allow_partial: bool) -> list:
-  """The pair's misfits, or one UserError naming them unless `allow_partial`.
-
-  Args:
-    student_cfg: the student's AdventurerConfig.
-    teacher_cfg: the teacher's ViTConfig.
-    allow_partial: copy what fits and keep the rest at the student's own init.
-  Returns:
-    The `Misfit`s (empty when everything fits).
-  Raises:
-    UserError: a pair of other kinds; or misfits, and not `allow_partial`.
-  """
-  check_kinds(student_cfg, teacher_cfg)
-  found = misfits(student_cfg, teacher_cfg)
-  if found and not allow_partial:
-    fit = ", ".join(f"{k}={v!r}" for k, v in fitting_overrides(teacher_cfg).items())
-    raise UserError(
-      "distill.student_init='teacher': these student parameters cannot take the teacher's "
-      "weights: "
-      + "; ".join(f"{m.params} ({m.reason})" for m in found)
-      + f". A student they all fit: student.overrides = dict({fit}) (the student's patch may "
-      f"differ). Or copy what fits and keep the rest at the student's own init: {PARTIAL_FLAG}."
-    )
-  return found
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,7 +55,7 @@ def init_from_teacher(student: nnx.Module, teacher: nnx.Module, *, allow_partial
   Raises:
     UserError: models of other kinds, or shapes that do not fit and not `allow_partial`.
   """
-  found = check_fit(student.cfg, teacher.cfg, allow_partial=allow_partial)
+  found = teacher_fit.check_fit(student.cfg, teacher.cfg, allow_partial=allow_partial)
   blocked = {m.part: m.reason for m in found}
   rows = _embeddings(student, teacher, blocked)
   for copy in (_norms, _mixer, _mlp):

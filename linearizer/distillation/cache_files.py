@@ -1,0 +1,116 @@
+"""The teacher cache's files (`teacher_cache`): raw arrays on disk, their sizes, the JSON
+beside them, and the digests and fields that tell one cache's setup from another's.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from linearizer import data
+
+
+# ---------------------------------------------------------------------------------------
+# The arrays on disk.
+# ---------------------------------------------------------------------------------------
+def open_arrays(directory: str, leaves: list, dtype, rows: int, mode: str) -> dict:
+  """{'leaves': a memory map per teacher output, 'checks': the views' pixel sums}."""
+  arrays = [
+    np.memmap(os.path.join(directory, f"leaf{i}.bin"), dtype, mode, shape=(rows, *shape))
+    for i, shape in enumerate(leaves)
+  ]
+  checks = np.memmap(os.path.join(directory, "checks.bin"), np.float64, mode, shape=(rows,))
+  return {"leaves": arrays, "checks": checks}
+
+
+def size_of(leaves: list, dtype, rows: int) -> int:
+  """Bytes the cache takes: every output and pixel sum, for every row."""
+  per_row = sum(math.prod(shape) for shape in leaves) * np.dtype(dtype).itemsize + 8
+  return per_row * rows
+
+
+def human(n: float) -> str:
+  """A byte count for people: '123.1 MiB'."""
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if n < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}"
+    n /= 1024
+
+
+def read_json(path: str) -> Optional[dict]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, value: dict) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + ".tmp", path)  # a stop mid-write leaves the previous record
+
+
+def parameters_digest(params) -> str:
+  """A hash of the teacher's weights: a cache of another teacher is never read."""
+  digest = hashlib.blake2b(digest_size=16)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(f"{jax.tree_util.keystr(path)}{array.shape}{array.dtype}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+# Teacher config fields that change how fast its tokens come, never what they are.
+SPEED_FIELDS = (
+  "attention_impl",
+  "blocked_attention_tokens",
+  "attention_block_q",
+  "attention_block_k",
+  "drop_path",
+  "num_classes",
+  "head_bias",
+)
+
+
+def teacher_fields(cfg) -> dict:
+  """The teacher config's fields its tokens depend on (its weights are hashed apart)."""
+  fields = dataclasses.asdict(cfg)
+  return {k: v for k, v in fields.items() if k not in SPEED_FIELDS}
+
+
+def source_digest(source) -> str:
+  """Which examples a source holds: its name and, down a chain of `data.Part`s (a labelled
+  subset, a held-out split), their indices, hashed (another subset of the same size and
+  name is another cache)."""
+  digest = hashlib.blake2b(source.name.encode(), digest_size=16)
+  while isinstance(source, data.Part):
+    digest.update(np.ascontiguousarray(source.index, np.int64).tobytes())
+    source = source.source
+  return digest.hexdigest()
+
+
+def differences(cached: dict, now: dict) -> list:
+  """'field: cached … vs now …' for every fingerprint field that differs."""
+  return [
+    f"{k}: cached {cached.get(k)!r} vs now {now.get(k)!r}"
+    for k in sorted(set(cached) | set(now))
+    if cached.get(k) != now.get(k)
+  ]
+
+
+def across_processes(value, reduce):
+  """`reduce` (np.all, np.min, np.max) of every process's `value`: multi-host runs decide
+  together."""
+  if jax.process_count() == 1:
+    return value
+  return reduce(multihost_utils.process_allgather(np.asarray(value))).item()
+
+
+def all_processes(flag: bool) -> bool:
+  return bool(across_processes(flag, np.all))
