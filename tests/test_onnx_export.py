@@ -30,6 +30,7 @@ ort = pytest.importorskip("onnxruntime")
 from linearizer import models, serving  # noqa: E402
 from linearizer.errors import UserError  # noqa: E402
 from linearizer.export import cli as export_cli  # noqa: E402
+from linearizer.export import onnx_graph  # noqa: E402
 from linearizer.export import to_onnx as onnx_export  # noqa: E402
 from linearizer.models import saved  # noqa: E402
 from test_robustness import assert_clean_error  # noqa: E402
@@ -135,8 +136,8 @@ def test_each_flip_pattern_flips_its_blocks():
     model = dataclasses.replace(cfg, flip_pattern=pattern)
     layers = models.adventurer.FLIP_PATTERNS[pattern]
     assert {i for i in range(8) if layers(i)} == flips  # what each Block's `flip` is set from
-    graph = onnx_export._Graph(onnx)
-    onnx_export._student(graph, model, params, 16)
+    graph = onnx_graph.Graph(onnx)
+    onnx_graph.student_graph(graph, model, params, 16)
     scopes = [n.name.split("/")[0] for n in graph.nodes if n.op_type == "Gather"]
     assert {int(s.removeprefix("layers.")) for s in scopes if s.startswith("layers.")} == flips
   assert [b.flip for b in abstract.layers] == [i in FLIPS_AT_DEPTH_8["alternate"] for i in range(8)]
