@@ -4,7 +4,7 @@
   python main.py --config configs/bench.py:teacher=B/16,student=B/16,resolutions=224+448 \
       --workdir /tmp/bench
 
-Empty / 0 settings mean "the default for this backend" (linearizer.bench.runner.settings):
+Empty / 0 settings mean "the default for this backend" (linearizer/bench/settings.py):
 B/16 vs Adventurer-B/16, bf16, batch 32, resolutions up to 2048² on an accelerator;
 Ti/16 vs Adventurer-Ti/16, float32, batch 1, up to 1024² on CPU (about 5 minutes on 2 cores).
 Args: smoke, teacher, student, resolutions (joined by '+'), batch, dtype, chunk_size,

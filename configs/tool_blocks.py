@@ -93,7 +93,7 @@ def ablation(**given) -> ml_collections.ConfigDict:
 
 
 def bench(**given) -> ml_collections.ConfigDict:
-  """The `bench` stage (linearizer/bench.py). Empty / 0 = the default for this backend."""
+  """The `bench` stage (linearizer/bench/). Empty / 0 = the default for this backend."""
   declared = dict(
     parts=("forward", "train_step", "supervised_step", "segment", "ssd"),  # what to measure
     teacher_kind="vit",  # an architecture of linearizer.models
@@ -118,7 +118,7 @@ def bench(**given) -> ml_collections.ConfigDict:
     train_batch=0,  # 0 = 64 on accelerators, 2 on CPU
     max_batch=None,  # search the largest batch that fits; None = accelerators only
     max_batch_limit=4096,  # ... up to this batch
-    peak_flops=0.0,  # FLOP/s for MFU; 0 = the table in linearizer/bench_results.py
+    peak_flops=0.0,  # FLOP/s for MFU; 0 = the table in linearizer/bench/results.py
     # The SSD kernels alone, at the student's scan shapes.
     ssd=dict(
       batch=0,  # 0 = 8 on accelerators, 1 on CPU

@@ -115,7 +115,7 @@ GRAPH = {m: imports(p) for m, p in MODULES.items()}
 # benchmark's PyTorch peers are imported only where torch is installed (an extra).
 LAZY = {
   ("linearizer", "linearizer.serving"),
-  ("linearizer.bench.runner", "linearizer.bench.torch_peers"),
+  ("linearizer.bench.forward", "linearizer.bench.torch_peers"),
 }
 
 

@@ -2,9 +2,9 @@
 Face `ViTModel` with SDPA attention, no pooler) and our pure-PyTorch Adventurer
 (`torch_adventurer.py`, what `--format torch` exports), both at random weights.
 
-Timed as bench.py times JAX: one warm-up call, then the median of `repeats` calls, each
+Timed as `timing` times JAX: one warm-up call, then the median of `repeats` calls, each
 ended by a device synchronise, under `torch.inference_mode`. torch uses its default thread
-count (one per core). Needs torch (and transformers for the ViT): `linearizer/bench/runner.py`
+count (one per core). Needs torch (and transformers for the ViT): `linearizer/bench/forward.py`
 imports this module only when they are installed.
 """
 
