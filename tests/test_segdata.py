@@ -72,7 +72,7 @@ def test_digit_scenes_train_and_test_use_disjoint_mnist_images():
 
 @pytest.mark.parametrize("size, n", [(64, 240), (512, 3)])
 def test_digit_scene_labels_follow_the_digits(size, n):
-  digits, classes = data._mnist()
+  digits, classes = data.mnist()
   scenes = segdata.DigitScenes("train", size=size, num_scenes=n)
   assert scenes.num_classes == 11
   for i in range(n):

@@ -58,7 +58,7 @@ def _check_split(split: str, name: str) -> None:
 # ---------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _mnist():
-  return data._mnist()  # read once per process, also in grain's workers
+  return data.mnist()  # read once per process, also in grain's workers
 
 
 DIGITS = (2, 4)  # digits per scene
