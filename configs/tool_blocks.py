@@ -12,8 +12,8 @@ from configs.fields import build
 
 
 def segment(**given) -> ml_collections.ConfigDict:
-  """The `segment` stage (linearizer/segment.py): every backbone fine-tuned with the same
-  head, data and budget. Defaults: mmseg's ViT-B UperNet on ADE20K
+  """The `segment` stage (linearizer/segmentation/stage.py): every backbone fine-tuned with
+  the same head, data and budget. Defaults: mmseg's ViT-B UperNet on ADE20K
   (configs/mae/upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py), method.md §9."""
   declared = dict(
     # 'teacher', 'distill', 'finetune', 'train_student' (this run's stages), 'scratch' (a

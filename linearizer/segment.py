@@ -1,7 +1,8 @@
 """`python -m linearizer.segment predict ...`, and the metrics users import from here
 (`confusion_matrix`, `segmentation_scores`); the feature lives in `linearizer.segmentation`."""
 
-from linearizer.segmentation.stage import confusion_matrix, main, segmentation_scores
+from linearizer.segmentation.cli import main
+from linearizer.segmentation.metrics import confusion_matrix, segmentation_scores
 
 __all__ = ["confusion_matrix", "main", "segmentation_scores"]
 

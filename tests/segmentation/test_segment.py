@@ -16,50 +16,50 @@ from PIL import Image
 from linearizer import models
 from linearizer.errors import UserError
 from linearizer.models.segmenter import Segmenter, SegmenterConfig, default_out_indices
-from linearizer.segmentation import data as segdata
-from linearizer.segmentation import stage as segment
+from linearizer.segment import confusion_matrix, segmentation_scores
+from linearizer.segmentation import inference, metrics, pipeline, scenes, stage, step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_confusion_matrix_and_scores_by_hand():
   label = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
   pred = np.array([[0, 1, 1, 1], [2, 0, 2, 0]])
-  cm = segment.confusion_matrix(pred, label, 4)
+  cm = metrics.confusion_matrix(pred, label, 4)
   # rows truth, columns prediction; the 255 pixel is left out; class 3 is nowhere
   assert cm.dtype == np.int64 and cm.shape == (4, 4)
   np.testing.assert_array_equal(cm, [[1, 1, 0, 0], [1, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
-  s = segment.segmentation_scores(cm)
+  s = metrics.segmentation_scores(cm)
   # IoU = tp / (truth + predicted − tp): 1/(2+3−1), 2/(3+3−2), 1/(2+1−1); class 3 NaN
   np.testing.assert_allclose(s["iou"][:3], [1 / 4, 2 / 4, 1 / 2])
   assert np.isnan(s["iou"][3])
   assert s["miou"] == pytest.approx((1 / 4 + 1 / 2 + 1 / 2) / 3)
   assert s["macc"] == pytest.approx((1 / 2 + 2 / 3 + 1 / 2) / 3)
   assert s["aacc"] == pytest.approx(4 / 7)
-  assert json.loads(json.dumps(segment.json_safe(s)))["iou"][3] is None
+  assert json.loads(json.dumps(stage.json_safe(s)))["iou"][3] is None
   # JAX arrays give the same counts
   np.testing.assert_array_equal(
-    segment.confusion_matrix(jnp.asarray(pred), jnp.asarray(label), 4), cm
+    metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(label), 4), cm
   )
 
 
 def test_a_class_predicted_but_absent_from_the_truth_counts_in_miou_not_macc():
-  cm = segment.confusion_matrix(np.array([0, 1]), np.array([0, 0]), 2)
-  s = segment.segmentation_scores(cm)
+  cm = metrics.confusion_matrix(np.array([0, 1]), np.array([0, 0]), 2)
+  s = metrics.segmentation_scores(cm)
   assert s["iou"] == [0.5, 0.0] and s["miou"] == 0.25 and s["macc"] == 0.5
 
 
 def test_confusion_matrix_refuses_what_is_not_a_class_map():
   with pytest.raises(UserError, match="shape"):
-    segment.confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), 3)
+    metrics.confusion_matrix(np.zeros((2, 2)), np.zeros((2, 3)), 3)
   with pytest.raises(UserError, match="0 … 2"):
-    segment.confusion_matrix(np.zeros((2, 2)), np.full((2, 2), 7), 3)
+    metrics.confusion_matrix(np.zeros((2, 2)), np.full((2, 2), 7), 3)
 
 
 def test_windows_follow_mmsegs_grid():
   # H=10, crop 6, stride 4: rows (10 − 6 + 3) // 4 + 1 = 2, the last flush with the border
-  assert segment.windows((10, 6), (6, 6), (4, 4)) == [(0, 6, 0, 6), (4, 10, 0, 6)]
-  assert segment.windows((5, 5), (8, 8), (4, 4)) == [(0, 5, 0, 5)]  # smaller than a crop
+  assert inference.windows((10, 6), (6, 6), (4, 4)) == [(0, 6, 0, 6), (4, 10, 0, 6)]
+  assert inference.windows((5, 5), (8, 8), (4, 4)) == [(0, 5, 0, 5)]  # smaller than a crop
 
 
 def test_sliding_windows_average_a_pixelwise_model_exactly():
@@ -67,8 +67,8 @@ def test_sliding_windows_average_a_pixelwise_model_exactly():
   sliding average equals the whole-image pass, whatever the overlap."""
   image = np.random.default_rng(0).normal(size=(23, 17, 3)).astype(np.float32)
   fn = lambda x: jnp.concatenate([x, -x], axis=-1) * 2.0
-  whole = segment.infer(fn, image, "whole")
-  np.testing.assert_allclose(segment.infer(fn, image, "slide", (8, 8), (5, 3)), whole, 1e-6)
+  whole = inference.infer(fn, image, "whole")
+  np.testing.assert_allclose(inference.infer(fn, image, "slide", (8, 8), (5, 3)), whole, 1e-6)
 
 
 def test_sliding_windows_sum_and_count_each_pixels_windows():
@@ -80,12 +80,12 @@ def test_sliding_windows_sum_and_count_each_pixels_windows():
     calls.append(1)
     return jnp.full(x.shape[:3] + (1,), float(len(calls)))
 
-  out = segment.infer(fn, np.zeros((10, 10, 3), np.float32), "slide", (6, 6), (4, 4))[..., 0]
+  out = inference.infer(fn, np.zeros((10, 10, 3), np.float32), "slide", (6, 6), (4, 4))[..., 0]
   # window order: (rows 0-6, cols 0-6) = 1, (0-6, 4-10) = 2, (4-10, 0-6) = 3, (4-10, 4-10) = 4
   assert (out[0, 0], out[0, 9], out[9, 0], out[9, 9]) == (1, 2, 3, 4)
   assert out[0, 5] == 1.5 and out[5, 0] == 2.0 and out[5, 5] == 2.5
   with pytest.raises(UserError, match="0 < stride ≤ crop"):
-    segment.infer(fn, np.zeros((10, 10, 3), np.float32), "slide", (6, 6), (7, 7))
+    inference.infer(fn, np.zeros((10, 10, 3), np.float32), "slide", (6, 6), (7, 7))
 
 
 def tiny(kind, **extra):
@@ -106,17 +106,17 @@ def test_segmenter_shapes_at_another_size_and_one_window_equals_whole(kind):
     rngs=nnx.Rngs(0),
   )
   image = np.random.default_rng(1).normal(size=(30, 45, 3)).astype(np.float32)
-  fn = segment.forward_fn(model)
-  whole = segment.infer(fn, image, "whole")
+  fn = inference.forward_fn(model)
+  whole = inference.infer(fn, image, "whole")
   assert whole.shape == (30, 45, 5)
-  np.testing.assert_allclose(segment.infer(fn, image, "slide", (32, 48), (16, 16)), whole, 1e-5)
+  np.testing.assert_allclose(inference.infer(fn, image, "slide", (32, 48), (16, 16)), whole, 1e-5)
   logits, aux = model(jnp.asarray(image[None]))  # the training call: the auxiliary head too
   assert aux.shape == (1, 30, 45, 5)
   np.testing.assert_allclose(np.asarray(logits[0]), whole, atol=1e-5)
   linear = Segmenter(
     tiny(kind), SegmenterConfig(num_classes=5, head="linear", aux_channels=0), rngs=nnx.Rngs(0)
   )
-  logits = segment.forward_fn(linear)(jnp.zeros((2, 20, 36, 3)))
+  logits = inference.forward_fn(linear)(jnp.zeros((2, 20, 36, 3)))
   assert logits.shape == (2, 20, 36, 5)
 
 
@@ -135,7 +135,17 @@ def test_the_ignored_pixels_carry_no_loss():
       jnp.log(jnp.exp(logits[0, 1, 0]) / jnp.exp(logits[0, 1, 0]).sum())[2],
     ]
   )
-  assert float(segment.pixel_cross_entropy(logits, label)) == pytest.approx(float(by_hand), 1e-6)
+  assert float(step.pixel_cross_entropy(logits, label)) == pytest.approx(float(by_hand), 1e-6)
+
+
+def test_the_metric_contract_reads_from_linearizer_segment():
+  """`linearizer.segment.confusion_matrix(pred, label, num_classes, ignore_index=255)` and
+  `segmentation_scores(cm)`, where users import them, are the segmentation package's."""
+  assert confusion_matrix is metrics.confusion_matrix
+  assert segmentation_scores is metrics.segmentation_scores
+  cm = confusion_matrix(np.array([1, 0, 1]), np.array([1, 7, 0]), 2, ignore_index=7)
+  np.testing.assert_array_equal(cm, [[0, 1], [0, 1]])
+  assert segmentation_scores(cm)["aacc"] == 0.5
 
 
 CM_SHARE = """
@@ -143,16 +153,15 @@ import sys
 import jax
 jax.distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
 import numpy as np
-from linearizer.segmentation import data as segdata
-from linearizer.segmentation import stage as segment
-source = segdata.DigitScenes("test", size=32, num_scenes=5, seed=0)
+from linearizer.segmentation import metrics, pipeline, scenes
+source = scenes.DigitScenes("test", size=32, num_scenes=5, seed=0)
 cm = np.zeros((11, 11), np.int64)
-for i, image, label in segdata.eval_items(
+for i, image, label in pipeline.eval_items(
   source, process_index=jax.process_index(), process_count=jax.process_count()
 ):
-  cm += segment.confusion_matrix((image[..., 0] > 100) * (i % 11), label, 11)
+  cm += metrics.confusion_matrix((image[..., 0] > 100) * (i % 11), label, 11)
 cm += 2**33  # counts past int32, as a large eval set's
-total = segment.all_processes_sum(cm)
+total = metrics.all_processes_sum(cm)
 if jax.process_index() == 0:
   np.save(sys.argv[4], total)
 """
@@ -161,10 +170,10 @@ if jax.process_index() == 0:
 def test_two_processes_count_every_image_once(tmp_path):
   """Each process scores its share (5 images over 2 processes); the sum is the total a
   single pass over all five gives, also for counts past 2**31."""
-  source = segdata.DigitScenes("test", size=32, num_scenes=5, seed=0)
+  source = scenes.DigitScenes("test", size=32, num_scenes=5, seed=0)
   expected = sum(
-    segment.confusion_matrix((image[..., 0] > 100) * (i % 11), label, 11)
-    for i, image, label in segdata.eval_items(source)
+    metrics.confusion_matrix((image[..., 0] > 100) * (i % 11), label, 11)
+    for i, image, label in pipeline.eval_items(source)
   )
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -260,9 +269,9 @@ def check_the_exported_model_and_predict(model_dir, tmp_path):
     np.asarray(serving.load_serving(str(model_dir))(x)), np.asarray(model(x)[0]), atol=1e-5
   )
   (tmp_path / "images").mkdir()
-  scenes = segdata.DigitScenes("test", size=40, num_scenes=2, seed=3)
+  digit_scenes = scenes.DigitScenes("test", size=40, num_scenes=2, seed=3)
   for i in range(2):
-    Image.fromarray(scenes[i][0][: 40 - 8 * i]).save(tmp_path / "images" / f"scene{i}.png")
+    Image.fromarray(digit_scenes[i][0][: 40 - 8 * i]).save(tmp_path / "images" / f"scene{i}.png")
   out = predict(model_dir, tmp_path / "images", tmp_path / "masks").stdout
   assert "2 label map(s)" in out
   for i in range(2):
@@ -327,7 +336,7 @@ def test_the_recipes_carry_the_mmseg_numbers():
     (2048, 1024),
   )
   assert cs.data.source.startswith("cityscapes:")
-  segment.check_windows(cs.eval.crop, cs.eval.stride)  # every pixel covered
+  inference.check_windows(cs.eval.crop, cs.eval.stride)  # every pixel covered
 
 
 def test_a_dataset_with_an_image_but_no_mask_is_refused_before_any_stage(tmp_path):

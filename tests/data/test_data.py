@@ -19,6 +19,7 @@ from PIL import Image
 
 from configs import common
 from linearizer import data
+from linearizer.data import transforms
 from linearizer.errors import UserError
 
 SIZE = 16
@@ -555,7 +556,7 @@ def test_rand_augment_applies_each_op_with_probability_half(monkeypatch):
   """Two ops are drawn per image; each runs with p = 0.5 (timm's default prob)."""
   calls = []
   monkeypatch.setattr(
-    data, "RANDAUG_OPS", {n: (lambda im, m, fill, n=n: calls.append(n) or im) for n in "ab"}
+    transforms, "RANDAUG_OPS", {n: (lambda im, m, fill, n=n: calls.append(n) or im) for n in "ab"}
   )
   rng, n = np.random.default_rng(0), 4000
   for _ in range(n):
@@ -568,7 +569,7 @@ def test_rand_augment_applies_each_op_with_probability_half(monkeypatch):
 def test_train_transform_fills_with_the_mean_colour(cfg, monkeypatch):
   """RandAugment's fill is the normalisation mean in 0-255 (timm's img_mean)."""
   seen = []
-  monkeypatch.setattr(data, "rand_augment", lambda img, rng, fill: seen.append(fill) or img)
+  monkeypatch.setattr(transforms, "rand_augment", lambda img, rng, fill: seen.append(fill) or img)
   aug = data.override(cfg, randaugment=True)
   transform = data.Transform(aug, True, (0.5, 0.25, 1.0), STD)
   transform(np.zeros((20, 20, 3), np.uint8), np.random.default_rng(0))

@@ -1,4 +1,5 @@
-"""Tests of linearizer.segmentation.data: the segmentation sources, mmseg's augmentation, the pipelines.
+"""Tests of the segmentation data: its sources and digit scenes, mmseg's augmentation, the
+pipelines (linearizer.segmentation.sources, scenes, augment, pipeline).
 
 Oracles: MNIST's own labels and data.split_index (which digits a scene may use), files
 written here with PIL (the readers' mappings checked value by value against the published
@@ -18,7 +19,7 @@ from PIL import Image, ImageFilter
 
 from linearizer import data
 from linearizer.errors import MissingPathError, UserError
-from linearizer.segmentation import data as segdata
+from linearizer.segmentation import augment, pipeline, scenes, sources
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -44,24 +45,24 @@ def rgb(h=8, w=12, value=0):
 # DigitScenes.
 # ---------------------------------------------------------------------------------------
 def test_digit_scenes_are_a_function_of_seed_split_and_index():
-  a = segdata.DigitScenes("train", size=64, num_scenes=10)
+  a = scenes.DigitScenes("train", size=64, num_scenes=10)
   forward = [a[i] for i in range(6)]
-  fresh = segdata.DigitScenes("train", size=64, num_scenes=10)
+  fresh = scenes.DigitScenes("train", size=64, num_scenes=10)
   backward = {i: fresh[i] for i in (5, 3, 1, 4, 0, 2)}
   for i, (image, label) in enumerate(forward):
     np.testing.assert_array_equal(image, backward[i][0])
     np.testing.assert_array_equal(label, backward[i][1])
     np.testing.assert_array_equal(image, a[i][0])  # again, from the same object
-  other = segdata.DigitScenes("train", size=64, num_scenes=10, seed=1)
+  other = scenes.DigitScenes("train", size=64, num_scenes=10, seed=1)
   assert not np.array_equal(other[0][0], forward[0][0])
   assert not np.array_equal(a[0][0], a[1][0])
   assert len(a) == 10
-  assert (len(segdata.DigitScenes("train")), len(segdata.DigitScenes("test"))) == (2000, 200)
+  assert (len(scenes.DigitScenes("train")), len(scenes.DigitScenes("test"))) == (2000, 200)
 
 
 def test_digit_scenes_train_and_test_use_disjoint_mnist_images():
-  train = segdata.DigitScenes("train", size=64, num_scenes=60)
-  test = segdata.DigitScenes("test", size=64, num_scenes=60)
+  train = scenes.DigitScenes("train", size=64, num_scenes=60)
+  test = scenes.DigitScenes("test", size=64, num_scenes=60)
   used = lambda src: {m for i in range(len(src)) for m in src.digits_of(i)}
   a, b = used(train), used(test)
   assert len(a) > 100 and len(b) > 100
@@ -72,15 +73,15 @@ def test_digit_scenes_train_and_test_use_disjoint_mnist_images():
 
 @pytest.mark.parametrize("size, n", [(64, 240), (512, 3)])
 def test_digit_scene_labels_follow_the_digits(size, n):
-  digits, classes = data._mnist()
-  scenes = segdata.DigitScenes("train", size=size, num_scenes=n)
-  assert scenes.num_classes == 11
+  digits, classes = data.mnist()
+  digit_scenes = scenes.DigitScenes("train", size=size, num_scenes=n)
+  assert digit_scenes.num_classes == 11
   for i in range(n):
-    image, label = scenes[i]
+    image, label = digit_scenes[i]
     assert image.shape == (size, size, 3) and image.dtype == np.uint8
     assert label.shape == (size, size) and label.dtype == np.uint8
     assert set(np.unique(label)) <= set(range(11))
-    layout = scenes.layout(i)
+    layout = digit_scenes.layout(i)
     assert 2 <= len(layout) <= 4
     covered = np.zeros((size, size), bool)
     for m, (y, x, side) in layout:
@@ -100,7 +101,7 @@ def test_digit_scene_labels_follow_the_digits(size, n):
 
 def test_digit_scenes_refuse_a_bad_split():
   with pytest.raises(UserError, match="split 'val'"):
-    segdata.DigitScenes("val")
+    scenes.DigitScenes("val")
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def test_augment_keeps_labels_aligned_with_their_pixels():
   image, label = colour_coded()
   padded_some = unpadded_some = False
   for seed in range(40):
-    out, lab = segdata.augment(
+    out, lab = augment.augment(
       image, label, np.random.default_rng(seed), crop=(64, 64), scale=(128, 96),
       photometric=False,
     )  # fmt: skip
@@ -165,14 +166,14 @@ def test_augment_rescales_into_the_scale_at_the_drawn_ratio():
   bound); × 0.5 is 48×64 (the unpadded part of a crop as large as the scale)."""
   image, label = colour_coded()
   for ratio, (h, w) in ((1.0, (96, 128)), (0.5, (48, 64))):
-    out, lab = segdata.augment(
+    out, lab = augment.augment(
       image, label, np.random.default_rng(0), crop=(100, 140), scale=(256, 96),
       ratio_range=(ratio, ratio), flip=False, photometric=False, cat_max_ratio=1.0,
     )  # fmt: skip
     assert ((lab != 255) | (out != 0).any(-1)).sum(0).max() == h  # real rows per column
     assert (out != 0).any(-1).any(0).sum() == w
   np.testing.assert_array_equal(
-    segdata.augment(
+    augment.augment(
       image, label, np.random.default_rng(0), crop=(96, 128), scale=(128, 96),
       ratio_range=(1, 1), flip=False, photometric=False, cat_max_ratio=1.0,
     )[1],
@@ -184,7 +185,7 @@ def test_flip_mirrors_image_and_label_together_about_half_the_time():
   image, label = colour_coded()
   flips = 0
   for seed in range(40):
-    out, lab = segdata.augment(
+    out, lab = augment.augment(
       image, label, np.random.default_rng(seed), crop=(96, 128), scale=(128, 96),
       ratio_range=(1, 1), cat_max_ratio=1.0, photometric=False,
     )  # fmt: skip
@@ -200,8 +201,8 @@ def test_photometric_distortion_changes_the_image_only():
   changed = 0
   for seed in range(10):
     kw = dict(crop=(64, 64), scale=(128, 96))
-    a = segdata.augment(image, label, np.random.default_rng(seed), photometric=False, **kw)
-    b = segdata.augment(image, label, np.random.default_rng(seed), **kw)
+    a = augment.augment(image, label, np.random.default_rng(seed), photometric=False, **kw)
+    b = augment.augment(image, label, np.random.default_rng(seed), **kw)
     np.testing.assert_array_equal(a[1], b[1])
     assert b[0].dtype == np.uint8
     changed += not np.array_equal(a[0], b[0])
@@ -213,7 +214,7 @@ def test_photometric_distortion_ranges_on_grey():
   contrast (× 0.5–1.5, p = 0.5): a grey in [48, 240], unchanged a quarter of the time."""
   values = []
   for seed in range(200):
-    out = segdata.photometric_distortion(
+    out = augment.photometric_distortion(
       np.full((4, 5, 3), 128, np.uint8), np.random.default_rng(seed)
     )
     assert out.shape == (4, 5, 3) and out.dtype == np.uint8
@@ -240,7 +241,7 @@ def test_cat_max_ratio_retries_crops_that_one_class_dominates():
   for ratio in (0.75, 1.0):
     hits = 0
     for seed in range(300):
-      out, lab = segdata.augment(
+      out, lab = augment.augment(
         image, label, np.random.default_rng(seed), crop=(24, 24), scale=(64, 64),
         ratio_range=(1, 1), cat_max_ratio=ratio, flip=False, photometric=False,
       )  # fmt: skip
@@ -254,7 +255,7 @@ def test_cat_max_ratio_retries_crops_that_one_class_dominates():
 
 
 def test_normalize():
-  out = segdata.normalize(np.full((3, 4, 3), 128, np.uint8), MEAN, STD)
+  out = augment.normalize(np.full((3, 4, 3), 128, np.uint8), MEAN, STD)
   assert out.dtype == np.float32 and out.shape == (3, 4, 3)
   expected = (128 / 255 - np.asarray(MEAN)) / np.asarray(STD)
   np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), rtol=1e-5)
@@ -271,8 +272,8 @@ def test_ade20k_reduces_the_zero_label_and_keeps_its_splits(tmp_path):
       (tmp_path / "images" / split).mkdir(parents=True, exist_ok=True)
       Image.fromarray(rgb(value=10 * k + 5)).save(tmp_path / "images" / split / f"ADE_{stem}.jpg")
       png(tmp_path / "annotations" / split / f"ADE_{stem}.png", values, "P" if k else None)
-  train = segdata.seg_source(f"ade20k:{tmp_path}", "train")
-  test = segdata.seg_source(f"ade20k:{tmp_path}", "test")
+  train = pipeline.seg_source(f"ade20k:{tmp_path}", "train")
+  test = pipeline.seg_source(f"ade20k:{tmp_path}", "test")
   assert (len(train), len(test), train.num_classes) == (2, 1, 150)
   expected = np.array([[255, 0, 149, 255, 1, 148] * 2] * 8)
   for src in (train, test):
@@ -301,8 +302,8 @@ def cityscapes_tree(root):
 
 def test_cityscapes_maps_label_ids_and_uses_train_ids_as_they_are(tmp_path):
   trainids = cityscapes_tree(tmp_path)
-  train = segdata.seg_source(f"cityscapes:{tmp_path}", "train")
-  test = segdata.seg_source(f"cityscapes:{tmp_path}", "test")
+  train = pipeline.seg_source(f"cityscapes:{tmp_path}", "train")
+  test = pipeline.seg_source(f"cityscapes:{tmp_path}", "test")
   assert (len(train), len(test), train.num_classes) == (2, 1, 19)
   mapped = np.array([[0, 18, 255, 13, 1, 255]] * 8).repeat(2, 1)  # 7, 33, 0, 26, 8, 255
   np.testing.assert_array_equal(train[0][1], mapped)  # a: its labelIds, mapped
@@ -316,7 +317,7 @@ def test_the_cityscapes_table_is_the_official_one():
   official = [(7, 0), (8, 1), (11, 2), (12, 3), (13, 4), (17, 5), (19, 6), (20, 7), (21, 8),
               (22, 9), (23, 10), (24, 11), (25, 12), (26, 13), (27, 14), (28, 15), (31, 16),
               (32, 17), (33, 18)]  # fmt: skip
-  assert sorted(segdata.CITYSCAPES_TRAIN_IDS.items()) == official
+  assert sorted(sources.CITYSCAPES_TRAIN_IDS.items()) == official
 
 
 def segfolder(root, n=10, sub=""):
@@ -334,8 +335,8 @@ def segfolder(root, n=10, sub=""):
 
 def test_segfolder_pairs_stems_and_splits_the_sorted_list(tmp_path):
   segfolder(tmp_path)
-  train = segdata.seg_source(f"segfolder:{tmp_path}", "train")
-  test = segdata.seg_source(f"segfolder:{tmp_path}", "test")
+  train = pipeline.seg_source(f"segfolder:{tmp_path}", "train")
+  test = pipeline.seg_source(f"segfolder:{tmp_path}", "test")
   assert train.num_classes == test.num_classes == 4
   stems = lambda src: [int(p[0].rsplit("s", 1)[1][:2]) for p in src.pairs]
   order = lambda split: sorted(data.split_index(10, split, data.TEST_FRACTION).tolist())
@@ -352,12 +353,12 @@ def test_segfolder_split_folders_and_num_classes(tmp_path):
   segfolder(tmp_path, n=6, sub="val")  # stems s03..s05 hold class 3, only in val
   for i in range(3):
     png(tmp_path / "masks" / "train" / f"s{i:02d}.png", np.full((8, 12), i % 3, np.uint8))
-  train = segdata.seg_source(f"segfolder:{tmp_path}", "train")
-  test = segdata.seg_source(f"segfolder:{tmp_path}", "test")
+  train = pipeline.seg_source(f"segfolder:{tmp_path}", "train")
+  test = pipeline.seg_source(f"segfolder:{tmp_path}", "test")
   assert (len(train), len(test)) == (3, 6)
   assert all("/train/" in p[0] for p in train.pairs) and all("/val/" in p[0] for p in test.pairs)
   assert train.num_classes == test.num_classes == 4  # scanned over both splits
-  assert segdata.seg_source(f"segfolder:{tmp_path}", "train", num_classes=7).num_classes == 7
+  assert pipeline.seg_source(f"segfolder:{tmp_path}", "train", num_classes=7).num_classes == 7
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def test_segfolder_split_folders_and_num_classes(tmp_path):
 @pytest.mark.parametrize("kind", ["segfolder", "ade20k", "cityscapes"])
 def test_a_missing_root(tmp_path, kind):
   with pytest.raises(MissingPathError, match="nowhere.*does not exist"):
-    segdata.seg_source(f"{kind}:{tmp_path / 'nowhere'}", "train")
+    pipeline.seg_source(f"{kind}:{tmp_path / 'nowhere'}", "train")
 
 
 @pytest.mark.parametrize(
@@ -380,14 +381,14 @@ def test_a_missing_root(tmp_path, kind):
 def test_a_wrong_layout_names_the_folders_expected(tmp_path, kind, expected):
   (tmp_path / "pictures").mkdir()
   with pytest.raises(UserError, match=f"lacks .*expected the folders {expected}"):
-    segdata.seg_source(f"{kind}:{tmp_path}", "train")
+    pipeline.seg_source(f"{kind}:{tmp_path}", "train")
 
 
 def test_an_empty_root(tmp_path):
   (tmp_path / "images").mkdir()
   (tmp_path / "masks").mkdir()
   with pytest.raises(UserError, match="no images in .*images"):
-    segdata.SegFolder(str(tmp_path), "train")
+    sources.SegFolder(str(tmp_path), "train")
 
 
 def test_split_folders_need_both_sides(tmp_path):
@@ -395,7 +396,7 @@ def test_split_folders_need_both_sides(tmp_path):
   segfolder(tmp_path, n=2, sub="val")
   shutil.rmtree(tmp_path / "masks" / "val")
   with pytest.raises(UserError, match="lacks masks/val/"):
-    segdata.SegFolder(str(tmp_path), "test")
+    sources.SegFolder(str(tmp_path), "test")
 
 
 def test_an_image_without_a_mask_and_a_mask_without_an_image(tmp_path):
@@ -403,25 +404,25 @@ def test_an_image_without_a_mask_and_a_mask_without_an_image(tmp_path):
   png(tmp_path / "images" / "extra.png", rgb())
   png(tmp_path / "images" / "lonely.png", rgb())
   with pytest.raises(UserError, match=r"image .*extra\.png has no mask .*\(2 such\)"):
-    segdata.SegFolder(str(tmp_path), "train")
+    sources.SegFolder(str(tmp_path), "train")
   (tmp_path / "images" / "extra.png").unlink()
   (tmp_path / "images" / "lonely.png").unlink()
   png(tmp_path / "masks" / "ghost.png", np.zeros((8, 12)))
   with pytest.raises(UserError, match=r"mask .*ghost\.png has no image"):
-    segdata.SegFolder(str(tmp_path), "train")
+    sources.SegFolder(str(tmp_path), "train")
 
 
 def test_cityscapes_image_without_labels(tmp_path):
   cityscapes_tree(tmp_path)
   (tmp_path / "gtFine" / "val" / "bonn" / "bonn_c_gtFine_labelIds.png").unlink()
   with pytest.raises(UserError, match=r"bonn_c_leftImg8bit\.png has no mask"):
-    segdata.Cityscapes(str(tmp_path), "test")
+    sources.Cityscapes(str(tmp_path), "test")
 
 
 def test_a_mask_of_another_size_is_named_when_read(tmp_path):
   segfolder(tmp_path, n=2)
   png(tmp_path / "masks" / "s01.png", np.zeros((8, 10)))
-  src = segdata.SegFolder(str(tmp_path), "train", num_classes=4)  # reads no mask yet
+  src = sources.SegFolder(str(tmp_path), "train", num_classes=4)  # reads no mask yet
   (k,) = [k for k, pair in enumerate(src.pairs) if pair[1].endswith("s01.png")]
   src[1 - k]  # the other one is fine
   with pytest.raises(UserError, match=r"mask .*s01\.png is 10×8 .* image .*s01\.png is 12×8"):
@@ -442,15 +443,15 @@ def test_a_label_value_out_of_range_is_named_when_read(tmp_path, kind, value, re
   if kind == "segfolder":
     png(tmp_path / "images" / "x.png", rgb())
     png(tmp_path / "masks" / "x.png", mask)
-    src, name = segdata.SegFolder(str(tmp_path), "train", num_classes=3), "x.png"
+    src, name = sources.SegFolder(str(tmp_path), "train", num_classes=3), "x.png"
   elif kind == "ade20k":
     png(tmp_path / "images" / "training" / "x.png", rgb())
     png(tmp_path / "annotations" / "training" / "x.png", mask)
-    src, name = segdata.ADE20K(str(tmp_path), "train"), "x.png"
+    src, name = sources.ADE20K(str(tmp_path), "train"), "x.png"
   else:
     png(tmp_path / "leftImg8bit" / "train" / "c" / "x_leftImg8bit.png", rgb())
     png(tmp_path / "gtFine" / "train" / "c" / "x_gtFine_labelTrainIds.png", mask)
-    src, name = segdata.Cityscapes(str(tmp_path), "train"), "x_gtFine_labelTrainIds.png"
+    src, name = sources.Cityscapes(str(tmp_path), "train"), "x_gtFine_labelTrainIds.png"
   with pytest.raises(UserError, match=rf"mask .*{name} has label value {reported}"):
     src[0]
 
@@ -459,30 +460,30 @@ def test_an_rgb_mask_is_refused(tmp_path):
   png(tmp_path / "images" / "x.png", rgb())
   png(tmp_path / "masks" / "x.png", rgb())
   with pytest.raises(UserError, match=r"mask .*x\.png is a RGB image; expected .*palette"):
-    segdata.SegFolder(str(tmp_path), "train")
+    sources.SegFolder(str(tmp_path), "train")
 
 
 @pytest.mark.parametrize("spec", ["ade", "segfolder:", "digitscenes:64", "folder:x"])
 def test_an_unknown_spec_lists_the_accepted_forms(spec):
   with pytest.raises(UserError, match="expected digitscenes, segfolder:<root>, ade20k:<root>"):
-    segdata.seg_source(spec, "train")
+    pipeline.seg_source(spec, "train")
 
 
 def test_num_classes_below_the_datasets_own(tmp_path):
   with pytest.raises(UserError, match="num_classes=5.*has 11 classes"):
-    segdata.seg_source("digitscenes", "train", num_classes=5)
-  assert segdata.seg_source("digitscenes", "test", size=32, num_scenes=3).num_classes == 11
+    pipeline.seg_source("digitscenes", "train", num_classes=5)
+  assert pipeline.seg_source("digitscenes", "test", size=32, num_scenes=3).num_classes == 11
 
 
 # ---------------------------------------------------------------------------------------
 # Pipelines.
 # ---------------------------------------------------------------------------------------
-SCENES = segdata.DigitScenes("train", size=48, num_scenes=12)
+SCENES = scenes.DigitScenes("train", size=48, num_scenes=12)
 
 
 def batches(**kw):
   kw = dict(dict(crop=(32, 32), scale=(64, 32), global_batch=4, seed=0, mean=MEAN, std=STD), **kw)
-  return segdata.train_batches(SCENES, **kw)
+  return pipeline.train_batches(SCENES, **kw)
 
 
 def take(it, n):
@@ -540,7 +541,7 @@ def test_train_batches_workers_match_in_process():
 def test_sources_and_transforms_pickle(tmp_path):
   """grain's workers receive the per-example callable by pickling."""
   segfolder(tmp_path, n=3)
-  for src in (SCENES, segdata.SegFolder(str(tmp_path), "train")):
+  for src in (SCENES, sources.SegFolder(str(tmp_path), "train")):
     again = pickle.loads(pickle.dumps(src))
     np.testing.assert_array_equal(again[0][1], src[0][1])
 
@@ -548,14 +549,14 @@ def test_sources_and_transforms_pickle(tmp_path):
 def test_eval_items_give_every_process_every_pth_item_in_order():
   seen = []
   for p in range(3):
-    items = list(segdata.eval_items(SCENES, process_index=p, process_count=3))
+    items = list(pipeline.eval_items(SCENES, process_index=p, process_count=3))
     assert [i for i, _, _ in items] == list(range(p, 12, 3))
     seen += [i for i, _, _ in items]
     i, image, label = items[1]
     np.testing.assert_array_equal(image, SCENES[i][0])
     assert image.shape == (48, 48, 3) and label.shape == (48, 48)  # full resolution
   assert sorted(seen) == list(range(12))
-  assert [i for i, _, _ in segdata.eval_items(SCENES, limit=5)] == [0, 1, 2, 3, 4]
+  assert [i for i, _, _ in pipeline.eval_items(SCENES, limit=5)] == [0, 1, 2, 3, 4]
 
 
 class FakeSegTfds:
@@ -577,11 +578,11 @@ class FakeSegTfds:
 def test_tfds_segmentation_key_mapping_on_a_stand_in(monkeypatch):
   fake = FakeSegTfds()
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
-  ade = segdata.seg_source("tfds:scene_parse150", "test", data_dir="/prepared")
+  ade = pipeline.seg_source("tfds:scene_parse150", "test", data_dir="/prepared")
   image, label = ade[0]
   assert ade.num_classes == 150 and image.shape == (2, 2, 3)
   np.testing.assert_array_equal(label, [[255, 0], [149, 6]])  # reduce_zero_label
-  cs = segdata.seg_source("tfds:cityscapes", "test")
+  cs = pipeline.seg_source("tfds:cityscapes", "test")
   np.testing.assert_array_equal(cs[0][1], [[255, 255], [255, 0]])  # labelId 7 = road = 0
   assert cs.num_classes == 19
   assert fake.asked == [
@@ -589,4 +590,4 @@ def test_tfds_segmentation_key_mapping_on_a_stand_in(monkeypatch):
     ("cityscapes/semantic_segmentation", "validation", None),
   ]
   with pytest.raises(UserError, match="no segmentation reader"):
-    segdata.seg_source("tfds:coco", "train")
+    pipeline.seg_source("tfds:coco", "train")
