@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from linearizer import optim, plots, serving, sharding, train, workdir
+from linearizer import optim, plots, resolve, serving, train, workdir
 from linearizer.errors import UserError, log, main_process
 from linearizer.models.segmenter import Segmenter, SegmenterConfig
 from linearizer.segmentation import pipeline as segdata  # the name fine_tune and sources use
@@ -88,19 +88,23 @@ def check_config(config) -> None:
     )
 
 
+# segment.backbones names -> the resolver's role of the model a stage of the run wrote
+ROLE_OF = {"teacher": "teacher", "distill": "distilled", "finetune": "finetuned"}
+ROLE_OF["train_student"] = "scratch"
+
+
 def load_backbone(config, run_dir: str, name: str, spec: str) -> nnx.Module:
   """The backbone `name` stands for, without a classification head."""
   if spec:
-    model = workdir.load_model(spec)
+    model = resolve.load_model(spec)
   elif name == "scratch":  # the student as distillation would start it: random weights
-    t = workdir.teacher(config, run_dir, 0)
-    model = workdir.new_student(config, 0, (t.cfg.mean, t.cfg.std))
-  elif workdir.finished(run_dir, MADE_BY[name]):
-    overrides = config.teacher.overrides if name == "teacher" else config.student.overrides
-    model = workdir.load_model(workdir.model_dir(run_dir, MADE_BY[name]), overrides)
-  elif name == "teacher" and config.teacher.init:
-    model = workdir.load_model(config.teacher.init, config.teacher.overrides)
+    t = resolve.teacher(config, run_dir, 0)
+    model = resolve.new_student(config, 0, (t.cfg.mean, t.cfg.std))
+  elif name == "teacher":
+    model = resolve.run_teacher(config, run_dir)
   else:
+    model = resolve.stage_model(config, run_dir, ROLE_OF[name])
+  if model is None:
     raise UserError(
       f"segment.backbones names {name!r}, but no stage of this run produced it "
       f"({workdir.model_dir(run_dir, MADE_BY[name])} is missing): add the "
@@ -108,7 +112,8 @@ def load_backbone(config, run_dir: str, name: str, spec: str) -> nnx.Module:
       f"'{name}=fmt:path'."
     )
   # every backbone with the stage's stochastic depth (mmseg's ViT-B: drop_path_rate 0.1)
-  return workdir.with_new_head(model, 0, config.seed, drop_path=config.segment.drop_path)
+  seed = resolve.seed_of(config, "segment_backbone")
+  return resolve.with_new_head(model, 0, seed, drop_path=config.segment.drop_path)
 
 
 def segmenter_config(scfg, num_classes: int) -> SegmenterConfig:
@@ -161,25 +166,9 @@ def fine_tune(config, directory: str, model: Segmenter, source, norm) -> Segment
     ratio_range=tuple(d.ratio_range),
     workers=d.workers,
   )
-  return train.fit(
-    directory,
-    model,
-    make_segment_step(model, tx, scfg),
-    tx=tx,
-    batches=batches,
-    steps=scfg.steps,
-    batch_size=scfg.batch_size,
-    mesh=sharding.make_mesh(config.mesh.data, config.mesh.fsdp),
-    rules=[tuple(r) for r in config.mesh.rules],
-    fsdp_min_size=config.mesh.fsdp_min_size,
-    ema=scfg.optim.ema_decay > 0,
-    seed=config.seed,
-    checkpoint_every=config.checkpoint.every_steps,
-    keep=config.checkpoint.keep,
-    log_every=config.log_every,
-    nan_policy=config.nan_policy,
-    name=f"segment/{os.path.basename(directory)}",
-  )
+  name = f"segment/{os.path.basename(directory)}"
+  settings = train.loop_settings(config, scfg, directory, name)
+  return train.fit(settings, model, make_segment_step(model, tx, scfg), tx, batches)
 
 
 def write_json(path: str, tree) -> None:
@@ -213,7 +202,11 @@ def run_segment(config, run_dir: str) -> dict:
     directory = os.path.join(workdir.stage_dir(run_dir, "segment"), name)
     path = os.path.join(directory, "results.json")
     norm = (backbone.cfg.mean, backbone.cfg.std)
-    model = Segmenter(backbone, segmenter_config(scfg, classes), rngs=nnx.Rngs(config.seed + 7))
+    model = Segmenter(
+      backbone,
+      segmenter_config(scfg, classes),
+      rngs=nnx.Rngs(resolve.seed_of(config, "segment_head")),
+    )
     model = fine_tune(config, directory, model, train_source, norm)
     logits_fn = forward_fn(model)
     cm, shown = evaluate(
