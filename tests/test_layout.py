@@ -12,6 +12,7 @@ between our modules; the library never imports `configs/`; configs import only `
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -214,3 +215,22 @@ def test_a_run_imports_no_converter_framework():
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == ""
+
+
+def test_only_the_resolver_finds_a_runs_models():
+  """A run's models by role (its teacher, its students, a stage's model) are found in
+  linearizer/resolve.py alone: no other module loads a checkpoint itself or reads a stage's
+  model directory to load it (a named checkpoint goes through `resolve.load_model`)."""
+  loads = re.compile(
+    r"(?<![\w.`])(convert\.load\(|saved\.restore(_segmenter)?\(|load\w*\([^)\n]*model_dir\()"
+  )
+  owners = ("linearizer.resolve", "linearizer.serving", "linearizer.convert", "linearizer.models")
+  found = [
+    f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+    for module, path in MODULES.items()
+    if module.startswith("linearizer") and not module.startswith(owners)
+    for n, line in enumerate(path.read_text().splitlines(), 1)
+    if loads.search(line)
+  ]
+  assert not found, "\n".join(found)
+  assert loads.search("x = load_model(workdir.model_dir(run_dir, 'distill'), o)")
