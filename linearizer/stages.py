@@ -229,6 +229,11 @@ def check_config(config) -> None:
     check_numbers(config)
   for stage in config.stages:
     STAGES[stage].check(config)
+  # A training block's loss.kd is refused wherever the block is configured, so a later run
+  # that adds the stage (--config.stages) does not meet it half-way.
+  for stage in ("train_teacher", *supervised.KD_STAGES):
+    if stage in config:
+      supervised.check_kd(config, stage)
 
 
 def run(config, run_dir: str, *, restart: bool = False):

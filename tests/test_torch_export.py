@@ -243,7 +243,7 @@ def test_adventurers_own_checkpoints_still_guess_the_flip_pattern(exported, tmp_
 
 
 def test_torch_adventurer_imports_torch_and_the_standard_library_only():
-  tree = ast.parse((ROOT / "linearizer" / "torch_adventurer.py").read_text())
+  tree = ast.parse((ROOT / "linearizer" / "export" / "torch_adventurer.py").read_text())
   names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
   names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
   tops = {name.split(".")[0] for name in names}
@@ -332,7 +332,7 @@ def test_the_module_runs_in_a_fresh_environment_without_jax(exported, reference,
   there = tmp_path / "there"
   there.mkdir()
   (there / "torch_adventurer.py").write_bytes(
-    (ROOT / "linearizer" / "torch_adventurer.py").read_bytes()
+    (ROOT / "linearizer" / "export" / "torch_adventurer.py").read_bytes()
   )
   (there / "run.py").write_text(RUN_THERE)
   x = images((48, 48))

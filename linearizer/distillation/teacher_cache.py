@@ -282,7 +282,7 @@ def for_stage(config, run_dir: str, teacher, student, source, targets, levels):
   dcfg = config.distill
   # 'auto' decides once: a resumed stage keeps the stream it started with, even where the
   # disk has changed since (a 'write' that no longer fits is then refused, not skipped).
-  decision = os.path.join(workdir.stage_dir(run_dir, "distill"), "json")
+  decision = os.path.join(workdir.stage_dir(run_dir, "distill"), "teacher_cache.json")
   mode = dcfg.teacher_cache
   if mode == "auto" and os.path.exists(decision):
     with open(decision, encoding="utf-8") as f:
