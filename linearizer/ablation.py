@@ -47,10 +47,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from linearizer import data, evaluate, plots, resolve, supervised, workdir
+from linearizer import data, evaluate, files, plots, resolve, supervised, workdir
 from linearizer.distillation import stage as distill_stage
 from linearizer.distillation import teacher_fit
-from linearizer.errors import UserError, log, main_process
+from linearizer.errors import UserError
+from linearizer.log import log, main_process
 
 # A value standing for student.overrides with the teacher's shape put in (teacher_init's).
 TEACHER_SHAPE = "the teacher's shape"
@@ -159,10 +160,10 @@ def run_one(config, root, variant, k, teacher, train_src, eval_src, classes):
   model = train_variant(sub, variant, variant_dir(root, variant, k), teacher, train_src, classes)
   acc = top1(sub, model, eval_src)
   if main_process():
-    with open(
-      os.path.join(variant_dir(root, variant, k), "result.json"), "w", encoding="utf-8"
-    ) as f:
-      json.dump(dict(variant=variant, seed=sub.seed, top1=acc), f)
+    result = dict(variant=variant, seed=sub.seed, top1=acc)
+    files.write_json(
+      os.path.join(variant_dir(root, variant, k), "result.json"), result, indent=None
+    )
   return acc
 
 
@@ -325,10 +326,8 @@ def table(summary):
 
 def write_summary(summary, directory):
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "ablation.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
-  with open(os.path.join(directory, "ablation.md"), "w", encoding="utf-8") as f:
-    f.write(summary["table"] + "\n")
+  files.write_json(os.path.join(directory, "ablation.json"), summary)
+  files.write_text(os.path.join(directory, "ablation.md"), summary["table"] + "\n")
   bar_plot(summary, os.path.join(directory, "ablation.png"))
 
 

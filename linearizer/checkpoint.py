@@ -14,7 +14,8 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from linearizer.errors import UserError, main_process, warn
+from linearizer.errors import UserError
+from linearizer.log import main_process, warn
 
 
 class SaveError(UserError, OSError):

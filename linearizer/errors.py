@@ -11,9 +11,6 @@ import contextlib
 import errno
 import sys
 
-# Until every module imports them from linearizer.log, where they live:
-from linearizer.log import log, main_process, warn  # noqa: F401
-
 
 class UserError(ValueError):
   """Bad input: one message naming what was wrong and what was expected."""

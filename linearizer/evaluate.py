@@ -1,6 +1,5 @@
 """Evaluation: top-1/top-5 of every model, student–teacher agreement, speed, a table."""
 
-import json
 import os
 
 import jax
@@ -8,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linearizer import data, models, resolve
+from linearizer import data, files, models, resolve
 from linearizer.distillation import scorecard
-from linearizer.errors import UserError, log, main_process
+from linearizer.errors import UserError
+from linearizer.log import log, main_process
 from linearizer.metrics import time_compiled
 
 
@@ -73,10 +73,6 @@ def throughput(model, image_size, batch_size, repeats=5):
   """Images per second of the jitted forward (median of `repeats`, after a warm-up)."""
   images = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
   return batch_size / time_compiled(predict_fn(model), (images,), repeats)
-
-
-def num_params(model):
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 def extra_models(config) -> dict:
@@ -189,7 +185,7 @@ def run_eval(config, run_dir, source, num_classes, train_source=None):
   order = sorted(found, key=lambda n: n != "teacher")  # the teacher first, for agreement
   for name in order:
     model = found[name]
-    row = dict(params=num_params(model), kind=models.kind_of(model), dtype=model.cfg.dtype)
+    row = dict(params=models.num_params(model), kind=models.kind_of(model), dtype=model.cfg.dtype)
     for size in sizes:
       acc, preds = accuracy(
         config,
@@ -210,8 +206,7 @@ def run_eval(config, run_dir, source, num_classes, train_source=None):
   out = os.path.join(run_dir, "eval")
   os.makedirs(out, exist_ok=True)
   if main_process():
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-      json.dump(rows, f, indent=2)
+    files.write_json(os.path.join(out, "results.json"), rows)
     log(table(rows, config.data.image_size, speed_sizes))
     for size in sizes[1:]:
       log(other_size(rows, size))

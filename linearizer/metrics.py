@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from linearizer.errors import log, main_process, warn
+from linearizer.log import log, main_process, warn
 
 
 def _scalars(metrics: dict) -> dict:

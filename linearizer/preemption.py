@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from linearizer.errors import log
+from linearizer.log import log
 
 _requested = None  # the signal number, once one arrived
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from linearizer.errors import UserError
+from linearizer import files
 from linearizer.models import saved
 
 SERVE_FILE = "serve.jaxexport"
@@ -63,16 +63,9 @@ def _serialisable(serve, hw: tuple):
 
 
 def _write_serving(exported, directory, source: str = "") -> None:
-  path = os.path.join(directory, SERVE_FILE)
-  try:
-    with open(path + ".tmp", "wb") as f:
-      f.write(exported.serialize())
-    os.replace(path + ".tmp", path)
-    if source:
-      with open(os.path.join(directory, SOURCE_FILE), "w", encoding="utf-8") as f:
-        f.write(source + "\n")
-  except OSError as e:
-    raise UserError(f"Cannot write {path}: {e.strerror or e}.") from e
+  files.write_bytes(os.path.join(directory, SERVE_FILE), exported.serialize())
+  if source:
+    files.write_text(os.path.join(directory, SOURCE_FILE), source + "\n")
 
 
 def export_segmenter(model, directory, *, image_size: tuple, overwrite=True):

@@ -30,7 +30,8 @@ from linearizer import (
 from linearizer.bench import runner as bench
 from linearizer.distillation import distill, scorecard
 from linearizer.distillation import stage as distill_stage
-from linearizer.errors import UserError, log, main_process
+from linearizer.errors import UserError
+from linearizer.log import log, main_process
 from linearizer.segmentation import stage as segment
 
 

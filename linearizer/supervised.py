@@ -12,7 +12,8 @@ from flax import nnx
 
 from linearizer import convert, optim, resolve, train, workdir
 from linearizer.distillation import distill
-from linearizer.errors import UserError, log
+from linearizer.errors import UserError
+from linearizer.log import log
 
 KD_MODES = ("", "soft", "hard")  # supervised_loss.kd (configs/common.py)
 KD_STAGES = ("finetune", "train_student")  # the students' stages; a teacher has no teacher

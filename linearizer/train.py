@@ -21,7 +21,8 @@ import optax
 from flax import nnx
 
 from linearizer import checkpoint, data, metrics, preemption, sharding, workdir
-from linearizer.errors import NonFiniteError, UserError, log
+from linearizer.errors import NonFiniteError, UserError
+from linearizer.log import log
 
 NanPolicy = Literal["stop", "skip"]
 NAN_POLICIES = ("stop", "skip")

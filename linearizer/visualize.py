@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image
 
 import kernels
-from linearizer import data, plots, resolve
+from linearizer import data, files, plots, resolve
 from linearizer.distillation import distill, losses, scorecard
-from linearizer.errors import UserError, log
+from linearizer.errors import UserError
+from linearizer.log import log
 from linearizer.models import common
 
 plt = plots.plt
@@ -375,8 +376,8 @@ def run(config, out_dir):
   if vcfg.am_images:  # the AM distance measured on more images than are drawn
     many = load_images(config.images, vcfg.am_images, next(iter(students.values())).cfg, run_config)
     am = mean_am_distances(teacher, students, many, vcfg.num_stages, teacher_input=teacher_input)
-  with open(os.path.join(out, "am_distance.json"), "w", encoding="utf-8") as f:
-    json.dump(dict(am, images=len(many) if vcfg.am_images else len(images)), f, indent=2)
+  am_images = len(many) if vcfg.am_images else len(images)
+  files.write_json(os.path.join(out, "am_distance.json"), dict(am, images=am_images))
   for name, per_level in am.items():
     log(
       f"[visualize] AM distance to the teacher, {name}: " + " ".join(f"{v:.4f}" for v in per_level)

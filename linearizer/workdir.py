@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from linearizer.errors import UserError, log, main_process
+from linearizer.errors import UserError
+from linearizer.log import log, main_process
 from linearizer.models import saved
 
 # The stages that train a model and end by writing DIR/<stage>/model.

@@ -18,7 +18,7 @@ from linearizer.bench import results
 from linearizer.bench.rows import each_model, failed_row, fill_teacher_flops
 from linearizer.bench.settings import Settings
 from linearizer.bench.timing import is_oom, timed, timed_row
-from linearizer.errors import log
+from linearizer.log import log
 
 
 def forward_fn(model):

@@ -2,20 +2,18 @@
 with segmentation rows, bench_segment.png), all from the result dict `runner.run` builds.
 """
 
-import json
 import os
 
-from linearizer import plots
+from linearizer import files, plots
 from linearizer.bench import results
-from linearizer.errors import log, main_process
+from linearizer.log import log, main_process
 
 
 def write(result, out_dir):
   """On the main process: out_dir/bench.json, the figures, the table and the closing line."""
   if not main_process():
     return
-  with open(os.path.join(out_dir, "bench.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2, default=str)
+  files.write_json(os.path.join(out_dir, "bench.json"), result, default=str)
   plot(result, os.path.join(out_dir, "bench.png"))
   if result["segment_speedups"]:
     plot_segment(result, os.path.join(out_dir, "bench_segment.png"))

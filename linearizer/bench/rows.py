@@ -6,7 +6,7 @@ another where XLA cannot count them.
 from linearizer import models
 from linearizer.bench import results
 from linearizer.bench.settings import Settings
-from linearizer.errors import log
+from linearizer.log import log
 
 
 def build_pair(config, s: Settings, attention_impl, num_classes=0):

@@ -40,7 +40,7 @@ from linearizer.bench import forward, report, results, segment, ssd, steps
 from linearizer.bench.rows import fill_teacher_flops
 from linearizer.bench.settings import Settings
 from linearizer.bench.timing import measure_matmul
-from linearizer.errors import log
+from linearizer.log import log
 
 
 def run(config, workdir):

@@ -10,7 +10,7 @@ from flax import nnx
 from linearizer.bench.rows import each_model, failed_row
 from linearizer.bench.settings import Settings
 from linearizer.bench.timing import timed, timed_row
-from linearizer.errors import log
+from linearizer.log import log
 from linearizer.models.segmenter import Segmenter, SegmenterConfig
 
 

@@ -10,7 +10,7 @@ import kernels
 from linearizer.bench import results
 from linearizer.bench.settings import Settings
 from linearizer.bench.timing import compile_fn
-from linearizer.errors import log
+from linearizer.log import log
 from linearizer.metrics import time_compiled
 
 

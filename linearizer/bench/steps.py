@@ -16,7 +16,7 @@ from linearizer.bench.rows import build_pair, each_model, failed_row
 from linearizer.bench.settings import Settings
 from linearizer.bench.timing import CARRY_STATE, is_oom, timed, timed_row
 from linearizer.distillation import distill, teacher_cache
-from linearizer.errors import log
+from linearizer.log import log
 
 
 def measure_train_step(config, s: Settings, meta, peak) -> list:

@@ -62,7 +62,8 @@ from flax import nnx
 from linearizer import models
 from linearizer.convert import adventurer, big_vision, dinov2, hf, openai_clip, orbax, timm
 from linearizer.convert.common import Spec, Uninferable, read_tensors, templates
-from linearizer.errors import MissingPathError, UserError, log, one_line_errors
+from linearizer.errors import MissingPathError, UserError, one_line_errors
+from linearizer.log import log
 from linearizer.models import saved
 
 __all__ = [
@@ -73,7 +74,6 @@ __all__ = [
   "CheckpointMismatch",
   "Spec",
   "describe",
-  "num_params",
   "read_tensors",
   "main",
 ]
@@ -292,10 +292,6 @@ def describe(model) -> str:
   return text + extras + (f" classes {c.num_classes}" if c.num_classes else "")
 
 
-def num_params(model) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 # ---------------------------------------------------------------------------------------
 # CLI: python -m linearizer.convert --format F --input P --output DIR [--num_heads N ...]
 # ---------------------------------------------------------------------------------------
@@ -347,4 +343,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     model = load(src, fmt, **overrides, **options)
     written = saved.save(model, out, overwrite=overwrite)
   kind = models.kind_of(model)
-  print(f"{kind}: {describe(model)}, {num_params(model):,} parameters -> {written}")
+  print(f"{kind}: {describe(model)}, {models.num_params(model):,} parameters -> {written}")

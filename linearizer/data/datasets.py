@@ -16,7 +16,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from linearizer.errors import UserError, warn
+from linearizer.errors import UserError
+from linearizer.log import warn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 

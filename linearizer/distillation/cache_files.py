@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from linearizer import data
+from linearizer import data, files
 
 
 # ---------------------------------------------------------------------------------------
@@ -51,9 +51,7 @@ def read_json(path: str) -> Optional[dict]:
 
 
 def write_json(path: str, value: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)  # a stop mid-write leaves the previous record
+  files.write_json(path, value)  # a stop mid-write leaves the previous record
 
 
 def parameters_digest(params) -> str:

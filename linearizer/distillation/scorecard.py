@@ -35,7 +35,7 @@ from flax import nnx
 
 from linearizer import data, plots
 from linearizer.distillation import distill, losses
-from linearizer.errors import log
+from linearizer.log import log
 
 
 def linear_cka(x, y) -> float:

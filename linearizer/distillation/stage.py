@@ -4,13 +4,12 @@ method's step (`distill.make_distill_step`). AM's level pairs are worked out onc
 passed to everything that needs them.
 """
 
-import json
 import os
 from typing import Sequence
 
 from flax import nnx
 
-from linearizer import optim, resolve, train, workdir
+from linearizer import files, optim, resolve, train, workdir
 from linearizer.distillation import distill, losses, scorecard, student_init, teacher_cache
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
@@ -85,5 +84,4 @@ def report_teacher_cosines(config, run_dir: str, teacher, student, source, level
     )
   directory = workdir.stage_dir(run_dir, "distill")
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "teacher_cosines.json"), "w") as f:
-    json.dump(stats, f, indent=2)
+  files.write_json(os.path.join(directory, "teacher_cosines.json"), stats)

@@ -34,7 +34,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from linearizer import data, preemption, sharding, train, workdir
+from linearizer import data, files, preemption, sharding, train, workdir
 from linearizer.distillation.cache_files import (
   across_processes,
   all_processes,
@@ -56,7 +56,8 @@ from linearizer.distillation.cache_views import (
   stack_read,
   stack_written,
 )
-from linearizer.errors import UserError, log, main_process
+from linearizer.errors import UserError
+from linearizer.log import log, main_process
 
 MODES = ("off", "write", "read", "auto")  # distill.teacher_cache (configs/common.py)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": np.float32}  # distill.teacher_cache_dtype
@@ -344,7 +345,7 @@ def for_stage(config, run_dir: str, teacher, student, source, targets, levels):
     workers=config.data.workers,
   )
   if main_process() and not os.path.exists(decision):
-    os.makedirs(os.path.dirname(decision), exist_ok=True)
-    with open(decision, "w", encoding="utf-8") as f:
-      json.dump({"used": prepared is not None, "directory": cache.directory}, f)
+    files.write_json(
+      decision, {"used": prepared is not None, "directory": cache.directory}, indent=None
+    )
   return prepared

@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 from flax import nnx
 
-from linearizer import models
+from linearizer import files, models
 from linearizer.errors import MissingPathError, UserError
 from linearizer.export.onnx_graph import Graph, student_graph
 from linearizer.models import saved
@@ -84,7 +84,7 @@ def to_onnx(
   model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
   onnx.helper.set_model_props(model, metadata(cfg, directory, size))
   onnx.checker.check_model(model)
-  _write_atomically(model.SerializeToString(), path)
+  files.write_bytes(path, model.SerializeToString())
   return str(path)
 
 
@@ -187,16 +187,3 @@ def _check_image_size(cfg, directory, image_size: Optional[int]) -> int:
 def _check_output(path) -> None:
   if os.path.isdir(path):
     raise UserError(f"--output {path} is a directory; expected the .onnx file to write.")
-
-
-def _write_atomically(data: bytes, path) -> None:
-  """`data` to a temporary sibling, then renamed onto `path`: never a half-written file."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-  except OSError as e:
-    tmp.unlink(missing_ok=True)
-    raise UserError(f"Cannot write {path}: {e.strerror or e}.") from e

@@ -17,15 +17,13 @@ The tensors are written with the inverse of convert's mapping table
 """
 
 import json
-import os
 import pathlib
 import re
-import secrets
 
 import numpy as np
 from flax import nnx
 
-from linearizer import models
+from linearizer import files, models
 from linearizer.convert import adventurer
 from linearizer.errors import MissingPathError, UserError
 from linearizer.models import saved
@@ -78,7 +76,8 @@ def to_torch(directory: str, path: str) -> str:
       "params": {k: torch.from_numpy(v) for k, v in ours.items()},
     },
   }
-  _write_atomically(torch, checkpoint, pathlib.Path(path))
+  with files.replacing(path) as tmp:
+    torch.save(checkpoint, tmp)
   return str(path)
 
 
@@ -151,19 +150,3 @@ def _plain(value):
   """A config value as the file keeps it: tuples as lists (torch's weights_only loader and
   JSON both read them)."""
   return list(value) if isinstance(value, tuple) else value
-
-
-def _write_atomically(torch, checkpoint: dict, path: pathlib.Path) -> None:
-  """torch.save to a temporary sibling, then renamed onto `path`. (Not mkstemp: its files
-  are private, 0600, whereas the export gets the user's usual permissions.)"""
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "xb") as f:
-      torch.save(checkpoint, f)
-    os.replace(tmp, path)
-  except BaseException as e:
-    tmp.unlink(missing_ok=True)
-    if isinstance(e, OSError):  # disk full, a directory at `path`: what was there is kept
-      raise UserError(f"Cannot write {path}: {e.strerror or e}.") from e
-    raise

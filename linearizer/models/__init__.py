@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from typing import Callable, NamedTuple
 
+import jax
 from flax import nnx
 
 from linearizer.errors import UserError
@@ -102,6 +103,11 @@ def kind_of(obj) -> str:
   raise UserError(
     f"{type(obj).__name__} is not a registered architecture; known: {sorted(ARCHITECTURES)}."
   )
+
+
+def num_params(model: nnx.Module) -> int:
+  """The model's parameter count (every nnx.Param: buffers such as RoPE tables do not count)."""
+  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 def from_config(cfg, *, seed: int = 0) -> nnx.Module:

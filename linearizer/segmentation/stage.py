@@ -17,8 +17,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from linearizer import optim, plots, resolve, serving, train, workdir
-from linearizer.errors import UserError, log, main_process
+from linearizer import files, models, optim, plots, resolve, serving, train, workdir
+from linearizer.errors import UserError
+from linearizer.log import log, main_process
 from linearizer.models.segmenter import Segmenter, SegmenterConfig
 from linearizer.segmentation import pipeline as segdata  # the name fine_tune and sources use
 from linearizer.segmentation.inference import (
@@ -174,9 +175,7 @@ def fine_tune(config, directory: str, model: Segmenter, source, norm) -> Segment
 def write_json(path: str, tree) -> None:
   """`tree` as JSON (NaN as null), written beside `path` and renamed into place: a stop
   half-way never leaves a truncated results file for the next run to trip on."""
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(json_safe(tree), f, indent=1)
-  os.replace(path + ".tmp", path)
+  files.write_json(path, json_safe(tree), indent=1)
 
 
 def run_segment(config, run_dir: str) -> dict:
@@ -247,8 +246,7 @@ def run_segment(config, run_dir: str) -> dict:
 def inference_params(model: Segmenter) -> int:
   """Parameters of the backbone, neck and head: the auxiliary head, used in training
   only, is not counted (as the papers' tables)."""
-  count = lambda m: int(sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param))))
-  return count(model) - (count(model.aux) if model.aux is not None else 0)
+  return models.num_params(model) - (models.num_params(model.aux) if model.aux is not None else 0)
 
 
 def format_table(rows: dict) -> str:
