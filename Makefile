@@ -2,6 +2,8 @@
 #
 #   make demo    the demo (main.py --config configs/demo.py), in a .venv built from the pins
 #   make test    lint, format check and the test suite, in the same .venv plus the test extras
+#   make aot     the compile-only tool's extras (requirements-aot.txt) in their own prefix, .aot/
+#                (make test installs them too: the suite compiles the smoke steps for a TPU)
 #
 # The environment is built once and rebuilt only when the pins change. Each install step
 # leaves a stamp file in $(VENV) named after the hash of the files it installed from:
@@ -26,6 +28,7 @@ WORKDIR ?= /tmp/demo
 PYTEST_ARGS ?=
 LINT ?= 1
 TEST_WORKERS ?= 2
+AOT ?= .aot
 
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q --disable-pip-version-check
@@ -39,14 +42,15 @@ TEST_PINS := requirements-test.txt requirements-torch.txt requirements-onnx.txt 
 RUNTIME_STAMP := $(VENV)/.stamp-runtime-$(call hash,$(RUNTIME_PINS))
 TEST_STAMP := $(VENV)/.stamp-test-$(call hash,$(TEST_PINS))
 EDITABLE_STAMP := $(VENV)/.stamp-editable
+AOT_STAMP := $(AOT)/.stamp-$(call hash,requirements-aot.txt)
 
-.PHONY: demo test lint format clean
+.PHONY: demo test aot lint format clean
 .NOTPARALLEL:  # the install steps share one venv: never two pips at once, even under -j
 
 demo: $(EDITABLE_STAMP)
 	$(BIN)/python main.py --config configs/demo.py --workdir $(WORKDIR)
 
-test: $(TEST_STAMP) $(EDITABLE_STAMP)
+test: $(TEST_STAMP) $(EDITABLE_STAMP) $(AOT_STAMP)
 ifneq ($(LINT),0)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -61,8 +65,10 @@ format: $(TEST_STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+aot: $(AOT_STAMP)
+
 clean:
-	rm -rf $(VENV) *.egg-info build
+	rm -rf $(VENV) $(AOT) *.egg-info build
 
 # The runtime pins. Another runtime stamp in $(VENV) means other pins: start afresh.
 $(RUNTIME_STAMP):
@@ -84,3 +90,10 @@ $(TEST_STAMP): $(RUNTIME_STAMP)
 $(EDITABLE_STAMP): pyproject.toml $(RUNTIME_STAMP)
 	$(PIP) --no-deps -e .
 	touch $@
+
+# The compile-only extras, apart from $(VENV) (see requirements-aot.txt); new pins: afresh.
+$(AOT_STAMP): $(RUNTIME_STAMP)
+	rm -rf $(AOT)
+	$(PIP) --no-deps --target $(AOT) -r requirements-aot.txt
+	touch $@
+

@@ -5,8 +5,13 @@
   xla         chunked matmul ("SSD") form in plain XLA ops, hand-written backward
   pallas_tpu  Pallas TPU (Mosaic) kernel, forward and backward (kernels/pallas_tpu.py)
   pallas_gpu  Pallas GPU (Triton) kernel, forward and backward (kernels/pallas_gpu.py)
-  auto        the Pallas kernel of the backend (TPU, GPU) when it supports the shapes,
-              else xla
+  auto        the Pallas kernel of the target platform (TPU, GPU) when it supports the
+              shapes, else xla
+The target platform is that of the mesh in context (`jax.sharding.use_abstract_mesh`, or
+`jax.set_mesh`), else JAX's default backend: a program compiled on a CPU host for a TPU
+mesh holds the TPU's kernel and chunk. Under a mesh of several devices a Pallas impl runs
+in a `shard_map` over the batch (XLA cannot partition a Mosaic or Triton call itself: it
+refuses the one, all-gathers around the other), and 'auto' decides on one shard's shapes.
 Every impl is differentiable in reverse mode (grad, vjp); xla and the Pallas ones are
 custom_vjps, so none but reference has forward mode (jvp). The Pallas ones run on a CPU
 with interpret=True (tests).
@@ -16,12 +21,14 @@ Beside them, two forms for checking and for pictures (kernels/reference.py):
 `ssd_matrix`, that (batch, H, L, L) mixing matrix itself.
 """
 
+import functools
 import numbers
 from collections.abc import Callable
 from typing import Literal
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from kernels import pallas_gpu, pallas_tpu
 from kernels.reference import ssd_matrix, ssd_quadratic, ssd_reference
@@ -36,6 +43,7 @@ __all__ = [
   "Implementation",
   "pick_impl",
   "platform_name",
+  "target_platform",
   "chunk_for",
   "chunk_run",
   "CHUNK_TABLE",
@@ -72,8 +80,9 @@ UNMEASURED_CHUNK = 256
 
 
 def chunk_for(length: int, backend: str | None = None) -> int:
-  """The table's chunk for a sequence of `length` tokens on `backend` (default: JAX's)."""
-  for longest, chunk in CHUNK_TABLE.get(platform_name(backend), ()):
+  """The table's chunk for a sequence of `length` tokens on `backend` (default: the
+  target platform's, `target_platform`)."""
+  for longest, chunk in CHUNK_TABLE.get(platform_name(backend or target_platform()), ()):
     if longest is None or length <= longest:
       return chunk
   return UNMEASURED_CHUNK
@@ -94,9 +103,33 @@ def platform_name(name: str | None = None) -> str:
   return "gpu" if name in ("cuda", "rocm") else name
 
 
+def target_platform() -> str:
+  """The platform the program is built for: that of the devices of the mesh in context
+  (while tracing under `jax.sharding.use_abstract_mesh` or `jax.set_mesh`), else JAX's
+  default backend; named as `platform_name` names it."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return platform_name(device.platform if device is not None else None)
+
+
+def _batch_mesh(batch: int):
+  """(mesh, batch axes) for a `shard_map` over the batch: the mesh in context and those of
+  its axes not already manual; the axes are all of them where the batch splits over all,
+  else none (each device then runs the whole batch: correct, only redundant). None without a
+  mesh of several devices."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  axes = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+  size = int(np.prod([mesh.shape[a] for a in axes]))
+  if size <= 1:
+    return None
+  return mesh, (axes if batch % size == 0 else ())
+
+
 def pick_impl(x: Array, B: Array, chunk_size: int, backend: str | None = None) -> Implementation:
-  """What impl='auto' runs: the backend's Pallas kernel if it takes these shapes, else xla."""
-  backend = platform_name(backend)
+  """What impl='auto' runs: the target platform's Pallas kernel if it takes these shapes
+  (one shard's, under a mesh), else xla."""
+  backend = platform_name(backend or target_platform())
   if backend in _PALLAS:
     name, unsupported = _PALLAS[backend]
     if unsupported(x.shape, B.shape, chunk_size, x.dtype) is None:
@@ -165,13 +198,27 @@ def ssd(
     raise ValueError(f"ssd: unknown impl={impl!r}; choose one of {sorted([*IMPLS, 'auto'])}")
   _check_shapes(x, dt, A, B, C, D, chunk_size)
   chunk_size = chunk_size or chunk_for(x.shape[1])
+  sharded = _batch_mesh(x.shape[0])
   if impl == "auto":
-    impl = pick_impl(x, B, chunk_size)
+    shards = int(np.prod([sharded[0].shape[a] for a in sharded[1]])) if sharded else 1
+    shard = lambda a: jax.ShapeDtypeStruct((a.shape[0] // shards, *a.shape[1:]), a.dtype)
+    impl = pick_impl(shard(x), shard(B), chunk_size)
   platform = impl.partition("_")[2]  # 'tpu' / 'gpu' for the Pallas impls
-  if platform and not interpret and platform_name() != platform:
+  if platform and not interpret and target_platform() != platform:
     raise ValueError(
-      f"ssd: impl={impl!r} compiles for a {platform.upper()} only (the backend "
-      f"is {jax.default_backend()}); pass interpret=True to run it here, "
+      f"ssd: impl={impl!r} compiles for a {platform.upper()} only (the target "
+      f"is {target_platform()}); pass interpret=True to run it here, "
       "or use impl='xla'"
     )
-  return IMPLS[impl](x, dt, A, B, C, D, chunk_size=chunk_size, interpret=interpret)
+  run = functools.partial(IMPLS[impl], chunk_size=chunk_size, interpret=interpret)
+  if not platform or sharded is None:
+    return run(x, dt, A, B, C, D)
+  mesh, axes = sharded
+  batch, heads = P(axes), P()
+  return jax.shard_map(
+    run,
+    mesh=mesh,
+    in_specs=(batch, batch, heads, batch, batch, None if D is None else heads),
+    out_specs=batch,
+    check_vma=False,  # pallas_call does not track varying manual axes
+  )(x, dt, A, B, C, D)

@@ -99,17 +99,22 @@ def teacher(config, run_dir: str, num_classes: int) -> nnx.Module:
   if found is not None:
     return found
   if "train_teacher" in config.stages:
-    return models.build(
-      config.teacher.kind,
-      config.teacher.variant,
-      seed=seed_of(config, "teacher"),
-      image_size=config.data.image_size,
-      num_classes=num_classes,
-      **config.teacher.overrides,
-    )
+    return configured_teacher(config, num_classes)
   raise UserError(
     "No teacher: set teacher.init to a checkpoint ('fmt:path' or a converted "
     "directory) or add 'train_teacher' to the stages."
+  )
+
+
+def configured_teacher(config, num_classes: int) -> nnx.Module:
+  """A fresh teacher of `teacher.kind` / `teacher.variant` with `teacher.overrides`."""
+  return models.build(
+    config.teacher.kind,
+    config.teacher.variant,
+    seed=seed_of(config, "teacher"),
+    image_size=config.data.image_size,
+    num_classes=num_classes,
+    **config.teacher.overrides,
   )
 
 
@@ -121,8 +126,8 @@ def new_student(config, num_classes: int, norm, **extra) -> nnx.Module:
     num_classes=num_classes,
     mean=tuple(norm[0]),
     std=tuple(norm[1]),
-    **extra,
   )
+  fields.update(extra)  # (drop_path; the compile-only tool's image_size)
   return models.build(
     config.student.kind, config.student.variant, seed=seed_of(config, "student"), **fields
   )

@@ -6,6 +6,7 @@ batch is split over both. One rule function serves the whole train state, so opt
 moments are sharded exactly like the parameters they follow.
 """
 
+import functools
 import os
 import re
 
@@ -88,6 +89,20 @@ def global_batch(local_batch, mesh: Mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
+def on_mesh(fn, mesh: Mesh):
+  """`fn`, traced with `mesh` in context. The SSD kernels and the attention read it: the
+  Pallas calls run in a shard_map over the batch (XLA cannot partition them itself), and
+  each picks the kernel of the mesh's platform, not the host's (a CPU host compiling for
+  a TPU topology gets the TPU's program)."""
+
+  @functools.wraps(fn)
+  def traced_on_mesh(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced_on_mesh
+
+
 def jit_step(step, mesh: Mesh, state_shardings, extra_shardings=()):
   """jax.jit of `step(state, *extra, batch, rng)` with explicit shardings, state donated.
 
@@ -97,7 +112,7 @@ def jit_step(step, mesh: Mesh, state_shardings, extra_shardings=()):
   replicated = NamedSharding(mesh, P())
   batch = NamedSharding(mesh, BATCH)
   return jax.jit(
-    step,
+    on_mesh(step, mesh),
     in_shardings=(state_shardings, *extra_shardings, batch, replicated),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,

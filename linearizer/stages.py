@@ -28,7 +28,7 @@ from linearizer import (
   workdir,
 )
 from linearizer.bench import runner as bench
-from linearizer.distillation import distill, scorecard
+from linearizer.distillation import scorecard
 from linearizer.distillation import stage as distill_stage
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
@@ -122,7 +122,8 @@ class Stage(NamedTuple):
   run: Callable  # fn(Run) -> results or None
   check: Callable  # fn(config): raises UserError on what the stage would refuse half-way
   outputs: str  # what it writes under the workdir (the summary prints it)
-  steps: Optional[Callable] = None  # the builder of its jitted step, for compiling it alone
+  # fn(config, classes) -> train.Program: its step, abstract, for compiling it alone (aot)
+  steps: Optional[Callable] = None
 
 
 TRAINED = "{ckpt,model,metrics.jsonl,tb}"
@@ -131,22 +132,25 @@ STAGES = {
     run_train_teacher,
     check_kd("train_teacher"),
     f"train_teacher/{TRAINED}",
-    supervised.make_supervised_step,
+    functools.partial(supervised.program, stage="train_teacher"),
   ),
   "distill": Stage(
     run_distill,
     distill_stage.check_config,
     "distill/{ckpt,model,metrics.jsonl,tb,maps,scorecard.png}",
-    distill.make_distill_step,
+    distill_stage.program,
   ),
   "finetune": Stage(
-    run_finetune, check_kd("finetune"), f"finetune/{TRAINED}", supervised.make_supervised_step
+    run_finetune,
+    check_kd("finetune"),
+    f"finetune/{TRAINED}",
+    functools.partial(supervised.program, stage="finetune"),
   ),
   "train_student": Stage(
     run_train_student,
     check_kd("train_student"),
     f"train_student/{TRAINED}",
-    supervised.make_supervised_step,
+    functools.partial(supervised.program, stage="train_student"),
   ),
   "eval": Stage(
     lambda r: evaluate.run_eval(r.config, r.dir, r.eval_source, r.classes, r.train_source),
@@ -157,7 +161,7 @@ STAGES = {
     lambda r: segment.run_segment(r.config, r.dir),
     segment.check_config,
     "segment/{results.json,<backbone>/{ckpt,results.json,predictions.png,metrics.jsonl,tb}}",
-    segment.make_segment_step,
+    None,  # (the compile-only tool does not build the segmentation step yet)
   ),
   "bench": Stage(lambda r: bench.run(r.config, r.dir), no_check, "bench/{bench.json,bench.png}"),
   "visualize": Stage(

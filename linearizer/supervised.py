@@ -206,3 +206,26 @@ def run_supervised(
   )
   workdir.save_stage_model(run_dir, stage, model)
   return model
+
+
+def program(config, classes: int, stage: str) -> train.Program:
+  """Stage `stage`'s step (train_teacher, finetune, train_student) with abstract models,
+  for the compile-only tool: the teacher and the students of `teacher.kind/variant` and
+  `student.kind/variant` as configured (a checkpoint's own architecture is not read), at
+  the stage's resolution, with a `classes`-way head."""
+  scfg = config[stage]
+  size = train.stage_data(config, stage).image_size
+  teacher = nnx.eval_shape(lambda: resolve.configured_teacher(config, classes))
+  norm = (teacher.cfg.mean, teacher.cfg.std)
+  if stage == "train_teacher":
+    model = teacher
+  else:
+    build = lambda: resolve.new_student(
+      config, classes, norm, drop_path=scfg.drop_path, image_size=size
+    )
+    model = nnx.eval_shape(build)
+  kd = teacher if stage in KD_STAGES and scfg.loss.kd else None
+  tx = optim.make_optimizer(scfg.optim, scfg.steps)
+  frozen = (nnx.state(kd, nnx.Param),) if kd is not None else ()
+  step = make_supervised_step(model, tx, scfg, kd)
+  return train.Program(model, step, tx, frozen, size, scfg)

@@ -44,14 +44,23 @@ class TrainState:
 def init_state(module: nnx.Module, tx, ema: bool) -> tuple:
   """(graphdef, TrainState) for a module; only its nnx.Param leaves are trained."""
   graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  state = TrainState(
+  return graphdef, _train_state(params, rest, tx, ema)
+
+
+def abstract_state(module: nnx.Module, tx, ema: bool) -> TrainState:
+  """The TrainState of an abstract module (`nnx.eval_shape`), as shapes: nothing allocated."""
+  _, params, rest = nnx.split(module, nnx.Param, ...)
+  return jax.eval_shape(lambda p, r: _train_state(p, r, tx, ema), params, rest)
+
+
+def _train_state(params, rest, tx, ema: bool) -> TrainState:
+  return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     opt_state=tx.init(params),
     ema=jax.tree.map(jnp.copy, params) if ema else None,
     rest=rest,
   )
-  return graphdef, state
 
 
 def merge(graphdef, params, rest, rng=None):
@@ -251,10 +260,9 @@ def fit(
   )
   name = settings.name or os.path.basename(os.path.normpath(directory))
   nan_policy = settings.nan_policy
-  skip = check_nan_policy(nan_policy) == "skip"
+  check_nan_policy(nan_policy)
   graphdef, state = init_state(module, tx, ema=settings.ema)
-  shard = lambda t: sharding.tree_shardings(t, mesh, settings.rules, settings.fsdp_min_size)
-  state_sh, frozen_sh = shard(state), [shard(f) for f in frozen]
+  step_fn, state_sh, frozen_sh = jitted_step(settings, step_fn, state, frozen)
   state = sharding.put(state, state_sh)
   frozen = [sharding.put(f, s) for f, s in zip(frozen, frozen_sh)]
 
@@ -265,7 +273,6 @@ def fit(
     log(f"[{name}] resumed from the checkpoint of step {int(state.step)}")
   start = int(state.step)
   stream = batches(start)
-  step_fn = sharding.jit_step(guard_step(step_fn, skip=skip), mesh, state_sh, frozen_sh)
   writer = metrics.MetricWriter(
     directory, stage=name, total_steps=steps, batch_size=settings.batch_size
   )
@@ -301,6 +308,32 @@ def fit(
   ckpt.close()
   writer.close()
   return module
+
+
+def jitted_step(settings: LoopSettings, step_fn: Callable, state, frozen: Sequence) -> tuple:
+  """(the jitted step, the state's shardings, the frozen trees' shardings): `step_fn`
+  guarded against non-finite steps (`settings.nan_policy`), on `settings.mesh` with the
+  sharding rules. `state` and `frozen` may be concrete or abstract (shapes only)."""
+  shard = lambda t: sharding.tree_shardings(
+    t, settings.mesh, settings.rules, settings.fsdp_min_size
+  )
+  state_sh, frozen_sh = shard(state), [shard(f) for f in frozen]
+  skip = check_nan_policy(settings.nan_policy) == "skip"
+  jitted = sharding.jit_step(guard_step(step_fn, skip=skip), settings.mesh, state_sh, frozen_sh)
+  return jitted, state_sh, frozen_sh
+
+
+class Program(NamedTuple):
+  """A training stage's step as `fit` would be given it, abstract (models from
+  `nnx.eval_shape`): what the compile-only tool (`linearizer.aot`) compiles. Each stage
+  with a step names the function that builds it (`stages.Stage.steps`)."""
+
+  module: nnx.Module  # the trained module, abstract
+  step_fn: Callable  # `(state, *frozen, batch, rng) -> (state, metrics)`
+  tx: Any  # the optimizer
+  frozen: tuple  # the frozen trees, abstract (the teacher's parameters)
+  image_size: int  # the stage's training resolution
+  block: Any  # the stage's config block (steps, batch_size, optim)
 
 
 def run_hooks(due, step: int, module, writer: metrics.MetricWriter) -> None:

@@ -2,11 +2,12 @@
 a handful of package rules rather than a row per module.
 
 Layers, top to bottom; a module imports from its own layer without a cycle or from below:
-  main.py · stages · stage runners and feature packages · train, workdir, resolve ·
+  main.py and the compile-only tool (aot) · stages · stage runners and feature packages ·
+  train, workdir, resolve ·
   models, convert, data and the root's leaves · errors, log, cpu_malloc, kernels.
 And: kernels import nothing of ours; models, convert and data import only the root's leaves
 and each other; distillation and segmentation never import bench, export or each other;
-only main.py imports stages; a run imports no converter framework (torch, onnx: a test); the resolver imports no feature package; no function-level imports
+only main.py and aot import stages; a run imports no converter framework (torch, onnx: a test); the resolver imports no feature package; no function-level imports
 between our modules; the library never imports `configs/`; configs import only `configs.*`.
 """
 
@@ -29,6 +30,7 @@ LOW = ("cpu_malloc", "errors", "log")
 # a root module not named here is one of the root's leaves (optim, sharding, checkpoint, ...).
 LAYERS = {
   "main": 0,
+  "linearizer.aot": 0,  # compiles the stages' steps (`Stage.steps`) for a TPU topology
   "linearizer.stages": 1,
   **{f"linearizer.{n}": 2 for n in FEATURES + RUNNERS},
   **{f"linearizer.{n}": 3 for n in LOOP},
@@ -139,8 +141,8 @@ def problems(module: str, target: str, line: int, at_top: bool) -> list:
     return found
   if layer(target) < layer(module):
     found.append(f"{where}: layer {layer(module)} -> {layer(target)} (up)")
-  if target.startswith("linearizer.stages") and module != "main":
-    found.append(f"{where}: only main.py runs the stages")
+  if target.startswith("linearizer.stages") and module not in ("main", "linearizer.aot"):
+    found.append(f"{where}: only main.py (and aot, which compiles them) runs the stages")
   if top(target) in ISOLATED.get(top(module), ()):
     found.append(f"{where}: {top(module)} never imports {top(target)}")
   if top(module) in BASE and not (top(target) in BASE or is_leaf(target) or layer(target) > LEAF):

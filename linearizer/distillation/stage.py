@@ -72,6 +72,27 @@ def run_distill(
   return distiller.student
 
 
+def program(config, classes: int) -> train.Program:
+  """The distill step with abstract models, for the compile-only tool: the teacher of
+  `teacher.kind/variant` running in the step (as without a teacher cache), a fresh student
+  of `student.kind/variant`, the MP head; `classes` sizes the teacher's head."""
+  dcfg = config.distill
+  teacher = nnx.eval_shape(lambda: resolve.configured_teacher(config, classes))
+  norm = (teacher.cfg.mean, teacher.cfg.std)
+  distiller = nnx.eval_shape(
+    lambda: distill.Distiller(
+      resolve.new_student(config, 0, norm, drop_path=dcfg.drop_path),
+      teacher.cfg.width,
+      rngs=nnx.Rngs(resolve.seed_of(config, "projection")),
+    )
+  )
+  levels = losses.level_pairs(teacher.cfg.depth, distiller.student.cfg.depth, dcfg.loss.num_stages)
+  tx = optim.make_optimizer(dcfg.optim, dcfg.steps)
+  step = distill.make_distill_step(distiller, teacher, tx, dcfg, levels=levels)
+  frozen = (nnx.state(teacher, nnx.Param),)
+  return train.Program(distiller, step, tx, frozen, config.data.image_size, dcfg)
+
+
 def report_teacher_cosines(config, run_dir: str, teacher, student, source, levels) -> None:
   """Logs the teacher's token cosines per AM level (`scorecard.teacher_cosines`) and writes
   them to `run_dir/distill/teacher_cosines.json`."""

@@ -167,7 +167,11 @@ class TeacherCache:
     )
     params_sh = sharding.tree_shardings(teacher_params, mesh, rules, fsdp_min_size)
     batch_sh = NamedSharding(mesh, sharding.BATCH)
-    forward = jax.jit(self.targets, in_shardings=(params_sh, batch_sh), out_shardings=batch_sh)
+    forward = jax.jit(
+      sharding.on_mesh(self.targets, mesh),
+      in_shardings=(params_sh, batch_sh),
+      out_shardings=batch_sh,
+    )
     params = sharding.put(teacher_params, params_sh)
     b = self.local_batch
     rows = grain.MapDataset.range(start * b, self.write_batches * b)

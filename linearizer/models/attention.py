@@ -16,6 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+import kernels
+
 
 def _blocks(x, block):
   """(B, T, H, D) -> (n, B, block, H, D), T padded with zeros up to n * block."""
@@ -152,7 +154,8 @@ def attend(q, k, v, impl, blocked_from: int, blocks: tuple):
   """The teacher's attention by `ViTConfig.attention_impl`: 'blocked' here; 'xla' or
   'cudnn' through `jax.nn.dot_product_attention`; None, 'blocked' on a CPU from
   `blocked_from` tokens on (where it was measured to win) and JAX's own choice elsewhere
-  (GPU and TPU keep it until measured there).
+  (GPU and TPU keep it until measured there); the platform is the target's
+  (`kernels.target_platform`: the mesh in context, else the default backend).
 
   Args:
     q, k, v: (batch, tokens, heads, head_dim).
@@ -163,7 +166,7 @@ def attend(q, k, v, impl, blocked_from: int, blocks: tuple):
   Returns:
     (batch, tokens, heads, head_dim).
   """
-  if impl is None and q.shape[1] >= blocked_from and jax.default_backend() == "cpu":
+  if impl is None and q.shape[1] >= blocked_from and kernels.target_platform() == "cpu":
     impl = "blocked"
   if impl == "blocked":
     return blocked_attention(q, k, v, block_q=blocks[0], block_k=blocks[1])
