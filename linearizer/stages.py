@@ -122,7 +122,7 @@ class Stage(NamedTuple):
   run: Callable  # fn(Run) -> results or None
   check: Callable  # fn(config): raises UserError on what the stage would refuse half-way
   outputs: str  # what it writes under the workdir (the summary prints it)
-  # fn(config, classes) -> train.Program: its step, abstract, for compiling it alone (aot)
+  # fn(config, classes) -> {name: program.Program}: its steps, abstract, to compile alone (aot)
   steps: Optional[Callable] = None
 
 
@@ -132,25 +132,25 @@ STAGES = {
     run_train_teacher,
     check_kd("train_teacher"),
     f"train_teacher/{TRAINED}",
-    functools.partial(supervised.program, stage="train_teacher"),
+    functools.partial(supervised.programs, stage="train_teacher"),
   ),
   "distill": Stage(
     run_distill,
     distill_stage.check_config,
     "distill/{ckpt,model,metrics.jsonl,tb,maps,scorecard.png}",
-    distill_stage.program,
+    distill_stage.programs,
   ),
   "finetune": Stage(
     run_finetune,
     check_kd("finetune"),
     f"finetune/{TRAINED}",
-    functools.partial(supervised.program, stage="finetune"),
+    functools.partial(supervised.programs, stage="finetune"),
   ),
   "train_student": Stage(
     run_train_student,
     check_kd("train_student"),
     f"train_student/{TRAINED}",
-    functools.partial(supervised.program, stage="train_student"),
+    functools.partial(supervised.programs, stage="train_student"),
   ),
   "eval": Stage(
     lambda r: evaluate.run_eval(r.config, r.dir, r.eval_source, r.classes, r.train_source),
@@ -161,7 +161,7 @@ STAGES = {
     lambda r: segment.run_segment(r.config, r.dir),
     segment.check_config,
     "segment/{results.json,<backbone>/{ckpt,results.json,predictions.png,metrics.jsonl,tb}}",
-    None,  # (the compile-only tool does not build the segmentation step yet)
+    segment.programs,
   ),
   "bench": Stage(lambda r: bench.run(r.config, r.dir), no_check, "bench/{bench.json,bench.png}"),
   "visualize": Stage(

@@ -14,6 +14,7 @@ from linearizer import convert, optim, resolve, train, workdir
 from linearizer.distillation import distill
 from linearizer.errors import UserError
 from linearizer.log import log
+from linearizer.program import Program, abstract_batch
 
 KD_MODES = ("", "soft", "hard")  # supervised_loss.kd (configs/common.py)
 KD_STAGES = ("finetune", "train_student")  # the students' stages; a teacher has no teacher
@@ -208,9 +209,9 @@ def run_supervised(
   return model
 
 
-def program(config, classes: int, stage: str) -> train.Program:
-  """Stage `stage`'s step (train_teacher, finetune, train_student) with abstract models,
-  for the compile-only tool: the teacher and the students of `teacher.kind/variant` and
+def programs(config, classes: int, stage: str) -> dict:
+  """{stage: its step} (train_teacher, finetune, train_student) with abstract models, for
+  the compile-only tool: the teacher and the students of `teacher.kind/variant` and
   `student.kind/variant` as configured (a checkpoint's own architecture is not read), at
   the stage's resolution, with a `classes`-way head."""
   scfg = config[stage]
@@ -228,4 +229,5 @@ def program(config, classes: int, stage: str) -> train.Program:
   tx = optim.make_optimizer(scfg.optim, scfg.steps)
   frozen = (nnx.state(kd, nnx.Param),) if kd is not None else ()
   step = make_supervised_step(model, tx, scfg, kd)
-  return train.Program(model, step, tx, frozen, size, scfg)
+  batch = lambda n: abstract_batch(n, (size, size))
+  return {stage: Program(model, step, tx, frozen, batch, scfg)}

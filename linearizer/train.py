@@ -323,19 +323,6 @@ def jitted_step(settings: LoopSettings, step_fn: Callable, state, frozen: Sequen
   return jitted, state_sh, frozen_sh
 
 
-class Program(NamedTuple):
-  """A training stage's step as `fit` would be given it, abstract (models from
-  `nnx.eval_shape`): what the compile-only tool (`linearizer.aot`) compiles. Each stage
-  with a step names the function that builds it (`stages.Stage.steps`)."""
-
-  module: nnx.Module  # the trained module, abstract
-  step_fn: Callable  # `(state, *frozen, batch, rng) -> (state, metrics)`
-  tx: Any  # the optimizer
-  frozen: tuple  # the frozen trees, abstract (the teacher's parameters)
-  image_size: int  # the stage's training resolution
-  block: Any  # the stage's config block (steps, batch_size, optim)
-
-
 def run_hooks(due, step: int, module, writer: metrics.MetricWriter) -> None:
   """Calls each hook; logs the scalars any returns; keeps their time out of img/s."""
   start = time.time()

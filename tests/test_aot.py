@@ -1,7 +1,8 @@
 """Compiling for hardware this host does not have: the Pallas SSD calls run in a shard_map
 over the batch under a mesh (checked on an 8-device CPU mesh in interpret mode, against the
-float32 reference), and the smoke config's steps compile for a 4-chip TPU with the Pallas
-TPU kernel inside (python -m linearizer.aot, with libtpu from `make aot`; skipped without).
+float32 reference), and the smoke config's steps compile for a 4-chip TPU and an 8-GPU
+node with the target's Pallas kernel inside (python -m linearizer.aot, with the extras from
+`make aot`; skipped without them).
 
 The TPU tests stay in this one file: libtpu takes a lock file per process.
 """
@@ -17,6 +18,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PREFIX = ROOT / ".aot"
 HAS_LIBTPU = (PREFIX / "libtpu").is_dir()
+HAS_CUDA_PLUGIN = (PREFIX / "jax_plugins" / "xla_cuda12").is_dir()
 
 SHARDED = """
 import jax, numpy as np
@@ -46,6 +48,9 @@ for impl in ("pallas_tpu", "pallas_gpu"):
   text = step.lower(x).as_text()
   print(impl, float(np.abs(y - y_ref).max()), float(np.abs(g - g_ref).max() / np.abs(g_ref).max()),
         text.count("sdy.manual_computation"))
+# 'auto' on a CPU mesh: the XLA scan, no kernel call and no manual region
+text = jax.jit(lambda x: on_mesh(x, "auto")[1], in_shardings=batch).lower(x).as_text()
+print("auto", int("tpu_custom_call" in text or "triton" in text), text.count("manual_computation"))
 """
 
 
@@ -61,7 +66,8 @@ def test_pallas_calls_run_in_a_shard_map_over_the_batch():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [line.split() for line in proc.stdout.splitlines()]
-  assert [r[0] for r in rows] == ["pallas_tpu", "pallas_gpu"]
+  assert [r[0] for r in rows] == ["pallas_tpu", "pallas_gpu", "auto"]
+  assert rows.pop() == ["auto", "0", "0"]
   for _, value_err, grad_err, manual in rows:
     assert float(value_err) < 1e-4 and float(grad_err) < 1e-4
     assert int(manual) >= 1  # the kernel's call sits inside a manual (shard_map) region
@@ -111,3 +117,21 @@ def test_a_step_that_does_not_fit_or_a_bad_topology_is_one_error(tmp_path):
   assert "batch_size" in line and "Traceback" not in proc.stderr
   proc = aot(tmp_path, "--topology", "v9:2x2")
   assert proc.returncode == 2 and proc.stderr.startswith("error: --topology 'v9:2x2'")
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="jax-cuda12-plugin is not in .aot/ (make aot)")
+def test_the_distill_step_compiles_for_an_eight_gpu_node(tmp_path):
+  """Partitioned over h100:1x1x8 with the Pallas GPU (Triton) kernel inside; a batch whose
+  step needs more than JAX gives a program (75% of an H100) is refused by name."""
+  distill = ("--config.stages=('distill',)",)
+  out = tmp_path / "aot.json"
+  proc = aot(tmp_path, "--topology", "h100:1x1x8", *distill, "--out", str(out))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert proc.stderr.strip() == "", proc.stderr[-2000:]  # the plugin's start-up lines: a log
+  row = json.loads(out.read_text())["stages"]["distill"]
+  assert row["kernels"] == ["pallas_gpu"] and row["images_per_chip"] == 2 and row["fits"]
+  assert row["memory_bytes"] == int(0.75 * 84929347584)
+  proc = aot(tmp_path, "--topology", "h100:1x1x8", *distill, "--config.distill.batch_size=4194304")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+  assert "[distill] needs" in line and "h100:1x1x8" in line and "59.32 GiB" in line, line

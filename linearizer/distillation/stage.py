@@ -7,12 +7,15 @@ passed to everything that needs them.
 import os
 from typing import Sequence
 
+import jax
 from flax import nnx
 
 from linearizer import files, optim, resolve, train, workdir
 from linearizer.distillation import distill, losses, scorecard, student_init, teacher_cache
+from linearizer.distillation.cache_views import CachedBatch
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
+from linearizer.program import Program, abstract_batch
 
 
 def check_config(config) -> None:
@@ -72,10 +75,12 @@ def run_distill(
   return distiller.student
 
 
-def program(config, classes: int) -> train.Program:
-  """The distill step with abstract models, for the compile-only tool: the teacher of
-  `teacher.kind/variant` running in the step (as without a teacher cache), a fresh student
-  of `student.kind/variant`, the MP head; `classes` sizes the teacher's head."""
+def programs(config, classes: int) -> dict:
+  """{'distill': the step} with abstract models, for the compile-only tool: the teacher of
+  `teacher.kind/variant`, a fresh student of `student.kind/variant`, the MP head; `classes`
+  sizes the teacher's head. With `teacher_cache` 'write' or 'read' the step reads the
+  teacher's outputs with the batch (the teacher off the chips); with 'auto' or 'off' the
+  teacher runs in the step, the larger of the two programs."""
   dcfg = config.distill
   teacher = nnx.eval_shape(lambda: resolve.configured_teacher(config, classes))
   norm = (teacher.cfg.mean, teacher.cfg.std)
@@ -88,9 +93,22 @@ def program(config, classes: int) -> train.Program:
   )
   levels = losses.level_pairs(teacher.cfg.depth, distiller.student.cfg.depth, dcfg.loss.num_stages)
   tx = optim.make_optimizer(dcfg.optim, dcfg.steps)
-  step = distill.make_distill_step(distiller, teacher, tx, dcfg, levels=levels)
-  frozen = (nnx.state(teacher, nnx.Param),)
-  return train.Program(distiller, step, tx, frozen, config.data.image_size, dcfg)
+  cached = dcfg.teacher_cache in ("write", "read")
+  step = distill.make_distill_step(distiller, teacher, tx, dcfg, cached=cached, levels=levels)
+  params = nnx.state(teacher, nnx.Param)
+  size = (config.data.image_size,) * 2
+  targets = distill.make_teacher_targets(teacher, distiller.student.cfg, dcfg, levels)
+  dtype = teacher_cache.DTYPES[dcfg.teacher_cache_dtype]
+
+  def batch(n):
+    images = abstract_batch(n, size)
+    if not cached:
+      return images
+    outputs = jax.eval_shape(targets, params, images.image)
+    stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), outputs)
+    return CachedBatch(images.image, images.label, stored)
+
+  return {"distill": Program(distiller, step, tx, () if cached else (params,), batch, dcfg)}
 
 
 def report_teacher_cosines(config, run_dir: str, teacher, student, source, levels) -> None:

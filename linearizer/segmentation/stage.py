@@ -21,6 +21,7 @@ from linearizer import files, models, optim, plots, resolve, serving, train, wor
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
 from linearizer.models.segmenter import Segmenter, SegmenterConfig
+from linearizer.program import Program, abstract_batch
 from linearizer.segmentation import pipeline as segdata  # the name fine_tune and sources use
 from linearizer.segmentation.inference import (
   check_windows,
@@ -115,6 +116,37 @@ def load_backbone(config, run_dir: str, name: str, spec: str) -> nnx.Module:
   # every backbone with the stage's stochastic depth (mmseg's ViT-B: drop_path_rate 0.1)
   seed = resolve.seed_of(config, "segment_backbone")
   return resolve.with_new_head(model, 0, seed, drop_path=config.segment.drop_path)
+
+
+def programs(config, classes: int) -> dict:
+  """{'segment/<backbone>': its fine-tuning step} with abstract models, for the compile-only
+  tool: the teacher backbone as `teacher.kind/variant`, every other (a stage's student,
+  'scratch', or a checkpoint named by path) as `student.kind/variant`, each with the head of
+  `segment.head` over `segment.data.num_classes` classes (ADE20K's 150 in its config; the
+  data's own where 0 and the host can open it); batches of `segment.data.crop`."""
+  del classes  # (the classification head's; segmentation has its own)
+  scfg = config.segment
+  seg_classes = scfg.data.num_classes or sources(config)[0].num_classes
+  crop = tuple(scfg.data.crop)
+  teacher = nnx.eval_shape(lambda: resolve.configured_teacher(config, 0))
+  norm = (teacher.cfg.mean, teacher.cfg.std)
+  found = {}
+  for name in backbone_specs(config):
+
+    def build(name=name):
+      if name == "teacher":
+        backbone = resolve.configured_teacher(config, 0)
+      else:
+        backbone = resolve.new_student(config, 0, norm, drop_path=scfg.drop_path)
+      rngs = nnx.Rngs(resolve.seed_of(config, "segment_head"))
+      return Segmenter(backbone, segmenter_config(scfg, seg_classes), rngs=rngs)
+
+    model = nnx.eval_shape(build)
+    tx = optim.make_optimizer(scfg.optim, scfg.steps)
+    batch = lambda n: abstract_batch(n, crop, crop)
+    step = make_segment_step(model, tx, scfg)
+    found[f"segment/{name}"] = Program(model, step, tx, (), batch, scfg)
+  return found
 
 
 def segmenter_config(scfg, num_classes: int) -> SegmenterConfig:
