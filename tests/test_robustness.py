@@ -550,7 +550,7 @@ def test_library_noise_goes_to_a_log_file(tmp_path):
     "t.start(); t.join()\n"
     "from absl import logging\n"
     "logging.warning('Waiting for previous save to complete')\n"  # Orbax, via absl
-    "from linearizer.errors import warn\n"
+    "from linearizer.log import warn\n"
     "warn('ours, still on the terminal')\n"
   )
   proc = subprocess.run(
