@@ -30,12 +30,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
-from linearizer import convert, models, serving
-from linearizer.export import to_torch as torch_export
-from linearizer.models import saved
+torch = pytest.importorskip("torch")
+from linearizer import convert, models, serving  # noqa: E402
+from linearizer.export import to_torch as torch_export  # noqa: E402
+from linearizer.models import saved  # noqa: E402
 
 ENV = "LINEARIZER_ADVENTURER_REPO"
 STANDINS = pathlib.Path(__file__).resolve().parent / "adventurer_standins"

@@ -18,7 +18,8 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 OURS = ("linearizer", "kernels", "configs", "main")
 
 FEATURES = ("bench", "distillation", "export", "segmentation")

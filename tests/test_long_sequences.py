@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import rel_err
 from kernels import ssd
 from linearizer import models
-from test_ssd import ARGS, RTOL, grads, make_inputs, rel_err, ssd_loop64
+from test_ssd import ARGS, RTOL, grads, make_inputs, ssd_loop64
 
 pytestmark = pytest.mark.slow
 L_2048 = (2048 // 16) ** 2 + 2  # patches, CLS and the heading average: the student's scan

@@ -3,35 +3,18 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
 STAGES = ("train_teacher", "distill", "finetune", "train_student")
 
 
 def run_main(workdir, *flags, code=0):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "main.py",
-      "--config",
-      "configs/demo.py:smoke",
-      "--workdir",
-      str(workdir),
-      *flags,
-    ],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
+  """helpers.run_main on the smoke config; its stdout, or its stderr where it fails."""
+  proc = helpers.run_main(workdir, *flags, code=code)
   return proc.stdout if code == 0 else proc.stderr
 
 
@@ -215,13 +198,6 @@ def test_a_run_without_its_config_record_is_refused(demo_run, tmp_path):
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
   (copy / "config.json").unlink()
-  proc = subprocess.run(
-    [sys.executable, "main.py", "--config", "configs/demo.py:smoke", "--workdir", str(copy)],
-    cwd=ROOT,
-    env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-2000:]
-  assert "no config.json" in proc.stderr and not (copy / "config.json").exists()
+  err = run_main(copy, code=2)
+  assert err.startswith("error: "), err[-2000:]
+  assert "no config.json" in err and not (copy / "config.json").exists()

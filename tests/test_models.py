@@ -25,6 +25,7 @@ import pytest
 from flax import nnx
 
 import kernels  # noqa: F401  (the models need the SSD op; fail loudly here if it is missing)
+from helpers import rel_err
 from linearizer import models
 from linearizer.errors import UserError
 from linearizer.models import build, common
@@ -35,11 +36,6 @@ from linearizer.models.vit import ViTConfig, vit_config
 RTOL = 1e-4
 RESAMPLE_ATOL = 1e-5
 BF16_RTOL = 5e-2
-
-
-def rel_err(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
 
 
 # Every forward pass goes through these jitted callers: on CPU, eager op-by-op execution of

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -21,9 +20,10 @@ import time
 import numpy as np
 import pytest
 
+import helpers
+from helpers import ROOT, assert_clean_error, env
 from linearizer import log as log_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
 FLAGS = (
   "--config.stages=('train_teacher',)",
@@ -34,33 +34,11 @@ FLAGS = (
 
 
 def command(workdir, *flags, python=("main.py",)):
-  return [
-    sys.executable,
-    *python,
-    "--config",
-    "configs/demo.py:smoke",
-    "--workdir",
-    str(workdir),
-    *FLAGS,
-    *flags,
-  ]
-
-
-def env():
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")  # with conftest.py's XLA_FLAGS
+  return helpers.main_command(workdir, *FLAGS, *flags, python=python)
 
 
 def run_main(workdir, *flags, code=0, python=("main.py",)):
-  proc = subprocess.run(
-    command(workdir, *flags, python=python),
-    cwd=ROOT,
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
-  return proc
+  return helpers.run_main(workdir, *FLAGS, *flags, code=code, python=python)
 
 
 def start_and_interrupt(workdir, at_step, sig, delay=0.0):
@@ -101,22 +79,6 @@ def assert_same_run(workdir, reference):
   for a, b in zip(params(reference), params(workdir), strict=True):
     np.testing.assert_array_equal(a, b)
   assert last_metrics(workdir) == last_metrics(reference)
-
-
-def assert_clean_error(proc, *phrases):
-  # Our message comes first of the lines that are neither a library's absl log line (a
-  # process that does not run main.py keeps them on stderr) nor the note saying where
-  # main.py sent them.
-  ours = [
-    line
-    for line in proc.stderr.splitlines()
-    if not re.match(r"[IWEF]\d{4} ", line) and not line.startswith("note: ")
-  ]
-  assert ours and ours[0].startswith("error: "), proc.stderr[-3000:]  # (it may wrap lines)
-  assert sum(line.startswith("error: ") for line in ours) == 1, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  for phrase in phrases:
-    assert phrase in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

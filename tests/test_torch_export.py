@@ -27,20 +27,19 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
-import kernels
-from linearizer import convert, models, serving
-from linearizer.errors import UserError
-from linearizer.export import to_torch as torch_export
-from linearizer.export import torch_adventurer
-from linearizer.models import saved
-from linearizer.models.adventurer import FLIP_PATTERNS
-from test_convert import random_model
-from test_robustness import assert_clean_error
+torch = pytest.importorskip("torch")
+import helpers  # noqa: E402
+import kernels  # noqa: E402
+from helpers import ROOT, assert_clean_error, random_model  # noqa: E402
+from linearizer import convert, models, serving  # noqa: E402
+from linearizer.errors import UserError  # noqa: E402
+from linearizer.export import to_torch as torch_export  # noqa: E402
+from linearizer.export import torch_adventurer  # noqa: E402
+from linearizer.models import saved  # noqa: E402
+from linearizer.models.adventurer import FLIP_PATTERNS  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOL = 1e-4
 TINY = dict(image_size=32, width=32, depth=4, headdim=16, d_state=16, chunk_size=8)
 NORM = dict(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))  # not the defaults: must travel
@@ -289,7 +288,7 @@ def test_cli_refuses_a_directory_that_is_not_an_export(tmp_path):
     [sys.executable, "-m", "linearizer.export", "--format", "torch"]
     + ["--input", str(tmp_path), "--output", str(output)],
     cwd=ROOT,
-    env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"),
+    env=helpers.env(),
     capture_output=True,
     text=True,
     timeout=300,

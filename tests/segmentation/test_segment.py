@@ -2,7 +2,6 @@
 the whole image), the segmenter's shapes on both backbones, the stage through main.py."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,13 +12,13 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+import helpers
+from helpers import ROOT
 from linearizer import models
 from linearizer.errors import UserError
 from linearizer.models.segmenter import Segmenter, SegmenterConfig, default_out_indices
 from linearizer.segment import confusion_matrix, segmentation_scores
 from linearizer.segmentation import inference, metrics, pipeline, scenes, stage, step
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_confusion_matrix_and_scores_by_hand():
@@ -178,7 +177,7 @@ def test_two_processes_count_every_image_once(tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = helpers.env(XLA_FLAGS="")
   out = tmp_path / "cm.npy"
   procs = [
     subprocess.Popen(
@@ -197,24 +196,7 @@ def test_two_processes_count_every_image_once(tmp_path):
 
 
 def run_main(workdir, *flags, code=0):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "main.py",
-      "--config",
-      "configs/segment.py:smoke",
-      "--workdir",
-      str(workdir),
-      *flags,
-    ],
-    cwd=ROOT,
-    env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc
+  return helpers.run_main(workdir, *flags, config="configs/segment.py:smoke", code=code)
 
 
 def test_the_segment_stage_through_main(tmp_path):
@@ -248,7 +230,7 @@ def predict(model, inputs, output, *flags, code=0):
     [sys.executable, "-m", "linearizer.segment", "predict", "--model", str(model)]
     + ["--input", str(inputs), "--output", str(output), *flags],
     cwd=ROOT,
-    env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+    env=helpers.env(),
     capture_output=True,
     text=True,
     timeout=300,
