@@ -678,7 +678,7 @@ def test_student_with_pallas_kernel_matches_xla(impl):
   and parameter gradients of the xla impl: same weights, 4 heads of headdim 16, d_state 16,
   18 scanned tokens in chunks of 16 (so state crosses a chunk boundary). Gradients get
   5e-4 of each leaf's max: each scan matches a float64 loop to ~2e-7 at the op
-  (tests/test_ssd.py), but float32 rounding in a different order, carried through two
+  (tests/models/test_ssd.py), but float32 rounding in a different order, carried through two
   blocks' backward, moved whole-model gradient leaves by up to 2.4e-4 between impls."""
   fields = dict(
     width=32, depth=2, headdim=16, d_state=16, chunk_size=16, image_size=16, num_classes=3

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import rel_err
+from helpers import ROOT, rel_err
 from kernels import ssd
 from linearizer import models
 from test_ssd import ARGS, RTOL, grads, make_inputs, ssd_loop64
@@ -100,10 +100,11 @@ def test_base_student_forward_and_backward_at_2048_with_remat():
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
   )
   code = "import test_long_sequences as t; t.forward_and_backward_at_2048('B/16', remat=True)"
+  path = [str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
   run = subprocess.run(
     [sys.executable, "-c", code],
-    cwd=pathlib.Path(__file__).parent,
-    env=dict(os.environ, XLA_FLAGS=flags),
+    cwd=pathlib.Path(__file__).parent,  # (this file and test_ssd; helpers is one folder up)
+    env=dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join(path)),
     capture_output=True,
     text=True,
   )

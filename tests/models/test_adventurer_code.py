@@ -3,7 +3,7 @@
 Their `models_mamba.Adventurer` is read from a git checkout named by the environment
 variable LINEARIZER_ADVENTURER_REPO (it is not on PyPI, and none of its code is copied
 here); without one the test skips. What their code imports from mamba-ssm and timm comes
-from tests/adventurer_standins/ (pure torch; the SSM is the sequential scan, in float64),
+from tests/models/adventurer_standins/ (pure torch; the SSM is the sequential scan, in float64),
 put first on sys.path only in the subprocess that runs their code: the stand-ins never
 shadow an installed timm (or mamba-ssm) in this process. `einops` (their mamba_custom.py
 imports it) is the real package.
