@@ -1,4 +1,8 @@
-"""main.py end to end on the smoke config: every stage, the files it writes, reuse, resume."""
+"""main.py end to end on the smoke config: every stage, the files it writes, reuse, resume.
+
+The tests read one run of `main.py --config configs/demo.py:smoke` (`demo_run`, conftest.py:
+once per test session); one that runs main.py on it works on a copy.
+"""
 
 import json
 import os
@@ -24,12 +28,6 @@ def params(directory):
   from linearizer.models import saved
 
   return jax.tree.leaves(saved.read_params(directory))
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("demo")
-  return workdir, run_main(workdir)
 
 
 def test_every_stage_writes_its_files(demo_run):
@@ -76,13 +74,15 @@ def test_every_stage_writes_its_files(demo_run):
   assert "top-1" in out and "Outputs:" in out
 
 
-def test_second_run_reuses_finished_stages(demo_run):
+def test_second_run_reuses_finished_stages(demo_run, tmp_path):
   workdir, _ = demo_run
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)  # (the shared run stays as its first run left it)
   before = json.load(open(workdir / "eval" / "results.json"))
-  out = run_main(workdir)
+  out = run_main(copy)
   for stage in STAGES:
     assert f"[{stage}] already finished" in out
-  after = json.load(open(workdir / "eval" / "results.json"))
+  after = json.load(open(copy / "eval" / "results.json"))
   for name in before:
     assert after[name]["@16"] == before[name]["@16"]
 
