@@ -18,9 +18,9 @@
 # newer than it.
 #
 # Variables: PYTHON (the interpreter to build the venv with), VENV, WORKDIR (the demo's),
-# PYTEST_ARGS (passed to pytest, e.g. PYTEST_ARGS="tests/test_ssd.py -q"), LINT=0 (make test
-# without the ruff steps), TEST_WORKERS (pytest-xdist processes, a test file to each; 2 suits
-# the 2-core CI machine, 0 runs the suite in this process).
+# PYTEST_ARGS (passed to pytest, e.g. PYTEST_ARGS="tests/models/test_ssd.py -q"), LINT=0
+# (make test without the ruff steps), TEST_WORKERS (pytest-xdist processes, a test file to each;
+# 2 suits the 2-core CI machine, 0 runs the suite in this process).
 
 PYTHON ?= python3
 VENV ?= .venv

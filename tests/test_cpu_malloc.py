@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from helpers import ROOT
 from linearizer import cpu_malloc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 glibc_linux = pytest.mark.skipif(
   sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc tunables"
 )
@@ -56,7 +56,7 @@ cpu_malloc.reexec()
 @glibc_linux
 def test_reexec_runs_the_same_script_once_more_under_the_tunables(tmp_path):
   script = tmp_path / "script.py"
-  script.write_text(REEXEC.format(root=ROOT))
+  script.write_text(REEXEC.format(root=str(ROOT)))
   env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   env["JAX_PLATFORMS"] = "cpu"
   out = subprocess.run(
@@ -74,7 +74,7 @@ def test_reexec_runs_the_same_script_once_more_under_the_tunables(tmp_path):
   # From stdin the script cannot be read again: it runs once, untouched.
   out = subprocess.run(
     [sys.executable, "-", "a"],
-    input=REEXEC.format(root=ROOT),
+    input=REEXEC.format(root=str(ROOT)),
     env=env,
     capture_output=True,
     text=True,
@@ -83,7 +83,7 @@ def test_reexec_runs_the_same_script_once_more_under_the_tunables(tmp_path):
   )
   assert len(out.stdout.splitlines()) == 1
   # main.py does it first thing.
-  assert "cpu_malloc.reexec()" in open(os.path.join(ROOT, "main.py")).read()
+  assert "cpu_malloc.reexec()" in (ROOT / "main.py").read_text()
 
 
 def test_environment_is_none_off_glibc(monkeypatch):

@@ -19,7 +19,8 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 OURS = ("linearizer", "kernels", "configs", "main")
 
 FEATURES = ("bench", "distillation", "export", "segmentation")
@@ -236,3 +237,28 @@ def test_only_the_resolver_finds_a_runs_models():
   ]
   assert not found, "\n".join(found)
   assert loads.search("x = load_model(workdir.model_dir(run_dir, 'distill'), o)")
+
+
+def test_tests_import_helpers_or_their_own_folder():
+  """tests/ mirrors the packages, and pytest puts each test file's folder on sys.path (no
+  __init__.py): a test module imports helpers.py or a module of its own folder, never one of
+  another folder, and no two modules under tests/ share a name (conftest.py aside)."""
+  tests = ROOT / "tests"
+  files = [p for p in tests.rglob("*.py") if "adventurer_standins" not in p.parts]
+  ours = [p for p in files if p.name != "conftest.py"]
+  folder = {p.stem: p.parent for p in ours}
+  assert len(folder) == len(ours), sorted(p.name for p in ours)
+  found = []
+  for path in files:
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        names = [node.module]
+      else:
+        continue
+      for name in names:
+        top = name.split(".")[0]
+        if top in folder and top != "helpers" and folder[top] != path.parent:
+          found.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+  assert not found, "\n".join(found)

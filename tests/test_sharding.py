@@ -34,10 +34,10 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import common
+from helpers import ROOT
 from linearizer import optim, sharding, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "sharded_run.py")
+SCRIPT = str(ROOT / "tests" / "sharded_run.py")
 RTOL = 1e-5
 LEAF_RTOL = 1e-3
 TIMEOUT_S = 300  # per run of sharded_run.py: a hang fails the test instead of blocking
@@ -48,7 +48,7 @@ TIMEOUT_S = 300  # per run of sharded_run.py: a hang fails the test instead of b
 # ---------------------------------------------------------------------------------------
 def _env():
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
   env["JAX_PLATFORMS"] = "cpu"
   for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(key, None)

@@ -27,13 +27,13 @@ from flax import nnx
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from helpers import assert_clean_error, normal_model  # noqa: E402
 from linearizer import models, serving  # noqa: E402
 from linearizer.errors import UserError  # noqa: E402
 from linearizer.export import cli as export_cli  # noqa: E402
 from linearizer.export import onnx_graph  # noqa: E402
 from linearizer.export import to_onnx as onnx_export  # noqa: E402
 from linearizer.models import saved  # noqa: E402
-from test_robustness import assert_clean_error  # noqa: E402
 
 TOL = 1e-4
 TINY = dict(image_size=16, width=32, depth=2, headdim=16, d_state=16)  # patch 8: 2 x 2 grid
@@ -41,13 +41,7 @@ TINY = dict(image_size=16, width=32, depth=2, headdim=16, d_state=16)  # patch 8
 
 def tiny_student(num_classes=5, seed=0, **overrides):
   cfg = models.adventurer_config("Ti/8", num_classes=num_classes, **{**TINY, **overrides})
-  abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param)
-  rng = np.random.default_rng(seed)
-  params = {
-    path: (0.3 * rng.normal(size=v.shape)).astype(v.dtype)
-    for path, v in nnx.to_flat_state(abstract)
-  }
-  return saved.from_params(cfg, params)
+  return normal_model(cfg, 0.3, seed)
 
 
 @nnx.jit

@@ -25,6 +25,7 @@ import pytest
 from flax import nnx
 
 import kernels  # noqa: F401  (the models need the SSD op; fail loudly here if it is missing)
+from helpers import rel_err
 from linearizer import models
 from linearizer.errors import UserError
 from linearizer.models import build, common
@@ -35,11 +36,6 @@ from linearizer.models.vit import ViTConfig, vit_config
 RTOL = 1e-4
 RESAMPLE_ATOL = 1e-5
 BF16_RTOL = 5e-2
-
-
-def rel_err(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
 
 
 # Every forward pass goes through these jitted callers: on CPU, eager op-by-op execution of
@@ -682,7 +678,7 @@ def test_student_with_pallas_kernel_matches_xla(impl):
   and parameter gradients of the xla impl: same weights, 4 heads of headdim 16, d_state 16,
   18 scanned tokens in chunks of 16 (so state crosses a chunk boundary). Gradients get
   5e-4 of each leaf's max: each scan matches a float64 loop to ~2e-7 at the op
-  (tests/test_ssd.py), but float32 rounding in a different order, carried through two
+  (tests/models/test_ssd.py), but float32 rounding in a different order, carried through two
   blocks' backward, moved whole-model gradient leaves by up to 2.4e-4 between impls."""
   fields = dict(
     width=32, depth=2, headdim=16, d_state=16, chunk_size=16, image_size=16, num_classes=3

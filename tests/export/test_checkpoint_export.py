@@ -27,6 +27,7 @@ import pytest
 from flax import nnx
 
 from configs import common
+from helpers import normal_model
 from linearizer import checkpoint, metrics, models, optim, serving, train
 from linearizer.errors import UserError
 from linearizer.models import saved
@@ -37,14 +38,7 @@ TINY = dict(image_size=16, width=32, depth=2, headdim=16, d_state=16, chunk_size
 
 
 def tiny_student(num_classes=NUM_CLASSES, seed=0):
-  cfg = models.adventurer_config("Ti/8", num_classes=num_classes, **TINY)
-  abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param)
-  rng = np.random.default_rng(seed)
-  params = {
-    path: (0.1 * rng.normal(size=v.shape)).astype(v.dtype)
-    for path, v in nnx.to_flat_state(abstract)
-  }
-  return saved.from_params(cfg, params)
+  return normal_model(models.adventurer_config("Ti/8", num_classes=num_classes, **TINY), 0.1, seed)
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,17 @@
-"""main.py as a process under faults: signals, kill -9, corrupted checkpoints, NaNs, bad input,
-a failing disk. Each run ends with nothing lost: the same weights as an uninterrupted run,
-or a clear one-line error and the workdir's checkpoints untouched.
+"""main.py as a process under faults: signals, kill -9, corrupted checkpoints, NaNs, a
+failing or read-only disk, a second run on a live workdir, noisy libraries, an unreadable
+image. Each run ends with nothing lost: the same weights as an uninterrupted run (the shared
+`reference`, conftest.py), or a clear one-line error and the workdir's checkpoints
+untouched. (Bad input and refused settings: test_bad_input.py.)
 
-Runs the smoke config's train_teacher stage only (the loop every stage shares), longer than
-the smoke default so that there is time to interrupt it.
+Runs the train_teacher stage of train_teacher_run.py: the smoke config, 30 steps, a
+checkpoint every 3, so that there is time to interrupt it.
 """
 
 import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import socket
@@ -21,46 +22,9 @@ import time
 import numpy as np
 import pytest
 
+from helpers import ROOT, assert_clean_error, env
 from linearizer import log as log_module
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 30
-FLAGS = (
-  "--config.stages=('train_teacher',)",
-  f"--config.train_teacher.steps={STEPS}",
-  "--config.checkpoint.every_steps=3",
-  "--config.log_every=1",
-)
-
-
-def command(workdir, *flags, python=("main.py",)):
-  return [
-    sys.executable,
-    *python,
-    "--config",
-    "configs/demo.py:smoke",
-    "--workdir",
-    str(workdir),
-    *FLAGS,
-    *flags,
-  ]
-
-
-def env():
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")  # with conftest.py's XLA_FLAGS
-
-
-def run_main(workdir, *flags, code=0, python=("main.py",)):
-  proc = subprocess.run(
-    command(workdir, *flags, python=python),
-    cwd=ROOT,
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
-  return proc
+from train_teacher_run import STEPS, assert_same_run, command, run_main
 
 
 def start_and_interrupt(workdir, at_step, sig, delay=0.0):
@@ -81,50 +45,6 @@ def start_and_interrupt(workdir, at_step, sig, delay=0.0):
 
 def steps_saved(workdir):
   return sorted(int(d) for d in os.listdir(workdir / "train_teacher" / "ckpt") if d.isdigit())
-
-
-def params(workdir):
-  import jax
-
-  from linearizer.models import saved
-
-  return jax.tree.leaves(saved.read_params(workdir / "train_teacher" / "model"))
-
-
-def last_metrics(workdir):
-  with open(workdir / "train_teacher" / "metrics.jsonl", encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f]
-  return {k: v for k, v in rows[-1].items() if k != "img_per_s"}
-
-
-def assert_same_run(workdir, reference):
-  for a, b in zip(params(reference), params(workdir), strict=True):
-    np.testing.assert_array_equal(a, b)
-  assert last_metrics(workdir) == last_metrics(reference)
-
-
-def assert_clean_error(proc, *phrases):
-  # Our message comes first of the lines that are neither a library's absl log line (a
-  # process that does not run main.py keeps them on stderr) nor the note saying where
-  # main.py sent them.
-  ours = [
-    line
-    for line in proc.stderr.splitlines()
-    if not re.match(r"[IWEF]\d{4} ", line) and not line.startswith("note: ")
-  ]
-  assert ours and ours[0].startswith("error: "), proc.stderr[-3000:]  # (it may wrap lines)
-  assert sum(line.startswith("error: ") for line in ours) == 1, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  for phrase in phrases:
-    assert phrase in proc.stderr, proc.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """The uninterrupted run every interrupted one must reproduce bitwise."""
-  workdir = tmp_path_factory.mktemp("reference")
-  run_main(workdir)
-  return workdir
 
 
 @pytest.mark.parametrize(
@@ -234,78 +154,6 @@ def test_skip_policy_gives_up_after_many_faulty_steps(tmp_path):
   assert "set --config.nan_policy=skip" not in proc.stderr  # it is set already
 
 
-BAD_INPUT = {  # name: (extra flags, phrases the message must hold)
-  "mistyped key": (["--config.train_teacher.stepz=3"], ["stepz", "did you mean 'steps'"]),
-  "teacher path missing": (
-    ["--config.stages=('distill',)", "--config.teacher.init=/no/such"],
-    ["/no/such"],
-  ),
-  "teacher of the wrong format": (
-    ["--config.stages=('distill',)", "--config.teacher.init=big_vision:{tmp}/random.npz"],
-    ["random.npz"],
-  ),
-  "data folder missing": (["--config.data.source=folder:/no/such/dir"], ["/no/such/dir"]),
-  "data folder empty": (["--config.data.source=folder:{tmp}/empty"], ["has no images"]),
-  "two-channel images": (["--config.data.source=npz:{tmp}/gray2.npz"], ["gray2.npz", "channels"]),
-  "float images": (["--config.data.source=npz:{tmp}/float.npz"], ["float.npz", "uint8"]),
-  "override of a field the config lacks": (
-    ["--config.train_teacher.optim.total_steps=5"],
-    ["--config.train_teacher.optim.total_steps", "no such field"],
-  ),
-  "unknown architecture": (["--config.teacher.kind=nope"], ["'nope'", "adventurer", "vit"]),
-  "zero steps": (["--config.train_teacher.steps=0"], ["train_teacher.steps=0", "positive"]),
-  "zero batch": (["--config.distill.batch_size=0"], ["distill.batch_size=0", "positive"]),
-  "checkpoint every 0 steps, keep 0, log every 0": (
-    ["--config.checkpoint.every_steps=0", "--config.checkpoint.keep=0", "--config.log_every=0"],
-    ["checkpoint.every_steps=0", "checkpoint.keep=0", "log_every=0"],
-  ),
-  "unknown teacher input": (
-    ["--config.stages=('train_teacher','distill')", "--config.distill.teacher_input=crop"],
-    ["teacher_input='crop'", "resize"],
-  ),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_INPUT))
-def test_bad_input_gets_one_clear_message(tmp_path, case):
-  flags, phrases = BAD_INPUT[case]
-  np.savez(tmp_path / "random.npz", a=np.zeros((3, 4), np.float32))
-  (tmp_path / "empty" / "some_class").mkdir(parents=True)
-  labels = np.zeros(8, np.int64)
-  np.savez(tmp_path / "gray2.npz", images=np.zeros((8, 16, 16, 2), np.uint8), labels=labels)
-  np.savez(tmp_path / "float.npz", images=np.zeros((8, 16, 16, 3), np.float32), labels=labels)
-  proc = run_main(tmp_path / "workdir", *[f.format(tmp=tmp_path) for f in flags], code=2)
-  assert_clean_error(proc, *phrases)
-
-
-def test_workdir_of_another_config_is_refused_unless_restart(reference, tmp_path):
-  workdir = tmp_path / "run"
-  shutil.copytree(reference, workdir)
-  before = {d: sorted(os.listdir(workdir / d)) for d in ("train_teacher", "train_teacher/ckpt")}
-  proc = run_main(
-    workdir,
-    "--config.seed=1",
-    "--config.train_teacher.batch_size=8",
-    "--config.log_every=2",
-    code=2,
-  )  # log_every may change: not listed
-  assert_clean_error(
-    proc,
-    "holds a run of a different config",
-    "seed: 0 -> 1",
-    "train_teacher.batch_size: 16 -> 8",
-    "--restart",
-  )
-  assert "log_every" not in proc.stderr
-  assert {d: sorted(os.listdir(workdir / d)) for d in before} == before
-  assert json.load(open(workdir / "config.json"))["seed"] == 0
-  out = run_main(workdir, "--config.seed=1", "--restart").stdout
-  aside = [p for p in os.listdir(tmp_path) if p.startswith("run.old-")]
-  assert len(aside) == 1 and f"moved the previous contents of {workdir}" in out
-  assert_same_run(tmp_path / aside[0], reference)  # the old run is intact
-  assert json.load(open(workdir / "config.json"))["seed"] == 1
-
-
 FAILING_SAVE = """
 import errno, runpy, sys
 import orbax.checkpoint as ocp
@@ -399,108 +247,6 @@ def test_a_disk_that_fills_up(reference, tmp_path):
     subprocess.run(["umount", str(disk)], check=True)
 
 
-def test_teacher_and_student_that_cannot_be_paired(reference, tmp_path):
-  """More AM stages than the (2-block) teacher has blocks: one message, nothing trained."""
-  proc = run_main(
-    tmp_path / "workdir",
-    "--config.stages=('distill',)",
-    f"--config.teacher.init={reference / 'train_teacher' / 'model'}",
-    "--config.distill.loss.num_stages=5",
-    code=2,
-  )
-  assert_clean_error(proc, "num_stages=5", "depth 2")
-  assert not (tmp_path / "workdir" / "distill" / "ckpt").exists() or not os.listdir(
-    tmp_path / "workdir" / "distill" / "ckpt"
-  )
-
-
-def test_teacher_overrides_that_contradict_its_checkpoint(reference, tmp_path):
-  """teacher.overrides reach a loaded teacher: a depth the file contradicts is refused."""
-  proc = run_main(
-    tmp_path / "workdir",
-    "--config.stages=('distill',)",
-    f"--config.teacher.init={reference / 'train_teacher' / 'model'}",
-    "--config.teacher.overrides.depth=3",
-    code=2,
-  )
-  assert_clean_error(proc, "depth=3 (the file has 2)", "'dtype'")
-  assert not (tmp_path / "workdir" / "distill").exists()
-
-
-def test_a_teacher_cache_of_another_setup_or_none_at_all(reference, tmp_path):
-  """A cache shared between runs (distill.teacher_cache_dir) is read by a run of the same
-  setup and refused, fields named and files untouched, by a run of another seed; 'read'
-  with no cache says so. Nothing is trained by a refused run."""
-  teacher = f"--config.teacher.init={reference / 'train_teacher' / 'model'}"
-  cache = tmp_path / "cache"
-  shared = (teacher, "--config.stages=('distill',)", f"--config.distill.teacher_cache_dir={cache}")
-  run_main(tmp_path / "a", *shared, "--config.distill.teacher_cache=write")
-  files = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
-  proc = run_main(tmp_path / "b", *shared, "--config.distill.teacher_cache=read")
-  assert "(complete)" in proc.stdout and "teacher cache: batch" not in proc.stdout
-  proc = run_main(
-    tmp_path / "c", *shared, "--config.distill.teacher_cache=auto", "--config.seed=1", code=2
-  )
-  assert_clean_error(proc, "another setup", "seed: cached 0 vs now 1", "teacher_cache_dir")
-  assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == files
-  assert not (tmp_path / "c" / "distill" / "ckpt").exists()
-  proc = run_main(
-    tmp_path / "d",
-    teacher,
-    "--config.stages=('distill',)",
-    "--config.distill.teacher_cache=read",
-    code=2,
-  )
-  assert_clean_error(proc, "distill.teacher_cache='read'", "not there", "'write' or 'auto'")
-  assert not (tmp_path / "d" / "distill" / "ckpt").exists()
-  # 'auto' decides once per stage: resumed where it had chosen no cache (say, the disk was
-  # full), it keeps the teacher-run stream even with a usable cache now at hand.
-  (tmp_path / "e" / "distill").mkdir(parents=True)
-  (tmp_path / "e" / "distill" / "teacher_cache.json").write_text('{"used": false}')
-  proc = run_main(tmp_path / "e", *shared, "--config.distill.teacher_cache=auto")
-  assert "resuming as the stage began: off" in proc.stdout
-  assert "examples ×" not in proc.stdout  # the cache's size line: it was never opened
-
-
-@pytest.mark.parametrize(
-  "flag,phrases",
-  [
-    ("--config.eval.extra_models=('no_equals_sign',)", ("'no_equals_sign'", "name=fmt:path")),
-    (  # the smoke student (expand 2, one group, MLP ratio 2.5) does not fit its teacher
-      "--config.distill.student_init=teacher",
-      ("student_init='teacher'", "ngroups 1 ≠ teacher num_heads 2", "teacher_init_partial=true"),
-    ),
-    ("--config.finetune.loss.kd=bogus", ("finetune.loss.kd='bogus'", "'soft', 'hard'")),
-    ("--config.train_teacher.loss.kd=soft", ("train_teacher.loss.kd='soft'", "finetune")),
-    ("--config.distill.teacher_cache=always", ("distill.teacher_cache='always'", "'auto'")),
-  ],
-)
-def test_refused_before_any_stage_runs(tmp_path, flag, phrases):
-  """Settings a later stage would refuse are refused before the first one trains."""
-  proc = run_main(
-    tmp_path / "workdir", "--config.stages=('train_teacher','distill','eval')", flag, code=2
-  )
-  assert_clean_error(proc, *phrases)
-  assert not (tmp_path / "workdir" / "train_teacher").exists()
-
-
-def test_a_batch_that_does_not_split_over_the_devices(tmp_path):
-  """Three CPU devices, batch 16: one message naming the numbers, nothing written."""
-  proc = subprocess.run(
-    command(tmp_path / "workdir"),
-    cwd=ROOT,
-    env=dict(
-      env(), XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3"
-    ),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert_clean_error(proc, "train_teacher.batch_size=16", "3 devices", "multiple of 3")
-  assert not (tmp_path / "workdir" / "train_teacher").exists()
-
-
 def test_a_second_run_on_a_live_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path):
   """One run per workdir: while one trains, a second (with --restart too) is refused with
   the holder named and nothing moved; the lock goes with the run (SIGTERM included); a lock
@@ -550,7 +296,7 @@ def test_library_noise_goes_to_a_log_file(tmp_path):
     "t.start(); t.join()\n"
     "from absl import logging\n"
     "logging.warning('Waiting for previous save to complete')\n"  # Orbax, via absl
-    "from linearizer.errors import warn\n"
+    "from linearizer.log import warn\n"
     "warn('ours, still on the terminal')\n"
   )
   proc = subprocess.run(

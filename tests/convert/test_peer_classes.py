@@ -9,11 +9,12 @@ which has no build for this torch: see `torchvision_standin`).
 """
 
 import pytest
-import torch
 
-import torchvision_standin
-from linearizer import convert
-from test_convert import forward, images_at, perturb_, rel_err
+torch = pytest.importorskip("torch")
+import torchvision_standin  # noqa: E402
+from helpers import rel_err  # noqa: E402
+from linearizer import convert  # noqa: E402
+from test_convert import forward, images_at, perturb_  # noqa: E402
 
 timm, open_clip = torchvision_standin.import_with_standin("timm", "open_clip")
 if timm is None or open_clip is None:  # make test installs them (requirements-test-nodeps)

@@ -12,7 +12,6 @@ Tolerances:
 
 import argparse
 import json
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -26,18 +25,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from helpers import ROOT, random_model, rel_err  # noqa: E402
 from linearizer import convert, errors, models  # noqa: E402
 from linearizer.models import saved  # noqa: E402
 
 RTOL, SAME_RTOL = 1e-4, 1e-6
 WIDTH, DEPTH, HEADS, MLP, PATCH, SIZE = 64, 2, 4, 128, 8, 32
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def rel_err(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  return np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
 
 
 # One compiled program per architecture: much faster on CPU than op-by-op execution.
@@ -442,27 +435,6 @@ def random_adventurer(seed):
   return random_model(models.AdventurerConfig(**ADV), seed)
 
 
-def random_model(cfg, seed=0):
-  """`cfg`'s model (an Adventurer's or a ViT's) with random values in every parameter."""
-  rng = np.random.default_rng(seed)
-
-  def value(key, shape):
-    if key[-1] == "A_log":
-      return np.log(rng.uniform(1, 16, shape))
-    if key[-1] == "dt_bias":  # softplus -> steps of about 0.01-0.1, as in training
-      return rng.uniform(-4.5, -2.3, shape)
-    if key[-1] in ("scale", "norm_weight", "D"):
-      return 1 + 0.1 * rng.standard_normal(shape)
-    if key[-1] == "kernel":
-      return rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-    return 0.3 * rng.standard_normal(shape)
-
-  abstract = nnx.state(nnx.eval_shape(lambda: models.from_config(cfg)), nnx.Param)
-  return saved.from_params(
-    cfg, {k: value(k, v.get_value().shape) for k, v in nnx.to_flat_state(abstract)}
-  )
-
-
 def adventurer_to_torch(model):
   """Our Adventurer -> its released torch state-dict names (method.md §5), without mask_token."""
   p = {
@@ -647,7 +619,7 @@ def test_cli_round_trip(hf_dirs, tmp_path, capsys):
     "--output",
     str(out),
   ]
-  run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert run.returncode == 0, run.stderr
   assert "vit" in run.stdout and str(out) in run.stdout and "parameters" in run.stdout
   assert json.loads((out / "model.json").read_text())["kind"] == "vit"

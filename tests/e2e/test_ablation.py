@@ -6,38 +6,19 @@ main.py; the others check the bookkeeping against hand-computed numbers.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from configs import ablation as ablation_config
+from helpers import run_main
 from linearizer import ablation, models
 from linearizer.distillation import teacher_fit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_ablation_smoke_run_writes_the_table(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")  # conftest.py's XLA_FLAGS too
-  command = [
-    sys.executable,
-    "main.py",
-    "--config",
-    "configs/ablation.py:smoke,seeds=1",
-    "--workdir",
-    str(tmp_path),
-  ]
-  proc = subprocess.run(
-    command + ["--config.ablation.workers=2"],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )  # two worker processes
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  config_arg = "configs/ablation.py:smoke,seeds=1"
+  proc = run_main(tmp_path, "--config.ablation.workers=2", config=config_arg)  # two workers
   out = tmp_path / "ablation"
   config = ablation_config.get_config("smoke,seeds=1")
   summary = json.load(open(out / "ablation.json"))
@@ -78,8 +59,7 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
   assert "(7/7 runs" in proc.stdout
   # Run again in one process: only the run whose result is gone is redone, the same way.
   os.remove(tmp_path / "ablation" / "am" / "seed0" / "result.json")
-  again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert again.returncode == 0, again.stderr[-3000:]
+  again = run_main(tmp_path, config=config_arg)
   assert "[ablation] am seed 0" in again.stdout and "(1/1 runs" in again.stdout
   assert json.load(open(out / "ablation.json"))["variants"] == summary["variants"]
 

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import ROOT, rel_err
 from kernels import ssd
 from linearizer import models
-from test_ssd import ARGS, RTOL, grads, make_inputs, rel_err, ssd_loop64
+from test_ssd import ARGS, RTOL, grads, make_inputs, ssd_loop64
 
 pytestmark = pytest.mark.slow
 L_2048 = (2048 // 16) ** 2 + 2  # patches, CLS and the heading average: the student's scan
@@ -99,10 +100,11 @@ def test_base_student_forward_and_backward_at_2048_with_remat():
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
   )
   code = "import test_long_sequences as t; t.forward_and_backward_at_2048('B/16', remat=True)"
+  path = [str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
   run = subprocess.run(
     [sys.executable, "-c", code],
-    cwd=pathlib.Path(__file__).parent,
-    env=dict(os.environ, XLA_FLAGS=flags),
+    cwd=pathlib.Path(__file__).parent,  # (this file and test_ssd; helpers is one folder up)
+    env=dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=os.pathsep.join(path)),
     capture_output=True,
     text=True,
   )

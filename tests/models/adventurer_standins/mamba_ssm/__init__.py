@@ -1,4 +1,4 @@
-"""Test stand-in for mamba-ssm (tests/test_adventurer_code.py): pure torch, no CUDA kernels.
+"""Test stand-in for mamba-ssm (tests/models/test_adventurer_code.py): pure torch, no CUDA kernels.
 
 Only the names wangf3014/Adventurer's `mamba_custom.py` and `models_mamba.py` import, with
 mamba-ssm's signatures; the SSM is the sequential scan, token by token, in float64 (the

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import rel_err
 from kernels.pallas_tpu import ssd_pallas_tpu, unsupported_reason
 from kernels.reference import ssd_reference
 from kernels.xla import ssd_xla
-from test_ssd import make_inputs, rel_err, ssd_loop64
+from test_ssd import make_inputs, ssd_loop64
 
 RTOL = 1e-4
 BF16_RTOL = 2e-2

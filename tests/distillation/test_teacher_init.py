@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import rel_err
 from linearizer import models
 from linearizer.distillation import teacher_init
 from linearizer.errors import UserError
@@ -38,11 +39,6 @@ TEACHER = dict(width=32, depth=2, num_heads=2, mlp_dim=64, image_size=16)
 # The student every mapped weight fits (teacher_fit.fitting_overrides of TEACHER).
 FIT = dict(width=32, depth=2, expand=1, headdim=16, ngroups=2, d_state=16, mlp_ratio=2.0)
 STUDENT = dict(image_size=16, chunk_size=8, **FIT)
-
-
-def rel_err(ours, ref):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  return np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
 
 
 def np64(param):

@@ -23,11 +23,12 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from configs import common as cfg_common  # noqa: E402
+from helpers import rel_err  # noqa: E402
 from linearizer import convert, data, models, optim, train  # noqa: E402
 from linearizer.distillation import distill, losses  # noqa: E402
 from linearizer.errors import UserError  # noqa: E402
 from linearizer.models import common  # noqa: E402
-from test_convert import images_at, perturb_, rel_err  # noqa: E402
+from test_convert import images_at, perturb_  # noqa: E402
 
 RTOL = 1e-4
 WIDTH, DEPTH, HEADS, PATCH, SIZE, REGISTERS = 64, 2, 4, 8, 32, 4

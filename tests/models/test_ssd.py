@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import rel_err
 from kernels import (
   IMPLS,
   Implementation,
@@ -75,11 +76,6 @@ def oracle(L, G):
 @functools.lru_cache(maxsize=None)
 def jitted(impl, chunk_size):
   return jax.jit(functools.partial(ssd, impl=impl, chunk_size=chunk_size))
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / np.abs(b).max()
 
 
 # ---------------------------------------------------------------- values

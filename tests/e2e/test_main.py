@@ -1,37 +1,24 @@
-"""main.py end to end on the smoke config: every stage, the files it writes, reuse, resume."""
+"""main.py end to end on the smoke config: every stage, the files it writes, reuse, resume.
+
+The tests read one run of `main.py --config configs/demo.py:smoke` (`demo_run`, conftest.py:
+once per test session); one that runs main.py on it works on a copy.
+"""
 
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
 STAGES = ("train_teacher", "distill", "finetune", "train_student")
 
 
 def run_main(workdir, *flags, code=0):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "main.py",
-      "--config",
-      "configs/demo.py:smoke",
-      "--workdir",
-      str(workdir),
-      *flags,
-    ],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
+  """helpers.run_main on the smoke config; its stdout, or its stderr where it fails."""
+  proc = helpers.run_main(workdir, *flags, code=code)
   return proc.stdout if code == 0 else proc.stderr
 
 
@@ -41,12 +28,6 @@ def params(directory):
   from linearizer.models import saved
 
   return jax.tree.leaves(saved.read_params(directory))
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("demo")
-  return workdir, run_main(workdir)
 
 
 def test_every_stage_writes_its_files(demo_run):
@@ -93,13 +74,15 @@ def test_every_stage_writes_its_files(demo_run):
   assert "top-1" in out and "Outputs:" in out
 
 
-def test_second_run_reuses_finished_stages(demo_run):
+def test_second_run_reuses_finished_stages(demo_run, tmp_path):
   workdir, _ = demo_run
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)  # (the shared run stays as its first run left it)
   before = json.load(open(workdir / "eval" / "results.json"))
-  out = run_main(workdir)
+  out = run_main(copy)
   for stage in STAGES:
     assert f"[{stage}] already finished" in out
-  after = json.load(open(workdir / "eval" / "results.json"))
+  after = json.load(open(copy / "eval" / "results.json"))
   for name in before:
     assert after[name]["@16"] == before[name]["@16"]
 
@@ -215,13 +198,6 @@ def test_a_run_without_its_config_record_is_refused(demo_run, tmp_path):
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
   (copy / "config.json").unlink()
-  proc = subprocess.run(
-    [sys.executable, "main.py", "--config", "configs/demo.py:smoke", "--workdir", str(copy)],
-    cwd=ROOT,
-    env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr[-2000:]
-  assert "no config.json" in proc.stderr and not (copy / "config.json").exists()
+  err = run_main(copy, code=2)
+  assert err.startswith("error: "), err[-2000:]
+  assert "no config.json" in err and not (copy / "config.json").exists()

@@ -2,7 +2,7 @@
 
 On a CPU the kernels run in the Pallas interpreter (interpret=True); the test marked
 `accelerator` runs them compiled on a GPU. Oracles: the float64 NumPy loop of
-tests/test_ssd.py, the XLA impl, and the reference scan.
+tests/models/test_ssd.py, the XLA impl, and the reference scan.
 
 Tolerances (stated once, used below):
   float32 values vs float64 loop and vs xla:  max |y - y_ref| <= 1e-4 * max |y_ref|

@@ -19,7 +19,9 @@ pytest.importorskip("ipykernel")
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402 (after the skips)
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 
-NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
+from helpers import ROOT  # noqa: E402
+
+NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 
 
 def kernel_manager(tmp_path):

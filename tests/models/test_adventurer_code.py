@@ -3,7 +3,7 @@
 Their `models_mamba.Adventurer` is read from a git checkout named by the environment
 variable LINEARIZER_ADVENTURER_REPO (it is not on PyPI, and none of its code is copied
 here); without one the test skips. What their code imports from mamba-ssm and timm comes
-from tests/adventurer_standins/ (pure torch; the SSM is the sequential scan, in float64),
+from tests/models/adventurer_standins/ (pure torch; the SSM is the sequential scan, in float64),
 put first on sys.path only in the subprocess that runs their code: the stand-ins never
 shadow an installed timm (or mamba-ssm) in this process. `einops` (their mamba_custom.py
 imports it) is the real package.
@@ -30,12 +30,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
-from linearizer import convert, models, serving
-from linearizer.export import to_torch as torch_export
-from linearizer.models import saved
+torch = pytest.importorskip("torch")
+from linearizer import convert, models, serving  # noqa: E402
+from linearizer.export import to_torch as torch_export  # noqa: E402
+from linearizer.models import saved  # noqa: E402
 
 ENV = "LINEARIZER_ADVENTURER_REPO"
 STANDINS = pathlib.Path(__file__).resolve().parent / "adventurer_standins"
