@@ -9,13 +9,13 @@ The TPU tests stay in this one file: libtpu takes a lock file per process.
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 PREFIX = ROOT / ".aot"
 HAS_LIBTPU = (PREFIX / "libtpu").is_dir()
 HAS_CUDA_PLUGIN = (PREFIX / "jax_plugins" / "xla_cuda12").is_dir()
