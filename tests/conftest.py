@@ -39,3 +39,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set once, by the first proc
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_configure(config):
+  """Test files go to pytest-xdist's workers (--dist loadfile) in the order pytest collects
+  them, not re-sorted by how many tests each holds (xdist's default, which sent the longest
+  file, tests/e2e/test_notebook.py with its one test, last: a worker idled while the other
+  ran it). Collected in path order, tests/e2e/'s few long tests start early and the many
+  short files fill in at the end."""
+  if hasattr(config.option, "loadscopereorder"):  # (pytest-xdist is loaded)
+    config.option.loadscopereorder = False
