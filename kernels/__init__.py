@@ -21,6 +21,8 @@ Beside them, two forms for checking and for pictures (kernels/reference.py):
 `ssd_matrix`, that (batch, H, L, L) mixing matrix itself.
 """
 
+import contextlib
+import contextvars
 import functools
 import numbers
 from collections.abc import Callable
@@ -44,6 +46,7 @@ __all__ = [
   "pick_impl",
   "platform_name",
   "target_platform",
+  "targeting",
   "chunk_for",
   "chunk_run",
   "CHUNK_TABLE",
@@ -103,10 +106,27 @@ def platform_name(name: str | None = None) -> str:
   return "gpu" if name in ("cuda", "rocm") else name
 
 
+_TARGET = contextvars.ContextVar("kernels_target", default=None)
+
+
+@contextlib.contextmanager
+def targeting(platform: str):
+  """Traces within build programs for `platform` ('tpu', 'gpu'/'cuda', 'cpu'): what
+  `jax.export` for one platform needs, since an export has no mesh to say it. jax's trace
+  cache does not key on it: jit a new function inside it."""
+  token = _TARGET.set(platform_name(platform))
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
 def target_platform() -> str:
-  """The platform the program is built for: that of the devices of the mesh in context
-  (while tracing under `jax.sharding.use_abstract_mesh` or `jax.set_mesh`), else JAX's
-  default backend; named as `platform_name` names it."""
+  """The platform the program is built for: the one `targeting` names, else that of the
+  devices of the mesh in context (while tracing under `jax.sharding.use_abstract_mesh` or
+  `jax.set_mesh`), else JAX's default backend; named as `platform_name` names it."""
+  if _TARGET.get() is not None:
+    return _TARGET.get()
   device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
   return platform_name(device.platform if device is not None else None)
 

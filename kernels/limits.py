@@ -15,10 +15,16 @@ INT32_MAX = 2**31 - 1
 
 def int32_overflow_reason(kernel: str, arrays: dict) -> str | None:
   """None if every array of `arrays` (name -> shape, as the kernel holds it: padded,
-  transposed) has at most INT32_MAX elements, else a one-line reason naming the first."""
+  transposed) has at most INT32_MAX elements, else a one-line reason naming the first. A
+  symbolic size (jax.export) counts as too large unless its dimensions' constraints bound
+  it (e.g. `symbolic_shape("batch", constraints=("batch <= 1024",))`)."""
   for name, shape in arrays.items():
     size = math.prod(shape)
-    if size > INT32_MAX:
+    try:
+      too_large = bool(size > INT32_MAX)
+    except Exception:  # jax.export's InconclusiveDimensionOperation: no bound is known
+      return f"{kernel}: {name} {tuple(shape)} has a symbolic size with no bound under 2³¹"
+    if too_large:
       return (
         f"{kernel}: {name} {tuple(shape)} has {size:,} elements, past the {INT32_MAX:,} "
         "that the kernel's int32 offsets address (use impl='xla', or a smaller batch)"

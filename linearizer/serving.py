@@ -14,12 +14,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import kernels
 from linearizer import files
 from linearizer.models import saved
 
 SERVE_FILE = "serve.jaxexport"
 SOURCE_FILE = "exported_from.txt"  # the run's stage the export holds, written last
 PLATFORMS = ("cpu", "cuda", "tpu")
+# One file serves every platform: a Pallas call cannot be lowered for several platforms
+# in one program (jax.export lowers each platform_dependent branch for all of them, and
+# Pallas has no CPU lowering), so it holds the XLA scan, traced as for the CPU (its chunk
+# and attention). Beside it, a file per platform whose kernel differs, picked by
+# `load_serving` where it runs: the TPU's Mosaic call is on jax.export's stable list.
+# CUDA keeps the portable file: Triton calls are deliberately off that list (their
+# serialisation is tied to one jaxlib), so the GPU serves the XLA scan.
+PLATFORM_FILES = {"tpu": "serve.tpu.jaxexport"}
+# The platform files' batch bound: a Pallas kernel indexes with int32, so its program must
+# prove its arrays stay under 2³¹ elements (kernels/limits.py); where even this bound is too
+# many for the model, the file holds the XLA scan at the platform's chunk.
+PLATFORM_MAX_BATCH = 1024
 
 
 def exported_from(directory) -> Optional[str]:
@@ -54,16 +67,28 @@ def export_student(model, directory, *, image_size=None, overwrite=True, source=
   return directory
 
 
-def _serialisable(serve, hw: tuple):
-  """`serve` exported for float32 (batch, h, w, 3) images, any batch, every platform (a
-  model exported on a CPU serves on a GPU or TPU)."""
-  (batch,) = jax.export.symbolic_shape("batch")
-  spec = jax.ShapeDtypeStruct((batch, *hw, 3), jnp.float32)
-  return jax.export.export(jax.jit(serve), platforms=PLATFORMS)(spec)
+def _serialisable(serve, hw: tuple) -> dict:
+  """`serve` exported for float32 (batch, h, w, 3) images, any batch: {file name: its
+  jax.export.Exported}, the portable file for every platform (a model exported on a CPU
+  serves on a GPU or TPU) and one per entry of PLATFORM_FILES with that platform's kernel."""
+
+  def export(target, platforms, *constraints):
+    (batch,) = jax.export.symbolic_shape("batch", constraints=constraints)
+    spec = jax.ShapeDtypeStruct((batch, *hw, 3), jnp.float32)
+    # A new function each time: jax's trace cache does not key on `targeting`.
+    with kernels.targeting(target):
+      return jax.export.export(jax.jit(lambda x: serve(x)), platforms=platforms)(spec)
+
+  exported = {SERVE_FILE: export("cpu", PLATFORMS)}
+  for platform, name in PLATFORM_FILES.items():
+    exported[name] = export(platform, (platform,), f"batch <= {PLATFORM_MAX_BATCH}")
+  return exported
 
 
-def _write_serving(exported, directory, source: str = "") -> None:
-  files.write_bytes(os.path.join(directory, SERVE_FILE), exported.serialize())
+def _write_serving(exported: dict, directory, source: str = "") -> None:
+  # The portable file last: its presence says the export is complete (`exported_from`).
+  for name in sorted(exported, key=lambda name: name == SERVE_FILE):
+    files.write_bytes(os.path.join(directory, name), exported[name].serialize())
   if source:
     files.write_text(os.path.join(directory, SOURCE_FILE), source + "\n")
 
@@ -102,7 +127,16 @@ def load_student(directory: str) -> nnx.Module:
   return saved.restore(directory)
 
 
-def load_serving(directory):
-  """The serialised inference function: `fn(images) -> logits`, no model code needed."""
-  with open(os.path.join(directory, SERVE_FILE), "rb") as f:
+def load_serving(directory, platform: Optional[str] = None):
+  """The serialised inference function: `fn(images) -> logits`, no model code needed.
+
+  Args:
+    directory: an export directory (`export_student`, `export_segmenter`).
+    platform: where it will run ('cpu', 'cuda', 'tpu'; default JAX's backend): its own
+      file (PLATFORM_FILES, the TPU's Pallas kernel; at most PLATFORM_MAX_BATCH images a
+      call) where the export has one, else the portable `serve.jaxexport` (any batch).
+  """
+  own = PLATFORM_FILES.get(kernels.platform_name(platform).replace("gpu", "cuda"))
+  name = own if own and os.path.isfile(os.path.join(directory, own)) else SERVE_FILE
+  with open(os.path.join(directory, name), "rb") as f:
     return jax.export.deserialize(bytearray(f.read())).call

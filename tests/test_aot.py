@@ -135,3 +135,45 @@ def test_the_distill_step_compiles_for_an_eight_gpu_node(tmp_path):
   assert proc.returncode == 2, proc.stderr[-3000:]
   (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
   assert "[distill] needs" in line and "h100:1x1x8" in line and "59.32 GiB" in line, line
+
+
+SERVE_ON_TPU = """
+import os, tempfile
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from linearizer import models, serving
+student = models.build("adventurer", "Ti/8", image_size=32, depth=2)
+out = serving.export_student(student, os.path.join(tempfile.mkdtemp(), "export"))
+with open(os.path.join(out, serving.PLATFORM_FILES["tpu"]), "rb") as f:
+  exported = jax.export.deserialize(bytearray(f.read()))
+topology = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
+chip = NamedSharding(Mesh(np.array(topology.devices[:1]), ("x",)), P())
+images = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+compiled = jax.jit(exported.call, in_shardings=chip, out_shardings=chip).lower(images).compile()
+print(compiled.as_text().count("tpu_custom_call"))
+"""
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not in .aot/ (make aot)")
+def test_the_exported_students_tpu_file_compiles_for_a_tpu_chip(tmp_path):
+  """An export made on this CPU host serves on a TPU with the Pallas kernel: its TPU file,
+  deserialised, compiles for a v5e chip with the Mosaic calls (one per Mamba-2 block)."""
+  env = dict(
+    os.environ,
+    PYTHONPATH=f"{ROOT}{os.pathsep}{PREFIX}",
+    JAX_PLATFORMS="cpu",
+    ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+    TPU_WORKER_HOSTNAMES="localhost",
+    TMPDIR=str(tmp_path),
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", SERVE_ON_TPU],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert int(proc.stdout.split()[-1]) == 2  # depth 2: two Mamba-2 blocks, one kernel call each

@@ -221,6 +221,29 @@ def test_export_round_trips(tmp_path, student):
     np.testing.assert_allclose(got, expected[rows], atol=SERVE_TOL, rtol=0)
 
 
+def test_export_holds_each_platforms_kernel(tmp_path, student):
+  """The portable file lowers for every platform with the XLA scan (a Pallas call has no
+  CPU lowering); the TPU's own file holds the Mosaic kernel, as a TPU run would choose it
+  (compiled for a v5e chip in tests/test_aot.py), and `load_serving` picks it on a TPU."""
+  out = tmp_path / "export"
+  serving.export_student(student, out)
+
+  def read(name):
+    return jax.export.deserialize(bytearray((out / name).read_bytes()))
+
+  portable, tpu = read(serving.SERVE_FILE), read(serving.PLATFORM_FILES["tpu"])
+  assert portable.platforms == ("cpu", "cuda", "tpu") and tpu.platforms == ("tpu",)
+  assert "tpu_custom_call" not in portable.mlir_module()
+  assert "tpu_custom_call" in tpu.mlir_module()
+  assert "triton" not in portable.mlir_module()  # CUDA serves the XLA scan
+  assert sorted(os.listdir(out)) == [
+    "model.json",
+    "params",
+    "serve.jaxexport",
+    "serve.tpu.jaxexport",
+  ]
+
+
 def test_failed_export_leaves_previous_export_intact(tmp_path, student, monkeypatch):
   out = tmp_path / "export"
   serving.export_student(student, out)
