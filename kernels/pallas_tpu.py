@@ -13,8 +13,16 @@ same block specs (`_specs`), and both are bound by one `jax.custom_vjp`. Split, 
 helpers would become an interface between two halves that must change in lockstep, and
 the derivation below (forward formulas, then their gradients) would span two files.
 
-Layout (done by XLA in the wrapper, differentiable, outside the custom VJP):
+Layout. x, y and dx keep the model's own layout where a block of heads fills whole
+128-lane rows (hb * P a multiple of 128, or all H heads of one group): "token-major",
+  x, y, dx   (batch, L, H * P)        a reshape of (batch, L, H, P): no copy, no pad
+read unpadded, so the last chunk's rows past L are masked to zero in the kernel (the
+block there reads past the array; its writes past L are dropped). Elsewhere (small
+headdims, as in the tests) "head-major", transposed and padded by XLA in the wrapper:
   x, y, dx   (batch, H, Lp, P)        Lp = L padded to nc chunks of Q tokens
+The head-major copies cost four passes over x-sized arrays, each twice its bytes when P =
+64 half-fills a 128-lane tile: 793 MiB of temporaries for a forward at 4,098 tokens (batch
+8, 24 heads) against 9 MiB token-major (docs/results/aot.md). Always, from XLA:
   dt, ddt    (batch, H, nc, 1, Q) f32  one row of Q step sizes per (head, chunk)
   B, C       (batch, G, Lp, S)
   A, D       (H,) f32 in SMEM (scalars per head)
@@ -205,12 +213,36 @@ def _chunk(dt_row, A, x, m):
 # ---------------------------------------------------------------- kernels
 
 
-def _fwd_kernel(A_ref, D_ref, x_ref, dt_ref, B_ref, C_ref, y_ref, *rest, hb, save):
+def _head(ref, i, cfg):
+  """Head i of the block's hb heads, (Q, P): a lane slice of a token-major block."""
+  if cfg.token_major:
+    return ref[:, i * cfg.P : (i + 1) * cfg.P]
+  return ref[i]
+
+
+def _set_head(ref, i, cfg, value):
+  if cfg.token_major:
+    ref[:, i * cfg.P : (i + 1) * cfg.P] = value
+  else:
+    ref[i] = value
+
+
+def _in_sequence(cfg, chunk):
+  """(Q, 1) bool: the chunk's tokens that are in the sequence. A token-major block reads
+  the arrays unpadded, so the last chunk's rows past L hold whatever lies there; they are
+  zeroed before use (as the padded layout's zeros: dt = 0 there already)."""
+  row = chunk * cfg.Q + lax.broadcasted_iota(jnp.int32, (cfg.Q, 1), 0)
+  return row < cfg.L
+
+
+def _fwd_kernel(A_ref, D_ref, x_ref, dt_ref, B_ref, C_ref, y_ref, *rest, cfg, save):
   if save:
     h0_ref, state_ref = rest
   else:
     (state_ref,) = rest
+  hb = cfg.hb
   j, c = pl.program_id(1), pl.program_id(2)
+  valid = _in_sequence(cfg, c)
 
   @pl.when(c == 0)
   def _():
@@ -223,14 +255,14 @@ def _fwd_kernel(A_ref, D_ref, x_ref, dt_ref, B_ref, C_ref, y_ref, *rest, hb, sav
   Cf = Cm.astype(_f32)
   for i in range(hb):
     h = j * hb + i
-    x = x_ref[i]  # (Q, P)
+    x = jnp.where(valid, _head(x_ref, i, cfg), 0)  # (Q, P)
     k = _chunk(dt_ref[i], A_ref[h], x, m)
     h_in = state_ref[i]  # (P, S) f32
     if save:
       h0_ref[i] = h_in
     W = (CB * k.L).astype(cd)
     y = _dot(W, k.xd.astype(cd)) + k.e_col * _dot(Cf, h_in, tb=True) + D_ref[h] * x.astype(_f32)
-    y_ref[i] = y.astype(y_ref.dtype)
+    _set_head(y_ref, i, cfg, y.astype(y_ref.dtype))
     state_ref[i] = k.E * h_in + _dot_tn(k.xd * k.f_col, Bm)
 
 
@@ -251,9 +283,11 @@ def _bwd_kernel(
   dD_ref,
   dh_ref,
   *,
-  hb,
+  cfg,
 ):
+  hb = cfg.hb
   j, c = pl.program_id(1), pl.program_id(2)  # c counts chunks from the end
+  valid = _in_sequence(cfg, pl.num_programs(2) - 1 - c)
 
   @pl.when(c == 0)
   def _():
@@ -269,12 +303,12 @@ def _bwd_kernel(
   for i in range(hb):
     h = j * hb + i
     A, D = A_ref[h], D_ref[h]
-    x = x_ref[i]
+    x = jnp.where(valid, _head(x_ref, i, cfg), 0)
     xf = x.astype(_f32)
     dt_row = dt_ref[i]
     k = _chunk(dt_row, A, xf, m)
     h_in, dh = h0_ref[i], dh_ref[i]  # (P, S) f32
-    dy = dy_ref[i]  # (Q, P) input dtype
+    dy = jnp.where(valid, _head(dy_ref, i, cfg), 0)  # (Q, P) input dtype
     dyf = dy.astype(_f32)
     xdc = k.xd.astype(cd)
 
@@ -298,7 +332,7 @@ def _bwd_kernel(
     )  # (Q, 1)
     da = jnp.sum(jnp.where(m.causal, dcum, 0.0), axis=0, keepdims=True)  # (1, Q)
 
-    dx_ref[i] = (k.dt_col * dxd + D * dyf).astype(dx_ref.dtype)
+    _set_head(dx_ref, i, cfg, (k.dt_col * dxd + D * dyf).astype(dx_ref.dtype))
     ddt_ref[i] = _row(jnp.sum(xf * dxd, axis=1, keepdims=True), m) + A * da
     dA_ref[i] = dt_row * da
     dD_ref[i] = _row(jnp.sum(xf * dyf, axis=1, keepdims=True), m)
@@ -313,6 +347,9 @@ class _Cfg(NamedTuple):
   Q: int  # chunk length
   hb: int  # heads per grid step
   interpret: object  # False, True or a pltpu.InterpretParams
+  L: int  # tokens in the sequence (the rest of the last chunk is padding)
+  P: int  # headdim
+  token_major: bool  # x, y, dx, dy as (batch, L, H * P), else (batch, H, Lp, P)
 
 
 def _compiler_params():
@@ -332,7 +369,10 @@ def _specs(cfg, H, G, P, S, nc, reverse):
   blocks_per_group = H // G // hb
   ch = (lambda c: nc - 1 - c) if reverse else (lambda c: c)
   sq = _SQUEEZED
-  x = pl.BlockSpec((sq, hb, Q, P), lambda b, j, c: (b, j, ch(c), 0))
+  if cfg.token_major:
+    x = pl.BlockSpec((sq, Q, hb * P), lambda b, j, c: (b, ch(c), j))
+  else:
+    x = pl.BlockSpec((sq, hb, Q, P), lambda b, j, c: (b, j, ch(c), 0))
   dt = pl.BlockSpec((sq, hb, sq, 1, Q), lambda b, j, c: (b, j, ch(c), 0, 0))
   # Head block j reads group j // blocks_per_group (lax.div: j >= 0, and Mosaic
   # lowers no floor division in index maps).
@@ -344,9 +384,8 @@ def _specs(cfg, H, G, P, S, nc, reverse):
 
 
 def _forward(cfg, xt, dtt, A, Bt, Ct, D, save):
-  batch, H, Lp, P = xt.shape
-  G, S = Bt.shape[1], Bt.shape[3]
-  nc = Lp // cfg.Q
+  batch, H, nc = dtt.shape[:3]
+  P, (G, S) = cfg.P, (Bt.shape[1], Bt.shape[3])
   smem, x, dt, bc, _, state = _specs(cfg, H, G, P, S, nc, reverse=False)
   out_shape = [jax.ShapeDtypeStruct(xt.shape, xt.dtype)]
   out_specs = [x]
@@ -354,7 +393,7 @@ def _forward(cfg, xt, dtt, A, Bt, Ct, D, save):
     out_shape.append(jax.ShapeDtypeStruct((batch, nc, H, P, S), _f32))
     out_specs.append(state)
   out = pl.pallas_call(
-    functools.partial(_fwd_kernel, hb=cfg.hb, save=save),
+    functools.partial(_fwd_kernel, cfg=cfg, save=save),
     out_shape=out_shape,
     grid=(batch, H // cfg.hb, nc),
     in_specs=[smem, smem, x, dt, bc, bc],
@@ -368,13 +407,12 @@ def _forward(cfg, xt, dtt, A, Bt, Ct, D, save):
 
 
 def _backward(cfg, xt, dtt, A, Bt, Ct, D, h0, dy):
-  batch, H, Lp, P = xt.shape
-  G, S = Bt.shape[1], Bt.shape[3]
-  nc = Lp // cfg.Q
+  batch, H, nc = dtt.shape[:3]
+  P, (G, S), Lp = cfg.P, (Bt.shape[1], Bt.shape[3]), Bt.shape[2]
   smem, x, dt, bc, per_block, state = _specs(cfg, H, G, P, S, nc, reverse=True)
   nb = H // cfg.hb
   dx, ddt, dB, dC, dA, dD = pl.pallas_call(
-    functools.partial(_bwd_kernel, hb=cfg.hb),
+    functools.partial(_bwd_kernel, cfg=cfg),
     out_shape=[
       jax.ShapeDtypeStruct(xt.shape, xt.dtype),
       jax.ShapeDtypeStruct(dtt.shape, _f32),
@@ -418,9 +456,17 @@ def _ssd_core_bwd(cfg, res, dy):
 _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
 
 
-def _heads_per_step(H, G):
+def _head_blocks(H, G, P):
+  """(heads per grid step, token-major?): the most heads of one group, at most
+  _HEADS_PER_STEP, that divide the group; token-major where some such count fills whole
+  128-lane rows (hb * P a multiple of 128) or the block is all H heads (one group): the
+  TPU block rule for a (Q, hb * P) block of a (., L, H * P) array."""
   per_group = H // G
-  return max(d for d in range(1, min(per_group, _HEADS_PER_STEP) + 1) if per_group % d == 0)
+  counts = [d for d in range(1, min(per_group, _HEADS_PER_STEP) + 1) if per_group % d == 0]
+  lane_rows = [d for d in counts if (d * P) % 128 == 0 or (G == 1 and d == H)]
+  if lane_rows:
+    return max(lane_rows), True
+  return max(counts), False
 
 
 def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
@@ -440,15 +486,21 @@ def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
   Q = min(int(chunk_size), -(-L // m) * m)  # a short sequence is one (padded) chunk
   pad = -L % Q
   nc = (L + pad) // Q
-  cfg = _Cfg(Q, _heads_per_step(H, G), interpret)
+  hb, token_major = _head_blocks(H, G, P)
+  cfg = _Cfg(Q, hb, interpret, L, P, token_major)
 
   def padded(v):  # pad the token axis (1) with zeros: dt = 0 changes nothing
     return jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
 
-  xt = padded(x).transpose(0, 2, 1, 3)  # (batch, H, Lp, P)
+  if token_major:  # the model's own layout: no copy of x or y (a reshape is free)
+    xt = x.reshape(batch, L, H * P)
+  else:
+    xt = padded(x).transpose(0, 2, 1, 3)  # (batch, H, Lp, P)
   dtt = padded(dt.astype(_f32)).transpose(0, 2, 1).reshape(batch, H, nc, 1, Q)
   Bt = padded(B.astype(x.dtype)).transpose(0, 2, 1, 3)  # (batch, G, Lp, S)
   Ct = padded(C.astype(x.dtype)).transpose(0, 2, 1, 3)
   Dv = jnp.zeros((H,), _f32) if D is None else D.astype(_f32)
   yt = _ssd_core(cfg, xt, dtt, A.astype(_f32), Bt, Ct, Dv)
-  return yt.transpose(0, 2, 1, 3)[:, :L].astype(x.dtype)
+  if token_major:
+    return yt.reshape(batch, L, H, P)
+  return yt.transpose(0, 2, 1, 3)[:, :L]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from helpers import rel_err
-from kernels.pallas_tpu import ssd_pallas_tpu, unsupported_reason
+from kernels.pallas_tpu import _head_blocks, ssd_pallas_tpu, unsupported_reason
 from kernels.reference import ssd_reference
 from kernels.xla import ssd_xla
 from test_ssd import make_inputs, ssd_loop64
@@ -228,6 +228,42 @@ def test_backward_is_the_pallas_kernel():
   assert not prims & {"scan", "while"}, prims
 
 
+# ---------------------------------------------------------------- the model's layout
+
+TOKEN_MAJOR_CASES = [  # (L, G, heads, P, chunk_size): hb * P fills 128-lane rows, or one group
+  (300, 2, 4, 64, 128),  # 2 heads a step (128 lanes), 3 chunks, the last ragged
+  (256, 1, 4, 32, 64),  # 4 heads a step, L a multiple of the chunk (no ragged block)
+  (37, 1, 4, 16, 64),  # all H heads a step (the full lane dim), one ragged chunk of 48
+]
+
+
+@pytest.mark.parametrize("L, G, nh, P, chunk_size", TOKEN_MAJOR_CASES)
+def test_token_major_layout_values_and_grads(L, G, nh, P, chunk_size):
+  """Where a block of heads fills whole lane rows the kernel reads x and writes y, dx in
+  the model's own (batch, L, H * P) layout, unpadded: the ragged last chunk's rows past L
+  are masked in the kernel (interpret mode fills them with garbage, so a missing mask
+  shows), and nothing is transposed or padded around the call."""
+  assert _head_blocks(nh, G, P)[1]
+  inp = inputs(L, G, nh, P=P, S=16, seed=4)
+  y = kernel(chunk_size)(**inp)
+  assert rel_err(y, ssd_loop64(**inp)) <= RTOL
+  w = jnp.asarray(np.random.default_rng(5).normal(size=y.shape), jnp.float32)
+  got, want = grads("pallas_tpu", chunk_size, inp, w), grads("reference", chunk_size, inp, w)
+  for k in ARGS:
+    assert rel_err(got[k], want[k]) <= RTOL, (k, rel_err(got[k], want[k]))
+  args = [inp[k] for k in ARGS]
+  jaxpr = jax.make_jaxpr(functools.partial(ssd_pallas_tpu, chunk_size=chunk_size))(*args)
+  prims = {e.primitive.name for e in jaxpr.eqns}
+  # x goes in and y comes out by reshapes alone (only dt, B and C are laid out for it)
+  assert [e.primitive.name for e in jaxpr.eqns].count("transpose") == 3, prims
+
+
+def test_head_major_layout_where_heads_do_not_fill_lanes():
+  assert _head_blocks(4, 2, 8) == (2, False)  # 16 lanes a step, not the whole 32
+  assert _head_blocks(24, 1, 64) == (4, True)  # Adventurer-B: 4 heads, 256 lanes
+  assert _head_blocks(6, 1, 64) == (2, True)  # Adventurer-Ti: 2 heads, 128 lanes
+
+
 # ---------------------------------------------------------------- errors and lowering
 
 
@@ -270,6 +306,7 @@ def test_supported_shapes(dtype):
     (1000, 12, 1, 64, 64, 256, jnp.bfloat16),  # production: headdim 64, d_state 64
     (1000, 12, 1, 64, 64, 128, jnp.float32),
     (63, 6, 2, 8, 16, 64, jnp.float32),
+    (63, 4, 2, 64, 16, 64, jnp.bfloat16),  # token-major, ragged
   ],
 )
 def test_lowers_to_mosaic_for_tpu(L, nh, G, P, S, chunk_size, dtype):
