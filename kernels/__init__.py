@@ -79,7 +79,13 @@ _PALLAS = {
 # fastest at every length timed (198 to 4098: 1.1-1.3x faster than 64 fwd+bwd). `onnx_export`
 # writes graphs for ONNX Runtime, timed apart: 64 beats 32 and 128 there (Ti/16 at 224², 512²).
 CHUNK_TABLE = {"cpu": ((128, 128), (None, 32)), "onnxruntime": ((None, 64),)}
-UNMEASURED_CHUNK = 256
+# Elsewhere (TPU, GPU) 256, chosen by memory, not yet by time: compiled for a v5e chip
+# (`python -m linearizer.aot --ssd_memory`, docs/results/aot.md), the XLA scan's temporaries
+# at 1,026-16,386 tokens are within 15% of the smallest chunk's (128) in training and 30-40%
+# below them in a forward at 4,098; 32, the CPU's choice, takes 2-7x more. The Pallas TPU
+# kernel at 256 needs less than the XLA scan at any chunk. (Levanter found 512 1.55x faster
+# than 128 for its XLA scan on a v5p: time it when a device is lent.)
+DEFAULT_CHUNK = 256
 
 
 def chunk_for(length: int, backend: str | None = None) -> int:
@@ -88,7 +94,7 @@ def chunk_for(length: int, backend: str | None = None) -> int:
   for longest, chunk in CHUNK_TABLE.get(platform_name(backend or target_platform()), ()):
     if longest is None or length <= longest:
       return chunk
-  return UNMEASURED_CHUNK
+  return DEFAULT_CHUNK
 
 
 def chunk_run(impl: str, chunk_size: int, length: int) -> int:

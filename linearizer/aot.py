@@ -3,6 +3,7 @@ topology from this host, with no chip and no weights (MaxText's `train_compile`)
 
   python -m linearizer.aot --config configs/imagenet.py --topology v5e:4x4 [--slices 2]
       [--find_batch] [--out aot.json] [--config.distill.batch_size=2048 ...]
+  python -m linearizer.aot --ssd_memory --topology v5e:2x2     # the SSD probe (below)
 
 For each stage with a step (`stages.Stage.steps`: train_teacher, distill, finetune,
 train_student) it builds the step as `train.fit` would (the same state, shardings, mesh and
@@ -48,9 +49,12 @@ if __name__ == "__main__":  # before JAX loads its plugins
       os.dup2(_stderr, 2)
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import kernels  # noqa: E402
 from linearizer import data, files, sharding, stages, topologies, train  # noqa: E402
 from linearizer.errors import UserError, one_line_errors  # noqa: E402
 from linearizer.log import library_noise_to, log  # noqa: E402
@@ -147,6 +151,40 @@ def find_batch(config, name: str, program: Program, tgt) -> dict:
   raise UserError(f"[{name}] no batch found that fits {tgt.name} (tried down to {n} a chip).")
 
 
+# The SSD probe: one chip's temporaries for the scan alone, per implementation and chunk, at
+# the token counts of a B/16 student at 224², 512², 1024² and 2048² (batch 8, 24 heads,
+# headdim and d_state 64, one group, bf16), forward and forward + backward.
+PROBE_SHAPE = dict(batch=8, heads=24, headdim=64, d_state=64)
+PROBE_LENGTHS = (198, 1026, 4098, 16386)
+PROBE_IMPLS = (("pallas_tpu", 256), ("xla", 32), ("xla", 128), ("xla", 256), ("xla", 512))
+
+
+def ssd_memory(topology: str) -> dict:
+  """{'fwd'|'grad': {impl@chunk: {length: temporary MiB}}} on one chip of `topology`."""
+  jax.config.update("jax_enable_compilation_cache", False)
+  tgt = topologies.target(topology, 1)
+  chip = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(tgt.devices[:1]), ("x",)), P())
+  b, H, hd, S = PROBE_SHAPE.values()
+  bf16, f32 = jax.numpy.bfloat16, jax.numpy.float32
+  rows = {"fwd": {}, "grad": {}}
+  for impl, chunk in PROBE_IMPLS:
+    for L in PROBE_LENGTHS:
+      args = [(b, L, H, hd), (b, L, H), (H,), (b, L, 1, S), (b, L, 1, S), (H,)]
+      args = [jax.ShapeDtypeStruct(a, bf16 if i in (0, 3, 4) else f32) for i, a in enumerate(args)]
+
+      def y(*a, impl=impl, chunk=chunk):
+        with kernels.targeting(tgt.devices[0].platform):
+          return kernels.ssd(*a, chunk_size=chunk, impl=impl)
+
+      grad = jax.grad(lambda *a: y(*a).astype(f32).sum(), argnums=(0, 1, 3, 4))
+      for kind, fn in (("fwd", y), ("grad", grad)):
+        compiled = jax.jit(lambda *a, fn=fn: fn(*a), in_shardings=chip).lower(*args).compile()
+        mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+        rows[kind].setdefault(f"{impl}@{chunk}", {})[L] = round(mib, 1)
+        log(f"[aot] ssd {kind:4s} {impl}@{chunk:<3d} {L:6d} tokens: {mib:9.1f} MiB")
+  return rows
+
+
 def table(rows: dict, tgt) -> str:
   gib = lambda b: f"{b / GIB:8.2f}"
   head = f"compiled for {tgt.name}: {len(tgt.devices)} chips, {tgt.memory_bytes / GIB:.1f} GiB each"
@@ -211,7 +249,8 @@ def main(argv=None) -> None:
   flags.DEFINE_integer("slices", 1, "TPU slices (multi-slice: the data axis spans them).")
   flags.DEFINE_bool("find_batch", False, "Find each stage's largest global batch that fits.")
   flags.DEFINE_string("out", None, "A JSON file for the measurements.")
-  flags.mark_flags_as_required(["config", "topology"])
+  flags.DEFINE_bool("ssd_memory", False, "Probe the SSD scan's temporaries on one chip instead.")
+  flags.mark_flags_as_required(["topology"])
   with one_line_errors():
     try:
       flags.FLAGS(sys.argv if argv is None else argv)
@@ -219,10 +258,17 @@ def main(argv=None) -> None:
       raise UserError(str(e).strip().splitlines()[-1]) from e
     library_noise_to(topologies.NOISE)
     f = flags.FLAGS
+    if not f.ssd_memory and f.config is None:
+      raise UserError("--config is required (or --ssd_memory for the SSD probe).")
     # The plugins print on descriptor 2 as they start and compile (no CUDA driver, no TPU
     # metadata): to the log; our table is on stdout and a refusal one `error:` line after.
     with topologies.native_stderr_to(topologies.NOISE):
-      run(f.config, f.topology, f.slices, f.out, f.find_batch)
+      if f.ssd_memory:
+        rows = ssd_memory(f.topology)
+        if f.out:
+          files.write_json(f.out, dict(topology=f.topology, shape=PROBE_SHAPE, **rows))
+      else:
+        run(f.config, f.topology, f.slices, f.out, f.find_batch)
 
 
 if __name__ == "__main__":

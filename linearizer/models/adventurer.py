@@ -55,7 +55,7 @@ class AdventurerConfig:
   # from a ViT teacher has one per attention head (linearizer/distillation/teacher_init.py)
   mlp_ratio: float = 2.5
   chunk_size: int = 0  # tokens per SSD chunk; 0: kernels.CHUNK_TABLE's for the backend and
-  # length (on a CPU one chunk up to 128 tokens, 32 above; 256 where unmeasured)
+  # length (on a CPU one chunk up to 128 tokens, 32 above; 256 on a TPU or GPU)
   ssd_impl: kernels.Implementation = "auto"
   ssd_interpret: bool = False  # run a Pallas ssd_impl in interpret mode (CPU tests, debugging)
   dtype: str = "float32"  # compute dtype of the matmuls; parameters stay float32
