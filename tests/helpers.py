@@ -3,6 +3,7 @@ of a clean one-line error, and models with random weights. (tests/ is on sys.pat
 suite's conftest.py lives there, so `import helpers` works from every test directory.)
 """
 
+import hashlib
 import os
 import pathlib
 import re
@@ -59,6 +60,33 @@ def assert_clean_error(proc, *phrases) -> None:
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   for phrase in phrases:
     assert phrase in proc.stderr, proc.stderr[-3000:]
+
+
+def tree_digest(*roots) -> dict:
+  """{path: sha256 of its bytes} of every file under `roots` (links listed as their target
+  text): what a refused command must leave byte-identical."""
+  out = {}
+  for root in map(pathlib.Path, roots):
+    for path in sorted([root, *root.rglob("*")] if root.is_dir() else [root]):
+      if path.is_symlink():
+        out[str(path)] = "link:" + os.readlink(path)
+      elif path.is_file():
+        out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+  return out
+
+
+def run_cli(module: str, *args, code: int = 2):
+  """`python -m MODULE ARGS...` from the repository root; asserts the exit status."""
+  proc = subprocess.run(
+    [sys.executable, "-m", module, *map(str, args)],
+    cwd=ROOT,
+    env=env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
 
 
 def rel_err(ours, ref) -> float:

@@ -35,3 +35,18 @@ def test_a_path_that_cannot_be_written_is_named(tmp_path):
     files.write_bytes(tmp_path / "taken", b"x")
   assert os.listdir(tmp_path / "taken") == []
   assert os.listdir(tmp_path) == ["taken"]
+
+
+def test_outputs_are_compared_as_the_filesystem_names_them(tmp_path, monkeypatch):
+  """Two outputs or an output and an input that differ only in case are one file where the
+  filesystem folds case (macOS's, Windows' defaults); on a case-sensitive one they are two."""
+  (tmp_path / "Photo.png").write_bytes(b"mine")
+  outputs = [(tmp_path / "A.png", "A.jpg"), (tmp_path / "a.png", "a.jpg")]
+  files.check_outputs(outputs)  # this filesystem keeps case: two files
+  files.check_outputs([(tmp_path / "photo.png", "x")], inputs=[tmp_path / "Photo.png"])
+  monkeypatch.setattr(files, "_case_blind", lambda folder: True)
+  with pytest.raises(UserError, match="would both be written to"):
+    files.check_outputs(outputs)
+  with pytest.raises(UserError, match="is the input"):
+    files.check_outputs([(tmp_path / "photo.png", "x")], inputs=[tmp_path / "Photo.png"])
+  assert (tmp_path / "Photo.png").read_bytes() == b"mine"

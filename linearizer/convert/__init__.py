@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from linearizer import models
+from linearizer import files, models
 from linearizer.convert import adventurer, big_vision, dinov2, hf, openai_clip, orbax, timm
 from linearizer.convert.common import Spec, Uninferable, read_tensors, templates
 from linearizer.errors import MissingPathError, UserError, one_line_errors
@@ -339,6 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   options = {n: True for opts in OPTIONS.values() for n in opts if args.pop(n)}
   overrides = {k: v for k, v in args.items() if v is not None}
   with one_line_errors():
+    files.check_outputs([], inputs=[src], replaced=[out])  # --overwrite would delete it
     saved.check_writable(out, overwrite)  # fail before the (slow) conversion
     model = load(src, fmt, **overrides, **options)
     written = saved.save(model, out, overwrite=overwrite)

@@ -8,8 +8,10 @@ Only this CLI imports the converters (`to_onnx`, `to_torch`): a run's own export
 """
 
 import argparse
+import os
 from typing import Optional, Sequence
 
+from linearizer import files
 from linearizer.errors import UserError, one_line_errors
 from linearizer.export.to_onnx import to_onnx
 from linearizer.export.to_torch import to_torch
@@ -34,6 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   """The CLI; bad input prints one `error: ...` and exits 2 (see linearizer.errors)."""
   args = _parser().parse_args(argv)
   with one_line_errors():
+    read = [os.path.join(d, f) for d, _, names in os.walk(args.input) for f in names]
+    files.check_outputs([(args.output, args.input)], inputs=[args.input, *read])
     if args.format == "onnx":
       written = to_onnx(args.input, args.output, image_size=args.image_size, opset=args.opset)
     else:

@@ -9,7 +9,6 @@ writes `<name>.png` (the label map: a class id per pixel, 255 nowhere) and
 """
 
 import argparse
-import os
 
 from linearizer.errors import UserError, one_line_errors
 from linearizer.segmentation.inference import check_windows, predict_folder
@@ -37,8 +36,6 @@ def main(argv=None) -> None:
       raise UserError(f"--scale {args.scale!r}: expected two positive integers, e.g. 2048,512.")
     if args.mode == "slide":
       check_windows((args.crop,) * 2, (args.stride,) * 2)
-    if os.path.abspath(args.output) == os.path.abspath(args.input):
-      raise UserError(f"--output {args.output} is the input folder: name another.")
     ecfg = argparse.Namespace(
       mode=args.mode, crop=(args.crop,) * 2, stride=(args.stride,) * 2, scale=scale
     )

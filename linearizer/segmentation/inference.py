@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from linearizer import data, metrics, plots, serving
+from linearizer import data, files, metrics, plots, serving
 from linearizer.errors import UserError
 from linearizer.models.segmenter import Segmenter, resize
 from linearizer.segmentation import pipeline
@@ -119,9 +119,8 @@ def throughput(logits_fn: Callable, hw: tuple, repeats: int = 5) -> float:
 
 def predict_folder(model_dir: str, inputs: str, output: str, ecfg) -> list:
   """Label maps and overlays of every image in `inputs` (a file or a folder), written to
-  `output`; returns the paths of the label maps."""
-  model = serving.load_segmenter(model_dir)
-  norm = (model.backbone.cfg.mean, model.backbone.cfg.std)
+  `output`; returns the paths of the label maps. Refused before anything is read or
+  written: an output that would land on an input or on another image's output."""
   if os.path.isdir(inputs):
     paths = sorted(
       os.path.join(inputs, f) for f in os.listdir(inputs) if f.lower().endswith(IMAGE_SUFFIXES)
@@ -132,7 +131,13 @@ def predict_folder(model_dir: str, inputs: str, output: str, ecfg) -> list:
     paths = [inputs]
   else:
     raise UserError(f"--input {inputs}: no such image or folder.")
-  os.makedirs(output, exist_ok=True)
+  stems = {p: os.path.join(output, os.path.splitext(os.path.basename(p))[0]) for p in paths}
+  files.check_outputs(
+    [(stem + suffix, p) for p, stem in stems.items() for suffix in (".png", "_overlay.png")],
+    inputs=paths,
+  )
+  model = serving.load_segmenter(model_dir)
+  norm = (model.backbone.cfg.mean, model.backbone.cfg.std)
   logits_fn, colours, written = forward_fn(model), plots.palette(), []
   for path in paths:
     try:
@@ -141,9 +146,9 @@ def predict_folder(model_dir: str, inputs: str, output: str, ecfg) -> list:
     except OSError as e:
       raise UserError(f"{path}: not a readable image ({e}).") from e
     pred = label_map(logits_fn, image, ecfg, norm)
-    stem = os.path.join(output, os.path.splitext(os.path.basename(path))[0])
-    Image.fromarray(pred).save(stem + ".png")
     overlay = (0.5 * image + 0.5 * colours[pred]).astype(np.uint8)
-    Image.fromarray(overlay).save(stem + "_overlay.png")
-    written.append(stem + ".png")
+    for suffix, picture in ((".png", pred), ("_overlay.png", overlay)):
+      with files.replacing(stems[path] + suffix) as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")
+    written.append(stems[path] + ".png")
   return written
