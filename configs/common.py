@@ -13,24 +13,49 @@ import difflib
 import ml_collections
 
 from configs.fields import ABSENT, REQUIRED, build, refuse_undeclared
+from linearizer.schema import (
+  COUNT,
+  DECAY,
+  FINISHED,
+  FRACTION,
+  NON_NEGATIVE,
+  POSITIVE,
+  POSITIVE_FRACTION,
+  POSITIVE_INT,
+  SEED,
+  STOPPED,
+  Field,
+  interval,
+  ordered_pair,
+)
+
+CROP_SCALE = ordered_pair(POSITIVE_FRACTION)  # a random-resized crop's area range
+OPEN_FRACTION = interval(0, 1, lo_open=True, hi_open=True)  # a share that leaves both sides some
+LABEL_SEED = interval(-1, None, integer=True)  # -1: the run's seed
 
 AM_SCOPES = ("visible", "cls", "all")  # distill_loss.scope: the tokens AM compares
 
 
 def optim(**given) -> ml_collections.ConfigDict:
   declared = dict(
-    lr=1.5e-4,  # peak; method.md §8 scales it 1.5e-4 × batch / 256 (MAE; the paper gives none)
-    min_lr=1e-6,  # where the schedule ends
-    warmup_steps=0,  # linear, from 0; the schedule then ends at the stage's `steps`
+    lr=Field(
+      1.5e-4, POSITIVE, STOPPED
+    ),  # peak; method.md §8 scales it 1.5e-4 × batch / 256 (MAE; the paper gives none)
+    min_lr=Field(1e-6, NON_NEGATIVE, STOPPED),  # where the schedule ends
+    warmup_steps=Field(0, COUNT),  # linear, from 0; the schedule then ends at the stage's `steps`
     schedule="cosine",  # after the warm-up: 'cosine', or 'poly' (mmseg's PolyLR)
-    power=1.0,  # the 'poly' schedule's exponent
-    weight_decay=0.05,  # AdamW's decoupled weight decay
-    b1=0.9,  # AdamW's moment decays
-    b2=0.999,  # (b1 the first moment's, b2 the second's)
-    clip_norm=1.0,  # 0 disables gradient clipping
-    ema_decay=0.0,  # 0 disables the EMA of the student
-    layer_decay=1.0,  # layer-wise lr decay for fine-tuning (BEiT); 1 disables it
-    grad_accum=1,  # micro-batches per step (memory only; same global batch)
+    power=Field(1.0, POSITIVE),  # the 'poly' schedule's exponent
+    weight_decay=Field(0.05, NON_NEGATIVE),  # AdamW's decoupled weight decay
+    b1=Field(0.9, DECAY),  # AdamW's moment decays
+    b2=Field(0.999, DECAY),  # (b1 the first moment's, b2 the second's)
+    clip_norm=Field(1.0, NON_NEGATIVE, STOPPED),  # 0 disables gradient clipping
+    ema_decay=Field(0.0, DECAY),  # 0 disables the EMA of the student
+    layer_decay=Field(
+      1.0, POSITIVE_FRACTION
+    ),  # layer-wise lr decay for fine-tuning (BEiT); 1 disables it
+    grad_accum=Field(
+      1, POSITIVE_INT, STOPPED
+    ),  # micro-batches per step (memory only; same global batch)
     # No weight decay on these (regex on parameter paths; method.md §6).
     no_decay=(
       r"bias$",
@@ -48,12 +73,14 @@ def optim(**given) -> ml_collections.ConfigDict:
 
 def distill_loss(**given) -> ml_collections.ConfigDict:
   declared = dict(
-    w_am=1.0,  # weight of activation matching
-    w_mp=1.0,  # weight of masked prediction (λ)
-    mask_ratio=0.75,  # fraction of the student's patches masked (MP; AM's visible scope)
-    num_stages=4,  # K: AM's depth levels (the paper's "stages")
+    w_am=Field(1.0, NON_NEGATIVE),  # weight of activation matching
+    w_mp=Field(1.0, NON_NEGATIVE),  # weight of masked prediction (λ)
+    mask_ratio=Field(
+      0.75, DECAY
+    ),  # fraction of the student's patches masked (MP; AM's visible scope)
+    num_stages=Field(4, POSITIVE_INT),  # K: AM's depth levels (the paper's "stages")
     scope="visible",  # AM tokens: visible | cls | all (AM_SCOPES)
-    beta=1.0,  # Smooth-L1 β
+    beta=Field(1.0, POSITIVE),  # Smooth-L1 β
     # AM's tokens: 'raw' residual streams (the paper), 'centered' (each token set's mean
     # subtracted), 'next_ln' (through the next block's pre-norm); both sides alike
     am_features="raw",
@@ -63,16 +90,16 @@ def distill_loss(**given) -> ml_collections.ConfigDict:
 
 def supervised_loss(**given) -> ml_collections.ConfigDict:
   declared = dict(
-    label_smoothing=0.1,  # of the cross-entropy targets
-    mixup_alpha=0.8,  # Beta(α, α) of Mixup; 0 turns it off
-    cutmix_alpha=1.0,  # Beta(α, α) of CutMix; 0 turns it off
-    switch_prob=0.5,  # chance of CutMix rather than Mixup when both are on
+    label_smoothing=Field(0.1, DECAY),  # of the cross-entropy targets
+    mixup_alpha=Field(0.8, NON_NEGATIVE),  # Beta(α, α) of Mixup; 0 turns it off
+    cutmix_alpha=Field(1.0, NON_NEGATIVE),  # Beta(α, α) of CutMix; 0 turns it off
+    switch_prob=Field(0.5, FRACTION),  # chance of CutMix rather than Mixup when both are on
     # Logit distillation (finetune / train_student): '' off (the paper), 'soft' (KL at
     # kd_temperature) or 'hard' (CE on the teacher's top-1, DeiT's hard variant), on the
     # student's own head: loss = (1 - kd_weight) * CE + kd_weight * KD
     kd="",
-    kd_weight=0.5,  # DeiT's α
-    kd_temperature=1.0,  # τ of soft KD (DeiT's 1.0); the term is scaled by τ²
+    kd_weight=Field(0.5, FRACTION),  # DeiT's α
+    kd_temperature=Field(1.0, POSITIVE),  # τ of soft KD (DeiT's 1.0); the term is scaled by τ²
     kd_teacher="",  # '' = the run's teacher; else a classifier's 'fmt:path' or model dir
   )
   return build("supervised_loss", declared, given)
@@ -81,8 +108,8 @@ def supervised_loss(**given) -> ml_collections.ConfigDict:
 def mesh(**given) -> ml_collections.ConfigDict:
   declared = dict(
     data=-1,  # -1: all remaining devices
-    fsdp=1,  # devices that split large parameters and optimizer moments
-    fsdp_min_size=2**18,  # arrays at least this large are split over `fsdp`
+    fsdp=Field(1, POSITIVE_INT),  # devices that split large parameters and optimizer moments
+    fsdp_min_size=Field(2**18, COUNT),  # arrays at least this large are split over `fsdp`
     rules=(),  # (regex, PartitionSpec tuple) pairs tried first
   )
   return build("mesh", declared, given)
@@ -117,13 +144,15 @@ def _stage(name: str, extra: dict, given: dict) -> ml_collections.ConfigDict:
   `optim` is given by its fields (lr is required), among the stage's own: lr=..., ....
   """
   declared = dict(
-    steps=REQUIRED,  # the stage's length; the lr schedule ends here
-    batch_size=REQUIRED,  # global batch, split over every device and process
-    drop_path=0.0,  # stochastic depth of the trained model
-    num_labels=0,  # train on a fixed random subset of this many examples (0 = all of them)
+    steps=Field(REQUIRED, POSITIVE_INT),  # the stage's length; the lr schedule ends here
+    batch_size=Field(REQUIRED, POSITIVE_INT),  # global batch, split over every device and process
+    drop_path=Field(0.0, DECAY),  # stochastic depth of the trained model
+    num_labels=Field(
+      0, COUNT
+    ),  # train on a fixed random subset of this many examples (0 = all of them)
     # distill: also draw the teacher/student maps every this many steps (0 = never); they
     # are always drawn at the end, into <workdir>/distill/maps/
-    visualize_every=0,
+    visualize_every=Field(0, COUNT, FINISHED),
     optim=optim(),  # optim(); its fields are given among the stage's (lr required)
     loss=REQUIRED,  # distill_loss() or supervised_loss()
     augment={},  # data fields this stage trains with (e.g. randaugment=True)
@@ -169,11 +198,11 @@ def distill_stage(**given) -> ml_collections.ConfigDict:
     teacher_input="resample",
     # at the start, log the teacher's off-diagonal token cosines per AM level (mean ± std,
     # each `am_features` mode) on this many training images; 0 skips it
-    diagnose_images=8,
+    diagnose_images=Field(8, COUNT, FINISHED),
     # measure the representation scorecard (the `scorecard` block) every this many steps
     # and at the end, into metrics.jsonl / TensorBoard and distill/scorecard.png; 0 = never
     # during distillation (the eval stage still reports it)
-    scorecard_every=0,
+    scorecard_every=Field(0, COUNT, FINISHED),
     # the teacher-feature cache (linearizer/teacher_cache.py): 'off' (the paper: fresh views
     # every epoch, the teacher runs every step); 'write' (draw `teacher_cache_views` views
     # per example once, store the teacher's outputs for them, then train cycling through
@@ -181,7 +210,9 @@ def distill_stage(**given) -> ml_collections.ConfigDict:
     # shared `teacher_cache_dir`); 'auto' ('write' where the stage reads more views than the
     # cache holds and it fits on the disk, else 'off')
     teacher_cache="off",
-    teacher_cache_views=2,  # views stored per example (epoch e trains on view e mod V)
+    teacher_cache_views=Field(
+      2, POSITIVE_INT
+    ),  # views stored per example (epoch e trains on view e mod V)
     # where the cache goes, on local disk ('' = <workdir>/distill/teacher_cache); a cache
     # there from another teacher, resolution or augmentation is refused with the differing
     # fields named
@@ -206,19 +237,23 @@ def model(**given) -> ml_collections.ConfigDict:
 def data(source, image_size, **given) -> ml_collections.ConfigDict:
   declared = dict(
     source=REQUIRED,  # tfds:<name>, folder:<path>, npz:<path>, mnist or digits
-    eval_source="",  # '' = the test split of a built-in source / tfds 'validation'
-    data_dir="",  # tfds data_dir
-    num_classes=0,  # 0 = from the data
-    image_size=REQUIRED,  # the square side models train and evaluate at
-    crop_scale=(0.2, 1.0),  # random-resized-crop area range in training
-    crop_fraction=0.875,  # eval: resize to size / crop_fraction, then center crop
+    eval_source=Field(
+      "", None, FINISHED
+    ),  # '' = the test split of a built-in source / tfds 'validation'
+    data_dir=Field("", None, FINISHED),  # tfds data_dir
+    num_classes=Field(0, COUNT),  # 0 = from the data
+    image_size=Field(REQUIRED, POSITIVE_INT),  # the square side models train and evaluate at
+    crop_scale=Field((0.2, 1.0), CROP_SCALE),  # random-resized-crop area range in training
+    crop_fraction=Field(
+      0.875, POSITIVE_FRACTION
+    ),  # eval: resize to size / crop_fraction, then center crop
     flip=True,  # random horizontal flips in training
     randaugment=False,  # RandAugment in training, as timm's rand-m9-mstd0.5-inc1
-    workers=0,  # grain worker processes (0 = in the main process)
-    eval_limit=0,  # evaluate on at most this many images (0 = all)
+    workers=Field(0, COUNT, FINISHED),  # grain worker processes (0 = in the main process)
+    eval_limit=Field(0, COUNT, FINISHED),  # evaluate on at most this many images (0 = all)
     # without an eval_source, this share of a source with no splits of its own (npz:,
     # folder:, mnist, digits) is held out for eval and never trained on
-    test_fraction=0.2,
+    test_fraction=Field(0.2, OPEN_FRACTION),
   )
   return build("data", declared, dict(source=source, image_size=image_size, **given))
 
@@ -226,44 +261,72 @@ def data(source, image_size, **given) -> ml_collections.ConfigDict:
 def base(**given) -> ml_collections.ConfigDict:
   """The fields every experiment config has, with their defaults."""
   declared = dict(
-    seed=0,  # model init (teacher seed, student seed + 1, ...), data order, masks
-    label_seed=-1,  # which `num_labels` examples a stage trains on; -1 = `seed`
-    stages=("distill", "finetune", "eval"),  # the stages run, in this order
+    seed=Field(0, SEED),  # model init (teacher seed, student seed + 1, ...), data order, masks
+    label_seed=Field(-1, LABEL_SEED),  # which `num_labels` examples a stage trains on; -1 = `seed`
+    stages=Field(("distill", "finetune", "eval"), None, FINISHED),  # the stages run, in this order
     teacher=model(kind="vit"),  # the ViT distilled from
     student=model(kind="adventurer"),  # the Mamba-2 model distilled into
-    mesh=mesh(),
-    checkpoint=dict(
-      every_steps=1000,  # train-state checkpoints this often (and at a stop)
-      keep=2,  # the newest ones kept
+    mesh=Field(mesh(), None, FINISHED),  # how the devices split the work
+    checkpoint=Field(
+      dict(
+        every_steps=Field(1000, POSITIVE_INT),  # train-state checkpoints this often (and at a stop)
+        keep=Field(2, POSITIVE_INT),  # the newest ones kept
+      ),
+      None,
+      FINISHED,
     ),
-    log_every=50,  # metrics.jsonl / TensorBoard / progress line every this many steps
-    nan_policy="stop",  # a non-finite loss or gradient: 'stop' the run, or 'skip' the step
-    eval=dict(
-      batch_size=256,  # eval batch (per process)
-      resolutions=(),  # extra eval resolutions beside data.image_size
-      # (size, fraction) pairs: the centre-crop fraction at those eval sizes; the others use
-      # data.crop_fraction (Adventurer evaluates above 224 with 1.0)
-      crop_fractions=(),
-      speed_resolutions=(),  # img/s measured here; () = data.image_size
-      speed_batch=32,  # the batch img/s is measured with
-      # more classifiers to evaluate beside the run's, each 'name=fmt:path' (or
-      # 'name=<model dir>'), e.g. a fine-tuned CLIP ViT-B/16 as the paper's baseline row
-      extra_models=(),
+    log_every=Field(
+      50, POSITIVE_INT, FINISHED
+    ),  # metrics.jsonl / TensorBoard / progress line every this many steps
+    nan_policy=Field(
+      "stop", None, FINISHED
+    ),  # a non-finite loss or gradient: 'stop' the run, or 'skip' the step
+    eval=Field(
+      dict(
+        batch_size=Field(256, POSITIVE_INT),  # eval batch (per process)
+        resolutions=(),  # extra eval resolutions beside data.image_size
+        # (size, fraction) pairs: the centre-crop fraction at those eval sizes; the others use
+        # data.crop_fraction (Adventurer evaluates above 224 with 1.0)
+        crop_fractions=(),
+        speed_resolutions=(),  # img/s measured here; () = data.image_size
+        speed_batch=Field(32, POSITIVE_INT),  # the batch img/s is measured with
+        # more classifiers to evaluate beside the run's, each 'name=fmt:path' (or
+        # 'name=<model dir>'), e.g. a fine-tuned CLIP ViT-B/16 as the paper's baseline row
+        extra_models=(),
+      ),
+      None,
+      FINISHED,
     ),
     # The representation scorecard (linearizer/scorecard.py): during distillation every
     # distill.scorecard_every steps, and for every model in the eval stage.
-    scorecard=dict(
-      eval=True,  # the eval stage adds knn, probe, outliers (and cka, am_distance) per model
-      train_images=1000,  # kNN / probe fit on this many training images (0 = all)
-      eval_images=1000,  # every measure on this many eval images (0 = all)
-      num_levels=4,  # CKA / AM distance at K level ends as AM's (at most the depth)
-      knn_k=20,  # neighbours per kNN vote (cosine; DINO's protocol uses 20)
-      probe_l2=1.0,  # ridge penalty of the linear probe on standardised features
-      outlier_multiple=3.0,  # a token is an outlier above this × its image's median norm
+    scorecard=Field(
+      dict(
+        eval=Field(
+          True, None, FINISHED
+        ),  # the eval stage adds knn, probe, outliers (and cka, am_distance) per model
+        train_images=Field(1000, COUNT),  # kNN / probe fit on this many training images (0 = all)
+        eval_images=Field(1000, COUNT),  # every measure on this many eval images (0 = all)
+        num_levels=Field(
+          4, POSITIVE_INT
+        ),  # CKA / AM distance at K level ends as AM's (at most the depth)
+        knn_k=Field(20, POSITIVE_INT),  # neighbours per kNN vote (cosine; DINO's protocol uses 20)
+        probe_l2=Field(
+          1.0, NON_NEGATIVE
+        ),  # ridge penalty of the linear probe on standardised features
+        outlier_multiple=Field(
+          3.0, POSITIVE
+        ),  # a token is an outlier above this × its image's median norm
+      ),
+      None,
+      FINISHED,
     ),
     data=ABSENT,  # data(...): every experiment sets its own
+    # the tool stages' blocks (configs/tool_blocks.py), where an experiment has them: they
+    # change no trained weight
+    bench=Field(ABSENT, None, FINISHED),
+    visualize=Field(ABSENT, None, FINISHED),
   )
-  return build("base", declared, given)
+  return build("base", declared, given, top=True)
 
 
 def smoke(c):

@@ -1,14 +1,17 @@
 """How a config block is declared and built: its fields once, each with its default and a
 comment, and a builder that refuses any key the block does not declare.
 
-A block is a dict literal of `field=default,  # what it means` lines, in one place, so each
-field's range and whether it may change on a finished or stopped run can be written beside
-it. `build(name, declared, given)` checks `given` against it and returns the ConfigDict.
+A block is a dict literal of `field=default,  # what it means` lines, in one place; a field
+with a range or a change rule is `field=Field(default, RANGE, change),  # what it means`
+(linearizer/schema.py: the ranges, FINISHED and STOPPED, and the checks the library runs).
+`build(name, declared, given)` checks `given` against it and returns the ConfigDict.
 """
 
 import difflib
 
 import ml_collections
+
+from linearizer.schema import Field, register
 
 
 class _Marker:
@@ -46,10 +49,24 @@ def refuse_undeclared(name: str, declared, given, free=(), path="") -> None:
       refuse_undeclared(name, default, value, free, f"{path}{key}.")
 
 
-def build(name: str, declared: dict, given: dict, free=()) -> ml_collections.ConfigDict:
+def unwrap(name: str, declared: dict, top: bool = False) -> dict:
+  """`declared` with every Field replaced by its default (nested blocks too), each Field's
+  range and change rule registered (linearizer.schema; `top`: a config's top-level block)."""
+  out = {}
+  for key, value in declared.items():
+    if isinstance(value, Field):
+      register(key, value, name, top)
+      value = value.default
+    out[key] = unwrap(name, value) if isinstance(value, dict) else value
+  return out
+
+
+def build(name: str, declared: dict, given: dict, free=(), top=False) -> ml_collections.ConfigDict:
   """The block `declared` with the fields in `given` replaced (a dict given for a nested
   block updates only the fields it names); an undeclared key or a missing REQUIRED field
-  raises TypeError."""
+  raises TypeError. `top`: the block is a whole config (its fields' change rules cover
+  everything under them)."""
+  declared = unwrap(name, declared, top)
   refuse_undeclared(name, declared, given, free)
   missing = [k for k, v in declared.items() if v is REQUIRED and k not in given]
   if missing:

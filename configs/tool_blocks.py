@@ -9,6 +9,27 @@ import ml_collections
 
 from configs import common
 from configs.fields import build
+from linearizer.schema import (
+  COUNT,
+  DECAY,
+  FINISHED,
+  NON_NEGATIVE,
+  POSITIVE,
+  POSITIVE_FRACTION,
+  POSITIVE_INT,
+  Field,
+  Range,
+  interval,
+  ordered_pair,
+  pair,
+)
+
+SIZE = pair(POSITIVE_INT)  # (h, w)
+# (long, short) to resize to, or () for as the image is
+SCALE = Range("() or two integers >= 1", lambda v: tuple(v) == () or SIZE.ok(v))
+RATIO_RANGE = ordered_pair(POSITIVE)
+LAYER = interval(-1, None, integer=True)  # -1: the last
+QUERY = pair(interval(-1, None, integer=True))  # (row, col); -1: the centre
 
 
 def segment(**given) -> ml_collections.ConfigDict:
@@ -19,9 +40,11 @@ def segment(**given) -> ml_collections.ConfigDict:
     # 'teacher', 'distill', 'finetune', 'train_student' (this run's stages), 'scratch' (a
     # fresh student: the from-scratch baseline) or 'name=fmt:path' / 'name=<model dir>'
     backbones=("teacher", "distill", "scratch"),
-    steps=160_000,  # mmseg: 160k iterations
-    drop_path=0.1,  # every backbone's stochastic depth (mmseg MAE: drop_path_rate=0.1)
-    batch_size=16,  # mmseg: 8 GPUs × 2
+    steps=Field(160_000, POSITIVE_INT),  # mmseg: 160k iterations
+    drop_path=Field(
+      0.1, DECAY
+    ),  # every backbone's stochastic depth (mmseg MAE: drop_path_rate=0.1)
+    batch_size=Field(16, POSITIVE_INT),  # mmseg: 8 GPUs × 2
     # mmseg MAE: AdamW lr 1e-4, wd 0.05, layer decay 0.65, poly (power 1, eta_min 0) after
     # a 1500-iteration linear warm-up
     optim=common.optim(
@@ -35,39 +58,49 @@ def segment(**given) -> ml_collections.ConfigDict:
     ),
     head=dict(  # the segmentation head
       kind="upernet",  # 'upernet' (the paper's) or 'linear' (a 1×1 probe)
-      channels=768,  # mmseg MAE UPerHead channels
+      channels=Field(768, COUNT),  # mmseg MAE UPerHead channels
       out_indices=(),  # () = blocks 4, 6, 8, 12 of 12, scaled to the backbone's depth
       pool_scales=(1, 2, 3, 6),  # PPM grids
-      aux_channels=256,  # the auxiliary FCNHead's width
-      aux_weight=0.4,  # its loss weight; 0 = no auxiliary head
-      dropout=0.1,  # before each classifier
-      groups=32,  # GroupNorm groups (batch-free: see linearizer/models/segmenter.py)
+      aux_channels=Field(256, POSITIVE_INT),  # the auxiliary FCNHead's width
+      aux_weight=Field(0.4, NON_NEGATIVE),  # its loss weight; 0 = no auxiliary head
+      dropout=Field(0.1, DECAY),  # before each classifier
+      groups=Field(
+        32, POSITIVE_INT
+      ),  # GroupNorm groups (batch-free: see linearizer/models/segmenter.py)
     ),
     data=dict(  # the segmentation data
       # digitscenes (MNIST canvases, built in), segfolder:<root>, ade20k:<root>,
       # cityscapes:<root>, tfds:scene_parse150, tfds:cityscapes
       source="digitscenes",
-      data_dir="",  # tfds: where the dataset is prepared ('' = tfds's default)
-      num_classes=0,  # 0 = the dataset's own (segfolder: scanned from its masks)
-      canvas=128,  # digitscenes: the canvas side
-      train_scenes=2000,  # digitscenes: scenes per split
-      test_scenes=200,  # digitscenes: eval scenes
-      crop=(512, 512),  # training crop (h, w)
-      scale=(2048, 512),  # RandomResize target (long, short), × a ratio in ratio_range
-      ratio_range=(0.5, 2.0),  # the RandomResize ratio range
-      cat_max_ratio=0.75,  # RandomCrop: no class above this share of a crop (10 tries)
+      data_dir=Field(
+        "", None, FINISHED
+      ),  # tfds: where the dataset is prepared ('' = tfds's default)
+      num_classes=Field(0, COUNT),  # 0 = the dataset's own (segfolder: scanned from its masks)
+      canvas=Field(128, POSITIVE_INT),  # digitscenes: the canvas side
+      train_scenes=Field(2000, POSITIVE_INT),  # digitscenes: scenes per split
+      test_scenes=Field(200, POSITIVE_INT),  # digitscenes: eval scenes
+      crop=Field((512, 512), SIZE),  # training crop (h, w)
+      scale=Field(
+        (2048, 512), SCALE
+      ),  # RandomResize target (long, short), × a ratio in ratio_range
+      ratio_range=Field((0.5, 2.0), RATIO_RANGE),  # the RandomResize ratio range
+      cat_max_ratio=Field(
+        0.75, POSITIVE_FRACTION
+      ),  # RandomCrop: no class above this share of a crop (10 tries)
       flip=True,  # random horizontal flips
       photometric=True,  # PhotoMetricDistortion
-      workers=0,  # grain worker processes
+      workers=Field(0, COUNT, FINISHED),  # grain worker processes
     ),
     eval=dict(  # evaluation
       mode="slide",  # 'whole' image, or 'slide' windows of `crop` every `stride`
-      crop=(512, 512),  # mmseg ADE20K test: slide, crop 512, stride 341
-      stride=(341, 341),  # the slide windows' step (h, w)
-      scale=(2048, 512),  # test Resize (long, short), keep ratio; () = as the image is
-      limit=0,  # at most this many eval images (0 = all)
-      figure_images=4,  # rows of predictions.png
-      speed_repeats=5,  # timed forwards for img/s (median)
+      crop=Field((512, 512), SIZE),  # mmseg ADE20K test: slide, crop 512, stride 341
+      stride=Field((341, 341), SIZE),  # the slide windows' step (h, w)
+      scale=Field(
+        (2048, 512), SCALE
+      ),  # test Resize (long, short), keep ratio; () = as the image is
+      limit=Field(0, COUNT),  # at most this many eval images (0 = all)
+      figure_images=Field(4, COUNT),  # rows of predictions.png
+      speed_repeats=Field(5, POSITIVE_INT),  # timed forwards for img/s (median)
     ),
   )
   return build("segment", declared, given)
@@ -76,7 +109,7 @@ def segment(**given) -> ml_collections.ConfigDict:
 def ablation(**given) -> ml_collections.ConfigDict:
   """The `ablation` stage (linearizer/ablation.py)."""
   declared = dict(
-    seeds=3,  # runs per variant: seed, seed + 1, ...
+    seeds=Field(3, POSITIVE_INT),  # runs per variant: seed, seed + 1, ...
     variants=(
       "supervised",
       "mp",
@@ -87,7 +120,7 @@ def ablation(**given) -> ml_collections.ConfigDict:
       "scope_visible",
       "scope_all",
     ),
-    workers=1,  # runs at once, one process each (single-host only)
+    workers=Field(1, COUNT, FINISHED),  # runs at once, one process each (single-host only)
   )
   return build("ablation", declared, given)
 
@@ -103,50 +136,52 @@ def bench(**given) -> ml_collections.ConfigDict:
     teacher_overrides={},  # teacher config fields, e.g. style='clip'
     student_overrides={},  # student config fields
     resolutions=(),  # () = 224…1024 (…2048 on accelerators)
-    batch=0,  # forward batch; 0 = 32 on accelerators, 1 on CPU
+    batch=Field(0, COUNT),  # forward batch; 0 = 32 on accelerators, 1 on CPU
     dtype="",  # '' = bfloat16 on accelerators, float32 on CPU
-    repeats=0,  # timed calls per measurement (median); 0 = 10; 5 on CPU
-    chunk_size=0,  # student SSD chunk; 0 = kernels.CHUNK_TABLE's for each length
+    repeats=Field(0, COUNT),  # timed calls per measurement (median); 0 = 10; 5 on CPU
+    chunk_size=Field(0, COUNT),  # student SSD chunk; 0 = kernels.CHUNK_TABLE's for each length
     attention_impls=(),  # ViT attention impls; () = xla and blocked (+ cudnn on GPU)
     # side of the square matmul timed as the device's rate; 0 = 8192 on accelerators, 2048
     # on CPU
-    matmul_size=0,
+    matmul_size=Field(0, COUNT),
     # PyTorch peer rows (HF ViT with SDPA, PyTorch Adventurer) where torch and transformers
     # are installed; False: never
     pytorch=True,
-    train_resolution=224,  # the distillation train step's resolution
-    train_batch=0,  # 0 = 64 on accelerators, 2 on CPU
+    train_resolution=Field(224, POSITIVE_INT),  # the distillation train step's resolution
+    train_batch=Field(0, COUNT),  # 0 = 64 on accelerators, 2 on CPU
     max_batch=None,  # search the largest batch that fits; None = accelerators only
-    max_batch_limit=4096,  # ... up to this batch
-    peak_flops=0.0,  # FLOP/s for MFU; 0 = the table in linearizer/bench/results.py
+    max_batch_limit=Field(4096, POSITIVE_INT),  # ... up to this batch
+    peak_flops=Field(
+      0.0, NON_NEGATIVE
+    ),  # FLOP/s for MFU; 0 = the table in linearizer/bench/results.py
     # The SSD kernels alone, at the student's scan shapes.
     ssd=dict(
-      batch=0,  # 0 = 8 on accelerators, 1 on CPU
-      heads=24,  # SSD heads (Adventurer-B/16's)
-      headdim=64,  # per head
-      d_state=64,  # the state size
+      batch=Field(0, COUNT),  # 0 = 8 on accelerators, 1 on CPU
+      heads=Field(24, POSITIVE_INT),  # SSD heads (Adventurer-B/16's)
+      headdim=Field(64, POSITIVE_INT),  # per head
+      d_state=Field(64, POSITIVE_INT),  # the state size
       lengths=(),  # () = 198…16386 (≤ 4098 on CPU)
     ),
     # A supervised training step (forward + backward + AdamW) of every model: what the
     # paper's speed table most likely reports (docs/benchmarks.md).
     supervised=dict(
-      batch=0,  # 0 = 128 on accelerators (halved until it fits), 2 on CPU
+      batch=Field(0, COUNT),  # 0 = 128 on accelerators (halved until it fits), 2 on CPU
       resolutions=(),  # () = 224 and 448 on accelerators, 224 on CPU
-      num_classes=1000,  # the head's classes
-      steps=1000,  # the schedule's length
+      num_classes=Field(1000, COUNT),  # the head's classes
+      steps=Field(1000, POSITIVE_INT),  # the schedule's length
       optim=common.optim(),  # optim()'s fields
       loss=common.supervised_loss(),  # supervised_loss()'s fields
     ),
     # Backbone + UperNet forward at segmentation sizes (teacher vs student).
     segment=dict(
       resolutions=(),  # () = 512…2048 on accelerators, 512 and 768 on CPU
-      batch=0,  # 0 = 8 on accelerators, 1 on CPU
-      num_classes=150,  # ADE20K's
-      channels=0,  # UperNet's width; 0 = the backbone's (768 for B, as mmseg's ViT-B)
+      batch=Field(0, COUNT),  # 0 = 8 on accelerators, 1 on CPU
+      num_classes=Field(150, COUNT),  # ADE20K's
+      channels=Field(0, COUNT),  # UperNet's width; 0 = the backbone's (768 for B, as mmseg's ViT-B)
     ),
     # The distillation settings the train step runs with (its schedule length too).
     distill=dict(
-      steps=1000,  # the schedule's length
+      steps=Field(1000, POSITIVE_INT),  # the schedule's length
       optim=common.optim(lr=1e-4),  # optim()'s fields
       loss=common.distill_loss(),  # distill_loss()'s fields
       teacher_input="resample",  # as distill_stage()'s
@@ -159,11 +194,11 @@ def bench(**given) -> ml_collections.ConfigDict:
 def visualize(**given) -> ml_collections.ConfigDict:
   """The `visualize` stage (linearizer/visualize.py)."""
   declared = dict(
-    num_images=2,  # images drawn
-    am_images=0,  # measure the AM distance on this many images (0 = those drawn)
-    num_stages=4,  # K levels of activation matching (method.md §2)
-    layer=-1,  # student layer of the mixing matrix (teacher: same relative depth)
-    query=(-1, -1),  # (row, col) of the query patch on the student grid; -1 = centre
+    num_images=Field(2, POSITIVE_INT),  # images drawn
+    am_images=Field(0, COUNT),  # measure the AM distance on this many images (0 = those drawn)
+    num_stages=Field(4, POSITIVE_INT),  # K levels of activation matching (method.md §2)
+    layer=Field(-1, LAYER),  # student layer of the mixing matrix (teacher: same relative depth)
+    query=Field((-1, -1), QUERY),  # (row, col) of the query patch on the student grid; -1 = centre
     # stage -> label: the students drawn, where the run has them
     students={"distill": "distilled", "finetune": "fine-tuned", "train_student": "from scratch"},
   )
@@ -182,4 +217,4 @@ def visualize_run(**given) -> ml_collections.ConfigDict:
     images="",
     visualize=visualize(),  # visualize()'s fields
   )
-  return build("visualize_run", declared, given, free=("students",))
+  return build("visualize_run", declared, given, free=("students",), top=True)

@@ -21,6 +21,7 @@ from linearizer import (
   plots,
   preemption,
   resolve,
+  schema,
   serving,
   supervised,
   train,
@@ -124,6 +125,13 @@ class Stage(NamedTuple):
   outputs: str  # what it writes under the workdir (the summary prints it)
   # fn(config, classes) -> {name: program.Program}: its steps, abstract, to compile alone (aot)
   steps: Optional[Callable] = None
+  # what of `outputs` holds trained state or results a later command reuses (paths under
+  # the workdir): a workdir with any of them belongs to its config (workdir.claim)
+  state: tuple = ()
+
+
+def trained(stage: str) -> tuple:
+  return (f"{stage}/model", f"{stage}/ckpt")
 
 
 TRAINED = "{ckpt,model,metrics.jsonl,tb}"
@@ -133,24 +141,28 @@ STAGES = {
     check_kd("train_teacher"),
     f"train_teacher/{TRAINED}",
     functools.partial(supervised.programs, stage="train_teacher"),
+    trained("train_teacher"),
   ),
   "distill": Stage(
     run_distill,
     distill_stage.check_config,
     "distill/{ckpt,model,metrics.jsonl,tb,maps,scorecard.png}",
     distill_stage.programs,
+    (*trained("distill"), "distill/teacher_cache"),
   ),
   "finetune": Stage(
     run_finetune,
     check_kd("finetune"),
     f"finetune/{TRAINED}",
     functools.partial(supervised.programs, stage="finetune"),
+    trained("finetune"),
   ),
   "train_student": Stage(
     run_train_student,
     check_kd("train_student"),
     f"train_student/{TRAINED}",
     functools.partial(supervised.programs, stage="train_student"),
+    trained("train_student"),
   ),
   "eval": Stage(
     lambda r: evaluate.run_eval(r.config, r.dir, r.eval_source, r.classes, r.train_source),
@@ -162,6 +174,7 @@ STAGES = {
     segment.check_config,
     "segment/{results.json,<backbone>/{ckpt,results.json,predictions.png,metrics.jsonl,tb}}",
     segment.programs,
+    ("segment",),
   ),
   "bench": Stage(lambda r: bench.run(r.config, r.dir), no_check, "bench/{bench.json,bench.png}"),
   "visualize": Stage(
@@ -171,6 +184,7 @@ STAGES = {
     lambda r: ablation.run(r.config, r.dir, r.train_source, r.eval_source, r.classes),
     no_check,
     "ablation/{ablation.json,.md,.png}",
+    state=("ablation",),
   ),
 }
 
@@ -179,36 +193,10 @@ STAGES = {
 # The dispatcher.
 # ---------------------------------------------------------------------------------------
 def check_numbers(config) -> None:
-  """Refuses counts that cannot work (before anything is written): every training block's
-  `steps` and `batch_size`, and how often to checkpoint and log; a global batch must split
-  evenly over the devices (the mesh's data × fsdp axes)."""
-  wrong = [
-    f"{stage}.{field}={config[stage][field]!r}"
-    for stage in workdir.TRAIN_STAGES
-    if stage in config
-    for field in ("steps", "batch_size")
-    if not isinstance(config[stage][field], int) or config[stage][field] < 1
-  ]
-  if "segment" in config.stages:
-    wrong += [
-      f"segment.{f}={config.segment[f]!r}"
-      for f in ("steps", "batch_size")
-      if not isinstance(config.segment[f], int) or config.segment[f] < 1
-    ]
-  wrong += [
-    f"{name}={value!r}"
-    for name, value in (
-      ("checkpoint.every_steps", config.checkpoint.every_steps),
-      ("checkpoint.keep", config.checkpoint.keep),
-      ("log_every", config.log_every),
-    )
-    if not isinstance(value, int) or value < 1
-  ]
-  if wrong:
-    raise UserError(
-      f"{', '.join(wrong)}: expected positive integers (checkpoint.keep ≥ 1 keeps the newest "
-      "checkpoints; 0 would delete each one as it is written)."
-    )
+  """Refuses values outside their declared ranges (linearizer.schema: counts, fractions,
+  rates, seeds, ordered pairs) before anything is written, and a global batch that does
+  not split evenly over the devices (the mesh's data × fsdp axes)."""
+  schema.check(config)
   devices = jax.device_count()
   batched = [s for s in workdir.TRAIN_STAGES if s in config]
   batched += ["segment"] if "segment" in config.stages else []
@@ -230,8 +218,7 @@ def check_config(config) -> None:
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise UserError(f"Unknown stages {unknown}; expected some of {tuple(STAGES)}.")
-  if "checkpoint" in config:  # configs that train (bench and visualize configs do not)
-    check_numbers(config)
+  check_numbers(config)
   for stage in config.stages:
     STAGES[stage].check(config)
   # A training block's loss.kd is refused wherever the block is configured, so a later run
@@ -253,7 +240,8 @@ def run(config, run_dir: str, *, restart: bool = False):
     The results of the last stage that returns some (eval, ablation, bench, visualize).
   """
   check_config(config)
-  workdir.claim(config, run_dir, restart)  # refuses a live run's workdir, --restart or not
+  state = [path for stage in STAGES.values() for path in stage.state]
+  workdir.claim(config, run_dir, state, restart)  # refuses a live run's workdir, --restart or not
   with workdir.locked(run_dir):
     return _run_stages(config, run_dir)
 

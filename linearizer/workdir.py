@@ -7,39 +7,25 @@ for the training stages; `DIR/<stage>/model` (see `models.saved`) marks a stage 
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from linearizer import schema
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
 from linearizer.models import saved
 
 # The stages that train a model and end by writing DIR/<stage>/model.
 TRAIN_STAGES = ("train_teacher", "distill", "finetune", "train_student")
-
-# Config fields that may differ from those of the run already in a workdir: what to run,
-# evaluation, logging, checkpointing, sharding, data loading speed.
-SAFE_TO_CHANGE = (
-  "stages",
-  "eval",
-  "bench",
-  "log_every",
-  "checkpoint",
-  "mesh",
-  "nan_policy",
-  "data.workers",
-  "data.eval_source",
-  "data.eval_limit",
-  "data.data_dir",
-)
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,39 +147,55 @@ def flatten(tree, prefix: str = "") -> dict:
   return {k.rstrip("."): v for k, v in out.items()}
 
 
-def config_changes(old: dict, new: dict) -> list:
-  """Fields set differently in `old` and `new` (both as in config.json), but for safe ones.
+def _same(a, b) -> bool:
+  """Equal as config.json holds them; NaN equals NaN (a field never differs from itself)."""
+  if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+    return True
+  return a == b
 
-  Fields one of them lacks (added or removed by another version of the code) are not compared.
-  """
+
+def config_changes(old: dict, new: dict, run_dir: str) -> list:
+  """Fields set differently in `old` and `new` (both as in config.json, every block of
+  both), but for those the schema lets change (linearizer.schema.may_change): FINISHED
+  ones always, STOPPED ones while their training stage has not finished in `run_dir`
+  (logged, as the stage resumes with the new value). A field only one of them has counts."""
   old, new = flatten(old), flatten(new)
-  safe = lambda k: any(k == s or k.startswith(s + ".") for s in SAFE_TO_CHANGE)
-  return [
-    f"{k}: {old[k]!r} -> {new[k]!r}"
-    for k in sorted(old.keys() & new.keys())
-    if old[k] != new[k] and not safe(k)
-  ]
+  missing = "(absent)"
+  changed = []
+  for key in sorted(old.keys() | new.keys()):
+    a, b = old.get(key, missing), new.get(key, missing)
+    if _same(a, b) or schema.may_change(key, schema.FINISHED):
+      continue
+    stage = key.partition(".")[0]
+    if stage in TRAIN_STAGES and not finished(run_dir, stage):
+      if schema.may_change(key, schema.STOPPED):
+        log(f"[{stage}] {key}: {a!r} -> {b!r}; the stage resumes with the new value")
+        continue
+    changed.append(f"{key}: {a!r} -> {b!r}")
+  return changed
 
 
-def has_run(run_dir: str) -> bool:
-  """Whether a training stage left checkpoints or a model in `run_dir`."""
-  for stage in TRAIN_STAGES:
-    ckpt = os.path.join(run_dir, stage, "ckpt")
-    if finished(run_dir, stage) or (os.path.isdir(ckpt) and os.listdir(ckpt)):
+def has_run(run_dir: str, state: Sequence[str]) -> bool:
+  """Whether `run_dir` holds trained state or results: any of `state` (paths under it, from
+  the stage table's `state`) a file, or a folder with something in it."""
+  for rel in state:
+    path = os.path.join(run_dir, rel)
+    if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
       return True
   return False
 
 
-def claim(config, run_dir: str, restart: bool = False) -> None:
+def claim(config, run_dir: str, state: Sequence[str], restart: bool = False) -> None:
   """Makes `run_dir` this config's: refuses one another live run holds (`locked`), and one
-  holding a run of another config (the differing fields listed); with `restart`, moves what
-  is there to `<run_dir>.old-<time>` first. Then writes `run_dir/config.json`. Process 0 decides and the others follow it:
+  holding trained state or results (`state`, paths under it) of another config (the
+  differing fields listed); with `restart`, moves what is there to `<run_dir>.old-<time>`
+  first. Then writes `run_dir/config.json`. Process 0 decides and the others follow it:
   when it refuses, every process raises."""
   refused = None
   if main_process():
     try:
       check_unlocked(run_dir)
-      _check_or_move(config, run_dir, restart)
+      _check_or_move(config, run_dir, state, restart)
     except UserError as e:
       refused = e
   if jax.process_count() > 1:
@@ -210,7 +212,7 @@ def claim(config, run_dir: str, restart: bool = False) -> None:
     raise UserError(f"--workdir {run_dir} cannot be written: {e.strerror or e}.") from e
 
 
-def _check_or_move(config, run_dir: str, restart: bool) -> None:
+def _check_or_move(config, run_dir: str, state: Sequence[str], restart: bool) -> None:
   if not os.path.isdir(run_dir) or not os.listdir(run_dir):
     return
   if restart:
@@ -222,7 +224,7 @@ def _check_or_move(config, run_dir: str, restart: bool) -> None:
     log(f"--restart: moved the previous contents of {run_dir} to {aside}")
     return
   path = os.path.join(run_dir, "config.json")
-  if not has_run(run_dir):
+  if not has_run(run_dir, state):
     return
   if not os.path.isfile(path):
     raise UserError(
@@ -238,7 +240,7 @@ def _check_or_move(config, run_dir: str, restart: bool) -> None:
       f"{path} is not readable JSON ({e}); pass --restart to start over in "
       f"{run_dir}, or use another --workdir."
     ) from None
-  changed = config_changes(old, json.loads(config.to_json_best_effort()))
+  changed = config_changes(old, json.loads(config.to_json_best_effort()), run_dir)
   if changed:
     raise UserError(
       f"{run_dir} holds a run of a different config ({path}); these fields "

@@ -43,6 +43,20 @@ BAD_INPUT = {  # name: (extra flags, phrases the message must hold)
     ["--config.checkpoint.every_steps=0", "--config.checkpoint.keep=0", "--config.log_every=0"],
     ["checkpoint.every_steps=0", "checkpoint.keep=0", "log_every=0"],
   ),
+  "values outside their ranges": (
+    [
+      "--config.distill.loss.mask_ratio=1.5",
+      "--config.seed=-1",
+      "--config.data.crop_scale=(0.9,0.1)",
+      "--config.train_teacher.optim.ema_decay=1.0",
+    ],
+    [
+      "distill.loss.mask_ratio=1.5: expected a number in [0, 1)",
+      "seed=-1: expected an integer >= 0",
+      "data.crop_scale=(0.9, 0.1): expected an ordered pair",
+      "train_teacher.optim.ema_decay=1.0",
+    ],
+  ),
   "unknown teacher input": (
     ["--config.stages=('train_teacher','distill')", "--config.distill.teacher_input=crop"],
     ["teacher_input='crop'", "resize"],
