@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
 import kernels
 from linearizer import data, files, plots, resolve
@@ -280,7 +279,7 @@ def load_images(spec, num, cfg, run_config):
       )
     files += found
   transform = data.Transform(dcfg, train=False, mean=cfg.mean, std=cfg.std)
-  return np.stack([transform(data.rgb8(Image.open(f)), None) for f in files[:num]])
+  return np.stack([transform(data.read_image(f), None) for f in files[:num]])
 
 
 def mean_am_distances(

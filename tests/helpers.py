@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from linearizer import models
 from linearizer.models import saved
@@ -87,6 +88,14 @@ def run_cli(module: str, *args, code: int = 2):
   )
   assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
+
+
+def sideways_jpeg(path, upright: np.ndarray) -> None:
+  """`upright` (H, W, 3) stored as a phone stores a photo taken sideways: the pixels turned a
+  quarter, with the EXIF Orientation tag (6) that tells a viewer to turn them back."""
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1))).save(path, exif=exif, quality=100)
 
 
 def rel_err(ours, ref) -> float:

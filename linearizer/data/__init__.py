@@ -33,11 +33,13 @@ from linearizer.data.datasets import (
   get_source,
   mnist,
   num_classes,
+  read_image,
   rgb8,
   sources,
   split_index,
   train_source,
   unreadable_files,
+  upright,
 )
 from linearizer.data.pipeline import (
   Batch,
@@ -80,7 +82,9 @@ __all__ = [
   "override",
   "rand_augment",
   "random_resized_crop",
+  "read_image",
   "rgb8",
+  "upright",
   "sources",
   "split_index",
   "stack",

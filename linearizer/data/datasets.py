@@ -14,7 +14,7 @@ import importlib.util
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from linearizer.errors import UserError
 from linearizer.log import warn
@@ -116,6 +116,31 @@ def rgb8(im: Image.Image) -> np.ndarray:
   return np.asarray(im.convert("RGB"))
 
 
+def upright(im: Image.Image) -> Image.Image:
+  """`im` turned as its EXIF orientation says (a phone photo stored sideways), as viewers
+  and a user drawing a mask on it see it; unchanged without one."""
+  return ImageOps.exif_transpose(im)
+
+
+def read_image(path) -> np.ndarray:
+  """(H, W, 3) uint8 of an image file as a viewer shows it (`upright`, `rgb8`).
+
+  Raises:
+    UserError: past the pixel limit (PIL's guard against decompression bombs,
+      `PIL.Image.MAX_IMAGE_PIXELS`; `predict --max_pixels` raises it), or not an image.
+  """
+  try:
+    with Image.open(path) as im:
+      return rgb8(upright(im))
+  except Image.DecompressionBombError as e:
+    raise UserError(
+      f"{path}: {e.args[0].split(', could')[0]} (PIL's guard against decompression bombs); "
+      "if the image is yours, raise the limit (predict --max_pixels N)."
+    ) from e
+  except OSError as e:
+    raise UserError(f"{path}: not a readable image ({e}).") from e
+
+
 def folder_classes(root) -> list:
   """The class names of a `root/<class>/` folder dataset, sorted (their ids are the order)."""
   if not os.path.isdir(root):
@@ -164,8 +189,7 @@ class FolderSource:
     for j in range(len(self.files)):
       path, label = self.files[(i + j) % len(self.files)]
       try:
-        with Image.open(path) as im:
-          return rgb8(im), label
+        return read_image(path), label
       except Exception as e:
         if path not in _UNREADABLE:  # once per file, however often it is read
           _UNREADABLE.add(path)

@@ -140,11 +140,7 @@ def predict_folder(model_dir: str, inputs: str, output: str, ecfg) -> list:
   norm = (model.backbone.cfg.mean, model.backbone.cfg.std)
   logits_fn, colours, written = forward_fn(model), plots.palette(), []
   for path in paths:
-    try:
-      with Image.open(path) as im:
-        image = data.rgb8(im)
-    except OSError as e:
-      raise UserError(f"{path}: not a readable image ({e}).") from e
+    image = data.read_image(path)  # upright, as the user sees it
     pred = label_map(logits_fn, image, ecfg, norm)
     overlay = (0.5 * image + 0.5 * colours[pred]).astype(np.uint8)
     for suffix, picture in ((".png", pred), ("_overlay.png", overlay)):

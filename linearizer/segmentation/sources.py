@@ -59,11 +59,7 @@ class _Pairs:
 
   def __getitem__(self, i: int) -> tuple:
     image_path, mask_path, lut = self.pairs[i]
-    try:
-      with Image.open(image_path) as im:
-        image = data.rgb8(im)
-    except OSError as e:
-      raise UserError(f"{self.name}: cannot read image {image_path}: {e}") from e
+    image = data.read_image(image_path)  # upright; a mask with an orientation is turned too
     label = _read_mask(mask_path, lut)
     if label.shape != image.shape[:2]:
       raise UserError(
@@ -89,7 +85,7 @@ def _read_mask(path, lut=None) -> np.ndarray:
           f"mask {path} is a {im.mode} image; expected a label map of class ids: a palette "
           "(P) or greyscale (L) PNG."
         )
-      values = np.asarray(im).astype(np.int64)
+      values = np.asarray(data.upright(im)).astype(np.int64)
   except OSError as e:
     raise UserError(f"cannot read mask {path}: {e}") from e
   if values.size and (values.min() < 0 or values.max() > 255):
@@ -120,7 +116,13 @@ def _stems(folder, suffixes, tail="") -> dict:
       suffix = next((x for x in suffixes if f.lower().endswith((tail + x).lower())), None)
       if suffix is not None:
         rel = os.path.relpath(os.path.join(here, f), folder)
-        found[rel[: len(rel) - len(tail) - len(suffix)]] = os.path.join(here, f)
+        stem = rel[: len(rel) - len(tail) - len(suffix)]
+        if stem in found:
+          raise UserError(
+            f"{found[stem]} and {os.path.join(here, f)} have one stem, {stem!r}: which one "
+            "its mask labels cannot be told; keep one image per stem."
+          )
+        found[stem] = os.path.join(here, f)
   return found
 
 
@@ -146,6 +148,36 @@ def _pairs(name, img_dir, mask_dir, image_tail="", mask_tails=("",), suffixes=IM
   return [(images[stem], *masks[stem]) for stem in sorted(images)]
 
 
+def scanned_classes(name: str, masks: list) -> int:
+  """The class count of a folder's label maps, their largest value below 255 plus one,
+  once the values are seen to be class ids: refused when they are spread far wider than
+  they are many (grey levels or colours saved as a mask: {0, 128} would make a 129-class
+  head with 127 classes never seen), or when 255 (ignore) covers most pixels (a 0/255
+  binary mask would train on the background alone)."""
+  counts = np.zeros(256, np.int64)
+  for path in masks:
+    counts += np.bincount(_read_mask(path).ravel(), minlength=256)
+  found = np.flatnonzero(counts[:IGNORE])
+  if not found.size:
+    raise UserError(f"{name}: every mask is all {IGNORE} (ignore); no class to learn.")
+  classes = int(found.max()) + 1
+  if classes > 2 * found.size + 8:
+    raise UserError(
+      f"{name}: the masks hold the values {found.tolist()[:12]}"
+      f"{' …' if found.size > 12 else ''}, which look like grey levels or colours rather than "
+      f"class ids (a {classes}-class head, {classes - found.size} of them never seen); expected "
+      f"ids 0 … K-1 and {IGNORE} for ignore (or set segment.data.num_classes)."
+    )
+  ignored = counts[IGNORE] / counts.sum()
+  if ignored > 0.5:
+    raise UserError(
+      f"{name}: {IGNORE} (ignore) covers {100 * ignored:.0f}% of the mask pixels, so most "
+      f"of every image would not be learned from; a 0/{IGNORE} binary mask? expected class "
+      f"ids (e.g. 0 background, 1 object) and {IGNORE} only where no label applies."
+    )
+  return classes
+
+
 class SegFolder(_Pairs):
   """`root/images/<stem>.{png,jpg,jpeg}` with `root/masks/<stem>.png`, split into
   `images/{train,val}` (and the same under masks/) when those exist, else by
@@ -164,10 +196,7 @@ class SegFolder(_Pairs):
       every = _pairs(name, at("images"), at("masks"))
       pairs = [every[i] for i in data.split_index(len(every), split, data.TEST_FRACTION)]
     if not num_classes:  # over both splits, so that train and test agree on the head
-      tops = [_read_mask(m).astype(int) for _, m, _ in every]
-      num_classes = max(int(v[v != IGNORE].max(initial=-1)) for v in tops) + 1
-      if not num_classes:
-        raise UserError(f"{name}: every mask is all {IGNORE} (ignore); no class to learn.")
+      num_classes = scanned_classes(name, [m for _, m, _ in every])
     super().__init__(f"{name}:{split}", [(i, m, None) for i, m, _ in pairs], int(num_classes))
 
 

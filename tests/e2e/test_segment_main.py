@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 import helpers
-from helpers import ROOT
+from helpers import ROOT, assert_clean_error, sideways_jpeg
 from linearizer.segmentation import scenes
 
 
@@ -72,12 +72,18 @@ def check_the_exported_model_and_predict(model_dir, tmp_path):
   digit_scenes = scenes.DigitScenes("test", size=40, num_scenes=2, seed=3)
   for i in range(2):
     Image.fromarray(digit_scenes[i][0][: 40 - 8 * i]).save(tmp_path / "images" / f"scene{i}.png")
+  sideways_jpeg(tmp_path / "images" / "photo.jpg", digit_scenes[0][0][:24])  # 40 wide, upright
   out = predict(model_dir, tmp_path / "images", tmp_path / "masks").stdout
-  assert "2 label map(s)" in out
+  assert "3 label map(s)" in out
   for i in range(2):
     mask = np.asarray(Image.open(tmp_path / "masks" / f"scene{i}.png"))
     assert mask.shape == (40 - 8 * i, 40) and mask.max() < 11
     assert (tmp_path / "masks" / f"scene{i}_overlay.png").is_file()
+  assert np.asarray(Image.open(tmp_path / "masks" / "photo.png")).shape == (24, 40)  # upright
+  # an image past the pixel limit: one line naming it and the way round, nothing written
+  proc = predict(model_dir, tmp_path / "images", tmp_path / "big", "--max_pixels", "100", code=2)
+  assert_clean_error(proc, "decompression bombs", "--max_pixels")
+  assert not (tmp_path / "big").exists()
 
 
 def test_a_backbone_no_stage_produced_is_one_clear_error(tmp_path):
