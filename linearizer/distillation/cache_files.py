@@ -29,6 +29,45 @@ def open_arrays(directory: str, leaves: list, dtype, rows: int, mode: str) -> di
   return {"leaves": arrays, "checks": checks}
 
 
+def file_sizes(directory: str, leaves: list, dtype, rows: int) -> dict:
+  """{file name: the bytes it must have} of a cache of `rows` rows."""
+  sizes = {
+    f"leaf{i}.bin": rows * math.prod(shape) * np.dtype(dtype).itemsize
+    for i, shape in enumerate(leaves)
+  }
+  return {**sizes, "checks.bin": rows * 8}
+
+
+def digests(arrays: dict, lo: int, hi: int) -> list:
+  """One blake2b digest per file (each output, then the pixel sums) of rows lo:hi: what a
+  written batch is checked against when the cache is read (the standard library's hash)."""
+  return [
+    hashlib.blake2b(np.ascontiguousarray(a[lo:hi]).tobytes(), digest_size=16).hexdigest()
+    for a in (*arrays["leaves"], arrays["checks"])
+  ]
+
+
+def damage(directory: str, leaves: list, dtype, rows: int, written: list) -> Optional[str]:
+  """None if every file of the cache in `directory` has its size and every written batch
+  (`written`: [lo, hi, digests] records) its digests; else what is wrong, naming the file."""
+  names = list(file_sizes(directory, leaves, dtype, rows))
+  for name, size in file_sizes(directory, leaves, dtype, rows).items():
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      return f"{path} is missing"
+    if os.path.getsize(path) != size:
+      return f"{path} has {os.path.getsize(path):,} bytes, not the {size:,} its shapes make"
+  covered = sorted((lo, hi) for lo, hi, _ in written)
+  if [lo for lo, _ in covered] != [0] + [hi for _, hi in covered[:-1]] or covered[-1][1] < rows:
+    return f"{directory}/progress.json does not checksum every row (written by older code?)"
+  arrays = open_arrays(directory, leaves, dtype, rows, "r")
+  for lo, hi, expected in written:
+    for name, got, want in zip(names, digests(arrays, lo, hi), expected):
+      if got != want:
+        return f"{os.path.join(directory, name)} rows {lo}-{hi - 1} do not match their checksum"
+  return None
+
+
 def size_of(leaves: list, dtype, rows: int) -> int:
   """Bytes the cache takes: every output and pixel sum, for every row."""
   per_row = sum(math.prod(shape) for shape in leaves) * np.dtype(dtype).itemsize + 8

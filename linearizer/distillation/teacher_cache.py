@@ -38,7 +38,9 @@ from linearizer import data, files, preemption, sharding, train, workdir
 from linearizer.distillation.cache_files import (
   across_processes,
   all_processes,
+  damage,
   differences,
+  digests,
   human,
   open_arrays,
   parameters_digest,
@@ -123,10 +125,13 @@ class TeacherCache:
     return size_of(self.leaves, self.dtype, len(self.views))
 
   def check_fingerprint(self) -> None:
-    """Refuses a cache written for another setup, naming what differs."""
+    """Refuses a cache written for another setup, naming what differs, and one whose
+    record of what it was written for is missing."""
     meta = read_json(os.path.join(self.directory, "meta.json"))
     now = json.loads(json.dumps(self.fingerprint))
     differ = differences(meta["fingerprint"], now) if meta is not None else []
+    if meta is None and os.path.isdir(self.directory) and os.listdir(self.directory):
+      differ = ["its meta.json is missing, so what it was written for cannot be checked"]
     # Every process decides together: local disks differ, and one refusing alone would
     # leave the others waiting in the next collective.
     if not all_processes(not differ):
@@ -140,6 +145,29 @@ class TeacherCache:
     """Rows written (0 for no cache): in rows, so a run with another batch size resumes."""
     record = read_json(os.path.join(self.directory, "progress.json"))
     return record["rows"] if record else 0
+
+  def written(self) -> list:
+    """[lo, hi, digests] of every batch written (progress.json)."""
+    record = read_json(os.path.join(self.directory, "progress.json"))
+    return record.get("digests", []) if record else []
+
+  def verify(self) -> None:
+    """Refuses a damaged cache, naming the file (every process decides together): file
+    sizes against the shapes, then every written batch against its checksums."""
+    began = time.time()
+    wrong = damage(self.directory, self.leaves, self.dtype, len(self.views), self.written())
+    if not all_processes(wrong is None):
+      raise UserError(
+        f"The teacher cache is damaged: {wrong or 'on another process: see its log'}. "
+        f"Delete {self.directory} and run again to write it anew (distill.teacher_cache="
+        "'write' or 'auto'), or set distill.teacher_cache='off'."
+      )
+    if main_process():
+      secs = time.time() - began
+      log(
+        f"[distill] teacher cache verified: {human(self.bytes)} in {secs:.1f} s "
+        f"({secs / max(self.bytes / 2**30, 1e-9):.1f} s per GiB)"
+      )
 
   def complete(self) -> bool:
     return self.progress() >= len(self.views)
@@ -174,6 +202,10 @@ class TeacherCache:
     )
     params = sharding.put(teacher_params, params_sh)
     b = self.local_batch
+    written = [d for d in self.written() if d[1] <= start * b]  # batches kept on resume
+    kept = written[-1][1] if written else 0
+    if kept < start * b:  # rows kept past the last whole batch of another batch size
+      written.append([kept, start * b, digests(arrays, kept, start * b)])
     rows = grain.MapDataset.range(start * b, self.write_batches * b)
     stream = data.iterate(
       rows.map(WriteExample(self.views, self.shape)).batch(b, batch_fn=stack_written), workers
@@ -189,11 +221,14 @@ class TeacherCache:
       for array, leaf in zip(arrays["leaves"], jax.tree.leaves(out)):
         array[lo:hi] = np.asarray(leaf)[: hi - lo].astype(self.dtype)
       arrays["checks"][lo:hi] = checks[: hi - lo]
+      if hi > lo:
+        written.append([lo, hi, digests(arrays, lo, hi)])
       done = i + 1
       if done % PROGRESS_EVERY == 0 or done == self.write_batches:
         for array in (*arrays["leaves"], arrays["checks"]):
           array.flush()
-        write_json(os.path.join(self.directory, "progress.json"), {"rows": hi})
+        record = {"rows": hi, "digests": written}
+        write_json(os.path.join(self.directory, "progress.json"), record)
         if main_process():
           speed = (done - start) * b * jax.process_count() / (time.time() - began)
           secs = (self.write_batches - done) * b * jax.process_count() / speed
@@ -248,6 +283,7 @@ def prepare(
       f"in {cache.directory}" + (" (complete)" if complete else "")
     )
   if complete:
+    cache.verify()
     return cache
   if mode == "read":
     raise UserError(

@@ -5,6 +5,7 @@ of another setup, a missing one or one that does not fit is refused."""
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import types
 
@@ -166,12 +167,18 @@ def test_a_cached_step_is_the_uncached_step(setup, written):
 
 
 def assert_same_files(cache, other):
+  """The same bytes in every file; the same rows recorded, each checksummed (written in
+  batches of another size, the checksums' row ranges differ)."""
   for name in sorted(os.listdir(cache.directory)):
     with (
       open(os.path.join(cache.directory, name), "rb") as f,
       open(os.path.join(other.directory, name), "rb") as g,
     ):
-      assert f.read() == g.read(), name
+      if name == "progress.json":
+        assert json.load(f)["rows"] == json.load(g)["rows"]
+      else:
+        assert f.read() == g.read(), name
+  other.verify()
 
 
 @pytest.mark.parametrize("batch", [BATCH, 3])
@@ -187,8 +194,10 @@ def test_a_stopped_write_resumes_where_it_stopped(setup, written, tmp_path, batc
   for a in arrays["leaves"]:
     a[done:] = 0
     a.flush()
+  with open(os.path.join(part.directory, "progress.json")) as f:
+    record = json.load(f)  # as the stopped write left it: the batches before the stop
   with open(os.path.join(part.directory, "progress.json"), "w") as f:
-    json.dump({"rows": done}, f)
+    json.dump({"rows": done, "digests": [d for d in record["digests"] if d[1] <= done]}, f)
   assert not part.complete()
   write(part, setup)
   assert part.complete()
@@ -281,3 +290,41 @@ def test_bad_settings_are_refused(field, value, phrase):
   with pytest.raises(UserError, match=f"distill.{field}=") as err:
     teacher_cache.check_config(dcfg)
   assert phrase in str(err.value)
+
+
+@pytest.mark.parametrize(
+  "harm, phrase",
+  [
+    ("a flipped bit", r"leaf0\.bin rows 0-3 do not match their checksum"),
+    ("a short file", r"checks\.bin has 232 bytes, not the 240"),
+    ("no meta.json", r"meta\.json is missing"),
+    ("no checksums", r"does not checksum every row"),
+  ],
+)
+def test_a_damaged_cache_is_refused_naming_the_file(setup, written, tmp_path, harm, phrase):
+  """A cache proves itself before training reads it: its record of what it was written
+  for, each file's size against the shapes, each written batch against its checksums. The
+  damaged files are left as they are (the message says how to write the cache anew)."""
+  _, directory = written
+  copy = tmp_path / "copy"
+  shutil.copytree(directory, copy)
+  part = new_cache(setup, copy)
+  d = pathlib.Path(part.directory)
+  if harm == "a flipped bit":
+    with open(d / "leaf0.bin", "r+b") as f:
+      f.seek(5)
+      byte = f.read(1)
+      f.seek(5)
+      f.write(bytes([byte[0] ^ 1]))
+  elif harm == "a short file":
+    os.truncate(d / "checks.bin", 232)
+  elif harm == "no meta.json":
+    (d / "meta.json").unlink()
+  else:
+    (d / "progress.json").write_text(json.dumps({"rows": 30}))
+  before = {p: p.read_bytes() for p in d.iterdir()}
+  with pytest.raises(UserError, match=phrase) as err:
+    write(part, setup, mode="read")
+  assert "\n" not in str(err.value)
+  assert {p: p.read_bytes() for p in d.iterdir()} == before
+  assert write(new_cache(setup, directory), setup, mode="read") is not None  # the intact one

@@ -182,6 +182,18 @@ def test_a_teacher_cache_of_another_setup_or_none_at_all(reference, tmp_path):
   files = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
   proc = run_main(tmp_path / "b", *shared, "--config.distill.teacher_cache=read")
   assert "(complete)" in proc.stdout and "teacher cache: batch" not in proc.stdout
+  assert "teacher cache verified" in proc.stdout
+  # a damaged byte: named, with how to write the cache anew, before anything trains
+  (leaf,) = cache.glob("process0of1/leaf0.bin")
+  damaged = bytearray(leaf.read_bytes())
+  damaged[7] ^= 1
+  leaf.write_bytes(bytes(damaged))
+  proc = run_main(tmp_path / "b2", *shared, "--config.distill.teacher_cache=read", code=2)
+  assert_clean_error(proc, "teacher cache is damaged", "leaf0.bin rows 0-", "Delete")
+  assert leaf.read_bytes() == bytes(damaged)
+  assert not (tmp_path / "b2" / "distill" / "ckpt").exists()
+  damaged[7] ^= 1
+  leaf.write_bytes(bytes(damaged))  # as written: the setup checks below read it
   proc = run_main(
     tmp_path / "c", *shared, "--config.distill.teacher_cache=auto", "--config.seed=1", code=2
   )
