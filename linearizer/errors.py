@@ -28,6 +28,19 @@ class NonFiniteError(UserError, FloatingPointError):
   """A training run stopped at a non-finite loss or gradient (nan_policy)."""
 
 
+def cause(error: BaseException) -> str:
+  """A library's error as one line, its cause alone: the first line that says what was
+  wrong, without the library's advice where ours differs (torch's weights_only errors run
+  to ten lines and suggest unpickling the file's code, which we never do)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  for i, line in enumerate(lines):
+    if "WeightsUnpickler error:" in line:  # torch.load(weights_only=True)
+      found = line.partition("WeightsUnpickler error:")[2].strip()
+      found = found or (lines[i + 1] if i + 1 < len(lines) else "")
+      return found.split(" was not an allowed global")[0].split(". Please use")[0]
+  return lines[0] if lines else type(error).__name__
+
+
 def exit_with(error: BaseException, code: int = 2):
   """The CLIs' ending for a UserError: `error: <message>` on stderr, then exit `code`."""
   print(f"error: {error}", file=sys.stderr, flush=True)

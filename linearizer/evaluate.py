@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from linearizer import data, files, models, resolve
+from linearizer import data, files, memory, models, resolve
 from linearizer.distillation import scorecard
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
@@ -92,6 +92,23 @@ def extra_models(config) -> dict:
       )
     found[name] = spec
   return found
+
+
+def check_config(config) -> None:
+  """What the eval stage would refuse half-way: `eval.extra_models` entries, and a size the
+  configured teacher or student cannot run at here (linearizer.memory), at every eval and
+  speed resolution, before any stage trains."""
+  extra_models(config)
+  per_device = lambda batch: -(-batch // jax.local_device_count())
+  sizes = [(s, config.eval.batch_size) for s in (config.data.image_size, *config.eval.resolutions)]
+  sizes += [(s, config.eval.speed_batch) for s in config.eval.speed_resolutions]
+  for role in ("teacher", "student"):
+    block = config[role]
+    cfg = models.ARCHITECTURES[block.kind].variant(block.variant, **block.overrides)
+    for size, batch in sizes:
+      memory.check(
+        f"eval of the {role} ({block.kind} {block.variant})", cfg, size, per_device(batch)
+      )
 
 
 def models_to_evaluate(config, run_dir, num_classes):

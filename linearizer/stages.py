@@ -166,7 +166,7 @@ STAGES = {
   ),
   "eval": Stage(
     lambda r: evaluate.run_eval(r.config, r.dir, r.eval_source, r.classes, r.train_source),
-    evaluate.extra_models,
+    evaluate.check_config,
     "eval/results.json",
   ),
   "segment": Stage(

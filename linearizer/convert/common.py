@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from linearizer.convert import torchscript
-from linearizer.errors import MissingPathError, UserError
+from linearizer.errors import MissingPathError, UserError, cause
 from linearizer.models import vit as vit_lib
 
 
@@ -192,8 +192,9 @@ def torch_load(path):
       return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
     raise UserError(
-      f"Could not read {path} as a torch checkpoint of tensors (it is loaded "
-      f"with weights_only=True and never unpickles code): {e}"
+      f"Could not read {path} as a torch checkpoint of tensors ({cause(e)}): it is read with "
+      "weights_only=True, which never runs code from the file; re-save its state_dict() of "
+      "tensors with torch.save, or as .safetensors."
     ) from e
 
 

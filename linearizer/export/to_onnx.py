@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 from flax import nnx
 
-from linearizer import files, models
+from linearizer import files, memory, models
 from linearizer.errors import MissingPathError, UserError
 from linearizer.export.onnx_graph import Graph, student_graph
 from linearizer.models import saved
@@ -181,6 +181,8 @@ def _check_image_size(cfg, directory, image_size: Optional[int]) -> int:
       f"image_size={size!r}: the student in {directory} has {p}px patches, which do not "
       f"divide it; expected a positive multiple of {p} (e.g. {near})."
     )
+  # the export resamples the position table and traces a forward at this size
+  memory.check(f"--image_size {size}", cfg, size, batch=1)
   return size
 
 

@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+import helpers  # noqa: E402
 from helpers import ROOT, random_model, rel_err  # noqa: E402
 from linearizer import convert, errors, models  # noqa: E402
 from linearizer.models import saved  # noqa: E402
@@ -644,3 +645,21 @@ def test_save_refuses_non_empty_directory(hf_dirs, tmp_path):
   saved.save(model, tmp_path, overwrite=True)
   assert not (tmp_path / "keep.txt").exists()
   assert_same_outputs(saved.restore(tmp_path), model, images_at(SIZE), rtol=0)
+
+
+def test_a_torch_file_that_is_not_tensors_is_one_line_naming_the_cause(tmp_path):
+  """torch's weights_only errors run to ten lines and suggest unpickling the file's code: the
+  CLI prints one line with the cause and our way out, and writes nothing."""
+  (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 4)
+  torch.save({"model": argparse.ArgumentParser}, tmp_path / "code.pth")  # a class: code
+  for name, found in (("noise.pth", "Unsupported operand"), ("code.pth", "Unsupported global")):
+    proc = subprocess.run(
+      [sys.executable, "-m", "linearizer.convert", "--format", "timm", "--input", tmp_path / name]
+      + ["--output", str(tmp_path / "out")],
+      cwd=ROOT, env=helpers.env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith(("I0", "W0"))]
+    assert line.startswith("error: ") and found in line and "re-save its state_dict()" in line
+    assert "weights_only` set to `False`" not in line and "add_safe_globals" not in line
+  assert not (tmp_path / "out").exists()

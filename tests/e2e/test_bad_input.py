@@ -87,6 +87,10 @@ def test_bad_input_gets_one_clear_message(tmp_path, case):
     ("--config.finetune.loss.kd=bogus", ("finetune.loss.kd='bogus'", "'soft', 'hard'")),
     ("--config.train_teacher.loss.kd=soft", ("train_teacher.loss.kd='soft'", "finetune")),
     ("--config.distill.teacher_cache=always", ("distill.teacher_cache='always'", "'auto'")),
+    (  # before: a traceback from numpy's allocator after the teacher had trained
+      "--config.eval.resolutions=(60000,)",
+      ("eval of the teacher", "60000²", "needs at least", "free memory"),
+    ),
   ],
 )
 def test_refused_before_any_stage_runs(tmp_path, flag, phrases):

@@ -201,6 +201,7 @@ def vit_directory(directory):
     ("not JSON", ["model.json cannot be read", "exported student"]),
     ("a teacher", ["'vit' model", "Adventurer student"]),
     ("smaller than a patch", ["image_size=4", "multiple of 8"]),
+    ("too large for memory", ["--image_size 800000", "needs at least", "free memory"]),
     ("opset too low", ["opset=17", f"opset >= {onnx_export.MIN_OPSET}"]),
     ("opset too high", ["opset=999"]),
     ("output is a directory", ["is a directory"]),
@@ -229,6 +230,7 @@ def test_bad_input_in_process(exported, tmp_path, capsys, case, phrases):
     out.mkdir()
   extra = {
     "smaller than a patch": ["--image_size", 4],
+    "too large for memory": ["--image_size", 800000],  # before: an abort in XLA's allocator
     "opset too low": ["--opset", 17],
     "opset too high": ["--opset", 999],
   }.get(case, [])
