@@ -12,6 +12,7 @@ from PIL import Image
 
 from helpers import assert_clean_error, run_main, sideways_jpeg, tree_digest
 from linearizer import data
+from linearizer.errors import UserError
 from linearizer.segmentation import sources
 
 
@@ -43,15 +44,7 @@ def test_a_sideways_photo_is_read_upright_with_its_mask(tmp_path):
     assert image.shape[:2] == label.shape == (12, 20)
 
 
-@pytest.mark.parametrize(
-  "case, phrases",
-  [
-    ("one stem twice", ["s0.png", "s0.jpg", "one stem"]),
-    ("grey levels", ["[0, 128]", "grey levels", "129-class head"]),
-    ("binary 0/255", ["255 (ignore) covers", "0/255 binary mask"]),
-  ],
-)
-def test_label_maps_that_are_not_class_ids_are_refused(tmp_path, case, phrases):
+def label_dataset(root, case):
   ones = np.ones((16, 16))
   if case == "grey levels":
     masks = [0 * ones, 128 * ones, 128 * ones, 0 * ones]
@@ -59,10 +52,14 @@ def test_label_maps_that_are_not_class_ids_are_refused(tmp_path, case, phrases):
     masks = [np.where(np.arange(16) < 4, 0, 255) * ones for _ in range(4)]
   else:
     masks = [ones % 2 * i for i in range(4)]
-  root = tmp_path / "data"
   dataset(root, masks)
   if case == "one stem twice":
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "images" / "s0.jpg")
+
+
+def test_two_images_with_one_stem_are_refused_before_any_stage(tmp_path):
+  root = tmp_path / "data"
+  label_dataset(root, "one stem twice")
   before = tree_digest(root)
   proc = run_main(
     tmp_path / "run",
@@ -70,6 +67,26 @@ def test_label_maps_that_are_not_class_ids_are_refused(tmp_path, case, phrases):
     config="configs/segment.py:smoke",
     code=2,
   )
-  assert_clean_error(proc, *phrases)
+  assert_clean_error(proc, "s0.png", "s0.jpg", "one stem")
   assert tree_digest(root) == before
   assert not (tmp_path / "run" / "train_teacher").exists()
+
+
+@pytest.mark.parametrize(
+  "case, phrases",
+  [
+    ("grey levels", ["[0, 128]", "grey levels", "129-class head"]),
+    ("binary 0/255", ["255 (ignore) covers", "0/255 binary mask"]),
+  ],
+)
+def test_label_maps_that_are_not_class_ids_are_refused(tmp_path, case, phrases):
+  """(The same check main.py runs before any stage: the source is opened by the stage's
+  check, as in the test above.)"""
+  root = tmp_path / "data"
+  label_dataset(root, case)
+  before = tree_digest(root)
+  with pytest.raises(UserError) as err:
+    sources.SegFolder(str(root), "train")
+  for phrase in phrases:
+    assert phrase in str(err.value)
+  assert "\n" not in str(err.value) and tree_digest(root) == before
