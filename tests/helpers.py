@@ -34,13 +34,13 @@ def main_command(workdir, *flags, config: str = SMOKE, python=("main.py",)) -> l
 def run_main(workdir, *flags, config: str = SMOKE, code: int = 0, python=("main.py",)):
   """`python main.py --config CONFIG --workdir WORKDIR FLAGS...` from the repository root,
   as a user types it; asserts its exit status is `code` and returns the finished process."""
+  return run_process(main_command(workdir, *flags, config=config, python=python), code, 900)
+
+
+def run_process(command: list, code: int, timeout: int):
+  """`command` from the repository root with `env()`; asserts its exit status."""
   proc = subprocess.run(
-    main_command(workdir, *flags, config=config, python=python),
-    cwd=ROOT,
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=900,
+    command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout
   )
   assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
   return proc
@@ -78,16 +78,7 @@ def tree_digest(*roots) -> dict:
 
 def run_cli(module: str, *args, code: int = 2):
   """`python -m MODULE ARGS...` from the repository root; asserts the exit status."""
-  proc = subprocess.run(
-    [sys.executable, "-m", module, *map(str, args)],
-    cwd=ROOT,
-    env=env(),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc
+  return run_process([sys.executable, "-m", module, *map(str, args)], code, 300)
 
 
 def sideways_jpeg(path, upright: np.ndarray) -> None:
