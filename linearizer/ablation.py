@@ -154,10 +154,28 @@ def top1(config, model, eval_src):
   return evaluate.accuracy(config, model, eval_src, image_size=config.data.image_size)[0]["top1"]
 
 
+# The run's own models that are seed 0 of a row (the same config, nothing overridden): a
+# config that runs their stages before `ablation` (the demo) does not train them twice.
+OWN_ROLES = {"am_mp": "finetuned", "supervised": "scratch"}
+
+
+def own_model(config, root, variant, k):
+  """The run's own finished model that is (variant, seed k), or None."""
+  role = OWN_ROLES.get(variant)
+  if k != 0 or role is None or resolve.STAGE_OF[role] not in config.stages:
+    return None
+  return resolve.stage_model(config, root, role)
+
+
 def run_one(config, root, variant, k, teacher, train_src, eval_src, classes):
   """One (variant, seed) run; writes its result.json and returns its top-1."""
   sub = run_config(config, variant, k, teacher.cfg)
-  model = train_variant(sub, variant, variant_dir(root, variant, k), teacher, train_src, classes)
+  model = own_model(config, root, variant, k)
+  if model is not None:
+    log(f"[ablation] {variant} seed {k}: the run's own {OWN_ROLES[variant]} student")
+  else:
+    run_dir = variant_dir(root, variant, k)
+    model = train_variant(sub, variant, run_dir, teacher, train_src, classes)
   acc = top1(sub, model, eval_src)
   if main_process():
     result = dict(variant=variant, seed=sub.seed, top1=acc)
@@ -312,10 +330,12 @@ def table(summary):
   if c:
     lines.append("")
     beats = "yes" if c["am_mp_beats_supervised_by_2_std"] else "no"
-    lines.append(
-      f"AM + MP − supervised: {c['gap']:+.2f} points; larger seed std "
-      f"{c['spread']:.2f}; > 2 std: {beats}."
+    spread = (
+      f"larger seed std {c['spread']:.2f}; > 2 std: {beats}"
+      if n > 1
+      else "one seed: no spread to hold it against (seeds >= 2)"
     )
+    lines.append(f"AM + MP − supervised: {c['gap']:+.2f} points; {spread}.")
     for v, label in (("mp", "MP only"), ("am", "AM only")):
       if f"{v}_between" in c:
         lines.append(

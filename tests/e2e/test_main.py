@@ -72,6 +72,15 @@ def test_every_stage_writes_its_files(demo_run):
   assert all(len(levels) == 2 and -1 <= levels[0][0] <= 1 for levels in cosines.values())
   assert "teacher's off-diagonal cosines per AM level, raw (used)" in out
   assert "top-1" in out and "Outputs:" in out
+  # The demo's seed table: seed 0 of both rows is the run's own students, not trained again
+  # (the smoke has one seed), and their top-1 is the eval stage's.
+  summary = json.load(open(workdir / "ablation" / "ablation.json"))
+  assert "[ablation] am_mp seed 0: the run's own finetuned student" in out
+  assert "[ablation] supervised seed 0: the run's own scratch student" in out
+  assert not (workdir / "ablation" / "am_mp" / "seed0" / "finetune").exists()
+  for variant, row in (("am_mp", "student (distilled)"), ("supervised", "student (from scratch)")):
+    assert summary["variants"][variant]["top1"] == [100 * results[row]["@16"]["top1"]]
+  assert "AM + MP − supervised:" in out
 
 
 def test_second_run_reuses_finished_stages(demo_run, tmp_path):
