@@ -27,11 +27,27 @@ from linearizer.convert.common import (
   read_tensors,
   vit_fields,
 )
+from linearizer.errors import UserError
 
 CLIP_GELU = (
   "timm runs its CLIP towers (e.g. vit_base_patch16_clip_224.openai_ft_in1k) with exact "
   "GELU; a *_clip_quickgelu_* model's weights need activation='quick_gelu'"
 )
+
+
+def eva_family(t: dict):
+  """What timm Eva-class model (DINOv3, EVA-02, Perception Encoder) the tensors are, or
+  None. These rotate queries and keys by 2-D RoPE, whose frequencies are buffers the files
+  do not store: read as a plain ViT, a file would load and compute another function (PE
+  core fits our CLIP reading exactly). Told apart by the tensors only they have."""
+  if "blocks.0.gamma_1" in t or ("reg_token" in t and "pos_embed" not in t):
+    return "timm's DINOv3 (vit_*_dinov3: RoPE, storage tokens, no position table)"
+  eva02 = ("attn.q_bias", "attn.q_proj.weight", "attn.norm.weight", "mlp.fc1_g.weight")
+  if any(f"blocks.0.{k}" in t for k in eva02):
+    return "timm's EVA-02 (eva02_*: RoPE, SwiGLU, sub-LN)"
+  if "norm_pre.weight" in t and ("attn_pool.latent" in t or "norm.weight" not in t):
+    return "timm's Perception Encoder (vit_pe_core_* / vit_pe_spatial_*: RoPE beside its table)"
+  return None
 
 
 def read(path: pathlib.Path) -> Spec:
@@ -40,6 +56,13 @@ def read(path: pathlib.Path) -> Spec:
     spec.fields["activation"] = "gelu"  # ... but timm runs it with exact GELU
     return spec
   t = read_tensors(path)
+  family = eva_family(t)
+  if family:
+    raise UserError(
+      f"{path} looks like {family}, an Eva model: it applies rotary position embeddings "
+      "that the file does not store, so reading it as a ViT would compute another "
+      "function; not supported yet (timm's ViT, DeiT, DINOv2, CLIP and SigLIP towers are)."
+    )
   patch_w = need(t, "patch_embed.proj.weight", "the width and patch")
   pos = need(t, "pos_embed", "the image size")
   head = t.get("head.weight")
