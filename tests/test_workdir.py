@@ -40,9 +40,9 @@ def test_what_may_change_and_when(run):
   new.distill.optim.clip_norm = 0.5
   assert changes(old, new, run) == []
   new.train_teacher.optim.lr = 1.0  # train_teacher finished: its model came from the old one
-  new.distill.loss.mask_ratio = 0.5  # what the stopped stage learns: never
+  new.distill.loss.mask_ratio = 0.25  # what the stopped stage learns: never
   assert changes(old, new, run) == [
-    "distill.loss.mask_ratio: 0.75 -> 0.5",
+    f"distill.loss.mask_ratio: {old.distill.loss.mask_ratio!r} -> 0.25",
     f"train_teacher.optim.lr: {old.train_teacher.optim.lr!r} -> 1.0",
   ]
 
