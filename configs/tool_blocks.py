@@ -109,16 +109,22 @@ def segment(**given) -> ml_collections.ConfigDict:
 def ablation(**given) -> ml_collections.ConfigDict:
   """The `ablation` stage (linearizer/ablation.py)."""
   declared = dict(
-    seeds=Field(3, POSITIVE_INT),  # runs per variant: seed, seed + 1, ...
-    variants=(
-      "supervised",
-      "mp",
-      "am",
-      "am_unmasked",
-      "am_mp",
-      "scope_cls",
-      "scope_visible",
-      "scope_all",
+    # runs per variant: seed, seed + 1, ... (more seeds or variants on a finished ablation
+    # train only the runs not there: each run's result stands for its own config)
+    seeds=Field(3, POSITIVE_INT, FINISHED),
+    variants=Field(
+      (
+        "supervised",
+        "mp",
+        "am",
+        "am_unmasked",
+        "am_mp",
+        "scope_cls",
+        "scope_visible",
+        "scope_all",
+      ),
+      None,
+      FINISHED,
     ),
     workers=Field(1, COUNT, FINISHED),  # runs at once, one process each (single-host only)
   )

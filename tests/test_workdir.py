@@ -35,6 +35,7 @@ def test_what_may_change_and_when(run):
   new = demo.get_config("smoke")
   new.log_every, new.eval.batch_size, new.data.workers = 7, 8, 2  # no trained weight moves
   new.scorecard.knn_k, new.distill.scorecard_every = 5, 3
+  new.ablation.seeds = 5  # more runs beside those there: each stands for its own config
   assert changes(old, new, run) == []
   new.distill.optim.lr = old.distill.optim.lr / 10  # distill stopped: it resumes with it
   new.distill.optim.clip_norm = 0.5
