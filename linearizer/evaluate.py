@@ -104,6 +104,8 @@ def check_config(config) -> None:
   sizes += [(s, config.eval.speed_batch) for s in config.eval.speed_resolutions]
   for role in ("teacher", "student"):
     block = config[role]
+    if block.kind not in models.ARCHITECTURES:
+      continue  # refused by name where the model is built
     cfg = models.ARCHITECTURES[block.kind].variant(block.variant, **block.overrides)
     for size, batch in sizes:
       memory.check(
