@@ -136,7 +136,7 @@ def load_serving(directory, platform: Optional[str] = None):
       file (PLATFORM_FILES, the TPU's Pallas kernel; at most PLATFORM_MAX_BATCH images a
       call) where the export has one, else the portable `serve.jaxexport` (any batch).
   """
-  own = PLATFORM_FILES.get(kernels.platform_name(platform).replace("gpu", "cuda"))
+  own = PLATFORM_FILES.get(kernels.platform_name(platform))  # keyed as platform_name names them
   name = own if own and os.path.isfile(os.path.join(directory, own)) else SERVE_FILE
   with open(os.path.join(directory, name), "rb") as f:
     return jax.export.deserialize(bytearray(f.read())).call

@@ -29,7 +29,7 @@ def open_arrays(directory: str, leaves: list, dtype, rows: int, mode: str) -> di
   return {"leaves": arrays, "checks": checks}
 
 
-def file_sizes(directory: str, leaves: list, dtype, rows: int) -> dict:
+def file_sizes(leaves: list, dtype, rows: int) -> dict:
   """{file name: the bytes it must have} of a cache of `rows` rows."""
   sizes = {
     f"leaf{i}.bin": rows * math.prod(shape) * np.dtype(dtype).itemsize
@@ -50,8 +50,8 @@ def digests(arrays: dict, lo: int, hi: int) -> list:
 def damage(directory: str, leaves: list, dtype, rows: int, written: list) -> Optional[str]:
   """None if every file of the cache in `directory` has its size and every written batch
   (`written`: [lo, hi, digests] records) its digests; else what is wrong, naming the file."""
-  names = list(file_sizes(directory, leaves, dtype, rows))
-  for name, size in file_sizes(directory, leaves, dtype, rows).items():
+  sizes = file_sizes(leaves, dtype, rows)
+  for name, size in sizes.items():
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
       return f"{path} is missing"
@@ -62,7 +62,7 @@ def damage(directory: str, leaves: list, dtype, rows: int, written: list) -> Opt
     return f"{directory}/progress.json does not checksum every row (written by older code?)"
   arrays = open_arrays(directory, leaves, dtype, rows, "r")
   for lo, hi, expected in written:
-    for name, got, want in zip(names, digests(arrays, lo, hi), expected):
+    for name, got, want in zip(sizes, digests(arrays, lo, hi), expected):
       if got != want:
         return f"{os.path.join(directory, name)} rows {lo}-{hi - 1} do not match their checksum"
   return None
@@ -70,16 +70,7 @@ def damage(directory: str, leaves: list, dtype, rows: int, written: list) -> Opt
 
 def size_of(leaves: list, dtype, rows: int) -> int:
   """Bytes the cache takes: every output and pixel sum, for every row."""
-  per_row = sum(math.prod(shape) for shape in leaves) * np.dtype(dtype).itemsize + 8
-  return per_row * rows
-
-
-def human(n: float) -> str:
-  """A byte count for people: '123.1 MiB'."""
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if n < 1024 or unit == "TiB":
-      return f"{n:.1f} {unit}"
-    n /= 1024
+  return sum(file_sizes(leaves, dtype, rows).values())
 
 
 def read_json(path: str) -> Optional[dict]:

@@ -41,7 +41,6 @@ from linearizer.distillation.cache_files import (
   damage,
   differences,
   digests,
-  human,
   open_arrays,
   parameters_digest,
   read_json,
@@ -60,6 +59,7 @@ from linearizer.distillation.cache_views import (
 )
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
+from linearizer.memory import human
 
 MODES = ("off", "write", "read", "auto")  # distill.teacher_cache (configs/common.py)
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": np.float32}  # distill.teacher_cache_dtype
@@ -143,13 +143,14 @@ class TeacherCache:
 
   def progress(self) -> int:
     """Rows written (0 for no cache): in rows, so a run with another batch size resumes."""
-    record = read_json(os.path.join(self.directory, "progress.json"))
-    return record["rows"] if record else 0
+    return self._record().get("rows", 0)
 
   def written(self) -> list:
     """[lo, hi, digests] of every batch written (progress.json)."""
-    record = read_json(os.path.join(self.directory, "progress.json"))
-    return record.get("digests", []) if record else []
+    return self._record().get("digests", [])
+
+  def _record(self) -> dict:
+    return read_json(os.path.join(self.directory, "progress.json")) or {}
 
   def verify(self) -> None:
     """Refuses a damaged cache, naming the file (every process decides together): file
