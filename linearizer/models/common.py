@@ -85,6 +85,28 @@ def _keys_cubic(t, a: float):
   )
 
 
+def _triangle(t):
+  """The bilinear (tent) kernel."""
+  return np.maximum(0.0, 1.0 - np.abs(t))
+
+
+@functools.lru_cache(maxsize=None)
+def _bilinear_antialias_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) weights of torch's F.interpolate(mode='bilinear', align_corners=False,
+  antialias=True), what transformers' SigLIP 2 resizes its position embedding with: the
+  tent widened by the downscale factor, taps outside the input dropped, the rest
+  renormalised (upsampling: plain bilinear with the border clamped)."""
+  scale = n_in / n_out
+  support, stretch = max(scale, 1.0), 1 / max(scale, 1.0)
+  weights = np.zeros((n_out, n_in))
+  for i in range(n_out):
+    centre = scale * (i + 0.5)
+    lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+    taps = _triangle((np.arange(lo, hi) - centre + 0.5) * stretch)
+    weights[i, lo:hi] = taps / taps.sum()
+  return weights
+
+
 @functools.lru_cache(maxsize=None)
 def _cubic_matrix(
   n_in: int, n_out: int, antialias: bool = False, offset: float = 0.0
@@ -121,16 +143,27 @@ def _cubic_matrix(
 
 
 def resample_grid(
-  tokens: jax.Array, old_grid: tuple, new_grid: tuple, antialias: bool = False, offset=0.0
+  tokens: jax.Array,
+  old_grid: tuple,
+  new_grid: tuple,
+  antialias: bool = False,
+  offset=0.0,
+  bilinear: bool = False,
 ) -> jax.Array:
   """Bicubic resampling of (..., h*w, D) grid tokens in raster order to a new (h', w') grid
-  (`antialias`, `offset`: the variants of torch's bicubic, see `_cubic_matrix`)."""
+  (`antialias`, `offset`: the variants of torch's bicubic, see `_cubic_matrix`; `bilinear`:
+  torch's antialiased bilinear instead, `_bilinear_antialias_matrix`)."""
   if tuple(old_grid) == tuple(new_grid):
     return tokens
   (h, w), (nh, nw) = old_grid, new_grid
   grid = tokens.reshape(*tokens.shape[:-2], h, w, tokens.shape[-1])
-  wy = jnp.asarray(_cubic_matrix(h, nh, antialias, offset), jnp.float32)
-  wx = jnp.asarray(_cubic_matrix(w, nw, antialias, offset), jnp.float32)
+  matrix = (
+    _bilinear_antialias_matrix
+    if bilinear
+    else functools.partial(_cubic_matrix, antialias=antialias, offset=offset)
+  )
+  wy = jnp.asarray(matrix(h, nh), jnp.float32)
+  wx = jnp.asarray(matrix(w, nw), jnp.float32)
   out = jnp.einsum(
     "yh,...hwd,xw->...yxd", wy, grid.astype(jnp.float32), wx, precision=jax.lax.Precision.HIGHEST
   )
@@ -144,10 +177,11 @@ def resample_pos_embed(
   cls_at: Optional[str],
   antialias: bool = False,
   offset: float = 0.0,
+  bilinear: bool = False,
 ) -> jax.Array:
   """Resamples a (1, N+1, D) position embedding; the CLS slot (`first` or `last`) is kept.
   cls_at=None: a (1, N, D) embedding without a CLS slot (SigLIP)."""
-  grid = lambda p: resample_grid(p, old_grid, new_grid, antialias, offset)
+  grid = lambda p: resample_grid(p, old_grid, new_grid, antialias, offset, bilinear)
   if cls_at is None:
     return grid(pos)
   if cls_at == "first":
