@@ -17,6 +17,7 @@ Formats (method.md §4-5):
   big_vision   `.npz`, original-ViT or big_vision numbering, scanned or not; SigLIP's
                image tower (`params/img/...`, attention-pooling head) included.
   dinov2       DINOv2's torch-hub `.pth` (with or without registers) or training checkpoint.
+  dinov3       DINOv3's torch-hub `.pth` (its ViTs: RoPE, storage tokens) or teacher checkpoint.
   adventurer   Adventurer `.pth` (`model` / `model_ema` entry, or a bare state dict).
   orbax        a directory written by `linearizer.models.saved.save` (or this module's CLI).
 
@@ -60,7 +61,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from linearizer import files, models
-from linearizer.convert import adventurer, big_vision, dinov2, hf, openai_clip, orbax, timm
+from linearizer.convert import adventurer, big_vision, dinov2, dinov3, hf, openai_clip, orbax, timm
 from linearizer.convert.common import Spec, Uninferable, read_tensors, templates
 from linearizer.errors import MissingPathError, UserError, one_line_errors
 from linearizer.log import log
@@ -90,11 +91,14 @@ READERS = {
   "timm": timm.read,
   "big_vision": big_vision.read,
   "dinov2": dinov2.read,
+  "dinov3": dinov3.read,
   "adventurer": adventurer.read,
   "orbax": orbax.read,
 }
 # Reader options that are not config fields: {format: {option: CLI help}} (boolean flags).
 OPTIONS = {"adventurer": {"use_ema": "load model_ema"}}
+# The formats whose files may fit several families, told apart by `arch` (--arch).
+TAKES_ARCH = ("timm",)
 # What reading a damaged or unreadable file raises (torch: RuntimeError, pickle, zip, numpy).
 UNREADABLE = (
   OSError,
@@ -107,12 +111,17 @@ UNREADABLE = (
 FORMATS = tuple(READERS)
 
 
-def load(path: Union[str, os.PathLike], fmt: str, **overrides) -> nnx.Module:
+def load(
+  path: Union[str, os.PathLike], fmt: str, *, arch: Optional[str] = None, **overrides
+) -> nnx.Module:
   """A ready ViT / Adventurer nnx module from a checkpoint (see the package docstring).
 
   Args:
     path: the checkpoint file or folder.
     fmt: its format, one of `FORMATS`.
+    arch: the model's name where its tensors fit several families (timm: a timm model
+      name such as 'vit_pe_core_base_patch16_224', or 'vit', 'pe', 'eva02', 'dinov3');
+      formats that tell their family themselves refuse it.
     **overrides: config fields replacing what the weights tell (an `image_size` other than
       the file's resamples the position embedding), and the format's `OPTIONS`
       (e.g. `use_ema=True` for adventurer).
@@ -130,6 +139,13 @@ def load(path: Union[str, os.PathLike], fmt: str, **overrides) -> nnx.Module:
   if not path.exists():
     raise MissingPathError(f"Checkpoint {path} (format {fmt!r}) does not exist.")
   options = {k: overrides.pop(k) for k in OPTIONS.get(fmt, {}) if k in overrides}
+  if arch:
+    if fmt not in TAKES_ARCH:
+      raise UserError(
+        f"arch={arch!r}: format {fmt!r} tells its model from the file itself; arch names "
+        f"the model for the formats {list(TAKES_ARCH)}."
+      )
+    options["arch"] = arch
   where = f"{path} (format {fmt!r})"
   try:
     spec = READERS[fmt](path, **options)
@@ -145,7 +161,8 @@ def load(path: Union[str, os.PathLike], fmt: str, **overrides) -> nnx.Module:
       log(f"warning: {where}: {field}={getattr(cfg, field)!r} is a guess: {why}.")
   native = dataclasses.replace(cfg, image_size=spec.fields["image_size"])
   arrays = _match(nnx.eval_shape(lambda: models.from_config(native)), spec, where)
-  if cfg.image_size != native.image_size:  # resample once here, as the models do at run time
+  if cfg.image_size != native.image_size and ("pos_embed",) in arrays:  # once here, as the
+    # models do at run time (a RoPE-only model has no table: its grid is any image's)
     arrays[("pos_embed",)] = models.ARCHITECTURES[spec.kind].module.resample_pos_embed(
       cfg, jnp.asarray(arrays[("pos_embed",)], jnp.float32), _grid(native), _grid(cfg)
     )
@@ -318,6 +335,12 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--input", required=True, help="checkpoint file or folder")
   parser.add_argument("--output", required=True, help="directory to write")
   parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+  parser.add_argument(
+    "--arch",
+    default=None,
+    help="timm: the model's name (e.g. vit_pe_core_base_patch16_224) where the tensors fit "
+    "several families",
+  )
   for fmt, options in OPTIONS.items():
     for name, text in options.items():
       parser.add_argument(f"--{name}", action="store_true", help=f"{fmt}: {text}")

@@ -40,6 +40,11 @@ def read(path: pathlib.Path) -> Spec:
   t = read_tensors(path, ("teacher", "model", "state_dict"))
   p = find_prefix(t, "patch_embed.proj.weight") or ""
   t = {n[len(p) :]: v for n, v in t.items() if n.startswith(p)}  # e.g. a `backbone.` prefix
+  if "storage_tokens" in t or any(n.endswith(".periods") for n in t):
+    raise UserError(
+      f"{path} looks like DINOv3 (storage tokens, RoPE periods, no position table); use "
+      "--format dinov3."
+    )
   if any(re.match(r"blocks\.\d+\.\d+\.", n) for n in t):
     t = _unchunk(t)
   if "blocks.0.mlp.w12.weight" in t:

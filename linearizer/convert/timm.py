@@ -8,11 +8,18 @@ slot (no_embed_class: the CLS token gets none, so ours gets a zero slot). Its Si
 have no CLS token and an attention-pool head (`attn_pool`: pool='map', style 'siglip', run
 with exact GELU as timm does). num_heads is not in the weights: width // 64 unless
 overridden (ViT-H needs 16).
+
+timm's `Eva` models (Perception Encoder, EVA-02, DINOv3: `timm_eva`) are told apart by the
+model name: the user's `arch`, else the `architecture` in a config.json beside the file
+(timm's Hub layout), else the tensors where only one family fits them (`candidates`). A
+file that fits several (a timm CLIP tower's tensors are a PE model's) is refused unless
+named: RoPE is not stored, so a wrong guess would load and compute another function.
 """
 
+import json
 import pathlib
 
-from linearizer.convert import big_vision
+from linearizer.convert import big_vision, timm_eva
 from linearizer.convert.common import (
   CONV,
   POS_NO_CLS,
@@ -35,34 +42,113 @@ CLIP_GELU = (
 )
 
 
-def eva_family(t: dict):
-  """What timm Eva-class model (DINOv3, EVA-02, Perception Encoder) the tensors are, or
-  None. These rotate queries and keys by 2-D RoPE, whose frequencies are buffers the files
-  do not store: read as a plain ViT, a file would load and compute another function (PE
-  core fits our CLIP reading exactly). Told apart by the tensors only they have."""
-  if "blocks.0.gamma_1" in t or ("reg_token" in t and "pos_embed" not in t):
-    return "timm's DINOv3 (vit_*_dinov3: RoPE, storage tokens, no position table)"
-  eva02 = ("attn.q_bias", "attn.q_proj.weight", "attn.norm.weight", "mlp.fc1_g.weight")
-  if any(f"blocks.0.{k}" in t for k in eva02):
-    return "timm's EVA-02 (eva02_*: RoPE, SwiGLU, sub-LN)"
-  if "norm_pre.weight" in t and ("attn_pool.latent" in t or "norm.weight" not in t):
-    return "timm's Perception Encoder (vit_pe_core_* / vit_pe_spatial_*: RoPE beside its table)"
-  return None
+FAMILIES = {  # what `arch` may name, and how messages name each
+  "vit": "timm's VisionTransformer (ViT, DeiT, DINOv2, CLIP and SigLIP towers)",
+  "pe": "Perception Encoder (vit_pe_core_*, vit_pe_spatial_*, vit_pe_lang_*)",
+  "eva02": "EVA-02 (eva02_*)",
+  "dinov3": "DINOv3 (vit_*_dinov3*)",
+}
+UNSUPPORTED = {  # timm families whose files look like one of ours, and why they are refused
+  "rope_vit": "timm's own RoPE ViTs (vit_*_rope_*: mixed or axial RoPE without a CLS); "
+  "not supported",
+  "eva01": "EVA-01 (eva_giant_*: no RoPE, a plain MLP with q/v biases); not supported",
+}
 
 
-def read(path: pathlib.Path) -> Spec:
+def family_of_arch(arch: str) -> str:
+  """The family a timm model name (or a family key) belongs to."""
+  name = arch.split(".")[0]  # e.g. 'vit_pe_core_base_patch16_224.fb'
+  if name in FAMILIES:
+    return name
+  if name.startswith("vit_pe_"):
+    return "pe"
+  if name.startswith("eva02_"):
+    return "eva02"
+  if "_dinov3" in name:
+    return "dinov3"
+  if "_rope_" in name or name.startswith("eva_"):
+    raise UserError(f"arch {arch!r}: " + UNSUPPORTED["rope_vit" if "_rope_" in name else "eva01"])
+  return "vit"
+
+
+def candidates(t: dict) -> list:
+  """The families whose reading the tensors fit. RoPE is not in a file, so a file can fit
+  several: PE's tensors are a CLIP tower's (norm_pre, fused qkv, a table with a CLS slot)
+  with, at most, an attention pool or LayerScale more."""
+  eva_attention = any(f"blocks.0.attn.{n}" in t for n in ("q_bias", "q_proj.weight"))
+  eva_names = eva_attention or "blocks.0.gamma_1" in t or timm_eva.swiglu(t)
+  table = "pos_embed" in t
+  found = []
+  if table and not eva_names:
+    found.append("vit")
+  if table and "norm_pre.weight" in t and not eva_attention and not timm_eva.swiglu(t):
+    found.append("pe")
+  if table and eva_attention and timm_eva.swiglu(t):
+    found.append("eva02")
+  if table and eva_attention and not timm_eva.swiglu(t) and "norm_pre.weight" not in t:
+    found.append("eva01")
+  if not table and "reg_token" in t:
+    found.append("dinov3" if "cls_token" in t else "rope_vit")
+  return found
+
+
+def family(t: dict, arch: str, where) -> str:
+  """The one family the file is: the one `arch` names (config.json's or the user's) if the
+  tensors fit it, else the only one they fit; refused when they fit several or an
+  unsupported one."""
+  fits = candidates(t)
+  if arch:
+    named = family_of_arch(arch)
+    if fits and named not in fits:
+      raise UserError(
+        f"{where}: arch {arch!r} is {FAMILIES[named]}, but the tensors fit "
+        + " or ".join(FAMILIES.get(f) or UNSUPPORTED[f] for f in fits)
+        + "."
+      )
+    return named
+  if len(fits) > 1:
+    raise UserError(
+      f"{where}: the tensors fit both "
+      + " and ".join(FAMILIES[f] for f in fits)
+      + ", which compute different functions from the same weights (RoPE is not stored); "
+      "name the model: --arch <timm model name> (convert.load(..., arch=...)), e.g. "
+      "vit_base_patch16_clip_224 or vit_pe_core_base_patch16_224."
+    )
+  if fits and fits[0] in UNSUPPORTED:
+    raise UserError(f"{where} looks like " + UNSUPPORTED[fits[0]] + ".")
+  return fits[0] if fits else "vit"  # none: the ViT reading names what is missing
+
+
+def _metadata(path: pathlib.Path) -> dict:
+  """timm's config.json beside a file saved by timm (push_to_hf_hub / save_for_hf): its
+  `architecture` and `pretrained_cfg`; {} for none (or another library's config.json)."""
+  config = path.parent / "config.json"
+  if not config.is_file():
+    return {}
+  meta = json.loads(config.read_text())
+  return meta if isinstance(meta, dict) and "architecture" in meta else {}
+
+
+def read(path: pathlib.Path, arch: str = "") -> Spec:
   if path.name.endswith(".npz"):  # timm's npz export is big_vision's layout ...
     spec = big_vision.read(path)
     spec.fields["activation"] = "gelu"  # ... but timm runs it with exact GELU
     return spec
   t = read_tensors(path)
-  family = eva_family(t)
-  if family:
-    raise UserError(
-      f"{path} looks like {family}, an Eva model: it applies rotary position embeddings "
-      "that the file does not store, so reading it as a ViT would compute another "
-      "function; not supported yet (timm's ViT, DeiT, DINOv2, CLIP and SigLIP towers are)."
-    )
+  meta = _metadata(path)
+  cfg = meta.get("pretrained_cfg", {})
+  statistics = (cfg["mean"], cfg["std"]) if "mean" in cfg and "std" in cfg else None
+  kind = family(t, arch or meta.get("architecture", ""), path)
+  if kind != "vit":
+    return timm_eva.read(t, kind, arch or meta.get("architecture", ""), statistics)
+  spec = _vit(t)
+  if statistics:
+    spec.fields.update(image_mean=tuple(statistics[0]), image_std=tuple(statistics[1]))
+  return spec
+
+
+def _vit(t: dict) -> Spec:
+  """timm's VisionTransformer (the module docstring)."""
   patch_w = need(t, "patch_embed.proj.weight", "the width and patch")
   pos = need(t, "pos_embed", "the image size")
   head = t.get("head.weight")

@@ -25,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 from linearizer.errors import UserError
-from linearizer.models import attention, common, rope
+from linearizer.models import attention, common
+from linearizer.models import rope as rope_lib
 
 # size -> (width, depth, heads, mlp); patch comes from the variant string, e.g. 'L/14'.
 WIDTHS = {
@@ -107,8 +108,8 @@ class ViTConfig:
   # CPU at 2k-4k tokens, docs/benchmarks.md)
   dtype: str = "float32"  # compute dtype of the matmuls; parameters stay float32
   # The parts of the RoPE teachers (module docstring); the defaults are the plain ViT.
-  rope: Optional[rope.Kind] = None  # rotary position embeddings on the patches' q and k
-  rope_temperature: Optional[float] = None  # None: the kind's (rope.TEMPERATURES)
+  rope: Optional[rope_lib.Kind] = None  # rotary position embeddings on the patches' q and k
+  rope_temperature: Optional[float] = None  # None: the kind's (rope_lib.TEMPERATURES)
   rope_offset: float = 0.0  # added to the patch indices (eva02, pe)
   rope_grid: Optional[int] = None  # eva02/pe: the grid side the coordinates are scaled to
   pos_embed: bool = True  # the learned absolute table (DINOv3 has none)
@@ -164,8 +165,8 @@ class ViTConfig:
     self._check_rope_and_parts()
 
   def _check_rope_and_parts(self):
-    if self.rope not in (None, *rope.KINDS):
-      raise UserError(f"rope={self.rope!r}; expected None or one of {list(rope.KINDS)}.")
+    if self.rope not in (None, *rope_lib.KINDS):
+      raise UserError(f"rope={self.rope!r}; expected None or one of {list(rope_lib.KINDS)}.")
     if self.rope is not None and (self.width // self.num_heads) % 4:
       raise UserError(
         f"rope needs a head dim divisible by 4 (two axes, pairs of dims); width "
@@ -233,7 +234,7 @@ class Attention(nnx.Module):
     self.num_heads = cfg.num_heads
     self.impl, self.blocks = cfg.attention_impl, (cfg.attention_block_q, cfg.attention_block_k)
     self.blocked_from = cfg.blocked_attention_tokens
-    self.halves = rope.HALVES.get(cfg.rope, False)
+    self.halves = rope_lib.HALVES.get(cfg.rope, False)
     self.qkv = nnx.Linear(cfg.width, 3 * cfg.width, use_bias=cfg.qkv_bias, **dense)
     self.norm = _norm(cfg, cfg.width, rngs) if cfg.attn_norm else None
     self.proj = nnx.Linear(cfg.width, cfg.width, **dense)
@@ -245,7 +246,7 @@ class Attention(nnx.Module):
     q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.num_heads, d // self.num_heads), 3, 2)
     if rotary is not None:
       first, cos, sin = rotary
-      turn = lambda a: a.at[:, first:].set(rope.rotate(a[:, first:], cos, sin, self.halves))
+      turn = lambda a: a.at[:, first:].set(rope_lib.rotate(a[:, first:], cos, sin, self.halves))
       q, k = turn(q), turn(k)
     return q, k, v
 
@@ -422,7 +423,7 @@ class ViT(nnx.Module):
     c = self.cfg
     if c.rope is None:
       return None
-    cos, sin = rope.tables(
+    cos, sin = rope_lib.tables(
       c.rope, grid, c.width // c.num_heads, c.rope_temperature, c.rope_offset, c.rope_grid
     )
     return self.roles.patches[0], jnp.asarray(cos), jnp.asarray(sin)

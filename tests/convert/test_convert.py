@@ -394,11 +394,14 @@ def test_timm(hf_dirs, tmp_path, kind, suffix):
       path,
     )
   # HF ViT's eps, not timm's; HF CLIP's QuickGELU (a *_clip_quickgelu_* model in timm's terms)
-  extra = {"activation": "quick_gelu"} if kind == "clip_vision" else {"layer_norm_eps": 1e-12}
+  # (a CLIP tower's tensors fit Perception Encoder's too: a bare file names its model)
+  clip = {"activation": "quick_gelu", "arch": "vit_base_patch16_clip_224"}
+  extra = clip if kind == "clip_vision" else {"layer_norm_eps": 1e-12}
   model = convert.load(path, "timm", num_heads=HEADS, **extra)
   assert model.cfg.style == ("clip" if kind == "clip_vision" else "timm")
   if kind == "clip_vision":  # timm's own CLIP towers run exact GELU: the default, a guess
-    assert convert.load(path, "timm", num_heads=HEADS).cfg.activation == "gelu"
+    guessed = convert.load(path, "timm", num_heads=HEADS, arch="vit")
+    assert guessed.cfg.activation == "gelu"
   assert_same_outputs(model, ref, images_at(SIZE))
 
 

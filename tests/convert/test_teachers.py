@@ -216,11 +216,11 @@ def test_cls_scope_is_refused_for_a_teacher_without_cls(hf_dirs):
 
 
 def test_unsupported_architectures_are_named(tmp_path):
-  """A Swin or an EVA-02 folder, or SigLIP 2's NaFlex tower, is refused by what it is."""
+  """A Swin, an EVA-02 or a SigLIP 2 text-tower folder is refused by what it is."""
   for model_type, phrase in [
     ("swin", "Swin"),
     ("eva02", "EVA-02"),
-    ("siglip2_vision_model", "NaFlex"),
+    ("siglip2_text_model", "SigLIP 2 text tower"),
     ("mystery", "CLIP, ViT, DINOv2"),
   ]:
     folder = tmp_path / model_type
