@@ -74,10 +74,9 @@ def teacher_attention(teacher, images, layer, blocks=None):
   """Head-averaged softmax attention of ViT block `layer`, patches only: (b, N, N)."""
   block = teacher.blocks[layer]
   x = block.norm1(_layer_inputs(teacher, images, layer, blocks))
-  b, t, d = x.shape
-  heads = block.attn.num_heads
-  q, k, _ = jnp.split(block.attn.qkv(x).reshape(b, t, 3 * heads, d // heads), 3, 2)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(d // heads)
+  # q and k as the block sees them: rotated by the teacher's RoPE where it has one
+  q, k, _ = block.attn.qkv_heads(x, teacher.rotary(grid_of(teacher, images)))
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1])
   patches = slice(*teacher.roles.patches)
   return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)[:, patches, patches]
 

@@ -305,6 +305,9 @@ def describe(model) -> str:
     + (" layer-scale" if getattr(c, "layer_scale", None) is not None else "")
     + (" no-CLS" if getattr(c, "cls_token", True) is False else "")
     + (f" pool {pool}" if pool != "cls" else "")
+    + (f" rope {c.rope}" if getattr(c, "rope", None) else "")
+    + (" no-table" if getattr(c, "pos_embed", True) is False else "")
+    + (" swiglu" if getattr(c, "mlp", "plain") == "swiglu" else "")
   )
   return text + extras + (f" classes {c.num_classes}" if c.num_classes else "")
 

@@ -106,6 +106,8 @@ def _embeddings(student: Adventurer, teacher: ViT, blocked: dict) -> list:
     rows.append(Row(NOT_COPIED, "ln_pre", "no counterpart: the student has no pre-norm"))
   if teacher.register_tokens is not None:
     rows.append(Row(NOT_COPIED, "register_tokens", "no counterpart: the student has none"))
+  if teacher.cfg.rope is not None:  # frequencies, not weights: nothing to copy, said here
+    rows.append(Row(NOT_COPIED, f"RoPE ({teacher.cfg.rope})", "no counterpart: the scan orders"))
   if reason := _blocked(blocked, "width"):
     names = ("patch_embed.kernel", "patch_embed.bias", "cls_token", "pos_embed")
     return _own(*names, note=reason) + rows
@@ -129,7 +131,14 @@ def _patch_kernel(student: Adventurer, teacher: ViT) -> Row:
 
 def _cls_and_positions(student: Adventurer, teacher: ViT) -> list:
   """CLS first in the ViT, last in the student: `[cls, p_1 … p_N]` → `[p_1 … p_N, cls]`,
-  the patch part resampled to the student's grid as the teacher itself resamples it."""
+  the patch part resampled to the student's grid as the teacher itself resamples it. A
+  RoPE-only teacher (DINOv3) has no table: the student keeps its own."""
+  if teacher.pos_embed is None:
+    note = "the teacher has no absolute position table (RoPE only)"
+    if teacher.cls_token is None:
+      return _own("cls_token", "pos_embed", note="the teacher has neither CLS nor a table")
+    _set(student.cls_token, teacher.cls_token[...], "cls_token")
+    return [Row("cls_token", "cls_token"), *_own("pos_embed", note=note)]
   pos = teacher.resample_pos_embed(teacher.cfg, teacher.pos_embed[...], teacher.grid, student.grid)
   new = student.pos_embed[...]
   if teacher.cls_token is None:  # SigLIP: patches only; the CLS slot keeps the student's
@@ -198,6 +207,9 @@ def _mixer(student: Adventurer, teacher: ViT, blocked: dict) -> list:
     return _own(*(f"layers.{{i}}.mixer.{n}" for n in names), note=reason) + own + dropped
   for s, t in zip(student.layers, teacher.blocks):
     _copy_attention(s.mixer, t)
+  if teacher.cfg.attn_norm:
+    note = "no counterpart: out_proj reads the scan's output directly"
+    dropped.append(Row(NOT_COPIED, "blocks.{i}.attn.norm", note))
   return _attention_rows(e, g * s_, k, d, teacher.cfg.layer_scale is not None) + own + dropped
 
 
@@ -246,7 +258,8 @@ def _in_proj_layout(student: Adventurer) -> tuple:
 def _copy_attention(mixer, block) -> None:
   e, gs = mixer.inner, mixer.ngroups * mixer.d_state
   d = block.attn.qkv.kernel[...].shape[0]
-  w, b = block.attn.qkv.kernel[...], block.attn.qkv.bias[...]
+  w = block.attn.qkv.kernel[...]
+  b = block.attn.qkv.bias[...] if block.attn.qkv.bias is not None else jnp.zeros(3 * d)
   # norm1's bias β enters qkv as β @ W: in_proj has no bias, the conv bias (after an identity
   # conv) is the same place.
   b = b + block.norm1.bias[...] @ w
@@ -273,6 +286,8 @@ def _mlp(student: Adventurer, teacher: ViT, blocked: dict) -> list:
   if reason := _blocked(blocked, "width", "depth", "mlp"):
     fc = [Row(NOT_COPIED, f"blocks.{{i}}.{n}", reason) for n in ("fc1", "fc2", "norm2.bias")]
     return _own(*names, note=reason) + fc
+  if teacher.cfg.mlp == "swiglu":
+    return _copy_swiglu(student, teacher, names)
   for s, t in zip(student.layers, teacher.blocks):
     w1, b1 = t.fc1.kernel[...], t.fc1.bias[...] + t.norm2.bias[...] @ t.fc1.kernel[...]
     w3, b3 = t.fc2.kernel[...], t.fc2.bias[...]
@@ -299,9 +314,40 @@ def _mlp(student: Adventurer, teacher: ViT, blocked: dict) -> list:
   ]
 
 
+def _copy_swiglu(student: Adventurer, teacher: ViT, names: list) -> list:
+  """A SwiGLU teacher (EVA-02, DINOv3+) is the student's MLP: w1 ← gate, w2 ← fc1 (the
+  value), w3 ← fc2, norm2's bias folded into both; EVA-02's sub-LN has no counterpart."""
+  for s, t in zip(student.layers, teacher.blocks):
+    beta = t.norm2.bias[...]
+    w3, b3 = t.fc2.kernel[...], t.fc2.bias[...]
+    if t.ls2 is not None:
+      w3, b3 = w3 * t.ls2[...], b3 * t.ls2[...]
+    for ours, theirs in ((s.mlp.w1, t.gate), (s.mlp.w2, t.fc1)):
+      _set(ours.kernel, theirs.kernel[...], "kernel")
+      _set(ours.bias, theirs.bias[...] + beta @ theirs.kernel[...], "bias")
+    _set(s.mlp.w3.kernel, w3, "w3.kernel")
+    _set(s.mlp.w3.bias, b3, "w3.bias")
+  ls = " · ls2" if teacher.cfg.layer_scale is not None else ""
+  rows = [
+    Row(names[0], "blocks.{i}.gate.kernel", "the teacher's SwiGLU: SiLU on the gate"),
+    Row(names[1], "blocks.{i}.gate.bias + norm2.bias @ gate.kernel"),
+    Row(names[2], "blocks.{i}.fc1.kernel"),
+    Row(names[3], "blocks.{i}.fc1.bias + norm2.bias @ fc1.kernel"),
+    Row(names[4], f"blocks.{{i}}.fc2.kernel{ls}"),
+    Row(names[5], f"blocks.{{i}}.fc2.bias{ls}"),
+  ]
+  if teacher.cfg.mlp_norm:
+    rows.append(
+      Row(NOT_COPIED, "blocks.{i}.mlp_norm", "no counterpart: the student's has no sub-LN")
+    )
+  return rows
+
+
 def _final(student: Adventurer, teacher: ViT, blocked: dict) -> list:
   rows = [Row(NOT_COPIED, "norm.bias", "no counterpart: RMSNorm has no bias")]
-  if reason := _blocked(blocked, "width"):
+  if teacher.norm is None:  # EVA-02's pooled models, PE spatial: no final norm
+    rows = _own("norm_f.scale", note="the teacher has no final norm")
+  elif reason := _blocked(blocked, "width"):
     rows = _own("norm_f.scale", note=reason) + rows
   else:
     _set(student.norm_f.scale, teacher.norm.scale[...], "norm_f.scale")
