@@ -5,7 +5,10 @@
       --workdir /runs/mine
 
 teacher: a converted directory, or 'fmt:path' read directly (fmt: hf, timm, openai_clip,
-big_vision, adventurer). data: a folder with one sub-folder per class (JPEG/PNG), or
+big_vision, dinov2, dinov3, adventurer): any teacher of docs/formats.md, the RoPE ones
+(DINOv3, Perception Encoder, EVA-02, SigLIP 2) included. A bare timm file whose tensors fit
+several families (a CLIP tower's fit Perception Encoder's) is converted first, named:
+python -m linearizer.convert --format timm --arch <timm model name> ... data: a folder with one sub-folder per class (JPEG/PNG), or
 'npz:<file>'; eval_data: the held-out set in the same form (default: a fixed 20% of `data`,
 held out and never trained on; data.test_fraction).
 The student is fine-tuned on the labels of `data`; drop 'finetune' from the stages for

@@ -9,10 +9,15 @@ distilled from CLIP ViT-B/16, and L also from CLIP ViT-L/14):
   clip_b16_to_B  CLIP ViT-B/16 -> Adventurer-B/16   paper 84.3 (the main result)
   clip_b16_to_L  CLIP ViT-B/16 -> Adventurer-L/16   paper 85.0
   clip_l14_to_L  CLIP ViT-L/14 -> Adventurer-L/16   paper 85.2
-`teacher.init` must be OpenAI's CLIP image tower of that size: a `transformers` folder of
+  dinov3_b16_to_B  DINOv3 ViT-B/16 -> Adventurer-B/16  (no paper figure: a RoPE teacher)
+For the clip setups `teacher.init` must be OpenAI's CLIP image tower of that size: a `transformers` folder of
 openai/clip-vit-base-patch16 (or clip-vit-large-patch14) as `hf:<folder>`, OpenAI's
 `ViT-B-16.pt` / `ViT-L-14.pt` as `openai_clip:<file>`, or a directory written from either by
-`python -m linearizer.convert`. Data: tfds `imagenet2012` prepared under data_dir
+`python -m linearizer.convert`. dinov3_b16_to_B distils DINOv3's ViT-B/16 (Siméoni et al.
+2025, arXiv:2508.10104; RoPE, four storage tokens, no position table) with the CLIP setups'
+settings: `hf:<folder>` of facebook/dinov3-vitb16-pretrain-lvd1689m, `dinov3:<file>` of
+its torch-hub `.pth`, `timm:<file>` of vit_base_patch16_dinov3 (its Hub folder, with
+config.json), or a converted directory. Data: tfds `imagenet2012` prepared under data_dir
 (array_record; no TensorFlow needed to read it).
 
 res: the fine-tuning resolution. With res=224 (the default) eval also reports @448, the
@@ -32,11 +37,12 @@ from configs import common
 
 IMAGENET_TRAIN = 1_281_167
 SETUPS = {
-  # name: (CLIP teacher variant, student variant, fine-tune drop path)
+  # name: (teacher variant, student variant, fine-tune drop path)
   "clip_b16_to_S": ("B/16", "S/16", 0.1),
   "clip_b16_to_B": ("B/16", "B/16", 0.2),
   "clip_b16_to_L": ("B/16", "L/16", 0.4),
   "clip_l14_to_L": ("L/14", "L/16", 0.4),
+  "dinov3_b16_to_B": ("B/16", "B/16", 0.2),
 }
 
 
@@ -66,7 +72,9 @@ def get_config(arg=None):
     "tfds:imagenet2012", 224, data_dir=arg.data_dir, workers=16, num_classes=1000
   )
   c.teacher.variant = t_variant
-  c.teacher.overrides = dict(style="clip", dtype="bfloat16")
+  # CLIP: QuickGELU, eps 1e-5, ln_pre, CLIP's statistics; DINOv3's file says all of its own
+  style = {} if arg.setup.startswith("dinov3") else dict(style="clip")
+  c.teacher.overrides = dict(**style, dtype="bfloat16")
   c.student.variant = s_variant
   c.student.overrides = dict(dtype="bfloat16")
   b = arg.batch

@@ -23,8 +23,12 @@ def test_every_setup_has_the_papers_clip_teacher(setup):
   assert c.teacher.overrides.style == "clip"  # QuickGELU, eps 1e-5, ln_pre, CLIP statistics
 
 
-def test_the_setups_are_the_papers():
-  assert set(imagenet.SETUPS) == set(PAPER)
+def test_the_setups_are_the_papers_and_dinov3():
+  assert set(imagenet.SETUPS) == set(PAPER) | {"dinov3_b16_to_B"}
+  c, clip = imagenet.get_config("setup=dinov3_b16_to_B"), imagenet.get_config("setup=clip_b16_to_B")
+  assert (c.teacher.variant, c.student.variant) == ("B/16", "B/16")
+  assert "style" not in c.teacher.overrides  # the file's own (RoPE, registers, eps)
+  assert c.distill.to_dict() == clip.distill.to_dict()  # the CLIP setups' distillation
 
 
 @pytest.mark.parametrize("res", [224, 448])

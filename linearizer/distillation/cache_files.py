@@ -103,13 +103,35 @@ SPEED_FIELDS = (
   "drop_path",
   "num_classes",
   "head_bias",
+  "map_heads",  # the pooling head's, as num_classes: the tokens never pass through it
+  "fc_norm",
+)
+# Fields the ViT gained with the RoPE teachers: left out at their plain-ViT defaults, so a
+# cache written before them (its fingerprint lacks them) still matches its teacher.
+LATER_FIELDS = (
+  "rope",
+  "rope_temperature",
+  "rope_offset",
+  "rope_grid",
+  "pos_embed",
+  "qkv_bias",
+  "mlp",
+  "mlp_norm",
+  "attn_norm",
+  "final_norm",
+  "image_mean",
+  "image_std",
 )
 
 
 def teacher_fields(cfg) -> dict:
   """The teacher config's fields its tokens depend on (its weights are hashed apart)."""
-  fields = dataclasses.asdict(cfg)
-  return {k: v for k, v in fields.items() if k not in SPEED_FIELDS}
+  defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+  return {
+    k: v
+    for k, v in dataclasses.asdict(cfg).items()
+    if k not in SPEED_FIELDS and not (k in LATER_FIELDS and v == defaults[k])
+  }
 
 
 def source_digest(source) -> str:

@@ -12,9 +12,8 @@ import pytest
 from flax import nnx
 
 torch = pytest.importorskip("torch")
-import torchvision_standin  # noqa: E402
-
 import helpers  # noqa: E402
+import torchvision_standin  # noqa: E402
 from linearizer import convert  # noqa: E402
 from linearizer.models import saved  # noqa: E402
 from test_convert import perturb_  # noqa: E402

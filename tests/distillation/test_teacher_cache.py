@@ -17,7 +17,7 @@ from flax import nnx
 
 from configs import common
 from linearizer import data, models, optim, sharding, train
-from linearizer.distillation import distill, teacher_cache
+from linearizer.distillation import cache_files, distill, teacher_cache
 from linearizer.errors import UserError
 
 SIZE, PATCH = 16, 4
@@ -237,6 +237,12 @@ def test_the_fingerprint_names_the_teacher_fields_and_the_examples(setup):
   assert teacher_cache.differences(fields, teacher_cache.teacher_fields(changed))
   faster = dataclasses.replace(cfg, attention_impl="blocked")
   assert teacher_cache.teacher_fields(faster) == fields
+  # The RoPE teachers' fields: absent at a plain ViT's defaults (a cache written before
+  # them still matches), fingerprinted once set.
+  assert not set(cache_files.LATER_FIELDS) & set(fields)
+  rotary = dataclasses.replace(cfg, rope="dinov3", pos_embed=False)
+  differ = teacher_cache.differences(fields, teacher_cache.teacher_fields(rotary))
+  assert {line.split(":")[0] for line in differ} == {"rope", "pos_embed"}
   digits = data.get_source("digits", "train")
   a, b = data.Subset(digits, 100, seed=0), data.Subset(digits, 100, seed=1)
   assert a.name == b.name  # the name alone would take one for the other

@@ -100,6 +100,25 @@ def forward(model, x, train=False):
 # ------------------------------------------------------------------------------------------
 # 1. Where each teacher weight goes
 # ------------------------------------------------------------------------------------------
+def test_a_rope_teacher_copies_what_carries_over():
+  """DINOv3's shape (RoPE only, registers, no qkv bias, a SwiGLU): its SwiGLU is the
+  student's own MLP, copied exactly (norm2's bias folded in); there is no table to copy, and
+  the table of the copy says so."""
+  t = teacher(rope="dinov3", pos_embed=False, registers=4, qkv_bias=False, mlp="swiglu")
+  s = student()
+  own_pos = np.asarray(s.pos_embed[...])
+  rows = teacher_init.init_from_teacher(s, t, allow_partial=False)
+  np.testing.assert_array_equal(s.pos_embed[...], own_pos)
+  np.testing.assert_array_equal(s.cls_token[...], t.cls_token[...])
+  h = zero_mean_tokens((2, 5, 32), seed=3)
+  block, layer = t.blocks[0], s.layers[0]
+  want = np.asarray(block.mlp(block.norm2(h)), np.float64)
+  got = np.asarray(layer.mlp(block.norm2(h) - block.norm2.bias[...]), np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  text = teacher_init.format_table(rows, depth=2)
+  assert "no absolute position table (RoPE only)" in text and "RoPE (dinov3)" in text
+
+
 def test_copied_tensors_sit_where_the_mapping_says():
   t, s = teacher(), student()
   teacher_init.init_from_teacher(s, t, allow_partial=False)
