@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import helpers  # noqa: E402
 import torchvision_standin  # noqa: E402
 from helpers import rel_err  # noqa: E402
 from linearizer import convert, errors  # noqa: E402
@@ -119,6 +120,17 @@ def test_each_variant_rotates_as_written():
   angles = np.concatenate([h * f3, w * f3])
   np.testing.assert_allclose(sin_d[5], np.sin(np.tile(angles, 2)), atol=1e-6)
   assert sin.shape == (6, 8)
+
+
+def test_the_cli_refuses_an_unnamed_file_in_one_line_and_writes_nothing(tmp_path):
+  torch.save(build("vit_pe_core_base_patch16_224").state_dict(), tmp_path / "pe.pth")
+  before = helpers.tree_digest(tmp_path)
+  proc = helpers.run_cli(
+    "linearizer.convert", "--format", "timm", "--input", tmp_path / "pe.pth",
+    "--output", tmp_path / "out",
+  )  # fmt: skip
+  helpers.assert_clean_error(proc, "Perception Encoder", "--arch")
+  assert helpers.tree_digest(tmp_path) == before and not (tmp_path / "out").exists()
 
 
 def test_a_clip_tower_and_pe_are_told_apart_only_by_name(tmp_path):
