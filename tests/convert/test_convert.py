@@ -521,6 +521,45 @@ def test_adventurer(tmp_path, capsys):
 
 
 # -------------------------------------------------------------------------------- errors
+def _files_of_every_reader(hf_dirs, root):
+  """{format: a valid file of it} for the readers whose parity tests live in this file."""
+  vit, clip = hf_state(hf_dirs, "vit"), hf_state(hf_dirs, "clip_vision")
+  proj = np.zeros((WIDTH, 16), np.float32)
+  files = {"openai_clip": hf_clip_to_openai(clip, proj), "timm": hf_to_timm(vit, clip=False)}
+  files["big_vision"] = hf_vit_to_big_vision(vit, "big_vision", scanned=False)
+  files["adventurer"] = adventurer_to_torch(random_adventurer(0))
+  paths = {}
+  for fmt, sd in files.items():
+    if fmt == "big_vision":
+      np.savez(root / "bv.npz", **sd)
+      paths[fmt] = root / "bv.npz"
+    else:
+      paths[fmt] = root / f"{fmt}.pth"
+      torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in sd.items()}, paths[fmt])
+  return paths
+
+
+def test_every_reader_refuses_a_tensor_it_does_not_know(hf_dirs, tmp_path):
+  """An unmapped tensor is never dropped silently, whichever reader meets it (the RoPE
+  readers' files: tests/convert/test_rope_teachers.py, test_hf_rope_teachers.py,
+  test_dinov3_hub.py; DINOv2's hub file: test_teachers.py)."""
+  for fmt, path in _files_of_every_reader(hf_dirs, tmp_path).items():
+    heads = {} if fmt == "adventurer" else {"num_heads": HEADS}
+    convert.load(path, fmt, **heads)  # loads as it is
+    # beside a tensor the reader maps (outside it, openai_clip's text tower is not its own)
+    if fmt == "big_vision":
+      with np.load(path) as z:
+        sd = {k: z[k] for k in z.files}
+      sd[sorted(sd)[-1].rsplit("/", 1)[0] + "/mystery"] = np.zeros(3, np.float32)
+      np.savez(path, **sd)
+    else:
+      sd = torch.load(path)
+      sd[sorted(sd)[-1].rsplit(".", 1)[0] + ".mystery"] = torch.zeros(3)
+      torch.save(sd, path)
+    with pytest.raises(convert.CheckpointMismatch, match="1 unexpected: .*mystery"):
+      convert.load(path, fmt, **heads)
+
+
 def test_mismatched_file_raises_one_error(hf_dirs, tmp_path):
   sd = hf_state(hf_dirs, "clip_vision")
   del sd["encoder.layers.1.mlp.fc2.bias"]

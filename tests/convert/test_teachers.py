@@ -290,6 +290,10 @@ def test_dinov2_hub_pth_loads_the_same_model(hf_dirs, kind, tmp_path):
     got = forward(model, images)
     for x, y in zip(got.blocks + (got.tokens,), want.blocks + (want.tokens,)):
       assert rel_err(x, y) <= 1e-6
+  hub["blocks.0.attn.mystery"] = torch.zeros(3)  # an unmapped tensor is refused by name
+  torch.save(hub, tmp_path / "extra.pth")
+  with pytest.raises(convert.CheckpointMismatch, match="1 unexpected: blocks.0.attn.mystery"):
+    convert.load(tmp_path / "extra.pth", "dinov2", num_heads=HEADS)
 
 
 @pytest.mark.parametrize("n_in,n_out", [(4, 7), (4, 4 * 2), (37, 16), (3, 10)])
