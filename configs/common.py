@@ -84,6 +84,19 @@ def distill_loss(**given) -> ml_collections.ConfigDict:
     # AM's tokens: 'raw' residual streams (the paper), 'centered' (each token set's mean
     # subtracted), 'next_ln' (through the next block's pre-norm); both sides alike
     am_features="raw",
+    # The simpler recipes of 2026 (docs/method-fidelity.md, "Newer losses"), off in the paper:
+    # `final` regresses the student's final patch tokens, through a linear map, onto the
+    # teacher's final-block ones (GTR's one loss; ViT-AdaLA's final alignment); `blocks`
+    # regresses AM's tokens at AM's levels through a map per level (FitNets; AdaLA's
+    # block-level alignment), so AM's projection-free maps can be told from plain regression
+    w_final=Field(0.0, NON_NEGATIVE),
+    w_blocks=Field(0.0, NON_NEGATIVE),
+    # their targets: 'ln' (each token's parameter-free LayerNorm, as MP's) or 'raw'
+    final_target="ln",
+    # what `final` reads of the student: 'full' a second forward of the unmasked image (the
+    # alignment papers' student sees the whole image; counted in the train GFLOPs) or
+    # 'masked' the masked forward AM and MP read (no extra cost)
+    final_view="full",
   )
   return build("distill_loss", declared, given)
 
@@ -184,7 +197,9 @@ def distill_stage(**given) -> ml_collections.ConfigDict:
     # from the teacher (linearizer/teacher_init.py: patch and position embeddings, norms,
     # attention V/K/Q/O into x/B/C/out_proj, the MLP into the SwiGLU; the table of what was
     # copied is logged), which needs a student of the teacher's width and depth and, for the
-    # mixer and MLP, `student.overrides` that fit (ngroups = heads, d_state = head dim, ...).
+    # mixer and MLP, `student.overrides` that fit (ngroups = heads, d_state = head dim, ...);
+    # 'teacher_mlp' the same without the attention → mixer copy (norms, embeddings, MLPs:
+    # "Copy the Same, Distill the Difference"'s recipe), so the mixer's shape need not fit.
     # Distinct from student.init, the student fine-tuning starts from.
     student_init="",
     # with student_init='teacher', copy what fits and leave the rest random instead of

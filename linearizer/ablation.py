@@ -26,6 +26,16 @@ Beyond the paper (opt-in through `ablation.variants`), AM + MP with an option on
                  starts from its weights (distill.student_init = 'teacher')
   teacher_shape  the same student from its own random init: teacher_init's baseline
 
+The simpler recipes of 2026, each on the same student and budget (opt-in too):
+
+  final          the final patch tokens regressed through a linear map, alone (GTR's one
+                 loss: w_am = w_mp = 0, distill.loss.w_final = 1)
+  blocks         AM's tokens at AM's levels regressed through a map per level, alone
+                 (FitNets / ViT-AdaLA's block alignment: w_blocks = 1)
+  final_am       final + AM (AdaLA's two alignments, with AM's maps for the blocks)
+  mlp_init       a teacher-shaped student starting from the teacher's norms, embeddings
+                 and MLPs, the mixer random (student_init = 'teacher_mlp'), AM + MP
+
 Every variant but am_unmasked sees the same masked input (distill.loss.mask_ratio): only the
 loss differs.
 Seeds change the student's initialisation, data order and masks; every seed fine-tunes on
@@ -77,6 +87,19 @@ VARIANTS = {
     {"student.overrides": TEACHER_SHAPE, "distill.student_init": "teacher"},
   ),
   "teacher_shape": ("teacher-shaped student, random init", {"student.overrides": TEACHER_SHAPE}),
+  "final": (
+    "final tokens only (GTR)",
+    {"distill.loss.w_am": 0.0, "distill.loss.w_mp": 0.0, "distill.loss.w_final": 1.0},
+  ),
+  "blocks": (
+    "block regression only (FitNets)",
+    {"distill.loss.w_am": 0.0, "distill.loss.w_mp": 0.0, "distill.loss.w_blocks": 1.0},
+  ),
+  "final_am": ("final tokens + AM", {"distill.loss.w_mp": 0.0, "distill.loss.w_final": 1.0}),
+  "mlp_init": (
+    "teacher-shaped student, MLPs from the teacher",
+    {"student.overrides": TEACHER_SHAPE, "distill.student_init": "teacher_mlp"},
+  ),
 }
 # The paper's two tables (ImageNet-1k top-1, CLIP ViT-B/16 → Adventurer-B): (row, variant, %)
 PAPER = {
@@ -99,6 +122,12 @@ PAPER = {
     ("+ teacher-feature cache, 8 views", "teacher_cache_views8", None),
     ("teacher-shaped student, random init", "teacher_shape", None),
     ("teacher-shaped student, from the teacher", "teacher_init", None),
+  ],
+  "newer recipes (2026)": [
+    ("final tokens only (GTR)", "final", None),
+    ("block regression only (FitNets)", "blocks", None),
+    ("final tokens + AM", "final_am", None),
+    ("teacher-shaped student, MLPs from the teacher", "mlp_init", None),
   ],
 }
 

@@ -1,8 +1,10 @@
 """The method in one file (method.md §1–3): a frozen ViT teacher, an Adventurer student,
 activation matching + masked prediction, read top to bottom.
 
-  Distiller          what is trained: the student and MP's prediction head
-  distill_losses     L = w_am · L_AM + w_mp · L_MP for one micro-batch
+  Distiller          what is trained: the student, MP's prediction head and the newer
+                     losses' projections
+  distill_losses     L = w_am · L_AM + w_mp · L_MP (+ w_final · L_final + w_blocks ·
+                     L_blocks, the simpler recipes of 2026) for one micro-batch
   make_distill_step  teacher forward (frozen, outside the gradient) → student forward and
                      backward → update
   run_distill        the stage: build the student, run `train.fit`, save the result
@@ -25,11 +27,21 @@ from linearizer.errors import UserError
 
 
 class Distiller(nnx.Module):
-  """What distillation trains: the student and the MP prediction head (student → teacher)."""
+  """What distillation trains: the student, the MP prediction head (student → teacher) and,
+  where `loss` weighs them, the linear maps of `final` (one) and `blocks` (one per AM
+  level) into the teacher's width; absent otherwise, so the paper's state is unchanged."""
 
-  def __init__(self, student, teacher_width: int, *, rngs: nnx.Rngs):
+  def __init__(self, student, teacher_width: int, *, rngs: nnx.Rngs, loss=None):
     self.student = student
     self.predictor = nnx.Linear(student.cfg.width, teacher_width, rngs=rngs)
+    width = student.cfg.width
+    w_final, w_blocks = (0, 0) if loss is None else (loss.w_final, loss.w_blocks)
+    self.final_proj = nnx.Linear(width, teacher_width, rngs=rngs) if w_final else None
+    self.block_projs = (
+      nnx.List([nnx.Linear(width, teacher_width, rngs=rngs) for _ in range(loss.num_stages)])
+      if w_blocks
+      else None
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -45,7 +57,8 @@ def am_tokens(model, out, index: int, features: str):
 def distill_losses(
   *, distiller, teacher_levels, teacher_final, images, mask, visible, cfg, teacher_grid, levels
 ):
-  """L = w_am · L_AM + w_mp · L_MP and its terms, for one batch (the student trains).
+  """L = w_am · L_AM + w_mp · L_MP + w_final · L_final + w_blocks · L_blocks and its terms,
+  for one batch (the student trains).
 
   teacher_levels: the teacher's (cls, patches) at the end of each AM level; teacher_final:
   its final-block patch tokens (MP's target); levels: the (teacher, student) block pairs
@@ -55,10 +68,11 @@ def distill_losses(
   out = student(images, mask=mask, train=True)
   grid = (images.shape[1] // student.cfg.patch, images.shape[2] // student.cfg.patch)
   metrics, total = {}, 0.0
-  if cfg.w_am:  # §2: K levels of n × n similarity maps
+  if cfg.w_am or cfg.w_blocks:
     student_levels = [
       losses.split_roles(am_tokens(student, out, j, cfg.am_features), out.roles) for _, j in levels
     ]
+  if cfg.w_am:  # §2: K levels of n × n similarity maps
     am, per_level = losses.am_loss(
       teacher_levels,
       student_levels,
@@ -75,6 +89,20 @@ def distill_losses(
     mp = losses.mp_loss(prediction, teacher_final, teacher_grid, grid, mask, beta=cfg.beta)
     total += cfg.w_mp * mp
     metrics.update(mp=mp)
+  if cfg.w_final:  # GTR / ViT-AdaLA: the final patch tokens, regressed
+    final = out if cfg.final_view == "masked" else student(images, train=True)
+    prediction = distiller.final_proj(final.patches)
+    final_loss = losses.final_loss(prediction, teacher_final, teacher_grid, grid, cfg.final_target)
+    total += cfg.w_final * final_loss
+    metrics.update(final=final_loss)
+  if cfg.w_blocks:  # FitNets at AM's levels: the same tokens, regressed through a map each
+    per_level = []
+    for proj, t, s in zip(distiller.block_projs, teacher_levels, student_levels):
+      t_tokens, s_tokens = losses.align(t, s, teacher_grid, grid, cfg.scope, visible)
+      per_level.append(losses.feature_regression(proj(s_tokens), t_tokens, cfg.final_target))
+    blocks = jnp.mean(jnp.stack(per_level))
+    total += cfg.w_blocks * blocks
+    metrics.update(blocks=blocks)
   metrics["loss"] = total
   return total, metrics
 

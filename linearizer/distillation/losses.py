@@ -21,6 +21,11 @@ SCOPES = ("visible", "cls", "all")
 # each token set's mean subtracted, or through the next block's own pre-norm.
 AmFeatures = Literal["raw", "centered", "next_ln"]
 AM_FEATURES = ("raw", "centered", "next_ln")
+# How `final` and `blocks` normalise their targets (distill_loss.final_target).
+FEATURE_TARGETS = ("ln", "raw")
+# What `final` reads of the student (distill_loss.final_view): its masked forward (the one
+# AM and MP read: no extra cost) or a second, unmasked forward of the whole image.
+FINAL_VIEWS = ("masked", "full")
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,6 +197,26 @@ def am_loss(
     pairs = [(centered(t), centered(s)) for t, s in pairs]
   rows = slice(0, 1) if scope == "cls" else None
   return activation_matching([t for t, _ in pairs], [s for _, s in pairs], rows=rows)
+
+
+def feature_regression(prediction, target, normalise: str = "ln"):
+  """Mean squared error between (B, n, D) predictions and targets over every token and
+  feature: FitNets' hint loss (Romero et al. 2015, eq. 3, averaged rather than summed), the
+  `final` and `blocks` losses. normalise='ln' compares with the parameter-free LayerNorm of
+  each target token (MP's normalisation; a residual stream's scale grows with depth and
+  would weigh the deep levels most), 'raw' with the targets as they are."""
+  if normalise not in FEATURE_TARGETS:
+    raise UserError(f"Unknown target {normalise!r}; expected one of {FEATURE_TARGETS}.")
+  target = layer_norm(target) if normalise == "ln" else target.astype(jnp.float32)
+  return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target))
+
+
+def final_loss(prediction, teacher_patches, teacher_grid, student_grid, normalise: str = "ln"):
+  """`final`: the student's final patch tokens through a linear map (the caller's) against
+  the teacher's final-block patch tokens (on the student's grid), squared L2 over every
+  patch (GTR's single loss; ViT-AdaLA's final-feature alignment)."""
+  target = common.resample_grid(teacher_patches, teacher_grid, student_grid)
+  return feature_regression(prediction, target, normalise)
 
 
 def mp_loss(prediction, teacher_patches, teacher_grid, student_grid, mask, beta: float = 1.0):

@@ -26,6 +26,12 @@ def check_config(config) -> None:
     raise UserError(
       f"distill.teacher_input={dcfg.teacher_input!r}; expected one of {distill.TEACHER_INPUTS}."
     )
+  for name, allowed in (
+    ("final_target", losses.FEATURE_TARGETS),
+    ("final_view", losses.FINAL_VIEWS),
+  ):
+    if dcfg.loss[name] not in allowed:
+      raise UserError(f"distill.loss.{name}={dcfg.loss[name]!r}; expected one of {allowed}.")
   student_init.check_distill_init(config)
   teacher_cache.check_config(dcfg)
 
@@ -56,7 +62,7 @@ def run_distill(
   # Batches come normalised for the student; the teacher's view is re-normalised from them.
   norm = (student.cfg.mean, student.cfg.std)
   rngs = nnx.Rngs(resolve.seed_of(config, "projection"))
-  distiller = distill.Distiller(student, teacher.cfg.width, rngs=rngs)
+  distiller = distill.Distiller(student, teacher.cfg.width, rngs=rngs, loss=dcfg.loss)
   tx = optim.make_optimizer(dcfg.optim, dcfg.steps)
   targets = distill.make_teacher_targets(teacher, student.cfg, dcfg, levels)
   cache = teacher_cache.for_stage(config, run_dir, teacher, student, source, targets, levels)
@@ -89,6 +95,7 @@ def programs(config, classes: int) -> dict:
       resolve.new_student(config, 0, norm, drop_path=dcfg.drop_path),
       teacher.cfg.width,
       rngs=nnx.Rngs(resolve.seed_of(config, "projection")),
+      loss=dcfg.loss,
     )
   )
   levels = losses.level_pairs(teacher.cfg.depth, distiller.student.cfg.depth, dcfg.loss.num_stages)

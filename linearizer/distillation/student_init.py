@@ -11,13 +11,16 @@ from linearizer import models, resolve
 from linearizer.distillation import teacher_fit, teacher_init
 from linearizer.log import log
 
+# student_init values that copy from the teacher: everything, or all but the mixer.
+FROM_TEACHER = ("teacher", "teacher_mlp")
+
 
 def check_distill_init(config) -> None:
   """Refuses, before any stage runs, a `distill.student_init='teacher'` that would fail
   once the teacher is at hand: a pair of other kinds, or shapes that do not fit (unless
   `distill.teacher_init_partial`). Only a teacher the config builds (no teacher.init) is
   known here; a loaded one is checked when distillation starts."""
-  if config.distill.student_init != "teacher":
+  if config.distill.student_init not in FROM_TEACHER:
     return
   student_arch = models.ARCHITECTURES.get(config.student.kind)
   teacher_arch = models.ARCHITECTURES.get(config.teacher.kind)
@@ -29,7 +32,10 @@ def check_distill_init(config) -> None:
     teacher_fit.check_kinds(student_cfg)  # the teacher's is checked once loaded
     return
   teacher_cfg = teacher_arch.variant(config.teacher.variant, **{**config.teacher.overrides, **size})
-  teacher_fit.check_fit(student_cfg, teacher_cfg, allow_partial=config.distill.teacher_init_partial)
+  mixer = config.distill.student_init == "teacher"
+  teacher_fit.check_fit(
+    student_cfg, teacher_cfg, allow_partial=config.distill.teacher_init_partial, mixer=mixer
+  )
 
 
 def distill_student(config, norm, teacher: Optional[nnx.Module] = None) -> nnx.Module:
@@ -46,13 +52,16 @@ def distill_student(config, norm, teacher: Optional[nnx.Module] = None) -> nnx.M
   """
   check_distill_init(config)
   init, drop_path = config.distill.student_init, config.distill.drop_path
-  if init in ("", "teacher"):
+  if init in ("", *FROM_TEACHER):
     student = resolve.new_student(config, 0, norm, drop_path=drop_path)
-    if init == "teacher":
+    if init in FROM_TEACHER:
       if teacher is None:
-        raise ValueError("distill_student: student_init='teacher' needs the teacher passed")
+        raise ValueError(f"distill_student: student_init={init!r} needs the teacher passed")
       rows = teacher_init.init_from_teacher(
-        student, teacher, allow_partial=config.distill.teacher_init_partial
+        student,
+        teacher,
+        allow_partial=config.distill.teacher_init_partial,
+        mixer=init == "teacher",
       )
       log("[distill] the student starts from the teacher's weights:")
       log(teacher_init.format_table(rows, student.cfg.depth))

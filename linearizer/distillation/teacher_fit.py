@@ -107,20 +107,22 @@ def check_kinds(student_cfg, teacher_cfg=None) -> None:
     )
 
 
-def check_fit(student_cfg, teacher_cfg, *, allow_partial: bool) -> list:
+def check_fit(student_cfg, teacher_cfg, *, allow_partial: bool, mixer: bool = True) -> list:
   """The pair's misfits, or one UserError naming them unless `allow_partial`.
 
   Args:
     student_cfg: the student's AdventurerConfig.
     teacher_cfg: the teacher's ViTConfig.
     allow_partial: copy what fits and keep the rest at the student's own init.
+    mixer: whether attention is copied into the mixer (False: `student_init='teacher_mlp'`,
+      where the mixer's shape need not fit).
   Returns:
     The `Misfit`s (empty when everything fits).
   Raises:
     UserError: a pair of other kinds; or misfits, and not `allow_partial`.
   """
   check_kinds(student_cfg, teacher_cfg)
-  found = misfits(student_cfg, teacher_cfg)
+  found = [m for m in misfits(student_cfg, teacher_cfg) if mixer or m.part != "mixer"]
   if found and not allow_partial:
     fit = ", ".join(f"{k}={v!r}" for k, v in fitting_overrides(teacher_cfg).items())
     raise UserError(

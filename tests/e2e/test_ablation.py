@@ -15,15 +15,23 @@ from helpers import run_main
 from linearizer import ablation, models
 from linearizer.distillation import teacher_fit
 
+NEWER = ("final", "blocks", "final_am", "mlp_init")  # the 2026 recipes' rows, opt-in
+
 
 def test_ablation_smoke_run_writes_the_table(tmp_path):
   config_arg = "configs/ablation.py:smoke,seeds=1"
-  proc = run_main(tmp_path, "--config.ablation.workers=2", config=config_arg)  # two workers
-  out = tmp_path / "ablation"
   config = ablation_config.get_config("smoke,seeds=1")
+  variants = (*config.ablation.variants, *NEWER)  # the paper's rows, then the newer ones
+  proc = run_main(
+    tmp_path,
+    "--config.ablation.workers=2",  # two workers
+    f"--config.ablation.variants={variants!r}",
+    config=config_arg,
+  )
+  out = tmp_path / "ablation"
   summary = json.load(open(out / "ablation.json"))
   assert summary["data"] == "digits" and summary["seeds"] == 1
-  assert list(summary["variants"]) == list(config.ablation.variants)  # the paper's rows
+  assert list(summary["variants"]) == list(variants)
   assert summary["scope"] == "all"  # AM + MP's own scope: its runs are the 'all tokens' row
   assert summary["variants"]["scope_all"] == summary["variants"]["am_mp"]
   assert not (out / "scope_all").exists()
@@ -53,13 +61,22 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
     "CLS only",
     "visible",
     "all tokens (= AM + MP)",
+    "**newer recipes (2026)**",
+    "final tokens only (GTR)",
+    "block regression only (FitNets)",
+    "final tokens + AM",
+    "teacher-shaped student, MLPs from the teacher",
   ]
+  final = json.loads(
+    (out / "final" / "seed0" / "distill" / "metrics.jsonl").read_text().splitlines()[0]
+  )
+  assert "final" in final and "am" not in final and "mp" not in final
   assert "82.6" in table and "84.3" in table and "83.4" in table  # the paper's numbers
   assert (out / "ablation.png").stat().st_size > 10_000
-  assert "(7/7 runs" in proc.stdout
+  assert "(11/11 runs" in proc.stdout
   # Run again in one process: only the run whose result is gone is redone, the same way.
   os.remove(tmp_path / "ablation" / "am" / "seed0" / "result.json")
-  again = run_main(tmp_path, config=config_arg)
+  again = run_main(tmp_path, f"--config.ablation.variants={variants!r}", config=config_arg)
   assert "[ablation] am seed 0" in again.stdout and "(1/1 runs" in again.stdout
   assert json.load(open(out / "ablation.json"))["variants"] == summary["variants"]
 

@@ -1,0 +1,124 @@
+"""The simpler recipes of 2026 (issue: which recipe?): `final` and `blocks` against a float64
+NumPy recomputation from the same models' outputs, by hand on a tiny example, and
+`student_init='teacher_mlp'` (the MLPs copied, the mixer left at its own init).
+
+Tolerances: hand values and the NumPy recomputation <= 1e-5 absolute (float32 maths).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import common as cfg_common
+from linearizer import models
+from linearizer.distillation import distill, losses, teacher_init
+from linearizer.errors import UserError
+
+TOL = 1e-5
+TEACHER = dict(width=32, depth=2, num_heads=2, mlp_dim=64, image_size=16)
+FIT = dict(width=32, depth=2, expand=1, headdim=16, ngroups=2, d_state=16, mlp_ratio=2.0)
+STUDENT = dict(image_size=16, chunk_size=8, **FIT)
+
+
+def np_ln(x, eps=1e-6):
+  x = np.asarray(x, np.float64)
+  return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+
+
+def test_feature_regression_by_hand():
+  """Two tokens of two features: LN([1, 3]) = [-1, 1] (eps aside), LN([2, 2]) = [0, 0]."""
+  pred = jnp.asarray([[[0.0, 1.0], [1.0, 1.0]]])
+  target = jnp.asarray([[[1.0, 3.0], [2.0, 2.0]]])
+  want_ln = ((0 + 1) ** 2 + (1 - 1) ** 2 + 1 + 1) / 4  # ≈ 0.5 (LN's eps shifts it < 1e-5)
+  assert abs(float(losses.feature_regression(pred, target, "ln")) - want_ln) < TOL
+  want_raw = ((0 - 1) ** 2 + (1 - 3) ** 2 + (1 - 2) ** 2 + (1 - 2) ** 2) / 4
+  assert abs(float(losses.feature_regression(pred, target, "raw")) - want_raw) < TOL
+  with pytest.raises(UserError, match="target 'zscore'"):
+    losses.feature_regression(pred, target, "zscore")
+
+
+def loss_config(**weights):
+  return ml_collections.ConfigDict(cfg_common.distill_loss(num_stages=2, **weights).to_dict())
+
+
+@functools.cache
+def models_pair():
+  teacher = models.build("vit", "Ti/4", seed=0, **TEACHER)
+  student = models.build("adventurer", "Ti/4", seed=1, **STUDENT)
+  return teacher, student
+
+
+@pytest.mark.parametrize("view", ["full", "masked"])
+def test_final_and_blocks_are_the_regressions_they_say(view):
+  """The step's `final` and `blocks` terms equal a NumPy recomputation from the teacher's
+  targets, the student's outputs and the distiller's own maps."""
+  teacher, student = models_pair()
+  cfg = loss_config(w_am=0.0, w_mp=0.0, w_final=1.0, w_blocks=0.5, final_view=view, scope="all")
+  distiller = distill.Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(3), loss=cfg)
+  assert len(distiller.block_projs) == 2
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 3)), jnp.float32)
+  stage = ml_collections.ConfigDict(dict(loss=cfg, teacher_input="resample"))
+  levels = losses.level_pairs(teacher.cfg.depth, student.cfg.depth, 2)
+  targets = distill.make_teacher_targets(teacher, student.cfg, stage, levels)(
+    nnx.state(teacher, nnx.Param), images
+  )
+  mask, visible = losses.random_mask(jax.random.key(0), 2, 16, 0.5)
+  total, metrics = distill.distill_losses(
+    distiller=distiller,
+    teacher_levels=targets["levels"],
+    teacher_final=targets["final"],
+    images=images,
+    mask=mask,
+    visible=visible,
+    cfg=cfg,
+    teacher_grid=(4, 4),
+    levels=levels,
+  )
+  out = student(images, mask=mask if view == "masked" else None, train=True)
+  proj = lambda lin, x: (
+    np.asarray(x, np.float64) @ np.asarray(lin.kernel[...]) + np.asarray(lin.bias[...])
+  )
+  want_final = np.mean((proj(distiller.final_proj, out.patches) - np_ln(targets["final"])) ** 2)
+  assert abs(float(metrics["final"]) - want_final) < TOL
+  masked = student(images, mask=mask, train=True)  # the blocks read AM's (masked) forward
+  per_level = []
+  for lin, (t_cls, t_patch), (_, j) in zip(distiller.block_projs, targets["levels"], levels):
+    s = masked.blocks[j]
+    s_tokens = np.concatenate([masked.roles.cls_of(s), masked.roles.patches_of(s)], axis=1)
+    t_tokens = np.concatenate([t_cls, t_patch], axis=1)
+    per_level.append(np.mean((proj(lin, s_tokens) - np_ln(t_tokens)) ** 2))
+  assert abs(float(metrics["blocks"]) - np.mean(per_level)) < TOL
+  assert abs(float(total) - (want_final + 0.5 * np.mean(per_level))) < 2 * TOL
+  assert "am" not in metrics and "mp" not in metrics
+
+
+def test_the_papers_distiller_is_unchanged_without_the_new_weights():
+  """No new parameters unless a new loss is weighed: checkpoints of the paper's recipe keep
+  their state."""
+  teacher, student = models_pair()
+  plain = distill.Distiller(student, 32, rngs=nnx.Rngs(3), loss=loss_config())
+  assert plain.final_proj is None and plain.block_projs is None
+  names = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(plain, nnx.Param))}
+  assert not {n for n in names if "final_proj" in n or "block_projs" in n}
+
+
+def test_teacher_mlp_copies_the_mlps_and_leaves_the_mixer_random():
+  teacher, _ = models_pair()
+  fresh = models.build("adventurer", "Ti/4", seed=7, **STUDENT)
+  copied = models.build("adventurer", "Ti/4", seed=7, **STUDENT)
+  rows = teacher_init.init_from_teacher(copied, teacher, allow_partial=False, mixer=False)
+  for a, b in zip(copied.layers, fresh.layers):
+    np.testing.assert_array_equal(a.mixer.in_proj.kernel[...], b.mixer.in_proj.kernel[...])
+    np.testing.assert_array_equal(a.mixer.conv_weight[...], b.mixer.conv_weight[...])
+    np.testing.assert_array_equal(a.mixer.out_proj.kernel[...], b.mixer.out_proj.kernel[...])
+  np.testing.assert_allclose(
+    copied.layers[0].mlp.w3.kernel[...], teacher.blocks[0].fc2.kernel[...], rtol=0
+  )
+  np.testing.assert_array_equal(copied.patch_embed.kernel[...], teacher.patch_embed.kernel[...])
+  text = teacher_init.format_table(rows, depth=2)
+  assert "student_init='teacher_mlp': the mixer keeps its own init" in text
