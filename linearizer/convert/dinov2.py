@@ -13,6 +13,7 @@ The SwiGLU MLP of ViT-g/14 is not supported yet.
 import pathlib
 import re
 
+from linearizer.convert import timm
 from linearizer.convert.common import (
   CONV,
   LINEAR,
@@ -40,6 +41,7 @@ def read(path: pathlib.Path) -> Spec:
   t = read_tensors(path, ("teacher", "model", "state_dict"))
   p = find_prefix(t, "patch_embed.proj.weight") or ""
   t = {n[len(p) :]: v for n, v in t.items() if n.startswith(p)}  # e.g. a `backbone.` prefix
+  timm.refuse_timm_eva(t, path)
   if "storage_tokens" in t or any(n.endswith(".periods") for n in t):
     raise UserError(
       f"{path} looks like DINOv3 (storage tokens, RoPE periods, no position table); use "

@@ -19,6 +19,7 @@ import pathlib
 
 import numpy as np
 
+from linearizer.convert import timm
 from linearizer.convert.common import (
   CONV,
   LINEAR,
@@ -77,6 +78,7 @@ def read(path: pathlib.Path) -> Spec:
   t = read_tensors(path, ("teacher", "model", "state_dict"))
   p = find_prefix(t, "patch_embed.proj.weight") or ""
   t = {n[len(p) :]: v for n, v in t.items() if n.startswith(p)}  # e.g. a `backbone.` prefix
+  timm.refuse_timm_eva(t, path)
   if "pos_embed" in t or "register_tokens" in t:
     raise UserError(
       f"{path} looks like DINOv2 (a learned position table, `register_tokens`); use "

@@ -92,6 +92,14 @@ def candidates(t: dict) -> list:
   return found
 
 
+def refuse_timm_eva(t: dict, where) -> None:
+  """For the hub readers: a file in timm's `Eva` names (gamma_1, q_bias, fc1_g, norm_pre…)
+  is timm's, whichever family it is; refused naming it and the format that reads it."""
+  eva = [FAMILIES.get(f) or UNSUPPORTED[f] for f in candidates(t) if f != "vit"]
+  if eva:
+    raise UserError(f"{where} holds timm's names for " + " or ".join(eva) + "; use --format timm.")
+
+
 def family(t: dict, arch: str, where) -> str:
   """The one family the file is: the one `arch` names (config.json's or the user's) if the
   tensors fit it, else the only one they fit; refused when they fit several or an

@@ -153,11 +153,15 @@ def test_a_clip_tower_and_pe_are_told_apart_only_by_name(tmp_path):
   "name", ["vit_small_patch16_dinov3", "eva02_tiny_patch14_224", "vit_pe_spatial_base_patch16_512"]
 )
 def test_new_families_are_refused_by_the_older_readers(name, tmp_path):
-  """Each new family's file given to the reader of the nearest older family (DINOv2's hub
-  reader, OpenAI CLIP's) is refused, never loaded as that family."""
+  """Each new family's timm file given to another reader (the hub readers of DINOv2 and
+  DINOv3, OpenAI CLIP's, big_vision's) is refused, never loaded as that family."""
   torch.save(build(name).state_dict(), tmp_path / "m.pth")
-  for fmt in ("dinov2", "openai_clip", "big_vision"):
-    with pytest.raises(errors.UserError):
+  family = {"vit_small": "DINOv3", "eva02_tin": "EVA-02", "vit_pe_sp": "Perception Encoder"}
+  for fmt in ("dinov2", "dinov3"):  # the hub readers name it and the format that reads it
+    with pytest.raises(errors.UserError, match=f"timm's names for .*{family[name[:9]]}.*timm"):
+      convert.load(tmp_path / "m.pth", fmt, num_heads=2)
+  for fmt in ("openai_clip", "big_vision"):  # other layouts altogether
+    with pytest.raises(errors.UserError, match="cannot"):
       convert.load(tmp_path / "m.pth", fmt, num_heads=2)
 
 
