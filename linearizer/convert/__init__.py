@@ -10,10 +10,13 @@ match raises a single `CheckpointMismatch` and no model is returned.
 Formats (method.md §4-5):
   hf           `transformers` folder (config.json + model.safetensors / pytorch_model.bin,
                sharded or not) of CLIPVisionModel / CLIPModel (vision tower), ViTModel /
-               ViTForImageClassification, Dinov2Model / Dinov2WithRegistersModel or
-               SiglipVisionModel / SiglipModel (vision tower); or a bare weights file.
+               ViTForImageClassification, Dinov2Model / Dinov2WithRegistersModel,
+               DINOv3ViTModel, SiglipVisionModel / SiglipModel or Siglip2VisionModel /
+               Siglip2Model (vision tower; NaFlex at a square grid); or a bare weights file.
   openai_clip  OpenAI CLIP `.pt` (TorchScript or plain) / `.pth` state dict, `visual.*`.
-  timm         timm ViT `.pth` / `.safetensors`; a timm `.npz` is big_vision's layout.
+  timm         timm ViT `.pth` / `.safetensors` and its `Eva` models (Perception Encoder,
+               EVA-02, DINOv3; `arch` or timm's config.json names one where the tensors fit
+               several); a timm `.npz` is big_vision's layout.
   big_vision   `.npz`, original-ViT or big_vision numbering, scanned or not; SigLIP's
                image tower (`params/img/...`, attention-pooling head) included.
   dinov2       DINOv2's torch-hub `.pth` (with or without registers) or training checkpoint.
