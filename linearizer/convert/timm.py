@@ -143,6 +143,13 @@ def read(path: pathlib.Path, arch: str = "") -> Spec:
     spec.fields["activation"] = "gelu"  # ... but timm runs it with exact GELU
     return spec
   t = read_tensors(path)
+  if any(n.startswith("backbone.net.") or ".simfp_" in n for n in t):
+    raise UserError(
+      f"{path} looks like a detection model (detectron2 / mmdet ViTDet, e.g. EVA-02's "
+      "detection backbone: a ViT under backbone.net with window attention in most blocks and "
+      "a simple feature pyramid): not supported; its image-classification checkpoint is "
+      "(timm's eva02_* names)."
+    )
   meta = _metadata(path)
   cfg = meta.get("pretrained_cfg", {})
   statistics = (cfg["mean"], cfg["std"]) if "mean" in cfg and "std" in cfg else None

@@ -178,6 +178,21 @@ def test_an_extra_tensor_is_refused_for_every_family(tmp_path):
       convert.load(tmp_path / "m.pth", "timm", arch=name, num_heads=2)
 
 
+def test_a_detection_checkpoint_is_named(tmp_path):
+  """EVA-02's detection backbone (baaivision/EVA det, detectron2's ViTDet layout: the ViT
+  under backbone.net, window attention, a simple feature pyramid) is refused as such."""
+  state = {
+    "backbone.net.patch_embed.proj.weight": torch.zeros(64, 3, 16, 16),
+    "backbone.net.blocks.0.attn.qkv.weight": torch.zeros(192, 64),
+    "backbone.net.blocks.0.attn.rope_win.freqs_cos": torch.zeros(196, 32),
+    "backbone.simfp_2.0.weight": torch.zeros(64, 32, 2, 2),
+    "roi_heads.box_predictor.cls_score.weight": torch.zeros(81, 1024),
+  }
+  torch.save({"model": state, "iteration": 1}, tmp_path / "det.pth")
+  with pytest.raises(errors.UserError, match="detection model .*EVA-02's detection backbone"):
+    convert.load(tmp_path / "det.pth", "timm")
+
+
 def test_unsupported_timm_families_are_named(tmp_path):
   ref = timm.create_model(
     "vit_betwixt_patch16_rope_reg4_gap_256", num_classes=0, img_size=32, **SMALL
