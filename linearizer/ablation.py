@@ -13,29 +13,9 @@ variant is distilled and fine-tuned over several seeds:
   scope_visible  both, AM over the visible tokens (the paper's choice)
   scope_all      both, AM over all tokens
 
-The scope row that is the config's own scope is the AM + MP runs, not trained twice.
-Beyond the paper (opt-in through `ablation.variants`), AM + MP with an option on:
-
-  kd_soft        soft logit distillation in fine-tuning (finetune.loss.kd = 'soft')
-  kd_hard        hard logit distillation in fine-tuning (finetune.loss.kd = 'hard')
-  teacher_cache  the teacher-feature cache (distill.teacher_cache = 'write'): the teacher
-                 runs on teacher_cache_views views per example once, epochs cycle them
-  teacher_cache_views8  the same with 8 views per example: more than the budget's epochs,
-                 so no view repeats (what is left of the cache's cost is its views' draw)
-  teacher_init   a student of the teacher's shape (teacher_fit.fitting_overrides) that
-                 starts from its weights (distill.student_init = 'teacher')
-  teacher_shape  the same student from its own random init: teacher_init's baseline
-
-The simpler recipes of 2026, each on the same student and budget (opt-in too):
-
-  final          the final patch tokens regressed through a linear map, alone (GTR's one
-                 loss: w_am = w_mp = 0, distill.loss.w_final = 1)
-  blocks         AM's tokens at AM's levels regressed through a map per level, alone
-                 (FitNets / ViT-AdaLA's block alignment: w_blocks = 1)
-  final_am       final + AM (AdaLA's two alignments, with AM's maps for the blocks)
-  mlp_init       a teacher-shaped student starting from the teacher's norms, embeddings
-                 and MLPs, the mixer random (student_init = 'teacher_mlp'), AM + MP
-
+The scope row that is the config's own scope is the AM + MP runs, not trained twice. The
+rows beyond the paper (KD, the teacher cache, teacher init, the simpler recipes of 2026)
+and what each sets: `ablation_variants.py`.
 Every variant but am_unmasked sees the same masked input (distill.loss.mask_ratio): only the
 loss differs.
 Seeds change the student's initialisation, data order and masks; every seed fine-tunes on
@@ -58,78 +38,11 @@ import ml_collections
 import numpy as np
 
 from linearizer import data, evaluate, files, plots, resolve, supervised, workdir
+from linearizer.ablation_variants import PAPER, TEACHER_SHAPE, VARIANTS  # noqa: F401 (ablation.*)
 from linearizer.distillation import stage as distill_stage
 from linearizer.distillation import teacher_fit
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
-
-# A value standing for student.overrides with the teacher's shape put in (teacher_init's).
-TEACHER_SHAPE = "the teacher's shape"
-# variant -> (row label, {config path: value} overrides; None = supervised from scratch)
-VARIANTS = {
-  "supervised": ("supervised", None),
-  "mp": ("MP only", {"distill.loss.w_am": 0.0}),
-  "am": ("AM only", {"distill.loss.w_mp": 0.0}),
-  "am_unmasked": ("AM only, unmasked", {"distill.loss.w_mp": 0.0, "distill.loss.mask_ratio": 0.0}),
-  "am_mp": ("AM + MP", {}),
-  "scope_cls": ("CLS only", {"distill.loss.scope": "cls"}),
-  "scope_visible": ("visible", {"distill.loss.scope": "visible"}),
-  "scope_all": ("all tokens", {"distill.loss.scope": "all"}),
-  "kd_soft": ("+ soft KD in fine-tuning", {"finetune.loss.kd": "soft"}),
-  "kd_hard": ("+ hard KD in fine-tuning", {"finetune.loss.kd": "hard"}),
-  "teacher_cache": ("+ teacher-feature cache", {"distill.teacher_cache": "write"}),
-  "teacher_cache_views8": (
-    "+ teacher-feature cache, 8 views",
-    {"distill.teacher_cache": "write", "distill.teacher_cache_views": 8},
-  ),
-  "teacher_init": (
-    "teacher-shaped student, from the teacher",
-    {"student.overrides": TEACHER_SHAPE, "distill.student_init": "teacher"},
-  ),
-  "teacher_shape": ("teacher-shaped student, random init", {"student.overrides": TEACHER_SHAPE}),
-  "final": (
-    "final tokens only (GTR)",
-    {"distill.loss.w_am": 0.0, "distill.loss.w_mp": 0.0, "distill.loss.w_final": 1.0},
-  ),
-  "blocks": (
-    "block regression only (FitNets)",
-    {"distill.loss.w_am": 0.0, "distill.loss.w_mp": 0.0, "distill.loss.w_blocks": 1.0},
-  ),
-  "final_am": ("final tokens + AM", {"distill.loss.w_mp": 0.0, "distill.loss.w_final": 1.0}),
-  "mlp_init": (
-    "teacher-shaped student, MLPs from the teacher",
-    {"student.overrides": TEACHER_SHAPE, "distill.student_init": "teacher_mlp"},
-  ),
-}
-# The paper's two tables (ImageNet-1k top-1, CLIP ViT-B/16 → Adventurer-B): (row, variant, %)
-PAPER = {
-  "objective": [
-    ("supervised", "supervised", 82.6),
-    ("MP only", "mp", 83.6),
-    ("AM only", "am", 83.8),
-    ("AM only, unmasked", "am_unmasked", None),
-    ("AM + MP", "am_mp", 84.3),
-  ],
-  "AM scope": [
-    ("CLS only", "scope_cls", 83.7),
-    ("visible", "scope_visible", 84.3),
-    ("all tokens", "scope_all", 83.4),
-  ],
-  "beyond the paper (AM + MP, then)": [
-    ("+ soft KD in fine-tuning", "kd_soft", None),
-    ("+ hard KD in fine-tuning", "kd_hard", None),
-    ("+ teacher-feature cache", "teacher_cache", None),
-    ("+ teacher-feature cache, 8 views", "teacher_cache_views8", None),
-    ("teacher-shaped student, random init", "teacher_shape", None),
-    ("teacher-shaped student, from the teacher", "teacher_init", None),
-  ],
-  "newer recipes (2026)": [
-    ("final tokens only (GTR)", "final", None),
-    ("block regression only (FitNets)", "blocks", None),
-    ("final tokens + AM", "final_am", None),
-    ("teacher-shaped student, MLPs from the teacher", "mlp_init", None),
-  ],
-}
 
 
 def scope_row(scope):

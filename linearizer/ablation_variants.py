@@ -1,0 +1,94 @@
+"""The ablation's rows: what each variant sets (`VARIANTS`), and the tables they fill
+(`PAPER`, with the paper's ImageNet numbers where it has them). The paper's own rows
+(supervised, mp, am, am_unmasked, am_mp, the scope rows) are ablation.py's docstring.
+
+Beyond the paper (opt-in through `ablation.variants`), AM + MP with an option on:
+
+  kd_soft        soft logit distillation in fine-tuning (finetune.loss.kd = 'soft')
+  kd_hard        hard logit distillation in fine-tuning (finetune.loss.kd = 'hard')
+  teacher_cache  the teacher-feature cache (distill.teacher_cache = 'write'): the teacher
+                 runs on teacher_cache_views views per example once, epochs cycle them
+  teacher_cache_views8  the same with 8 views per example: more than the budget's epochs,
+                 so no view repeats (what is left of the cache's cost is its views' draw)
+  teacher_init   a student of the teacher's shape (teacher_fit.fitting_overrides) that
+                 starts from its weights (distill.student_init = 'teacher')
+  teacher_shape  the same student from its own random init: teacher_init's baseline
+
+The simpler recipes of 2026, each on the same student and budget (opt-in too):
+
+  final          the final patch tokens regressed through a linear map, alone (GTR's one
+                 loss: w_am = w_mp = 0, distill.loss.w_final = 1)
+  blocks         AM's tokens at AM's levels regressed through a map per level, alone
+                 (FitNets / ViT-AdaLA's block alignment: w_blocks = 1)
+  final_am       final + AM (AdaLA's two alignments, with AM's maps for the blocks)
+  mlp_init       a teacher-shaped student starting from the teacher's norms, embeddings
+                 and MLPs, the mixer random (student_init = 'teacher_mlp'), AM + MP
+"""
+
+# A value standing for student.overrides with the teacher's shape put in (teacher_init's).
+TEACHER_SHAPE = "the teacher's shape"
+# variant -> (row label, {config path: value} overrides; None = supervised from scratch)
+VARIANTS = {
+  "supervised": ("supervised", None),
+  "mp": ("MP only", {"distill.loss.w_am": 0.0}),
+  "am": ("AM only", {"distill.loss.w_mp": 0.0}),
+  "am_unmasked": ("AM only, unmasked", {"distill.loss.w_mp": 0.0, "distill.loss.mask_ratio": 0.0}),
+  "am_mp": ("AM + MP", {}),
+  "scope_cls": ("CLS only", {"distill.loss.scope": "cls"}),
+  "scope_visible": ("visible", {"distill.loss.scope": "visible"}),
+  "scope_all": ("all tokens", {"distill.loss.scope": "all"}),
+  "kd_soft": ("+ soft KD in fine-tuning", {"finetune.loss.kd": "soft"}),
+  "kd_hard": ("+ hard KD in fine-tuning", {"finetune.loss.kd": "hard"}),
+  "teacher_cache": ("+ teacher-feature cache", {"distill.teacher_cache": "write"}),
+  "teacher_cache_views8": (
+    "+ teacher-feature cache, 8 views",
+    {"distill.teacher_cache": "write", "distill.teacher_cache_views": 8},
+  ),
+  "teacher_init": (
+    "teacher-shaped student, from the teacher",
+    {"student.overrides": TEACHER_SHAPE, "distill.student_init": "teacher"},
+  ),
+  "teacher_shape": ("teacher-shaped student, random init", {"student.overrides": TEACHER_SHAPE}),
+  "final": (
+    "final tokens only (GTR)",
+    {"distill.loss.w_am": 0.0, "distill.loss.w_mp": 0.0, "distill.loss.w_final": 1.0},
+  ),
+  "blocks": (
+    "block regression only (FitNets)",
+    {"distill.loss.w_am": 0.0, "distill.loss.w_mp": 0.0, "distill.loss.w_blocks": 1.0},
+  ),
+  "final_am": ("final tokens + AM", {"distill.loss.w_mp": 0.0, "distill.loss.w_final": 1.0}),
+  "mlp_init": (
+    "teacher-shaped student, MLPs from the teacher",
+    {"student.overrides": TEACHER_SHAPE, "distill.student_init": "teacher_mlp"},
+  ),
+}
+# The paper's two tables (ImageNet-1k top-1, CLIP ViT-B/16 → Adventurer-B): (row, variant, %)
+PAPER = {
+  "objective": [
+    ("supervised", "supervised", 82.6),
+    ("MP only", "mp", 83.6),
+    ("AM only", "am", 83.8),
+    ("AM only, unmasked", "am_unmasked", None),
+    ("AM + MP", "am_mp", 84.3),
+  ],
+  "AM scope": [
+    ("CLS only", "scope_cls", 83.7),
+    ("visible", "scope_visible", 84.3),
+    ("all tokens", "scope_all", 83.4),
+  ],
+  "beyond the paper (AM + MP, then)": [
+    ("+ soft KD in fine-tuning", "kd_soft", None),
+    ("+ hard KD in fine-tuning", "kd_hard", None),
+    ("+ teacher-feature cache", "teacher_cache", None),
+    ("+ teacher-feature cache, 8 views", "teacher_cache_views8", None),
+    ("teacher-shaped student, random init", "teacher_shape", None),
+    ("teacher-shaped student, from the teacher", "teacher_init", None),
+  ],
+  "newer recipes (2026)": [
+    ("final tokens only (GTR)", "final", None),
+    ("block regression only (FitNets)", "blocks", None),
+    ("final tokens + AM", "final_am", None),
+    ("teacher-shaped student, MLPs from the teacher", "mlp_init", None),
+  ],
+}
