@@ -47,7 +47,8 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict(demo.get_config("smoke" if arg.smoke else None).to_dict())
   c.stages = ("train_teacher", "ablation")
   # The am_scope row is am_mp's runs: 7 runs per seed.
-  c.ablation = tool_blocks.ablation(seeds=arg.seeds, workers=arg.workers)
+  # each row's train and inference GFLOPs (compiled once per row: seconds on a CPU)
+  c.ablation = tool_blocks.ablation(seeds=arg.seeds, workers=arg.workers, gflops=not arg.smoke)
   c.label_seed = arg.label_seed  # every seed fine-tunes on the same `labels` images
   c.distill.visualize_every = 0  # no pictures per run: 18 distillations
   c.distill.loss.mask_ratio = arg.mask_ratio

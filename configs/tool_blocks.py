@@ -127,6 +127,9 @@ def ablation(**given) -> ml_collections.ConfigDict:
       FINISHED,
     ),
     workers=Field(1, COUNT, FINISHED),  # runs at once, one process each (single-host only)
+    # give each row its training and inference GFLOPs (XLA's count of each stage's step,
+    # compiled on this host: linearizer/costs.py), as the summary's two extra columns
+    gflops=Field(False, None, FINISHED),
   )
   return build("ablation", declared, given)
 

@@ -37,8 +37,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from linearizer import data, evaluate, files, plots, resolve, supervised, workdir
-from linearizer.ablation_variants import PAPER, TEACHER_SHAPE, VARIANTS  # noqa: F401 (ablation.*)
+from linearizer import costs, data, evaluate, files, plots, resolve, supervised, workdir
+from linearizer.ablation_variants import (  # noqa: F401 (ablation.* names too)
+  FROM_SCRATCH,
+  HALF_PATCH,
+  MATCHED_STEPS,
+  PAPER,
+  TEACHER_SHAPE,
+  VARIANTS,
+)
 from linearizer.distillation import stage as distill_stage
 from linearizer.distillation import teacher_fit
 from linearizer.errors import UserError
@@ -63,15 +70,49 @@ def variant_dir(root, variant, seed_index):
   return os.path.join(out_dir(root), variant, f"seed{seed_index}")
 
 
-def run_config(config, variant, seed_index, teacher_cfg=None):
+_MATCHED = {}  # config JSON -> the steps of supervised_matched, worked out once a process
+
+
+def matched_steps(config, classes: int) -> int:
+  """The train_student steps whose FLOPs equal AM + MP's training (the config's own
+  distillation, teacher forwards included, and fine-tuning): linearizer/costs.py."""
+  key = config.to_json()
+  if key not in _MATCHED:
+    distilled = costs.train_gflops(config, classes, costs.DISTILLED)
+    step = costs.step_gflops(config, classes, "train_student")
+    _MATCHED[key] = max(1, round(distilled / step))
+    log(
+      f"[ablation] supervised_matched: {_MATCHED[key]} train_student steps = AM + MP's "
+      f"{distilled:,.2f} training GFLOPs / {step:.4f} a step"
+    )
+  return _MATCHED[key]
+
+
+def half_patch(variant: str) -> str:
+  """'Ti/4' -> 'Ti/2': the student at half its patch (4x the tokens)."""
+  name, _, patch = variant.partition("/")
+  if not patch.isdigit() or int(patch) % 2:
+    raise UserError(
+      f"ablation variant supervised_tokens halves the student's patch: {variant!r} has an "
+      "odd one; use an even student patch."
+    )
+  return f"{name}/{int(patch) // 2}"
+
+
+def run_config(config, variant, seed_index, teacher_cfg=None, classes=None):
   """The config of one run: the base one with this seed and this variant's settings
   (TEACHER_SHAPE: the student's overrides with `teacher_cfg`'s width, depth, heads and
-  MLP put in, so every teacher weight has a counterpart)."""
+  MLP put in, so every teacher weight has a counterpart; MATCHED_STEPS: `matched_steps`,
+  which needs `classes`; HALF_PATCH: `half_patch`)."""
   sub = ml_collections.ConfigDict(config.to_dict())
   sub.seed = config.seed + seed_index
-  for path, value in (VARIANTS[variant][1] or {}).items():
+  for path, value in VARIANTS[variant][1].items():
     if value == TEACHER_SHAPE:
       value = {**config.student.overrides, **teacher_fit.fitting_overrides(teacher_cfg)}
+    elif value == MATCHED_STEPS:
+      value = matched_steps(config, classes)
+    elif value == HALF_PATCH:
+      value = half_patch(config.student.variant)
     *parents, leaf = path.split(".")
     node = sub
     for key in parents:
@@ -83,7 +124,7 @@ def run_config(config, variant, seed_index, teacher_cfg=None):
 def train_variant(config, variant, run_dir, teacher, train_src, classes):
   """Distill + fine-tune (or train from scratch) one student; returns it."""
   norm = (teacher.cfg.mean, teacher.cfg.std)
-  if VARIANTS[variant][1] is None:
+  if variant in FROM_SCRATCH:
     student = resolve.new_student(config, classes, norm, drop_path=config.train_student.drop_path)
     return supervised.run_supervised("train_student", config, run_dir, student, train_src, teacher)
   if not workdir.finished(run_dir, "distill"):
@@ -111,7 +152,7 @@ def own_model(config, root, variant, k):
 
 def run_one(config, root, variant, k, teacher, train_src, eval_src, classes):
   """One (variant, seed) run; writes its result.json and returns its top-1."""
-  sub = run_config(config, variant, k, teacher.cfg)
+  sub = run_config(config, variant, k, teacher.cfg, classes)
   model = own_model(config, root, variant, k)
   if model is not None:
     log(f"[ablation] {variant} seed {k}: the run's own {OWN_ROLES[variant]} student")
@@ -197,7 +238,8 @@ def run(config, root, train_src, eval_src, classes):
         f"[ablation] {variant} seed {k}: top-1 {100 * acc:.2f}% ({done}/{len(todo)} runs, "
         f"{(time.time() - start) / 60:.1f} min)"
       )
-  summary = summarize(config, root, top1(config, teacher, eval_src))
+  gflops = row_gflops(config, root, teacher.cfg, classes) if config.ablation.gflops else None
+  summary = summarize(config, root, top1(config, teacher, eval_src), gflops)
   if main_process():
     write_summary(summary, out_dir(root))
     log(summary["table"])
@@ -207,8 +249,31 @@ def run(config, root, train_src, eval_src, classes):
 # ---------------------------------------------------------------------------------------
 # The summary: numbers, a table in the paper's layout, a bar plot.
 # ---------------------------------------------------------------------------------------
-def summarize(config, root, teacher_top1):
-  """Per variant the top-1 of every seed, mean and std (in %), the checks, the table."""
+def row_gflops(config, root, teacher_cfg, classes) -> dict:
+  """{variant: {'train': GFLOPs, 'inference': GFLOPs per image}} of each row's recipe (its
+  seed-0 config), XLA's count (linearizer/costs.py); kept in ablation/gflops.json, so a
+  resumed ablation compiles only rows it has not counted."""
+  path = os.path.join(out_dir(root), "gflops.json")
+  known = {}
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      known = json.load(f)
+  for variant in dict.fromkeys(runs_of(config, v) for v in config.ablation.variants):
+    if variant not in known:
+      sub = run_config(config, variant, 0, teacher_cfg, classes)
+      stages = costs.FROM_SCRATCH if variant in FROM_SCRATCH else costs.DISTILLED
+      known[variant] = dict(
+        train=costs.train_gflops(sub, classes, stages),
+        inference=costs.inference_gflops(sub, classes),
+      )
+      if main_process():
+        files.write_json(path, known)
+  return {v: known[runs_of(config, v)] for v in config.ablation.variants}
+
+
+def summarize(config, root, teacher_top1, gflops=None):
+  """Per variant the top-1 of every seed, mean and std (in %), the checks, the table;
+  `gflops` ({variant: {'train', 'inference'}}) adds two columns."""
   variants = {}
   for variant in config.ablation.variants:
     accs = []
@@ -220,6 +285,7 @@ def summarize(config, root, teacher_top1):
       top1=accs,
       mean=float(np.mean(accs)),
       std=float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+      **({"gflops": gflops[variant]} if gflops else {}),
     )
   out = dict(
     teacher_top1=100 * teacher_top1,
@@ -254,20 +320,24 @@ def checks(variants):
 def table(summary):
   """Markdown in the paper's layout: objective rows, then AM-scope rows."""
   variants, n = summary["variants"], summary["seeds"]
+  costs_on = any("gflops" in v for v in variants.values())
+  extra = " train GFLOPs | inference GFLOPs |" if costs_on else ""
+  blank = " | |" * costs_on
   lines = [
-    f"| | top-1 (%), mean ± std over {n} seed{'s' * (n > 1)} | paper, ImageNet-1k |",
-    "|---|---|---|",
-    f"| teacher | {summary['teacher_top1']:.2f} | 84.7 (CLIP ViT-B/16) |",
+    f"| | top-1 (%), mean ± std over {n} seed{'s' * (n > 1)} | paper, ImageNet-1k |{extra}",
+    "|---|---|---|" + "---|---|" * costs_on,
+    f"| teacher | {summary['teacher_top1']:.2f} | 84.7 (CLIP ViT-B/16) |{blank}",
   ]
   for section, rows in PAPER.items():
     rows = [row for row in rows if row[1] in variants]
     if rows:  # (a section none of whose rows was run is left out)
-      lines.append(f"| **{section}** | | |")
+      lines.append(f"| **{section}** | | |{blank}")
     for label, variant, paper in rows:
       v = variants[variant]
       label += " (= AM + MP)" * (variant == scope_row(summary["scope"]))
       paper = "—" if paper is None else paper  # a row the paper does not report
-      lines.append(f"| {label} | {v['mean']:.2f} ± {v['std']:.2f} | {paper} |")
+      cost = f" {v['gflops']['train']:,.0f} | {v['gflops']['inference']:.4f} |" if costs_on else ""
+      lines.append(f"| {label} | {v['mean']:.2f} ± {v['std']:.2f} | {paper} |{cost}")
   c = summary["checks"]
   if c:
     lines.append("")

@@ -14,6 +14,13 @@ Beyond the paper (opt-in through `ablation.variants`), AM + MP with an option on
                  starts from its weights (distill.student_init = 'teacher')
   teacher_shape  the same student from its own random init: teacher_init's baseline
 
+Cost-matched baselines (opt-in), trained from scratch on the labels:
+
+  supervised_matched  as many steps as give AM + MP's training FLOPs (its distillation,
+                 the teacher's forwards included, and fine-tuning; linearizer/costs.py)
+  supervised_tokens   the student at half its patch: 4x the tokens, its inference FLOPs
+                 with it (Patch Scaling's argument: more tokens, no teacher)
+
 The simpler recipes of 2026, each on the same student and budget (opt-in too):
 
   final          the final patch tokens regressed through a linear map, alone (GTR's one
@@ -27,9 +34,21 @@ The simpler recipes of 2026, each on the same student and budget (opt-in too):
 
 # A value standing for student.overrides with the teacher's shape put in (teacher_init's).
 TEACHER_SHAPE = "the teacher's shape"
-# variant -> (row label, {config path: value} overrides; None = supervised from scratch)
+# A value standing for the steps that give a student trained from scratch AM + MP's
+# training FLOPs (distillation with the teacher's forwards, then fine-tuning).
+MATCHED_STEPS = "AM + MP's training FLOPs"
+# A value standing for the student's variant at half its patch (4x the tokens).
+HALF_PATCH = "half the student's patch"
+# The rows trained from scratch on the labels (train_student), the rest distilled first.
+FROM_SCRATCH = ("supervised", "supervised_matched", "supervised_tokens")
+# variant -> (row label, {config path: value} overrides)
 VARIANTS = {
-  "supervised": ("supervised", None),
+  "supervised": ("supervised", {}),
+  "supervised_matched": (
+    "supervised, AM + MP's training FLOPs",
+    {"train_student.steps": MATCHED_STEPS},
+  ),
+  "supervised_tokens": ("supervised, half the patch (4x tokens)", {"student.variant": HALF_PATCH}),
   "mp": ("MP only", {"distill.loss.w_am": 0.0}),
   "am": ("AM only", {"distill.loss.w_mp": 0.0}),
   "am_unmasked": ("AM only, unmasked", {"distill.loss.w_mp": 0.0, "distill.loss.mask_ratio": 0.0}),
@@ -84,6 +103,10 @@ PAPER = {
     ("+ teacher-feature cache, 8 views", "teacher_cache_views8", None),
     ("teacher-shaped student, random init", "teacher_shape", None),
     ("teacher-shaped student, from the teacher", "teacher_init", None),
+  ],
+  "cost-matched baselines": [
+    ("supervised, AM + MP's training FLOPs", "supervised_matched", None),
+    ("supervised, half the patch (4x tokens)", "supervised_tokens", None),
   ],
   "newer recipes (2026)": [
     ("final tokens only (GTR)", "final", None),

@@ -25,7 +25,7 @@ from helpers import ROOT
 OURS = ("linearizer", "kernels", "configs", "main")
 
 FEATURES = ("bench", "distillation", "export", "segmentation")
-RUNNERS = ("ablation", "evaluate", "segment", "supervised", "visualize")
+RUNNERS = ("ablation", "costs", "evaluate", "segment", "supervised", "visualize")
 LOOP = ("resolve", "train", "workdir")
 LOW = ("cpu_malloc", "errors", "log")
 # The layer of each top-level name under linearizer/ (a package counts with all inside it);

@@ -6,6 +6,7 @@ main.py; the others check the bookkeeping against hand-computed numbers.
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from helpers import run_main
 from linearizer import ablation, models
 from linearizer.distillation import teacher_fit
 
-NEWER = ("final", "blocks", "final_am", "mlp_init")  # the 2026 recipes' rows, opt-in
+# the cost-matched baselines and the 2026 recipes' rows, opt-in
+NEWER = ("supervised_matched", "supervised_tokens", "final", "blocks", "final_am", "mlp_init")
 
 
 def test_ablation_smoke_run_writes_the_table(tmp_path):
@@ -39,9 +41,10 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
     assert len(row["top1"]) == 1 and 0 <= row["top1"][0] <= 100, variant
     assert row["mean"] == row["top1"][0] and row["std"] == 0.0
     run = out / ablation.runs_of(config, variant) / "seed0"
-    stage = "train_student" if variant == "supervised" else "finetune"
+    scratch = variant in ablation.FROM_SCRATCH
+    stage = "train_student" if scratch else "finetune"
     assert (run / stage / "model" / "model.json").is_file(), variant
-    assert (run / "distill").is_dir() == (variant != "supervised"), variant
+    assert (run / "distill").is_dir() == (not scratch), variant
   assert 0 <= summary["teacher_top1"] <= 100
   assert {"gap", "spread", "am_mp_beats_supervised_by_2_std", "mp_between", "am_between"} <= set(
     summary["checks"]
@@ -61,6 +64,9 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
     "CLS only",
     "visible",
     "all tokens (= AM + MP)",
+    "**cost-matched baselines**",
+    "supervised, AM + MP's training FLOPs",
+    "supervised, half the patch (4x tokens)",
     "**newer recipes (2026)**",
     "final tokens only (GTR)",
     "block regression only (FitNets)",
@@ -73,7 +79,12 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
   assert "final" in final and "am" not in final and "mp" not in final
   assert "82.6" in table and "84.3" in table and "83.4" in table  # the paper's numbers
   assert (out / "ablation.png").stat().st_size > 10_000
-  assert "(11/11 runs" in proc.stdout
+  assert "(13/13 runs" in proc.stdout
+  steps = re.search(r"supervised_matched: (\d+) train_student steps", proc.stdout)
+  assert steps and int(steps[1]) > config.train_student.steps  # the teacher's share on top
+  model = out / "supervised_tokens" / "seed0" / "train_student" / "model" / "model.json"
+  half = int(config.student.variant.split("/")[1]) // 2  # Ti/4 -> patch 2, 4x the tokens
+  assert json.loads(model.read_text())["config"]["patch"] == half
   # Run again in one process: only the run whose result is gone is redone, the same way.
   os.remove(tmp_path / "ablation" / "am" / "seed0" / "result.json")
   again = run_main(tmp_path, f"--config.ablation.variants={variants!r}", config=config_arg)
@@ -95,13 +106,14 @@ def flat_config(c, prefix=""):
 def test_each_variant_changes_only_its_settings():
   config = ablation_config.get_config("smoke,seeds=3,am_scope=visible")
   base = flat_config(config.to_dict())
+  markers = (ablation.TEACHER_SHAPE, ablation.MATCHED_STEPS, ablation.HALF_PATCH)
   for variant, (_, overrides) in ablation.VARIANTS.items():
-    if ablation.TEACHER_SHAPE in (overrides or {}).values():
-      continue  # below
+    if set(markers) & set(overrides.values()):
+      continue  # below, and tests/test_costs.py
     sub = ablation.run_config(config, variant, 2)
     assert sub.seed == config.seed + 2 and sub.label_seed == config.label_seed == 0
     changed = {k: v for k, v in flat_config(sub.to_dict()).items() if base[k] != v}
-    wanted = {k: v for k, v in (overrides or {}).items() if base[k] != v}  # (scope_visible)
+    wanted = {k: v for k, v in overrides.items() if base[k] != v}  # (scope_visible)
     assert changed == {"seed": config.seed + 2, **wanted}, variant
   assert ablation.run_config(config, "mp", 0).distill.loss.w_am == 0
   assert ablation.run_config(config, "am", 0).distill.loss.w_mp == 0
@@ -189,6 +201,26 @@ def test_summary_statistics_and_checks_by_hand(tmp_path):
   assert np.isclose(
     ablation.summarize(config, str(tmp_path / "close"), 0.95)["checks"]["gap"], 0.333333, atol=1e-4
   )
+
+
+def test_the_gflops_columns(tmp_path):
+  """With ablation.gflops each row carries its training and inference GFLOPs (the teacher's
+  row none): two columns, the teacher's and the section rows left blank."""
+  config = ablation_config.get_config("seeds=1")
+  config.ablation.variants = ("supervised", "am_mp")
+  write_results(tmp_path, {"supervised": [0.80], "am_mp": [0.86]})
+  gflops = {
+    "supervised": dict(train=4442.4, inference=0.03091),
+    "am_mp": dict(train=5031.0, inference=0.03091),
+  }
+  table = ablation.summarize(config, str(tmp_path), 0.95, gflops)["table"]
+  assert (
+    "| | top-1 (%), mean ± std over 1 seed | paper, ImageNet-1k | train GFLOPs | inference GFLOPs |"
+    in table
+  )
+  assert "| teacher | 95.00 | 84.7 (CLIP ViT-B/16) | | |" in table
+  assert "| supervised | 80.00 ± 0.00 | 82.6 | 4,442 | 0.0309 |" in table
+  assert "| AM + MP | 86.00 ± 0.00 | 84.3 | 5,031 | 0.0309 |" in table
 
 
 def test_unknown_variant_is_refused_by_name(tmp_path):
