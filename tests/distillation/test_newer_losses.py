@@ -15,8 +15,10 @@ import pytest
 from flax import nnx
 
 from configs import common as cfg_common
+from configs import demo
 from linearizer import models
 from linearizer.distillation import distill, losses, teacher_init
+from linearizer.distillation import stage as distill_stage
 from linearizer.errors import UserError
 
 TOL = 1e-5
@@ -122,3 +124,11 @@ def test_teacher_mlp_copies_the_mlps_and_leaves_the_mixer_random():
   np.testing.assert_array_equal(copied.patch_embed.kernel[...], teacher.patch_embed.kernel[...])
   text = teacher_init.format_table(rows, depth=2)
   assert "student_init='teacher_mlp': the mixer keeps its own init" in text
+
+
+def test_an_unknown_final_view_or_target_is_refused_before_the_run():
+  for name, bad in (("final_view", "sideways"), ("final_target", "zscore")):
+    config = ml_collections.ConfigDict(demo.get_config("smoke").to_dict())
+    config.distill.loss[name] = bad
+    with pytest.raises(UserError, match=f"distill.loss.{name}='{bad}'"):
+      distill_stage.check_config(config)
