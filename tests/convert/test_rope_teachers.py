@@ -17,6 +17,7 @@ from helpers import rel_err  # noqa: E402
 from linearizer import convert, errors  # noqa: E402
 from linearizer.models import rope  # noqa: E402
 from test_convert import forward, images_at, perturb_  # noqa: E402
+from test_peer_classes import timm_outputs  # noqa: E402
 
 (timm,) = torchvision_standin.import_with_standin("timm")
 if timm is None:
@@ -36,18 +37,6 @@ MODELS = [
   ("vit_small_patch16_dinov3_qkvb", "DINOv3 with q/v biases"),
   ("vit_small_plus_patch16_dinov3", "DINOv3 S+: SwiGLU"),
 ]
-
-
-def timm_outputs(model, images):
-  """timm's per-block outputs, final tokens and pooled features (NHWC in)."""
-  blocks = []
-  hooks = [b.register_forward_hook(lambda m, i, o: blocks.append(o)) for b in model.blocks]
-  with torch.no_grad():
-    tokens = model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2)))
-    pooled = model.forward_head(tokens, pre_logits=True)
-  for h in hooks:
-    h.remove()
-  return [b.numpy() for b in blocks], tokens.numpy(), pooled.numpy()
 
 
 def save_as_hub(model, name, folder):
