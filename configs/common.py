@@ -91,7 +91,12 @@ def distill_loss(**given) -> ml_collections.ConfigDict:
     # block-level alignment), so AM's projection-free maps can be told from plain regression
     w_final=Field(0.0, NON_NEGATIVE),
     w_blocks=Field(0.0, NON_NEGATIVE),
-    # their targets: 'ln' (each token's parameter-free LayerNorm, as MP's) or 'raw'
+    # `mixer_out`: at AM's levels, the student's mixer branch through a map per level onto
+    # the teacher's attention branch (ModelOutput.mixers; ViT-AdaLA's attention alignment,
+    # Copy-the-Same's attention-output distillation), each model on its own stream
+    w_mixer=Field(0.0, NON_NEGATIVE),
+    # their targets (and mixer_out's): 'ln' (each token's parameter-free LayerNorm, as
+    # MP's) or 'raw'
     final_target="ln",
     # what `final` reads of the student: 'full' a second forward of the unmasked image (the
     # alignment papers' student sees the whole image; counted in the train GFLOPs) or

@@ -79,6 +79,9 @@ def segment(**given) -> ml_collections.ConfigDict:
       canvas=Field(128, POSITIVE_INT),  # digitscenes: the canvas side
       train_scenes=Field(2000, POSITIVE_INT),  # digitscenes: scenes per split
       test_scenes=Field(200, POSITIVE_INT),  # digitscenes: eval scenes
+      digits=Field((2, 4), ordered_pair(POSITIVE_INT)),  # digitscenes: digits per canvas
+      # digitscenes: a digit's side as a fraction of the canvas's (low, high)
+      digit_side=Field((0.25, 0.5), ordered_pair(POSITIVE_FRACTION)),
       crop=Field((512, 512), SIZE),  # training crop (h, w)
       scale=Field(
         (2048, 512), SCALE

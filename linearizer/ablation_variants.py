@@ -27,9 +27,14 @@ The simpler recipes of 2026, each on the same student and budget (opt-in too):
                  loss: w_am = w_mp = 0, distill.loss.w_final = 1)
   blocks         AM's tokens at AM's levels regressed through a map per level, alone
                  (FitNets / ViT-AdaLA's block alignment: w_blocks = 1)
+  mixer_out      each AM level's mixer branch regressed onto the teacher's attention
+                 branch through a map per level, alone (ViT-AdaLA's attention alignment,
+                 Copy-the-Same's attention-output distillation: w_mixer = 1)
   final_am       final + AM (AdaLA's two alignments, with AM's maps for the blocks)
   mlp_init       a teacher-shaped student starting from the teacher's norms, embeddings
                  and MLPs, the mixer random (student_init = 'teacher_mlp'), AM + MP
+  mlp_final      the same start with the final-token loss alone (the best single loss of
+                 the first 2026 rows, docs/results/ablation.md)
 """
 
 # A value standing for student.overrides with the teacher's shape put in (teacher_init's).
@@ -76,10 +81,24 @@ VARIANTS = {
     "block regression only (FitNets)",
     {"distill.loss.w_am": 0.0, "distill.loss.w_mp": 0.0, "distill.loss.w_blocks": 1.0},
   ),
+  "mixer_out": (
+    "mixer outputs only (AdaLA stage 1)",
+    {"distill.loss.w_am": 0.0, "distill.loss.w_mp": 0.0, "distill.loss.w_mixer": 1.0},
+  ),
   "final_am": ("final tokens + AM", {"distill.loss.w_mp": 0.0, "distill.loss.w_final": 1.0}),
   "mlp_init": (
     "teacher-shaped student, MLPs from the teacher",
     {"student.overrides": TEACHER_SHAPE, "distill.student_init": "teacher_mlp"},
+  ),
+  "mlp_final": (
+    "teacher-shaped student, MLPs from the teacher, final tokens only",
+    {
+      "student.overrides": TEACHER_SHAPE,
+      "distill.student_init": "teacher_mlp",
+      "distill.loss.w_am": 0.0,
+      "distill.loss.w_mp": 0.0,
+      "distill.loss.w_final": 1.0,
+    },
   ),
 }
 # The paper's two tables (ImageNet-1k top-1, CLIP ViT-B/16 → Adventurer-B): (row, variant, %)
@@ -111,7 +130,9 @@ PAPER = {
   "newer recipes (2026)": [
     ("final tokens only (GTR)", "final", None),
     ("block regression only (FitNets)", "blocks", None),
+    ("mixer outputs only (AdaLA stage 1)", "mixer_out", None),
     ("final tokens + AM", "final_am", None),
     ("teacher-shaped student, MLPs from the teacher", "mlp_init", None),
+    ("teacher-shaped student, MLPs from the teacher, final tokens only", "mlp_final", None),
   ],
 }

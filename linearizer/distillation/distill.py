@@ -4,7 +4,8 @@ activation matching + masked prediction, read top to bottom.
   Distiller          what is trained: the student, MP's prediction head and the newer
                      losses' projections
   distill_losses     L = w_am · L_AM + w_mp · L_MP (+ w_final · L_final + w_blocks ·
-                     L_blocks, the simpler recipes of 2026) for one micro-batch
+                     L_blocks + w_mixer · L_mixer_out, the simpler recipes of 2026) for
+                     one micro-batch
   make_distill_step  teacher forward (frozen, outside the gradient) → student forward and
                      backward → update
   run_distill        the stage: build the student, run `train.fit`, save the result
@@ -28,20 +29,21 @@ from linearizer.errors import UserError
 
 class Distiller(nnx.Module):
   """What distillation trains: the student, the MP prediction head (student → teacher) and,
-  where `loss` weighs them, the linear maps of `final` (one) and `blocks` (one per AM
-  level) into the teacher's width; absent otherwise, so the paper's state is unchanged."""
+  where `loss` weighs them, the linear maps of `final` (one), `blocks` and `mixer_out` (one
+  per AM level each) into the teacher's width; absent otherwise, so the paper's state is
+  unchanged."""
 
   def __init__(self, student, teacher_width: int, *, rngs: nnx.Rngs, loss=None):
     self.student = student
     self.predictor = nnx.Linear(student.cfg.width, teacher_width, rngs=rngs)
     width = student.cfg.width
-    w_final, w_blocks = (0, 0) if loss is None else (loss.w_final, loss.w_blocks)
-    self.final_proj = nnx.Linear(width, teacher_width, rngs=rngs) if w_final else None
-    self.block_projs = (
-      nnx.List([nnx.Linear(width, teacher_width, rngs=rngs) for _ in range(loss.num_stages)])
-      if w_blocks
-      else None
+    weigh = lambda name: loss is not None and loss.get(name, 0.0)
+    per_level = lambda: nnx.List(
+      [nnx.Linear(width, teacher_width, rngs=rngs) for _ in range(loss.num_stages)]
     )
+    self.final_proj = nnx.Linear(width, teacher_width, rngs=rngs) if weigh("w_final") else None
+    self.block_projs = per_level() if weigh("w_blocks") else None
+    self.mixer_projs = per_level() if weigh("w_mixer") else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -55,19 +57,33 @@ def am_tokens(model, out, index: int, features: str):
 
 
 def distill_losses(
-  *, distiller, teacher_levels, teacher_final, images, mask, visible, cfg, teacher_grid, levels
+  *,
+  distiller,
+  teacher_levels,
+  teacher_final,
+  images,
+  mask,
+  visible,
+  cfg,
+  teacher_grid,
+  levels,
+  teacher_mixers=None,
 ):
-  """L = w_am · L_AM + w_mp · L_MP + w_final · L_final + w_blocks · L_blocks and its terms,
-  for one batch (the student trains).
+  """L = w_am · L_AM + w_mp · L_MP + w_final · L_final + w_blocks · L_blocks + w_mixer ·
+  L_mixer_out and its terms, for one batch (the student trains).
 
   teacher_levels: the teacher's (cls, patches) at the end of each AM level; teacher_final:
-  its final-block patch tokens (MP's target); levels: the (teacher, student) block pairs
-  of `losses.level_pairs`.
+  its final-block patch tokens (MP's target); teacher_mixers: its attention branch in the
+  same blocks as (cls, patches) (`mixer_out` only); levels: the (teacher, student) block
+  pairs of `losses.level_pairs`.
   """
   student = distiller.student
   out = student(images, mask=mask, train=True)
   grid = (images.shape[1] // student.cfg.patch, images.shape[2] // student.cfg.patch)
   metrics, total = {}, 0.0
+  align = dict(
+    grids=(teacher_grid, grid), scope=cfg.scope, visible=visible, target=cfg.final_target
+  )
   if cfg.w_am or cfg.w_blocks:
     student_levels = [
       losses.split_roles(am_tokens(student, out, j, cfg.am_features), out.roles) for _, j in levels
@@ -96,15 +112,26 @@ def distill_losses(
     total += cfg.w_final * final_loss
     metrics.update(final=final_loss)
   if cfg.w_blocks:  # FitNets at AM's levels: the same tokens, regressed through a map each
-    per_level = []
-    for proj, t, s in zip(distiller.block_projs, teacher_levels, student_levels):
-      t_tokens, s_tokens = losses.align(t, s, teacher_grid, grid, cfg.scope, visible)
-      per_level.append(losses.feature_regression(proj(s_tokens), t_tokens, cfg.final_target))
-    blocks = jnp.mean(jnp.stack(per_level))
+    blocks = level_regression(distiller.block_projs, teacher_levels, student_levels, **align)
     total += cfg.w_blocks * blocks
     metrics.update(blocks=blocks)
+  if cfg.w_mixer:  # ViT-AdaLA stage 1: the mixer branch onto the attention branch
+    student_mixers = [losses.split_roles(out.mixers[j], out.roles) for _, j in levels]
+    mixer_out = level_regression(distiller.mixer_projs, teacher_mixers, student_mixers, **align)
+    total += cfg.w_mixer * mixer_out
+    metrics.update(mixer_out=mixer_out)
   metrics["loss"] = total
   return total, metrics
+
+
+def level_regression(projs, teacher_levels, student_levels, *, grids, scope, visible, target):
+  """The mean over AM's levels of `feature_regression(proj(student), teacher)` on AM's
+  tokens (`losses.align`): the `blocks` and `mixer_out` losses."""
+  per_level = []
+  for proj, t, s in zip(projs, teacher_levels, student_levels):
+    t_tokens, s_tokens = losses.align(t, s, *grids, scope, visible)
+    per_level.append(losses.feature_regression(proj(s_tokens), t_tokens, target))
+  return jnp.mean(jnp.stack(per_level))
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,7 +198,10 @@ def make_teacher_targets(teacher: nnx.Module, student_cfg, config, levels=None) 
     t_levels = [
       losses.split_roles(am_tokens(t_model, out, i, dcfg.am_features), out.roles) for i, _ in levels
     ]
-    return {"levels": t_levels, "final": out.roles.patches_of(out.blocks[-1])}
+    targets = {"levels": t_levels, "final": out.roles.patches_of(out.blocks[-1])}
+    if dcfg.get("w_mixer", 0.0):  # only where weighed: the cache's layout is unchanged
+      targets["mixers"] = [losses.split_roles(out.mixers[i], out.roles) for i, _ in levels]
+    return targets
 
   return targets
 
@@ -231,6 +261,7 @@ def make_distill_step(
         cfg=dcfg,
         teacher_grid=teacher_grid,
         levels=levels,
+        teacher_mixers=mb["teacher"].get("mixers"),
       )
 
     # The teacher ran once on the whole batch; its outputs are split into micro-batches

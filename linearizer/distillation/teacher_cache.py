@@ -73,6 +73,12 @@ def check_config(dcfg) -> None:
   views = dcfg.teacher_cache_views
   if not isinstance(views, int) or views < 1:
     raise UserError(f"distill.teacher_cache_views={views!r}; expected a positive integer.")
+  if dcfg.teacher_cache != "off" and dcfg.loss.get("w_mixer", 0.0):
+    raise UserError(
+      f"distill.teacher_cache={dcfg.teacher_cache!r} with distill.loss.w_mixer="
+      f"{dcfg.loss.w_mixer}: the cache stores the teacher's levels and final tokens, not its "
+      "attention branches (mixer_out's targets); set distill.teacher_cache='off'."
+    )
   if dcfg.teacher_cache_dtype not in DTYPES:
     raise UserError(
       f"distill.teacher_cache_dtype={dcfg.teacher_cache_dtype!r}; expected one of {tuple(DTYPES)}."

@@ -157,13 +157,15 @@ class Block(nnx.Module):
     return self.mlp(self.norm_mlp(h))
 
   def __call__(self, h, *, train: bool):
+    """(the block's output, its mixer branch: `ModelOutput.mixers`)."""
     # remat recomputes the branches in the backward; drop path stays outside, where its
     # random draw happens once.
     mix, feed_forward = Block.mix, Block.feed_forward
     if self.remat:
       mix, feed_forward = nnx.remat(mix), nnx.remat(feed_forward)
-    h = h + self.drop_path(mix(self, h), train=train)
-    return h + self.drop_path(feed_forward(self, h), train=train)
+    mixed = mix(self, h)
+    h = h + self.drop_path(mixed, train=train)
+    return h + self.drop_path(feed_forward(self, h), train=train), mixed
 
 
 class Adventurer(nnx.Module):
@@ -235,11 +237,16 @@ class Adventurer(nnx.Module):
 
   def __call__(self, images, *, mask=None, train: bool = False) -> common.ModelOutput:
     x = self.embed(images, mask)
-    blocks = []
+    blocks, mixers = [], []
     for layer in self.layers:
-      x = layer(x, train=train)
+      x, mixed = layer(x, train=train)
       blocks.append(x)
+      mixers.append(mixed)
     out = common.ModelOutput(
-      logits=None, tokens=self.norm_f(x), blocks=tuple(blocks), roles=self.roles
+      logits=None,
+      tokens=self.norm_f(x),
+      blocks=tuple(blocks),
+      roles=self.roles,
+      mixers=tuple(mixers),
     )
     return out.replace(logits=self.head(self.pool(out))) if self.head is not None else out

@@ -46,12 +46,16 @@ class ModelOutput:
   blocks: the residual stream after every block, each (B, T, D).
   roles: where CLS, patches (and registers) sit in `tokens` and every block; consumers use
     `.cls`, `.patches` or `roles.patches_of(block)`, never a position of their own.
+  mixers: every block's token-mixer branch as it joins the residual stream (attention with
+    its layer scale in the ViT, the SSM branch in Adventurer; before drop path), each
+    (B, T, D) in the same order as `blocks`: the `mixer_out` loss reads them.
   """
 
   logits: Optional[jax.Array]
   tokens: jax.Array
   blocks: tuple
   roles: TokenRoles = flax.struct.field(pytree_node=False)
+  mixers: tuple = ()
 
   @property
   def cls(self) -> Optional[jax.Array]:

@@ -106,10 +106,11 @@ class Block(nnx.Module):
     return self.fc2(h if self.mlp_norm is None else self.mlp_norm(h))
 
   def __call__(self, x, *, train: bool, rotary=None):
-    y = self._scaled(self.attn(self.norm1(x), rotary), self.ls1)
-    x = x + self.drop_path(y, train=train)
+    """(the block's output, its attention branch: `ModelOutput.mixers`)."""
+    mixed = self._scaled(self.attn(self.norm1(x), rotary), self.ls1)
+    x = x + self.drop_path(mixed, train=train)
     y = self._scaled(self.mlp(self.norm2(x)), self.ls2)
-    return x + self.drop_path(y, train=train)
+    return x + self.drop_path(y, train=train), mixed
 
 
 class MAPHead(nnx.Module):
@@ -257,12 +258,15 @@ class ViT(nnx.Module):
       raise UserError("The ViT teacher always sees the whole image; mask must be None.")
     x = self.embed(images)
     rotary = self.rotary(common.patch_grid(images.shape[1:3], self.cfg.patch))
-    blocks = []
+    blocks, mixers = [], []
     for block in self.blocks:
-      x = block(x, train=train, rotary=rotary)
+      x, mixed = block(x, train=train, rotary=rotary)
       blocks.append(x)
+      mixers.append(mixed)
     tokens = x if self.norm is None else self.norm(x)
-    out = common.ModelOutput(logits=None, tokens=tokens, blocks=tuple(blocks), roles=self.roles)
+    out = common.ModelOutput(
+      logits=None, tokens=tokens, blocks=tuple(blocks), roles=self.roles, mixers=tuple(mixers)
+    )
     if self.head is None:
       return out
     return out.replace(logits=self.head(self.pool(out)))

@@ -19,8 +19,8 @@ import numpy as np
 
 from linearizer import data
 from linearizer.errors import UserError
+from linearizer.segmentation import scenes
 from linearizer.segmentation.augment import _augment, _pad, normalize
-from linearizer.segmentation.scenes import DigitScenes
 from linearizer.segmentation.sources import (
   ADE20K,
   IGNORE,
@@ -39,6 +39,8 @@ def seg_source(
   num_scenes: int = 0,
   seed: int = 0,
   data_dir: str = "",
+  digits: tuple = scenes.DIGITS,
+  digit_side: tuple = scenes.DIGIT_SIDE,
 ):
   """The segmentation source `spec` names, one split of it.
 
@@ -49,12 +51,14 @@ def seg_source(
     num_classes: a segfolder's class count (0: from its masks); for the others, 0 or at
       least their own (a head that small would drop labels).
     size, num_scenes, seed: digitscenes' canvas side, scene count (0: its default), seed.
+    digits, digit_side: digitscenes' (fewest, most) digits a canvas and (smallest,
+      largest) digit side as a fraction of the canvas's.
   Returns:
     A source of (uint8 (H, W, 3) image, uint8 (H, W) label) with `name` and `num_classes`.
   """
   kind, colon, root = spec.partition(":")
   if kind == "digitscenes" and not colon:
-    source = DigitScenes(split, size, num_scenes, seed)
+    source = scenes.DigitScenes(split, size, num_scenes, seed, digits, digit_side)
   elif kind == "tfds" and root:
     source = TfdsSegmentation(root, split, data_dir)
   elif kind in ("segfolder", "ade20k", "cityscapes") and root:

@@ -19,8 +19,10 @@ def _mnist():
   return data.mnist()  # read once per process, also in grain's workers
 
 
-DIGITS = (2, 4)  # digits per scene
-DIGIT_SIDE = (0.25, 0.5)  # a digit's side, as a fraction of the canvas's
+# The defaults of segment.data.digits / digit_side (configs/tool_blocks.py): digits per
+# scene, and a digit's side as a fraction of the canvas's.
+DIGITS = (2, 4)
+DIGIT_SIDE = (0.25, 0.5)
 # Backgrounds darker than this in every channel, digits lighter than 255 − this: MNIST's
 # light strokes on dark, in colour, so a teacher trained on MNIST meets digits it knows.
 DARK = 96
@@ -42,11 +44,20 @@ class DigitScenes:
 
   num_classes = 11
 
-  def __init__(self, split: str, size: int = 128, num_scenes: int = 0, seed: int = 0):
+  def __init__(
+    self,
+    split: str,
+    size: int = 128,
+    num_scenes: int = 0,
+    seed: int = 0,
+    digits: tuple = DIGITS,
+    digit_side: tuple = DIGIT_SIDE,
+  ):
     check_split(split, "digitscenes")
     if size < 16:
       raise UserError(f"digitscenes: size={size}; expected a canvas side of at least 16.")
     self.split, self.size, self.seed = split, int(size), int(seed)
+    self.digits, self.digit_side = tuple(digits), tuple(digit_side)
     self.num_scenes = int(num_scenes) or (2000 if split == "train" else 200)
     self.pool = data.split_index(len(_mnist()[0]), split, data.TEST_FRACTION)
     self.name = f"digitscenes:{split}"
@@ -76,12 +87,12 @@ class DigitScenes:
     image = base + rng.normal(0.0, 6.0, (s, s, 3)).astype(np.float32)  # RGB matters a little
     label = np.zeros((s, s), np.uint8)
     owner = np.full((s, s), -1, np.int16)  # which digit's ink each pixel shows
-    placed, ink_of, count = [], [], rng.integers(DIGITS[0], DIGITS[1] + 1)
+    placed, ink_of, count = [], [], rng.integers(self.digits[0], self.digits[1] + 1)
     for _ in range(4 * count):  # a digit that finds no place is drawn anew
       if len(placed) == count:
         break
       m = int(self.pool[rng.integers(len(self.pool))])
-      side = max(4, round(s * rng.uniform(*DIGIT_SIDE)))
+      side = max(4, round(s * rng.uniform(*self.digit_side)))
       glyph = bold_digit(digits[m], side)
       alpha = np.asarray(glyph, np.float32) / 255
       ink = alpha > 127 / 255

@@ -174,6 +174,8 @@ def sources(config) -> tuple:
     num_scenes=n,
     seed=config.seed,
     data_dir=d.data_dir,
+    digits=tuple(d.digits),
+    digit_side=tuple(d.digit_side),
   )
   return make("train", d.train_scenes), make("test", d.test_scenes)
 

@@ -132,3 +132,78 @@ def test_an_unknown_final_view_or_target_is_refused_before_the_run():
     config.distill.loss[name] = bad
     with pytest.raises(UserError, match=f"distill.loss.{name}='{bad}'"):
       distill_stage.check_config(config)
+
+
+def branch_inputs(embedded, out):
+  """Each block's input: the embedding, then the previous block's output."""
+  return [embedded, *out.blocks[:-1]]
+
+
+def test_mixers_are_each_blocks_token_mixing_branch():
+  """`ModelOutput.mixers` against the branch recomputed from each block's input with the
+  block's own pieces (attention after norm1 and layer scale; Adventurer's `mix`)."""
+  teacher, student = models_pair()
+  images = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16, 16, 3)), jnp.float32)
+  t_out = teacher(images)
+  for block, x, mixed in zip(
+    teacher.blocks, branch_inputs(teacher.embed(images), t_out), t_out.mixers
+  ):
+    np.testing.assert_allclose(
+      mixed, block._scaled(block.attn(block.norm1(x)), block.ls1), atol=TOL
+    )
+  mask, _ = losses.random_mask(jax.random.key(1), 2, 16, 0.5)
+  s_out = student(images, mask=mask)
+  for layer, h, mixed in zip(
+    student.layers, branch_inputs(student.embed(images, mask), s_out), s_out.mixers
+  ):
+    np.testing.assert_allclose(mixed, layer.mix(h), atol=TOL)
+
+
+def test_mixer_out_is_the_regression_it_says():
+  """The step's `mixer_out` term equals a NumPy recomputation: per AM level, the student's
+  mixer branch (masked forward, AM's tokens) through its map onto the LN of the teacher's
+  attention branch; no map and no target unless weighed."""
+  teacher, student = models_pair()
+  cfg = loss_config(w_am=0.0, w_mp=0.0, w_mixer=2.0, scope="visible")
+  distiller = distill.Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(3), loss=cfg)
+  assert len(distiller.mixer_projs) == 2 and distiller.block_projs is None
+  images = jnp.asarray(np.random.default_rng(2).standard_normal((2, 16, 16, 3)), jnp.float32)
+  stage = ml_collections.ConfigDict(dict(loss=cfg, teacher_input="resample"))
+  levels = losses.level_pairs(teacher.cfg.depth, student.cfg.depth, 2)
+  targets = distill.make_teacher_targets(teacher, student.cfg, stage, levels)(
+    nnx.state(teacher, nnx.Param), images
+  )
+  mask, visible = losses.random_mask(jax.random.key(0), 2, 16, 0.5)
+  total, metrics = distill.distill_losses(
+    distiller=distiller,
+    teacher_levels=targets["levels"],
+    teacher_final=targets["final"],
+    images=images,
+    mask=mask,
+    visible=visible,
+    cfg=cfg,
+    teacher_grid=(4, 4),
+    levels=levels,
+    teacher_mixers=targets["mixers"],
+  )
+  t_out, s_out = teacher(images), student(images, mask=mask, train=True)
+  pick = lambda x: np.take_along_axis(np.asarray(x, np.float64), np.asarray(visible)[..., None], 1)
+  per_level = []
+  for lin, (i, j) in zip(distiller.mixer_projs, levels):
+    t, s = t_out.mixers[i], s_out.mixers[j]
+    t_tokens = np.concatenate([t[:, :1], pick(t[:, 1:])], axis=1)  # ViT: [cls, patches]
+    s_tokens = np.concatenate([s[:, -1:], pick(s[:, :-1])], axis=1)  # Adventurer: [..., cls]
+    pred = s_tokens @ np.asarray(lin.kernel[...], np.float64) + np.asarray(lin.bias[...])
+    per_level.append(np.mean((pred - np_ln(t_tokens)) ** 2))
+  assert abs(float(metrics["mixer_out"]) - np.mean(per_level)) < TOL
+  assert abs(float(total) - 2.0 * np.mean(per_level)) < 2 * TOL
+  paper = ml_collections.ConfigDict(dict(loss=loss_config(), teacher_input="resample"))
+  plain = distill.make_teacher_targets(teacher, student.cfg, paper, levels)
+  assert "mixers" not in plain(nnx.state(teacher, nnx.Param), images)
+
+
+def test_mixer_out_with_the_teacher_cache_is_refused_by_name():
+  config = ml_collections.ConfigDict(demo.get_config("smoke").to_dict())
+  config.distill.loss.w_mixer, config.distill.teacher_cache = 1.0, "write"
+  with pytest.raises(UserError, match="not its attention branches"):
+    distill_stage.check_config(config)

@@ -17,7 +17,16 @@ from linearizer import ablation, models
 from linearizer.distillation import teacher_fit
 
 # the cost-matched baselines and the 2026 recipes' rows, opt-in
-NEWER = ("supervised_matched", "supervised_tokens", "final", "blocks", "final_am", "mlp_init")
+NEWER = (
+  "supervised_matched",
+  "supervised_tokens",
+  "final",
+  "blocks",
+  "mixer_out",
+  "final_am",
+  "mlp_init",
+  "mlp_final",
+)
 
 
 def test_ablation_smoke_run_writes_the_table(tmp_path):
@@ -70,16 +79,22 @@ def test_ablation_smoke_run_writes_the_table(tmp_path):
     "**newer recipes (2026)**",
     "final tokens only (GTR)",
     "block regression only (FitNets)",
+    "mixer outputs only (AdaLA stage 1)",
     "final tokens + AM",
     "teacher-shaped student, MLPs from the teacher",
+    "teacher-shaped student, MLPs from the teacher, final tokens only",
   ]
   final = json.loads(
     (out / "final" / "seed0" / "distill" / "metrics.jsonl").read_text().splitlines()[0]
   )
   assert "final" in final and "am" not in final and "mp" not in final
+  mixer = json.loads(
+    (out / "mixer_out" / "seed0" / "distill" / "metrics.jsonl").read_text().splitlines()[0]
+  )
+  assert "mixer_out" in mixer and "am" not in mixer and "final" not in mixer
   assert "82.6" in table and "84.3" in table and "83.4" in table  # the paper's numbers
   assert (out / "ablation.png").stat().st_size > 10_000
-  assert "(13/13 runs" in proc.stdout
+  assert "(15/15 runs" in proc.stdout
   steps = re.search(r"supervised_matched: (\d+) train_student steps", proc.stdout)
   assert steps and int(steps[1]) > config.train_student.steps  # the teacher's share on top
   model = out / "supervised_tokens" / "seed0" / "train_student" / "model" / "model.json"

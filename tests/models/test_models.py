@@ -46,7 +46,7 @@ def forward(model, x, mask=None, train=False):
   return model(x, mask=mask, train=train)
 
 
-block_forward = nnx.jit(lambda block, h: block(h, train=False))
+block_forward = nnx.jit(lambda block, h: block(h, train=False)[0])  # (output, mixer branch)
 mixer_forward = nnx.jit(lambda mixer, u: mixer(u))
 
 

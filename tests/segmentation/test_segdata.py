@@ -13,13 +13,16 @@ import pickle
 import shutil
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from configs import segment as segment_config
 from linearizer import data
 from linearizer.errors import MissingPathError, UserError
 from linearizer.segmentation import augment, pipeline, scenes, sources
+from linearizer.segmentation import stage as seg_stage
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -58,6 +61,20 @@ def test_digit_scenes_are_a_function_of_seed_split_and_index():
   assert not np.array_equal(a[0][0], a[1][0])
   assert len(a) == 10
   assert (len(scenes.DigitScenes("train")), len(scenes.DigitScenes("test"))) == (2000, 200)
+
+
+def test_digit_count_and_side_follow_the_config():
+  """segment.data.digits / digit_side reach the scenes: every layout has a count and sides
+  in the asked ranges (side = round(canvas × fraction)), through the stage's source."""
+  config = ml_collections.ConfigDict(segment_config.get_config("smoke").to_dict())
+  config.segment.data.canvas = 64
+  config.segment.data.digits, config.segment.data.digit_side = (1, 2), (0.4, 0.45)
+  train, _ = seg_stage.sources(config)
+  layouts = [train.layout(i) for i in range(len(train))]
+  assert {len(lay) for lay in layouts} == {1, 2}
+  assert all(26 <= side <= 29 for lay in layouts for _, (_, _, side) in lay)
+  default = scenes.DigitScenes("train", size=64, num_scenes=20)
+  assert max(len(default.layout(i)) for i in range(20)) > 2  # (2, 4) by default
 
 
 def test_digit_scenes_train_and_test_use_disjoint_mnist_images():
