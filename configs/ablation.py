@@ -9,7 +9,9 @@ Args: `data` (any source `linearizer.data` reads: mnist, digits, npz:, folder:, 
 `labels` (the fine-tuning label budget), `steps` (every student's budget), `distill_steps`
 (of `steps`; fine-tuning gets the rest), `mask_ratio`, `am_scope` (the tokens AM + MP and
 AM only match: all, visible or cls), `layer_decay` (fine-tuning's layer-wise lr decay;
-1 = off), `label_seed` (which labelled subset), `workers` (runs at once), `smoke`.
+1 = off), `label_seed` (which labelled subset), `workers` (runs at once), `dense` (the
+dense column: every run's student also fine-tuned and scored on configs/segment.py's dense
+toy, at `canvas`), `smoke`.
 
 Defaults: MNIST 28², the demo's models (configs/demo.py) with a GAP-head teacher trained
 3000 steps, 100 labels, 3 seeds, 750 steps per student (distill 450 + fine-tune 300),
@@ -21,6 +23,7 @@ tables and the pilots behind them: docs/ablation.md ("Why each default"). About 
 import ml_collections
 
 from configs import common, demo, tool_blocks
+from configs import segment as segment_config
 
 
 def get_config(arg=None):
@@ -42,13 +45,20 @@ def get_config(arg=None):
     layer_decay=1.0,
     label_seed=0,
     workers=2,
+    dense=False,
+    canvas=56,
   )
   # The demo's models, schedule and budget (an unlocked copy), as the docstring says why.
   c = ml_collections.ConfigDict(demo.get_config("smoke" if arg.smoke else None).to_dict())
   c.stages = ("train_teacher", "ablation")
   # The am_scope row is am_mp's runs: 7 runs per seed.
   # each row's train and inference GFLOPs (compiled once per row: seconds on a CPU)
-  c.ablation = tool_blocks.ablation(seeds=arg.seeds, workers=arg.workers, gflops=not arg.smoke)
+  c.ablation = tool_blocks.ablation(
+    seeds=arg.seeds, workers=arg.workers, gflops=not arg.smoke, dense=arg.dense
+  )
+  # the dense column's data, head and budget: the segmentation demo's (configs/segment.py)
+  c.segment = tool_blocks.segment(backbones=())
+  segment_config.demo_segment(c.segment, arg.canvas, arg.smoke)
   c.label_seed = arg.label_seed  # every seed fine-tunes on the same `labels` images
   c.distill.visualize_every = 0  # no pictures per run: 18 distillations
   c.distill.loss.mask_ratio = arg.mask_ratio

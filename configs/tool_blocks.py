@@ -28,6 +28,8 @@ SIZE = pair(POSITIVE_INT)  # (h, w)
 # (long, short) to resize to, or () for as the image is
 SCALE = Range("() or two integers >= 1", lambda v: tuple(v) == () or SIZE.ok(v))
 RATIO_RANGE = ordered_pair(POSITIVE)
+COUNT_RANGE = ordered_pair(POSITIVE_INT)
+FRACTION_RANGE = ordered_pair(POSITIVE_FRACTION)
 LAYER = interval(-1, None, integer=True)  # -1: the last
 QUERY = pair(interval(-1, None, integer=True))  # (row, col); -1: the centre
 
@@ -79,9 +81,9 @@ def segment(**given) -> ml_collections.ConfigDict:
       canvas=Field(128, POSITIVE_INT),  # digitscenes: the canvas side
       train_scenes=Field(2000, POSITIVE_INT),  # digitscenes: scenes per split
       test_scenes=Field(200, POSITIVE_INT),  # digitscenes: eval scenes
-      digits=Field((2, 4), ordered_pair(POSITIVE_INT)),  # digitscenes: digits per canvas
+      digit_count=Field((2, 4), COUNT_RANGE),  # digitscenes: (fewest, most) digits
       # digitscenes: a digit's side as a fraction of the canvas's (low, high)
-      digit_side=Field((0.25, 0.5), ordered_pair(POSITIVE_FRACTION)),
+      digit_side=Field((0.25, 0.5), FRACTION_RANGE),
       crop=Field((512, 512), SIZE),  # training crop (h, w)
       scale=Field(
         (2048, 512), SCALE
@@ -133,6 +135,10 @@ def ablation(**given) -> ml_collections.ConfigDict:
     # give each row its training and inference GFLOPs (XLA's count of each stage's step,
     # compiled on this host: linearizer/costs.py), as the summary's two extra columns
     gflops=Field(False, None, FINISHED),
+    # the dense column: each run's final student also fine-tuned and scored on the
+    # `segment` block's data with its head and budget (mIoU, the paper's second column);
+    # rows already run keep their top-1 and only add it
+    dense=Field(False, None, FINISHED),
   )
   return build("ablation", declared, given)
 

@@ -30,14 +30,19 @@ import contextlib
 import json
 import multiprocessing
 import os
-import textwrap
 import time
 
 import jax
 import ml_collections
-import numpy as np
 
-from linearizer import costs, data, evaluate, files, plots, resolve, supervised, workdir
+from linearizer import costs, data, evaluate, files, resolve, supervised, workdir
+from linearizer.ablation_table import (  # noqa: F401 (ablation.* names too)
+  bar_plot,
+  checks,
+  summarize,
+  table,
+  write_summary,
+)
 from linearizer.ablation_variants import (  # noqa: F401 (ablation.* names too)
   FROM_SCRATCH,
   HALF_PATCH,
@@ -45,30 +50,17 @@ from linearizer.ablation_variants import (  # noqa: F401 (ablation.* names too)
   PAPER,
   TEACHER_SHAPE,
   VARIANTS,
+  dense_path,
+  out_dir,
+  runs_of,
+  scope_row,
+  variant_dir,
 )
 from linearizer.distillation import stage as distill_stage
 from linearizer.distillation import teacher_fit
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
-
-
-def scope_row(scope):
-  """The scope row of AM + MP's own AM scope: the AM + MP runs themselves."""
-  return f"scope_{scope}"
-
-
-def runs_of(config, variant):
-  """The variant whose runs give this row: the config's own scope row is AM + MP's."""
-  return "am_mp" if variant == scope_row(config.distill.loss.scope) else variant
-
-
-def out_dir(root):
-  return os.path.join(root, "ablation")
-
-
-def variant_dir(root, variant, seed_index):
-  return os.path.join(out_dir(root), variant, f"seed{seed_index}")
-
+from linearizer.segmentation import stage as seg_stage
 
 _MATCHED = {}  # config JSON -> the steps of supervised_matched, worked out once a process
 
@@ -150,22 +142,59 @@ def own_model(config, root, variant, k):
   return resolve.stage_model(config, root, role)
 
 
-def run_one(config, root, variant, k, teacher, train_src, eval_src, classes):
-  """One (variant, seed) run; writes its result.json and returns its top-1."""
-  sub = run_config(config, variant, k, teacher.cfg, classes)
+def final_model(config, root, variant, k):
+  """The model run (variant, seed k) scored for its top-1, from its directory."""
   model = own_model(config, root, variant, k)
-  if model is not None:
-    log(f"[ablation] {variant} seed {k}: the run's own {OWN_ROLES[variant]} student")
-  else:
-    run_dir = variant_dir(root, variant, k)
-    model = train_variant(sub, variant, run_dir, teacher, train_src, classes)
-  acc = top1(sub, model, eval_src)
+  stage = "train_student" if variant in FROM_SCRATCH else "finetune"
+  return model or resolve.load_model(workdir.model_dir(variant_dir(root, variant, k), stage))
+
+
+def dense_miou(config, root, variant, k, model) -> float:
+  """The ablation's dense column: `model` (its classification head dropped) fine-tuned with
+  `segment.head` on `segment.data` for `segment.steps` and scored there (the segment
+  stage's `train_and_score`); results in the run's `dense/`. Returns its mIoU."""
+  seed = resolve.seed_of(config, "segment_backbone")
+  backbone = resolve.with_new_head(model, 0, seed, drop_path=config.segment.drop_path)
+  directory = os.path.dirname(dense_path(root, variant, k))
+  row = seg_stage.train_and_score(config, directory, backbone, seg_stage.sources(config))
   if main_process():
-    result = dict(variant=variant, seed=sub.seed, top1=acc)
-    files.write_json(
-      os.path.join(variant_dir(root, variant, k), "result.json"), result, indent=None
+    seg_stage.write_json(dense_path(root, variant, k), row)
+  return row["miou"]
+
+
+def run_one(config, root, variant, k, teacher, train_src, eval_src, classes):
+  """One (variant, seed) run: trained and scored unless its result.json is there, then with
+  `ablation.dense` its dense column unless that is there; returns its top-1."""
+  sub = run_config(config, variant, k, teacher.cfg, classes)
+  done = os.path.join(variant_dir(root, variant, k), "result.json")
+  model = None
+  if os.path.isfile(done):
+    with open(done, encoding="utf-8") as f:
+      acc = json.load(f)["top1"]
+  else:
+    model = own_model(config, root, variant, k)
+    if model is not None:
+      log(f"[ablation] {variant} seed {k}: the run's own {OWN_ROLES[variant]} student")
+    else:
+      model = train_variant(
+        sub, variant, variant_dir(root, variant, k), teacher, train_src, classes
+      )
+    acc = top1(sub, model, eval_src)
+    if main_process():
+      files.write_json(done, dict(variant=variant, seed=sub.seed, top1=acc), indent=None)
+  if config.ablation.dense and not os.path.isfile(dense_path(root, variant, k)):
+    model = model or final_model(sub, root, variant, k)
+    log(
+      f"[ablation] {variant} seed {k}: mIoU {100 * dense_miou(sub, root, variant, k, model):.2f}%"
     )
   return acc
+
+
+def missing(config, root, variant, k) -> bool:
+  """Whether run (variant, seed k) has something left to do (`run_one`)."""
+  if not os.path.isfile(os.path.join(variant_dir(root, variant, k), "result.json")):
+    return True
+  return bool(config.ablation.dense) and not os.path.isfile(dense_path(root, variant, k))
 
 
 _WORKER = {}  # in a worker process: what every run shares, loaded once by _start_worker
@@ -214,10 +243,7 @@ def run(config, root, train_src, eval_src, classes):
   teacher = resolve.teacher(config, root, classes)
   variants = list(dict.fromkeys(runs_of(config, v) for v in config.ablation.variants))
   todo = [
-    (v, k)
-    for k in range(config.ablation.seeds)
-    for v in variants
-    if not os.path.isfile(os.path.join(variant_dir(root, v, k), "result.json"))
+    (v, k) for k in range(config.ablation.seeds) for v in variants if missing(config, root, v, k)
   ]
   start = time.time()
   workers = min(config.ablation.workers, len(todo))
@@ -246,9 +272,6 @@ def run(config, root, train_src, eval_src, classes):
   return summary
 
 
-# ---------------------------------------------------------------------------------------
-# The summary: numbers, a table in the paper's layout, a bar plot.
-# ---------------------------------------------------------------------------------------
 def row_gflops(config, root, teacher_cfg, classes) -> dict:
   """{variant: {'train': GFLOPs, 'inference': GFLOPs per image}} of each row's recipe (its
   seed-0 config), XLA's count (linearizer/costs.py); kept in ablation/gflops.json, so a
@@ -269,128 +292,3 @@ def row_gflops(config, root, teacher_cfg, classes) -> dict:
       if main_process():
         files.write_json(path, known)
   return {v: known[runs_of(config, v)] for v in config.ablation.variants}
-
-
-def summarize(config, root, teacher_top1, gflops=None):
-  """Per variant the top-1 of every seed, mean and std (in %), the checks, the table;
-  `gflops` ({variant: {'train', 'inference'}}) adds two columns."""
-  variants = {}
-  for variant in config.ablation.variants:
-    accs = []
-    for k in range(config.ablation.seeds):
-      path = os.path.join(variant_dir(root, runs_of(config, variant), k), "result.json")
-      with open(path, encoding="utf-8") as f:
-        accs.append(100 * json.load(f)["top1"])
-    variants[variant] = dict(
-      top1=accs,
-      mean=float(np.mean(accs)),
-      std=float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-      **({"gflops": gflops[variant]} if gflops else {}),
-    )
-  out = dict(
-    teacher_top1=100 * teacher_top1,
-    seeds=config.ablation.seeds,
-    data=config.data.source,
-    scope=config.distill.loss.scope,
-    variants=variants,
-    checks=checks(variants),
-  )
-  out["table"] = table(out)
-  return out
-
-
-def checks(variants):
-  """The issue's claims, as numbers: does AM+MP beat supervised by > 2 std, and do MP-only
-  and AM-only sit between them? 'std' is the larger of the two rows' seed std."""
-  if "supervised" not in variants or "am_mp" not in variants:
-    return {}
-  sup, both = variants["supervised"], variants["am_mp"]
-  spread = max(sup["std"], both["std"])
-  out = dict(
-    gap=both["mean"] - sup["mean"],
-    spread=spread,
-    am_mp_beats_supervised_by_2_std=both["mean"] - sup["mean"] > 2 * spread,
-  )
-  for v in ("mp", "am"):
-    if v in variants:
-      out[f"{v}_between"] = sup["mean"] <= variants[v]["mean"] <= both["mean"]
-  return out
-
-
-def table(summary):
-  """Markdown in the paper's layout: objective rows, then AM-scope rows."""
-  variants, n = summary["variants"], summary["seeds"]
-  costs_on = any("gflops" in v for v in variants.values())
-  extra = " train GFLOPs | inference GFLOPs |" if costs_on else ""
-  blank = " | |" * costs_on
-  lines = [
-    f"| | top-1 (%), mean ± std over {n} seed{'s' * (n > 1)} | paper, ImageNet-1k |{extra}",
-    "|---|---|---|" + "---|---|" * costs_on,
-    f"| teacher | {summary['teacher_top1']:.2f} | 84.7 (CLIP ViT-B/16) |{blank}",
-  ]
-  for section, rows in PAPER.items():
-    rows = [row for row in rows if row[1] in variants]
-    if rows:  # (a section none of whose rows was run is left out)
-      lines.append(f"| **{section}** | | |{blank}")
-    for label, variant, paper in rows:
-      v = variants[variant]
-      label += " (= AM + MP)" * (variant == scope_row(summary["scope"]))
-      paper = "—" if paper is None else paper  # a row the paper does not report
-      cost = f" {v['gflops']['train']:,.0f} | {v['gflops']['inference']:.4f} |" if costs_on else ""
-      lines.append(f"| {label} | {v['mean']:.2f} ± {v['std']:.2f} | {paper} |{cost}")
-  c = summary["checks"]
-  if c:
-    lines.append("")
-    beats = "yes" if c["am_mp_beats_supervised_by_2_std"] else "no"
-    spread = (
-      f"larger seed std {c['spread']:.2f}; > 2 std: {beats}"
-      if n > 1
-      else "one seed: no spread to hold it against (seeds >= 2)"
-    )
-    lines.append(f"AM + MP − supervised: {c['gap']:+.2f} points; {spread}.")
-    for v, label in (("mp", "MP only"), ("am", "AM only")):
-      if f"{v}_between" in c:
-        lines.append(
-          f"{label} between supervised and AM + MP: {'yes' if c[f'{v}_between'] else 'no'}."
-        )
-  return "\n".join(lines)
-
-
-def write_summary(summary, directory):
-  os.makedirs(directory, exist_ok=True)
-  files.write_json(os.path.join(directory, "ablation.json"), summary)
-  files.write_text(os.path.join(directory, "ablation.md"), summary["table"] + "\n")
-  bar_plot(summary, os.path.join(directory, "ablation.png"))
-
-
-def bar_plot(summary, path):
-  """Two panels like the paper's tables: objectives, AM scope; error bars = seed std."""
-  plt = plots.plt
-  variants = summary["variants"]
-  panels = [(s, [r for r in rows if r[1] in variants]) for s, rows in PAPER.items()]
-  panels = [(s, rows) for s, rows in panels if rows]
-  counts = [len(rows) for _, rows in panels]  # a panel's width follows its bars
-  fig, axes = plt.subplots(
-    1,
-    len(panels),
-    figsize=(2 + 1.5 * sum(counts), 4),
-    squeeze=False,
-    gridspec_kw=dict(width_ratios=[max(2, n) for n in counts]),
-  )
-  for ax, (section, rows) in zip(axes[0], panels):
-    means = [variants[v]["mean"] for _, v, _ in rows]
-    stds = [variants[v]["std"] for _, v, _ in rows]
-    ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
-    for i, (_, v, _) in enumerate(rows):  # every seed as a dot
-      ax.plot([i] * len(variants[v]["top1"]), variants[v]["top1"], "k.", ms=4)
-    ax.axhline(summary["teacher_top1"], color="tab:red", ls="--", label="teacher")
-    ax.set_xticks(range(len(rows)), [textwrap.fill(label, 16) for label, _, _ in rows], fontsize=8)
-    low = min(min(variants[v]["top1"]) for _, v, _ in rows)
-    ax.set_ylim(max(0, low - 3), max(summary["teacher_top1"], max(means)) + 1.5)
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(section)
-    ax.legend(loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path

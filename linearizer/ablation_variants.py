@@ -37,6 +37,8 @@ The simpler recipes of 2026, each on the same student and budget (opt-in too):
                  the first 2026 rows, docs/results/ablation.md)
 """
 
+import os
+
 # A value standing for student.overrides with the teacher's shape put in (teacher_init's).
 TEACHER_SHAPE = "the teacher's shape"
 # A value standing for the steps that give a student trained from scratch AM + MP's
@@ -136,3 +138,27 @@ PAPER = {
     ("teacher-shaped student, MLPs from the teacher, final tokens only", "mlp_final", None),
   ],
 }
+
+
+# The rows' runs on disk: workdir/ablation/<variant>/seed<k>/.
+def scope_row(scope):
+  """The scope row of AM + MP's own AM scope: the AM + MP runs themselves."""
+  return f"scope_{scope}"
+
+
+def runs_of(config, variant):
+  """The variant whose runs give this row: the config's own scope row is AM + MP's."""
+  return "am_mp" if variant == scope_row(config.distill.loss.scope) else variant
+
+
+def out_dir(root):
+  return os.path.join(root, "ablation")
+
+
+def variant_dir(root, variant, seed_index):
+  return os.path.join(out_dir(root), variant, f"seed{seed_index}")
+
+
+def dense_path(root, variant, k) -> str:
+  """Where run (variant, seed k)'s dense-toy results are (ablation.dense_miou)."""
+  return os.path.join(variant_dir(root, variant, k), "dense", "results.json")

@@ -174,7 +174,7 @@ def sources(config) -> tuple:
     num_scenes=n,
     seed=config.seed,
     data_dir=d.data_dir,
-    digits=tuple(d.digits),
+    digits=tuple(d.digit_count),
     digit_side=tuple(d.digit_side),
   )
   return make("train", d.train_scenes), make("test", d.test_scenes)
@@ -212,16 +212,57 @@ def write_json(path: str, tree) -> None:
   files.write_json(path, json_safe(tree), indent=1)
 
 
+def train_and_score(config, directory: str, backbone: nnx.Module, data: tuple) -> dict:
+  """`backbone` (no classification head) with `segment.head` fine-tuned in `directory` on
+  data[0] and scored on data[1]; exported to `directory/model` with `predictions.png`.
+
+  Returns:
+    Its results: `segmentation_scores` (miou, macc, aacc, iou), params, img/s, eval size.
+  """
+  scfg = config.segment
+  train_source, test_source = data
+  classes = train_source.num_classes
+  norm = (backbone.cfg.mean, backbone.cfg.std)
+  model = Segmenter(
+    backbone,
+    segmenter_config(scfg, classes),
+    rngs=nnx.Rngs(resolve.seed_of(config, "segment_head")),
+  )
+  model = fine_tune(config, directory, model, train_source, norm)
+  logits_fn = forward_fn(model)
+  cm, shown = evaluate(
+    logits_fn,
+    test_source,
+    scfg.eval,
+    num_classes=classes,
+    norm=norm,
+    keep=scfg.eval.figure_images,
+  )
+  first = test_resize(test_source[0][0], scfg.eval.scale).shape[:2]  # the eval resolution
+  hw = tuple(scfg.eval.crop) if scfg.eval.mode == "slide" else first
+  row = dict(
+    segmentation_scores(cm),
+    params=inference_params(model),
+    img_per_s=throughput(logits_fn, hw, scfg.eval.speed_repeats),
+    speed_size=list(hw),
+    eval_mode=scfg.eval.mode,
+    pixels=int(cm.sum()),
+  )
+  if main_process():
+    serving.export_segmenter(model, os.path.join(directory, "model"), image_size=hw)
+    title = f"{os.path.basename(directory)}: mIoU {100 * row['miou']:.1f}"
+    plots.segmentation_figure(shown, title, os.path.join(directory, "predictions.png"))
+  return row
+
+
 def run_segment(config, run_dir: str) -> dict:
   """The `segment` stage: every backbone fine-tuned and scored; the table printed.
 
   Returns:
     {backbone name: its results (miou, macc, aacc, iou, params, img_per_s, ...)}.
   """
-  scfg = config.segment
   specs = backbone_specs(config)
   train_source, test_source = sources(config)
-  classes = train_source.num_classes
   rows, todo = {}, {}
   for name, spec in specs.items():
     path = os.path.join(workdir.stage_dir(run_dir, "segment"), name, "results.json")
@@ -233,42 +274,10 @@ def run_segment(config, run_dir: str) -> dict:
       todo[name] = load_backbone(config, run_dir, name, spec)
   for name, backbone in todo.items():
     directory = os.path.join(workdir.stage_dir(run_dir, "segment"), name)
-    path = os.path.join(directory, "results.json")
-    norm = (backbone.cfg.mean, backbone.cfg.std)
-    model = Segmenter(
-      backbone,
-      segmenter_config(scfg, classes),
-      rngs=nnx.Rngs(resolve.seed_of(config, "segment_head")),
-    )
-    model = fine_tune(config, directory, model, train_source, norm)
-    logits_fn = forward_fn(model)
-    cm, shown = evaluate(
-      logits_fn,
-      test_source,
-      scfg.eval,
-      num_classes=classes,
-      norm=norm,
-      keep=scfg.eval.figure_images,
-    )
-    first = test_resize(test_source[0][0], scfg.eval.scale).shape[:2]  # the eval resolution
-    hw = tuple(scfg.eval.crop) if scfg.eval.mode == "slide" else first
-    rows[name] = dict(
-      segmentation_scores(cm),
-      backbone=specs[name] or name,
-      params=inference_params(model),
-      img_per_s=throughput(logits_fn, hw, scfg.eval.speed_repeats),
-      speed_size=list(hw),
-      eval_mode=scfg.eval.mode,
-      pixels=int(cm.sum()),
-    )
+    rows[name] = train_and_score(config, directory, backbone, (train_source, test_source))
+    rows[name]["backbone"] = specs[name] or name
     if main_process():
-      serving.export_segmenter(model, os.path.join(directory, "model"), image_size=hw)
-      plots.segmentation_figure(
-        shown,
-        f"{name}: mIoU {100 * rows[name]['miou']:.1f}",
-        os.path.join(directory, "predictions.png"),
-      )
-      write_json(path, rows[name])
+      write_json(os.path.join(directory, "results.json"), rows[name])
   table = format_table(rows)
   log(table)
   if main_process():

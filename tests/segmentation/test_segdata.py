@@ -68,7 +68,7 @@ def test_digit_count_and_side_follow_the_config():
   in the asked ranges (side = round(canvas × fraction)), through the stage's source."""
   config = ml_collections.ConfigDict(segment_config.get_config("smoke").to_dict())
   config.segment.data.canvas = 64
-  config.segment.data.digits, config.segment.data.digit_side = (1, 2), (0.4, 0.45)
+  config.segment.data.digit_count, config.segment.data.digit_side = (1, 2), (0.4, 0.45)
   train, _ = seg_stage.sources(config)
   layouts = [train.layout(i) for i in range(len(train))]
   assert {len(lay) for lay in layouts} == {1, 2}
