@@ -46,7 +46,7 @@ def get_config(arg=None):
     label_seed=0,
     workers=2,
     dense=False,
-    canvas=56,
+    canvas=28,
   )
   # The demo's models, schedule and budget (an unlocked copy), as the docstring says why.
   c = ml_collections.ConfigDict(demo.get_config("smoke" if arg.smoke else None).to_dict())
