@@ -125,11 +125,15 @@ def check_fit(student_cfg, teacher_cfg, *, allow_partial: bool, mixer: bool = Tr
   found = [m for m in misfits(student_cfg, teacher_cfg) if mixer or m.part != "mixer"]
   if found and not allow_partial:
     fit = ", ".join(f"{k}={v!r}" for k, v in fitting_overrides(teacher_cfg).items())
+    init = "teacher" if mixer else "teacher_mlp"
     raise UserError(
-      "distill.student_init='teacher': these student parameters cannot take the teacher's "
+      f"distill.student_init={init!r}: these student parameters cannot take the teacher's "
       "weights: "
       + "; ".join(f"{m.params} ({m.reason})" for m in found)
-      + f". A student they all fit: student.overrides = dict({fit}) (the student's patch may "
-      f"differ). Or copy what fits and keep the rest at the student's own init: {PARTIAL_FLAG}."
+      + " (no narrower copy is made: the teacher's leading channels or an SVD of its weights "
+      "do not compute what the teacher computes, so the student would start from another "
+      f"function). A student they all fit: student.overrides = dict({fit}) (the student's "
+      f"patch may differ). Or copy what fits and keep the rest at the student's own init: "
+      f"{PARTIAL_FLAG}."
     )
   return found

@@ -57,6 +57,22 @@ BAD_INPUT = {  # name: (extra flags, phrases the message must hold)
       "train_teacher.optim.ema_decay=1.0",
     ],
   ),
+  "MLP copy into a student of another width": (
+    [
+      "--config.stages=('train_teacher','distill')",
+      "--config.distill.student_init=teacher_mlp",
+      "--config.student.overrides.width=48",
+    ],
+    ["student_init='teacher_mlp'", "student width 48 ≠ teacher width 32", "no narrower copy"],
+  ),
+  "mixer_out read from the teacher cache": (
+    [
+      "--config.stages=('train_teacher','distill')",
+      "--config.distill.loss.w_mixer=1.0",
+      "--config.distill.teacher_cache=write",
+    ],
+    ["w_mixer=1.0", "teacher_cache='off'"],
+  ),
   "unknown teacher input": (
     ["--config.stages=('train_teacher','distill')", "--config.distill.teacher_input=crop"],
     ["teacher_input='crop'", "resize"],
