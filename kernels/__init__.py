@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
@@ -197,6 +198,7 @@ def ssd(
   chunk_size: int = 256,
   impl: Implementation = "auto",
   interpret: bool = False,
+  segment_ids: Array | None = None,
 ) -> jax.Array:
   """The Mamba-2 SSD: y_t = sum_{s<=t} (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s x_s + D x_t.
 
@@ -211,6 +213,10 @@ def ssd(
     impl: which implementation runs (see the module docstring); "auto" picks the
       backend's Pallas kernel when it takes these shapes, else "xla".
     interpret: run Pallas kernels in interpret mode (for CPU tests); others ignore it.
+    segment_ids: (batch, L) integers, or None: a packed sequence, each run of one id its
+      own sequence; the state carried into a token whose id differs from the previous
+      token's is zero (mamba-ssm's `seq_idx`). Taken by reference and xla (and "auto",
+      which then runs xla); the Pallas kernels refuse it for now.
 
   Returns:
     y: (batch, L, H, P) in x.dtype.
@@ -223,6 +229,17 @@ def ssd(
   if impl not in IMPLS and impl != "auto":
     raise ValueError(f"ssd: unknown impl={impl!r}; choose one of {sorted([*IMPLS, 'auto'])}")
   _check_shapes(x, dt, A, B, C, D, chunk_size)
+  if segment_ids is not None:
+    if tuple(segment_ids.shape) != x.shape[:2] or not jnp.issubdtype(
+      segment_ids.dtype, jnp.integer
+    ):
+      raise ValueError(
+        f"ssd: segment_ids has shape {tuple(segment_ids.shape)} and dtype "
+        f"{segment_ids.dtype}, expected integers of shape (batch, L) = {tuple(x.shape[:2])}"
+      )
+    if impl.startswith("pallas"):
+      raise ValueError(f"ssd: impl={impl!r} does not take segment_ids yet; use impl='xla'")
+    impl = "xla" if impl == "auto" else impl
   chunk_size = chunk_size or chunk_for(x.shape[1])
   sharded = _batch_mesh(x.shape[0])
   if impl == "auto":
@@ -237,6 +254,8 @@ def ssd(
       "or use impl='xla'"
     )
   run = functools.partial(IMPLS[impl], chunk_size=chunk_size, interpret=interpret)
+  if segment_ids is not None:  # (xla and reference: XLA partitions them itself)
+    return run(x, dt, A, B, C, D, segment_ids=segment_ids)
   if not platform or sharded is None:
     return run(x, dt, A, B, C, D)
   mesh, axes = sharded

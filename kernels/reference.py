@@ -21,8 +21,12 @@ import jax.numpy as jnp
 _EXACT = jax.lax.Precision.HIGHEST  # an oracle must not use TF32/bf16 passes on GPU/TPU
 
 
-def ssd_reference(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
-  """s_t = exp(dt_t A) s_{t-1} + dt_t x_t ⊗ B_t;  y_t = s_t C_t + D x_t (method.md §6.4)."""
+def ssd_reference(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False, segment_ids=None):
+  """s_t = exp(dt_t A) s_{t-1} + dt_t x_t ⊗ B_t;  y_t = s_t C_t + D x_t (method.md §6.4).
+
+  With `segment_ids` (batch, L) the state is zero before a token whose segment differs
+  from the previous token's: each segment of a packed sequence scans alone (mamba-ssm's
+  `seq_idx`)."""
   del chunk_size, interpret  # no chunks and no Pallas here
   batch, _, H, P = x.shape
   G, S = B.shape[2:]
@@ -33,14 +37,18 @@ def ssd_reference(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
   A = A.astype(f32)
 
   def step(s, inp):
-    x_t, dt_t, B_t, C_t = inp  # (batch, H, P), (batch, H), (batch, H, S) x2
+    x_t, dt_t, B_t, C_t, new_t = inp  # (batch, H, P), (batch, H), (batch, H, S) x2, (batch,)
+    s = jnp.where(new_t[:, None, None, None], 0.0, s)  # a new segment starts from zero
     s = jnp.exp(dt_t * A)[..., None, None] * s + jnp.einsum(
       "bhp,bhn->bhpn", dt_t[..., None] * x_t, B_t, precision=_EXACT
     )
     return s, jnp.einsum("bhpn,bhn->bhp", s, C_t, precision=_EXACT)
 
   s0 = jnp.zeros((batch, H, P, S), f32)
-  seq = tuple(jnp.moveaxis(v, 1, 0) for v in (x.astype(f32), dt.astype(f32), Bh, Ch))
+  starts = jnp.zeros(x.shape[:2], bool)
+  if segment_ids is not None:
+    starts = starts.at[:, 1:].set(segment_ids[:, 1:] != segment_ids[:, :-1])
+  seq = tuple(jnp.moveaxis(v, 1, 0) for v in (x.astype(f32), dt.astype(f32), Bh, Ch, starts))
   _, y = jax.lax.scan(step, s0, seq)  # scan runs over L (axis 0)
   y = jnp.moveaxis(y, 0, 1)  # (batch, L, H, P)
   if D is not None:
@@ -61,17 +69,19 @@ def _segsum(a):
   return jnp.where(jnp.tril(jnp.ones((L, L), bool)), seg, -jnp.inf)
 
 
-def ssd_matrix(dt, A, B, C):
+def ssd_matrix(dt, A, B, C, segment_ids=None):
   """The SSD's per-head mixing matrix M: y = M x + D x, the L x L form of `ssd_reference`.
 
   M[t, s] = (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s for s <= t, exactly 0 above the
   diagonal: token s enters the state as dt_s x_s B_s, decays by exp(dt_r A) at each
-  later token r <= t, and is read out with C_t.
+  later token r <= t, and is read out with C_t. With `segment_ids`, also 0 where t and s
+  are in different segments (segments are runs of one id: a packed sequence's images).
 
   Args:
     dt: (batch, L, H) step sizes (already softplus'ed).
     A: (H,) per-head decay rates (negative).
     B, C: (batch, L, G, S) with H % G == 0; head h uses group h // (H // G).
+    segment_ids: (batch, L) integers, or None (one segment).
 
   Returns:
     M: (batch, H, L, L), float32 (float64 for float64 inputs with jax_enable_x64).
@@ -84,10 +94,12 @@ def ssd_matrix(dt, A, B, C):
   cb = jnp.repeat(cb, H // G, axis=1)  # (batch, H, L, L)
   dt_h = jnp.moveaxis(dt.astype(f), 1, -1)  # (batch, H, L)
   decay = jnp.exp(_segsum(dt_h * A.astype(f)[:, None]))  # (batch, H, L, L)
+  if segment_ids is not None:
+    decay = decay * (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
   return cb * decay * dt_h[..., None, :]
 
 
-def ssd_quadratic(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
+def ssd_quadratic(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False, segment_ids=None):
   """y = M x + D x with M = `ssd_matrix(dt, A, B, C)`: the SSD as one masked matmul.
 
   Same contract as `kernels.ssd` and `ssd_reference` (x: (batch, L, H, P), the other
@@ -96,7 +108,7 @@ def ssd_quadratic(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
   accepted for a uniform signature and ignored.
   """
   del chunk_size, interpret  # no chunks and no Pallas here
-  M = ssd_matrix(dt, A, B, C)
+  M = ssd_matrix(dt, A, B, C, segment_ids)
   f = jnp.result_type(M, x)
   y = jnp.einsum("bhts,bshp->bthp", M, x.astype(f), precision=_EXACT)
   if D is not None:

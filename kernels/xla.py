@@ -76,22 +76,52 @@ class _Chunks(NamedTuple):
   A: jax.Array  # x 1 h, f32
   a_cum: jax.Array  # x l h: within-chunk cumsums of dt * A (log-decays <= 0)
   xdt: jax.Array  # x l h p: dt_s x_s, f32
+  seg: "_Segments | None"  # packed sequences: which tokens share a segment; None: one
 
 
-def _chunks(ch, x, dt, A, B, C):
+class _Segments(NamedTuple):
+  """Where a packed sequence's state must not pass (`segment_ids`; segments are runs of
+  one id, so two tokens share a segment iff no boundary lies between them)."""
+
+  same: jax.Array  # x l s: token l and token s of a chunk share a segment
+  to_end: jax.Array  # x l 1: token l shares the chunk's last token's segment
+  from_start: jax.Array  # x l 1: token l shares the previous chunk's last token's segment
+  carry: jax.Array  # b c g: chunk c's last token shares the previous chunk's last token's
+
+
+def _segments(ch, segment_ids):
+  """`_Segments` of (batch, L) ids; the padding takes the last token's id."""
+  pad = ch.nc * ch.Q - ch.L
+  ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), mode="edge").reshape(ch.batch, ch.nc, 1, ch.Q)
+  ids = jnp.broadcast_to(ids, (ch.batch, ch.nc, ch.G, ch.Q))
+  end = ids[..., -1]  # b c g
+  prev_end = jnp.concatenate([ids[:, :1, :, 0], end[:, :-1]], axis=1)  # chunk 0: its own first
+  flat = lambda v: v.reshape(ch.batch * ch.nc * ch.G, *v.shape[3:])
+  return _Segments(
+    same=flat(ids[..., :, None] == ids[..., None, :]),
+    to_end=flat(ids == end[..., None])[..., None],
+    from_start=flat(ids == prev_end[..., None])[..., None],
+    carry=end == prev_end,
+  )
+
+
+def _chunks(ch, x, dt, A, B, C, segment_ids=None):
   """The inputs cut into chunks (`_Chunking.split`), with the cumsums and dt x both
-  passes use."""
+  passes use, and the segments' masks (`_segments`) of a packed sequence."""
   G, R = ch.G, ch.R
   xc = ch.split(x.reshape(ch.batch, ch.L, G, R, ch.P))
   dtc = ch.split(dt.astype(_f32).reshape(ch.batch, ch.L, G, R))
   A_x = jnp.broadcast_to(A.astype(_f32).reshape(G, R), (ch.batch * ch.nc, G, R)).reshape(-1, 1, R)
   a_cum = jnp.cumsum(dtc * A_x, axis=1)
-  return _Chunks(xc, ch.split(B), ch.split(C), dtc, A_x, a_cum, xc.astype(_f32) * dtc[..., None])
+  seg = None if segment_ids is None else _segments(ch, segment_ids)
+  xdt = xc.astype(_f32) * dtc[..., None]
+  return _Chunks(xc, ch.split(B), ch.split(C), dtc, A_x, a_cum, xdt, seg)
 
 
-def _causal_decay(a_cum):
+def _causal_decay(a_cum, same=None):
   """(x l h) within-chunk cumsums of dt*A -> (x h l s) matrix
-  exp(A sum_{r=s+1..l} dt_r) for s <= l, exactly 0 above the diagonal.
+  exp(A sum_{r=s+1..l} dt_r) for s <= l, exactly 0 above the diagonal (and, given `same`
+  (x l s), between tokens of different segments).
 
   Segment sums are differences of the chunk's cumulative sum (bounded, since
   a chunk is short). The mask goes in BEFORE exp: exp(-inf) = 0, whereas masking
@@ -100,8 +130,10 @@ def _causal_decay(a_cum):
   cum = jnp.moveaxis(a_cum, 1, -1)  # x h l
   seg = cum[..., :, None] - cum[..., None, :]  # x h l s
   q = seg.shape[-1]
-  causal = jnp.tril(jnp.ones((q, q), bool))
-  return jnp.exp(jnp.where(causal, seg, -jnp.inf))
+  keep = jnp.tril(jnp.ones((q, q), bool))
+  if same is not None:
+    keep = keep & same[:, None]
+  return jnp.exp(jnp.where(keep, seg, -jnp.inf))
 
 
 def _pass_states(states, chunk_decay):
@@ -120,9 +152,29 @@ def _pass_states(states, chunk_decay):
   return jnp.moveaxis(starts, 0, 1)
 
 
+def _to_end(c):
+  """(x l h) exp(A sum_{r=l+1..end} dt_r): how token l's input decays to its chunk's end
+  state (0 where the segment changes before the end)."""
+  to_end = jnp.exp(c.a_cum[:, -1:] - c.a_cum)
+  return to_end if c.seg is None else to_end * c.seg.to_end
+
+
+def _from_start(c):
+  """(x l h) exp(A sum_{r<=l} dt_r): how the state entering the chunk decays to token l
+  (0 where token l's segment is not the one that state belongs to)."""
+  decay = jnp.exp(c.a_cum)
+  return decay if c.seg is None else decay * c.seg.from_start
+
+
+def _chunk_decay(ch, c):
+  """(b c g h) how the carried state decays across each whole chunk (0 across a boundary)."""
+  decay = ch.per_chunk(jnp.exp(c.a_cum[:, -1]))
+  return decay if c.seg is None else decay * c.seg.carry[..., None]
+
+
 def _mixing(c):
   """A chunk's decays (x h l s) and its mixing matrix W = (C_l . B_s) * decay (x h l s)."""
-  decays = _causal_decay(c.a_cum)
+  decays = _causal_decay(c.a_cum, None if c.seg is None else c.seg.same)
   return decays, _mm("xln,xsn->xls", c.C, c.B)[:, None] * decays
 
 
@@ -140,26 +192,26 @@ def _pass_states_bwd(starts, chunk_decay, d_starts):
   return jnp.moveaxis(d_own, 0, 1), jnp.moveaxis(d_decay, 0, 1)
 
 
-def ssd_xla(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
+def ssd_xla(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False, segment_ids=None):
   """Chunked SSD; same contract as `kernels.ssd` (shapes validated there)."""
   del interpret  # only Pallas impls use it
-  return _ssd(x, dt, A, B, C, D, chunk_size)
+  return _ssd(x, dt, A, B, C, D, segment_ids, chunk_size)
 
 
-def ssd_xla_autodiff(x, dt, A, B, C, D=None, *, chunk_size=256):
+def ssd_xla_autodiff(x, dt, A, B, C, D=None, *, chunk_size=256, segment_ids=None):
   """The same forward differentiated by JAX's autodiff (a check on the hand-written one)."""
-  return _forward(x, dt, A, B, C, D, chunk_size)[0]
+  return _forward(x, dt, A, B, C, D, segment_ids, chunk_size)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _ssd(x, dt, A, B, C, D, chunk_size):
-  return _forward(x, dt, A, B, C, D, chunk_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _ssd(x, dt, A, B, C, D, segment_ids, chunk_size):
+  return _forward(x, dt, A, B, C, D, segment_ids, chunk_size)[0]
 
 
-def _forward(x, dt, A, B, C, D, chunk_size):
+def _forward(x, dt, A, B, C, D, segment_ids, chunk_size):
   """y and what the backward keeps: the inputs and the state entering each chunk."""
   ch = _Chunking.of(x.shape, B.shape[2], chunk_size)
-  c = _chunks(ch, x, dt, A, B, C)
+  c = _chunks(ch, x, dt, A, B, C, segment_ids)
   cdt = x.dtype  # matmul operand dtype
 
   # 1. Within a chunk: y_l = sum_{s<=l} (C_l . B_s) exp(A sum_{r=s+1..l} dt_r) dt_s x_s.
@@ -169,26 +221,25 @@ def _forward(x, dt, A, B, C, D, chunk_size):
   starts = None
   if ch.nc > 1:  # one chunk (short sequences) has no state coming in
     # 2. Each chunk's own end state: sum_s exp(A (cum_end - cum_s)) dt_s x_s ⊗ B_s.
-    to_end = jnp.exp(c.a_cum[:, -1:] - c.a_cum)  # x l h
+    to_end = _to_end(c)  # x l h
     states = _mm("xln,xlhp->xhpn", c.B, (c.xdt * to_end[..., None]).astype(cdt))
     # 3. Carry states across chunks, then add C_l . state_start exp(A cum_l).
-    decay = ch.per_chunk(jnp.exp(c.a_cum[:, -1]))
-    starts = _pass_states(ch.per_chunk(states), decay).reshape(states.shape)  # f32, x h p n
-    y = y + _mm("xln,xhpn->xlhp", c.C, starts) * jnp.exp(c.a_cum)[..., None]
+    starts = _pass_states(ch.per_chunk(states), _chunk_decay(ch, c)).reshape(states.shape)
+    y = y + _mm("xln,xhpn->xlhp", c.C, starts) * _from_start(c)[..., None]  # starts: f32
 
   y = ch.join(y).reshape(x.shape)
   if D is not None:
     y = y + D.astype(_f32)[:, None] * x.astype(_f32)
-  return y.astype(x.dtype), (x, dt, A, B, C, D, starts)
+  return y.astype(x.dtype), (x, dt, A, B, C, D, segment_ids, starts)
 
 
 def _backward(chunk_size, saved, dy):
   """The forward's steps transposed: 1 (within a chunk, independent of the others), then 3
   and 2, the reverse of their order. Gradients of the chunk cumsums of dt * A collect in
   d_cum; one reverse cumsum turns them into gradients of dt and A."""
-  x, dt, A, B, C, D, starts = saved
+  x, dt, A, B, C, D, segment_ids, starts = saved
   ch = _Chunking.of(x.shape, B.shape[2], chunk_size)
-  c = _chunks(ch, x, dt, A, B, C)
+  c = _chunks(ch, x, dt, A, B, C, segment_ids)
   cdt = x.dtype
   dy = dy.astype(_f32)
   dyc = ch.split(dy.reshape(ch.batch, ch.L, ch.G, ch.R, ch.P))  # x l h p
@@ -206,17 +257,16 @@ def _backward(chunk_size, saved, dy):
 
   if ch.nc > 1:
     # 3. y += exp(cum_l) C_l . starts, starts from the scan over chunks.
-    dye = dyc * jnp.exp(c.a_cum)[..., None]
+    dye = dyc * _from_start(c)[..., None]
     d_C = d_C + _mm("xlhp,xhpn->xln", dye, starts)
     d_starts = _mm("xln,xlhp->xhpn", c.C, dye)
     d_cum = d_cum + jnp.sum(dye * _mm("xln,xhpn->xlhp", c.C, starts), -1)
-    decay = jnp.exp(c.a_cum[:, -1])
-    d_states, d_decay = _pass_states_bwd(
-      ch.per_chunk(starts), ch.per_chunk(decay), ch.per_chunk(d_starts)
-    )
+    decay = _chunk_decay(ch, c)  # b c g h
+    d_states, d_decay = _pass_states_bwd(ch.per_chunk(starts), decay, ch.per_chunk(d_starts))
     d_states = d_states.reshape(starts.shape).astype(cdt)
+    decay = decay.reshape(c.a_cum[:, -1].shape)
     # 2. states = B^T (xdt * exp(cum_end - cum_s)).
-    to_end = jnp.exp(c.a_cum[:, -1:] - c.a_cum)  # x l h
+    to_end = _to_end(c)  # x l h
     d_B = d_B + _mm("xhpn,xlhp->xln", d_states, (c.xdt * to_end[..., None]).astype(cdt))
     d_u = _mm("xln,xhpn->xlhp", c.B, d_states)
     d_xdt = d_xdt + d_u * to_end[..., None]
@@ -240,6 +290,7 @@ def _backward(chunk_size, saved, dy):
     ch.join(d_B).astype(B.dtype),
     ch.join(d_C).astype(C.dtype),
     d_D,
+    None,  # segment_ids: integers, no gradient
   )
 
 

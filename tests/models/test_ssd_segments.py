@@ -1,0 +1,126 @@
+"""kernels.ssd with `segment_ids` (a packed sequence): each segment scans alone.
+
+The oracle is the float64 NumPy loop of test_ssd.py run on each segment cut out of the
+packed sequence; a packed run must equal it (values) and the gradients of a packed run
+must equal those of each segment run alone (against the same impl unpacked, and the
+hand-written xla backward against autodiff of its forward). Tolerances are test_ssd.py's:
+values 1e-4 relative to the float64 loop, gradients 1e-4 relative, xla's backward 1e-5.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import rel_err
+from kernels import ssd, ssd_quadratic
+from kernels import xla as kernels_xla
+from test_ssd import ARGS, BATCH, RTOL, H, P, make_inputs, ssd_loop64
+
+# Segment lengths per row of the batch (L = 61): shorter than a chunk of 16, spanning
+# chunks, starting on and off a chunk boundary, one token long; the second row one segment.
+LENGTHS = ((5, 1, 16, 23, 16), (61,))
+L = 61
+
+
+def segment_ids(lengths=LENGTHS):
+  """(BATCH, L) int32: row b holds segments of lengths[b] with ids 0, 1, 2, ..."""
+  return np.stack([np.repeat(np.arange(len(row)), row) for row in lengths]).astype(np.int32)
+
+
+def per_segment_loop64(inp, ids):
+  """The float64 loop on every segment of every row alone, pasted back in place."""
+  y = np.empty(inp["x"].shape)
+  for b in range(BATCH):
+    for k in np.unique(ids[b]):
+      where = np.flatnonzero(ids[b] == k)
+      sl = slice(where[0], where[-1] + 1)
+      one = {n: v[b : b + 1, sl] if v.ndim > 1 else v for n, v in inp.items()}
+      y[b, sl] = ssd_loop64(**one)[0]
+  return y
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("G", [1, 2])
+def test_a_packed_sequence_is_each_segment_alone(impl, chunk_size, G):
+  inp = make_inputs(L, G, seed=20)
+  ids = segment_ids()
+  y = jax.jit(lambda ids, **a: ssd(**a, impl=impl, chunk_size=chunk_size, segment_ids=ids))(
+    ids, **inp
+  )
+  want = per_segment_loop64(inp, ids)
+  assert rel_err(y, want) <= RTOL
+  assert rel_err(y[1], ssd_loop64(**inp)[1]) <= RTOL  # one segment: the unpacked map
+  # and the state did cross a boundary without them: the test can fail
+  assert rel_err(ssd(**inp, impl=impl, chunk_size=chunk_size)[0], want[0]) > 1e-2
+
+
+def test_the_quadratic_form_masks_across_segments():
+  inp = make_inputs(L, 2, seed=21)
+  ids = segment_ids()
+  assert rel_err(ssd_quadratic(**inp, segment_ids=ids), per_segment_loop64(inp, ids)) <= RTOL
+
+
+def test_one_segment_is_the_unpacked_path_bit_for_bit():
+  inp = make_inputs(L, 2, seed=22)
+  ones = np.zeros((BATCH, L), np.int32)
+  for impl in ("reference", "xla"):
+    np.testing.assert_array_equal(
+      ssd(**inp, impl=impl, chunk_size=16, segment_ids=ones), ssd(**inp, impl=impl, chunk_size=16)
+    )
+
+
+def seg_grads(f, inp, ids, w, chunk_size=16):
+  loss = lambda *a: jnp.sum(w * f(*a, chunk_size=chunk_size, segment_ids=ids))
+  return jax.jit(jax.grad(loss, tuple(range(6))))(*(inp[k] for k in ARGS))
+
+
+@pytest.mark.parametrize("G", [1, 2])
+def test_xla_hand_written_backward_is_autodiffs_when_packed(G):
+  inp = make_inputs(L, G, seed=23)
+  ids = jnp.asarray(segment_ids())
+  w = jnp.asarray(np.random.default_rng(24).normal(size=(BATCH, L, H, P)), jnp.float32)
+  hand = seg_grads(kernels_xla.ssd_xla, inp, ids, w)
+  auto = seg_grads(kernels_xla.ssd_xla_autodiff, inp, ids, w)
+  for k, a, b in zip(ARGS, hand, auto):
+    assert np.all(np.isfinite(a)), k
+    assert rel_err(a, b) <= 1e-5, (k, rel_err(a, b))
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_packed_gradients_are_each_segments_alone(impl):
+  """d/d(inputs) of a packed run, against the same impl on each segment alone (x, dt, B, C
+  per token; A and D summed over the segments)."""
+  inp = make_inputs(L, 2, seed=25)
+  ids = segment_ids()
+  w = np.random.default_rng(26).normal(size=(BATCH, L, H, P)).astype(np.float32)
+  f = lambda *a, chunk_size, segment_ids: ssd(
+    *a, impl=impl, chunk_size=chunk_size, segment_ids=segment_ids
+  )
+  packed = dict(zip(ARGS, seg_grads(f, inp, jnp.asarray(ids), jnp.asarray(w))))
+  want = {k: np.zeros(v.shape, np.float64) for k, v in inp.items()}
+  for b in range(BATCH):
+    for k in np.unique(ids[b]):
+      where = np.flatnonzero(ids[b] == k)
+      sl = slice(where[0], where[-1] + 1)
+      one = {n: v[b : b + 1, sl] if v.ndim > 1 else v for n, v in inp.items()}
+      loss = lambda *a: jnp.sum(w[b : b + 1, sl] * ssd(*a, impl=impl, chunk_size=16))
+      g = jax.grad(loss, tuple(range(6)))(*(one[n] for n in ARGS))
+      for n, gn in zip(ARGS, g):
+        if inp[n].ndim > 1:
+          want[n][b : b + 1, sl] = gn
+        else:
+          want[n] += np.asarray(gn, np.float64)
+  for k in ARGS:
+    assert rel_err(packed[k], want[k]) <= RTOL, (k, rel_err(packed[k], want[k]))
+
+
+def test_segment_ids_of_the_wrong_shape_or_for_a_pallas_impl_are_refused():
+  inp = make_inputs(8, 1)
+  with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 7\)"):
+    ssd(**inp, impl="xla", segment_ids=np.zeros((BATCH, 7), np.int32))
+  with pytest.raises(ValueError, match="expected integers"):
+    ssd(**inp, impl="xla", segment_ids=np.zeros((BATCH, 8), np.float32))
+  with pytest.raises(ValueError, match="impl='pallas_tpu' does not take segment_ids yet"):
+    ssd(**inp, impl="pallas_tpu", interpret=True, segment_ids=np.zeros((BATCH, 8), np.int32))
