@@ -229,15 +229,29 @@ def _worker(task):
   )
 
 
+def check_config(config) -> None:
+  """Refuses, before any stage runs, unknown variants and a dense column without the
+  `segment` block it fine-tunes with (configs/ablation.py declares one)."""
+  unknown = sorted(set(config.ablation.variants) - set(VARIANTS))
+  if unknown:
+    raise UserError(f"ablation.variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
+  if config.ablation.dense:
+    if "segment" not in config:
+      raise UserError(
+        "ablation.dense=True fine-tunes every run on the `segment` block's data and head, "
+        "and this config has none: use configs/ablation.py (:dense=True), or add a segment "
+        "block (configs/tool_blocks.segment)."
+      )
+    seg_stage.check_head_and_data(config)
+
+
 def run(config, root, train_src, eval_src, classes):
   """Trains every (variant, seed) not yet done, then writes the summary; returns it.
 
   With ablation.workers > 1 (one process), that many runs go at once, each in its own
   process: small models keep about one CPU core busy each.
   """
-  unknown = sorted(set(config.ablation.variants) - set(VARIANTS))
-  if unknown:
-    raise UserError(f"ablation.variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
+  check_config(config)
   if "train_teacher" in config.stages and not workdir.finished(root, "train_teacher"):
     raise UserError("ablation: the 'train_teacher' stage must come before 'ablation'.")
   teacher = resolve.teacher(config, root, classes)

@@ -182,7 +182,7 @@ STAGES = {
   ),
   "ablation": Stage(
     lambda r: ablation.run(r.config, r.dir, r.train_source, r.eval_source, r.classes),
-    no_check,
+    ablation.check_config,
     "ablation/{ablation.json,.md,.png}",
     state=("ablation",),
   ),

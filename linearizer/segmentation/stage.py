@@ -72,6 +72,12 @@ def check_config(config) -> None:
       "segment.backbones is empty: name the backbones to fine-tune, e.g. "
       "\"--config.segment.backbones=('student=/runs/imagenet/distill/model',)\"."
     )
+  check_head_and_data(config)
+
+
+def check_head_and_data(config) -> None:
+  """The `segment` block's data, head, evaluation and schedule (what `train_and_score`
+  reads), refused before any stage runs."""
   train_source, _ = sources(config)  # the dataset's layout: a missing folder, a lone image
   segmenter_config(config.segment, train_source.num_classes)  # the head's fields
   if config.segment.eval.mode == "slide":

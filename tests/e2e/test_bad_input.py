@@ -73,6 +73,14 @@ BAD_INPUT = {  # name: (extra flags, phrases the message must hold)
     ],
     ["w_mixer=1.0", "teacher_cache='off'"],
   ),
+  "a dense column without a segment block": (
+    ["--config.stages=('train_teacher','ablation')", "--config.ablation.dense=True"],
+    ["ablation.dense=True", "configs/ablation.py"],
+  ),
+  "an unknown ablation row": (
+    ["--config.stages=('train_teacher','ablation')", "--config.ablation.variants=('am_mp','mix')"],
+    ["['mix']", "mixer_out"],
+  ),
   "unknown teacher input": (
     ["--config.stages=('train_teacher','distill')", "--config.distill.teacher_input=crop"],
     ["teacher_input='crop'", "resize"],
