@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from linearizer.errors import UserError
 
 
 def _blocks(x, block):
@@ -33,27 +34,34 @@ def _unblocks(x, t):
   return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
 
 
-def _scores(q, k, scale, valid):
-  """A tile's logits in f32, (B, H, bq, bk); padded keys get -inf (probability 0)."""
+def _scores(q, k, scale, valid, seg_q, seg_k):
+  """A tile's logits in f32, (B, H, bq, bk); padded keys, and keys of another segment than
+  the query's (a packed sequence's other images), get -inf (probability 0)."""
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  return jnp.where(valid[None, None, None, :], s, -jnp.inf)
+  keep = valid[None, None, None, :] & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
+  return jnp.where(keep, s, -jnp.inf)
 
 
-def _forward(q, k, v, block_q, block_k):
+def _forward(q, k, v, seg, block_q, block_k):
   """Returns the output (B, T, H, D) and the log-sum-exp of each query's logits (B, T, H)."""
   t, d = q.shape[1], q.shape[-1]
   scale = jnp.float32(d**-0.5)
-  kb, vb = _blocks(k, block_k), _blocks(v, block_k)
+  kb, vb, sb = _blocks(k, block_k), _blocks(v, block_k), _blocks(seg, block_k)
   valid = (jnp.arange(kb.shape[0] * block_k) < t).reshape(kb.shape[0], block_k)
 
-  def one_query_block(qi):
+  def one_query_block(block):
+    qi, seg_q = block
+
     def step(carry, tile):
       m, total, acc = carry  # running max and sum (B, H, bq), unnormalised output (B, H, bq, D)
-      kj, vj, ok = tile
-      s = _scores(qi, kj, scale, ok)
+      kj, vj, ok, seg_k = tile
+      s = _scores(qi, kj, scale, ok, seg_q, seg_k)
       m_new = jnp.maximum(m, s.max(-1))
-      p = jnp.exp(s - m_new[..., None])
-      rescale = jnp.exp(m - m_new)
+      # a tile with no key for a query (all of another segment) leaves its max at -inf:
+      # subtract 0 there instead, so exp(-inf - -inf) never makes a NaN
+      shift = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+      p = jnp.exp(s - shift[..., None])
+      rescale = jnp.exp(m - shift)
       pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
       return (m_new, total * rescale + p.sum(-1), acc * rescale[..., None] + pv), None
 
@@ -63,15 +71,15 @@ def _forward(q, k, v, block_q, block_k):
       jnp.zeros((b, h, bq), jnp.float32),
       jnp.zeros((b, h, bq, d), jnp.float32),
     )
-    (m, total, acc), _ = jax.lax.scan(step, init, (kb, vb, valid))
+    (m, total, acc), _ = jax.lax.scan(step, init, (kb, vb, valid, sb))
     out = jnp.einsum("bhqd->bqhd", acc / total[..., None])
     return out.astype(q.dtype), jnp.einsum("bhq->bqh", m + jnp.log(total))
 
-  out, lse = jax.lax.map(one_query_block, _blocks(q, block_q))
+  out, lse = jax.lax.map(one_query_block, (_blocks(q, block_q), _blocks(seg, block_q)))
   return _unblocks(out, t), _unblocks(lse, t)
 
 
-def _backward(q, k, v, out, lse, dout, block_q, block_k):
+def _backward(q, k, v, seg, out, lse, dout, block_q, block_k):
   """dq, dk, dv by FlashAttention-2's backward: an outer loop over key blocks (each
   block's dk, dv accumulate over the query blocks) and dq accumulated across them."""
   t, d = q.shape[1], q.shape[-1]
@@ -81,16 +89,21 @@ def _backward(q, k, v, out, lse, dout, block_q, block_k):
   qb, dob = _blocks(q, block_q), _blocks(dout, block_q)
   # Per query block, laid out (B, H, bq) as the tiles use them: transposed once, not per tile.
   lseb, deltab = (jnp.einsum("nbqh->nbhq", _blocks(a, block_q)) for a in (lse, delta))
-  kb, vb = _blocks(k, block_k), _blocks(v, block_k)
+  kb, vb, sb, sqb = (
+    _blocks(k, block_k),
+    _blocks(v, block_k),
+    _blocks(seg, block_k),
+    _blocks(seg, block_q),
+  )
   valid = (jnp.arange(kb.shape[0] * block_k) < t).reshape(kb.shape[0], block_k)
 
   def one_key_block(dq, tile):
-    kj, vj, ok = tile
+    kj, vj, ok, seg_k = tile
 
     def step(carry, i):
       dq, dk, dv = carry
       qi, doi = qb[i], dob[i]
-      p = jnp.exp(_scores(qi, kj, scale, ok) - lseb[i][..., None])
+      p = jnp.exp(_scores(qi, kj, scale, ok, sqb[i], seg_k) - lseb[i][..., None])
       dv += jnp.einsum("bhqk,bqhd->bkhd", p.astype(dout.dtype), doi, preferred_element_type=f32)
       dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=f32)
       ds = p * (dp - deltab[i][..., None]) * scale
@@ -104,7 +117,7 @@ def _backward(q, k, v, out, lse, dout, block_q, block_k):
     (dq, dk, dv), _ = jax.lax.scan(step, (dq, zeros, zeros), jnp.arange(qb.shape[0]))
     return dq, (dk, dv)
 
-  dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(qb.shape, f32), (kb, vb, valid))
+  dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(qb.shape, f32), (kb, vb, valid, sb))
   return (
     _unblocks(dq, t).astype(q.dtype),
     _unblocks(dk, t).astype(k.dtype),
@@ -112,24 +125,24 @@ def _backward(q, k, v, out, lse, dout, block_q, block_k):
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _attention(q, k, v, block_q, block_k):
-  return _forward(q, k, v, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, seg, block_q, block_k):
+  return _forward(q, k, v, seg, block_q, block_k)[0]
 
 
-def _attention_fwd(q, k, v, block_q, block_k):
-  out, lse = _forward(q, k, v, block_q, block_k)
-  return out, (q, k, v, out, lse)
+def _attention_fwd(q, k, v, seg, block_q, block_k):
+  out, lse = _forward(q, k, v, seg, block_q, block_k)
+  return out, (q, k, v, seg, out, lse)
 
 
 def _attention_bwd(block_q, block_k, residuals, dout):
-  return _backward(*residuals, dout, block_q, block_k)
+  return (*_backward(*residuals, dout, block_q, block_k), None)  # (seg: integers)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def blocked_attention(q, k, v, *, block_q: int = 512, block_k: int = 256):
+def blocked_attention(q, k, v, *, block_q: int = 512, block_k: int = 256, segment_ids=None):
   """softmax(q kᵀ / √d) v over all tokens, one (block_q × block_k) tile at a time.
 
   Args:
@@ -137,6 +150,8 @@ def blocked_attention(q, k, v, *, block_q: int = 512, block_k: int = 256):
       self-attention only (the same shape for all three).
     block_q, block_k: tokens per query and key block (a block longer than the sequence is
       cut to it); the tokens need not be a multiple (the pad is masked).
+    segment_ids: (batch, tokens) integers, or None: a packed sequence, each token attending
+      only to the tokens of its own id (block-diagonal attention).
 
   Returns:
     (batch, tokens, heads, head_dim) in q's dtype; logits and sums in f32, as XLA's.
@@ -147,10 +162,11 @@ def blocked_attention(q, k, v, *, block_q: int = 512, block_k: int = 256):
       f"{v.shape}"
     )
   t = q.shape[1]
-  return _attention(q, k, v, min(block_q, t), min(block_k, t))
+  seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+  return _attention(q, k, v, seg, min(block_q, t), min(block_k, t))
 
 
-def attend(q, k, v, impl, blocked_from: int, blocks: tuple):
+def attend(q, k, v, impl, blocked_from: int, blocks: tuple, segment_ids=None):
   """The teacher's attention by `ViTConfig.attention_impl`: 'blocked' here; 'xla' or
   'cudnn' through `jax.nn.dot_product_attention`; None, 'blocked' on a CPU from
   `blocked_from` tokens on (where it was measured to win) and JAX's own choice elsewhere
@@ -162,6 +178,8 @@ def attend(q, k, v, impl, blocked_from: int, blocks: tuple):
     impl: None, 'xla', 'cudnn' or 'blocked'.
     blocked_from: the token count from which None means 'blocked' on a CPU.
     blocks: (query, key) tokens per tile of 'blocked'.
+    segment_ids: (batch, tokens) integers or None: block-diagonal attention over a packed
+      sequence ('blocked' and 'xla'; 'cudnn' is refused with it until a GPU has tested it).
 
   Returns:
     (batch, tokens, heads, head_dim).
@@ -169,5 +187,13 @@ def attend(q, k, v, impl, blocked_from: int, blocks: tuple):
   if impl is None and q.shape[1] >= blocked_from and kernels.target_platform() == "cpu":
     impl = "blocked"
   if impl == "blocked":
-    return blocked_attention(q, k, v, block_q=blocks[0], block_k=blocks[1])
-  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    return blocked_attention(q, k, v, block_q=blocks[0], block_k=blocks[1], segment_ids=segment_ids)
+  if segment_ids is None:
+    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  if impl == "cudnn":
+    raise UserError(
+      "attention_impl='cudnn' with packed sequences (segment_ids) has not been tested on a "
+      "GPU; use attention_impl='xla' or 'blocked'."
+    )
+  mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, T)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
