@@ -89,19 +89,21 @@ def distill_loss(**given) -> ml_collections.ConfigDict:
     # teacher's final-block ones (GTR's one loss; ViT-AdaLA's final alignment); `blocks`
     # regresses AM's tokens at AM's levels through a map per level (FitNets; AdaLA's
     # block-level alignment), so AM's projection-free maps can be told from plain regression
-    w_final=Field(0.0, NON_NEGATIVE),
-    w_blocks=Field(0.0, NON_NEGATIVE),
+    # (absent=: the value a config saved before the field existed behaved as: its workdir
+    # still resumes; linearizer.schema.Field)
+    w_final=Field(0.0, NON_NEGATIVE, absent=0.0),
+    w_blocks=Field(0.0, NON_NEGATIVE, absent=0.0),
     # `mixer_out`: at AM's levels, the student's mixer branch through a map per level onto
     # the teacher's attention branch (ModelOutput.mixers; ViT-AdaLA's attention alignment,
     # Copy-the-Same's attention-output distillation), each model on its own stream
-    w_mixer=Field(0.0, NON_NEGATIVE),
+    w_mixer=Field(0.0, NON_NEGATIVE, absent=0.0),
     # their targets (and mixer_out's): 'ln' (each token's parameter-free LayerNorm, as
     # MP's) or 'raw'
-    final_target="ln",
+    final_target=Field("ln", absent="ln"),
     # what `final` reads of the student: 'full' a second forward of the unmasked image (the
     # alignment papers' student sees the whole image; counted in the train GFLOPs) or
     # 'masked' the masked forward AM and MP read (no extra cost)
-    final_view="full",
+    final_view=Field("full", absent="full"),
   )
   return build("distill_loss", declared, given)
 

@@ -81,9 +81,9 @@ def segment(**given) -> ml_collections.ConfigDict:
       canvas=Field(128, POSITIVE_INT),  # digitscenes: the canvas side
       train_scenes=Field(2000, POSITIVE_INT),  # digitscenes: scenes per split
       test_scenes=Field(200, POSITIVE_INT),  # digitscenes: eval scenes
-      digit_count=Field((2, 4), COUNT_RANGE),  # digitscenes: (fewest, most) digits
+      digit_count=Field((2, 4), COUNT_RANGE, absent=(2, 4)),  # digitscenes: (fewest, most) digits
       # digitscenes: a digit's side as a fraction of the canvas's (low, high)
-      digit_side=Field((0.25, 0.5), FRACTION_RANGE),
+      digit_side=Field((0.25, 0.5), FRACTION_RANGE, absent=(0.25, 0.5)),
       crop=Field((512, 512), SIZE),  # training crop (h, w)
       scale=Field(
         (2048, 512), SCALE

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from kernels import pallas_gpu, pallas_tpu
-from kernels.reference import ssd_matrix, ssd_quadratic, ssd_reference
+from kernels.reference import segment_runs, ssd_matrix, ssd_quadratic, ssd_reference
 from kernels.xla import ssd_xla
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
   "ssd_matrix",
   "ssd_quadratic",
   "ssd_reference",
+  "segment_runs",
   "IMPLS",
   "Implementation",
   "pick_impl",
@@ -240,6 +241,7 @@ def ssd(
     if impl.startswith("pallas"):
       raise ValueError(f"ssd: impl={impl!r} does not take segment_ids yet; use impl='xla'")
     impl = "xla" if impl == "auto" else impl
+    segment_ids = segment_runs(segment_ids)  # ids that come back are new segments
   chunk_size = chunk_size or chunk_for(x.shape[1])
   sharded = _batch_mesh(x.shape[0])
   if impl == "auto":

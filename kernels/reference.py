@@ -56,6 +56,14 @@ def ssd_reference(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False, se
   return y.astype(x.dtype)
 
 
+def segment_runs(segment_ids):
+  """(batch, L) ids -> (batch, L) int32 run indices 0, 1, 2, ...: a new run wherever the id
+  changes, so an id that comes back later (0, 1, 0) is another segment, as the scan treats
+  it (every impl and the attention read packed sequences this way)."""
+  change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+  return jnp.pad(jnp.cumsum(change, axis=1), ((0, 0), (1, 0)))
+
+
 def _segsum(a):
   """(..., L) per-token log-decays -> (..., L, L) sum_{r=s+1..t} a_r for s <= t, -inf above.
 
@@ -75,7 +83,7 @@ def ssd_matrix(dt, A, B, C, segment_ids=None):
   M[t, s] = (C_t . B_s) exp(A sum_{r=s+1..t} dt_r) dt_s for s <= t, exactly 0 above the
   diagonal: token s enters the state as dt_s x_s B_s, decays by exp(dt_r A) at each
   later token r <= t, and is read out with C_t. With `segment_ids`, also 0 where t and s
-  are in different segments (segments are runs of one id: a packed sequence's images).
+  are in different segments (`segment_runs`: a packed sequence's images).
 
   Args:
     dt: (batch, L, H) step sizes (already softplus'ed).
@@ -95,7 +103,8 @@ def ssd_matrix(dt, A, B, C, segment_ids=None):
   dt_h = jnp.moveaxis(dt.astype(f), 1, -1)  # (batch, H, L)
   decay = jnp.exp(_segsum(dt_h * A.astype(f)[:, None]))  # (batch, H, L, L)
   if segment_ids is not None:
-    decay = decay * (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    runs = segment_runs(segment_ids)
+    decay = decay * (runs[:, None, :, None] == runs[:, None, None, :])
   return cb * decay * dt_h[..., None, :]
 
 

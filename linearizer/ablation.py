@@ -57,7 +57,7 @@ from linearizer.ablation_variants import (  # noqa: F401 (ablation.* names too)
   variant_dir,
 )
 from linearizer.distillation import stage as distill_stage
-from linearizer.distillation import teacher_fit
+from linearizer.distillation import teacher_cache, teacher_fit
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
 from linearizer.segmentation import stage as seg_stage
@@ -235,6 +235,12 @@ def check_config(config) -> None:
   unknown = sorted(set(config.ablation.variants) - set(VARIANTS))
   if unknown:
     raise UserError(f"ablation.variants: unknown {unknown}; expected some of {list(VARIANTS)}.")
+  for variant in config.ablation.variants:  # a row's loss the config's cache cannot serve
+    sub = ml_collections.ConfigDict(config.distill.to_dict())
+    for path, value in VARIANTS[variant][1].items():
+      if path.startswith("distill.loss."):
+        sub.loss[path.rpartition(".")[2]] = value
+    teacher_cache.check_config(sub)
   if config.ablation.dense:
     if "segment" not in config:
       raise UserError(

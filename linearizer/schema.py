@@ -98,13 +98,20 @@ def each(inner: Range) -> Range:
   )
 
 
+# `Field.absent` when a field has been there from the start.
+ALWAYS = "(declared from the start)"
+
+
 class Field(NamedTuple):
-  """A declared field: its default, its range (None: any value of its type) and when it may
-  change on a run already in a workdir ('' never, STOPPED, FINISHED)."""
+  """A declared field: its default, its range (None: any value of its type), when it may
+  change on a run already in a workdir ('' never, STOPPED, FINISHED), and for a field added
+  later, the value a config saved before it existed behaved as (`absent`): a workdir of
+  such a config is not refused for lacking it while the new value is that one."""
 
   default: Any
   range: Optional[Range] = None
   change: str = ""
+  absent: Any = ALWAYS
 
 
 SCHEMA: dict = {}  # field name -> Field (its default left out: blocks differ there)
@@ -143,6 +150,11 @@ def check(config) -> None:
       wrong.append(f"{path}={value!r}: expected {rule.range.text}")
   if wrong:
     raise UserError("; ".join(wrong) + ".")
+
+
+def absent_as(path: str) -> Any:
+  """What field `path` was before it was declared (`Field.absent`), or ALWAYS."""
+  return SCHEMA.get(path.rpartition(".")[2], Field(None)).absent
 
 
 def may_change(path: str, when: str) -> bool:

@@ -158,13 +158,19 @@ def config_changes(old: dict, new: dict, run_dir: str) -> list:
   """Fields set differently in `old` and `new` (both as in config.json, every block of
   both), but for those the schema lets change (linearizer.schema.may_change): FINISHED
   ones always, STOPPED ones while their training stage has not finished in `run_dir`
-  (logged, as the stage resumes with the new value). A field only one of them has counts."""
+  (logged, as the stage resumes with the new value). A field only one of them has counts,
+  but for a field `old` predates set to the value it behaved as (`schema.Field.absent`), and
+  a block `old` lacks that is none of its stages (nothing it ran read it)."""
+  read = set(old) | set(old.get("stages", ()))  # the old run's blocks and stages
+  unread = lambda key: key.partition(".")[0] not in read
   old, new = flatten(old), flatten(new)
   missing = "(absent)"
   changed = []
   for key in sorted(old.keys() | new.keys()):
     a, b = old.get(key, missing), new.get(key, missing)
     if _same(a, b) or schema.may_change(key, schema.FINISHED):
+      continue
+    if a == missing and (unread(key) or _same(json.loads(json.dumps(schema.absent_as(key))), b)):
       continue
     stage = key.partition(".")[0]
     if stage in TRAIN_STAGES and not finished(run_dir, stage):

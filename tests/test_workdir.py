@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from configs import ablation as ablation_config
 from configs import demo, segment
 from linearizer import schema, workdir
 
@@ -53,7 +54,9 @@ def test_every_block_is_compared_and_nan_equals_nan(run):
   old["distill"]["loss"]["w_am"] = new["distill"]["loss"]["w_am"] = math.nan
   assert workdir.config_changes(old, new, str(run)) == []
   seg = as_saved(segment.get_config("smoke"))
-  new["segment"] = seg["segment"]  # a block only the new config has
+  new["segment"] = seg["segment"]  # a block only the new config has: nothing old read it
+  assert workdir.config_changes(old, new, str(run)) == []
+  old["stages"] = [*old["stages"], "segment"]  # unless it is one of the old run's stages
   found = workdir.config_changes(old, new, str(run))
   assert f"segment.steps: '(absent)' -> {seg['segment']['steps']}" in found
   seg_new = as_saved(segment.get_config("smoke"))
@@ -66,3 +69,26 @@ def test_every_block_is_compared_and_nan_equals_nan(run):
 def test_the_schema_refuses_two_meanings_for_one_name():
   with pytest.raises(TypeError, match="one name, one meaning"):
     schema.register("lr", schema.Field(1.0, schema.COUNT), "test")
+
+
+def test_fields_added_later_keep_older_workdirs_when_set_as_they_behaved(tmp_path):
+  """A config saved before the newer loss weights, the dense toy's scene fields and the
+  ablation's segment block existed resumes under today's config; setting one of them to
+  something else than what the old code did is still a change."""
+  new = json.loads(ablation_config.get_config().to_json_best_effort())
+  old = json.loads(json.dumps(new))
+  for name in ("w_final", "w_blocks", "w_mixer", "final_target", "final_view"):
+    del old["distill"]["loss"][name]
+  del old["segment"], old["ablation"]["dense"]
+  assert workdir.config_changes(old, new, str(tmp_path)) == []
+  new["distill"]["loss"]["w_mixer"] = 1.0
+  assert workdir.config_changes(old, new, str(tmp_path)) == [
+    "distill.loss.w_mixer: '(absent)' -> 1.0"
+  ]
+  seg = json.loads(segment.get_config().to_json_best_effort())  # a run of the segment stage
+  seg_old = json.loads(json.dumps(seg))
+  del seg_old["segment"]["data"]["digit_count"]
+  assert workdir.config_changes(seg_old, seg, str(tmp_path)) == [
+    "segment.data.digit_count: '(absent)' -> [1, 1]"  # the demo's new scenes: not the old (2, 4)
+  ]
+  assert schema.absent_as("segment.data.digit_side") == (0.25, 0.5)

@@ -116,6 +116,11 @@ def distill_losses(
     total += cfg.w_blocks * blocks
     metrics.update(blocks=blocks)
   if cfg.w_mixer:  # ViT-AdaLA stage 1: the mixer branch onto the attention branch
+    if not out.mixers or not teacher_mixers:
+      raise UserError(
+        "distill.loss.w_mixer > 0 reads every block's token-mixer branch "
+        "(ModelOutput.mixers), and the student or teacher model returns none."
+      )
     student_mixers = [losses.split_roles(out.mixers[j], out.roles) for _, j in levels]
     mixer_out = level_regression(distiller.mixer_projs, teacher_mixers, student_mixers, **align)
     total += cfg.w_mixer * mixer_out

@@ -20,11 +20,12 @@ import kernels
 from linearizer.errors import UserError
 
 
-def _blocks(x, block):
-  """(B, T, H, D) -> (n, B, block, H, D), T padded with zeros up to n * block."""
+def _blocks(x, block, mode="constant"):
+  """(B, T, H, D) -> (n, B, block, H, D), T padded up to n * block (zeros; `mode='edge'`
+  repeats the last token: the segment ids, so a padded query has its keys)."""
   b, t, *rest = x.shape
   n = -(-t // block)
-  x = jnp.pad(x, [(0, 0), (0, n * block - t)] + [(0, 0)] * len(rest))
+  x = jnp.pad(x, [(0, 0), (0, n * block - t)] + [(0, 0)] * len(rest), mode=mode)
   return jnp.moveaxis(x.reshape(b, n, block, *rest), 1, 0)
 
 
@@ -46,7 +47,7 @@ def _forward(q, k, v, seg, block_q, block_k):
   """Returns the output (B, T, H, D) and the log-sum-exp of each query's logits (B, T, H)."""
   t, d = q.shape[1], q.shape[-1]
   scale = jnp.float32(d**-0.5)
-  kb, vb, sb = _blocks(k, block_k), _blocks(v, block_k), _blocks(seg, block_k)
+  kb, vb, sb = _blocks(k, block_k), _blocks(v, block_k), _blocks(seg, block_k, "edge")
   valid = (jnp.arange(kb.shape[0] * block_k) < t).reshape(kb.shape[0], block_k)
 
   def one_query_block(block):
@@ -75,7 +76,7 @@ def _forward(q, k, v, seg, block_q, block_k):
     out = jnp.einsum("bhqd->bqhd", acc / total[..., None])
     return out.astype(q.dtype), jnp.einsum("bhq->bqh", m + jnp.log(total))
 
-  out, lse = jax.lax.map(one_query_block, (_blocks(q, block_q), _blocks(seg, block_q)))
+  out, lse = jax.lax.map(one_query_block, (_blocks(q, block_q), _blocks(seg, block_q, "edge")))
   return _unblocks(out, t), _unblocks(lse, t)
 
 
@@ -92,8 +93,8 @@ def _backward(q, k, v, seg, out, lse, dout, block_q, block_k):
   kb, vb, sb, sqb = (
     _blocks(k, block_k),
     _blocks(v, block_k),
-    _blocks(seg, block_k),
-    _blocks(seg, block_q),
+    _blocks(seg, block_k, "edge"),
+    _blocks(seg, block_q, "edge"),
   )
   valid = (jnp.arange(kb.shape[0] * block_k) < t).reshape(kb.shape[0], block_k)
 
@@ -162,7 +163,9 @@ def blocked_attention(q, k, v, *, block_q: int = 512, block_k: int = 256, segmen
       f"{v.shape}"
     )
   t = q.shape[1]
-  seg = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+  seg = (
+    jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else kernels.segment_runs(segment_ids)
+  )
   return _attention(q, k, v, seg, min(block_q, t), min(block_k, t))
 
 
@@ -195,5 +198,6 @@ def attend(q, k, v, impl, blocked_from: int, blocks: tuple, segment_ids=None):
       "attention_impl='cudnn' with packed sequences (segment_ids) has not been tested on a "
       "GPU; use attention_impl='xla' or 'blocked'."
     )
-  mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, T)
+  runs = kernels.segment_runs(segment_ids)
+  mask = runs[:, None, :, None] == runs[:, None, None, :]  # (B, 1, T, T)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)

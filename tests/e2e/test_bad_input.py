@@ -81,6 +81,14 @@ BAD_INPUT = {  # name: (extra flags, phrases the message must hold)
     ["--config.stages=('train_teacher','ablation')", "--config.ablation.variants=('am_mp','mix')"],
     ["['mix']", "mixer_out"],
   ),
+  "an ablation row the teacher cache cannot serve": (
+    [
+      "--config.stages=('train_teacher','ablation')",
+      "--config.distill.teacher_cache=write",
+      "--config.ablation.variants=('am_mp','mixer_out')",
+    ],
+    ["w_mixer=1.0", "teacher_cache='off'"],
+  ),
   "unknown teacher input": (
     ["--config.stages=('train_teacher','distill')", "--config.distill.teacher_input=crop"],
     ["teacher_input='crop'", "resize"],

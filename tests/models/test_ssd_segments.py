@@ -17,9 +17,10 @@ from kernels import ssd, ssd_quadratic
 from kernels import xla as kernels_xla
 from test_ssd import ARGS, BATCH, RTOL, H, P, make_inputs, ssd_loop64
 
-# Segment lengths per row of the batch (L = 61): shorter than a chunk of 16, spanning
-# chunks, starting on and off a chunk boundary, one token long; the second row one segment.
-LENGTHS = ((5, 1, 16, 23, 16), (61,))
+# Segment lengths per row of the batch (L = 61), for chunks of 16: shorter than a chunk,
+# one token long, starting on a chunk boundary (16, 32) and off one, one exactly a chunk,
+# and in the second row one spanning a whole chunk after a reset (16..52).
+LENGTHS = ((5, 1, 10, 16, 20, 9), (16, 37, 8))
 L = 61
 
 
@@ -51,9 +52,21 @@ def test_a_packed_sequence_is_each_segment_alone(impl, chunk_size, G):
   )
   want = per_segment_loop64(inp, ids)
   assert rel_err(y, want) <= RTOL
-  assert rel_err(y[1], ssd_loop64(**inp)[1]) <= RTOL  # one segment: the unpacked map
   # and the state did cross a boundary without them: the test can fail
-  assert rel_err(ssd(**inp, impl=impl, chunk_size=chunk_size)[0], want[0]) > 1e-2
+  assert rel_err(ssd(**inp, impl=impl, chunk_size=chunk_size), want) > 1e-2
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_an_id_that_comes_back_is_another_segment(impl):
+  """Segments are runs: ids 0, 1, 0, 1 are four segments (ids need not be unique)."""
+  inp = make_inputs(L, 1, seed=27)
+  runs = segment_ids()
+  reused = runs % 2  # 0, 1, 0, 1, ... where the runs are 0, 1, 2, 3, ...
+  np.testing.assert_array_equal(
+    ssd(**inp, impl=impl, chunk_size=16, segment_ids=reused),
+    ssd(**inp, impl=impl, chunk_size=16, segment_ids=runs),
+  )
+  assert rel_err(ssd_quadratic(**inp, segment_ids=reused), per_segment_loop64(inp, runs)) <= RTOL
 
 
 def test_the_quadratic_form_masks_across_segments():
