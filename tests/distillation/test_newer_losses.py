@@ -55,15 +55,12 @@ def models_pair():
   return teacher, student
 
 
-@pytest.mark.parametrize("view", ["full", "masked"])
-def test_final_and_blocks_are_the_regressions_they_say(view):
-  """The step's `final` and `blocks` terms equal a NumPy recomputation from the teacher's
-  targets, the student's outputs and the distiller's own maps."""
+def step_terms(cfg, seed):
+  """One batch of the distillation losses on the tiny pair: (distiller, images, the
+  teacher's targets, levels, mask, visible, total, metrics)."""
   teacher, student = models_pair()
-  cfg = loss_config(w_am=0.0, w_mp=0.0, w_final=1.0, w_blocks=0.5, final_view=view, scope="all")
   distiller = distill.Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(3), loss=cfg)
-  assert len(distiller.block_projs) == 2
-  images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 3)), jnp.float32)
+  images = jnp.asarray(np.random.default_rng(seed).standard_normal((2, 16, 16, 3)), jnp.float32)
   stage = ml_collections.ConfigDict(dict(loss=cfg, teacher_input="resample"))
   levels = losses.level_pairs(teacher.cfg.depth, student.cfg.depth, 2)
   targets = distill.make_teacher_targets(teacher, student.cfg, stage, levels)(
@@ -80,7 +77,19 @@ def test_final_and_blocks_are_the_regressions_they_say(view):
     cfg=cfg,
     teacher_grid=(4, 4),
     levels=levels,
+    teacher_mixers=targets.get("mixers"),
   )
+  return distiller, images, targets, levels, mask, visible, total, metrics
+
+
+@pytest.mark.parametrize("view", ["full", "masked"])
+def test_final_and_blocks_are_the_regressions_they_say(view):
+  """The step's `final` and `blocks` terms equal a NumPy recomputation from the teacher's
+  targets, the student's outputs and the distiller's own maps."""
+  teacher, student = models_pair()
+  cfg = loss_config(w_am=0.0, w_mp=0.0, w_final=1.0, w_blocks=0.5, final_view=view, scope="all")
+  distiller, images, targets, levels, mask, _, total, metrics = step_terms(cfg, seed=0)
+  assert len(distiller.block_projs) == 2
   out = student(images, mask=mask if view == "masked" else None, train=True)
   proj = lambda lin, x: (
     np.asarray(x, np.float64) @ np.asarray(lin.kernel[...]) + np.asarray(lin.bias[...])
@@ -165,27 +174,8 @@ def test_mixer_out_is_the_regression_it_says():
   attention branch; no map and no target unless weighed."""
   teacher, student = models_pair()
   cfg = loss_config(w_am=0.0, w_mp=0.0, w_mixer=2.0, scope="visible")
-  distiller = distill.Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(3), loss=cfg)
+  distiller, images, targets, levels, mask, visible, total, metrics = step_terms(cfg, seed=2)
   assert len(distiller.mixer_projs) == 2 and distiller.block_projs is None
-  images = jnp.asarray(np.random.default_rng(2).standard_normal((2, 16, 16, 3)), jnp.float32)
-  stage = ml_collections.ConfigDict(dict(loss=cfg, teacher_input="resample"))
-  levels = losses.level_pairs(teacher.cfg.depth, student.cfg.depth, 2)
-  targets = distill.make_teacher_targets(teacher, student.cfg, stage, levels)(
-    nnx.state(teacher, nnx.Param), images
-  )
-  mask, visible = losses.random_mask(jax.random.key(0), 2, 16, 0.5)
-  total, metrics = distill.distill_losses(
-    distiller=distiller,
-    teacher_levels=targets["levels"],
-    teacher_final=targets["final"],
-    images=images,
-    mask=mask,
-    visible=visible,
-    cfg=cfg,
-    teacher_grid=(4, 4),
-    levels=levels,
-    teacher_mixers=targets["mixers"],
-  )
   t_out, s_out = teacher(images), student(images, mask=mask, train=True)
   pick = lambda x: np.take_along_axis(np.asarray(x, np.float64), np.asarray(visible)[..., None], 1)
   per_level = []
