@@ -2,7 +2,7 @@
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -49,6 +49,10 @@ class ModelOutput:
   mixers: every block's token-mixer branch as it joins the residual stream (attention with
     its layer scale in the ViT, the SSM branch in Adventurer; before drop path), each
     (B, T, D) in the same order as `blocks`: the `mixer_out` loss reads them.
+  packing: None, or the `packing.Packed` layout of a packed batch (several images of their
+    own sizes a row): then `tokens`, `blocks` and `mixers` are (B, T, D) in the packed order
+    (`packing.kind` says which are patches), `cls` is (B, M, D), one per image slot
+    (`packing.valid` says which hold an image), and `logits` (B, M, classes).
   """
 
   logits: Optional[jax.Array]
@@ -56,15 +60,25 @@ class ModelOutput:
   blocks: tuple
   roles: TokenRoles = flax.struct.field(pytree_node=False)
   mixers: tuple = ()
+  packing: Any = None
 
   @property
   def cls(self) -> Optional[jax.Array]:
-    """(B, 1, D) final-norm CLS token, or None."""
+    """(B, 1, D) final-norm CLS token, or None; packed: (B, M, D), one per image slot."""
+    if self.packing is not None:
+      if self.roles.cls is None:
+        return None
+      return jnp.take_along_axis(self.tokens, self.packing.cls_at[..., None], axis=1)
     return self.roles.cls_of(self.tokens)
 
   @property
   def patches(self) -> jax.Array:
     """(B, N, D) final-norm patch tokens in raster order."""
+    if self.packing is not None:
+      raise UserError(
+        "A packed output has no (B, N, D) patch grid: read `tokens` where packing.kind is "
+        "PATCH (each image's patches in raster order from its start)."
+      )
     return self.roles.patches_of(self.tokens)
 
 

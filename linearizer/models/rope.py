@@ -74,12 +74,46 @@ def tables(
   return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
+def token_tables(
+  kind: Kind,
+  rows,
+  cols,
+  grid,
+  head_dim: int,
+  temperature: Optional[float] = None,
+  offset: float = 0.0,
+  rope_grid: Optional[int] = None,
+) -> tuple:
+  """`tables` per token of a packed batch, in jnp: (cos, sin), each (B, T, head_dim), for
+  patches at (rows, cols) (B, T) of images of `grid` (B, T, 2) patches (the same float32
+  coordinates and bands as `tables`, which computes them in NumPy for one grid)."""
+  n = head_dim // 4
+  t = np.float32(TEMPERATURES[kind] if temperature is None else temperature)
+  bands = (1.0 / t ** (np.arange(n, dtype=np.float32) / np.float32(n))).astype(np.float32)
+  if kind == "dinov3":
+    bands = bands * np.float32(2 * np.pi)
+
+  def axis(index, size):
+    size = jnp.maximum(size, 1).astype(jnp.float32)
+    if kind == "dinov3":
+      return 2.0 * ((index.astype(jnp.float32) + 0.5) / size) - 1.0
+    c = index.astype(jnp.float32) + np.float32(offset)
+    return c if rope_grid is None else c / size * np.float32(rope_grid)
+
+  r, c = axis(rows, grid[..., 0]), axis(cols, grid[..., 1])
+  first, second = (c, r) if kind == "pe" else (r, c)
+  angles = jnp.concatenate([first[..., None] * bands, second[..., None] * bands], axis=-1)
+  angles = jnp.tile(angles, 2) if HALVES[kind] else jnp.repeat(angles, 2, axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
 def rotate(x, cos, sin, halves: bool):
-  """x (B, N, heads, D) rotated by (N, D) tables: x cos + rot(x) sin."""
+  """x (B, N, heads, D) rotated by (N, D) or per-row (B, N, D) tables: x cos + rot(x) sin."""
   if halves:  # (x1, x2) -> (-x2, x1)
     x1, x2 = jnp.split(x, 2, axis=-1)
     turned = jnp.concatenate([-x2, x1], axis=-1)
   else:  # pairs (x0, x1) -> (-x1, x0)
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     turned = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-  return x * cos[:, None].astype(x.dtype) + turned * sin[:, None].astype(x.dtype)
+  cos, sin = cos[..., None, :].astype(x.dtype), sin[..., None, :].astype(x.dtype)
+  return x * cos + turned * sin

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from linearizer.errors import UserError
-from linearizer.models import attention, common
+from linearizer.models import attention, common, packing
 from linearizer.models import rope as rope_lib
 from linearizer.models.vit_config import (  # noqa: F401 (STYLES, ViTConfig, ...: vit's names too)
   ACTIVATIONS,
@@ -74,10 +74,11 @@ class Attention(nnx.Module):
       q, k = turn(q), turn(k)
     return q, k, v
 
-  def __call__(self, x, rotary=None):
+  def __call__(self, x, rotary=None, segment_ids=None):
     b, t, d = x.shape
     q, k, v = self.qkv_heads(x, rotary)
-    y = attention.attend(q, k, v, self.impl, self.blocked_from, self.blocks).reshape(b, t, d)
+    y = attention.attend(q, k, v, self.impl, self.blocked_from, self.blocks, segment_ids)
+    y = y.reshape(b, t, d)
     return self.proj(y if self.norm is None else self.norm(y))
 
 
@@ -105,9 +106,10 @@ class Block(nnx.Module):
     h = self.act(self.fc1(x)) if self.gate is None else jax.nn.silu(self.gate(x)) * self.fc1(x)
     return self.fc2(h if self.mlp_norm is None else self.mlp_norm(h))
 
-  def __call__(self, x, *, train: bool, rotary=None):
-    """(the block's output, its attention branch: `ModelOutput.mixers`)."""
-    mixed = self._scaled(self.attn(self.norm1(x), rotary), self.ls1)
+  def __call__(self, x, *, train: bool, rotary=None, segment_ids=None):
+    """(the block's output, its attention branch: `ModelOutput.mixers`); `segment_ids`
+    (B, T): attention stays within each packed image."""
+    mixed = self._scaled(self.attn(self.norm1(x), rotary, segment_ids), self.ls1)
     x = x + self.drop_path(mixed, train=train)
     y = self._scaled(self.mlp(self.norm2(x)), self.ls2)
     return x + self.drop_path(y, train=train), mixed
@@ -129,14 +131,19 @@ class MAPHead(nnx.Module):
     self.fc2 = nnx.Linear(cfg.mlp_dim, d, **_dense(cfg, rngs))
     self.act = ACTIVATIONS[cfg.activation or STYLES[cfg.style][0]]
 
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
+    """x (B, T, D) -> (B, D); with `mask` (B, M, T) bool: M probes, probe m attending to the
+    tokens its row of `mask` keeps (a packed batch's image m) -> (B, M, D)."""
     b, t, d = x.shape
-    h = self.num_heads
-    q = self.q(jnp.broadcast_to(self.probe[...], (b, 1, d)).astype(x.dtype))
+    h, m = self.num_heads, 1 if mask is None else mask.shape[1]
+    q = self.q(jnp.broadcast_to(self.probe[...], (b, m, d)).astype(x.dtype))
     k, v = jnp.split(self.kv(x).reshape(b, t, 2 * h, d // h), 2, 2)
-    y = jax.nn.dot_product_attention(q.reshape(b, 1, h, d // h), k, v)
-    y = self.proj(y.reshape(b, 1, d))
-    return (y + self.fc2(self.act(self.fc1(self.norm(y)))))[:, 0]
+    y = jax.nn.dot_product_attention(
+      q.reshape(b, m, h, d // h), k, v, mask=None if mask is None else mask[:, None]
+    )
+    y = self.proj(y.reshape(b, m, d))
+    y = y + self.fc2(self.act(self.fc1(self.norm(y))))
+    return y[:, 0] if mask is None else y
 
 
 class ViT(nnx.Module):
@@ -234,14 +241,67 @@ class ViT(nnx.Module):
 
   def pool(self, out: common.ModelOutput) -> jax.Array:
     """(B, D): what the head reads (the config's `pool`): the final CLS, the mean final
-    patch token, or the MAP head's attention pooling over every final token."""
+    patch token, or the MAP head's attention pooling over every final token; packed:
+    (B, M, D), each image's own."""
+    packed = out.packing
     if self.cfg.pool == "cls":
-      pooled = out.cls[:, 0]
+      pooled = out.cls if packed is not None else out.cls[:, 0]
     elif self.cfg.pool == "gap":
-      pooled = out.patches.mean(axis=1)
-    else:
+      if packed is None:
+        pooled = out.patches.mean(axis=1)
+      else:
+        pooled = packed.image_mean(out.tokens, packed.kind == packing.PATCH)
+    elif packed is None:
       pooled = self.map_head(out.tokens)
+    else:
+      images = jnp.arange(packed.grid.shape[1])
+      pooled = self.map_head(out.tokens, packed.image[:, None, :] == images[None, :, None])
     return pooled if self.fc_norm is None else self.fc_norm(pooled)
+
+  @property
+  def packing_layout(self) -> tuple:
+    """(prefix, suffix): the kinds of the tokens around an image's patches (`packing.pack`)."""
+    c = self.cfg
+    return (packing.CLS,) * c.cls_token + (packing.REGISTER,) * c.registers, ()
+
+  def embed_packed(self, p: packing.Packed):
+    """`embed` for a packed batch: each image's tokens as `embed` lays them out alone, its
+    position embedding resampled to its own grid per token (`packing.patch_pos_embed`)."""
+    x = packing.embed_patches(self.patch_embed, p)
+    kind = p.kind[..., None]
+    if self.pos_embed is not None:
+      table = self.pos_embed[...]
+      first = int(self.cfg.cls_token)
+      mode = POS_INTERPOLATIONS[self.cfg.pos_interpolation]
+      x = x + packing.patch_pos_embed(table[:, first:], self.grid, p, mode)
+      if self.cls_token is not None:
+        x = jnp.where(kind == packing.CLS, self.cls_token[...] + table[:, :1], x)
+    elif self.cls_token is not None:
+      x = jnp.where(kind == packing.CLS, self.cls_token[...], x)
+    if self.register_tokens is not None:
+      registers = self.register_tokens[...][0][jnp.minimum(p.col, self.cfg.registers - 1)]
+      x = jnp.where(kind == packing.REGISTER, registers, x)
+    x = jnp.where(kind == packing.PAD, 0.0, x)
+    return self.ln_pre(x) if self.ln_pre is not None else x
+
+  def rotary_packed(self, p: packing.Packed):
+    """`rotary` per token of a packed batch: patches at their own image's coordinates,
+    every other token unturned (cos 1, sin 0)."""
+    c = self.cfg
+    if c.rope is None:
+      return None
+    cos, sin = rope_lib.token_tables(
+      c.rope,
+      p.row,
+      p.col,
+      p.token_grid(),
+      c.width // c.num_heads,
+      c.rope_temperature,
+      c.rope_offset,
+      c.rope_grid,
+    )
+    patch = (p.kind == packing.PATCH)[..., None]
+    return 0, jnp.where(patch, cos, 1.0), jnp.where(patch, sin, 0.0)
 
   def rotary(self, grid: tuple):
     """(first patch index, cos, sin) of the config's RoPE for an (h, w) patch grid, or None."""
@@ -254,18 +314,28 @@ class ViT(nnx.Module):
     return self.roles.patches[0], jnp.asarray(cos), jnp.asarray(sin)
 
   def __call__(self, images, *, mask=None, train: bool = False) -> common.ModelOutput:
+    """images (B, H, W, 3), or a `packing.Packed` batch of images of their own sizes."""
     if mask is not None:
       raise UserError("The ViT teacher always sees the whole image; mask must be None.")
-    x = self.embed(images)
-    rotary = self.rotary(common.patch_grid(images.shape[1:3], self.cfg.patch))
+    packed = images if isinstance(images, packing.Packed) else None
+    if packed is not None:
+      x, rotary, segments = self.embed_packed(packed), self.rotary_packed(packed), packed.image
+    else:
+      x, segments = self.embed(images), None
+      rotary = self.rotary(common.patch_grid(images.shape[1:3], self.cfg.patch))
     blocks, mixers = [], []
     for block in self.blocks:
-      x, mixed = block(x, train=train, rotary=rotary)
+      x, mixed = block(x, train=train, rotary=rotary, segment_ids=segments)
       blocks.append(x)
       mixers.append(mixed)
     tokens = x if self.norm is None else self.norm(x)
     out = common.ModelOutput(
-      logits=None, tokens=tokens, blocks=tuple(blocks), roles=self.roles, mixers=tuple(mixers)
+      logits=None,
+      tokens=tokens,
+      blocks=tuple(blocks),
+      roles=self.roles,
+      mixers=tuple(mixers),
+      packing=packed,
     )
     if self.head is None:
       return out

@@ -1,0 +1,215 @@
+"""Packed sequences: images of their own sizes, several to a row of one static length.
+
+NaViT (Dehghani et al. 2023) packs the patches of several images into one sequence and
+restricts attention to each image; SigLIP 2's NaFlex gives each image its own grid. Here a
+row of `sequence_length` tokens holds up to `max_images` images, each laid out as the model
+lays out one image alone (the ViT `[cls, registers…, patches]`, Adventurer `[patches, cls]`),
+then padding. `Packed` says, per token, what it is and where it sits, so a model computes
+from it alone, in static shapes: block-diagonal attention and SSD resets (`segment_ids`),
+each image's position embedding from its own grid, Adventurer's per-image flips and heading
+averages. `pack` builds one from a list of images (NumPy, in the data pipeline).
+"""
+
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linearizer.errors import UserError
+
+PAD, PATCH, CLS, REGISTER = 0, 1, 2, 3  # Packed.kind
+
+
+@flax.struct.dataclass
+class Packed:
+  """A packed batch: B rows of T tokens, up to M images a row.
+
+  pixels: (B, T, p, p, C) float: each patch token's pixels (zeros for other tokens).
+  kind: (B, T) int32: PAD, PATCH, CLS or REGISTER.
+  image: (B, T) int32: the token's image slot in its row, 0..M-1; M for padding (so it is
+    the segment id attention and the scan read: padding is one segment of its own).
+  row, col: (B, T) int32: a patch's place in its image's grid; a register's index in `col`.
+  grid: (B, M, 2) int32: each image's (rows, cols) of patches; (0, 0) for an empty slot.
+  start: (B, M) int32: where each image's first token sits (T for an empty slot).
+  cls_at: (B, M) int32: where each image's CLS token sits (0 for an empty slot or no CLS).
+  """
+
+  pixels: jax.Array
+  kind: jax.Array
+  image: jax.Array
+  row: jax.Array
+  col: jax.Array
+  grid: jax.Array
+  start: jax.Array
+  cls_at: jax.Array
+
+  @property
+  def valid(self) -> jax.Array:
+    """(B, M) bool: which image slots hold an image."""
+    return self.grid[..., 0] > 0
+
+  def token_grid(self) -> jax.Array:
+    """(B, T, 2): each token's image grid ((0, 0) for padding)."""
+    m = self.grid.shape[1]
+    slot = jnp.minimum(self.image, m - 1)
+    grid = jnp.take_along_axis(self.grid, slot[..., None], axis=1)
+    return jnp.where((self.image < m)[..., None], grid, 0)
+
+  def patch_count(self) -> jax.Array:
+    """(B, T): the number of patches of each token's image (0 for padding)."""
+    g = self.token_grid()
+    return g[..., 0] * g[..., 1]
+
+  def image_mean(self, x: jax.Array, where: jax.Array) -> jax.Array:
+    """(B, M, D): the mean of x (B, T, D) over each image's tokens where `where` (B, T)."""
+    m = self.grid.shape[1]
+    onehot = (self.image[..., None] == jnp.arange(m)) & where[..., None]  # (B, T, M)
+    total = jnp.einsum("btm,btd->bmd", onehot.astype(x.dtype), x)
+    return total / jnp.maximum(onehot.sum(axis=1), 1)[..., None].astype(x.dtype)
+
+
+def layout(prefix: Sequence[int], suffix: Sequence[int], grid: tuple) -> np.ndarray:
+  """The kinds of one image's tokens, as a model lays it out alone."""
+  return np.array([*prefix, *[PATCH] * (grid[0] * grid[1]), *suffix], np.int32)
+
+
+def pack(
+  images: Sequence[np.ndarray],
+  patch: int,
+  sequence_length: int,
+  max_images: int,
+  prefix: Sequence[int] = (),
+  suffix: Sequence[int] = (),
+) -> tuple:
+  """Packs images greedily, in order, into rows of `sequence_length` tokens.
+
+  Args:
+    images: (h, w, C) arrays, h and w multiples of `patch` (resize first).
+    patch: the model's patch side.
+    sequence_length: T, tokens per row.
+    max_images: M, image slots per row.
+    prefix, suffix: the kinds of the tokens the model puts before and after an image's
+      patches (the model's `packing_layout`).
+
+  Returns:
+    (Packed with B rows, (B, M) int32: the index in `images` of each slot, -1 if empty).
+  """
+  rows, current, used = [], [], 0
+  for index, image in enumerate(images):
+    h, w = image.shape[:2]
+    if h < patch or w < patch or h % patch or w % patch:
+      raise UserError(
+        f"pack: image {index} is {h}x{w}; expected sides that are positive multiples of the "
+        f"{patch}-px patch (resize to the token budget first)."
+      )
+    need = len(layout(prefix, suffix, (h // patch, w // patch)))
+    if need > sequence_length:
+      raise UserError(
+        f"pack: image {index} ({h}x{w}) needs {need} tokens, more than sequence_length="
+        f"{sequence_length}; lower max_patches or raise sequence_length."
+      )
+    if current and (used + need > sequence_length or len(current) == max_images):
+      rows.append(current)
+      current, used = [], 0
+    current.append(index)
+    used += need
+  if current:
+    rows.append(current)
+  packed = [_row(images, r, patch, sequence_length, max_images, prefix, suffix) for r in rows]
+  fields = {k: np.stack([p[k] for p in packed]) for k in packed[0]}
+  slots = np.full((len(rows), max_images), -1, np.int32)
+  for b, r in enumerate(rows):
+    slots[b, : len(r)] = r
+  return Packed(**fields), slots
+
+
+def _row(images, indices, patch, length, max_images, prefix, suffix) -> dict:
+  """One row's arrays (`Packed`'s fields without the batch axis)."""
+  channels = images[indices[0]].shape[-1]
+  row = dict(
+    pixels=np.zeros((length, patch, patch, channels), np.float32),
+    kind=np.full(length, PAD, np.int32),
+    image=np.full(length, max_images, np.int32),
+    row=np.zeros(length, np.int32),
+    col=np.zeros(length, np.int32),
+    grid=np.zeros((max_images, 2), np.int32),
+    start=np.full(max_images, length, np.int32),
+    cls_at=np.zeros(max_images, np.int32),
+  )
+  at = 0
+  for slot, index in enumerate(indices):
+    image = np.asarray(images[index], np.float32)
+    gh, gw = image.shape[0] // patch, image.shape[1] // patch
+    kinds = layout(prefix, suffix, (gh, gw))
+    span = slice(at, at + len(kinds))
+    row["kind"][span], row["image"][span] = kinds, slot
+    row["grid"][slot], row["start"][slot] = (gh, gw), at
+    first = at + len(prefix)
+    tiles = image.reshape(gh, patch, gw, patch, channels).transpose(0, 2, 1, 3, 4)
+    row["pixels"][first : first + gh * gw] = tiles.reshape(gh * gw, patch, patch, channels)
+    row["row"][first : first + gh * gw] = np.repeat(np.arange(gh), gw)
+    row["col"][first : first + gh * gw] = np.tile(np.arange(gw), gh)
+    registers = np.flatnonzero(kinds == REGISTER)
+    row["col"][at + registers] = np.arange(len(registers))
+    cls = np.flatnonzero(kinds == CLS)
+    row["cls_at"][slot] = at + cls[0] if len(cls) else 0
+    at += len(kinds)
+  return row
+
+
+def _keys_cubic(t, a: float):
+  """Keys' cubic kernel (common._keys_cubic, in jnp)."""
+  t = jnp.abs(t)
+  near = ((a + 2) * t - (a + 3)) * t * t + 1
+  far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+  return jnp.where(t <= 1, near, jnp.where(t < 2, far, 0.0))
+
+
+def resample_weights(n_in: int, n_out, index, antialias: bool, offset: float, bilinear: bool):
+  """(..., n_in) weights of output `index` of n_out when resampling n_in positions, for
+  traced n_out and index (...): row `index` of common._cubic_matrix / _bilinear_antialias_matrix
+  (the same rules, in float32 rather than float64), the identity where n_out == n_in as
+  common.resample_grid skips equal grids."""
+  n_out = jnp.asarray(n_out, jnp.float32)[..., None]
+  i = jnp.asarray(index, jnp.float32)[..., None]
+  j = jnp.arange(n_in, dtype=jnp.float32)
+  scale = n_in / (n_out + (0.0 if bilinear else offset))
+  if antialias:  # taps within the widened support, renormalised (torch's antialias path)
+    support = jnp.maximum(scale, 1.0) * (1.0 if bilinear else 2.0)
+    stretch = 1.0 / jnp.maximum(scale, 1.0)
+    centre = scale * (i + 0.5)
+    lo = jnp.maximum(jnp.floor(centre - support + 0.5), 0)
+    hi = jnp.minimum(jnp.floor(centre + support + 0.5), n_in)
+    t = (j - centre + 0.5) * stretch
+    taps = jnp.maximum(0.0, 1.0 - jnp.abs(t)) if bilinear else _keys_cubic(t, -0.5)
+    taps = jnp.where((j >= lo) & (j < hi), taps, 0.0)
+    weights = taps / taps.sum(axis=-1, keepdims=True)
+  else:  # 4 taps of Keys' a=-0.75 around the half-pixel source, borders clamped
+    src = (i + 0.5) * scale - 0.5
+    base = jnp.floor(src)
+    weights = sum(
+      jnp.where(jnp.clip(base + tap, 0, n_in - 1) == j, _keys_cubic(src - base - tap, -0.75), 0.0)
+      for tap in range(-1, 3)
+    )
+  return jnp.where(n_out == n_in, (j == i).astype(jnp.float32), weights)
+
+
+def patch_pos_embed(table, table_grid: tuple, packed: Packed, mode: tuple):
+  """(B, T, D): each patch token's position embedding, the (1, h*w, D) grid `table`
+  resampled to its own image's grid at its (row, col) (`mode`: vit_config's
+  POS_INTERPOLATIONS entry); zeros for other tokens."""
+  grid = packed.token_grid()
+  wy = resample_weights(table_grid[0], grid[..., 0], packed.row, *mode)  # (B, T, h)
+  wx = resample_weights(table_grid[1], grid[..., 1], packed.col, *mode)  # (B, T, w)
+  t = table.reshape(*table_grid, table.shape[-1]).astype(jnp.float32)
+  pos = jnp.einsum("bty,btx,yxd->btd", wy, wx, t, precision=jax.lax.Precision.HIGHEST)
+  return jnp.where((packed.kind == PATCH)[..., None], pos, 0.0)
+
+
+def embed_patches(conv, packed: Packed):
+  """(B, T, D): the patch-embedding conv applied to each token's own pixels."""
+  b, t, p, _, c = packed.pixels.shape
+  x = conv(packed.pixels.reshape(b * t, p, p, c).astype(conv.kernel.dtype))
+  return x.reshape(b, t, -1).astype(jnp.float32)
