@@ -17,7 +17,7 @@ from flax import nnx
 
 import kernels
 from linearizer.errors import UserError
-from linearizer.models import common
+from linearizer.models import common, packing
 from linearizer.models.mamba2 import Mamba2
 
 SSD_IMPLS = (*kernels.IMPLS, "auto")  # what `ssd_impl` may name (kernels.ssd's `impl`)
@@ -106,6 +106,38 @@ def flip_patches(t):
   return jnp.concatenate([t[:, -2::-1], t[:, -1:]], axis=1)
 
 
+def gather_tokens(x, index):
+  """x (B, L, D) at positions index (B, T) -> (B, T, D)."""
+  return jnp.take_along_axis(x, index[..., None], axis=1)
+
+
+def packed_flip(p: packing.Packed):
+  """(B, T): where each token goes when every image's patches reverse (`flip_patches` per
+  image); CLS and padding stay. Its own inverse."""
+  grid = p.token_grid()
+  index, count = p.row * grid[..., 1] + p.col, grid[..., 0] * grid[..., 1]
+  here = jnp.arange(p.kind.shape[1])
+  return jnp.where(p.kind == packing.PATCH, here + count - 1 - 2 * index, here)
+
+
+def packed_scan(p: packing.Packed) -> tuple:
+  """The scan's sequence for a packed batch: each image's heading token, then its tokens,
+  as the unpacked block scans one image; T + M long, the unused heading slots at the end.
+
+  Returns (each token's scan position (B, T), each image slot's heading position (B, M),
+  the scan's segment ids (B, T + M): the image slot, M for padding and unused headings).
+  """
+  b, t = p.kind.shape
+  m = p.grid.shape[1]
+  here, slots = jnp.arange(t), jnp.arange(m)
+  used = p.valid.sum(axis=1, keepdims=True)
+  tokens = jnp.where(p.image < m, here + p.image + 1, here + used)
+  heads = jnp.where(p.valid, p.start + slots, t + slots)
+  rows = jnp.arange(b)[:, None]
+  segments = jnp.full((b, t + m), m, jnp.int32).at[rows, tokens].set(p.image)
+  return tokens, heads, segments.at[rows, heads].set(jnp.where(p.valid, slots, m))
+
+
 class SwiGLU(nnx.Module):
   """w3(SiLU(w1 x) ⊙ w2 x), with biases."""
 
@@ -148,22 +180,38 @@ class Block(nnx.Module):
     t = flip_patches(t) if self.flip else t
     return jnp.concatenate([jnp.mean(t, axis=1, keepdims=True), t], axis=1)
 
-  def mix(self, h):
+  def mix(self, h, packed=None):
     """The mixer branch: the scan's outputs in the tokens' own order."""
+    if packed is not None:
+      return self.mix_packed(h, packed)
     t = self.mixer(self.mixer_input(h))[:, 1:]  # drop the heading token's output
     return flip_patches(t) if self.flip else t
+
+  def mix_packed(self, h, p: packing.Packed):
+    """`mix` for a packed batch: each image flipped, headed by its own average and scanned
+    as if alone (`packed_scan`; the conv and the scan restart at each image)."""
+    flip = packed_flip(p) if self.flip else None
+    t = self.norm(h)
+    t = gather_tokens(t, flip) if self.flip else t
+    tokens, heads, segments = packed_scan(p)
+    rows = jnp.arange(t.shape[0])[:, None]
+    scan = jnp.zeros((t.shape[0], segments.shape[1], t.shape[2]), t.dtype)
+    scan = scan.at[rows, tokens].set(t).at[rows, heads].set(p.image_mean(t, p.kind != 0))
+    t = gather_tokens(self.mixer(scan, segments), tokens)
+    return gather_tokens(t, flip) if self.flip else t
 
   def feed_forward(self, h):
     return self.mlp(self.norm_mlp(h))
 
-  def __call__(self, h, *, train: bool):
-    """(the block's output, its mixer branch: `ModelOutput.mixers`)."""
+  def __call__(self, h, *, train: bool, packed=None):
+    """(the block's output, its mixer branch: `ModelOutput.mixers`); `packed`: the layout
+    of a packed batch (`packing.Packed`)."""
     # remat recomputes the branches in the backward; drop path stays outside, where its
     # random draw happens once.
     mix, feed_forward = Block.mix, Block.feed_forward
     if self.remat:
       mix, feed_forward = nnx.remat(mix), nnx.remat(feed_forward)
-    mixed = mix(self, h)
+    mixed = mix(self, h, packed)
     h = h + self.drop_path(mixed, train=train)
     return h + self.drop_path(feed_forward(self, h), train=train), mixed
 
@@ -230,16 +278,34 @@ class Adventurer(nnx.Module):
     pos = self.resample_pos_embed(self.cfg, self.pos_embed[...], self.grid, (h, w))
     return jnp.concatenate([x, cls], axis=1) + pos.astype(x.dtype)
 
+  packing_layout = ((), (packing.CLS,))  # (prefix, suffix) of an image's patches: CLS last
+
+  def embed_packed(self, p: packing.Packed, mask=None):
+    """`embed` for a packed batch: `[patches, cls]` per image, each image's position
+    embedding resampled to its own grid per token; `mask` (B, T) over patch tokens."""
+    x = packing.embed_patches(self.patch_embed, p)
+    kind = p.kind[..., None]
+    if mask is not None:
+      if mask.shape != p.kind.shape:
+        raise UserError(f"mask must be (batch, tokens) = {p.kind.shape}, got {mask.shape}.")
+      x = jnp.where(mask[..., None] & (kind == packing.PATCH), self.mask_token[...], x)
+    table = self.pos_embed[...]
+    x = x + packing.patch_pos_embed(table[:, :-1], self.grid, p, (False, 0.0, False))
+    x = jnp.where(kind == packing.CLS, self.cls_token[...] + table[:, -1:], x)
+    return jnp.where(kind == packing.PAD, 0.0, x)
+
   def pool(self, out: common.ModelOutput) -> jax.Array:
     """(B, D): what the head reads: the final CLS token (at the tail, where the causal scan
-    has seen every patch)."""
-    return out.cls[:, 0]
+    has seen every patch); packed: (B, M, D), each image's."""
+    return out.cls if out.packing is not None else out.cls[:, 0]
 
   def __call__(self, images, *, mask=None, train: bool = False) -> common.ModelOutput:
-    x = self.embed(images, mask)
+    """images (B, H, W, 3), or a `packing.Packed` batch of images of their own sizes."""
+    packed = images if isinstance(images, packing.Packed) else None
+    x = self.embed_packed(packed, mask) if packed is not None else self.embed(images, mask)
     blocks, mixers = [], []
     for layer in self.layers:
-      x, mixed = layer(x, train=train)
+      x, mixed = layer(x, train=train, packed=packed)
       blocks.append(x)
       mixers.append(mixed)
     out = common.ModelOutput(
@@ -248,5 +314,6 @@ class Adventurer(nnx.Module):
       blocks=tuple(blocks),
       roles=self.roles,
       mixers=tuple(mixers),
+      packing=packed,
     )
     return out.replace(logits=self.head(self.pool(out))) if self.head is not None else out

@@ -75,16 +75,23 @@ class Mamba2(nnx.Module):
     scaled = nnx.initializers.variance_scaling(out_proj_scale**2 / 3, "fan_in", "uniform")
     self.out_proj = nnx.Linear(inner, d_model, kernel_init=scaled, **dense)
 
-  def causal_conv(self, xbc):
-    """Depthwise causal conv, width K: out_t = b + Σ_k w_k · x_{t-K+1+k}.
+  def causal_conv(self, xbc, segment_ids=None):
+    """Depthwise causal conv, width K: out_t = b + Σ_k w_k · x_{t-K+1+k}; with
+    `segment_ids` (B, L) only taps in t's own segment count (a packed sequence's images do
+    not leak into each other, as `causal_conv1d`'s seq_idx).
 
     Accumulated in float32 and cast back once, as `causal_conv1d` does: in bfloat16 each of
     the K partial sums would round.
     """
     w = self.conv_weight[...].astype(jnp.float32)
-    k = w.shape[0]
+    k, length = w.shape[0], xbc.shape[1]
     padded = jnp.pad(xbc, ((0, 0), (k - 1, 0), (0, 0))).astype(jnp.float32)
-    out = sum(padded[:, i : i + xbc.shape[1]] * w[i] for i in range(k))
+    taps = [padded[:, i : i + length] for i in range(k)]
+    if segment_ids is not None:
+      runs = jnp.pad(kernels.segment_runs(segment_ids), ((0, 0), (k - 1, 0)), constant_values=-1)
+      own = [(runs[:, i : i + length] == runs[:, k - 1 :])[..., None] for i in range(k)]
+      taps = [jnp.where(keep, tap, 0.0) for tap, keep in zip(taps, own)]
+    out = sum(tap * w[i] for i, tap in enumerate(taps))
     return (out + self.conv_bias[...].astype(jnp.float32)).astype(xbc.dtype)
 
   def gated_norm(self, y, z):
@@ -94,12 +101,12 @@ class Mamba2(nnx.Module):
     g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + 1e-5)
     return g.reshape(y.shape) * self.norm_weight[...]
 
-  def ssd_inputs(self, u):
+  def ssd_inputs(self, u, segment_ids=None):
     """Everything the scan consumes, plus the gate z: x (b,L,H,P), Δ (b,L,H) f32, A, B, C."""
     b, length, _ = u.shape
     s, g = self.d_state, self.ngroups
     z, xbc, dt = jnp.split(self.in_proj(u), [self.inner, 2 * self.inner + 2 * g * s], axis=-1)
-    xbc = jax.nn.silu(self.causal_conv(xbc))
+    xbc = jax.nn.silu(self.causal_conv(xbc, segment_ids))
     x, B, C = jnp.split(xbc, [self.inner, self.inner + g * s], axis=-1)
     delta = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...])
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
@@ -111,8 +118,10 @@ class Mamba2(nnx.Module):
       C=C.reshape(b, length, g, s),
     ), z
 
-  def __call__(self, u):
-    inputs, z = self.ssd_inputs(u)
+  def __call__(self, u, segment_ids=None):
+    """u (B, L, D) -> (B, L, D); `segment_ids` (B, L): a packed sequence, its conv and scan
+    restarting where the segment changes."""
+    inputs, z = self.ssd_inputs(u, segment_ids)
     try:
       y = kernels.ssd(
         **inputs,
@@ -120,6 +129,7 @@ class Mamba2(nnx.Module):
         chunk_size=self.chunk_size,
         impl=self.ssd_impl,
         interpret=self.ssd_interpret,
+        segment_ids=segment_ids,
       )
     except ValueError as e:  # kernels/ is standalone; what it refuses here is the user's setting
       raise UserError(f"ssd_impl={self.ssd_impl!r}, chunk_size={self.chunk_size}: {e}") from e

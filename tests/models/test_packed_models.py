@@ -127,3 +127,17 @@ def test_packed_vit_at_its_own_grid_is_the_square_path_bit_for_bit():
   batch, _ = packing.pack([img], 4, 17, 1, *model.packing_layout)
   packed, alone = model(batch), model(jnp.asarray(img[None]))
   np.testing.assert_array_equal(packed.blocks[0], alone.blocks[0])
+
+
+def adventurer(**overrides):
+  fields = dict(image_size=16, width=32, depth=4, d_state=8, headdim=16, num_classes=5)
+  cfg = models.adventurer_config("Ti/4", **{**fields, **overrides})
+  return models.Adventurer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("flip_pattern", ["alternate", "released"])
+def test_packed_adventurer_is_each_image_alone(flip_pattern):
+  """Flips within each image, one tail CLS and one heading average per image, the conv and
+  the scan restarting at each image: every block equals the image run alone."""
+  model = perturbed(adventurer(flip_pattern=flip_pattern, chunk_size=4))
+  assert_each_image_alone(*packed_and_alone(model), atol=2e-5)
