@@ -7,6 +7,7 @@ the patch order so information flows both ways through the depth.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -212,8 +213,9 @@ class Block(nnx.Module):
     if self.remat:
       mix, feed_forward = nnx.remat(mix), nnx.remat(feed_forward)
     mixed = mix(self, h, packed)
-    h = h + self.drop_path(mixed, train=train)
-    return h + self.drop_path(feed_forward(self, h), train=train), mixed
+    drop = functools.partial(self.drop_path, train=train, **packing.drop_groups(packed))
+    h = h + drop(mixed)
+    return h + drop(feed_forward(self, h)), mixed
 
 
 class Adventurer(nnx.Module):

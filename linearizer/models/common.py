@@ -230,8 +230,16 @@ class DropPath(nnx.Module):
     self.rate = rate
     self.dropout = nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs) if rate > 0 else None
 
-  def __call__(self, x, *, train: bool):
-    return self.dropout(x, deterministic=not train) if self.dropout is not None else x
+  def __call__(self, x, *, train: bool, segments=None, count: int = 0):
+    """x (B, T, D); `segments` (B, T) in [0, count): a packed batch, whose images (not
+    rows) are the samples a branch is dropped for."""
+    if self.dropout is None or not train:
+      return x
+    if segments is None:
+      return self.dropout(x, deterministic=False)
+    b = x.shape[0]
+    keep = self.dropout(jnp.ones((b * count, 1, 1), x.dtype), deterministic=False)
+    return x * jnp.take_along_axis(keep.reshape(b, count), segments, axis=1)[..., None]
 
 
 # torch.nn.Linear's default init, U(±1/sqrt(fan_in)): what Adventurer keeps for its linears.

@@ -70,6 +70,12 @@ class Packed:
     return total / jnp.maximum(onehot.sum(axis=1), 1)[..., None].astype(x.dtype)
 
 
+def drop_groups(packed) -> dict:
+  """DropPath's arguments for a batch: none unpacked; packed, each image (and the padding)
+  a sample of its own (`common.DropPath`)."""
+  return {} if packed is None else dict(segments=packed.image, count=packed.grid.shape[1] + 1)
+
+
 def layout(prefix: Sequence[int], suffix: Sequence[int], grid: tuple) -> np.ndarray:
   """The kinds of one image's tokens, as a model lays it out alone."""
   return np.array([*prefix, *[PATCH] * (grid[0] * grid[1]), *suffix], np.int32)

@@ -16,6 +16,8 @@ Tokens are `[cls, registers…, p_1 … p_N]` (the parts a config has); `roles` 
 sits, and the losses read CLS and patches through it, never the registers.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,13 +108,14 @@ class Block(nnx.Module):
     h = self.act(self.fc1(x)) if self.gate is None else jax.nn.silu(self.gate(x)) * self.fc1(x)
     return self.fc2(h if self.mlp_norm is None else self.mlp_norm(h))
 
-  def __call__(self, x, *, train: bool, rotary=None, segment_ids=None):
-    """(the block's output, its attention branch: `ModelOutput.mixers`); `segment_ids`
-    (B, T): attention stays within each packed image."""
-    mixed = self._scaled(self.attn(self.norm1(x), rotary, segment_ids), self.ls1)
-    x = x + self.drop_path(mixed, train=train)
-    y = self._scaled(self.mlp(self.norm2(x)), self.ls2)
-    return x + self.drop_path(y, train=train), mixed
+  def __call__(self, x, *, train: bool, rotary=None, packed=None):
+    """(the block's output, its attention branch: `ModelOutput.mixers`); `packed`: a packed
+    batch's layout (attention stays within each image)."""
+    segments = None if packed is None else packed.image
+    mixed = self._scaled(self.attn(self.norm1(x), rotary, segments), self.ls1)
+    drop = functools.partial(self.drop_path, train=train, **packing.drop_groups(packed))
+    x = x + drop(mixed)
+    return x + drop(self._scaled(self.mlp(self.norm2(x)), self.ls2)), mixed
 
 
 class MAPHead(nnx.Module):
@@ -319,13 +322,13 @@ class ViT(nnx.Module):
       raise UserError("The ViT teacher always sees the whole image; mask must be None.")
     packed = images if isinstance(images, packing.Packed) else None
     if packed is not None:
-      x, rotary, segments = self.embed_packed(packed), self.rotary_packed(packed), packed.image
+      x, rotary = self.embed_packed(packed), self.rotary_packed(packed)
     else:
-      x, segments = self.embed(images), None
+      x = self.embed(images)
       rotary = self.rotary(common.patch_grid(images.shape[1:3], self.cfg.patch))
     blocks, mixers = [], []
     for block in self.blocks:
-      x, mixed = block(x, train=train, rotary=rotary, segment_ids=segments)
+      x, mixed = block(x, train=train, rotary=rotary, packed=packed)
       blocks.append(x)
       mixers.append(mixed)
     tokens = x if self.norm is None else self.norm(x)

@@ -141,3 +141,15 @@ def test_packed_adventurer_is_each_image_alone(flip_pattern):
   the scan restarting at each image: every block equals the image run alone."""
   model = perturbed(adventurer(flip_pattern=flip_pattern, chunk_size=4))
   assert_each_image_alone(*packed_and_alone(model), atol=2e-5)
+
+
+def test_drop_path_drops_whole_images_of_a_packed_row():
+  drop = common.DropPath(0.5, rngs=nnx.Rngs(dropout=3))
+  segments = jnp.asarray(np.repeat(np.arange(8), 4)[None].repeat(16, 0))  # 16 rows x 8 images
+  y = np.asarray(drop(jnp.ones((16, 32, 2)), train=True, segments=segments, count=8))
+  per_image = y.reshape(16, 8, 4 * 2)
+  assert (per_image == per_image[..., :1]).all()  # one draw per image
+  assert set(np.unique(per_image)) == {0.0, 2.0}  # dropped, or kept and scaled by 1/keep
+  assert 0.3 < (per_image[..., 0] == 0).mean() < 0.7
+  first = per_image[..., 0]
+  assert (first.min(axis=1) != first.max(axis=1)).any()  # not one draw per row
