@@ -216,8 +216,7 @@ def ssd(
     interpret: run Pallas kernels in interpret mode (for CPU tests); others ignore it.
     segment_ids: (batch, L) integers, or None: a packed sequence, each run of one id its
       own sequence; the state carried into a token whose id differs from the previous
-      token's is zero (mamba-ssm's `seq_idx`). Taken by reference and xla (and "auto",
-      which then runs xla); the Pallas kernels refuse it for now.
+      token's is zero (mamba-ssm's `seq_idx`). Every impl takes it.
 
   Returns:
     y: (batch, L, H, P) in x.dtype.
@@ -238,9 +237,6 @@ def ssd(
         f"ssd: segment_ids has shape {tuple(segment_ids.shape)} and dtype "
         f"{segment_ids.dtype}, expected integers of shape (batch, L) = {tuple(x.shape[:2])}"
       )
-    if impl.startswith("pallas"):
-      raise ValueError(f"ssd: impl={impl!r} does not take segment_ids yet; use impl='xla'")
-    impl = "xla" if impl == "auto" else impl
     segment_ids = segment_runs(segment_ids)  # ids that come back are new segments
   chunk_size = chunk_size or chunk_for(x.shape[1])
   sharded = _batch_mesh(x.shape[0])
@@ -256,16 +252,18 @@ def ssd(
       "or use impl='xla'"
     )
   run = functools.partial(IMPLS[impl], chunk_size=chunk_size, interpret=interpret)
-  if segment_ids is not None:  # (xla and reference: XLA partitions them itself)
-    return run(x, dt, A, B, C, D, segment_ids=segment_ids)
-  if not platform or sharded is None:
-    return run(x, dt, A, B, C, D)
+  if segment_ids is not None:
+    run = lambda x, dt, A, B, C, D, ids, run=run: run(x, dt, A, B, C, D, segment_ids=ids)
+  args = (x, dt, A, B, C, D) + (() if segment_ids is None else (segment_ids,))
+  if not platform or sharded is None:  # (xla and reference: XLA partitions them itself)
+    return run(*args)
   mesh, axes = sharded
   batch, heads = P(axes), P()
   return jax.shard_map(
     run,
     mesh=mesh,
-    in_specs=(batch, batch, heads, batch, batch, None if D is None else heads),
+    in_specs=(batch, batch, heads, batch, batch, None if D is None else heads)
+    + ((batch,) if segment_ids is not None else ()),  # segment ids go with their batch rows
     out_specs=batch,
     check_vma=False,  # pallas_call does not track varying manual axes
-  )(x, dt, A, B, C, D)
+  )(*args)

@@ -52,6 +52,10 @@ Backward (jax.custom_vjp; the backward is a second Pallas kernel)
   dB and dC are written per head and summed over the heads of each group in the
   XLA wrapper; dA and dD are written per token and summed over batch and length.
 
+Packed sequences (`segment_ids`, as segment runs): two more (batch, Lp) f32 inputs, the
+run ids and each chunk's previous chunk's last id; `_chunk_decays` zeroes the decay, e, g
+and exp(tot) wherever they cross a boundary, and the backward above reads only those.
+
 Shapes the Triton lowering accepts: every tile a power of two and every dot
 operand dimension >= 16, so P and S must be powers of two in [16, 128]; the chunk
 is the largest power of two <= min(chunk_size, 64) (any chunk size gives the same
@@ -71,6 +75,7 @@ Tuning knobs (untuned; to measure on an H100): FWD_PARAMS / BWD_PARAMS
 
 import functools
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,14 +158,33 @@ def _rowsum(v):
   return jnp.sum(v, axis=1)
 
 
-def _chunk_decays(a, causal):
-  """a (Q,) = A dt (<= 0) -> cum (Q,), tot (), decay (Q, Q), all float32.
+class _Decays(NamedTuple):
+  cum: jax.Array  # (Q,) sum_{r<=t} a_r
+  decay: jax.Array  # (Q, Q) exp(cum_t - cum_s) for s <= t
+  e: jax.Array  # (Q, 1) exp(cum): the entering state's weight on token t
+  g: jax.Array  # (Q, 1) exp(tot - cum): token s's weight on the leaving state
+  E: jax.Array  # () exp(tot): the entering state's weight on the leaving one
 
-  cum is a masked sum (no scan primitive needed); the mask goes in before exp."""
+
+def _chunk_decays(a, causal, seg=None):
+  """a (Q,) = A dt (<= 0) -> `_Decays`, all float32. cum is a masked sum (no scan
+  primitive needed); the mask goes in before exp.
+
+  seg: None, or (ids, prev) (Q,) each, a packed sequence's segment runs and the previous
+  chunk's last id: every weight that crosses a boundary is zeroed (decay off the segment's
+  block, e after a reset, g before one, E when the chunk holds one). Runs never decrease,
+  so the chunk's last id is its largest. The backward reads the same zeros."""
   cum = _rowsum(jnp.where(causal, a[None, :], 0.0))  # cum_t = sum_{r<=t} a_r
   tot = jnp.sum(a)
+  e, g, E = jnp.exp(cum), jnp.exp(tot - cum), jnp.exp(tot)
+  if seg is not None:
+    ids, prev = seg
+    last, before = jnp.max(ids), jnp.max(prev)
+    causal = causal & (ids[:, None] == ids[None, :])
+    e, g = jnp.where(ids == before, e, 0.0), jnp.where(ids == last, g, 0.0)
+    E = jnp.where(last == before, E, 0.0)
   decay = jnp.exp(jnp.where(causal, cum[:, None] - cum[None, :], -jnp.inf))
-  return cum, tot, decay
+  return _Decays(cum, decay, e[:, None], g[:, None], E)
 
 
 def _causal_mask(q, transposed=False):
@@ -173,7 +197,13 @@ def _causal_mask(q, transposed=False):
 # ------------------------------------------------------------------ forward kernel
 
 
-def _fwd_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, *maybe_states, Q, nc, cdt):
+def _segments(rest, segments):
+  """(the segment refs (ids, prev) or None, the refs after them)."""
+  return (rest[:2], rest[2:]) if segments else (None, rest)
+
+
+def _fwd_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, *rest, Q, nc, cdt, segments):
+  seg_refs, (y_ref, *maybe_states) = _segments(rest, segments)
   P, S = x_ref.shape[-1], B_ref.shape[-1]
   A, D = A_ref[...], D_ref[...]
   causal = _causal_mask(Q)
@@ -182,17 +212,16 @@ def _fwd_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, *maybe_states,
     rows = pl.ds(c * Q, Q)
     x, dt = x_ref[rows, :], dt_ref[rows]
     Bm, Cm = B_ref[rows, :], C_ref[rows, :]
-    cum, tot, decay = _chunk_decays(dt * A, causal)
+    k = _chunk_decays(dt * A, causal, seg_refs and tuple(r[rows] for r in seg_refs))
     xdt = x.astype(_f32) * dt[:, None]
-    W = _mm(Cm, Bm, 1, 1, cdt) * decay  # (C B^T) * decay, (Q, Q)
+    W = _mm(Cm, Bm, 1, 1, cdt) * k.decay  # (C B^T) * decay, (Q, Q)
     y = _mm(W, xdt, 1, 0, cdt)
-    y += _mm(Cm, s0, 1, 1, cdt) * jnp.exp(cum)[:, None]  # C s0^T
+    y += _mm(Cm, s0, 1, 1, cdt) * k.e  # C s0^T
     y += D * x.astype(_f32)
     y_ref[rows, :] = y.astype(y_ref.dtype)
     if maybe_states:
       maybe_states[0][pl.ds(c * P, P), :] = s0
-    g = jnp.exp(tot - cum)[:, None]
-    return jnp.exp(tot) * s0 + _mm(xdt * g, Bm, 0, 0, cdt)
+    return k.E * s0 + _mm(xdt * k.g, Bm, 0, 0, cdt)
 
   lax.fori_loop(0, nc, chunk, jnp.zeros((P, S), _f32))
 
@@ -201,25 +230,9 @@ def _fwd_kernel(x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, y_ref, *maybe_states,
 
 
 def _bwd_kernel(
-  x_ref,
-  dt_ref,
-  A_ref,
-  B_ref,
-  C_ref,
-  D_ref,
-  st_ref,
-  dy_ref,
-  dx_ref,
-  ddt_ref,
-  dA_ref,
-  dD_ref,
-  dB_ref,
-  dC_ref,
-  *,
-  Q,
-  nc,
-  cdt,
+  x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, st_ref, dy_ref, *rest, Q, nc, cdt, segments
 ):
+  seg_refs, (dx_ref, ddt_ref, dA_ref, dD_ref, dB_ref, dC_ref) = _segments(rest, segments)
   P, S = x_ref.shape[-1], B_ref.shape[-1]
   A, D = A_ref[...], D_ref[...]
   causal = _causal_mask(Q)
@@ -232,8 +245,8 @@ def _bwd_kernel(
     Bm, Cm = B_ref[rows, :], C_ref[rows, :]
     dy = dy_ref[rows, :].astype(_f32)
     s0 = st_ref[pl.ds(c * P, P), :]
-    cum, tot, decay = _chunk_decays(dt * A, causal)
-    e, g = jnp.exp(cum)[:, None], jnp.exp(tot - cum)[:, None]
+    k = _chunk_decays(dt * A, causal, seg_refs and tuple(r[rows] for r in seg_refs))
+    decay, e, g = k.decay, k.e, k.g
     xdt = x * dt[:, None]
 
     # Within the chunk: y = W xdt, W = (C B^T) * decay.
@@ -250,7 +263,7 @@ def _bwd_kernel(
     dys0 = _mm(dy, s0, 1, 0, cdt) * e  # (Q, S)
     dC += dys0
     dcum += _rowsum(Cm.astype(_f32) * dys0)
-    ds0 = jnp.exp(tot) * dS + _mm(dy * e, Cm, 0, 0, cdt)
+    ds0 = k.E * dS + _mm(dy * e, Cm, 0, 0, cdt)
 
     # State leaving the chunk: s_end = exp(tot) s0 + (xdt * g)^T B.
     dxdt_end = _mm(Bm, dS, 1, 1, cdt) * g  # (B dS^T) * g, (Q, P)
@@ -258,7 +271,7 @@ def _bwd_kernel(
     dB += _mm(xdt * g, dS, 1, 0, cdt)
     through_g = _rowsum(xdt * dxdt_end)  # dL/dg_s * g_s
     dcum -= through_g
-    dtot = jnp.exp(tot) * jnp.sum(_rowsum(dS * s0)) + jnp.sum(through_g)
+    dtot = k.E * jnp.sum(_rowsum(dS * s0)) + jnp.sum(through_g)
 
     da = _rowsum(jnp.where(later, dcum[None, :], 0.0)) + dtot  # sum_{t>=r} dcum_t
     dx_ref[rows, :] = (dxdt * dt[:, None] + D * dy).astype(dx_ref.dtype)
@@ -297,34 +310,47 @@ def _padded(Q, x, dt, A, B, C, D):
   return (padL(x), padL(dt.astype(_f32)), A.astype(_f32), padL(B), padL(C), D.astype(_f32))
 
 
-def _forward(Q, interpret, x, dt, A, B, C, D, *, save_states):
+def chunk_segments(runs, Q):
+  """(ids, prev), each (batch, Lp) float32, of (batch, L) segment runs: the ids padded
+  with the last one (the pad starts no segment), and each chunk's previous chunk's last id
+  (chunk 0's own first: its entering state is zero). Exact below 2^24 tokens."""
+  batch, L = runs.shape
+  ids = jnp.pad(runs, ((0, 0), (0, -L % Q)), mode="edge").reshape(batch, -1, Q)
+  prev = jnp.concatenate([ids[:, :1, :1], ids[:, :-1, -1:]], axis=1)
+  prev = jnp.broadcast_to(prev, ids.shape)
+  return tuple(v.reshape(batch, -1).astype(_f32) for v in (ids, prev))
+
+
+def _forward(Q, interpret, x, dt, A, B, C, D, seg, *, save_states):
   batch, L, H, P = x.shape
   G, S = B.shape[2:]
   xp, dtp, Af, Bp, Cp, Df = _padded(Q, x, dt, A, B, C, D)
   Lp = xp.shape[1]
   nc = Lp // Q
   seq, grp, vec, head = _specs(batch, Lp, H, G, P, S)
+  token = pl.BlockSpec((None, Lp), lambda b, h: (b, 0))
+  segments = ([token, token], list(seg)) if seg is not None else ([], [])
   out_shape = [jax.ShapeDtypeStruct(xp.shape, x.dtype)]
   out_specs = [seq(P)]
   if save_states:
     out_shape.append(jax.ShapeDtypeStruct((batch, H, nc * P, S), _f32))
     out_specs.append(pl.BlockSpec((None, None, nc * P, S), lambda b, h: (b, h, 0, 0)))
   out = pl.pallas_call(
-    functools.partial(_fwd_kernel, Q=Q, nc=nc, cdt=x.dtype),
+    functools.partial(_fwd_kernel, Q=Q, nc=nc, cdt=x.dtype, segments=seg is not None),
     grid=(batch, H),
-    in_specs=[seq(P), vec, head, grp, grp, head],
+    in_specs=[seq(P), vec, head, grp, grp, head, *segments[0]],
     out_specs=out_specs,
     out_shape=out_shape,
     compiler_params=plgpu.CompilerParams(**FWD_PARAMS),
     interpret=interpret,
     name="ssd_gpu_fwd",
-  )(xp, dtp, Af, Bp, Cp, Df)
+  )(xp, dtp, Af, Bp, Cp, Df, *segments[1])
   y = out[0][:, :L]
   return (y, out[1]) if save_states else y
 
 
 def _backward(Q, interpret, res, dy):
-  x, dt, A, B, C, D, states = res
+  x, dt, A, B, C, D, seg, states = res
   batch, L, H, P = x.shape
   G, S = B.shape[2:]
   xp, dtp, Af, Bp, Cp, Df = _padded(Q, x, dt, A, B, C, D)
@@ -332,11 +358,13 @@ def _backward(Q, interpret, res, dy):
   nc = Lp // Q
   dyp = jnp.pad(dy, [(0, 0), (0, Lp - L), (0, 0), (0, 0)])
   seq, grp, vec, head = _specs(batch, Lp, H, G, P, S)
+  token = pl.BlockSpec((None, Lp), lambda b, h: (b, 0))
+  segments = ([token, token], list(seg)) if seg is not None else ([], [])
   per_head = pl.BlockSpec((None, Lp, None, S), lambda b, h: (b, 0, h, 0))
   tok = jax.ShapeDtypeStruct((batch, Lp, H), _f32)
   bc = jax.ShapeDtypeStruct((batch, Lp, H, S), _f32)
   dx, ddt, dA_tok, dD_tok, dB_h, dC_h = pl.pallas_call(
-    functools.partial(_bwd_kernel, Q=Q, nc=nc, cdt=x.dtype),
+    functools.partial(_bwd_kernel, Q=Q, nc=nc, cdt=x.dtype, segments=seg is not None),
     grid=(batch, H),
     in_specs=[
       seq(P),
@@ -347,13 +375,14 @@ def _backward(Q, interpret, res, dy):
       head,
       pl.BlockSpec((None, None, nc * P, S), lambda b, h: (b, h, 0, 0)),
       seq(P),
+      *segments[0],
     ],
     out_specs=[seq(P), vec, vec, vec, per_head, per_head],
     out_shape=[jax.ShapeDtypeStruct(xp.shape, x.dtype), tok, tok, tok, bc, bc],
     compiler_params=plgpu.CompilerParams(**BWD_PARAMS),
     interpret=interpret,
     name="ssd_gpu_bwd",
-  )(xp, dtp, Af, Bp, Cp, Df, states, dyp)
+  )(xp, dtp, Af, Bp, Cp, Df, states, dyp, *segments[1])
 
   def group_sum(v):
     return v[:, :L].reshape(batch, L, G, H // G, S).sum(3)
@@ -365,24 +394,26 @@ def _backward(Q, interpret, res, dy):
     group_sum(dB_h).astype(B.dtype),
     group_sum(dC_h).astype(C.dtype),
     dD_tok.sum((0, 1)).astype(D.dtype),
+    None if seg is None else tuple(jnp.zeros_like(v) for v in seg),
   )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ssd(Q, interpret, x, dt, A, B, C, D):
-  return _forward(Q, interpret, x, dt, A, B, C, D, save_states=False)
+def _ssd(Q, interpret, x, dt, A, B, C, D, seg):
+  return _forward(Q, interpret, x, dt, A, B, C, D, seg, save_states=False)
 
 
-def _ssd_fwd(Q, interpret, x, dt, A, B, C, D):
-  y, states = _forward(Q, interpret, x, dt, A, B, C, D, save_states=True)
-  return y, (x, dt, A, B, C, D, states)
+def _ssd_fwd(Q, interpret, x, dt, A, B, C, D, seg):
+  y, states = _forward(Q, interpret, x, dt, A, B, C, D, seg, save_states=True)
+  return y, (x, dt, A, B, C, D, seg, states)
 
 
 _ssd.defvjp(_ssd_fwd, _backward)
 
 
-def ssd_pallas_gpu(x, dt, A, B, C, D=None, *, chunk_size=64, interpret=False):
-  """Same contract as `kernels.ssd` (shapes validated there); returns y in x.dtype.
+def ssd_pallas_gpu(x, dt, A, B, C, D=None, *, chunk_size=64, interpret=False, segment_ids=None):
+  """Same contract as `kernels.ssd` (shapes validated there; `segment_ids`: segment runs,
+  `kernels.segment_runs`, or None); returns y in x.dtype.
 
   Raises ValueError (at trace time) with `unsupported_reason` for shapes or dtypes
   the kernel does not handle. interpret=True runs the kernel in the Pallas
@@ -393,4 +424,5 @@ def ssd_pallas_gpu(x, dt, A, B, C, D=None, *, chunk_size=64, interpret=False):
   Q = chunk_len(chunk_size, x.shape[1])
   if D is None:
     D = jnp.zeros(x.shape[2], _f32)  # D x = 0; its gradient goes nowhere
-  return _ssd(Q, bool(interpret), x, dt, A, B, C, D)
+  seg = None if segment_ids is None else chunk_segments(segment_ids, Q)
+  return _ssd(Q, bool(interpret), x, dt, A, B, C, D, seg)

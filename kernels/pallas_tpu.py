@@ -63,6 +63,12 @@ chunk), the chunk recomputes cum, L, CB, W, xd and then
 dA and dD leave the kernel per token and are summed over batch and length in
 the wrapper, as are dB, dC over the head blocks of a group.
 
+Packed sequences (`segment_ids`, as segment runs): one more input, `seg` (batch, nc, 2, Q)
+f32, each chunk's run ids and the previous chunk's last id; `_chunk` zeroes every decay
+that crosses a boundary (L off the segment's block, e where a token's segment is not the
+entering state's, f where it is not the chunk end's, E when the chunk holds a boundary).
+The backward above reads only those decays, so it needs no other change.
+
 Precision: float32 or bfloat16 inputs; decays, cumsums, states and every
 accumulation are float32. Matmul operands keep the input dtype (bf16 stays
 bf16) except those meeting the f32 state, as in `ssd_xla`; f32 x f32 matmuls
@@ -192,19 +198,32 @@ class _Chunk(NamedTuple):
   xd: jax.Array  # (Q, P) f32, dt_s x_s
 
 
-def _chunk(dt_row, A, x, m):
+def _chunk(dt_row, A, x, m, seg=None):
+  """The chunk's quantities; `seg` (2, Q) f32, a packed sequence's segment runs (row 0:
+  each token's run id, row 1: the previous chunk's last token's id): the decays that cross
+  a boundary are zeroed (L off the segment's block, e for tokens after a reset, f for
+  tokens before one, E when the chunk holds one), which is all the backward needs too."""
   a_row = dt_row * A  # (1, Q) log-decays <= 0
   cum_col = jnp.sum(jnp.where(m.causal, a_row, 0.0), axis=1, keepdims=True)
   cum_row = _row(cum_col, m)  # bitwise the same numbers: the diagonal is exactly 0
   cum_end = jnp.sum(jnp.where(m.last, cum_col, 0.0), axis=0, keepdims=True)  # (1, 1)
-  L = jnp.exp(jnp.where(m.causal, cum_col - cum_row, -jnp.inf))
+  causal, e_col, f_col, E = m.causal, jnp.exp(cum_col), jnp.exp(cum_end - cum_col), None
+  if seg is not None:
+    ids_row, prev = seg[0:1], jnp.max(seg[1:2], axis=1, keepdims=True)  # (1, Q), (1, 1)
+    ids_col = _col(ids_row, m)
+    last = jnp.sum(jnp.where(m.last, ids_col, 0.0), axis=0, keepdims=True)  # (1, 1)
+    causal = causal & (ids_col == ids_row)
+    e_col = jnp.where(ids_col == prev, e_col, 0.0)
+    f_col = jnp.where(ids_col == last, f_col, 0.0)
+    E = jnp.where(last == prev, jnp.exp(cum_end), 0.0)
+  L = jnp.exp(jnp.where(causal, cum_col - cum_row, -jnp.inf))
   dt_col = _col(dt_row, m)
   return _Chunk(
     dt_col,
     cum_col,
-    jnp.exp(cum_col),
-    jnp.exp(cum_end - cum_col),
-    jnp.exp(cum_end),
+    e_col,
+    f_col,
+    jnp.exp(cum_end) if E is None else E,
     L,
     x.astype(_f32) * dt_col,
   )
@@ -235,11 +254,13 @@ def _in_sequence(cfg, chunk):
   return row < cfg.L
 
 
-def _fwd_kernel(A_ref, D_ref, x_ref, dt_ref, B_ref, C_ref, y_ref, *rest, cfg, save):
+def _fwd_kernel(A_ref, D_ref, x_ref, dt_ref, B_ref, C_ref, *rest, cfg, save):
+  seg = rest[0][...] if cfg.segments else None
+  rest = rest[1:] if cfg.segments else rest
   if save:
-    h0_ref, state_ref = rest
+    y_ref, h0_ref, state_ref = rest
   else:
-    (state_ref,) = rest
+    y_ref, state_ref = rest
   hb = cfg.hb
   j, c = pl.program_id(1), pl.program_id(2)
   valid = _in_sequence(cfg, c)
@@ -256,7 +277,7 @@ def _fwd_kernel(A_ref, D_ref, x_ref, dt_ref, B_ref, C_ref, y_ref, *rest, cfg, sa
   for i in range(hb):
     h = j * hb + i
     x = jnp.where(valid, _head(x_ref, i, cfg), 0)  # (Q, P)
-    k = _chunk(dt_ref[i], A_ref[h], x, m)
+    k = _chunk(dt_ref[i], A_ref[h], x, m, seg)
     h_in = state_ref[i]  # (P, S) f32
     if save:
       h0_ref[i] = h_in
@@ -266,25 +287,10 @@ def _fwd_kernel(A_ref, D_ref, x_ref, dt_ref, B_ref, C_ref, y_ref, *rest, cfg, sa
     state_ref[i] = k.E * h_in + _dot_tn(k.xd * k.f_col, Bm)
 
 
-def _bwd_kernel(
-  A_ref,
-  D_ref,
-  x_ref,
-  dt_ref,
-  B_ref,
-  C_ref,
-  dy_ref,
-  h0_ref,
-  dx_ref,
-  ddt_ref,
-  dB_ref,
-  dC_ref,
-  dA_ref,
-  dD_ref,
-  dh_ref,
-  *,
-  cfg,
-):
+def _bwd_kernel(A_ref, D_ref, x_ref, dt_ref, B_ref, C_ref, dy_ref, h0_ref, *rest, cfg):
+  seg = rest[0][...] if cfg.segments else None
+  rest = rest[1:] if cfg.segments else rest
+  dx_ref, ddt_ref, dB_ref, dC_ref, dA_ref, dD_ref, dh_ref = rest
   hb = cfg.hb
   j, c = pl.program_id(1), pl.program_id(2)  # c counts chunks from the end
   valid = _in_sequence(cfg, pl.num_programs(2) - 1 - c)
@@ -306,7 +312,7 @@ def _bwd_kernel(
     x = jnp.where(valid, _head(x_ref, i, cfg), 0)
     xf = x.astype(_f32)
     dt_row = dt_ref[i]
-    k = _chunk(dt_row, A, xf, m)
+    k = _chunk(dt_row, A, xf, m, seg)
     h_in, dh = h0_ref[i], dh_ref[i]  # (P, S) f32
     dy = jnp.where(valid, _head(dy_ref, i, cfg), 0)  # (Q, P) input dtype
     dyf = dy.astype(_f32)
@@ -350,6 +356,7 @@ class _Cfg(NamedTuple):
   L: int  # tokens in the sequence (the rest of the last chunk is padding)
   P: int  # headdim
   token_major: bool  # x, y, dx, dy as (batch, L, H * P), else (batch, H, Lp, P)
+  segments: bool = False  # a packed sequence: `seg` (batch, nc, 2, Q) follows the inputs
 
 
 def _compiler_params():
@@ -380,13 +387,15 @@ def _specs(cfg, H, G, P, S, nc, reverse):
   per_block = pl.BlockSpec((sq, sq, Q, S), lambda b, j, c: (b, j, ch(c), 0))
   state = pl.BlockSpec((sq, sq, hb, P, S), lambda b, j, c: (b, ch(c), j, 0, 0))
   smem = pl.BlockSpec(memory_space=pltpu.SMEM)
-  return smem, x, dt, bc, per_block, state
+  seg = pl.BlockSpec((sq, sq, 2, Q), lambda b, j, c: (b, ch(c), 0, 0))
+  return smem, x, dt, bc, per_block, state, seg
 
 
-def _forward(cfg, xt, dtt, A, Bt, Ct, D, save):
+def _forward(cfg, xt, dtt, A, Bt, Ct, D, seg, save):
   batch, H, nc = dtt.shape[:3]
   P, (G, S) = cfg.P, (Bt.shape[1], Bt.shape[3])
-  smem, x, dt, bc, _, state = _specs(cfg, H, G, P, S, nc, reverse=False)
+  smem, x, dt, bc, _, state, seg_spec = _specs(cfg, H, G, P, S, nc, reverse=False)
+  segments = ([seg_spec], [seg]) if cfg.segments else ([], [])
   out_shape = [jax.ShapeDtypeStruct(xt.shape, xt.dtype)]
   out_specs = [x]
   if save:
@@ -396,20 +405,21 @@ def _forward(cfg, xt, dtt, A, Bt, Ct, D, save):
     functools.partial(_fwd_kernel, cfg=cfg, save=save),
     out_shape=out_shape,
     grid=(batch, H // cfg.hb, nc),
-    in_specs=[smem, smem, x, dt, bc, bc],
+    in_specs=[smem, smem, x, dt, bc, bc, *segments[0]],
     out_specs=out_specs,
     scratch_shapes=[pltpu.VMEM((cfg.hb, P, S), _f32)],
     compiler_params=_compiler_params(),
     interpret=_interpret(cfg.interpret),
     name="ssd_tpu_fwd",
-  )(A, D, xt, dtt, Bt, Ct)
+  )(A, D, xt, dtt, Bt, Ct, *segments[1])
   return out if save else (out[0], None)
 
 
-def _backward(cfg, xt, dtt, A, Bt, Ct, D, h0, dy):
+def _backward(cfg, xt, dtt, A, Bt, Ct, D, seg, h0, dy):
   batch, H, nc = dtt.shape[:3]
   P, (G, S), Lp = cfg.P, (Bt.shape[1], Bt.shape[3]), Bt.shape[2]
-  smem, x, dt, bc, per_block, state = _specs(cfg, H, G, P, S, nc, reverse=True)
+  smem, x, dt, bc, per_block, state, seg_spec = _specs(cfg, H, G, P, S, nc, reverse=True)
+  segments = ([seg_spec], [seg]) if cfg.segments else ([], [])
   nb = H // cfg.hb
   dx, ddt, dB, dC, dA, dD = pl.pallas_call(
     functools.partial(_bwd_kernel, cfg=cfg),
@@ -422,13 +432,13 @@ def _backward(cfg, xt, dtt, A, Bt, Ct, D, h0, dy):
       jax.ShapeDtypeStruct(dtt.shape, _f32),
     ],
     grid=(batch, nb, nc),
-    in_specs=[smem, smem, x, dt, bc, bc, x, state],
+    in_specs=[smem, smem, x, dt, bc, bc, x, state, *segments[0]],
     out_specs=[x, dt, per_block, per_block, dt, dt],
     scratch_shapes=[pltpu.VMEM((cfg.hb, P, S), _f32)],
     compiler_params=_compiler_params(),
     interpret=_interpret(cfg.interpret),
     name="ssd_tpu_bwd",
-  )(A, D, xt, dtt, Bt, Ct, dy, h0)
+  )(A, D, xt, dtt, Bt, Ct, dy, h0, *segments[1])
 
   # Sum the head blocks of each group, and dA, dD over batch and tokens.
   def group_sum(g):
@@ -438,19 +448,19 @@ def _backward(cfg, xt, dtt, A, Bt, Ct, D, h0, dy):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ssd_core(cfg, xt, dtt, A, Bt, Ct, D):
-  return _forward(cfg, xt, dtt, A, Bt, Ct, D, save=False)[0]
+def _ssd_core(cfg, xt, dtt, A, Bt, Ct, D, seg):
+  return _forward(cfg, xt, dtt, A, Bt, Ct, D, seg, save=False)[0]
 
 
-def _ssd_core_fwd(cfg, xt, dtt, A, Bt, Ct, D):
-  y, h0 = _forward(cfg, xt, dtt, A, Bt, Ct, D, save=True)
-  return y, (xt, dtt, A, Bt, Ct, D, h0)
+def _ssd_core_fwd(cfg, xt, dtt, A, Bt, Ct, D, seg):
+  y, h0 = _forward(cfg, xt, dtt, A, Bt, Ct, D, seg, save=True)
+  return y, (xt, dtt, A, Bt, Ct, D, seg, h0)
 
 
 def _ssd_core_bwd(cfg, res, dy):
-  xt, dtt, A, Bt, Ct, D, h0 = res
-  dx, ddt, dA, dB, dC, dD = _backward(cfg, xt, dtt, A, Bt, Ct, D, h0, dy)
-  return dx, ddt, dA, dB, dC, dD
+  xt, dtt, A, Bt, Ct, D, seg, h0 = res
+  dx, ddt, dA, dB, dC, dD = _backward(cfg, xt, dtt, A, Bt, Ct, D, seg, h0, dy)
+  return dx, ddt, dA, dB, dC, dD, None if seg is None else jnp.zeros_like(seg)
 
 
 _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
@@ -469,11 +479,12 @@ def _head_blocks(H, G, P):
   return max(counts), False
 
 
-def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
+def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False, segment_ids=None):
   """Chunked SSD as a Pallas TPU kernel; same contract as `kernels.ssd`.
 
   interpret: False (compile with Mosaic for TPU), True (TPU interpret mode,
   runs anywhere, e.g. CPU tests) or a `pltpu.InterpretParams`.
+  segment_ids: (batch, L) segment runs (`kernels.segment_runs`), or None.
   Raises ValueError (at trace time) with `unsupported_reason` for shapes the
   kernel does not take.
   """
@@ -487,7 +498,7 @@ def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
   pad = -L % Q
   nc = (L + pad) // Q
   hb, token_major = _head_blocks(H, G, P)
-  cfg = _Cfg(Q, hb, interpret, L, P, token_major)
+  cfg = _Cfg(Q, hb, interpret, L, P, token_major, segment_ids is not None)
 
   def padded(v):  # pad the token axis (1) with zeros: dt = 0 changes nothing
     return jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
@@ -500,7 +511,17 @@ def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False):
   Bt = padded(B.astype(x.dtype)).transpose(0, 2, 1, 3)  # (batch, G, Lp, S)
   Ct = padded(C.astype(x.dtype)).transpose(0, 2, 1, 3)
   Dv = jnp.zeros((H,), _f32) if D is None else D.astype(_f32)
-  yt = _ssd_core(cfg, xt, dtt, A.astype(_f32), Bt, Ct, Dv)
+  seg = None if segment_ids is None else chunk_segments(segment_ids, pad, nc, Q)
+  yt = _ssd_core(cfg, xt, dtt, A.astype(_f32), Bt, Ct, Dv, seg)
   if token_major:
     return yt.reshape(batch, L, H, P)
   return yt.transpose(0, 2, 1, 3)[:, :L]
+
+
+def chunk_segments(runs, pad, nc, Q):
+  """(batch, nc, 2, Q) f32 of (batch, L) segment runs: each chunk's ids (the padding takes
+  the last token's, so it starts no segment) and, broadcast, the previous chunk's last id
+  (chunk 0's own first: its incoming state is zero anyway). Exact below 2^24 tokens."""
+  ids = jnp.pad(runs, ((0, 0), (0, pad)), mode="edge").reshape(runs.shape[0], nc, Q)
+  prev = jnp.concatenate([ids[:, :1, :1], ids[:, :-1, -1:]], axis=1)
+  return jnp.stack([ids, jnp.broadcast_to(prev, ids.shape)], axis=2).astype(_f32)

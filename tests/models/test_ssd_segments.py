@@ -7,15 +7,22 @@ hand-written xla backward against autodiff of its forward). Tolerances are test_
 values 1e-4 relative to the float64 loop, gradients 1e-4 relative, xla's backward 1e-5.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernels
 from helpers import rel_err
-from kernels import ssd, ssd_quadratic
+from kernels import ssd_quadratic
 from kernels import xla as kernels_xla
 from test_ssd import ARGS, BATCH, RTOL, H, P, make_inputs, ssd_loop64
+
+ssd = functools.partial(kernels.ssd, interpret=True)  # Pallas impls in interpret mode here
+
+IMPLS = ["reference", "xla", "pallas_tpu", "pallas_gpu"]
 
 # Segment lengths per row of the batch (L = 61), for chunks of 16: shorter than a chunk,
 # one token long, starting on a chunk boundary (16, 32) and off one, one exactly a chunk,
@@ -27,6 +34,14 @@ L = 61
 def segment_ids(lengths=LENGTHS):
   """(BATCH, L) int32: row b holds segments of lengths[b] with ids 0, 1, 2, ..."""
   return np.stack([np.repeat(np.arange(len(row)), row) for row in lengths]).astype(np.int32)
+
+
+def inputs(impl, L, G, seed):
+  """make_inputs, with headdim 16 for pallas_gpu (its Triton tiles take P >= 16)."""
+  inp = make_inputs(L, G, seed)
+  if impl == "pallas_gpu":
+    inp["x"] = np.concatenate([inp["x"], 0.5 * inp["x"][..., ::-1]], axis=-1)
+  return inp
 
 
 def per_segment_loop64(inp, ids):
@@ -41,15 +56,15 @@ def per_segment_loop64(inp, ids):
   return y
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("chunk_size", [16, 64])
 @pytest.mark.parametrize("G", [1, 2])
 def test_a_packed_sequence_is_each_segment_alone(impl, chunk_size, G):
-  inp = make_inputs(L, G, seed=20)
+  inp = inputs(impl, L, G, seed=20)
   ids = segment_ids()
   y = jax.jit(lambda ids, **a: ssd(**a, impl=impl, chunk_size=chunk_size, segment_ids=ids))(
     ids, **inp
-  )
+  )  # (ssd here runs a Pallas impl in interpret mode)
   want = per_segment_loop64(inp, ids)
   assert rel_err(y, want) <= RTOL
   # and the state did cross a boundary without them: the test can fail
@@ -82,6 +97,12 @@ def test_one_segment_is_the_unpacked_path_bit_for_bit():
     np.testing.assert_array_equal(
       ssd(**inp, impl=impl, chunk_size=16, segment_ids=ones), ssd(**inp, impl=impl, chunk_size=16)
     )
+  # The kernels' masks select the same numbers, but in interpret mode XLA compiles the two
+  # kernel bodies separately (other fusions, other vectorised exp): rounding only.
+  for impl in ("pallas_tpu", "pallas_gpu"):
+    inp = inputs(impl, L, 2, seed=22)
+    packed = ssd(**inp, impl=impl, chunk_size=16, segment_ids=ones)
+    assert rel_err(packed, ssd(**inp, impl=impl, chunk_size=16)) <= 1e-6, impl
 
 
 def seg_grads(f, inp, ids, w, chunk_size=16):
@@ -101,13 +122,13 @@ def test_xla_hand_written_backward_is_autodiffs_when_packed(G):
     assert rel_err(a, b) <= 1e-5, (k, rel_err(a, b))
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_packed_gradients_are_each_segments_alone(impl):
   """d/d(inputs) of a packed run, against the same impl on each segment alone (x, dt, B, C
   per token; A and D summed over the segments)."""
-  inp = make_inputs(L, 2, seed=25)
+  inp = inputs(impl, L, 2, seed=25)
   ids = segment_ids()
-  w = np.random.default_rng(26).normal(size=(BATCH, L, H, P)).astype(np.float32)
+  w = np.random.default_rng(26).normal(size=inp["x"].shape).astype(np.float32)
   f = lambda *a, chunk_size, segment_ids: ssd(
     *a, impl=impl, chunk_size=chunk_size, segment_ids=segment_ids
   )
@@ -129,11 +150,29 @@ def test_packed_gradients_are_each_segments_alone(impl):
     assert rel_err(packed[k], want[k]) <= RTOL, (k, rel_err(packed[k], want[k]))
 
 
-def test_segment_ids_of_the_wrong_shape_or_for_a_pallas_impl_are_refused():
+def test_segment_ids_of_the_wrong_shape_are_refused():
   inp = make_inputs(8, 1)
   with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 7\)"):
     ssd(**inp, impl="xla", segment_ids=np.zeros((BATCH, 7), np.int32))
   with pytest.raises(ValueError, match="expected integers"):
     ssd(**inp, impl="xla", segment_ids=np.zeros((BATCH, 8), np.float32))
-  with pytest.raises(ValueError, match="impl='pallas_tpu' does not take segment_ids yet"):
-    ssd(**inp, impl="pallas_tpu", interpret=True, segment_ids=np.zeros((BATCH, 8), np.int32))
+
+
+@pytest.mark.parametrize("platform, impl", [("tpu", "pallas_tpu"), ("cuda", "pallas_gpu")])
+def test_packed_kernels_lower_for_their_chips(platform, impl):
+  """Forward and backward with segment ids lowered for the chip from this CPU host (Mosaic
+  for TPU, Triton for GPU), at the production head and state sizes in bfloat16."""
+  x = jax.ShapeDtypeStruct((2, 300, 4, 64), jnp.bfloat16)
+  B = jax.ShapeDtypeStruct((2, 300, 1, 64), jnp.bfloat16)
+  dt = jax.ShapeDtypeStruct((2, 300, 4), jnp.float32)
+  hv = jax.ShapeDtypeStruct((4,), jnp.float32)
+  ids = jax.ShapeDtypeStruct((2, 300), jnp.int32)
+  run = kernels.IMPLS[impl]
+
+  def loss(x, dt, A, B, C, D, ids):
+    y = run(x, dt, A, B, C, D, chunk_size=64, segment_ids=kernels.segment_runs(ids))
+    return jnp.sum(y.astype(jnp.float32))
+
+  grad = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+  text = grad.trace(x, dt, hv, B, B, hv, ids).lower(lowering_platforms=(platform,)).as_text()
+  assert text.count("tpu_custom_call" if platform == "tpu" else "triton") >= 2
