@@ -10,7 +10,7 @@ each image's position embedding from its own grid, Adventurer's per-image flips 
 averages. `pack` builds one from a list of images (NumPy, in the data pipeline).
 """
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -81,6 +81,64 @@ def layout(prefix: Sequence[int], suffix: Sequence[int], grid: tuple) -> np.ndar
   return np.array([*prefix, *[PATCH] * (grid[0] * grid[1]), *suffix], np.int32)
 
 
+class View(NamedTuple):
+  """How one model reads packed images: its patch, row length and layout (`pack_views`)."""
+
+  patch: int
+  sequence_length: int
+  prefix: tuple = ()
+  suffix: tuple = ()
+
+  def tokens(self, index: int, image: np.ndarray) -> int:
+    """The tokens image `index` takes here; refuses one that does not fit, by name."""
+    h, w = image.shape[:2]
+    p = self.patch
+    if h < p or w < p or h % p or w % p:
+      raise UserError(
+        f"pack: image {index} is {h}x{w}; expected sides that are positive multiples of the "
+        f"{p}-px patch (resize to the token budget first)."
+      )
+    need = len(layout(self.prefix, self.suffix, (h // p, w // p)))
+    if need > self.sequence_length:
+      raise UserError(
+        f"pack: image {index} ({h}x{w}) needs {need} tokens, more than sequence_length="
+        f"{self.sequence_length}; lower max_patches or raise sequence_length."
+      )
+    return need
+
+
+def pack_views(images: Sequence[np.ndarray], views: Sequence[View], max_images: int) -> tuple:
+  """Packs images greedily, in order, into rows, the same images in the same row and slot
+  for every view (a teacher and its student read one batch with their own patches): a row
+  ends where the next image would overflow any view, or at `max_images` images.
+
+  Returns:
+    (one `Packed` per view, each with the same B rows; (B, M) int32: the index in `images`
+    of each slot, -1 if empty).
+  """
+  rows, current, used = [], [], np.zeros(len(views), int)
+  limits = np.array([v.sequence_length for v in views])
+  for index, image in enumerate(images):
+    need = np.array([v.tokens(index, image) for v in views])
+    if current and (np.any(used + need > limits) or len(current) == max_images):
+      rows.append(current)
+      current, used = [], np.zeros(len(views), int)
+    current.append(index)
+    used += need
+  if current:
+    rows.append(current)
+  slots = np.full((len(rows), max_images), -1, np.int32)
+  for b, r in enumerate(rows):
+    slots[b, : len(r)] = r
+  packed = []
+  for v in views:
+    per_row = [
+      _row(images, r, v.patch, v.sequence_length, max_images, v.prefix, v.suffix) for r in rows
+    ]
+    packed.append(Packed(**{k: np.stack([p[k] for p in per_row]) for k in per_row[0]}))
+  return packed, slots
+
+
 def pack(
   images: Sequence[np.ndarray],
   patch: int,
@@ -89,7 +147,8 @@ def pack(
   prefix: Sequence[int] = (),
   suffix: Sequence[int] = (),
 ) -> tuple:
-  """Packs images greedily, in order, into rows of `sequence_length` tokens.
+  """Packs images greedily, in order, into rows of `sequence_length` tokens (`pack_views`
+  for one model).
 
   Args:
     images: (h, w, C) arrays, h and w multiples of `patch` (resize first).
@@ -102,33 +161,10 @@ def pack(
   Returns:
     (Packed with B rows, (B, M) int32: the index in `images` of each slot, -1 if empty).
   """
-  rows, current, used = [], [], 0
-  for index, image in enumerate(images):
-    h, w = image.shape[:2]
-    if h < patch or w < patch or h % patch or w % patch:
-      raise UserError(
-        f"pack: image {index} is {h}x{w}; expected sides that are positive multiples of the "
-        f"{patch}-px patch (resize to the token budget first)."
-      )
-    need = len(layout(prefix, suffix, (h // patch, w // patch)))
-    if need > sequence_length:
-      raise UserError(
-        f"pack: image {index} ({h}x{w}) needs {need} tokens, more than sequence_length="
-        f"{sequence_length}; lower max_patches or raise sequence_length."
-      )
-    if current and (used + need > sequence_length or len(current) == max_images):
-      rows.append(current)
-      current, used = [], 0
-    current.append(index)
-    used += need
-  if current:
-    rows.append(current)
-  packed = [_row(images, r, patch, sequence_length, max_images, prefix, suffix) for r in rows]
-  fields = {k: np.stack([p[k] for p in packed]) for k in packed[0]}
-  slots = np.full((len(rows), max_images), -1, np.int32)
-  for b, r in enumerate(rows):
-    slots[b, : len(r)] = r
-  return Packed(**fields), slots
+  (packed,), slots = pack_views(
+    images, [View(patch, sequence_length, tuple(prefix), tuple(suffix))], max_images
+  )
+  return packed, slots
 
 
 def _row(images, indices, patch, length, max_images, prefix, suffix) -> dict:
