@@ -94,6 +94,20 @@ def similarity_rows(f, where, packed: Packed):
   return a * jax.lax.rsqrt(jnp.sum(a * a, axis=-1, keepdims=True) + 1e-12)
 
 
+def compared(student: Packed, scope, mask=None, cls=True):
+  """(B, T) bool: the tokens AM (and `blocks`, `mixer_out`) compare, as `losses.align`
+  picks them: CLS where both models have one (`cls`), and every patch (scope 'all') or the
+  unmasked ones ('visible', 'cls')."""
+  if scope not in losses.SCOPES:
+    raise UserError(f"Unknown AM scope {scope!r}; expected one of {losses.SCOPES}.")
+  if scope == "cls" and not cls:
+    raise UserError(
+      "AM scope 'cls' needs a CLS token in both teacher and student; use 'visible' or 'all'."
+    )
+  where = (student.kind == packing.PATCH) | ((student.kind == packing.CLS) & cls)
+  return where & ~mask if scope != "all" and mask is not None else where
+
+
 def am_loss(
   teacher_levels, student_levels, student: Packed, scope, mask=None, features="raw", cls=True
 ):
@@ -103,15 +117,7 @@ def am_loss(
   scope 'all' compares CLS and every patch, 'visible' CLS and the unmasked patches, 'cls'
   the CLS row of the 'visible' maps; CLS only with `cls` (both models have one).
   """
-  if scope not in losses.SCOPES:
-    raise UserError(f"Unknown AM scope {scope!r}; expected one of {losses.SCOPES}.")
-  if scope == "cls" and not cls:
-    raise UserError(
-      "AM scope 'cls' needs a CLS token in both teacher and student; use 'visible' or 'all'."
-    )
-  where = (student.kind == packing.PATCH) | ((student.kind == packing.CLS) & cls)
-  if scope != "all" and mask is not None:
-    where = where & ~mask
+  where = compared(student, scope, mask, cls)
   rows = student.kind == packing.CLS if scope == "cls" else where
   per_level = []
   for t, s in zip(teacher_levels, student_levels, strict=True):
@@ -145,3 +151,15 @@ def final_loss(prediction, target, student: Packed, normalise: str = "ln"):
   target = losses.layer_norm(target) if normalise == "ln" else target.astype(jnp.float32)
   err = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=-1)
   return per_image_mean(err, student.kind == packing.PATCH, student)
+
+
+def level_regression(projs, teacher_levels, student_levels, student: Packed, where, target):
+  """`distill.level_regression` per image: the mean over levels of each image's mean
+  squared error between proj(student) and the teacher (LN'd with target 'ln') over its
+  `where` tokens (`compared`), averaged over the images."""
+  per_level = []
+  for proj, t, s in zip(projs, teacher_levels, student_levels, strict=True):
+    t = losses.layer_norm(t) if target == "ln" else t.astype(jnp.float32)
+    err = jnp.mean(jnp.square(proj(s).astype(jnp.float32) - t), axis=-1)
+    per_level.append(per_image_mean(err, where, student))
+  return jnp.mean(jnp.stack(per_level))

@@ -107,16 +107,20 @@ class View(NamedTuple):
     return need
 
 
-def pack_views(images: Sequence[np.ndarray], views: Sequence[View], max_images: int) -> tuple:
+def pack_views(
+  images: Sequence[np.ndarray], views: Sequence[View], max_images: int, rows: int = 0
+) -> tuple:
   """Packs images greedily, in order, into rows, the same images in the same row and slot
   for every view (a teacher and its student read one batch with their own patches): a row
-  ends where the next image would overflow any view, or at `max_images` images.
+  ends where the next image would overflow any view, or at `max_images` images. `rows`:
+  that many rows, the unused ones all padding (static shapes for a jitted step); 0: as
+  many as the images take.
 
   Returns:
     (one `Packed` per view, each with the same B rows; (B, M) int32: the index in `images`
     of each slot, -1 if empty).
   """
-  rows, current, used = [], [], np.zeros(len(views), int)
+  wanted, rows, current, used = rows, [], [], np.zeros(len(views), int)
   limits = np.array([v.sequence_length for v in views])
   for index, image in enumerate(images):
     need = np.array([v.tokens(index, image) for v in views])
@@ -127,6 +131,12 @@ def pack_views(images: Sequence[np.ndarray], views: Sequence[View], max_images: 
     used += need
   if current:
     rows.append(current)
+  if wanted and len(rows) > wanted:
+    raise UserError(
+      f"pack: {len(images)} images need {len(rows)} rows; rows={wanted} (raise it or the "
+      "sequence length, or pack fewer images)."
+    )
+  rows += [[] for _ in range(wanted - len(rows))]
   slots = np.full((len(rows), max_images), -1, np.int32)
   for b, r in enumerate(rows):
     slots[b, : len(r)] = r
@@ -169,7 +179,7 @@ def pack(
 
 def _row(images, indices, patch, length, max_images, prefix, suffix) -> dict:
   """One row's arrays (`Packed`'s fields without the batch axis)."""
-  channels = images[indices[0]].shape[-1]
+  channels = images[0].shape[-1]
   row = dict(
     pixels=np.zeros((length, patch, patch, channels), np.float32),
     kind=np.full(length, PAD, np.int32),
