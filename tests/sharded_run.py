@@ -8,7 +8,8 @@ Run by tests/test_sharding.py as a subprocess, so it can give JAX simulated CPU 
       --coordinator localhost:PORT --num_processes 2 --process_id I    # I = 0 and 1
 
 Every process builds the same models from fixed seeds and the same fixed global batch, and
-feeds only its own rows of it (process i of P takes rows [i·B/P, (i+1)·B/P)). For each mesh
+feeds only its own rows of it (process i of P takes rows [i·B/P, (i+1)·B/P)). The `packed`
+kind distils on a packed batch: 40 images of 16 sizes (sides 8 to 32) in B rows. For each mesh
 `DxF` (data × fsdp; `1x1` uses one device only) the .npz gets `<mesh>/mesh` (its resolved
 shape) and, per step kind (`distill`, `supervised`): `<mesh>/<kind>/loss` (one value per
 step) and `<mesh>/<kind>/{params,opt_state,ema}/<path>` (the trained parameters, optimizer
@@ -34,7 +35,7 @@ def parse_args(argv=None):
   p.add_argument("--out", required=True, help=".npz written by process 0")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--batch", type=int, default=16, help="global batch size")
-  p.add_argument("--kinds", default="distill,supervised", help="for meshes that name none")
+  p.add_argument("--kinds", default="distill,supervised,packed", help="for meshes that name none")
   p.add_argument("--fsdp_min_size", type=int, default=1024)
   p.add_argument("--coordinator", default=None, help="host:port of jax.distributed")
   p.add_argument("--num_processes", type=int, default=1)
@@ -61,7 +62,8 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from configs import common  # noqa: E402
 from linearizer import data, models, optim, sharding, supervised, train  # noqa: E402
-from linearizer.distillation import distill  # noqa: E402
+from linearizer.distillation import distill, packed_step  # noqa: E402
+from linearizer.models import packing  # noqa: E402
 
 TEACHER = dict(image_size=32, width=48, depth=2, num_heads=3, mlp_dim=96)
 STUDENT = dict(
@@ -71,8 +73,9 @@ STUDENT = dict(
 
 def make_config(kind, steps, batch):
   """One stage's settings; a large lr so three steps move parameters beyond rounding noise."""
-  loss = common.distill_loss(num_stages=2) if kind == "distill" else common.supervised_loss()
-  make = common.distill_stage if kind == "distill" else common.stage
+  distils = kind in ("distill", "packed")
+  loss = common.distill_loss(num_stages=2) if distils else common.supervised_loss()
+  make = common.distill_stage if distils else common.stage
   return make(steps=steps, batch_size=batch, lr=1e-3, loss=loss, warmup_steps=0, ema_decay=0.9)
 
 
@@ -82,6 +85,16 @@ def make_batch(size):
     rng.standard_normal((size, 32, 32, 3)).astype(np.float32),
     rng.integers(0, 10, size).astype(np.int32),
   )
+
+
+def make_packed_batch(rows, teacher, student):
+  """40 images of random sides in {8, 16, 24, 32}, packed for both models into `rows` rows."""
+  rng = np.random.default_rng(4321)
+  sides = rng.choice([8, 16, 24, 32], size=(40, 2))
+  images = [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in sides]
+  views = packed_step.views(teacher, student, sequence_length=40, max_images=4)
+  (t, s), _ = packing.pack_views(images, views, max_images=4, rows=rows)
+  return packed_step.PackedBatch(t, s)
 
 
 def to_numpy(tree):
@@ -105,10 +118,14 @@ def run(kind, mesh, batch, args):
   student = models.build("adventurer", "Ti/8", seed=1, **STUDENT)
   tx = optim.make_optimizer(config.optim, config.steps)
   shard = lambda tree: sharding.tree_shardings(tree, mesh, fsdp_min_size=args.fsdp_min_size)
-  if kind == "distill":
+  if kind in ("distill", "packed"):
     teacher = models.build("vit", "Ti/8", seed=2, **TEACHER)
     module = distill.Distiller(student, teacher.cfg.width, rngs=nnx.Rngs(3))
-    step = distill.make_distill_step(module, teacher, tx, config)
+    if kind == "packed":
+      step = packed_step.make_packed_distill_step(module, teacher, tx, config)
+      batch = make_packed_batch(args.batch, teacher, student)
+    else:
+      step = distill.make_distill_step(module, teacher, tx, config)
     teacher_params = nnx.state(teacher)
     teacher_shardings = shard(teacher_params)
     teacher_params = sharding.put(teacher_params, teacher_shardings)
@@ -133,7 +150,7 @@ def run(kind, mesh, batch, args):
   p, i = jax.process_count(), jax.process_index()
   rows = args.batch // p
   mine = slice(i * rows, (i + 1) * rows)  # this process's rows (distillation ignores labels)
-  local = data.Batch(batch.image[mine], batch.label[mine])
+  local = jax.tree.map(lambda x: x[mine], batch)
   global_ = sharding.global_batch(local, mesh)
   rng = jax.random.key(7)
   losses, t0 = [], time.perf_counter()

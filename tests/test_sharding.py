@@ -99,8 +99,10 @@ def _run(tmp_path, name, meshes, devices, num_processes=1):
 
 @pytest.fixture(scope="module")
 def one_host(tmp_path_factory):
-  """One process with 8 CPU devices: one device, data=8, and data=2 × fsdp=4."""
-  return _run(tmp_path_factory.mktemp("one_host"), "one_host", ["1x1", "8x1", "2x4"], 8)
+  """One process with 8 CPU devices: one device, data=8, and data=2 × fsdp=4 (the packed
+  distillation on the first two)."""
+  meshes = ["1x1", "8x1", "2x4:distill,supervised"]
+  return _run(tmp_path_factory.mktemp("one_host"), "one_host", meshes, 8)
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +169,11 @@ def assert_same_run(results, mesh, ref, ref_mesh, kind):
 # ---------------------------------------------------------------------------------------
 # Equivalence: one host with 8 devices, and two hosts.
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mesh", ["8x1", "2x4"])
-@pytest.mark.parametrize("kind", ["distill", "supervised"])
+@pytest.mark.parametrize(
+  "mesh, kind",
+  [("8x1", "distill"), ("8x1", "supervised"), ("8x1", "packed")]
+  + [("2x4", "distill"), ("2x4", "supervised")],
+)
 def test_sharded_step_matches_one_device(one_host, mesh, kind):
   assert list(one_host[f"{mesh}/mesh"]) == [int(v) for v in mesh.split("x")]
   assert list(one_host["1x1/mesh"]) == [1, 1]
