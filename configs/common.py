@@ -276,6 +276,15 @@ def data(source, image_size, **given) -> ml_collections.ConfigDict:
     # without an eval_source, this share of a source with no splits of its own (npz:,
     # folder:, mnist, digits) is held out for eval and never trained on
     test_fraction=Field(0.2, OPEN_FRACTION),
+    # Packed batches (issue 43, in progress; docs/packing.md): images of their own sizes,
+    # several to a row of `sequence_length` patches (of the finest patch among the stage's
+    # models; each model adds its CLS/registers per image), at most `max_images` a row, each
+    # image resized to at most `max_patches` patches. Only the compile-only tool
+    # (python -m linearizer.aot) reads them yet: the stages refuse packing=True by name.
+    packing=Field(False, absent=False),
+    max_patches=Field(256, POSITIVE_INT, absent=256),
+    sequence_length=Field(1024, POSITIVE_INT, absent=1024),
+    max_images=Field(8, POSITIVE_INT, absent=8),
   )
   return build("data", declared, dict(source=source, image_size=image_size, **given))
 

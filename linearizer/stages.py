@@ -219,6 +219,12 @@ def check_config(config) -> None:
   if unknown:
     raise UserError(f"Unknown stages {unknown}; expected some of {tuple(STAGES)}.")
   check_numbers(config)
+  if config.data.get("packing"):
+    raise UserError(
+      "data.packing=True: no stage trains on packed batches yet (the packing pipeline is in "
+      "progress, issue 43); the packed distillation step compiles with python -m "
+      "linearizer.aot --config.stages=\"('distill',)\" --config.data.packing=True."
+    )
   for stage in config.stages:
     STAGES[stage].check(config)
   # A training block's loss.kd is refused wherever the block is configured, so a later run

@@ -103,6 +103,20 @@ def test_the_smoke_steps_compile_for_a_four_chip_tpu(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not in .aot/ (make aot)")
+def test_the_packed_distillation_step_compiles_for_a_four_chip_tpu(tmp_path):
+  """Packed batches (issue 43): 16 rows of 64 patches, 4 images a row at most, the segment
+  ids sharded with the rows into the Pallas TPU kernel's shard_map."""
+  out = tmp_path / "packed.json"
+  packed = ["--config.data.packing=True", "--config.data.sequence_length=64"]
+  proc = aot(
+    tmp_path, "--topology", "v5e:2x2", "--config.stages=('distill',)", *packed, "--out", str(out)
+  )
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  row = json.loads(out.read_text())["stages"]["distill"]
+  assert row["kernels"] == ["pallas_tpu"] and row["fits"] and row["images_per_chip"] == 4
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not in .aot/ (make aot)")
 def test_a_step_that_does_not_fit_or_a_bad_topology_is_one_error(tmp_path):
   proc = aot(
     tmp_path,

@@ -11,10 +11,18 @@ import jax
 from flax import nnx
 
 from linearizer import files, optim, resolve, train, workdir
-from linearizer.distillation import distill, losses, scorecard, student_init, teacher_cache
+from linearizer.distillation import (
+  distill,
+  losses,
+  packed_step,
+  scorecard,
+  student_init,
+  teacher_cache,
+)
 from linearizer.distillation.cache_views import CachedBatch
 from linearizer.errors import UserError
 from linearizer.log import log, main_process
+from linearizer.models import packing
 from linearizer.program import Program, abstract_batch
 
 
@@ -115,6 +123,15 @@ def programs(config, classes: int) -> dict:
     stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), outputs)
     return CachedBatch(images.image, images.label, stored)
 
+  if config.data.packing:  # n rows of packed images, each model at its own patch
+    if cached:
+      raise UserError("data.packing=True with a teacher_cache: the cache stores square views.")
+    step = packed_step.make_packed_distill_step(distiller, teacher, tx, dcfg, levels)
+    d = config.data
+    views = packed_step.views(teacher, distiller.student, d.sequence_length, d.max_images)
+    batch = lambda n: packed_step.PackedBatch(
+      *(packing.abstract(n, v, d.max_images) for v in views)
+    )
   return {"distill": Program(distiller, step, tx, () if cached else (params,), batch, dcfg)}
 
 

@@ -107,6 +107,22 @@ class View(NamedTuple):
     return need
 
 
+def abstract(rows: int, view: "View", max_images: int, channels: int = 3) -> Packed:
+  """A `Packed` of `rows` rows for `view`, as shapes (for compiling a step)."""
+  t, m, i32 = view.sequence_length, max_images, jnp.int32
+  tokens = lambda: jax.ShapeDtypeStruct((rows, t), i32)
+  return Packed(
+    pixels=jax.ShapeDtypeStruct((rows, t, view.patch, view.patch, channels), jnp.float32),
+    kind=tokens(),
+    image=tokens(),
+    row=tokens(),
+    col=tokens(),
+    grid=jax.ShapeDtypeStruct((rows, m, 2), i32),
+    start=jax.ShapeDtypeStruct((rows, m), i32),
+    cls_at=jax.ShapeDtypeStruct((rows, m), i32),
+  )
+
+
 def pack_views(
   images: Sequence[np.ndarray], views: Sequence[View], max_images: int, rows: int = 0
 ) -> tuple:

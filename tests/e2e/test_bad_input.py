@@ -38,6 +38,11 @@ BAD_INPUT = {  # name: (extra flags, phrases the message must hold)
   ),
   "unknown architecture": (["--config.teacher.kind=nope"], ["'nope'", "adventurer", "vit"]),
   "zero steps": (["--config.train_teacher.steps=0"], ["train_teacher.steps=0", "positive"]),
+  "packed batches before a stage reads them": (
+    ["--config.data.packing=True"],
+    ["data.packing=True", "no stage trains on packed batches yet", "linearizer.aot"],
+  ),
+  "a packed row of no patches": (["--config.data.max_patches=0"], ["max_patches=0"]),
   "zero batch": (["--config.distill.batch_size=0"], ["distill.batch_size=0", "positive"]),
   "checkpoint every 0 steps, keep 0, log every 0": (
     ["--config.checkpoint.every_steps=0", "--config.checkpoint.keep=0", "--config.log_every=0"],
