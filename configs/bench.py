@@ -9,8 +9,9 @@ B/16 vs Adventurer-B/16, bf16, batch 32, resolutions up to 2048² on an accelera
 Ti/16 vs Adventurer-Ti/16, float32, batch 1, up to 1024² on CPU (about 5 minutes on 2 cores).
 Args: smoke, teacher, student, resolutions (joined by '+'), batch, dtype, chunk_size,
 ssd_lengths (joined by '+'), peak_flops, parts (joined by '+': forward, train_step,
-supervised_step, segment, ssd;
-`parts=ssd` times the SSD kernels alone). `:smoke` runs tiny models in seconds (tests).
+supervised_step, segment, ssd, packed;
+`parts=ssd` times the SSD kernels alone; `packed`, images of their own sizes padded vs
+packed, is opt-in: `parts=forward+packed`). `:smoke` runs tiny models in seconds (tests).
 """
 
 import ml_collections
@@ -60,4 +61,5 @@ def get_config(arg=None):
     b.supervised.update(batch=2, resolutions=(32, 64), num_classes=10)
     b.segment.update(batch=1, resolutions=(32, 64), num_classes=5)
     b.ssd.update(batch=1, heads=2, headdim=16, d_state=16, lengths=b.ssd.lengths or (66,))
+    b.packed.update(workload_images=6, median_side=32, row_tokens=64, row_images=4)
   return c.lock()

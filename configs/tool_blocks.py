@@ -32,6 +32,7 @@ COUNT_RANGE = ordered_pair(POSITIVE_INT)
 FRACTION_RANGE = ordered_pair(POSITIVE_FRACTION)
 LAYER = interval(-1, None, integer=True)  # -1: the last
 QUERY = pair(interval(-1, None, integer=True))  # (row, col); -1: the centre
+ASPECT = interval(1, None)  # a largest aspect ratio (1: square)
 
 
 def segment(**given) -> ml_collections.ConfigDict:
@@ -196,6 +197,16 @@ def bench(**given) -> ml_collections.ConfigDict:
       batch=Field(0, COUNT),  # 0 = 8 on accelerators, 1 on CPU
       num_classes=Field(150, COUNT),  # ADE20K's
       channels=Field(0, COUNT),  # UperNet's width; 0 = the backbone's (768 for B, as mmseg's ViT-B)
+    ),
+    # Images of their own sizes (part `packed`, opt-in): one padded square batch against
+    # packed rows (docs/packing.md has the workload)
+    packed=dict(
+      workload_images=Field(16, POSITIVE_INT),  # images in the workload
+      median_side=Field(224, POSITIVE_INT),  # their median side, before the scale draw
+      side_scale=Field((0.5, 2.0), RATIO_RANGE),  # sides drawn log-uniformly in this × median
+      max_aspect=Field(2.0, ASPECT),  # aspect ratios log-uniform in [1/max_aspect, max_aspect]
+      row_tokens=Field(1024, POSITIVE_INT),  # tokens per packed row
+      row_images=Field(8, POSITIVE_INT),  # images per packed row at most
     ),
     # The distillation settings the train step runs with (its schedule length too).
     distill=dict(

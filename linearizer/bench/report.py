@@ -124,6 +124,17 @@ def table(result):
           f"{r['tflop_per_s']:>8.3f} {r['gb_per_s']:>8.2f} "
           f"{fmt(r['roofline_pct'], '>9.1f')}"
         )
+  mixed = [r for r in rows if r["kind"] == "packed" and "img_per_s" in r]
+  if mixed:
+    head = (
+      f"{'mixed sizes':<20} {'attn':<7} {'layout':<6} {'tokens':>7} {'padding%':>8} {'img/s':>10}"
+    )
+    lines += ["", head, "-" * len(head)]
+    for r in mixed:
+      lines.append(
+        f"{r['model']:<20} {r['attention_impl'] or '':<7} {r['layout']:<6} {r['tokens']:>7} "
+        f"{100 * r['padding_share']:>8.1f} {r['img_per_s']:>10.2f}"
+      )
   return "\n".join(lines)
 
 

@@ -19,7 +19,10 @@ Measures, on whatever device JAX runs on (each part its own module):
               paper's 2.74× (ADE20K) and 4.21× (Cityscapes) come from (`segment`);
   ssd         forward and forward+backward of every `kernels.ssd` impl, with the FLOPs and
               bytes the chunked algorithm must do and the fraction of the device's roofline
-              (`ssd`).
+              (`ssd`);
+  packed      a workload of images of their own sizes as one padded square batch and as
+              packed rows, each model: img/s and the share of tokens that are padding
+              (`packed`; opt-in: parts=packed).
 
 Beside them, in the same run: the device's own matmul rate (a large square matmul in the
 run's dtype), against which every row's FLOP/s is also given (`matmul_pct`: MFU on a CPU,
@@ -36,7 +39,7 @@ import time
 
 import jax
 
-from linearizer.bench import forward, report, results, segment, ssd, steps
+from linearizer.bench import forward, packed, report, results, segment, ssd, steps
 from linearizer.bench.rows import fill_teacher_flops
 from linearizer.bench.settings import Settings
 from linearizer.bench.timing import measure_matmul
@@ -72,6 +75,8 @@ def run(config, workdir):
     fill_teacher_flops(rows, "segment", peak)
   if "ssd" in s.parts:
     rows.extend(ssd.measure_ssd(config, s, base, peak, bandwidth))
+  if "packed" in s.parts:
+    rows.extend(packed.packed_rows(config, s, base, peak))
   results.matmul_fractions(rows, rows[0]["flop_per_s"])
 
   result = dict(

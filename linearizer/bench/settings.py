@@ -14,7 +14,7 @@ import jax
 import kernels
 from linearizer.errors import UserError
 
-PARTS = ("forward", "train_step", "supervised_step", "segment", "ssd")  # config.bench.parts
+PARTS = ("forward", "train_step", "supervised_step", "segment", "ssd", "packed")  # bench.parts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from configs import bench as bench_config
+from linearizer.bench import packed as bench_packed
 from linearizer.bench import runner as bench
 
 
@@ -124,3 +125,28 @@ def test_parts_ssd_times_the_kernels_alone(tmp_path):
   assert skipped == {"pallas_tpu": "needs a TPU", "pallas_gpu": "needs a GPU"}
   with pytest.raises(ValueError, match="kernels"):
     bench.run(bench_config.get_config("smoke,parts=kernels"), str(tmp_path))
+
+
+def test_parts_packed_reads_one_workload_padded_and_packed(tmp_path):
+  """`parts=packed`: per model, the same mixed-size images as one padded square batch and as
+  packed rows, with their token counts checked by hand."""
+  config = bench_config.get_config("smoke,parts=packed")
+  result = bench.run(config, str(tmp_path))
+  rows = [r for r in result["rows"] if r["kind"] == "packed"]
+  p = config.bench.packed
+  sizes = bench_packed.workload(
+    p.workload_images, p.median_side, tuple(p.side_scale), p.max_aspect, 16
+  )
+  real = sum((h // 16) * (w // 16) for h, w in sizes)
+  side = max(max(s) for s in sizes)
+  assert len({(h, w) for h, w in sizes}) > 2  # mixed sizes
+  for r in rows:
+    assert r["patch_tokens"] == real and r["img_per_s"] > 0 and r["batch"] == p.workload_images
+    if r["layout"] == "padded":
+      assert r["tokens"] == p.workload_images * ((side // 16) ** 2 + 1)  # a CLS each
+    else:
+      assert r["tokens"] % p.row_tokens == 0 and r["tokens"] < p.workload_images * (side // 16) ** 2
+    assert r["padding_share"] == pytest.approx(1 - real / r["tokens"])
+  assert {(r["role"], r["layout"]) for r in rows} == {
+    (role, layout) for role in ("teacher", "student") for layout in ("padded", "packed")
+  }
