@@ -219,7 +219,7 @@ def check_config(config) -> None:
   if unknown:
     raise UserError(f"Unknown stages {unknown}; expected some of {tuple(STAGES)}.")
   check_numbers(config)
-  if config.data.get("packing"):
+  if "data" in config and config.data.get("packing"):
     raise UserError(
       "data.packing=True: no stage trains on packed batches yet (the packing pipeline is in "
       "progress, issue 43); the packed distillation step compiles with python -m "

@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from configs import bench as bench_config
+from linearizer import stages
 from linearizer.bench import rows as bench_rows
 from linearizer.bench.settings import Settings
 from linearizer.errors import UserError
@@ -51,3 +52,8 @@ def test_failed_row_records_the_error_not_the_timings():
   )
   brief = bench_rows.failed_row(meta, "forward", 64, err, "ViT-Ti/16 (PyTorch)", detail=False)
   assert brief["error"] == "MemoryError" and "img_per_s" not in brief
+
+
+def test_a_config_without_a_data_block_passes_the_stage_checks():
+  """The bench config has no `data` block; the packing check must not need one."""
+  stages.check_config(bench_config.get_config("smoke,parts=packed"))
