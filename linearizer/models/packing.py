@@ -126,9 +126,10 @@ def abstract(rows: int, view: "View", max_images: int, channels: int = 3) -> Pac
 def pack_views(
   images: Sequence[np.ndarray], views: Sequence[View], max_images: int, rows: int = 0
 ) -> tuple:
-  """Packs images greedily, in order, into rows, the same images in the same row and slot
-  for every view (a teacher and its student read one batch with their own patches): a row
-  ends where the next image would overflow any view, or at `max_images` images. `rows`:
+  """Packs images greedily (first fit: each image, in order, into the first row that has
+  room for it in every view and a free slot, else a new row), the same images in the same
+  row and slot for every view (a teacher and its student read one batch with their own
+  patches); a row holds at most `max_images` images. `rows`:
   that many rows, the unused ones all padding (static shapes for a jitted step); 0: as
   many as the images take.
 
@@ -136,17 +137,20 @@ def pack_views(
     (one `Packed` per view, each with the same B rows; (B, M) int32: the index in `images`
     of each slot, -1 if empty).
   """
-  wanted, rows, current, used = rows, [], [], np.zeros(len(views), int)
+  wanted, rows, used = rows, [], []
   limits = np.array([v.sequence_length for v in views])
   for index, image in enumerate(images):
     need = np.array([v.tokens(index, image) for v in views])
-    if current and (np.any(used + need > limits) or len(current) == max_images):
-      rows.append(current)
-      current, used = [], np.zeros(len(views), int)
-    current.append(index)
-    used += need
-  if current:
-    rows.append(current)
+    fits = (
+      r for r, u in enumerate(used) if len(rows[r]) < max_images and np.all(u + need <= limits)
+    )
+    r = next(fits, None)
+    if r is None:  # first fit: the first row with room in every view, else a new one
+      rows.append([])
+      used.append(np.zeros(len(views), int))
+      r = len(rows) - 1
+    rows[r].append(index)
+    used[r] += need
   if wanted and len(rows) > wanted:
     raise UserError(
       f"pack: {len(images)} images need {len(rows)} rows; rows={wanted} (raise it or the "
@@ -173,7 +177,7 @@ def pack(
   prefix: Sequence[int] = (),
   suffix: Sequence[int] = (),
 ) -> tuple:
-  """Packs images greedily, in order, into rows of `sequence_length` tokens (`pack_views`
+  """Packs images greedily (first fit) into rows of `sequence_length` tokens (`pack_views`
   for one model).
 
   Args:

@@ -54,11 +54,12 @@ def assert_each_image_alone(packed, batch, slots, alone, atol):
 def test_pack_lays_out_rows_and_refuses_what_it_cannot_hold():
   imgs = images() + [np.zeros((20, 12, 3))]  # and a 5x3 grid
   batch, slots = packing.pack(imgs, 4, 32, 3, prefix=(packing.CLS,))
-  # tokens per image with CLS: 7, 9, 17, 2, 16 -> rows [0, 1] (16), [2, 3] (19), [4] (16)
-  np.testing.assert_array_equal(slots, [[0, 1, -1], [2, 3, -1], [4, -1, -1]])
-  np.testing.assert_array_equal(batch.start[0], [0, 7, 32])
+  # tokens per image with CLS: 7, 9, 17, 2, 16; first fit in rows of 32, 3 slots:
+  # [0, 1, 3] (18), [2] (17), [4] (16: it does not fit beside 2)
+  np.testing.assert_array_equal(slots, [[0, 1, 3], [2, -1, -1], [4, -1, -1]])
+  np.testing.assert_array_equal(batch.start[0], [0, 7, 16])
   np.testing.assert_array_equal(batch.kind[0, :8], [2, 1, 1, 1, 1, 1, 1, 2])
-  np.testing.assert_array_equal(batch.image[0, 15:17], [1, 3])  # then padding (id M)
+  np.testing.assert_array_equal(batch.image[0, 17:19], [2, 3])  # then padding (id M)
   np.testing.assert_array_equal(batch.pixels[0, 1], imgs[0][:4, :4])  # raster order
   np.testing.assert_array_equal(batch.pixels[0, 2], imgs[0][:4, 4:8])
   assert (batch.row[0, 1:7].tolist(), batch.col[0, 1:7].tolist()) == (
