@@ -6,14 +6,19 @@ SigLIP 2's NaFlex also resizes to a patch budget, but grows small images to fill
 small image keeps its size, so a packed row holds images at their own resolutions.
 `rescale` makes a mixed-size source of a square one (the demo's and the smoke's digits):
 each image's side scaled by a random factor and its aspect ratio drawn, both log-uniform.
+`packed_stream` is the training stream of packed batches (`pipeline.stream`'s numbering).
 """
 
 import math
+from typing import Iterator, NamedTuple
 
+import grain
 import numpy as np
 from PIL import Image
 
+from linearizer.data import pipeline
 from linearizer.errors import UserError
+from linearizer.models import packing
 
 
 def budget_size(h: int, w: int, unit: int, max_patches: int) -> tuple:
@@ -64,3 +69,106 @@ def fit(image: np.ndarray, unit: int, max_patches: int) -> np.ndarray:
   if size == (h, w):
     return image
   return _resized(image, size)
+
+
+class PackedExamples(NamedTuple):
+  """One step's packed images: a `packing.Packed` per view (each model's), the label of
+  each image slot (rows, M) (-1: empty), and how many of the step's images did not fit."""
+
+  views: tuple
+  label: np.ndarray
+  dropped: int
+
+
+class NativeTransform:
+  """Picklable per-example transform for packed batches: grey to RGB, the mixed-size
+  rescale (`rescale`, with `mixed`), the patch budget (`fit`), a random flip in training,
+  then the model's normalisation; float32 (h, w, 3) of the image's own size."""
+
+  def __init__(self, unit, max_patches, mean, std, *, train: bool, flip: bool, mixed: bool):
+    self.unit, self.max_patches, self.train, self.flip, self.mixed = (
+      unit,
+      max_patches,
+      train,
+      flip,
+      mixed,
+    )
+    self.mean = np.asarray(mean, np.float32) * 255
+    self.std = np.asarray(std, np.float32) * 255
+
+  def __call__(self, image: np.ndarray, rng) -> np.ndarray:
+    image = image[..., None] if image.ndim == 2 else image
+    image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+    if self.mixed:
+      image = rescale(image, rng)
+    image = fit(image, self.unit, self.max_patches)
+    if self.train and self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return (image.astype(np.float32) - self.mean) / self.std
+
+
+class _PackedStep:
+  """Step s -> this process's share of step s's images (global example g = s·K + row, as
+  `pipeline.stream` numbers them), transformed and packed into `rows` rows; images past
+  the rows are dropped and counted (every step keeps its static shapes)."""
+
+  def __init__(
+    self, source, order, transform, seed, views, max_images, rows, per_step, local, offset
+  ):
+    self.source, self.order, self.transform, self.seed = source, order, transform, seed
+    self.views, self.max_images, self.rows = views, max_images, rows
+    self.per_step, self.local, self.offset = per_step, local, offset
+
+  def __call__(self, step) -> PackedExamples:
+    images, labels = [], []
+    for row in range(self.local):
+      g = int(step) * self.per_step + self.offset + row
+      image, label = self.source[self.order[g]]
+      images.append(self.transform(image, np.random.default_rng([self.seed, g])))
+      labels.append(int(label))
+    _, slots = packing.pack_views(images, self.views, self.max_images)
+    kept = sorted(int(i) for i in slots[: self.rows].ravel() if i >= 0)  # first fit: the same
+    packed, slots = packing.pack_views(
+      [images[i] for i in kept], self.views, self.max_images, self.rows
+    )
+    label = np.where(slots >= 0, np.asarray([labels[i] for i in kept] + [-1])[slots], -1)
+    return PackedExamples(tuple(packed), label.astype(np.int32), len(images) - len(kept))
+
+
+def packed_stream(
+  source,
+  transform,
+  views,
+  *,
+  max_images: int,
+  rows: int,
+  images_per_step: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  workers: int = 0,
+) -> Iterator[PackedExamples]:
+  """The packed training stream: an infinite iterator of this process's `PackedExamples`
+  from `start_step`. Step s reads global examples [s·K, (s+1)·K) (K = images_per_step, in
+  grain's shuffled order, each transformed with `np.random.default_rng([seed, g])`), as
+  `pipeline.stream` does, so a resumed run reads the steps an uninterrupted one would;
+  process p packs its K/P of them into rows / P rows."""
+  for name, n in (("images per step", images_per_step), ("rows", rows)):
+    if n % process_count:
+      raise UserError(f"{name} {n} do not split over {process_count} processes.")
+  local = images_per_step // process_count
+  order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+  fn = _PackedStep(
+    source,
+    order,
+    transform,
+    seed,
+    views,
+    max_images,
+    rows // process_count,
+    images_per_step,
+    local,
+    process_index * local,
+  )
+  return pipeline.iterate(grain.MapDataset.range(start_step, 2**62).map(fn), workers)

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -60,3 +61,47 @@ def test_mixed_size_digits_pack_rows_of_at_least_two_sizes():
   batch, slots = packing.pack(images, 4, 192, 8, suffix=(packing.CLS,))
   for row in slots:
     assert len({images[i].shape[:2] for i in row if i >= 0}) >= 2
+
+
+def stream(**kw):
+  digits, labels = data.mnist()
+  source = data.ArraySource(digits[:200], labels[:200], "mnist")
+  # unit 8: both patches divide every side; 16 patches of 8 are 64 of the student's 4
+  transform = native.NativeTransform(
+    8, 16, (0.5,) * 3, (0.5,) * 3, train=True, flip=True, mixed=True
+  )
+  views = [packing.View(4, 192, suffix=(packing.CLS,)), packing.View(8, 64, prefix=(packing.CLS,))]
+  args = dict(max_images=8, rows=4, images_per_step=16, seed=3)
+  return native.packed_stream(source, transform, views, **{**args, **kw})
+
+
+def sizes_per_row(view):
+  return [
+    len({tuple(g) for g, ok in zip(np.asarray(grid), np.asarray(valid)) if ok})
+    for grid, valid in zip(view.grid, view.valid)
+  ]
+
+
+def test_the_packed_stream_resumes_and_splits_over_processes():
+  first = [next(it) for it in [stream()] for _ in range(3)]
+  resumed = next(stream(start_step=2))
+  for a, b in zip(first[2].views + (first[2].label,), resumed.views + (resumed.label,)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
+  for step in first:  # two views of the same images in the same slots
+    s, t = step.views  # the student's (patch 4), the teacher's (patch 8)
+    np.testing.assert_array_equal(t.grid * 8, s.grid * 4)
+    assert step.dropped == 0 and (step.label >= 0).sum() == 16
+  halves = [next(stream(process_index=p, process_count=2)) for p in (0, 1)]
+  assert all(h.views[1].kind.shape[0] == 2 for h in halves)
+  got = sorted(np.concatenate([h.label[h.label >= 0] for h in halves]).tolist())
+  assert got == sorted(first[0].label[first[0].label >= 0].tolist())
+
+
+def test_images_past_the_rows_are_dropped_and_counted():
+  """Fewer rows than the images need: the rows are full (every one holds two image sizes
+  or more, the mixed-size source's promise) and the rest are counted as dropped."""
+  for step in [next(it) for it in [stream(rows=2)] for _ in range(4)]:
+    assert step.views[1].kind.shape[0] == 2
+    assert step.dropped == 16 - (step.label >= 0).sum() > 0
+    assert min(sizes_per_row(step.views[0])) >= 2
