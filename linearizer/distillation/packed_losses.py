@@ -20,18 +20,6 @@ from linearizer.models import packing
 from linearizer.models.packing import Packed
 
 
-def _cubic_taps(n_in, n_out, index):
-  """(4 source indices, 4 weights), each (..., 4), of output `index` of n_out when
-  resampling n_in positions (traced): common._cubic_matrix's row (Keys a=-0.75, half-pixel
-  centres, borders clamped), in float32."""
-  n_in, n_out = (jnp.asarray(v, jnp.float32)[..., None] for v in (n_in, n_out))
-  src = (jnp.asarray(index, jnp.float32)[..., None] + 0.5) * (n_in / jnp.maximum(n_out, 1)) - 0.5
-  base = jnp.floor(src)
-  taps = jnp.arange(-1, 3, dtype=jnp.float32)
-  where = jnp.clip(base + taps, 0, jnp.maximum(n_in - 1, 0)).astype(jnp.int32)
-  return where, packing._keys_cubic(src - base - taps, -0.75)
-
-
 def teacher_on_student(tokens, teacher: Packed, student: Packed, teacher_prefix: int):
   """(B, Ts, D): the teacher's (B, Tt, D) tokens on the student's layout, image by image:
   at a student patch, the teacher's patches resampled to the student's grid (bicubic, as
@@ -42,8 +30,8 @@ def teacher_on_student(tokens, teacher: Packed, student: Packed, teacher_prefix:
   slot = jnp.minimum(student.image, m - 1)
   t_grid, s_grid = (jnp.take_along_axis(p.grid, slot[..., None], 1) for p in (teacher, student))
   t_start = jnp.take_along_axis(teacher.start, slot, 1)
-  ry, wy = _cubic_taps(t_grid[..., 0], s_grid[..., 0], student.row)  # (B, Ts, 4)
-  rx, wx = _cubic_taps(t_grid[..., 1], s_grid[..., 1], student.col)
+  ry, wy = packing.cubic_taps(t_grid[..., 0], s_grid[..., 0], student.row)  # (B, Ts, 4)
+  rx, wx = packing.cubic_taps(t_grid[..., 1], s_grid[..., 1], student.col)
   first = t_start + teacher_prefix  # the image's first teacher patch
   where = first[..., None, None] + ry[..., :, None] * t_grid[..., 1, None, None] + rx[..., None, :]
   b, ts = student.kind.shape

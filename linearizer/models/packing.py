@@ -239,16 +239,34 @@ def _keys_cubic(t, a: float):
   return jnp.where(t <= 1, near, jnp.where(t < 2, far, 0.0))
 
 
+def cubic_taps(n_in, n_out, index, offset: float = 0.0) -> tuple:
+  """(4 source indices (int32), 4 weights), each (..., 4), of output `index` of n_out when
+  resampling n_in positions, all traced: a row of common._cubic_matrix (Keys a=-0.75,
+  half-pixel centres, borders clamped; `offset` as there), in float32. An empty grid
+  (n_out 0: padding) reads as one position, so its weights stay finite."""
+  n_in, n_out = (jnp.asarray(v, jnp.float32)[..., None] for v in (n_in, n_out))
+  scale = n_in / (jnp.maximum(n_out, 1.0) + offset)
+  src = (jnp.asarray(index, jnp.float32)[..., None] + 0.5) * scale - 0.5
+  base = jnp.floor(src)
+  taps = jnp.arange(-1, 3, dtype=jnp.float32)
+  where = jnp.clip(base + taps, 0, jnp.maximum(n_in - 1, 0)).astype(jnp.int32)
+  return where, _keys_cubic(src - base - taps, -0.75)
+
+
 def resample_weights(n_in: int, n_out, index, antialias: bool, offset: float, bilinear: bool):
   """(..., n_in) weights of output `index` of n_out when resampling n_in positions, for
   traced n_out and index (...): row `index` of common._cubic_matrix / _bilinear_antialias_matrix
   (the same rules, in float32 rather than float64), the identity where n_out == n_in as
-  common.resample_grid skips equal grids."""
-  n_out = jnp.asarray(n_out, jnp.float32)[..., None]
-  i = jnp.asarray(index, jnp.float32)[..., None]
+  common.resample_grid skips equal grids. An empty grid (n_out 0: padding) reads as one
+  position, so no weight is NaN (a NaN there would reach the table's gradient)."""
   j = jnp.arange(n_in, dtype=jnp.float32)
-  scale = n_in / (n_out + (0.0 if bilinear else offset))
-  if antialias:  # taps within the widened support, renormalised (torch's antialias path)
+  if not antialias:  # 4 taps of Keys' a=-0.75 around the half-pixel source, borders clamped
+    where, taps = cubic_taps(n_in, n_out, index, offset)
+    weights = jnp.sum(jnp.where(where[..., None] == j, taps[..., None], 0.0), axis=-2)
+  else:  # taps within the widened support, renormalised (torch's antialias path)
+    out = jnp.maximum(jnp.asarray(n_out, jnp.float32), 1.0)[..., None]
+    i = jnp.asarray(index, jnp.float32)[..., None]
+    scale = n_in / (out + (0.0 if bilinear else offset))
     support = jnp.maximum(scale, 1.0) * (1.0 if bilinear else 2.0)
     stretch = 1.0 / jnp.maximum(scale, 1.0)
     centre = scale * (i + 0.5)
@@ -258,14 +276,9 @@ def resample_weights(n_in: int, n_out, index, antialias: bool, offset: float, bi
     taps = jnp.maximum(0.0, 1.0 - jnp.abs(t)) if bilinear else _keys_cubic(t, -0.5)
     taps = jnp.where((j >= lo) & (j < hi), taps, 0.0)
     weights = taps / taps.sum(axis=-1, keepdims=True)
-  else:  # 4 taps of Keys' a=-0.75 around the half-pixel source, borders clamped
-    src = (i + 0.5) * scale - 0.5
-    base = jnp.floor(src)
-    weights = sum(
-      jnp.where(jnp.clip(base + tap, 0, n_in - 1) == j, _keys_cubic(src - base - tap, -0.75), 0.0)
-      for tap in range(-1, 3)
-    )
-  return jnp.where(n_out == n_in, (j == i).astype(jnp.float32), weights)
+  n_out = jnp.asarray(n_out, jnp.float32)[..., None]
+  identity = (j == jnp.asarray(index, jnp.float32)[..., None]).astype(jnp.float32)
+  return jnp.where(n_out == n_in, identity, weights)
 
 
 def patch_pos_embed(table, table_grid: tuple, packed: Packed, mode: tuple):

@@ -156,3 +156,14 @@ def test_drop_path_drops_whole_images_of_a_packed_row():
   assert 0.3 < (per_image[..., 0] == 0).mean() < 0.7
   first = per_image[..., 0]
   assert (first.min(axis=1) != first.max(axis=1)).any()  # not one draw per row
+
+
+@pytest.mark.parametrize("mode", ["bicubic_antialias", "bilinear_antialias"])
+def test_padding_leaves_the_position_tables_gradient_finite(mode):
+  """Padding tokens have an empty grid; their masked weights must not be NaN, or the
+  table's gradient is (NaN · 0)."""
+  model = vit(pos_interpolation=mode)
+  batch, _ = packing.pack(images()[:2], 4, 24, 3, *model.packing_layout)
+  assert int((batch.kind == packing.PAD).sum()) > 0
+  grads = nnx.grad(lambda m: m(batch).tokens.sum())(model)
+  assert bool(jnp.isfinite(grads.pos_embed[...]).all())
