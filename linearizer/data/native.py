@@ -126,13 +126,9 @@ class _PackedStep:
       image, label = self.source[self.order[g]]
       images.append(self.transform(image, np.random.default_rng([self.seed, g])))
       labels.append(int(label))
-    _, slots = packing.pack_views(images, self.views, self.max_images)
-    kept = sorted(int(i) for i in slots[: self.rows].ravel() if i >= 0)  # first fit: the same
-    packed, slots = packing.pack_views(
-      [images[i] for i in kept], self.views, self.max_images, self.rows
-    )
-    label = np.where(slots >= 0, np.asarray([labels[i] for i in kept] + [-1])[slots], -1)
-    return PackedExamples(tuple(packed), label.astype(np.int32), len(images) - len(kept))
+    packed, slots = packing.pack_views(images, self.views, self.max_images, self.rows, drop=True)
+    label = np.asarray(labels + [-1], np.int32)[slots]  # slot -1 (empty) reads the -1
+    return PackedExamples(tuple(packed), label, len(images) - int((slots >= 0).sum()))
 
 
 def packed_stream(

@@ -124,14 +124,19 @@ def abstract(rows: int, view: "View", max_images: int, channels: int = 3) -> Pac
 
 
 def pack_views(
-  images: Sequence[np.ndarray], views: Sequence[View], max_images: int, rows: int = 0
+  images: Sequence[np.ndarray],
+  views: Sequence[View],
+  max_images: int,
+  rows: int = 0,
+  drop: bool = False,
 ) -> tuple:
   """Packs images greedily (first fit: each image, in order, into the first row that has
   room for it in every view and a free slot, else a new row), the same images in the same
   row and slot for every view (a teacher and its student read one batch with their own
   patches); a row holds at most `max_images` images. `rows`:
   that many rows, the unused ones all padding (static shapes for a jitted step); 0: as
-  many as the images take.
+  many as the images take. Images placed past `rows` are refused by name, or with `drop`
+  left out (their indices appear in no slot).
 
   Returns:
     (one `Packed` per view, each with the same B rows; (B, M) int32: the index in `images`
@@ -151,6 +156,8 @@ def pack_views(
       r = len(rows) - 1
     rows[r].append(index)
     used[r] += need
+  if wanted and len(rows) > wanted and drop:
+    rows = rows[:wanted]  # first fit: no kept image's place depends on a dropped one
   if wanted and len(rows) > wanted:
     raise UserError(
       f"pack: {len(images)} images need {len(rows)} rows; rows={wanted} (raise it or the "
