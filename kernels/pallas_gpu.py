@@ -84,6 +84,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import limits
+from kernels.reference import segment_chunks
 
 __all__ = ["ssd_pallas_gpu", "unsupported_reason"]
 
@@ -311,14 +312,12 @@ def _padded(Q, x, dt, A, B, C, D):
 
 
 def chunk_segments(runs, Q):
-  """(ids, prev), each (batch, Lp) float32, of (batch, L) segment runs: the ids padded
-  with the last one (the pad starts no segment), and each chunk's previous chunk's last id
-  (chunk 0's own first: its entering state is zero). Exact below 2^24 tokens."""
-  batch, L = runs.shape
-  ids = jnp.pad(runs, ((0, 0), (0, -L % Q)), mode="edge").reshape(batch, -1, Q)
-  prev = jnp.concatenate([ids[:, :1, :1], ids[:, :-1, -1:]], axis=1)
-  prev = jnp.broadcast_to(prev, ids.shape)
-  return tuple(v.reshape(batch, -1).astype(_f32) for v in (ids, prev))
+  """(ids, prev), each (batch, Lp) float32, of (batch, L) segment runs: the chunked ids and,
+  per token, its chunk's previous chunk's last id (`segment_chunks`). Exact below 2^24
+  tokens."""
+  ids, prev = segment_chunks(runs, Q)
+  prev = jnp.broadcast_to(prev[..., None], ids.shape)
+  return tuple(v.reshape(runs.shape[0], -1).astype(_f32) for v in (ids, prev))
 
 
 def _forward(Q, interpret, x, dt, A, B, C, D, seg, *, save_states):

@@ -86,6 +86,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import limits
+from kernels.reference import segment_chunks
 
 __all__ = ["ssd_pallas_tpu", "unsupported_reason"]
 
@@ -511,17 +512,15 @@ def ssd_pallas_tpu(x, dt, A, B, C, D=None, *, chunk_size=256, interpret=False, s
   Bt = padded(B.astype(x.dtype)).transpose(0, 2, 1, 3)  # (batch, G, Lp, S)
   Ct = padded(C.astype(x.dtype)).transpose(0, 2, 1, 3)
   Dv = jnp.zeros((H,), _f32) if D is None else D.astype(_f32)
-  seg = None if segment_ids is None else chunk_segments(segment_ids, pad, nc, Q)
+  seg = None if segment_ids is None else chunk_segments(segment_ids, Q)
   yt = _ssd_core(cfg, xt, dtt, A.astype(_f32), Bt, Ct, Dv, seg)
   if token_major:
     return yt.reshape(batch, L, H, P)
   return yt.transpose(0, 2, 1, 3)[:, :L]
 
 
-def chunk_segments(runs, pad, nc, Q):
-  """(batch, nc, 2, Q) f32 of (batch, L) segment runs: each chunk's ids (the padding takes
-  the last token's, so it starts no segment) and, broadcast, the previous chunk's last id
-  (chunk 0's own first: its incoming state is zero anyway). Exact below 2^24 tokens."""
-  ids = jnp.pad(runs, ((0, 0), (0, pad)), mode="edge").reshape(runs.shape[0], nc, Q)
-  prev = jnp.concatenate([ids[:, :1, :1], ids[:, :-1, -1:]], axis=1)
-  return jnp.stack([ids, jnp.broadcast_to(prev, ids.shape)], axis=2).astype(_f32)
+def chunk_segments(runs, Q):
+  """(batch, nc, 2, Q) f32 of (batch, L) segment runs: each chunk's ids and, broadcast, the
+  previous chunk's last id (`segment_chunks`). Exact below 2^24 tokens."""
+  ids, prev = segment_chunks(runs, Q)
+  return jnp.stack([ids, jnp.broadcast_to(prev[..., None], ids.shape)], axis=2).astype(_f32)

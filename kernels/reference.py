@@ -64,6 +64,16 @@ def segment_runs(segment_ids):
   return jnp.pad(jnp.cumsum(change, axis=1), ((0, 0), (1, 0)))
 
 
+def segment_chunks(runs, Q: int) -> tuple:
+  """(ids (batch, nc, Q), previous (batch, nc)) of (batch, L) segment runs cut into chunks of
+  Q: the ids padded to whole chunks with the last one (the pad starts no segment), and the
+  id of the previous chunk's last token (chunk 0: its own first, its entering state being
+  zero anyway): what the chunked impls mask their decays with."""
+  batch, L = runs.shape
+  ids = jnp.pad(runs, ((0, 0), (0, -L % Q)), mode="edge").reshape(batch, -1, Q)
+  return ids, jnp.concatenate([ids[:, :1, 0], ids[:, :-1, -1]], axis=1)
+
+
 def _segsum(a):
   """(..., L) per-token log-decays -> (..., L, L) sum_{r=s+1..t} a_r for s <= t, -inf above.
 

@@ -28,6 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels.reference import segment_chunks
+
 _f32 = jnp.float32
 _mm = functools.partial(jnp.einsum, preferred_element_type=_f32)
 
@@ -91,11 +93,10 @@ class _Segments(NamedTuple):
 
 def _segments(ch, segment_ids):
   """`_Segments` of (batch, L) ids; the padding takes the last token's id."""
-  pad = ch.nc * ch.Q - ch.L
-  ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), mode="edge").reshape(ch.batch, ch.nc, 1, ch.Q)
-  ids = jnp.broadcast_to(ids, (ch.batch, ch.nc, ch.G, ch.Q))
+  ids, prev = segment_chunks(segment_ids, ch.Q)  # b c Q, b c
+  ids = jnp.broadcast_to(ids[:, :, None], (ch.batch, ch.nc, ch.G, ch.Q))
   end = ids[..., -1]  # b c g
-  prev_end = jnp.concatenate([ids[:, :1, :, 0], end[:, :-1]], axis=1)  # chunk 0: its own first
+  prev_end = jnp.broadcast_to(prev[:, :, None], end.shape)
   flat = lambda v: v.reshape(ch.batch * ch.nc * ch.G, *v.shape[3:])
   return _Segments(
     same=flat(ids[..., :, None] == ids[..., None, :]),
