@@ -65,11 +65,8 @@ def random_mask(rng, student: Packed, ratio: float):
 def per_image_mean(values, where, packed: Packed):
   """Mean over the images that have any `where` token of each image's mean of (B, T)
   `values` over its `where` tokens."""
-  m = packed.grid.shape[1]
-  onehot = ((packed.image[..., None] == jnp.arange(m)) & where[..., None]).astype(jnp.float32)
-  count = onehot.sum(axis=1)  # (B, M)
-  mean = jnp.einsum("bt,btm->bm", values.astype(jnp.float32), onehot) / jnp.maximum(count, 1)
-  has = count > 0
+  mean = packed.image_mean(values[..., None].astype(jnp.float32), where)[..., 0]  # (B, M)
+  has = packed.image_tokens(where).any(axis=1)
   return jnp.sum(jnp.where(has, mean, 0.0)) / jnp.maximum(jnp.sum(has), 1)
 
 

@@ -70,11 +70,11 @@ def make_teacher_targets(teacher: nnx.Module, student, config, levels) -> Callab
     out = t_model(view)
     on_student = lambda x: pl.teacher_on_student(x, batch.teacher, batch.student, prefix)
     feats = lambda i: distill.am_tokens(t_model, out, i, dcfg.am_features)
-    out_ = {"levels": [on_student(feats(i)) for i, _ in levels]}
-    out_["final"] = on_student(out.blocks[-1])
+    found = {"levels": [on_student(feats(i)) for i, _ in levels]}
+    found["final"] = on_student(out.blocks[-1])
     if dcfg.get("w_mixer", 0.0):
-      out_["mixers"] = [on_student(out.mixers[i]) for i, _ in levels]
-    return out_
+      found["mixers"] = [on_student(out.mixers[i]) for i, _ in levels]
+    return found
 
   return targets
 

@@ -109,8 +109,18 @@ def programs(config, classes: int) -> dict:
   levels = losses.level_pairs(teacher.cfg.depth, distiller.student.cfg.depth, dcfg.loss.num_stages)
   tx = optim.make_optimizer(dcfg.optim, dcfg.steps)
   cached = dcfg.teacher_cache in ("write", "read")
-  step = distill.make_distill_step(distiller, teacher, tx, dcfg, cached=cached, levels=levels)
   params = nnx.state(teacher, nnx.Param)
+  if config.data.packing:  # n rows of packed images, each model at its own patch
+    if cached:
+      raise UserError("data.packing=True with a teacher_cache: the cache stores square views.")
+    step = packed_step.make_packed_distill_step(distiller, teacher, tx, dcfg, levels)
+    d = config.data
+    views = packed_step.views(teacher, distiller.student, d.sequence_length, d.max_images)
+    packed = lambda n: packed_step.PackedBatch(
+      *(packing.abstract(n, v, d.max_images) for v in views)
+    )
+    return {"distill": Program(distiller, step, tx, (params,), packed, dcfg)}
+  step = distill.make_distill_step(distiller, teacher, tx, dcfg, cached=cached, levels=levels)
   size = (config.data.image_size,) * 2
   targets = distill.make_teacher_targets(teacher, distiller.student.cfg, dcfg, levels)
   dtype = teacher_cache.DTYPES[dcfg.teacher_cache_dtype]
@@ -123,15 +133,6 @@ def programs(config, classes: int) -> dict:
     stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), outputs)
     return CachedBatch(images.image, images.label, stored)
 
-  if config.data.packing:  # n rows of packed images, each model at its own patch
-    if cached:
-      raise UserError("data.packing=True with a teacher_cache: the cache stores square views.")
-    step = packed_step.make_packed_distill_step(distiller, teacher, tx, dcfg, levels)
-    d = config.data
-    views = packed_step.views(teacher, distiller.student, d.sequence_length, d.max_images)
-    batch = lambda n: packed_step.PackedBatch(
-      *(packing.abstract(n, v, d.max_images) for v in views)
-    )
   return {"distill": Program(distiller, step, tx, () if cached else (params,), batch, dcfg)}
 
 

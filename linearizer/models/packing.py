@@ -62,10 +62,13 @@ class Packed:
     g = self.token_grid()
     return g[..., 0] * g[..., 1]
 
+  def image_tokens(self, where: jax.Array) -> jax.Array:
+    """(B, T, M) bool: token t is one of image slot m's and `where` (B, T) keeps it."""
+    return (self.image[..., None] == jnp.arange(self.grid.shape[1])) & where[..., None]
+
   def image_mean(self, x: jax.Array, where: jax.Array) -> jax.Array:
     """(B, M, D): the mean of x (B, T, D) over each image's tokens where `where` (B, T)."""
-    m = self.grid.shape[1]
-    onehot = (self.image[..., None] == jnp.arange(m)) & where[..., None]  # (B, T, M)
+    onehot = self.image_tokens(where)
     total = jnp.einsum("btm,btd->bmd", onehot.astype(x.dtype), x)
     return total / jnp.maximum(onehot.sum(axis=1), 1)[..., None].astype(x.dtype)
 

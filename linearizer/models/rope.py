@@ -42,6 +42,14 @@ def _axis(kind: Kind, size: int, offset: float, rope_grid: Optional[int]) -> np.
   return t if rope_grid is None else t / np.float32(size) * np.float32(rope_grid)
 
 
+def _bands(kind: Kind, head_dim: int, temperature: Optional[float]) -> np.ndarray:
+  """The n = head_dim / 4 frequencies T^(-i/n) per axis, float32 (× 2π for dinov3)."""
+  n = head_dim // 4
+  t = np.float32(TEMPERATURES[kind] if temperature is None else temperature)
+  bands = (1.0 / t ** (np.arange(n, dtype=np.float32) / np.float32(n))).astype(np.float32)
+  return bands * np.float32(2 * np.pi) if kind == "dinov3" else bands
+
+
 def tables(
   kind: Kind,
   grid: tuple,
@@ -61,12 +69,8 @@ def tables(
     offset: added to the integer coordinates (eva02, pe).
     rope_grid: the side of the grid the coordinates are scaled to (eva02, pe); None: none.
   """
-  n = head_dim // 4
-  t = np.float32(TEMPERATURES[kind] if temperature is None else temperature)
-  bands = (1.0 / t ** (np.arange(n, dtype=np.float32) / np.float32(n))).astype(np.float32)
+  bands = _bands(kind, head_dim, temperature)
   rows, cols = (_axis(kind, s, offset, rope_grid) for s in grid)
-  if kind == "dinov3":
-    bands = bands * np.float32(2 * np.pi)
   r, c = np.meshgrid(rows, cols, indexing="ij")  # (h, w) each
   first, second = (c, r) if kind == "pe" else (r, c)  # pe: timm's grid_indexing='xy'
   angles = np.concatenate([first.reshape(-1, 1) * bands, second.reshape(-1, 1) * bands], axis=1)
@@ -87,11 +91,7 @@ def token_tables(
   """`tables` per token of a packed batch, in jnp: (cos, sin), each (B, T, head_dim), for
   patches at (rows, cols) (B, T) of images of `grid` (B, T, 2) patches (the same float32
   coordinates and bands as `tables`, which computes them in NumPy for one grid)."""
-  n = head_dim // 4
-  t = np.float32(TEMPERATURES[kind] if temperature is None else temperature)
-  bands = (1.0 / t ** (np.arange(n, dtype=np.float32) / np.float32(n))).astype(np.float32)
-  if kind == "dinov3":
-    bands = bands * np.float32(2 * np.pi)
+  bands = _bands(kind, head_dim, temperature)
 
   def axis(index, size):
     size = jnp.maximum(size, 1).astype(jnp.float32)
