@@ -57,11 +57,6 @@ class Packed:
     grid = jnp.take_along_axis(self.grid, slot[..., None], axis=1)
     return jnp.where((self.image < m)[..., None], grid, 0)
 
-  def patch_count(self) -> jax.Array:
-    """(B, T): the number of patches of each token's image (0 for padding)."""
-    g = self.token_grid()
-    return g[..., 0] * g[..., 1]
-
   def image_tokens(self, where: jax.Array) -> jax.Array:
     """(B, T, M) bool: token t is one of image slot m's and `where` (B, T) keeps it."""
     return (self.image[..., None] == jnp.arange(self.grid.shape[1])) & where[..., None]
